@@ -1,0 +1,577 @@
+// Package authmail is a Caddy HTTP handler that sends authentication email
+// (one-time codes, magic links, password resets, email verification,
+// email-change confirmation, security alerts and arbitrary transactional
+// mail) through the operator's SMTP account, behind API keys.
+package authmail
+
+import (
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults.
+const (
+	defaultPathPrefix  = "/authmail"
+	defaultMaxBodySize = 1 << 20
+	defaultSMTPPort    = 587
+	defaultSMTPTimeout = 15 * time.Second
+	defaultConnections = 4
+	minSecretLength    = 16
+)
+
+// Handler serves authmail's HTTP API: authenticated endpoints that render
+// authentication email from templates and deliver it through the
+// operator's SMTP server (or, for development, into a capture directory).
+//
+// Requests whose path is outside `path_prefix` are passed to the next
+// handler. The endpoints, relative to the prefix, are `GET /health`,
+// `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
+// `POST /send/password-reset`, `POST /send/verify-email`,
+// `POST /send/email-change` and `POST /send/security-alert`.
+//
+// After a request the handler sets these placeholders for access logs and
+// later handlers: `{http.authmail.id}`, `{http.authmail.message_id}`,
+// `{http.authmail.flow}`, `{http.authmail.key_id}`,
+// `{http.authmail.status}` and `{http.authmail.error_code}`.
+type Handler struct {
+	// PathPrefix is the path under which the endpoints are served. "/"
+	// serves them at the site root. Default: "/authmail".
+	PathPrefix string `json:"path_prefix,omitempty"`
+
+	// SMTP configures delivery through an SMTP server. Exactly one of
+	// smtp and capture must be set.
+	SMTP *SMTP `json:"smtp,omitempty"`
+
+	// Capture, instead of smtp, writes every message as an .eml file into
+	// this directory (created on first use, mode 0700; files 0600). Meant
+	// for development. Default: unset.
+	Capture string `json:"capture,omitempty"`
+
+	// From is the sender address, used in the From header and as the
+	// envelope sender. Its domain is also the domain of every Message-ID.
+	// Required.
+	From string `json:"from,omitempty"`
+
+	// FromName is the display name of the From header. Default: none.
+	FromName string `json:"from_name,omitempty"`
+
+	// ReplyTo is the Reply-To address of every templated message; /send
+	// requests may give their own. Default: none.
+	ReplyTo string `json:"reply_to,omitempty"`
+
+	// AppName is the application name shown in templates and subjects.
+	// Default: from_name, or else the domain of from.
+	AppName string `json:"app_name,omitempty"`
+
+	// BaseURL is the origin (optionally with a path) used to build links
+	// from tokens: `<base_url>/<flow>?token=<token>`. Callers may pass
+	// their own base_url or link only on this origin. Default: none, which
+	// means tokens need a per-flow link template and callers may not pass
+	// links.
+	BaseURL string `json:"base_url,omitempty"`
+
+	// Links maps a link flow (magic-link, password-reset, verify-email,
+	// email-change) to a URL template that must contain `{token}`, which
+	// is replaced by the query-escaped token. Default: none, so links are
+	// built from base_url.
+	Links map[string]string `json:"links,omitempty"`
+
+	// Keys are the API keys allowed to call the send endpoints, as
+	// `Authorization: Bearer <secret>`. At least one is required.
+	Keys []Key `json:"keys,omitempty"`
+
+	// Templates is a directory whose files override the built-in
+	// templates one by one (layout.html, layout.txt, and for each flow
+	// `<flow>.subject`, `<flow>.txt`, `<flow>.html`). Templates are parsed
+	// and rendered against sample data when the config loads, so a broken
+	// template fails the load. Default: the built-in templates only.
+	Templates string `json:"templates,omitempty"`
+
+	// SecurityAlerts turns security-alert events on or off by name
+	// (password_changed, two_factor_enabled, two_factor_disabled,
+	// account_locked, new_login). Default: all on except new_login.
+	SecurityAlerts map[string]bool `json:"security_alerts,omitempty"`
+
+	// MaxBodySize is the largest accepted request body in bytes; larger
+	// requests get 413. Default: 1048576 (1 MiB).
+	MaxBodySize int64 `json:"max_body_size,omitempty"`
+
+	logger     *zap.Logger
+	transport  transport
+	poolKey    string // acquired smtpPool key, released in Cleanup
+	keys       []apiKey
+	tmpl       *templateSet
+	from       mailAddr
+	replyTo    []mailAddr
+	appName    string
+	baseURL    string
+	baseOrigin string
+	prefix     string
+}
+
+// SMTP configures the SMTP server that authmail delivers through.
+type SMTP struct {
+	// Host is the SMTP server's host name or IP address. Required.
+	Host string `json:"host,omitempty"`
+
+	// Port is the SMTP server's port. Default: 587.
+	Port int `json:"port,omitempty"`
+
+	// Username for SMTP AUTH. Accepts {env.*} and {file.*} placeholders.
+	// Default: no authentication.
+	Username string `json:"username,omitempty"`
+
+	// Password for SMTP AUTH. Accepts {env.*} and {file.*} placeholders,
+	// expanded when the config loads; use them so that the password never
+	// appears in the JSON config. Required with username.
+	Password string `json:"password,omitempty"`
+
+	// TLS is "starttls", "implicit" or "none". With starttls the server
+	// must offer STARTTLS: authmail never falls back to plaintext. none
+	// is only for relays you trust on the path (credentials are refused
+	// unless the host is a loopback address). Default: implicit for port
+	// 465, otherwise starttls.
+	TLS string `json:"tls,omitempty"`
+
+	// CA is a PEM file with extra root certificates to trust for the SMTP
+	// server's certificate, in addition to the system roots. Default: the
+	// system roots only.
+	CA string `json:"ca,omitempty"`
+
+	// HELO is the name sent in EHLO/HELO. Default: the machine's host
+	// name.
+	HELO string `json:"helo,omitempty"`
+
+	// Timeout bounds connecting and every SMTP command. Default: 15s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// Connections is the maximum number of parallel SMTP connections.
+	// They stay open, are reused across requests and config reloads, and
+	// close after a minute of idleness. Default: 4.
+	Connections int `json:"connections,omitempty"`
+}
+
+// Key is an API key.
+type Key struct {
+	// ID names the key in logs and placeholders; it is never secret.
+	// Letters, digits, '.', '_' and '-', up to 64 characters.
+	ID string `json:"id,omitempty"`
+
+	// Secret is the bearer token. Accepts {env.*} and {file.*}
+	// placeholders, expanded when the config loads; use them so that the
+	// secret never appears in the JSON config. At least 16 characters.
+	Secret string `json:"secret,omitempty"`
+}
+
+// apiKey is a provisioned key: only the hash of the secret is kept.
+type apiKey struct {
+	id   string
+	hash [sha256.Size]byte
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.authmail",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler: defaults, secrets, templates and the
+// delivery transport. It never contacts the SMTP server.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if err := h.checkConfig(); err != nil {
+		return err
+	}
+	h.prefix = strings.TrimSuffix(h.PathPrefix, "/")
+	if h.PathPrefix == "" {
+		h.prefix = defaultPathPrefix
+	}
+	if h.MaxBodySize == 0 {
+		h.MaxBodySize = defaultMaxBodySize
+	}
+	h.from, _ = parseAddress(h.From)
+	h.from.Name = h.FromName
+	if h.ReplyTo != "" {
+		rt, _ := parseAddress(h.ReplyTo)
+		h.replyTo = []mailAddr{rt}
+	}
+	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
+	if h.BaseURL != "" {
+		h.baseURL = strings.TrimRight(h.BaseURL, "/")
+		u, _ := url.Parse(h.baseURL)
+		h.baseOrigin = origin(u)
+	}
+
+	repl := caddy.NewReplacer()
+	seen := map[[sha256.Size]byte]string{}
+	h.keys = make([]apiKey, 0, len(h.Keys))
+	for _, k := range h.Keys {
+		secret, err := repl.ReplaceOrErr(k.Secret, true, true)
+		if err != nil {
+			return fmt.Errorf("key '%s': expanding secret: %v", k.ID, err)
+		}
+		if len(secret) < minSecretLength {
+			return fmt.Errorf("key '%s': secret is shorter than %d characters", k.ID, minSecretLength)
+		}
+		if !strings.Contains(k.Secret, "{") {
+			h.logger.Warn("API key secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config",
+				zap.String("key_id", k.ID))
+		}
+		sum := sha256.Sum256([]byte(secret))
+		if other, dup := seen[sum]; dup {
+			return fmt.Errorf("keys '%s' and '%s' have the same secret", other, k.ID)
+		}
+		seen[sum] = k.ID
+		h.keys = append(h.keys, apiKey{id: k.ID, hash: sum})
+	}
+
+	tmpl, err := loadTemplates(h.Templates)
+	if err != nil {
+		return err
+	}
+	h.tmpl = tmpl
+
+	if h.Capture != "" {
+		h.transport = &captureTransport{dir: h.Capture}
+		return nil
+	}
+	settings, err := h.SMTP.resolve(repl, h.logger)
+	if err != nil {
+		return err
+	}
+	key := settings.poolKey()
+	val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newSMTPSender(settings), nil
+	})
+	if err != nil {
+		return err
+	}
+	h.poolKey = key
+	h.transport = val.(*smtpSender)
+	return nil
+}
+
+// resolve expands secrets, reads the CA file and fills in defaults.
+func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, error) {
+	out := smtpSettings{
+		host:        s.Host,
+		port:        s.Port,
+		tlsMode:     s.TLS,
+		helo:        s.HELO,
+		timeout:     time.Duration(s.Timeout),
+		connections: s.Connections,
+	}
+	if out.port == 0 {
+		out.port = defaultSMTPPort
+	}
+	if out.tlsMode == "" {
+		out.tlsMode = tlsStartTLS
+		if out.port == 465 {
+			out.tlsMode = tlsImplicit
+		}
+	}
+	if out.timeout == 0 {
+		out.timeout = defaultSMTPTimeout
+	}
+	if out.connections == 0 {
+		out.connections = defaultConnections
+	}
+	if out.helo == "" {
+		out.helo = "localhost"
+		if hn, err := os.Hostname(); err == nil && hn != "" && headerProblem(hn) == "" && !strings.ContainsAny(hn, " ") {
+			out.helo = hn
+		}
+	}
+	var err error
+	if s.Username != "" {
+		if out.username, err = repl.ReplaceOrErr(s.Username, true, true); err != nil {
+			return out, fmt.Errorf("smtp: expanding username: %v", err)
+		}
+		if out.password, err = repl.ReplaceOrErr(s.Password, true, true); err != nil {
+			return out, fmt.Errorf("smtp: expanding password (redacted): %v", err)
+		}
+		if !strings.Contains(s.Password, "{") {
+			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
+		}
+	}
+	if out.tlsMode == tlsNone && out.username != "" && !isLoopbackHost(out.host) {
+		return out, errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
+	}
+	pool, perr := x509.SystemCertPool()
+	if perr != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if s.CA != "" {
+		pem, err := os.ReadFile(s.CA)
+		if err != nil {
+			return out, fmt.Errorf("smtp: reading ca: %w", err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return out, fmt.Errorf("smtp: ca %s holds no PEM certificate", s.CA)
+		}
+		out.caPEM = pem
+	}
+	out.tlsConfig = &tls.Config{
+		ServerName:         out.host,
+		RootCAs:            pool,
+		MinVersion:         tls.VersionTLS12,
+		ClientSessionCache: tls.NewLRUClientSessionCache(64),
+	}
+	return out, nil
+}
+
+// Validate checks the provisioned handler.
+func (h *Handler) Validate() error {
+	if h.transport == nil {
+		return errors.New("no delivery transport: configure smtp or capture")
+	}
+	if len(h.keys) == 0 {
+		return errors.New("at least one key is required")
+	}
+	return nil
+}
+
+// Cleanup releases the SMTP sender reference taken in Provision. The
+// sender itself closes its connections once no config uses it; sends in
+// flight finish first.
+func (h *Handler) Cleanup() error {
+	if h.poolKey == "" {
+		return nil
+	}
+	key := h.poolKey
+	h.poolKey = ""
+	_, err := smtpPool.Delete(key)
+	return err
+}
+
+var keyIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// checkConfig validates the configuration without I/O. Provision runs it
+// for JSON configs; the Caddyfile adapter runs the same checks so that
+// mistakes are reported with the file and line.
+func (h *Handler) checkConfig() error {
+	if h.PathPrefix != "" {
+		if err := checkPathPrefix(h.PathPrefix); err != nil {
+			return err
+		}
+	}
+	switch {
+	case h.SMTP != nil && h.Capture != "":
+		return errors.New("smtp and capture are mutually exclusive; configure exactly one")
+	case h.SMTP == nil && h.Capture == "":
+		return errors.New("a delivery method is required: configure smtp or capture")
+	case h.SMTP != nil:
+		if err := h.SMTP.check(); err != nil {
+			return err
+		}
+	}
+	if h.From == "" {
+		return errors.New("from is required")
+	}
+	if err := checkConfigAddress("from", h.From); err != nil {
+		return err
+	}
+	if err := checkConfigText("from display name", h.FromName); err != nil {
+		return err
+	}
+	if h.ReplyTo != "" {
+		if err := checkConfigAddress("reply_to", h.ReplyTo); err != nil {
+			return err
+		}
+	}
+	if err := checkConfigText("app_name", h.AppName); err != nil {
+		return err
+	}
+	if h.BaseURL != "" {
+		if err := checkBaseURL(h.BaseURL); err != nil {
+			return err
+		}
+	}
+	for flow, tpl := range h.Links {
+		if err := checkLinkTemplate(flow, tpl); err != nil {
+			return err
+		}
+	}
+	if len(h.Keys) == 0 {
+		return errors.New("at least one key is required")
+	}
+	ids := map[string]bool{}
+	for _, k := range h.Keys {
+		if err := checkKey(k.ID, k.Secret); err != nil {
+			return err
+		}
+		if ids[k.ID] {
+			return fmt.Errorf("key '%s' is defined twice", k.ID)
+		}
+		ids[k.ID] = true
+	}
+	for ev := range h.SecurityAlerts {
+		if err := checkSecurityEvent(ev); err != nil {
+			return err
+		}
+	}
+	if h.MaxBodySize < 0 {
+		return errors.New("max_body_size must not be negative")
+	}
+	return nil
+}
+
+func (s *SMTP) check() error {
+	if s.Host == "" {
+		return errors.New("smtp: host is required")
+	}
+	if strings.ContainsAny(s.Host, " /\\@\r\n\t") {
+		return fmt.Errorf("smtp: invalid host '%s'", s.Host)
+	}
+	if s.Port < 0 || s.Port > 65535 {
+		return fmt.Errorf("smtp: invalid port %d", s.Port)
+	}
+	switch s.TLS {
+	case "", tlsStartTLS, tlsImplicit, tlsNone:
+	default:
+		return fmt.Errorf("smtp: tls must be starttls, implicit or none, not '%s'", s.TLS)
+	}
+	if s.Password != "" && s.Username == "" {
+		return errors.New("smtp: password is set but username is not")
+	}
+	if s.Username != "" && s.Password == "" {
+		return errors.New("smtp: username is set but password is not")
+	}
+	if s.TLS == tlsNone && s.Username != "" && !isLoopbackHost(s.Host) {
+		return errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
+	}
+	if s.HELO != "" && (headerProblem(s.HELO) != "" || strings.ContainsAny(s.HELO, " ")) {
+		return fmt.Errorf("smtp: invalid helo '%s'", s.HELO)
+	}
+	if s.Timeout < 0 {
+		return errors.New("smtp: timeout must not be negative")
+	}
+	if s.Connections < 0 || s.Connections > 100 {
+		return fmt.Errorf("smtp: connections must be between 1 and 100, not %d", s.Connections)
+	}
+	return nil
+}
+
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(strings.Trim(host, "[]"))
+	return ip != nil && ip.IsLoopback()
+}
+
+func checkPathPrefix(p string) error {
+	if !strings.HasPrefix(p, "/") {
+		return fmt.Errorf("path_prefix must start with '/': '%s'", p)
+	}
+	if strings.ContainsAny(p, "?#*{} \t\r\n") || strings.Contains(p, "//") {
+		return fmt.Errorf("invalid path_prefix '%s'", p)
+	}
+	return nil
+}
+
+func checkConfigAddress(what, v string) error {
+	a, p := parseAddress(v)
+	if p != "" {
+		return fmt.Errorf("%s '%s' %s", what, v, p)
+	}
+	if a.Name != "" && what == "from" {
+		return fmt.Errorf("from must be a bare address; give the display name as a separate argument (from_name in JSON)")
+	}
+	return nil
+}
+
+func checkConfigText(what, v string) error {
+	if p := headerProblem(v); p != "" {
+		return fmt.Errorf("%s %s", what, p)
+	}
+	if utf8.RuneCountInString(v) > 200 {
+		return fmt.Errorf("%s is longer than 200 characters", what)
+	}
+	return nil
+}
+
+func checkBaseURL(v string) error {
+	u, p := parseHTTPURL(v)
+	if p != "" {
+		return fmt.Errorf("base_url '%s' %s", v, p)
+	}
+	if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+		return fmt.Errorf("base_url '%s' must not have a query or a fragment", v)
+	}
+	return nil
+}
+
+func checkLinkTemplate(flow, tpl string) error {
+	if !slices.Contains(linkFlows, flow) {
+		return fmt.Errorf("link: unknown flow '%s' (expected one of %s)", flow, strings.Join(linkFlows, ", "))
+	}
+	if !strings.Contains(tpl, "{token}") {
+		return fmt.Errorf("link %s: the URL template must contain {token}", flow)
+	}
+	if _, p := parseHTTPURL(strings.ReplaceAll(tpl, "{token}", "sample")); p != "" {
+		return fmt.Errorf("link %s: the URL template %s", flow, p)
+	}
+	return nil
+}
+
+func checkKey(id, secret string) error {
+	if !keyIDPattern.MatchString(id) {
+		return fmt.Errorf("invalid key id '%s': use letters, digits, '.', '_' and '-' (at most 64)", id)
+	}
+	if secret == "" {
+		return fmt.Errorf("key '%s': secret is required", id)
+	}
+	if !strings.Contains(secret, "{") && len(secret) < minSecretLength {
+		return fmt.Errorf("key '%s': secret is shorter than %d characters", id, minSecretLength)
+	}
+	return nil
+}
+
+func checkSecurityEvent(ev string) error {
+	if _, ok := securityEvents[ev]; !ok {
+		return fmt.Errorf("unknown security alert event '%s' (expected one of %s)", ev, strings.Join(securityEventNames(), ", "))
+	}
+	return nil
+}
+
+func firstNonEmpty(vs ...string) string {
+	for _, v := range vs {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler       = (*Handler)(nil)
+	_ caddy.Destructor            = (*smtpSender)(nil)
+)

@@ -1,0 +1,344 @@
+package authmail
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("authmail", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("authmail", httpcaddyfile.Before, "respond")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	authmail [<matcher>] {
+//		path_prefix <path>
+//		smtp <host>[:<port>] {
+//			username <user>
+//			password <password>
+//			tls starttls|implicit|none
+//			ca <pem file>
+//			helo <name>
+//			timeout <duration>
+//			connections <n>
+//		}
+//		capture <dir>
+//		from <address> [<display name>]
+//		reply_to <address>
+//		app_name <name>
+//		base_url <url>
+//		link <flow> <url template with {token}>
+//		key <id> <secret>
+//		templates <dir>
+//		security_alerts {
+//			<event> on|off
+//		}
+//		max_body_size <size>
+//	}
+//
+// Exactly one of smtp and capture is required, as are from and at least
+// one key. Secrets (password, key secrets) accept {env.*} and {file.*}
+// placeholders, which stay literal in the JSON config.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	start := d.Token()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	once := func(name string) error {
+		if seen[name] {
+			return d.Errf("%s already specified", name)
+		}
+		seen[name] = true
+		return nil
+	}
+	oneArg := func() (string, error) {
+		if !d.NextArg() {
+			return "", d.ArgErr()
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return "", d.ArgErr()
+		}
+		return v, nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		switch sub {
+		case "path_prefix":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if err := checkPathPrefix(v); err != nil {
+				return d.WrapErr(err)
+			}
+			h.PathPrefix = v
+
+		case "smtp":
+			if err := once(sub); err != nil {
+				return err
+			}
+			s, err := unmarshalSMTP(d)
+			if err != nil {
+				return err
+			}
+			h.SMTP = s
+
+		case "capture":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			h.Capture = v
+
+		case "from":
+			if err := once(sub); err != nil {
+				return err
+			}
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			if err := checkConfigAddress("from", args[0]); err != nil {
+				return d.WrapErr(err)
+			}
+			h.From = args[0]
+			h.FromName = strings.Join(args[1:], " ")
+			if err := checkConfigText("from display name", h.FromName); err != nil {
+				return d.WrapErr(err)
+			}
+
+		case "reply_to":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if err := checkConfigAddress("reply_to", v); err != nil {
+				return d.WrapErr(err)
+			}
+			h.ReplyTo = v
+
+		case "app_name":
+			if err := once(sub); err != nil {
+				return err
+			}
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.AppName = strings.Join(args, " ")
+			if err := checkConfigText("app_name", h.AppName); err != nil {
+				return d.WrapErr(err)
+			}
+
+		case "base_url":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if err := checkBaseURL(v); err != nil {
+				return d.WrapErr(err)
+			}
+			h.BaseURL = v
+
+		case "link":
+			var flow, tpl string
+			if !d.Args(&flow, &tpl) || d.NextArg() {
+				return d.ArgErr()
+			}
+			if _, dup := h.Links[flow]; dup {
+				return d.Errf("link for %s already specified", flow)
+			}
+			if err := checkLinkTemplate(flow, tpl); err != nil {
+				return d.WrapErr(err)
+			}
+			if h.Links == nil {
+				h.Links = map[string]string{}
+			}
+			h.Links[flow] = tpl
+
+		case "key":
+			var id, secret string
+			if !d.Args(&id, &secret) || d.NextArg() {
+				return d.ArgErr()
+			}
+			if err := checkKey(id, secret); err != nil {
+				return d.WrapErr(err)
+			}
+			for _, k := range h.Keys {
+				if k.ID == id {
+					return d.Errf("key '%s' already specified", id)
+				}
+			}
+			h.Keys = append(h.Keys, Key{ID: id, Secret: secret})
+
+		case "templates":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			h.Templates = v
+
+		case "security_alerts":
+			if err := once(sub); err != nil {
+				return err
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.SecurityAlerts = map[string]bool{}
+			for n := d.Nesting(); d.NextBlock(n); {
+				ev := d.Val()
+				if err := checkSecurityEvent(ev); err != nil {
+					return d.WrapErr(err)
+				}
+				if _, dup := h.SecurityAlerts[ev]; dup {
+					return d.Errf("security alert %s already specified", ev)
+				}
+				v, err := oneArg()
+				if err != nil {
+					return err
+				}
+				switch v {
+				case "on":
+					h.SecurityAlerts[ev] = true
+				case "off":
+					h.SecurityAlerts[ev] = false
+				default:
+					return d.Errf("security alert %s must be on or off, not '%s'", ev, v)
+				}
+			}
+
+		case "max_body_size":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			size, perr := humanize.ParseBytes(v)
+			if perr != nil || size == 0 || size > 1<<40 {
+				return d.Errf("invalid max_body_size '%s'", v)
+			}
+			h.MaxBodySize = int64(size)
+
+		default:
+			return d.Errf("unrecognized subdirective '%s'", sub)
+		}
+	}
+	// Cross-field requirements are reported at the directive's line.
+	if err := h.checkConfig(); err != nil {
+		return fmt.Errorf("authmail: %w, at %s:%d", err, start.File, start.Line)
+	}
+	return nil
+}
+
+// unmarshalSMTP parses `smtp <host>[:<port>] { … }`.
+func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	s := &SMTP{}
+	addr := d.Val()
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		// no port given
+		host = strings.Trim(addr, "[]")
+	} else {
+		p, perr := strconv.Atoi(port)
+		if perr != nil || p < 1 || p > 65535 {
+			return nil, d.Errf("invalid smtp port in '%s'", addr)
+		}
+		s.Port = p
+	}
+	if host == "" {
+		return nil, d.Errf("invalid smtp address '%s'", addr)
+	}
+	s.Host = host
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return nil, d.Errf("smtp %s already specified", sub)
+		}
+		seen[sub] = true
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		switch sub {
+		case "username":
+			s.Username = v
+		case "password":
+			s.Password = v
+		case "tls":
+			switch v {
+			case tlsStartTLS, tlsImplicit, tlsNone:
+				s.TLS = v
+			default:
+				return nil, d.Errf("smtp tls must be starttls, implicit or none, not '%s'", v)
+			}
+		case "ca":
+			s.CA = v
+		case "helo":
+			s.HELO = v
+		case "timeout":
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return nil, d.Errf("invalid smtp timeout '%s'", v)
+			}
+			s.Timeout = caddy.Duration(dur)
+		case "connections":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 100 {
+				return nil, d.Errf("smtp connections must be a number from 1 to 100, not '%s'", v)
+			}
+			s.Connections = n
+		default:
+			return nil, d.Errf("unrecognized smtp subdirective '%s'", sub)
+		}
+	}
+	if err := s.check(); err != nil {
+		return nil, d.WrapErr(err)
+	}
+	return s, nil
+}

@@ -1,0 +1,46 @@
+package authmail
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// captureTransport writes each message to a directory as an .eml file
+// instead of sending it. It is meant for development: no SMTP server is
+// needed, and every message can be opened in a mail client.
+type captureTransport struct {
+	dir string
+}
+
+// send writes env.Data atomically (temporary file, then rename), so a
+// watcher never sees a partial file. Files are readable by the owner only:
+// they contain codes and links.
+func (c *captureTransport) send(_ context.Context, env *envelope) (delivery, error) {
+	if err := os.MkdirAll(c.dir, 0o700); err != nil {
+		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseConnect, Err: err}
+	}
+	name := fmt.Sprintf("%s-%s.eml", time.Now().UTC().Format("20060102-150405.000"), env.ID)
+	tmp, err := os.CreateTemp(c.dir, ".authmail-*.tmp")
+	if err != nil {
+		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseConnect, Err: err}
+	}
+	fail := func(err error) (delivery, error) {
+		_ = tmp.Close()
+		_ = os.Remove(tmp.Name())
+		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseBody, Err: err}
+	}
+	if _, err := tmp.Write(env.Data); err != nil {
+		return fail(err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(tmp.Name(), filepath.Join(c.dir, name)); err != nil {
+		_ = os.Remove(tmp.Name())
+		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseEnd, Err: err}
+	}
+	return delivery{Status: "captured"}, nil
+}

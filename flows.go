@@ -1,0 +1,433 @@
+package authmail
+
+import (
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// securityEvents are the events /send/security-alert accepts. All are on
+// by default except new_login, which is noisy for most apps.
+var securityEvents = map[string]struct {
+	title     string
+	defaultOn bool
+}{
+	"password_changed":    {"Your password was changed", true},
+	"two_factor_enabled":  {"Two-factor authentication was turned on", true},
+	"two_factor_disabled": {"Two-factor authentication was turned off", true},
+	"account_locked":      {"Your account was locked", true},
+	"new_login":           {"New sign-in to your account", false},
+}
+
+func securityEventNames() []string {
+	names := make([]string, 0, len(securityEvents))
+	for n := range securityEvents {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+type endpointKind int
+
+const (
+	kindHealth endpointKind = iota
+	kindSend
+	kindOTP
+	kindLink
+	kindAlert
+)
+
+// endpoint is one path of the API, relative to path_prefix.
+type endpoint struct {
+	path   string
+	flow   string // flow name used in templates, logs and default links
+	kind   endpointKind
+	expiry int // default validity in minutes (otp and link flows)
+}
+
+func (e *endpoint) method() string {
+	if e.kind == kindHealth {
+		return http.MethodGet
+	}
+	return http.MethodPost
+}
+
+func (e *endpoint) allow() string {
+	if e.kind == kindHealth {
+		return "GET, HEAD"
+	}
+	return "POST"
+}
+
+var endpoints = map[string]*endpoint{}
+
+// linkFlows are the flows that carry a link; `link <flow> <url>` accepts
+// these names.
+var linkFlows = []string{"magic-link", "password-reset", "verify-email", "email-change"}
+
+func init() {
+	for _, e := range []*endpoint{
+		{path: "/health", flow: "health", kind: kindHealth},
+		{path: "/send", flow: "send", kind: kindSend},
+		{path: "/send/otp", flow: "otp", kind: kindOTP, expiry: 10},
+		{path: "/send/magic-link", flow: "magic-link", kind: kindLink, expiry: 15},
+		{path: "/send/password-reset", flow: "password-reset", kind: kindLink, expiry: 60},
+		{path: "/send/verify-email", flow: "verify-email", kind: kindLink, expiry: 1440},
+		{path: "/send/email-change", flow: "email-change", kind: kindLink, expiry: 1440},
+		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert},
+	} {
+		endpoints[e.path] = e
+	}
+}
+
+// Request bodies. Unknown fields are rejected.
+type sendRequest struct {
+	To       addressList `json:"to"`
+	Cc       addressList `json:"cc"`
+	Bcc      addressList `json:"bcc"`
+	ReplyTo  addressList `json:"reply_to"`
+	Subject  string      `json:"subject"`
+	HTMLBody string      `json:"html_body"`
+	TextBody string      `json:"text_body"`
+}
+
+type otpRequest struct {
+	To               addressList `json:"to"`
+	UserName         string      `json:"user_name"`
+	Code             string      `json:"code"`
+	ExpiresInMinutes *int        `json:"expires_in_minutes"`
+}
+
+type linkRequest struct {
+	To               addressList `json:"to"`
+	UserName         string      `json:"user_name"`
+	ExpiresInMinutes *int        `json:"expires_in_minutes"`
+	Token            string      `json:"token"`
+	Link             string      `json:"link"`
+	BaseURL          string      `json:"base_url"`
+}
+
+type emailChangeRequest struct {
+	linkRequest
+	OldEmail string `json:"old_email"`
+}
+
+type securityAlertRequest struct {
+	To         addressList `json:"to"`
+	UserName   string      `json:"user_name"`
+	Event      string      `json:"event"`
+	IP         string      `json:"ip"`
+	UserAgent  string      `json:"user_agent"`
+	Location   string      `json:"location"`
+	OccurredAt string      `json:"occurred_at"`
+}
+
+// outMessage is one message to render and deliver.
+type outMessage struct {
+	flow                 string
+	to, cc, bcc, replyTo []mailAddr
+	subject, text, html  string
+}
+
+// prepare validates a request body for ep and composes the messages to
+// send. A non-empty skip means the request is valid but nothing is sent,
+// for the given reason.
+func (h *Handler) prepare(ep *endpoint, body []byte) (msgs []*outMessage, skip string, aerr *apiError) {
+	switch ep.kind {
+	case kindSend:
+		return h.prepareSend(body)
+	case kindOTP:
+		return h.prepareOTP(ep, body)
+	case kindLink:
+		return h.prepareLink(ep, body)
+	case kindAlert:
+		return h.prepareAlert(body)
+	}
+	return nil, "", &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no such endpoint"}
+}
+
+func (h *Handler) prepareSend(body []byte) ([]*outMessage, string, *apiError) {
+	var req sendRequest
+	if err := decodeJSON(body, &req); err != nil {
+		return nil, "", err
+	}
+	m := &outMessage{flow: "send"}
+	var err *apiError
+	if m.to, err = req.To.addresses("to", true); err != nil {
+		return nil, "", err
+	}
+	if m.cc, err = req.Cc.addresses("cc", false); err != nil {
+		return nil, "", err
+	}
+	if m.bcc, err = req.Bcc.addresses("bcc", false); err != nil {
+		return nil, "", err
+	}
+	if m.replyTo, err = req.ReplyTo.addresses("reply_to", false); err != nil {
+		return nil, "", err
+	}
+	if strings.TrimSpace(req.Subject) == "" {
+		return nil, "", invalid("subject", "is required")
+	}
+	if err := checkText("subject", req.Subject, maxSubjectRunes); err != nil {
+		return nil, "", err
+	}
+	if req.HTMLBody == "" && req.TextBody == "" {
+		return nil, "", invalid("text_body", "or html_body is required")
+	}
+	if p := bodyProblem(req.TextBody); p != "" {
+		return nil, "", invalid("text_body", "%s", p)
+	}
+	if p := bodyProblem(req.HTMLBody); p != "" {
+		return nil, "", invalid("html_body", "%s", p)
+	}
+	m.subject = strings.TrimSpace(req.Subject)
+	m.html = req.HTMLBody
+	m.text = req.TextBody
+	if m.text == "" {
+		m.text = htmlToText(req.HTMLBody)
+		if m.text == "" {
+			m.text = "This message has no text version; open it in a mail client that shows HTML.\n"
+		}
+	}
+	return []*outMessage{m}, "", nil
+}
+
+// recipient validates the single "to" of a flow and applies user_name as
+// its display name.
+func recipient(to addressList, userName string) (mailAddr, *apiError) {
+	a, err := to.single("to")
+	if err != nil {
+		return a, err
+	}
+	if err := checkText("user_name", userName, maxUserNameRunes); err != nil {
+		return a, err
+	}
+	if a.Name == "" {
+		a.Name = strings.TrimSpace(userName)
+	}
+	return a, nil
+}
+
+func (h *Handler) newData(flow string, to mailAddr, userName string, expiry int) *templateData {
+	return &templateData{
+		Flow: flow, AppName: h.appName, UserName: strings.TrimSpace(userName), Email: to.Addr,
+		ExpiresInMinutes: expiry, ExpiresIn: humanMinutes(expiry),
+	}
+}
+
+// compose renders a flow's templates into a message for one recipient.
+func (h *Handler) compose(flow string, to mailAddr, d *templateData) (*outMessage, *apiError) {
+	out, err := h.tmpl.render(flow, d)
+	if err != nil {
+		// templates passed the self-test at provision; a failure here is a bug
+		h.logger.Error("rendering template failed", zap.String("flow", flow), zap.Error(err))
+		return nil, &apiError{Status: http.StatusInternalServerError, Code: "internal_error",
+			Message: "the message could not be rendered; see the server log"}
+	}
+	return &outMessage{flow: flow, to: []mailAddr{to}, replyTo: h.replyTo,
+		subject: out.subject, text: out.text, html: out.html}, nil
+}
+
+func (h *Handler) prepareOTP(ep *endpoint, body []byte) ([]*outMessage, string, *apiError) {
+	var req otpRequest
+	if err := decodeJSON(body, &req); err != nil {
+		return nil, "", err
+	}
+	to, err := recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := checkCode(req.Code); err != nil {
+		return nil, "", err
+	}
+	exp, err := checkExpiry(req.ExpiresInMinutes, ep.expiry)
+	if err != nil {
+		return nil, "", err
+	}
+	d := h.newData(ep.flow, to, req.UserName, exp)
+	d.Code = req.Code
+	m, err := h.compose(ep.flow, to, d)
+	if err != nil {
+		return nil, "", err
+	}
+	return []*outMessage{m}, "", nil
+}
+
+func (h *Handler) prepareLink(ep *endpoint, body []byte) ([]*outMessage, string, *apiError) {
+	var req emailChangeRequest
+	var err *apiError
+	if ep.flow == "email-change" {
+		err = decodeJSON(body, &req)
+	} else {
+		err = decodeJSON(body, &req.linkRequest)
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	to, err := recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	exp, err := checkExpiry(req.ExpiresInMinutes, ep.expiry)
+	if err != nil {
+		return nil, "", err
+	}
+	link, err := h.buildLink(ep.flow, req.Token, req.Link, req.BaseURL)
+	if err != nil {
+		return nil, "", err
+	}
+	var old mailAddr
+	if req.OldEmail != "" {
+		var p string
+		if old, p = parseAddress(req.OldEmail); p != "" {
+			return nil, "", invalid("old_email", "%s", p)
+		}
+		if strings.EqualFold(old.Addr, to.Addr) {
+			return nil, "", invalid("old_email", "must differ from to")
+		}
+	}
+	d := h.newData(ep.flow, to, req.UserName, exp)
+	d.Link = link
+	m, err := h.compose(ep.flow, to, d)
+	if err != nil {
+		return nil, "", err
+	}
+	msgs := []*outMessage{m}
+	if old.Addr != "" {
+		if old.Name == "" {
+			old.Name = strings.TrimSpace(req.UserName)
+		}
+		nd := h.newData("email-change-notice", old, req.UserName, exp)
+		nd.NewEmail, nd.NewEmailMasked = to.Addr, maskAddress(to.Addr)
+		notice, err := h.compose("email-change-notice", old, nd)
+		if err != nil {
+			return nil, "", err
+		}
+		msgs = append(msgs, notice)
+	}
+	return msgs, "", nil
+}
+
+// buildLink returns the action link for a link flow: the caller's link
+// (checked against the allowed origin), or the token turned into a link
+// through the caller's base_url, the flow's link template, or base_url.
+func (h *Handler) buildLink(flow, token, link, baseURL string) (string, *apiError) {
+	switch {
+	case token != "" && link != "":
+		return "", invalid("link", "cannot be combined with token; give one of them")
+	case token == "" && link == "":
+		return "", invalid("token", "or link is required")
+	}
+	if link != "" {
+		if baseURL != "" {
+			return "", invalid("base_url", "cannot be combined with link")
+		}
+		u, p := parseHTTPURL(link)
+		if p != "" {
+			return "", invalid("link", "%s", p)
+		}
+		if err := h.checkOrigin("link", u); err != nil {
+			return "", err
+		}
+		return link, nil
+	}
+	if err := checkToken(token); err != nil {
+		return "", err
+	}
+	esc := url.QueryEscape(token)
+	if baseURL != "" {
+		u, p := parseHTTPURL(baseURL)
+		if p != "" {
+			return "", invalid("base_url", "%s", p)
+		}
+		if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+			return "", invalid("base_url", "must not have a query or a fragment")
+		}
+		if err := h.checkOrigin("base_url", u); err != nil {
+			return "", err
+		}
+		return strings.TrimRight(baseURL, "/") + "/" + flow + "?token=" + esc, nil
+	}
+	if tpl := h.Links[flow]; tpl != "" {
+		return strings.ReplaceAll(tpl, "{token}", esc), nil
+	}
+	if h.baseURL != "" {
+		return h.baseURL + "/" + flow + "?token=" + esc, nil
+	}
+	return "", invalid("token", "cannot be turned into a link: this server has no base_url and no link template for %s; configure `base_url <url>` or `link %s <url with {token}>`", flow, flow)
+}
+
+// checkOrigin accepts a caller-supplied URL only on the configured
+// base_url origin.
+func (h *Handler) checkOrigin(field string, u *url.URL) *apiError {
+	if h.baseOrigin == "" {
+		return linkNotAllowed(field, "%s is not allowed: this server has no base_url, so caller-supplied links and base URLs are refused", field)
+	}
+	if o := origin(u); o != h.baseOrigin {
+		return linkNotAllowed(field, "%s points to %s, which is not an allowed origin (allowed: %s)", field, o, h.baseOrigin)
+	}
+	return nil
+}
+
+func (h *Handler) prepareAlert(body []byte) ([]*outMessage, string, *apiError) {
+	var req securityAlertRequest
+	if err := decodeJSON(body, &req); err != nil {
+		return nil, "", err
+	}
+	to, err := recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	if req.Event == "" {
+		return nil, "", invalid("event", "is required")
+	}
+	ev, known := securityEvents[req.Event]
+	if !known {
+		return nil, "", invalid("event", "must be one of %s", strings.Join(securityEventNames(), ", "))
+	}
+	d := h.newData("security-alert", to, req.UserName, 0)
+	d.ExpiresIn = ""
+	d.Event, d.EventTitle = req.Event, ev.title
+	if req.IP != "" {
+		ip, perr := netip.ParseAddr(req.IP)
+		if perr != nil {
+			return nil, "", invalid("ip", "must be an IPv4 or IPv6 address")
+		}
+		d.IP = ip.String()
+	}
+	if err := checkText("user_agent", req.UserAgent, maxUserAgentRunes); err != nil {
+		return nil, "", err
+	}
+	if err := checkText("location", req.Location, maxLocationRunes); err != nil {
+		return nil, "", err
+	}
+	d.UserAgent, d.Location = strings.TrimSpace(req.UserAgent), strings.TrimSpace(req.Location)
+	if req.OccurredAt != "" {
+		t, perr := time.Parse(time.RFC3339, req.OccurredAt)
+		if perr != nil {
+			return nil, "", invalid("occurred_at", "must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z")
+		}
+		d.OccurredAt = t.UTC().Format("2 January 2006, 15:04 UTC")
+	}
+	if !h.alertEnabled(req.Event) {
+		return nil, "event_disabled", nil
+	}
+	m, err := h.compose("security-alert", to, d)
+	if err != nil {
+		return nil, "", err
+	}
+	return []*outMessage{m}, "", nil
+}
+
+func (h *Handler) alertEnabled(event string) bool {
+	if on, set := h.SecurityAlerts[event]; set {
+		return on
+	}
+	return securityEvents[event].defaultOn
+}

@@ -1,0 +1,122 @@
+package authmail
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/binary"
+	"fmt"
+	"net/mail"
+	"strings"
+	"time"
+
+	gomail "github.com/wneessen/go-mail"
+)
+
+// idEncoding is lowercase base32 without padding: ids are safe in paths,
+// file names, storage keys and Message-ID local parts.
+var idEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// newID returns an opaque, time-ordered message id: 48 bits of
+// milliseconds followed by 80 random bits, 26 characters.
+func newID(now time.Time) string {
+	var b [16]byte
+	var ms [8]byte
+	binary.BigEndian.PutUint64(ms[:], uint64(now.UnixMilli()))
+	copy(b[:6], ms[2:])
+	_, _ = rand.Read(b[6:])
+	return idEncoding.EncodeToString(b[:])
+}
+
+// newMessageID returns a Message-ID value, angle brackets included, with
+// 160 random bits on the sender's domain.
+func newMessageID(domain string) string {
+	var b [20]byte
+	_, _ = rand.Read(b[:])
+	return "<" + idEncoding.EncodeToString(b[:]) + "@" + domain + ">"
+}
+
+// buildEnvelope renders m into RFC 5322 bytes. The headers are From,
+// To, Cc, Reply-To, Subject, Date, Message-ID and MIME-Version; Bcc
+// recipients appear only in the envelope. With a text and an HTML part
+// the body is multipart/alternative, text first.
+func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error) {
+	env := &envelope{
+		ID:        newID(now),
+		MessageID: newMessageID(h.from.domain()),
+		From:      h.from.Addr,
+	}
+	msg := gomail.NewMsg(gomail.WithNoDefaultUserAgent())
+	msg.SetAddrHeaderFromMailAddress(gomail.HeaderFrom, h.from.mail())
+	msg.SetAddrHeaderFromMailAddress(gomail.HeaderTo, mailAddresses(m.to)...)
+	if len(m.cc) > 0 {
+		msg.SetAddrHeaderFromMailAddress(gomail.HeaderCc, mailAddresses(m.cc)...)
+	}
+	replyTo := m.replyTo
+	if len(replyTo) == 0 {
+		replyTo = h.replyTo
+	}
+	if len(replyTo) > 0 {
+		msg.SetAddrHeaderFromMailAddress(gomail.HeaderReplyTo, mailAddresses(replyTo)...)
+	}
+	msg.Subject(m.subject)
+	msg.SetDateWithValue(now)
+	msg.SetMessageIDWithValue(strings.TrimSuffix(strings.TrimPrefix(env.MessageID, "<"), ">"))
+	if m.text != "" {
+		msg.SetBodyString(gomail.TypeTextPlain, m.text)
+		if m.html != "" {
+			msg.AddAlternativeString(gomail.TypeTextHTML, m.html)
+		}
+	} else {
+		msg.SetBodyString(gomail.TypeTextHTML, m.html)
+	}
+	var buf bytes.Buffer
+	buf.Grow(len(m.text) + len(m.html) + 2048)
+	if _, err := msg.WriteTo(&buf); err != nil {
+		return nil, fmt.Errorf("rendering message: %w", err)
+	}
+	env.Data = buf.Bytes()
+	env.To = envelopeRecipients(m.to, m.cc, m.bcc)
+	return env, nil
+}
+
+func mailAddresses(as []mailAddr) []*mail.Address {
+	out := make([]*mail.Address, len(as))
+	for i, a := range as {
+		out[i] = a.mail()
+	}
+	return out
+}
+
+// envelopeRecipients returns the RCPT TO addresses: every recipient once,
+// compared case-insensitively.
+func envelopeRecipients(lists ...[]mailAddr) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, l := range lists {
+		for _, a := range l {
+			k := strings.ToLower(a.Addr)
+			if seen[k] {
+				continue
+			}
+			seen[k] = true
+			out = append(out, a.Addr)
+		}
+	}
+	return out
+}
+
+// recipientDomains returns the distinct recipient domains, for logs.
+func recipientDomains(rcpts []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, r := range rcpts {
+		_, d, _ := cutLast(r, "@")
+		d = strings.ToLower(d)
+		if !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	return out
+}

@@ -1,0 +1,402 @@
+package authmail
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/mail"
+	"net/netip"
+	"net/url"
+	"reflect"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	"golang.org/x/net/idna"
+)
+
+// Input limits. They keep every value within what SMTP and mail clients
+// handle and bound the work one request can cause.
+const (
+	maxAddressesPerField = 100
+	maxSubjectRunes      = 998
+	maxUserNameRunes     = 200
+	maxCodeRunes         = 64
+	maxTokenBytes        = 2048
+	maxURLBytes          = 2048
+	maxUserAgentRunes    = 512
+	maxLocationRunes     = 200
+	maxExpiresMinutes    = 43200 // 30 days
+	maxAddressBytes      = 998
+)
+
+// apiError is an error answer of the HTTP API.
+type apiError struct {
+	Status  int
+	Code    string
+	Message string
+	Field   string
+	// Allow is sent as the Allow header with 405 answers.
+	Allow string
+}
+
+func (e *apiError) Error() string { return e.Code + ": " + e.Message }
+
+func invalid(field, format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusUnprocessableEntity, Code: "invalid_request", Field: field,
+		Message: field + " " + fmt.Sprintf(format, args...)}
+}
+
+func linkNotAllowed(field, format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusUnprocessableEntity, Code: "link_not_allowed", Field: field,
+		Message: fmt.Sprintf(format, args...)}
+}
+
+// addressList is a JSON field that holds one address (a string) or several
+// (an array of strings).
+type addressList []string
+
+func (l *addressList) UnmarshalJSON(b []byte) error {
+	b = bytes.TrimSpace(b)
+	switch {
+	case bytes.Equal(b, []byte("null")):
+		*l = nil
+		return nil
+	case len(b) > 0 && b[0] == '"':
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		*l = addressList{s}
+		return nil
+	case len(b) > 0 && b[0] == '[':
+		var ss []string
+		if err := json.Unmarshal(b, &ss); err != nil {
+			var ute *json.UnmarshalTypeError
+			if errors.As(err, &ute) {
+				return &json.UnmarshalTypeError{Value: ute.Value, Type: reflect.TypeFor[addressList]()}
+			}
+			return err
+		}
+		*l = ss
+		return nil
+	}
+	return &json.UnmarshalTypeError{Value: jsonKind(b), Type: reflect.TypeFor[addressList]()}
+}
+
+func jsonKind(b []byte) string {
+	if len(b) == 0 {
+		return "empty"
+	}
+	switch b[0] {
+	case '{':
+		return "object"
+	case 't', 'f':
+		return "bool"
+	case 'n':
+		return "null"
+	default:
+		return "number"
+	}
+}
+
+// decodeJSON decodes body strictly into v: one JSON object, no unknown
+// fields, no trailing data.
+func decodeJSON(body []byte, v any) *apiError {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return jsonError(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json",
+			Message: "the request body holds data after the JSON object"}
+	}
+	return nil
+}
+
+func jsonError(err error) *apiError {
+	bad := func(msg string) *apiError {
+		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Message: msg}
+	}
+	var syn *json.SyntaxError
+	var ute *json.UnmarshalTypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		return bad("the request body is empty; expected a JSON object")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return bad("the JSON document is incomplete")
+	case errors.As(err, &syn):
+		return bad(fmt.Sprintf("malformed JSON at byte %d: %s", syn.Offset, strings.TrimPrefix(syn.Error(), "json: ")))
+	case errors.As(err, &ute):
+		if ute.Field == "" {
+			return bad("the request body must be a JSON object")
+		}
+		return invalid(ute.Field, "must be %s, not %s", typeName(ute.Type), ute.Value)
+	}
+	if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+		name := strings.Trim(f, `"`)
+		return &apiError{Status: http.StatusUnprocessableEntity, Code: "invalid_request", Field: name,
+			Message: fmt.Sprintf("unknown field %q", name)}
+	}
+	return bad("invalid JSON: " + strings.TrimPrefix(err.Error(), "json: "))
+}
+
+func typeName(t reflect.Type) string {
+	if t == nil {
+		return "of another type"
+	}
+	if t == reflect.TypeFor[addressList]() {
+		return "an email address or a list of email addresses"
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Int, reflect.Int64, reflect.Int32:
+		return "an integer"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Slice:
+		return "a list"
+	case reflect.Pointer:
+		return typeName(t.Elem())
+	}
+	return "of another type"
+}
+
+// mailAddr is a validated address. Addr has an ASCII (punycode) domain
+// and is what goes into the envelope and the headers.
+type mailAddr struct {
+	Name string
+	Addr string
+}
+
+func (a mailAddr) mail() *mail.Address { return &mail.Address{Name: a.Name, Address: a.Addr} }
+
+// domain returns the (ASCII) domain of the address.
+func (a mailAddr) domain() string {
+	_, d, _ := strings.Cut(a.Addr, "@")
+	return d
+}
+
+// headerProblem reports why v cannot go into a mail header, or "".
+func headerProblem(v string) string {
+	for _, r := range v {
+		if r == '\r' || r == '\n' {
+			return "must not contain line breaks (CR or LF)"
+		}
+		if unicode.IsControl(r) && r != '\t' {
+			return "must not contain control characters"
+		}
+	}
+	return ""
+}
+
+// bodyProblem reports why v cannot be a message body, or "".
+func bodyProblem(v string) string {
+	for _, r := range v {
+		if unicode.IsControl(r) && r != '\t' && r != '\n' && r != '\r' && r != '\f' {
+			return "must not contain control characters other than tab and line breaks"
+		}
+	}
+	return ""
+}
+
+// parseAddress validates one RFC 5322 address ("a@example.com" or
+// "Name <a@example.com>"). The problem string completes "<field> …".
+func parseAddress(s string) (mailAddr, string) {
+	if p := headerProblem(s); p != "" {
+		return mailAddr{}, p
+	}
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return mailAddr{}, "must not be empty"
+	}
+	if len(s) > maxAddressBytes {
+		return mailAddr{}, "is too long"
+	}
+	a, err := mail.ParseAddress(s)
+	if err != nil {
+		if list, lerr := mail.ParseAddressList(s); lerr == nil && len(list) > 1 {
+			return mailAddr{}, "must hold exactly one address; use a JSON list for several recipients"
+		}
+		return mailAddr{}, "is not a valid email address"
+	}
+	local, dom, ok := cutLast(a.Address, "@")
+	if !ok || local == "" || dom == "" {
+		return mailAddr{}, "is not a valid email address"
+	}
+	for i := 0; i < len(local); i++ {
+		if local[i] >= utf8.RuneSelf {
+			return mailAddr{}, "has non-ASCII characters before the @, which authmail does not send (SMTPUTF8)"
+		}
+	}
+	if len(local) > 64 {
+		return mailAddr{}, "has a local part longer than 64 characters"
+	}
+	if literal, isLiteral := strings.CutPrefix(dom, "["); isLiteral {
+		inner, closed := strings.CutSuffix(literal, "]")
+		if _, perr := netip.ParseAddr(strings.TrimPrefix(inner, "IPv6:")); !closed || perr != nil {
+			return mailAddr{}, "has an invalid domain literal"
+		}
+	} else {
+		ascii, derr := idna.Lookup.ToASCII(dom)
+		if derr != nil || ascii == "" || strings.HasSuffix(ascii, ".") {
+			return mailAddr{}, "has an invalid domain"
+		}
+		dom = strings.ToLower(ascii)
+	}
+	addr := local + "@" + dom
+	if len(addr) > 254 {
+		return mailAddr{}, "is longer than 254 characters"
+	}
+	return mailAddr{Name: a.Name, Addr: addr}, ""
+}
+
+func cutLast(s, sep string) (before, after string, found bool) {
+	i := strings.LastIndex(s, sep)
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+len(sep):], true
+}
+
+// addresses validates a list field.
+func (l addressList) addresses(field string, required bool) ([]mailAddr, *apiError) {
+	if len(l) == 0 {
+		if required {
+			return nil, invalid(field, "is required")
+		}
+		return nil, nil
+	}
+	if len(l) > maxAddressesPerField {
+		return nil, invalid(field, "has %d addresses; at most %d are allowed", len(l), maxAddressesPerField)
+	}
+	out := make([]mailAddr, 0, len(l))
+	for i, s := range l {
+		a, p := parseAddress(s)
+		if p != "" {
+			if len(l) == 1 {
+				return nil, invalid(field, "%s", p)
+			}
+			return nil, invalid(field, "entry %d %s", i+1, p)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// single validates a field that must hold exactly one address.
+func (l addressList) single(field string) (mailAddr, *apiError) {
+	if len(l) > 1 {
+		return mailAddr{}, invalid(field, "must be a single address")
+	}
+	as, err := l.addresses(field, true)
+	if err != nil {
+		return mailAddr{}, err
+	}
+	return as[0], nil
+}
+
+// checkText validates an optional header-safe text value.
+func checkText(field, v string, maxRunes int) *apiError {
+	if p := headerProblem(v); p != "" {
+		return invalid(field, "%s", p)
+	}
+	if n := utf8.RuneCountInString(v); n > maxRunes {
+		return invalid(field, "is %d characters long; at most %d are allowed", n, maxRunes)
+	}
+	return nil
+}
+
+// checkExpiry returns the expiry in minutes, or the default.
+func checkExpiry(v *int, def int) (int, *apiError) {
+	if v == nil {
+		return def, nil
+	}
+	if *v < 1 || *v > maxExpiresMinutes {
+		return 0, invalid("expires_in_minutes", "must be between 1 and %d", maxExpiresMinutes)
+	}
+	return *v, nil
+}
+
+// checkCode validates an OTP code: 1–64 printable characters.
+func checkCode(code string) *apiError {
+	n := utf8.RuneCountInString(code)
+	if n == 0 {
+		return invalid("code", "is required")
+	}
+	if n > maxCodeRunes {
+		return invalid("code", "is %d characters long; at most %d are allowed", n, maxCodeRunes)
+	}
+	for _, r := range code {
+		if !unicode.IsPrint(r) {
+			return invalid("code", "must consist of printable characters")
+		}
+	}
+	if strings.TrimSpace(code) != code {
+		return invalid("code", "must not start or end with a space")
+	}
+	return nil
+}
+
+// checkToken validates a link token.
+func checkToken(token string) *apiError {
+	if len(token) > maxTokenBytes {
+		return invalid("token", "is longer than %d bytes", maxTokenBytes)
+	}
+	for _, r := range token {
+		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
+			return invalid("token", "must consist of printable characters without spaces")
+		}
+	}
+	return nil
+}
+
+// parseHTTPURL parses an absolute http(s) URL without user info.
+func parseHTTPURL(s string) (*url.URL, string) {
+	if len(s) > maxURLBytes {
+		return nil, fmt.Sprintf("is longer than %d bytes", maxURLBytes)
+	}
+	if p := headerProblem(s); p != "" {
+		return nil, p
+	}
+	u, err := url.Parse(s)
+	if err != nil || !u.IsAbs() || u.Host == "" || u.Opaque != "" {
+		return nil, "must be an absolute http or https URL"
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, "must be an http or https URL"
+	}
+	if u.User != nil {
+		return nil, "must not contain user information"
+	}
+	if strings.ContainsAny(s, " \t\\") {
+		return nil, "must not contain spaces or backslashes"
+	}
+	return u, ""
+}
+
+// origin returns scheme://host[:port] in canonical form: lowercase, IDN
+// hosts in punycode, and the default port omitted.
+func origin(u *url.URL) string {
+	scheme := strings.ToLower(u.Scheme)
+	host := strings.ToLower(u.Hostname())
+	if a, err := idna.Lookup.ToASCII(host); err == nil {
+		host = a
+	}
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	port := u.Port()
+	if (scheme == "https" && port == "443") || (scheme == "http" && port == "80") {
+		port = ""
+	}
+	if port != "" {
+		return scheme + "://" + host + ":" + port
+	}
+	return scheme + "://" + host
+}

@@ -1,0 +1,461 @@
+package authmail
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/wneessen/go-mail/smtp"
+)
+
+// TLS modes for the SMTP connection.
+const (
+	tlsStartTLS = "starttls"
+	tlsImplicit = "implicit"
+	tlsNone     = "none"
+)
+
+// smtpPool holds one sender per distinct SMTP identity. It is package-level
+// so that senders, and their open connections, survive config reloads:
+// the new config provisions (and takes a reference) before the old one
+// is cleaned up.
+var smtpPool = caddy.NewUsagePool()
+
+// Tunables that are not part of the public config. Tests shorten them.
+var (
+	smtpIdleTimeout = 60 * time.Second // close connections idle this long
+	smtpQuitTimeout = 2 * time.Second  // bound for a polite QUIT
+)
+
+// smtpSettings is the resolved (secrets expanded) SMTP configuration.
+type smtpSettings struct {
+	host        string
+	port        int
+	tlsMode     string
+	caPEM       []byte
+	tlsConfig   *tls.Config
+	username    string
+	password    string
+	helo        string
+	timeout     time.Duration
+	connections int
+}
+
+// poolKey identifies the sender for these settings. Every field that
+// changes a connection is part of it; the password only as a hash.
+func (s *smtpSettings) poolKey() string {
+	h := sha256.New()
+	for _, v := range []string{
+		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
+		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections),
+	} {
+		// length-prefix each field so that no two configs collide
+		fmt.Fprintf(h, "%d:%s|", len(v), v)
+	}
+	return "authmail.smtp." + hex.EncodeToString(h.Sum(nil))
+}
+
+// smtpSender delivers messages over up to settings.connections parallel
+// SMTP connections that stay open and are reused.
+type smtpSender struct {
+	cfg   smtpSettings
+	slots chan struct{} // one token per connection that may be in use
+
+	mu     sync.Mutex
+	idle   []*smtpConn // most recently used last
+	closed bool
+
+	done chan struct{} // closed by Destruct; stops the janitor
+
+	open  atomic.Int64 // currently open connections
+	dials atomic.Int64 // successful dials since creation
+}
+
+func newSMTPSender(cfg smtpSettings) *smtpSender {
+	s := &smtpSender{
+		cfg:   cfg,
+		slots: make(chan struct{}, cfg.connections),
+		done:  make(chan struct{}),
+	}
+	go s.janitor()
+	return s
+}
+
+// Destruct is called by the usage pool when the last config using this
+// sender is cleaned up. Idle connections are closed now; sends still in
+// flight on an old handler finish and close their connection afterwards.
+func (s *smtpSender) Destruct() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	idle := s.idle
+	s.idle = nil
+	s.mu.Unlock()
+	close(s.done)
+	for _, c := range idle {
+		s.closeConn(c)
+	}
+	return nil
+}
+
+// janitor closes connections that have been idle too long.
+func (s *smtpSender) janitor() {
+	every := smtpIdleTimeout / 2
+	if every < 50*time.Millisecond {
+		every = 50 * time.Millisecond
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+			for _, c := range s.expired() {
+				s.closeConn(c)
+			}
+		}
+	}
+}
+
+func (s *smtpSender) expired() []*smtpConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var old []*smtpConn
+	keep := s.idle[:0]
+	for _, c := range s.idle {
+		if time.Since(c.lastUsed) >= smtpIdleTimeout {
+			old = append(old, c)
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	for i := len(keep); i < len(s.idle); i++ {
+		s.idle[i] = nil
+	}
+	s.idle = keep
+	return old
+}
+
+// takeIdle returns the most recently used idle connection, or nil.
+func (s *smtpSender) takeIdle() *smtpConn {
+	var stale []*smtpConn
+	defer func() {
+		for _, c := range stale {
+			s.closeConn(c)
+		}
+	}()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.idle) > 0 {
+		c := s.idle[len(s.idle)-1]
+		s.idle[len(s.idle)-1] = nil
+		s.idle = s.idle[:len(s.idle)-1]
+		if time.Since(c.lastUsed) >= smtpIdleTimeout {
+			stale = append(stale, c)
+			continue
+		}
+		return c
+	}
+	return nil
+}
+
+// dropIdle closes every idle connection; used when one of them turned out
+// dead, which usually means the server dropped all of them.
+func (s *smtpSender) dropIdle() {
+	s.mu.Lock()
+	idle := s.idle
+	s.idle = nil
+	s.mu.Unlock()
+	for _, c := range idle {
+		s.closeConn(c)
+	}
+}
+
+func (s *smtpSender) putIdle(c *smtpConn) {
+	c.lastUsed = time.Now()
+	s.mu.Lock()
+	if !s.closed {
+		s.idle = append(s.idle, c)
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	s.closeConn(c)
+}
+
+func (s *smtpSender) closeConn(c *smtpConn) {
+	if c.closed {
+		return
+	}
+	c.closed = true
+	_ = c.raw.SetDeadline(time.Now().Add(smtpQuitTimeout))
+	_ = c.client.Quit()
+	_ = c.raw.Close()
+	s.open.Add(-1)
+}
+
+// openConnections reports the number of open SMTP connections.
+func (s *smtpSender) openConnections() int64 { return s.open.Load() }
+
+// send delivers env. It waits for a free connection slot (bounded by
+// ctx), reuses an idle connection when there is one, and transparently
+// redials once when a reused connection turns out to be dead before the
+// server accepted anything.
+func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) {
+	select {
+	case s.slots <- struct{}{}:
+	case <-ctx.Done():
+		return delivery{}, &deliveryError{Code: codeSMTPTimeout, Phase: phaseConnect,
+			Err: fmt.Errorf("no free SMTP connection before the request ended: %w", ctx.Err())}
+	}
+	defer func() { <-s.slots }()
+
+	conn := s.takeIdle()
+	for attempt := 0; ; attempt++ {
+		reused := conn != nil
+		if conn == nil {
+			var err *deliveryError
+			conn, err = s.dial(ctx)
+			if err != nil {
+				return delivery{}, err
+			}
+		}
+		d, err, healthy := conn.transact(s.cfg.timeout, env)
+		if healthy {
+			s.putIdle(conn)
+		} else {
+			s.closeConn(conn)
+		}
+		if err == nil {
+			d.Status = "sent"
+			return d, nil
+		}
+		if reused && attempt == 0 && err.fresh {
+			s.dropIdle()
+			conn = nil
+			continue
+		}
+		return delivery{}, err
+	}
+}
+
+// dial opens, secures and authenticates a new connection. It never
+// leaves a socket open on failure.
+func (s *smtpSender) dial(ctx context.Context) (*smtpConn, *deliveryError) {
+	cfg := &s.cfg
+	d := net.Dialer{Timeout: cfg.timeout}
+	raw, err := d.DialContext(ctx, "tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	if err != nil {
+		return nil, classify(phaseConnect, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = raw.Close()
+		}
+	}()
+	deadline := func() { _ = raw.SetDeadline(time.Now().Add(cfg.timeout)) }
+	deadline()
+
+	var conn net.Conn = raw
+	if cfg.tlsMode == tlsImplicit {
+		tc := tls.Client(raw, cfg.tlsConfig)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, classify(phaseConnect, err)
+		}
+		conn = tc
+	}
+	client, err := smtp.NewClient(conn, cfg.host)
+	if err != nil {
+		return nil, classify(phaseGreeting, err)
+	}
+	client.SkipSMTPUTF8(true)
+	deadline()
+	if err := client.Hello(cfg.helo); err != nil {
+		return nil, classify(phaseHello, unwrapHello(err))
+	}
+	if cfg.tlsMode == tlsStartTLS {
+		if has, _ := client.Extension("STARTTLS"); !has {
+			return nil, &deliveryError{Code: codeStartTLSUnsupported, Phase: phaseStartTLS}
+		}
+		deadline()
+		if err := client.StartTLS(cfg.tlsConfig); err != nil {
+			return nil, classify(phaseStartTLS, err)
+		}
+	}
+	if cfg.username != "" {
+		deadline()
+		auth, err := s.pickAuth(client)
+		if err != nil {
+			return nil, &deliveryError{Code: codeSMTPAuthFailed, Phase: phaseAuth, Err: err}
+		}
+		if err := client.Auth(auth); err != nil {
+			return nil, classify(phaseAuth, err)
+		}
+	}
+	if cfg.tlsMode != tlsNone {
+		// refuse to go on unless the connection really is encrypted
+		if _, isTLS := client.TLSConnectionState(); !isTLS {
+			return nil, &deliveryError{Code: codeStartTLSUnsupported, Phase: phaseStartTLS}
+		}
+	}
+	ok = true
+	s.open.Add(1)
+	s.dials.Add(1)
+	return &smtpConn{raw: raw, client: client}, nil
+}
+
+// unwrapHello returns the EHLO error when both EHLO and HELO failed, so
+// that the EHLO reply is what gets classified.
+func unwrapHello(err error) error {
+	if u, ok := err.(interface{ Unwrap() []error }); ok {
+		if errs := u.Unwrap(); len(errs) > 0 {
+			return errs[0]
+		}
+	}
+	return err
+}
+
+// errNoAuthMechanism is returned when the server offers no mechanism we
+// can use safely.
+var errNoAuthMechanism = errors.New("the SMTP server offers no supported authentication mechanism (supported: PLAIN, LOGIN, SCRAM-SHA-256, SCRAM-SHA-1, CRAM-MD5)")
+
+// pickAuth chooses the authentication mechanism from what the server
+// advertises. Over TLS (which is always the case unless tls none to a
+// loopback relay) PLAIN is universal and preferred.
+func (s *smtpSender) pickAuth(c *smtp.Client) (smtp.Auth, error) {
+	has, list := c.Extension("AUTH")
+	if !has {
+		return nil, errors.New("the SMTP server does not offer AUTH, but a username is configured")
+	}
+	offered := map[string]bool{}
+	for _, m := range strings.Fields(strings.ToUpper(list)) {
+		offered[m] = true
+	}
+	cfg := &s.cfg
+	// plaintext auth is only ever allowed where Validate permitted tls none
+	allowUnenc := cfg.tlsMode == tlsNone
+	switch {
+	case offered["PLAIN"]:
+		return smtp.PlainAuth("", cfg.username, cfg.password, cfg.host, allowUnenc), nil
+	case offered["LOGIN"]:
+		return smtp.LoginAuth(cfg.username, cfg.password, cfg.host, allowUnenc), nil
+	case offered["SCRAM-SHA-256"]:
+		return smtp.ScramSHA256Auth(cfg.username, cfg.password), nil
+	case offered["SCRAM-SHA-1"]:
+		return smtp.ScramSHA1Auth(cfg.username, cfg.password), nil
+	case offered["CRAM-MD5"]:
+		return smtp.CRAMMD5Auth(cfg.username, cfg.password), nil
+	}
+	return nil, errNoAuthMechanism
+}
+
+// smtpConn is one open, authenticated SMTP session. It is used by one
+// goroutine at a time (whoever holds it outside the idle list).
+type smtpConn struct {
+	raw      net.Conn // the TCP connection, for deadlines and closing
+	client   *smtp.Client
+	lastUsed time.Time
+	closed   bool
+}
+
+// transact runs one mail transaction. healthy reports whether the
+// connection can be reused afterwards.
+func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, derr *deliveryError, healthy bool) {
+	deadline := func() { _ = c.raw.SetDeadline(time.Now().Add(timeout)) }
+
+	// fail classifies err in phase. A failure before the final dot that is
+	// not a plain reply leaves the connection unusable; on a reused
+	// connection it is worth one retry on a fresh connection.
+	fail := func(phase string, err error) (delivery, *deliveryError, bool) {
+		de := classify(phase, err)
+		if de.Reply == nil {
+			de.fresh = phase != phaseEnd
+			return delivery{}, de, false
+		}
+		if de.Reply.Code == 421 {
+			// the server is closing the session
+			de.fresh = phase == phaseMail || phase == phaseRcpt || phase == phaseData
+			return delivery{}, de, false
+		}
+		return delivery{}, de, c.reset(deadline)
+	}
+
+	deadline()
+	if err := c.client.Mail("<" + env.From + ">"); err != nil {
+		return fail(phaseMail, err)
+	}
+	var firstRefusal *deliveryError
+	refused, permanent := 0, false
+	for _, rcpt := range env.To {
+		deadline()
+		err := c.client.Rcpt("<" + rcpt + ">")
+		if err == nil {
+			continue
+		}
+		r := replyFrom(err)
+		if r == nil || r.Code == 421 {
+			return fail(phaseRcpt, err)
+		}
+		refused++
+		if r.Code >= 500 && !permanent {
+			// report the first permanent refusal: it decides the outcome
+			permanent = true
+			firstRefusal = &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Reply: r, Err: err}
+		} else if firstRefusal == nil {
+			firstRefusal = &deliveryError{Code: codeSMTPTransient, Phase: phaseRcpt, Reply: r, Err: err}
+		}
+	}
+	if refused > 0 {
+		// never deliver to a subset of the recipients
+		firstRefusal.Refused = refused
+		firstRefusal.Recipients = len(env.To)
+		return delivery{}, firstRefusal, c.reset(deadline)
+	}
+	deadline()
+	w, err := c.client.Data()
+	if err != nil {
+		return fail(phaseData, err)
+	}
+	dc, ok := w.(*smtp.DataCloser)
+	if !ok {
+		// cannot happen with go-mail v0.8; refuse rather than guess
+		return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
+			Err: errors.New("unexpected SMTP data writer")}, false
+	}
+	deadline()
+	if _, err := dc.WriteCloser.Write(env.Data); err != nil {
+		return fail(phaseBody, err)
+	}
+	// Close writes and flushes the final dot. If that fails, the server
+	// has not received the end of the message and cannot accept it.
+	if err := dc.WriteCloser.Close(); err != nil {
+		return fail(phaseBody, err)
+	}
+	_, msg, err := c.client.Text.ReadResponse(250)
+	if err != nil {
+		return fail(phaseEnd, err)
+	}
+	return delivery{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
+}
+
+// reset aborts the current transaction; the connection is reusable only
+// when the server acknowledges.
+func (c *smtpConn) reset(deadline func()) bool {
+	deadline()
+	return c.client.Reset() == nil
+}

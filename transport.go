@@ -1,0 +1,317 @@
+package authmail
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/textproto"
+	"os"
+	"strings"
+	"unicode"
+)
+
+// envelope is one fully rendered message, ready to hand to a transport.
+// The handler builds it; a transport delivers it and owns every connection.
+type envelope struct {
+	// ID is authmail's opaque message id.
+	ID string
+	// MessageID is the Message-ID header value, angle brackets included.
+	MessageID string
+	// From is the envelope sender (MAIL FROM), a bare ASCII address.
+	From string
+	// To holds the envelope recipients (RCPT TO): To, Cc and Bcc, deduplicated.
+	To []string
+	// Data is the RFC 5322 message with CRLF line endings.
+	Data []byte
+}
+
+// transport delivers rendered messages. Implementations are safe for
+// concurrent use. A non-nil error is always a *deliveryError.
+type transport interface {
+	send(ctx context.Context, env *envelope) (delivery, error)
+}
+
+// delivery describes an accepted message.
+type delivery struct {
+	// Status is "sent" or "captured".
+	Status string
+	// Response is the server's reply to the end of DATA, e.g.
+	// "2.0.0 Ok: queued as 4Xyz". Empty for capture.
+	Response string
+}
+
+// Error codes for delivery outcomes, as returned in the API's error_code.
+const (
+	codeSMTPConnection     = "smtp_connection"
+	codeSMTPTimeout        = "smtp_timeout"
+	codeSMTPAuthFailed     = "smtp_auth_failed"
+	codeStartTLSUnsupported  = "starttls_unsupported"
+	codeRecipientRefused   = "recipient_refused"
+	codeSMTPRejected       = "smtp_rejected"
+	codeSMTPTransient      = "smtp_transient"
+	codeUncertain = "smtp_disconnect_uncertain"
+	codeCaptureFailed      = "capture_failed"
+)
+
+// SMTP phases, in order. A failure's phase tells whether the server can
+// have accepted anything: only phaseEnd (waiting for the reply to the
+// final dot) is ambiguous.
+const (
+	phaseConnect  = "connect"
+	phaseGreeting = "greeting"
+	phaseHello    = "hello"
+	phaseStartTLS = "starttls"
+	phaseAuth     = "auth"
+	phaseMail     = "mail"
+	phaseRcpt     = "rcpt"
+	phaseData     = "data"
+	phaseBody     = "body"
+	phaseEnd      = "end_of_data"
+)
+
+// smtpReply is a server reply, sanitised for logs and API messages.
+type smtpReply struct {
+	Code     int
+	Enhanced string
+	Text     string
+}
+
+func (r *smtpReply) String() string {
+	if r == nil {
+		return ""
+	}
+	s := fmt.Sprintf("%d", r.Code)
+	if r.Enhanced != "" {
+		s += " " + r.Enhanced
+	}
+	if r.Text != "" {
+		s += " " + r.Text
+	}
+	return s
+}
+
+// deliveryError is a classified delivery failure.
+type deliveryError struct {
+	// Code is the API error code (smtp_* or capture_failed).
+	Code string
+	// Phase is the SMTP phase that failed.
+	Phase string
+	// Reply is the server's reply, when the failure was a reply.
+	Reply *smtpReply
+	// Refused and Recipients count refused and attempted recipients
+	// when Phase is rcpt.
+	Refused, Recipients int
+	// Err is the underlying error, if any. It never holds a secret:
+	// authentication data is never part of an error.
+	Err error
+	// fresh marks a failure on a reused connection that a new
+	// connection may not have (dead idle connection, 421 before DATA).
+	fresh bool
+}
+
+// Error returns a human-readable message that is safe to show to API
+// callers and to log: no credentials, no message content.
+func (e *deliveryError) Error() string {
+	switch e.Code {
+	case codeStartTLSUnsupported:
+		return "the SMTP server does not offer STARTTLS; authmail never falls back to plaintext (use tls implicit for port 465, or tls none only for a trusted local relay)"
+	case codeSMTPAuthFailed:
+		if e.Reply != nil {
+			return "the SMTP server rejected the credentials: " + e.Reply.String()
+		}
+		return "SMTP authentication failed: " + errText(e.Err)
+	case codeRecipientRefused:
+		return fmt.Sprintf("the SMTP server refused %d of %d recipients (%s); nothing was sent", e.Refused, e.Recipients, e.Reply.String())
+	case codeSMTPRejected:
+		return fmt.Sprintf("the SMTP server rejected the message at %s: %s", e.Phase, e.Reply.String())
+	case codeSMTPTransient:
+		if e.Phase == phaseRcpt {
+			return fmt.Sprintf("the SMTP server temporarily refused %d of %d recipients (%s); nothing was sent", e.Refused, e.Recipients, e.Reply.String())
+		}
+		return fmt.Sprintf("the SMTP server temporarily refused the message at %s: %s; nothing was sent", e.Phase, e.Reply.String())
+	case codeSMTPTimeout:
+		return fmt.Sprintf("timed out talking to the SMTP server (%s); nothing was sent", e.Phase)
+	case codeUncertain:
+		return "the connection to the SMTP server was lost after the whole message was transmitted; the server may or may not have accepted it, so it was not resent"
+	case codeCaptureFailed:
+		return "could not write the message to the capture directory: " + errText(e.Err)
+	default:
+		if e.Reply != nil {
+			return fmt.Sprintf("the SMTP server refused the connection at %s: %s", e.Phase, e.Reply.String())
+		}
+		if isTLSError(e.Err) {
+			return "TLS with the SMTP server failed: " + errText(e.Err)
+		}
+		return fmt.Sprintf("could not talk to the SMTP server (%s): %s", e.Phase, errText(e.Err))
+	}
+}
+
+func (e *deliveryError) Unwrap() error { return e.Err }
+
+// uncertain reports whether the server may have accepted the message.
+// Such a message must never be resent automatically.
+func (e *deliveryError) uncertain() bool { return e.Code == codeUncertain }
+
+// permanent reports whether retrying the same message cannot help
+// without a change on the recipient's or the sender's side.
+func (e *deliveryError) permanent() bool {
+	return e.Code == codeSMTPRejected || e.Code == codeRecipientRefused
+}
+
+func errText(err error) string {
+	if err == nil {
+		return "unknown error"
+	}
+	return sanitizeLine(err.Error(), 300)
+}
+
+// sanitizeLine makes server- or OS-provided text safe for a single log
+// field or JSON message: control characters become spaces, runs of
+// spaces collapse, and the result is cut to max bytes.
+func sanitizeLine(s string, max int) string {
+	var b strings.Builder
+	space := false
+	for _, r := range s {
+		if unicode.IsControl(r) || unicode.IsSpace(r) {
+			if !space && b.Len() > 0 {
+				b.WriteByte(' ')
+			}
+			space = true
+			continue
+		}
+		space = false
+		b.WriteRune(r)
+		if b.Len() >= max {
+			break
+		}
+	}
+	out := strings.TrimSpace(b.String())
+	if len(out) > max {
+		out = out[:max]
+		for len(out) > 0 && !isRuneStart(out[len(out)-1]) {
+			out = out[:len(out)-1]
+		}
+		if len(out) > 0 {
+			out = out[:len(out)-1]
+		}
+	}
+	return out
+}
+
+func isRuneStart(b byte) bool { return b&0xC0 != 0x80 }
+
+// replyFrom extracts a server reply from an error returned by the SMTP
+// client, or nil when the error is not a server reply (network, TLS…).
+func replyFrom(err error) *smtpReply {
+	var te *textproto.Error
+	if !errors.As(err, &te) {
+		return nil
+	}
+	text := te.Msg
+	// multi-line replies are joined with \n by textproto
+	text = strings.ReplaceAll(text, "\n", " ")
+	r := &smtpReply{Code: te.Code}
+	if esc, rest, ok := strings.Cut(text, " "); ok && isEnhancedCode(esc) {
+		r.Enhanced = esc
+		text = rest
+	} else if isEnhancedCode(text) {
+		r.Enhanced = text
+		text = ""
+	}
+	r.Text = sanitizeLine(text, 200)
+	return r
+}
+
+// isEnhancedCode reports whether s looks like an RFC 3463 status code.
+func isEnhancedCode(s string) bool {
+	parts := strings.Split(s, ".")
+	if len(parts) != 3 {
+		return false
+	}
+	if len(parts[0]) != 1 || (parts[0][0] != '2' && parts[0][0] != '4' && parts[0][0] != '5') {
+		return false
+	}
+	for _, p := range parts[1:] {
+		if len(p) == 0 || len(p) > 3 {
+			return false
+		}
+		for i := 0; i < len(p); i++ {
+			if p[i] < '0' || p[i] > '9' {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func isTimeout(err error) bool {
+	if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func isTLSError(err error) bool {
+	if err == nil {
+		return false
+	}
+	var (
+		cve   *tls.CertificateVerificationError
+		ae    tls.AlertError
+		rhe   tls.RecordHeaderError
+		uae   x509.UnknownAuthorityError
+		hne   x509.HostnameError
+		cie   x509.CertificateInvalidError
+		ech   *tls.ECHRejectionError
+	)
+	return errors.As(err, &cve) || errors.As(err, &ae) || errors.As(err, &rhe) ||
+		errors.As(err, &uae) || errors.As(err, &hne) || errors.As(err, &cie) || errors.As(err, &ech) ||
+		strings.Contains(err.Error(), "tls: ")
+}
+
+// classifyReply maps a server reply in a phase to an error code.
+func classifyReply(phase string, r *smtpReply) string {
+	if r.Code >= 500 {
+		if phase == phaseAuth {
+			return codeSMTPAuthFailed
+		}
+		if phase == phaseRcpt {
+			return codeRecipientRefused
+		}
+		return codeSMTPRejected
+	}
+	if phase == phaseAuth && r.Code != 421 {
+		return codeSMTPAuthFailed
+	}
+	return codeSMTPTransient
+}
+
+// classify turns an error from the SMTP client in the given phase into a
+// deliveryError.
+func classify(phase string, err error) *deliveryError {
+	if de, ok := err.(*deliveryError); ok {
+		return de
+	}
+	de := &deliveryError{Phase: phase, Err: err}
+	if r := replyFrom(err); r != nil {
+		de.Reply = r
+		de.Code = classifyReply(phase, r)
+		return de
+	}
+	switch {
+	case phase == phaseEnd:
+		// The final dot went out completely; the reply never came.
+		de.Code = codeUncertain
+	case isTimeout(err):
+		de.Code = codeSMTPTimeout
+	case phase == phaseAuth:
+		de.Code = codeSMTPAuthFailed
+	default:
+		de.Code = codeSMTPConnection
+	}
+	return de
+}
