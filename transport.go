@@ -45,15 +45,15 @@ type delivery struct {
 
 // Error codes for delivery outcomes, as returned in the API's error_code.
 const (
-	codeSMTPConnection     = "smtp_connection"
-	codeSMTPTimeout        = "smtp_timeout"
-	codeSMTPAuthFailed     = "smtp_auth_failed"
-	codeStartTLSUnsupported  = "starttls_unsupported"
-	codeRecipientRefused   = "recipient_refused"
-	codeSMTPRejected       = "smtp_rejected"
-	codeSMTPTransient      = "smtp_transient"
-	codeUncertain = "smtp_disconnect_uncertain"
-	codeCaptureFailed      = "capture_failed"
+	codeSMTPConnection      = "smtp_connection"
+	codeSMTPTimeout         = "smtp_timeout"
+	codeSMTPAuthFailed      = "smtp_auth_failed"
+	codeStartTLSUnsupported = "starttls_unsupported"
+	codeRecipientRefused    = "recipient_refused"
+	codeSMTPRejected        = "smtp_rejected"
+	codeSMTPTransient       = "smtp_transient"
+	codeUncertain           = "smtp_disconnect_uncertain"
+	codeCaptureFailed       = "capture_failed"
 )
 
 // SMTP phases, in order. A failure's phase tells whether the server can
@@ -260,13 +260,13 @@ func isTLSError(err error) bool {
 		return false
 	}
 	var (
-		cve   *tls.CertificateVerificationError
-		ae    tls.AlertError
-		rhe   tls.RecordHeaderError
-		uae   x509.UnknownAuthorityError
-		hne   x509.HostnameError
-		cie   x509.CertificateInvalidError
-		ech   *tls.ECHRejectionError
+		cve *tls.CertificateVerificationError
+		ae  tls.AlertError
+		rhe tls.RecordHeaderError
+		uae x509.UnknownAuthorityError
+		hne x509.HostnameError
+		cie x509.CertificateInvalidError
+		ech *tls.ECHRejectionError
 	)
 	return errors.As(err, &cve) || errors.As(err, &ae) || errors.As(err, &rhe) ||
 		errors.As(err, &uae) || errors.As(err, &hne) || errors.As(err, &cie) || errors.As(err, &ech) ||
