@@ -1,0 +1,448 @@
+// Package smtptest runs a real SMTP server in-process for tests: go-smtp
+// with STARTTLS or implicit TLS on a freshly generated self-signed
+// certificate, AUTH PLAIN, a record of every transaction, and hooks to
+// inject faults (replies, dropped connections, slow replies).
+package smtptest
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// TLS modes.
+const (
+	StartTLS = "starttls"
+	Implicit = "implicit"
+	None     = "none"
+)
+
+// ErrDrop, returned by a hook, closes the connection without a reply.
+var ErrDrop = errors.New("smtptest: drop the connection")
+
+// Options configure a Server.
+type Options struct {
+	// TLS is StartTLS (default), Implicit or None.
+	TLS string
+	// Username and Password, when set, make AUTH PLAIN mandatory before
+	// MAIL.
+	Username, Password string
+	// Dir receives the CA file; default: a new temporary directory.
+	Dir string
+}
+
+// Hooks inject faults. Each returns nil to accept, an *smtp.SMTPError to
+// reply with, or ErrDrop to close the connection without replying.
+type Hooks struct {
+	Mail func(from string) error
+	Rcpt func(to string) error
+	// Data runs after the whole message, before the reply to the final
+	// dot. Sleeping in it simulates a slow server.
+	Data func(m *Message) error
+}
+
+// Message is one transaction the server saw through DATA.
+type Message struct {
+	From     string
+	To       []string
+	Data     []byte
+	TLS      bool
+	AuthUser string
+	// Conn numbers the connection the message arrived on, from 1.
+	Conn int
+	// Accepted is false when a hook refused or dropped it.
+	Accepted bool
+}
+
+// Server is a running SMTP server.
+type Server struct {
+	Host   string
+	Port   int
+	Addr   string
+	CAFile string
+	CAPEM  []byte
+
+	opts Options
+	srv  *smtp.Server
+	ln   net.Listener
+
+	mu     sync.Mutex
+	hooks  Hooks
+	msgs   []*Message
+	conns  int
+	open   int
+	auths  int
+	live   map[*trackedConn]bool
+	notify chan struct{}
+}
+
+// Start starts a server for the test and stops it at the end of the test.
+func Start(t testing.TB, opts Options) *Server {
+	t.Helper()
+	if opts.Dir == "" {
+		opts.Dir = t.TempDir()
+	}
+	s, err := New(opts)
+	if err != nil {
+		t.Fatalf("smtptest: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// New starts a server on a free loopback port.
+func New(opts Options) (*Server, error) {
+	if opts.TLS == "" {
+		opts.TLS = StartTLS
+	}
+	if opts.Dir == "" {
+		d, err := os.MkdirTemp("", "smtptest-")
+		if err != nil {
+			return nil, err
+		}
+		opts.Dir = d
+	}
+	cert, certPEM, err := selfSigned()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, CAPEM: certPEM, notify: make(chan struct{}, 1), live: map[*trackedConn]bool{}}
+	s.CAFile = filepath.Join(opts.Dir, "smtptest-ca.pem")
+	if err := os.WriteFile(s.CAFile, certPEM, 0o600); err != nil {
+		return nil, err
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+
+	srv := smtp.NewServer(s)
+	srv.Domain = "smtptest.local"
+	srv.ReadTimeout = 30 * time.Second
+	srv.WriteTimeout = 30 * time.Second
+	srv.MaxMessageBytes = 32 << 20
+	srv.MaxRecipients = 1000
+	srv.ErrorLog = log.New(io.Discard, "", 0)
+	tcp, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	var ln net.Listener = &countingListener{Listener: tcp, s: s}
+	switch opts.TLS {
+	case StartTLS:
+		srv.TLSConfig = tlsConf
+	case Implicit:
+		ln = tls.NewListener(ln, tlsConf)
+	case None:
+		srv.AllowInsecureAuth = true
+	default:
+		_ = ln.Close()
+		return nil, fmt.Errorf("unknown TLS mode %q", opts.TLS)
+	}
+	s.srv, s.ln = srv, ln
+	s.Addr = ln.Addr().String()
+	host, port, _ := net.SplitHostPort(s.Addr)
+	s.Host = host
+	s.Port, _ = strconv.Atoi(port)
+	go func() { _ = srv.Serve(ln) }()
+	return s, nil
+}
+
+// Close stops the server and closes every connection.
+func (s *Server) Close() error { return s.srv.Close() }
+
+// SetHooks replaces the fault hooks.
+func (s *Server) SetHooks(h Hooks) {
+	s.mu.Lock()
+	s.hooks = h
+	s.mu.Unlock()
+}
+
+// Messages returns the messages accepted so far.
+func (s *Server) Messages() []*Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*Message
+	for _, m := range s.msgs {
+		if m.Accepted {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// Attempts returns every message that went through DATA, accepted or not.
+func (s *Server) Attempts() []*Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*Message(nil), s.msgs...)
+}
+
+// WaitMessages waits until at least n messages were accepted.
+func (s *Server) WaitMessages(n int, timeout time.Duration) []*Message {
+	deadline := time.Now().Add(timeout)
+	for {
+		if m := s.Messages(); len(m) >= n || time.Now().After(deadline) {
+			return m
+		}
+		select {
+		case <-s.notify:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Reset forgets the recorded messages and counters (not open connections).
+func (s *Server) Reset() {
+	s.mu.Lock()
+	s.msgs, s.conns, s.auths = nil, 0, 0
+	s.mu.Unlock()
+}
+
+// Connections returns how many connections were accepted since Reset.
+func (s *Server) Connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conns
+}
+
+// OpenConnections returns how many connections are open now.
+func (s *Server) OpenConnections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open
+}
+
+// Auths returns how many successful AUTH exchanges happened since Reset.
+func (s *Server) Auths() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.auths
+}
+
+// NewSession implements smtp.Backend. go-smtp starts a new session after
+// STARTTLS, so connections are counted by the listener, not here.
+func (s *Server) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	return &session{s: s, c: c, conn: connNumber(c.Conn())}, nil
+}
+
+// DropConnections closes every open connection without a goodbye, like
+// a server restarting or timing out idle sessions.
+func (s *Server) DropConnections() {
+	s.mu.Lock()
+	var live []*trackedConn
+	for c := range s.live {
+		live = append(live, c)
+	}
+	s.mu.Unlock()
+	for _, c := range live {
+		_ = c.Close()
+	}
+}
+
+// countingListener numbers and tracks the TCP connections it accepts.
+type countingListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.s.mu.Lock()
+	l.s.conns++
+	l.s.open++
+	tc := &trackedConn{Conn: c, s: l.s, n: l.s.conns}
+	l.s.live[tc] = true
+	l.s.mu.Unlock()
+	return tc, nil
+}
+
+type trackedConn struct {
+	net.Conn
+	s    *Server
+	n    int
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.s.mu.Lock()
+		c.s.open--
+		delete(c.s.live, c)
+		c.s.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+func connNumber(c net.Conn) int {
+	for {
+		switch x := c.(type) {
+		case *trackedConn:
+			return x.n
+		case *tls.Conn:
+			c = x.NetConn()
+		default:
+			return 0
+		}
+	}
+}
+
+type session struct {
+	s        *Server
+	c        *smtp.Conn
+	conn     int
+	authUser string
+	from     string
+	to       []string
+}
+
+func (ss *session) hooks() Hooks {
+	ss.s.mu.Lock()
+	defer ss.s.mu.Unlock()
+	return ss.s.hooks
+}
+
+func (ss *session) drop() error {
+	_ = ss.c.Conn().Close()
+	return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "dropped"}
+}
+
+func (ss *session) AuthMechanisms() []string {
+	if ss.s.opts.Username == "" {
+		return nil
+	}
+	return []string{sasl.Plain}
+}
+
+func (ss *session) Auth(mech string) (sasl.Server, error) {
+	return sasl.NewPlainServer(func(identity, username, password string) error {
+		if username != ss.s.opts.Username || password != ss.s.opts.Password {
+			return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
+		}
+		ss.authUser = username
+		ss.s.mu.Lock()
+		ss.s.auths++
+		ss.s.mu.Unlock()
+		return nil
+	}), nil
+}
+
+func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
+	if ss.s.opts.Username != "" && ss.authUser == "" {
+		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
+	}
+	if h := ss.hooks().Mail; h != nil {
+		if err := h(from); err != nil {
+			if errors.Is(err, ErrDrop) {
+				return ss.drop()
+			}
+			return err
+		}
+	}
+	ss.from = from
+	ss.to = nil
+	return nil
+}
+
+func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+	if h := ss.hooks().Rcpt; h != nil {
+		if err := h(to); err != nil {
+			if errors.Is(err, ErrDrop) {
+				return ss.drop()
+			}
+			return err
+		}
+	}
+	ss.to = append(ss.to, to)
+	return nil
+}
+
+func (ss *session) Data(r io.Reader) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	_, isTLS := ss.c.TLSConnectionState()
+	m := &Message{From: ss.from, To: append([]string(nil), ss.to...), Data: b, TLS: isTLS,
+		AuthUser: ss.authUser, Conn: ss.conn, Accepted: true}
+	var herr error
+	if h := ss.hooks().Data; h != nil {
+		herr = h(m)
+	}
+	if herr != nil {
+		m.Accepted = false
+	}
+	ss.s.mu.Lock()
+	ss.s.msgs = append(ss.s.msgs, m)
+	ss.s.mu.Unlock()
+	select {
+	case ss.s.notify <- struct{}{}:
+	default:
+	}
+	if herr != nil {
+		if errors.Is(herr, ErrDrop) {
+			return ss.drop()
+		}
+		return herr
+	}
+	return nil
+}
+
+func (ss *session) Reset() {
+	ss.from, ss.to = "", nil
+}
+
+func (ss *session) Logout() error { return nil }
+
+// selfSigned makes an ECDSA P-256 certificate for 127.0.0.1, ::1 and
+// localhost, valid for a day.
+func selfSigned() (tls.Certificate, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "smtptest"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1")},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tpl, tpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	return cert, certPEM, err
+}

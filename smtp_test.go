@@ -1,0 +1,440 @@
+package authmail
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+	"github.com/emersion/go-smtp"
+)
+
+const testBody = "Subject: test\r\n\r\nhello\r\n.a line starting with a dot\r\n"
+
+func testSettings(srv *smtptest.Server) smtpSettings {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(srv.CAPEM)
+	return smtpSettings{
+		host: "127.0.0.1", port: srv.Port, tlsMode: tlsStartTLS,
+		tlsConfig: &tls.Config{ServerName: "127.0.0.1", RootCAs: pool, MinVersion: tls.VersionTLS12},
+		username:  "user", password: "s3cret-pass", helo: "test.local",
+		timeout: 2 * time.Second, connections: 2,
+	}
+}
+
+func newTestSender(t *testing.T, cfg smtpSettings) *smtpSender {
+	t.Helper()
+	s := newSMTPSender(cfg)
+	t.Cleanup(func() { _ = s.Destruct() })
+	return s
+}
+
+func testEnvelope(to ...string) *envelope {
+	return &envelope{ID: "id", MessageID: "<m@example.com>", From: "from@example.com", To: to, Data: []byte(testBody)}
+}
+
+func authServer(t *testing.T, mode string) *smtptest.Server {
+	return smtptest.Start(t, smtptest.Options{TLS: mode, Username: "user", Password: "s3cret-pass"})
+}
+
+// expectCode asserts a classified failure.
+func expectCode(t *testing.T, err error, code, phase string) *deliveryError {
+	t.Helper()
+	var de *deliveryError
+	if !errors.As(err, &de) {
+		t.Fatalf("expected a deliveryError %s, got %v", code, err)
+	}
+	if de.Code != code || (phase != "" && de.Phase != phase) {
+		t.Fatalf("got code %s phase %s (%v), want %s phase %s", de.Code, de.Phase, de, code, phase)
+	}
+	return de
+}
+
+func TestSMTPStartTLSAuthDeliversExactBytes(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	s := newTestSender(t, testSettings(srv))
+	d, err := s.send(context.Background(), testEnvelope("a@example.org", "b@example.net"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Status != "sent" || !strings.Contains(d.Response, "OK") {
+		t.Errorf("delivery = %+v", d)
+	}
+	msgs := srv.Messages()
+	if len(msgs) != 1 {
+		t.Fatalf("server got %d messages", len(msgs))
+	}
+	m := msgs[0]
+	if m.From != "from@example.com" || strings.Join(m.To, ",") != "a@example.org,b@example.net" {
+		t.Errorf("envelope = %s -> %v", m.From, m.To)
+	}
+	if !m.TLS || m.AuthUser != "user" {
+		t.Errorf("TLS=%v auth=%q, want TLS and user", m.TLS, m.AuthUser)
+	}
+	if !bytes.Equal(m.Data, []byte(testBody)) {
+		t.Errorf("data = %q, want %q", m.Data, testBody)
+	}
+}
+
+func TestSMTPImplicitTLS(t *testing.T) {
+	srv := authServer(t, smtptest.Implicit)
+	cfg := testSettings(srv)
+	cfg.tlsMode = tlsImplicit
+	s := newTestSender(t, cfg)
+	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	if m := srv.Messages(); len(m) != 1 || !m[0].TLS {
+		t.Fatalf("want one message over TLS, got %+v", m)
+	}
+}
+
+func TestSMTPNoTLSToLoopbackRelay(t *testing.T) {
+	srv := authServer(t, smtptest.None)
+	cfg := testSettings(srv)
+	cfg.tlsMode = tlsNone
+	s := newTestSender(t, cfg)
+	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	if m := srv.Messages(); len(m) != 1 || m[0].TLS || m[0].AuthUser != "user" {
+		t.Fatalf("want one plaintext authenticated message, got %+v", m)
+	}
+}
+
+func TestSMTPStartTLSIsMandatory(t *testing.T) {
+	srv := authServer(t, smtptest.None) // offers no STARTTLS
+	s := newTestSender(t, testSettings(srv))
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, codeStartTLSUnsupported, phaseStartTLS)
+	if len(srv.Attempts()) != 0 || srv.Auths() != 0 {
+		t.Fatal("nothing may be sent, and no credentials, without TLS")
+	}
+	if s.openConnections() != 0 {
+		t.Fatalf("open connections = %d after a failed dial", s.openConnections())
+	}
+}
+
+func TestSMTPUntrustedCertificate(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	cfg := testSettings(srv)
+	cfg.tlsConfig = &tls.Config{ServerName: "127.0.0.1", RootCAs: x509.NewCertPool(), MinVersion: tls.VersionTLS12}
+	s := newTestSender(t, cfg)
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	de := expectCode(t, err, codeSMTPConnection, phaseStartTLS)
+	if !strings.Contains(de.Error(), "TLS") || !strings.Contains(de.Error(), "certificate") {
+		t.Errorf("message should explain the certificate problem: %s", de.Error())
+	}
+	if srv.Auths() != 0 {
+		t.Fatal("credentials went to an unverified server")
+	}
+}
+
+func TestSMTPAuthFailed(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	cfg := testSettings(srv)
+	cfg.password = "wrong-password"
+	s := newTestSender(t, cfg)
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+	if de.Reply == nil || de.Reply.Code != 535 || de.Reply.Enhanced != "5.7.8" {
+		t.Errorf("reply = %+v", de.Reply)
+	}
+	if strings.Contains(de.Error(), "wrong-password") {
+		t.Fatal("the password leaked into the error message")
+	}
+}
+
+func TestSMTPConnectionRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	_ = ln.Close()
+	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: port, tlsMode: tlsStartTLS,
+		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: time.Second, connections: 1})
+	_, err = s.send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, codeSMTPConnection, phaseConnect)
+}
+
+func TestSMTPTimeoutWaitingForGreeting(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // never greet
+		}
+	}()
+	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: ln.Addr().(*net.TCPAddr).Port, tlsMode: tlsStartTLS,
+		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: 200 * time.Millisecond, connections: 1})
+	_, err = s.send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, codeSMTPTimeout, phaseGreeting)
+}
+
+func TestSMTPReplyClassification(t *testing.T) {
+	reply := func(code int, esc [3]int, msg string) error {
+		return &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode(esc), Message: msg}
+	}
+	cases := []struct {
+		name  string
+		hooks smtptest.Hooks
+		code  string
+		phase string
+	}{
+		{"mail 451", smtptest.Hooks{Mail: func(string) error { return reply(451, [3]int{4, 3, 0}, "try later") }}, codeSMTPTransient, phaseMail},
+		{"mail 550", smtptest.Hooks{Mail: func(string) error { return reply(550, [3]int{5, 7, 1}, "sender denied") }}, codeSMTPRejected, phaseMail},
+		{"rcpt 450", smtptest.Hooks{Rcpt: func(string) error { return reply(450, [3]int{4, 2, 1}, "mailbox busy") }}, codeSMTPTransient, phaseRcpt},
+		{"data 451", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(451, [3]int{4, 3, 0}, "queue full") }}, codeSMTPTransient, phaseEnd},
+		{"data 554", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(554, [3]int{5, 7, 1}, "spam") }}, codeSMTPRejected, phaseEnd},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := authServer(t, smtptest.StartTLS)
+			srv.SetHooks(tc.hooks)
+			s := newTestSender(t, testSettings(srv))
+			_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+			de := expectCode(t, err, tc.code, tc.phase)
+			if de.Reply == nil || !strings.Contains(de.Error(), de.Reply.Text) {
+				t.Errorf("error should quote the server reply: %v", de)
+			}
+			if len(srv.Messages()) != 0 {
+				t.Fatal("a refused message was recorded as accepted")
+			}
+			// the connection survives a plain refusal and is reused
+			srv.SetHooks(smtptest.Hooks{})
+			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+				t.Fatal(err)
+			}
+			if srv.Connections() != 1 {
+				t.Errorf("connections = %d, want the same connection reused", srv.Connections())
+			}
+		})
+	}
+}
+
+func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Rcpt: func(to string) error {
+		if to == "bad@example.org" {
+			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
+		}
+		return nil
+	}})
+	s := newTestSender(t, testSettings(srv))
+	_, err := s.send(context.Background(), testEnvelope("good@example.org", "bad@example.org", "also@example.org"))
+	de := expectCode(t, err, codeRecipientRefused, phaseRcpt)
+	if de.Refused != 1 || de.Recipients != 3 {
+		t.Errorf("refused %d of %d, want 1 of 3", de.Refused, de.Recipients)
+	}
+	if !strings.Contains(de.Error(), "1 of 3") || !strings.Contains(de.Error(), "5.1.1") {
+		t.Errorf("message = %s", de.Error())
+	}
+	if len(srv.Attempts()) != 0 {
+		t.Fatal("DATA must not run when any recipient was refused")
+	}
+	if !de.permanent() {
+		t.Error("a 550 recipient refusal is permanent")
+	}
+}
+
+func TestSMTPDropAfterFinalDotIsUncertain(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtptest.ErrDrop }})
+	s := newTestSender(t, testSettings(srv))
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	de := expectCode(t, err, codeUncertain, phaseEnd)
+	if !de.uncertain() {
+		t.Fatal("uncertain() = false")
+	}
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("the server saw %d copies; an uncertain message must never be resent", n)
+	}
+}
+
+func TestSMTPSlowReplyAfterDotIsUncertain(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(600 * time.Millisecond); return nil }})
+	cfg := testSettings(srv)
+	cfg.timeout = 200 * time.Millisecond
+	s := newTestSender(t, cfg)
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, codeUncertain, phaseEnd)
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("the server saw %d copies, want 1", n)
+	}
+}
+
+func TestSMTPDropBeforeDataOnFreshConnectionIsNotRetried(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtptest.ErrDrop }})
+	s := newTestSender(t, testSettings(srv))
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, codeSMTPConnection, phaseMail)
+	if srv.Connections() != 1 {
+		t.Fatalf("connections = %d: a fresh connection's failure is reported, not retried", srv.Connections())
+	}
+}
+
+func TestSMTPReusesConnectionsAndRedialsDeadOnes(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	s := newTestSender(t, testSettings(srv))
+	for i := range 5 {
+		if _, err := s.send(context.Background(), testEnvelope(fmt.Sprintf("u%d@example.org", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if srv.Connections() != 1 || srv.Auths() != 1 {
+		t.Fatalf("5 sequential sends used %d connections and %d AUTHs, want 1 and 1", srv.Connections(), srv.Auths())
+	}
+	// the server drops the idle session; the next send redials transparently
+	srv.DropConnections()
+	time.Sleep(50 * time.Millisecond)
+	if _, err := s.send(context.Background(), testEnvelope("after@example.org")); err != nil {
+		t.Fatalf("send after the server dropped the idle connection: %v", err)
+	}
+	if srv.Connections() != 2 || len(srv.Messages()) != 6 {
+		t.Fatalf("connections=%d messages=%d, want 2 and 6", srv.Connections(), len(srv.Messages()))
+	}
+	// a server that answers 421 to MAIL on a reused connection: one redial
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		srv.SetHooks(smtptest.Hooks{})
+		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "idle timeout"}
+	}})
+	if _, err := s.send(context.Background(), testEnvelope("421@example.org")); err != nil {
+		t.Fatalf("send after 421: %v", err)
+	}
+	if srv.Connections() != 3 || len(srv.Messages()) != 7 {
+		t.Fatalf("connections=%d messages=%d, want 3 and 7", srv.Connections(), len(srv.Messages()))
+	}
+}
+
+func TestSMTPParallelSendsStayWithinConnectionLimit(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(5 * time.Millisecond); return nil }})
+	cfg := testSettings(srv)
+	cfg.connections = 3
+	s := newTestSender(t, cfg)
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := range 40 {
+		wg.Go(func() {
+			if _, err := s.send(context.Background(), testEnvelope(fmt.Sprintf("p%d@example.org", i))); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := len(srv.Messages()); n != 40 {
+		t.Fatalf("delivered %d of 40", n)
+	}
+	if c := srv.Connections(); c > 3 {
+		t.Fatalf("used %d connections, limit is 3", c)
+	}
+}
+
+func TestSMTPIdleConnectionsClose(t *testing.T) {
+	old := smtpIdleTimeout
+	smtpIdleTimeout = 150 * time.Millisecond
+	t.Cleanup(func() { smtpIdleTimeout = old })
+	srv := authServer(t, smtptest.StartTLS)
+	s := newTestSender(t, testSettings(srv))
+	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	if s.openConnections() != 1 {
+		t.Fatalf("open = %d after a send, want 1 kept open", s.openConnections())
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for (s.openConnections() != 0 || srv.OpenConnections() != 0) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s.openConnections() != 0 || srv.OpenConnections() != 0 {
+		t.Fatalf("idle connection still open: sender %d, server %d", s.openConnections(), srv.OpenConnections())
+	}
+}
+
+func TestSMTPDestructClosesIdleAndLetsLateSendsFinish(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	s := newSMTPSender(testSettings(srv))
+	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Destruct()
+	if s.openConnections() != 0 {
+		t.Fatalf("open = %d after Destruct", s.openConnections())
+	}
+	// an old handler still serving a request after the reload
+	if _, err := s.send(context.Background(), testEnvelope("late@example.org")); err != nil {
+		t.Fatalf("late send after Destruct: %v", err)
+	}
+	if s.openConnections() != 0 {
+		t.Fatalf("the late send's connection stayed open")
+	}
+	if len(srv.Messages()) != 2 {
+		t.Fatalf("messages = %d, want 2", len(srv.Messages()))
+	}
+}
+
+func TestSMTPWaitForSlotHonoursContext(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	release := make(chan struct{})
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { <-release; return nil }})
+	cfg := testSettings(srv)
+	cfg.connections = 1
+	s := newTestSender(t, cfg)
+	done := make(chan error, 1)
+	go func() { _, err := s.send(context.Background(), testEnvelope("a@example.org")); done <- err }()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err := s.send(ctx, testEnvelope("b@example.org"))
+	expectCode(t, err, codeSMTPTimeout, phaseConnect)
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPoolKeyCoversIdentity(t *testing.T) {
+	base := smtpSettings{host: "h", port: 587, tlsMode: tlsStartTLS, username: "u", password: "p", helo: "x", timeout: time.Second, connections: 4}
+	k := base.poolKey()
+	if strings.Contains(k, "p") && strings.Contains(k, base.password+"|") {
+		t.Fatal("password in pool key")
+	}
+	for name, mod := range map[string]func(*smtpSettings){
+		"host": func(s *smtpSettings) { s.host = "h2" }, "port": func(s *smtpSettings) { s.port = 465 },
+		"tls": func(s *smtpSettings) { s.tlsMode = tlsImplicit }, "user": func(s *smtpSettings) { s.username = "v" },
+		"password": func(s *smtpSettings) { s.password = "q" }, "ca": func(s *smtpSettings) { s.caPEM = []byte("x") },
+		"helo": func(s *smtpSettings) { s.helo = "y" }, "timeout": func(s *smtpSettings) { s.timeout = 2 * time.Second },
+		"connections": func(s *smtpSettings) { s.connections = 5 },
+	} {
+		c := base
+		mod(&c)
+		if c.poolKey() == k {
+			t.Errorf("changing %s keeps the same pool key", name)
+		}
+	}
+	if base.poolKey() != k {
+		t.Error("pool key is not deterministic")
+	}
+}
