@@ -13,9 +13,10 @@ import (
 	gomail "github.com/wneessen/go-mail"
 )
 
-// idEncoding is lowercase base32 without padding: ids are safe in paths,
+// idEncoding is lowercase Crockford base32 without padding, whose
+// alphabet is in ASCII order, so ids sort by time. Ids are safe in paths,
 // file names, storage keys and Message-ID local parts.
-var idEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+var idEncoding = base32.NewEncoding("0123456789abcdefghjkmnpqrstvwxyz").WithPadding(base32.NoPadding)
 
 // newID returns an opaque, time-ordered message id: 48 bits of
 // milliseconds followed by 80 random bits, 26 characters.

@@ -139,6 +139,9 @@ func jsonError(err error) *apiError {
 	}
 	if f, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 		name := strings.Trim(f, `"`)
+		if name == "" {
+			name = `""`
+		}
 		return &apiError{Status: http.StatusUnprocessableEntity, Code: "invalid_request", Field: name,
 			Message: fmt.Sprintf("unknown field %q", name)}
 	}
@@ -224,6 +227,11 @@ func parseAddress(s string) (mailAddr, string) {
 			return mailAddr{}, "must hold exactly one address; use a JSON list for several recipients"
 		}
 		return mailAddr{}, "is not a valid email address"
+	}
+	// encoded words (=?utf-8?b?…?=) in the name are decoded by ParseAddress
+	// and may hide line breaks or control characters
+	if headerProblem(a.Name) != "" {
+		return mailAddr{}, "has a display name with line breaks or control characters"
 	}
 	local, dom, ok := cutLast(a.Address, "@")
 	if !ok || local == "" || dom == "" {
@@ -349,8 +357,8 @@ func checkToken(token string) *apiError {
 		return invalid("token", "is longer than %d bytes", maxTokenBytes)
 	}
 	for _, r := range token {
-		if !unicode.IsPrint(r) || unicode.IsSpace(r) {
-			return invalid("token", "must consist of printable characters without spaces")
+		if !unicode.IsPrint(r) {
+			return invalid("token", "must consist of printable characters")
 		}
 	}
 	return nil

@@ -30,7 +30,7 @@ var templateFlows = []string{
 
 // templateFiles lists every file name a templates directory may hold.
 func templateFiles() []string {
-	names := []string{"layout.html", "layout.txt"}
+	names := []string{"layout.html", "partials.html", "layout.txt"}
 	for _, f := range templateFlows {
 		names = append(names, f+".subject", f+".txt", f+".html")
 	}
@@ -131,6 +131,10 @@ func loadTemplates(dir string) (*templateSet, error) {
 	if err != nil {
 		return nil, err
 	}
+	partialsHTML, err := read("partials.html")
+	if err != nil {
+		return nil, err
+	}
 	layoutText, err := read("layout.txt")
 	if err != nil {
 		return nil, err
@@ -161,6 +165,9 @@ func loadTemplates(dir string) (*templateSet, error) {
 			return nil, err
 		}
 		if ft.html, err = htemplate.New("layout.html").Option("missingkey=error").Parse(layoutHTML); err != nil {
+			return nil, fmt.Errorf("parsing template: %w", err)
+		}
+		if _, err = ft.html.New("partials.html").Parse(partialsHTML); err != nil {
 			return nil, fmt.Errorf("parsing template: %w", err)
 		}
 		if _, err = ft.html.New(flow + ".html").Parse(src); err != nil {

@@ -1,0 +1,154 @@
+package authmail
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+const minimalBlock = `
+	from no-reply@example.com
+	key app 0123456789abcdef0123
+	capture /tmp/mail`
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	cases := []struct {
+		name  string
+		input string
+		want  Handler
+	}{
+		{
+			name:  "minimal capture",
+			input: "authmail {" + minimalBlock + "\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail",
+				Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}}},
+		},
+		{
+			name: "everything",
+			input: `authmail {
+				path_prefix /api/mail
+				smtp smtp.example.com:465 {
+					username {env.SMTP_USER}
+					password {env.SMTP_PASSWORD}
+					tls implicit
+					ca /etc/ssl/extra.pem
+					helo mail.example.com
+					timeout 30s
+					connections 8
+				}
+				from no-reply@example.com "Example App"
+				reply_to support@example.com
+				app_name Example
+				base_url https://app.example.com
+				link password-reset https://app.example.com/reset?t={token}
+				link magic-link https://app.example.com/m/{token}
+				key web {env.WEB_KEY}
+				key batch {file./run/secrets/batch}
+				templates /etc/authmail/templates
+				security_alerts {
+					new_login on
+					account_locked off
+				}
+				max_body_size 512KiB
+			}`,
+			want: Handler{
+				PathPrefix: "/api/mail",
+				SMTP: &SMTP{Host: "smtp.example.com", Port: 465, Username: "{env.SMTP_USER}", Password: "{env.SMTP_PASSWORD}",
+					TLS: "implicit", CA: "/etc/ssl/extra.pem", HELO: "mail.example.com",
+					Timeout: caddy.Duration(30 * time.Second), Connections: 8},
+				From: "no-reply@example.com", FromName: "Example App", ReplyTo: "support@example.com",
+				AppName: "Example", BaseURL: "https://app.example.com",
+				Links:     map[string]string{"password-reset": "https://app.example.com/reset?t={token}", "magic-link": "https://app.example.com/m/{token}"},
+				Keys:      []Key{{ID: "web", Secret: "{env.WEB_KEY}"}, {ID: "batch", Secret: "{file./run/secrets/batch}"}},
+				Templates: "/etc/authmail/templates", SecurityAlerts: map[string]bool{"new_login": true, "account_locked": false},
+				MaxBodySize: 512 * 1024,
+			},
+		},
+		{
+			name:  "smtp without port or block",
+			input: "authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp localhost\n}",
+			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: "0123456789abcdef0123"}}, SMTP: &SMTP{Host: "localhost"}},
+		},
+		{
+			name:  "ipv6 smtp host",
+			input: "authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp [::1]:2525 {\n tls none\n }\n}",
+			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: "0123456789abcdef0123"}}, SMTP: &SMTP{Host: "::1", Port: 2525, TLS: "none"}},
+		},
+		{
+			name:  "root prefix and multi-word names",
+			input: "authmail {" + minimalBlock + "\n path_prefix /\n app_name Acme Cloud Console\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", PathPrefix: "/", AppName: "Acme Cloud Console",
+				Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}}},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(h, tc.want) {
+				t.Fatalf("got  %+v\nwant %+v", h, tc.want)
+			}
+		})
+	}
+}
+
+func TestUnmarshalCaddyfileErrors(t *testing.T) {
+	cases := map[string]struct{ input, want string }{
+		"argument on directive":    {"authmail foo {" + minimalBlock + "\n}", "wrong argument count"},
+		"unknown subdirective":     {"authmail {" + minimalBlock + "\n frobnicate yes\n}", "unrecognized subdirective 'frobnicate'"},
+		"duplicate path_prefix":    {"authmail {" + minimalBlock + "\n path_prefix /a\n path_prefix /b\n}", "path_prefix already specified"},
+		"relative path_prefix":     {"authmail {" + minimalBlock + "\n path_prefix mail\n}", "must start with '/'"},
+		"duplicate from":           {"authmail {" + minimalBlock + "\n from other@example.com\n}", "from already specified"},
+		"from missing":             {"authmail {\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "from is required"},
+		"from not an address":      {"authmail {\n from nope\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "is not a valid email address"},
+		"from with angle name":     {"authmail {\n from \"A <a@example.com>\"\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "bare address"},
+		"no key":                   {"authmail {\n from a@example.com\n capture /tmp/x\n}", "at least one key is required"},
+		"duplicate key":            {"authmail {" + minimalBlock + "\n key app 0123456789abcdef9999\n}", "key 'app' already specified"},
+		"short key":                {"authmail {\n from a@example.com\n capture /tmp/x\n key app short\n}", "shorter than 16"},
+		"bad key id":               {"authmail {\n from a@example.com\n capture /tmp/x\n key \"my key\" 0123456789abcdef0123\n}", "invalid key id"},
+		"key missing secret":       {"authmail {\n from a@example.com\n capture /tmp/x\n key app\n}", "wrong argument count"},
+		"neither smtp nor capture": {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n}", "configure smtp or capture"},
+		"both smtp and capture":    {"authmail {" + minimalBlock + "\n smtp localhost\n}", "mutually exclusive"},
+		"duplicate smtp":           {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp a\n smtp b\n}", "smtp already specified"},
+		"bad smtp port":            {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h:99999\n}", "invalid smtp port"},
+		"bad tls":                  {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n tls maybe\n }\n}", "must be starttls, implicit or none"},
+		"plaintext credentials":    {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp mail.example.com {\n tls none\n username u\n password p\n }\n}", "refusing to send credentials without TLS"},
+		"password without user":    {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n password p\n }\n}", "password is set but username is not"},
+		"bad timeout":              {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n timeout soon\n }\n}", "invalid smtp timeout"},
+		"bad connections":          {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n connections 0\n }\n}", "connections must be a number from 1 to 100"},
+		"unknown smtp option":      {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n port 25\n }\n}", "unrecognized smtp subdirective 'port'"},
+		"duplicate smtp option":    {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n helo a\n helo b\n }\n}", "smtp helo already specified"},
+		"bad base_url":             {"authmail {" + minimalBlock + "\n base_url ftp://x.example.com\n}", "must be an http or https URL"},
+		"base_url with query":      {"authmail {" + minimalBlock + "\n base_url https://x.example.com/?a=1\n}", "must not have a query"},
+		"link unknown flow":        {"authmail {" + minimalBlock + "\n link otp https://x.example.com/{token}\n}", "unknown flow 'otp'"},
+		"link without token":       {"authmail {" + minimalBlock + "\n link magic-link https://x.example.com/\n}", "must contain {token}"},
+		"link not a url":           {"authmail {" + minimalBlock + "\n link magic-link /relative/{token}\n}", "absolute http or https URL"},
+		"duplicate link":           {"authmail {" + minimalBlock + "\n link magic-link https://x.example.com/{token}\n link magic-link https://y.example.com/{token}\n}", "link for magic-link already specified"},
+		"unknown alert event":      {"authmail {" + minimalBlock + "\n security_alerts {\n coffee_spilled on\n }\n}", "unknown security alert event 'coffee_spilled'"},
+		"bad alert value":          {"authmail {" + minimalBlock + "\n security_alerts {\n new_login yes\n }\n}", "must be on or off"},
+		"bad max_body_size":        {"authmail {" + minimalBlock + "\n max_body_size lots\n}", "invalid max_body_size"},
+		"bad reply_to":             {"authmail {" + minimalBlock + "\n reply_to a@b@c\n}", "reply_to"},
+		"app_name missing":         {"authmail {" + minimalBlock + "\n app_name\n}", "wrong argument count"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("expected an error containing %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), "Testfile:") {
+				t.Fatalf("error %q has no file:line", err)
+			}
+		})
+	}
+}

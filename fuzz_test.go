@@ -1,0 +1,184 @@
+package authmail
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/mail"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// provisionedHandler returns a handler provisioned the way Caddy does it,
+// delivering into a capture directory.
+func provisionedHandler(t testing.TB) *Handler {
+	t.Helper()
+	t.Setenv("AUTHMAIL_UNIT_KEY", "0123456789abcdef0123")
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	h := &Handler{
+		Capture: t.TempDir(), From: "no-reply@example.com", FromName: "Example",
+		BaseURL: "https://app.example.com", Keys: []Key{{ID: "app", Secret: "{env.AUTHMAIL_UNIT_KEY}"}},
+		Links:          map[string]string{"password-reset": "https://app.example.com/reset?t={token}"},
+		SecurityAlerts: map[string]bool{"new_login": true},
+	}
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// FuzzRequests feeds arbitrary bodies to every endpoint's validation and
+// rendering. A request is either refused with a 4xx and a field, or it
+// yields messages whose headers parse and hold no injected lines.
+func FuzzRequests(f *testing.F) {
+	for _, s := range []string{
+		`{"to":"a@example.com","code":"123456","user_name":"Jane"}`,
+		`{"to":["a@example.com","B <b@example.com>"],"cc":"c@example.com","subject":"Hi","html_body":"<p>x</p>"}`,
+		`{"to":"a@example.com","token":"t0k","old_email":"old@example.com"}`,
+		`{"to":"a@example.com","link":"https://app.example.com/x?y=1"}`,
+		`{"to":"a@example.com","event":"new_login","ip":"::1","occurred_at":"2026-01-02T03:04:05Z"}`,
+		`{"to":"a@example.com\r\nBcc: x@evil.example","subject":"s\nX: y","text_body":"b"}`,
+		`{"to":"=?utf-8?q?a=0D=0AB?= <a@example.com>","user_name":"a\u2028b","code":"1"}`,
+		`[]`, `null`, `{"to":1}`, ``,
+	} {
+		f.Add(s)
+	}
+	h := provisionedHandler(f)
+	eps := []*endpoint{endpoints["/send"], endpoints["/send/otp"], endpoints["/send/magic-link"],
+		endpoints["/send/password-reset"], endpoints["/send/email-change"], endpoints["/send/security-alert"]}
+	f.Fuzz(func(t *testing.T, body string) {
+		for _, ep := range eps {
+			msgs, skip, aerr := h.prepare(ep, []byte(body))
+			if aerr != nil {
+				if aerr.Status != http.StatusBadRequest && aerr.Status != http.StatusUnprocessableEntity {
+					t.Fatalf("%s: status %d for %q", ep.path, aerr.Status, body)
+				}
+				if aerr.Status == http.StatusUnprocessableEntity && aerr.Field == "" {
+					t.Fatalf("%s: 422 without a field for %q", ep.path, body)
+				}
+				continue
+			}
+			if skip != "" {
+				continue
+			}
+			for _, m := range msgs {
+				if strings.ContainsAny(m.subject, "\r\n") {
+					t.Fatalf("%s: subject with a line break", ep.path)
+				}
+				env, err := h.buildEnvelope(m, time.Now())
+				if err != nil {
+					t.Fatalf("%s: %v", ep.path, err)
+				}
+				msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
+				if err != nil {
+					t.Fatalf("%s: rendered message does not parse: %v", ep.path, err)
+				}
+				for name := range msg.Header {
+					switch name {
+					case "Date", "Mime-Version", "Message-Id", "Subject", "From", "To", "Cc", "Reply-To", "Content-Type", "Content-Transfer-Encoding":
+					default:
+						t.Fatalf("%s: unexpected header %q (injection?)", ep.path, name)
+					}
+				}
+				if len(env.To) == 0 {
+					t.Fatalf("%s: no recipients", ep.path)
+				}
+			}
+		}
+	})
+}
+
+// FuzzParseAddress checks that accepted addresses are header-safe and
+// stable: an accepted address parses again to itself.
+func FuzzParseAddress(f *testing.F) {
+	for _, s := range []string{"a@example.com", "Jane <j@example.com>", `"a,b" <x@y.z>`, "a@bücher.example", "a@[::1]", "a@x.com, b@y.com", "=?utf-8?b?SsO2cmc=?= <j@x.de>"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		a, problem := parseAddress(s)
+		if problem != "" {
+			return
+		}
+		if strings.ContainsAny(a.Addr+a.Name, "\r\n") {
+			t.Fatalf("%q accepted with a line break: %+v", s, a)
+		}
+		if strings.Count(a.Addr, "@") < 1 {
+			t.Fatalf("%q accepted without @: %+v", s, a)
+		}
+		again, p2 := parseAddress(a.Addr)
+		if p2 != "" || again.Addr != a.Addr {
+			t.Fatalf("%q -> %q does not re-parse (%q, %q)", s, a.Addr, again.Addr, p2)
+		}
+		if _, err := mail.ParseAddress(a.mail().String()); err != nil {
+			t.Fatalf("%q renders as %q, which does not parse: %v", s, a.mail().String(), err)
+		}
+	})
+}
+
+// FuzzHTMLToText checks that any HTML converts without panicking into
+// valid UTF-8 without carriage returns.
+func FuzzHTMLToText(f *testing.F) {
+	for _, s := range []string{"<p>a</p>", "<a href='https://x'>y</a>", "<pre>\r\n x</pre>", "<script>x</script>", "<<<>>>", "<a><a><a>", "<table><td>"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		out := htmlToText(s)
+		if utf8.ValidString(s) && !utf8.ValidString(out) {
+			t.Fatalf("invalid UTF-8 out of valid input %q", s)
+		}
+		if strings.Contains(out, "\r") {
+			t.Fatalf("carriage return in output for %q", s)
+		}
+	})
+}
+
+// FuzzAuthorization checks that no Authorization header crashes the
+// handler or authenticates without the secret.
+func FuzzAuthorization(f *testing.F) {
+	for _, s := range []string{"Bearer 0123456789abcdef0123", "bearer  0123456789abcdef0123 ", "Basic x", "Bearer", "Bearer \xff\xfe", ""} {
+		f.Add(s)
+	}
+	h := provisionedHandler(f)
+	f.Fuzz(func(t *testing.T, v string) {
+		r, _ := http.NewRequest(http.MethodPost, "/authmail/send", nil)
+		r.Header["Authorization"] = []string{v}
+		id, ok := h.authenticate(r)
+		if ok && !strings.Contains(v, "0123456789abcdef0123") {
+			t.Fatalf("%q authenticated as %s", v, id)
+		}
+	})
+}
+
+// FuzzCaddyfile checks that any directive body parses or fails with an
+// error, never a panic, and that an accepted config passes checkConfig.
+func FuzzCaddyfile(f *testing.F) {
+	for _, s := range []string{
+		"authmail {\n from a@example.com\n key k 0123456789abcdef0123\n capture /tmp/x\n}",
+		"authmail {\n smtp h:25 {\n tls none\n }\n}",
+		"authmail {\n security_alerts {\n new_login on\n }\n}",
+		"authmail /x {\n link magic-link https://a/{token}\n}",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		tokens, err := caddyfile.Tokenize([]byte(s), "Caddyfile")
+		if err != nil || len(tokens) == 0 {
+			return
+		}
+		var h Handler
+		if err := h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens)); err == nil {
+			if err := h.checkConfig(); err != nil {
+				t.Fatalf("accepted config fails checkConfig: %v", err)
+			}
+		}
+	})
+}

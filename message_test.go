@@ -1,0 +1,162 @@
+package authmail
+
+import (
+	"bytes"
+	"io"
+	"mime"
+	"mime/multipart"
+	"mime/quotedprintable"
+	"net/mail"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// parsedPart is one decoded MIME part.
+type parsedPart struct {
+	contentType string
+	body        string
+}
+
+// parseMessage parses raw RFC 5322 bytes and decodes its parts.
+func parseMessage(t *testing.T, raw []byte) (*mail.Message, []parsedPart) {
+	t.Helper()
+	if bytes.Contains(bytes.ReplaceAll(raw, []byte("\r\n"), nil), []byte("\n")) {
+		t.Fatal("message has bare LF line endings")
+	}
+	msg, err := mail.ReadMessage(bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mt, params, err := mime.ParseMediaType(msg.Header.Get("Content-Type"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	decode := func(enc string, r io.Reader) string {
+		if strings.EqualFold(enc, "quoted-printable") {
+			r = quotedprintable.NewReader(r)
+		}
+		b, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	if !strings.HasPrefix(mt, "multipart/") {
+		return msg, []parsedPart{{mt, decode(msg.Header.Get("Content-Transfer-Encoding"), msg.Body)}}
+	}
+	var parts []parsedPart
+	mr := multipart.NewReader(msg.Body, params["boundary"])
+	for {
+		p, err := mr.NextRawPart()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		parts = append(parts, parsedPart{p.Header.Get("Content-Type"), decode(p.Header.Get("Content-Transfer-Encoding"), p)})
+	}
+	return msg, append([]parsedPart{{mt, ""}}, parts...)
+}
+
+func TestBuildEnvelope(t *testing.T) {
+	h := &Handler{from: mailAddr{Name: "Acme, Inc.", Addr: "no-reply@acme.example"}}
+	now := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
+	m := &outMessage{
+		flow:    "send",
+		to:      []mailAddr{{Name: "Jane Doe", Addr: "jane@example.org"}, {Addr: "bob@example.net"}},
+		cc:      []mailAddr{{Addr: "carol@example.com"}, {Addr: "JANE@example.org"}},
+		bcc:     []mailAddr{{Addr: "hidden@example.com"}},
+		replyTo: []mailAddr{{Name: "Support", Addr: "help@acme.example"}},
+		subject: "Grüße — your order",
+		text:    "Hello Jane,\nline two with a very long sentence that will need quoted-printable soft line breaks to stay under the limit.\n",
+		html:    "<p>Hello <b>Jane</b></p>",
+	}
+	env, err := h.buildEnvelope(m, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`^[0-9a-hjkmnp-tv-z]{26}$`).MatchString(env.ID) {
+		t.Errorf("id %q", env.ID)
+	}
+	if !regexp.MustCompile(`^<[0-9a-hjkmnp-tv-z]{32}@acme\.example>$`).MatchString(env.MessageID) {
+		t.Errorf("message id %q", env.MessageID)
+	}
+	if env.From != "no-reply@acme.example" {
+		t.Errorf("envelope from %q", env.From)
+	}
+	if got := strings.Join(env.To, ","); got != "jane@example.org,bob@example.net,carol@example.com,hidden@example.com" {
+		t.Errorf("envelope recipients %q (deduplicated, bcc included)", got)
+	}
+	msg, parts := parseMessage(t, env.Data)
+	hdr := msg.Header
+	for name, want := range map[string]string{
+		"From":         `"Acme, Inc." <no-reply@acme.example>`,
+		"To":           `"Jane Doe" <jane@example.org>, <bob@example.net>`,
+		"Cc":           `<carol@example.com>, <JANE@example.org>`,
+		"Reply-To":     `"Support" <help@acme.example>`,
+		"Date":         "Wed, 04 Mar 2026 05:06:07 +0000",
+		"Message-Id":   env.MessageID,
+		"Mime-Version": "1.0",
+	} {
+		if got := hdr.Get(name); got != want {
+			t.Errorf("%s: %q, want %q", name, got, want)
+		}
+	}
+	subj, err := new(mime.WordDecoder).DecodeHeader(hdr.Get("Subject"))
+	if err != nil || subj != "Grüße — your order" {
+		t.Errorf("subject %q %v", subj, err)
+	}
+	for _, forbidden := range []string{"Bcc", "X-Mailer", "User-Agent"} {
+		if _, ok := hdr[forbidden]; ok {
+			t.Errorf("header %s must not be present", forbidden)
+		}
+	}
+	if bytes.Contains(env.Data, []byte("hidden@example.com")) {
+		t.Error("the bcc address appears in the message")
+	}
+	if len(parts) != 3 || parts[0].contentType != "multipart/alternative" {
+		t.Fatalf("parts %+v", parts)
+	}
+	if parts[1].contentType != "text/plain; charset=UTF-8" || parts[1].body != strings.ReplaceAll(m.text, "\n", "\r\n") {
+		t.Errorf("text part %q %q", parts[1].contentType, parts[1].body)
+	}
+	if parts[2].contentType != "text/html; charset=UTF-8" || parts[2].body != m.html {
+		t.Errorf("html part %q %q", parts[2].contentType, parts[2].body)
+	}
+	for _, line := range strings.Split(string(env.Data), "\r\n") {
+		if len(line) > 998 {
+			t.Fatal("line longer than 998 octets")
+		}
+	}
+}
+
+func TestBuildEnvelopeTextOnlyAndDefaultReplyTo(t *testing.T) {
+	h := &Handler{from: mailAddr{Addr: "a@example.com"}, replyTo: []mailAddr{{Addr: "r@example.com"}}}
+	env, err := h.buildEnvelope(&outMessage{to: []mailAddr{{Addr: "b@example.com"}}, subject: "s", text: "just text\n"}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, parts := parseMessage(t, env.Data)
+	if len(parts) != 1 || parts[0].contentType != "text/plain" || parts[0].body != "just text\r\n" {
+		t.Errorf("parts %+v", parts)
+	}
+	if msg.Header.Get("Reply-To") != "<r@example.com>" || msg.Header.Get("From") != "<a@example.com>" {
+		t.Errorf("headers %v", msg.Header)
+	}
+}
+
+func TestIDsAreUniqueAndOrdered(t *testing.T) {
+	seen := map[string]bool{}
+	prev := ""
+	for i := range 2000 {
+		id := newID(time.UnixMilli(int64(1_700_000_000_000 + i)))
+		if seen[id] || id <= prev {
+			t.Fatalf("id %q repeats or is out of order after %q", id, prev)
+		}
+		seen[id] = true
+		prev = id
+	}
+}
