@@ -215,6 +215,13 @@ func (s *Server) Reset() {
 	s.mu.Unlock()
 }
 
+// ClearMessages forgets the recorded messages but keeps the counters.
+func (s *Server) ClearMessages() {
+	s.mu.Lock()
+	s.msgs = nil
+	s.mu.Unlock()
+}
+
 // Connections returns how many connections were accepted since Reset.
 func (s *Server) Connections() int {
 	s.mu.Lock()

@@ -1,0 +1,243 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+	"github.com/emersion/go-smtp"
+)
+
+// expectFailure asserts a 502 answer with the error code, the id of the
+// created message and a message naming the problem.
+func expectFailure(t *testing.T, r response, code, inMessage string) {
+	t.Helper()
+	if r.status != http.StatusBadGateway || r.str("error_code") != code {
+		t.Fatalf("got %d %s: %s\nwant 502 %s", r.status, r.str("error_code"), r.raw, code)
+	}
+	if !idPattern.MatchString(r.str("id")) || !strings.HasPrefix(r.str("message_id"), "<") {
+		t.Errorf("a failed send must report the message's id and message_id: %s", r.raw)
+	}
+	if !strings.Contains(r.str("message"), inMessage) {
+		t.Errorf("message %q lacks %q", r.str("message"), inMessage)
+	}
+	if r.json["sent"] != nil {
+		t.Errorf("error answers carry no sent field: %s", r.raw)
+	}
+}
+
+func smtpErr(code int, esc [3]int, msg string) error {
+	return &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode(esc), Message: msg}
+}
+
+func TestSMTPOutcomesThroughCaddy(t *testing.T) {
+	load(t, config{})
+	body := `{"to":["good@example.org","bad@example.org"],"subject":"s","text_body":"b"}`
+
+	t.Run("recipient refused", func(t *testing.T) {
+		smtpSrv.SetHooks(smtptest.Hooks{Rcpt: func(to string) error {
+			if to == "bad@example.org" {
+				return smtpErr(550, [3]int{5, 1, 1}, "mailbox unavailable")
+			}
+			return nil
+		}})
+		r := post(t, "/authmail/send", body)
+		expectFailure(t, r, "recipient_refused", "refused 1 of 2 recipients")
+		if !strings.Contains(r.str("message"), "550 5.1.1 mailbox unavailable") || !strings.Contains(r.str("message"), "nothing was sent") {
+			t.Errorf("message %q", r.str("message"))
+		}
+		if len(smtpSrv.Attempts()) != 0 {
+			t.Fatal("a partially refused message was sent to the accepted recipients")
+		}
+	})
+	t.Run("transient at end of data", func(t *testing.T) {
+		smtpSrv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtpErr(451, [3]int{4, 3, 0}, "try again later") }})
+		expectFailure(t, post(t, "/authmail/send", body), "smtp_transient", "451 4.3.0 try again later")
+	})
+	t.Run("rejected at end of data", func(t *testing.T) {
+		smtpSrv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtpErr(554, [3]int{5, 7, 1}, "message refused") }})
+		expectFailure(t, post(t, "/authmail/send", body), "smtp_rejected", "554 5.7.1 message refused")
+	})
+	t.Run("sender rejected", func(t *testing.T) {
+		smtpSrv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpErr(553, [3]int{5, 7, 1}, "sender not owned by user") }})
+		expectFailure(t, post(t, "/authmail/send", body), "smtp_rejected", "sender not owned")
+	})
+	t.Run("connection lost after the final dot", func(t *testing.T) {
+		smtpSrv.Reset()
+		smtpSrv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtptest.ErrDrop }})
+		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_disconnect_uncertain", "may or may not have accepted it")
+		if n := len(smtpSrv.Attempts()); n != 1 {
+			t.Fatalf("the server saw %d copies; an uncertain message is never resent", n)
+		}
+	})
+	// after all these failures, delivery works on the same server again
+	smtpSrv.SetHooks(smtptest.Hooks{})
+	smtpSrv.ClearMessages()
+	expectSent(t, post(t, "/authmail/send", body))
+}
+
+func TestSMTPConnectionFailuresThroughCaddy(t *testing.T) {
+	t.Run("auth failed", func(t *testing.T) {
+		t.Setenv("AUTHMAIL_IT_BAD_PASSWORD", secret("not-the-password-123"))
+		load(t, config{Delivery: fmt.Sprintf("smtp 127.0.0.1:%d {\nusername mailer\npassword {env.AUTHMAIL_IT_BAD_PASSWORD}\nca %s\n}", smtpSrv.Port, smtpSrv.CAFile)})
+		r := post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`)
+		expectFailure(t, r, "smtp_auth_failed", "535 5.7.8")
+		if strings.Contains(r.raw, "not-the-password-123") {
+			t.Fatal("password in the answer")
+		}
+	})
+	t.Run("starttls unsupported", func(t *testing.T) {
+		plain := smtptest.Start(t, smtptest.Options{TLS: smtptest.None, Username: "mailer", Password: smtpPassword})
+		load(t, config{SMTPPort: plain.Port})
+		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "starttls_unsupported", "STARTTLS")
+		if plain.Auths() != 0 || len(plain.Attempts()) != 0 {
+			t.Fatal("credentials or mail went over plaintext")
+		}
+	})
+	t.Run("untrusted certificate", func(t *testing.T) {
+		other := smtptest.Start(t, smtptest.Options{Username: "mailer", Password: smtpPassword})
+		load(t, config{CAFile: other.CAFile}) // trusts another CA than the server's
+		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_connection", "certificate")
+	})
+	t.Run("connection refused", func(t *testing.T) {
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		load(t, config{SMTPPort: port})
+		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_connection", "connection refused")
+	})
+	t.Run("timeout", func(t *testing.T) {
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() { time.Sleep(5 * time.Second); c.Close() }() // never greets
+			}
+		}()
+		load(t, config{SMTPPort: ln.Addr().(*net.TCPAddr).Port, SMTPExtra: "", Extra: ""})
+		start := time.Now()
+		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_timeout", "timed out")
+		if d := time.Since(start); d > 4500*time.Millisecond {
+			t.Fatalf("took %s with a 3s timeout", d)
+		}
+	})
+	// the log carries one line per failed message with the code, and the
+	// recipient domain only
+	logs, _ := os.ReadFile(logFile)
+	if !bytes.Contains(logs, []byte(`"msg":"message failed"`)) || !bytes.Contains(logs, []byte(`"error_code":"smtp_timeout"`)) ||
+		!bytes.Contains(logs, []byte(`"recipient_domains":["example.org"]`)) {
+		t.Fatal("no structured log line for the failed message")
+	}
+}
+
+func TestCaptureMode(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "mail")
+	load(t, config{Delivery: "capture " + dir})
+	r := post(t, "/authmail/send/magic-link", `{"to":"jane@example.org","token":"`+secret("capture-tok-55")+`"}`)
+	if r.status != 200 || r.json["sent"] != true || r.str("status") != "captured" {
+		t.Fatalf("%d %s", r.status, r.raw)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil || len(entries) != 1 {
+		t.Fatalf("capture dir: %v %v", entries, err)
+	}
+	name := entries[0].Name()
+	if !strings.HasSuffix(name, "-"+r.str("id")+".eml") {
+		t.Errorf("file name %q lacks the id", name)
+	}
+	info, _ := entries[0].Info()
+	if info.Mode().Perm() != 0o600 {
+		t.Errorf("file mode %v, want 0600", info.Mode().Perm())
+	}
+	if di, _ := os.Stat(dir); di.Mode().Perm() != 0o700 {
+		t.Errorf("dir mode %v, want 0700", di.Mode().Perm())
+	}
+	data, _ := os.ReadFile(filepath.Join(dir, name))
+	p := parseMail(t, data)
+	checkStandardHeaders(t, p)
+	checkAlternative(t, p)
+	if p.header.Get("Message-Id") != r.str("message_id") || !strings.Contains(p.text, "https://app.example.com/magic-link?token=capture-tok-55") {
+		t.Errorf("captured message: %s %q", p.header.Get("Message-Id"), p.text)
+	}
+	if smtpSrv.Connections() != 0 {
+		t.Fatal("capture mode contacted SMTP")
+	}
+	// an unwritable capture directory is a clear 500, nothing half-written
+	blocker := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(blocker, []byte("x"), 0o600)
+	load(t, config{Delivery: "capture " + filepath.Join(blocker, "sub")})
+	r = post(t, "/authmail/send/otp", `{"to":"jane@example.org","code":"1"}`)
+	if r.status != 502 || r.str("error_code") != "capture_failed" {
+		t.Fatalf("unwritable capture dir: %d %s", r.status, r.raw)
+	}
+}
+
+func TestSecretsStayOutOfTheConfig(t *testing.T) {
+	load(t, config{})
+	res, err := http.Get("http://localhost:2999/config/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	for _, s := range []string{keyApp, keyOther, smtpPassword} {
+		if bytes.Contains(cfg, []byte(s)) {
+			t.Fatalf("secret %q in the running config", s)
+		}
+	}
+	for _, want := range []string{`"password":"{env.AUTHMAIL_IT_SMTP_PASSWORD}"`, `"secret":"{env.AUTHMAIL_IT_KEY}"`} {
+		if !bytes.Contains(cfg, []byte(want)) {
+			t.Fatalf("config lacks %s", want)
+		}
+	}
+	saved, err := os.ReadFile(filepath.Join(tmpDir, "config", "caddy", "autosave.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{keyApp, keyOther, smtpPassword} {
+		if bytes.Contains(saved, []byte(s)) {
+			t.Fatalf("secret %q in autosave.json", s)
+		}
+	}
+}
+
+func TestBadConfigIsRefusedAndOldConfigKeepsRunning(t *testing.T) {
+	load(t, config{})
+	expectSent(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`))
+	tplDir := t.TempDir()
+	os.WriteFile(filepath.Join(tplDir, "otp.subject"), []byte("Your code: {{.Code}}"), 0o600)
+	for name, c := range map[string]config{
+		"secret in subject template": {Extra: "templates " + tplDir},
+		"unset env secret":           {Keys: "key app {env.AUTHMAIL_IT_UNSET_KEY}"},
+		"missing ca file":            {CAFile: filepath.Join(tplDir, "nope.pem")},
+	} {
+		t.Run(name, func(t *testing.T) {
+			res, err := http.Post("http://localhost:2999/load", "text/caddyfile", strings.NewReader(c.render()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			msg, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode == 200 {
+				t.Fatal("a broken config was loaded")
+			}
+			if bytes.Contains(msg, []byte(keyApp)) || bytes.Contains(msg, []byte(smtpPassword)) {
+				t.Fatal("the load error echoes a secret")
+			}
+			// the previous config still serves
+			expectSent(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`))
+		})
+	}
+}
