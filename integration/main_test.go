@@ -9,6 +9,7 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -98,6 +99,7 @@ type config struct {
 	Keys       string // key lines; default: app and other from the env
 	Delivery   string // replaces the whole smtp block, e.g. "capture /dir"
 	PathPrefix string
+	HELO       string // default it.example
 	LogFile    string
 }
 
@@ -130,7 +132,7 @@ http://localhost:9080 {
 			username mailer
 			password {env.AUTHMAIL_IT_SMTP_PASSWORD}
 			ca {{.CAFile}}
-			helo it.example
+			helo {{.HELO}}
 			timeout 3s
 			connections 2
 {{- if .SMTPExtra}}
@@ -168,6 +170,9 @@ func (c config) render() string {
 	}
 	if c.CAFile == "" {
 		c.CAFile = smtpSrv.CAFile
+	}
+	if c.HELO == "" {
+		c.HELO = "it.example"
 	}
 	c.LogFile = logFile
 	var b bytes.Buffer
@@ -298,12 +303,15 @@ func loadRaw(t *testing.T, caddyfile string) {
 // (authmail's lines, Caddy's own and the access log) for the secrets the
 // tests used, and for full recipient addresses.
 func checkLogsHoldNoSecrets() int {
+	// a full run must have produced authmail and access log lines, or the
+	// scan would prove nothing; a -run subset may not have any
+	full := flag.Lookup("test.run").Value.String() == ""
 	data, err := os.ReadFile(logFile)
-	if err != nil {
+	if err != nil && (full || !os.IsNotExist(err)) {
 		fmt.Fprintf(os.Stderr, "reading the Caddy log: %v\n", err)
 		return 1
 	}
-	if !bytes.Contains(data, []byte(`"logger":"http.handlers.authmail"`)) || !bytes.Contains(data, []byte(`"logger":"http.log.access`)) {
+	if full && (!bytes.Contains(data, []byte(`"logger":"http.handlers.authmail"`)) || !bytes.Contains(data, []byte(`"logger":"http.log.access`))) {
 		fmt.Fprintln(os.Stderr, "the Caddy log lacks authmail or access log lines; the secret scan would prove nothing")
 		return 1
 	}

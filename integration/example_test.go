@@ -1,0 +1,108 @@
+package integration
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestReadmeQuickStart does what the README tells a newcomer: build Caddy
+// with authmail from cmd/caddy, run it on examples/Caddyfile as is, send
+// every kind of mail with scripts/try-it.sh, and find the .eml files.
+func TestReadmeQuickStart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the Caddy binary")
+	}
+	for _, addr := range []string{"localhost:8080", "localhost:2019"} {
+		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
+			c.Close()
+			t.Fatalf("%s is in use; the example needs it (stop the other server)", addr)
+		}
+	}
+	repo, _ := filepath.Abs("..")
+	work := t.TempDir()
+	bin := filepath.Join(work, "caddy")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
+	build.Dir = repo
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/caddy: %v\n%s", err, out)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	caddy := exec.CommandContext(ctx, bin, "run", "--config", filepath.Join(repo, "examples", "Caddyfile"))
+	caddy.Dir = work // captured-mail is relative to the working directory
+	caddy.Env = append(os.Environ(), "XDG_CONFIG_HOME="+filepath.Join(work, "config"), "XDG_DATA_HOME="+filepath.Join(work, "data"))
+	logs, _ := os.Create(filepath.Join(work, "caddy.log"))
+	caddy.Stdout, caddy.Stderr = logs, logs
+	if err := caddy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		// a clean stop through the admin API, as a user would do it
+		if res, err := http.Post("http://localhost:2019/stop", "", nil); err == nil {
+			res.Body.Close()
+		}
+		done := make(chan struct{})
+		go func() { caddy.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cancel()
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(work, "caddy.log"))
+			t.Logf("caddy log:\n%s", b)
+		}
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		res, err := http.Get("http://localhost:8080/authmail/health")
+		if err == nil {
+			res.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("caddy did not start: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	script := exec.Command(filepath.Join(repo, "scripts", "try-it.sh"))
+	out, err := script.CombinedOutput()
+	if err != nil {
+		t.Fatalf("try-it.sh: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 8 || !strings.Contains(lines[0], `{"status":"ok"}`) {
+		t.Fatalf("try-it.sh output:\n%s", out)
+	}
+	for _, l := range lines[1:] {
+		if !strings.Contains(l, `"status":"captured"`) {
+			t.Errorf("not captured: %s", l)
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(work, "captured-mail", "*.eml"))
+	if len(files) != 8 { // email-change also notifies the old address
+		t.Fatalf("%d .eml files, want 8:\n%s", len(files), out)
+	}
+	var all strings.Builder
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		p := parseMail(t, b)
+		all.WriteString(p.subject + "\n" + p.text)
+	}
+	for _, want := range []string{"482913", "http://localhost:8080/magic-link?token=magic-token-123",
+		"http://localhost:8080/account/reset?token=reset-token-456", "http://localhost:8080/verify?code=789",
+		"Example App security alert: New sign-in to your account", "Order #1042 is paid.", "Your Example App email address is being changed"} {
+		if !strings.Contains(all.String(), want) {
+			t.Errorf("no captured message contains %q", want)
+		}
+	}
+}
