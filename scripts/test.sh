@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The full test suite: formatting, vet, unit and integration tests with
+# the race detector (a real in-process Caddy and SMTP server, plus the
+# built binary on examples/Caddyfile), then a short run of every fuzz
+# target. FUZZTIME=0 skips fuzzing; FUZZTIME=1m fuzzes longer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== gofmt"
+unformatted=$(gofmt -l $(find . -name '*.go' -not -path './.git/*'))
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change:"; echo "$unformatted"; exit 1
+fi
+
+echo "== go vet"
+go vet ./...
+
+echo "== go test -race (unit + integration)"
+go test -race -count=1 ./...
+
+fuzztime=${FUZZTIME:-10s}
+if [ "$fuzztime" != "0" ]; then
+	for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
+		echo "== fuzz $target ($fuzztime)"
+		go test -run='^$' -fuzz="^${target}\$" -fuzztime="$fuzztime" . | tail -n 2
+	done
+fi
+echo "== all tests passed"
