@@ -100,7 +100,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	rc.id, rc.messageID = envs[0].ID, envs[0].MessageID
 	if first.err != nil {
 		rc.setStatus("failed", first.err.Code)
-		return writeJSON(w, http.StatusBadGateway, errorResponse{
+		status := http.StatusBadGateway
+		if first.err.Code == codeCaptureFailed {
+			status = http.StatusInternalServerError // a local problem, not the gateway's
+		}
+		return writeJSON(w, status, errorResponse{
 			ErrorCode: first.err.Code, Message: first.err.Error(),
 			ID: envs[0].ID, MessageID: envs[0].MessageID,
 		})

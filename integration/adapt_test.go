@@ -1,11 +1,14 @@
 package integration
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
@@ -50,4 +53,77 @@ func mustReadGolden(t *testing.T, name string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestReadmeExamplesAgree adapts the README's production Caddyfile and
+// checks that its authmail handler is exactly the README's JSON example.
+func TestReadmeExamplesAgree(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := func(after, fence string) string {
+		_, rest, ok := strings.Cut(string(readme), after)
+		if !ok {
+			t.Fatalf("README has no %q", after)
+		}
+		_, rest, ok = strings.Cut(rest, fence+"\n")
+		if !ok {
+			t.Fatalf("no %s block after %q", fence, after)
+		}
+		b, _, _ := strings.Cut(rest, "```")
+		return b
+	}
+	caddyfileSrc := block("### A production example", "```caddyfile")
+	jsonSrc := block("## JSON config", "```json")
+
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	out, _, err := adapter.Adapt([]byte(caddyfileSrc), nil)
+	if err != nil {
+		t.Fatalf("README production Caddyfile does not adapt: %v", err)
+	}
+	handler := findHandler(t, out, "authmail")
+	var want any
+	if err := json.Unmarshal([]byte(jsonSrc), &want); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(handler, want) {
+		got, _ := json.MarshalIndent(handler, "", "\t")
+		t.Fatalf("README JSON example differs from the adapted production Caddyfile:\n%s", got)
+	}
+}
+
+// findHandler returns the first handler object with the given name.
+func findHandler(t *testing.T, cfg []byte, name string) any {
+	t.Helper()
+	var doc any
+	if err := json.Unmarshal(cfg, &doc); err != nil {
+		t.Fatal(err)
+	}
+	var walk func(v any) any
+	walk = func(v any) any {
+		switch x := v.(type) {
+		case map[string]any:
+			if x["handler"] == name {
+				return x
+			}
+			for _, c := range x {
+				if f := walk(c); f != nil {
+					return f
+				}
+			}
+		case []any:
+			for _, c := range x {
+				if f := walk(c); f != nil {
+					return f
+				}
+			}
+		}
+		return nil
+	}
+	h := walk(doc)
+	if h == nil {
+		t.Fatalf("no %s handler in the adapted config", name)
+	}
+	return h
 }

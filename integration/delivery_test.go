@@ -179,7 +179,7 @@ func TestCaptureMode(t *testing.T) {
 	os.WriteFile(blocker, []byte("x"), 0o600)
 	load(t, config{Delivery: "capture " + filepath.Join(blocker, "sub")})
 	r = post(t, "/authmail/send/otp", `{"to":"jane@example.org","code":"1"}`)
-	if r.status != 502 || r.str("error_code") != "capture_failed" {
+	if r.status != 500 || r.str("error_code") != "capture_failed" || !strings.Contains(r.str("message"), "capture directory") {
 		t.Fatalf("unwritable capture dir: %d %s", r.status, r.raw)
 	}
 }
