@@ -2,63 +2,21 @@ package authmail
 
 import (
 	"bytes"
-	"io"
-	"mime"
-	"mime/multipart"
-	"mime/quotedprintable"
-	"net/mail"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-authmail/authmail/internal/mailtest"
 )
 
-// parsedPart is one decoded MIME part.
-type parsedPart struct {
-	contentType string
-	body        string
-}
-
-// parseMessage parses raw RFC 5322 bytes and decodes its parts.
-func parseMessage(t *testing.T, raw []byte) (*mail.Message, []parsedPart) {
+func parseMessage(t *testing.T, raw []byte) (*mailtest.Message, []mailtest.Part) {
 	t.Helper()
-	if bytes.Contains(bytes.ReplaceAll(raw, []byte("\r\n"), nil), []byte("\n")) {
-		t.Fatal("message has bare LF line endings")
-	}
-	msg, err := mail.ReadMessage(bytes.NewReader(raw))
+	m, err := mailtest.Parse(raw)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mt, params, err := mime.ParseMediaType(msg.Header.Get("Content-Type"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	decode := func(enc string, r io.Reader) string {
-		if strings.EqualFold(enc, "quoted-printable") {
-			r = quotedprintable.NewReader(r)
-		}
-		b, err := io.ReadAll(r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(b)
-	}
-	if !strings.HasPrefix(mt, "multipart/") {
-		return msg, []parsedPart{{mt, decode(msg.Header.Get("Content-Transfer-Encoding"), msg.Body)}}
-	}
-	var parts []parsedPart
-	mr := multipart.NewReader(msg.Body, params["boundary"])
-	for {
-		p, err := mr.NextRawPart()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		parts = append(parts, parsedPart{p.Header.Get("Content-Type"), decode(p.Header.Get("Content-Transfer-Encoding"), p)})
-	}
-	return msg, append([]parsedPart{{mt, ""}}, parts...)
+	return m, m.Parts
 }
 
 func TestBuildEnvelope(t *testing.T) {
@@ -105,9 +63,8 @@ func TestBuildEnvelope(t *testing.T) {
 			t.Errorf("%s: %q, want %q", name, got, want)
 		}
 	}
-	subj, err := new(mime.WordDecoder).DecodeHeader(hdr.Get("Subject"))
-	if err != nil || subj != "Grüße — your order" {
-		t.Errorf("subject %q %v", subj, err)
+	if msg.Subject != "Grüße — your order" {
+		t.Errorf("subject %q", msg.Subject)
 	}
 	for _, forbidden := range []string{"Bcc", "X-Mailer", "User-Agent"} {
 		if _, ok := hdr[forbidden]; ok {
@@ -117,14 +74,14 @@ func TestBuildEnvelope(t *testing.T) {
 	if bytes.Contains(env.Data, []byte("hidden@example.com")) {
 		t.Error("the bcc address appears in the message")
 	}
-	if len(parts) != 3 || parts[0].contentType != "multipart/alternative" {
+	if len(parts) != 2 || msg.Types[0] != "multipart/alternative" {
 		t.Fatalf("parts %+v", parts)
 	}
-	if parts[1].contentType != "text/plain; charset=UTF-8" || parts[1].body != strings.ReplaceAll(m.text, "\n", "\r\n") {
-		t.Errorf("text part %q %q", parts[1].contentType, parts[1].body)
+	if parts[0].ContentType != "text/plain; charset=UTF-8" || parts[0].Body != strings.ReplaceAll(m.text, "\n", "\r\n") {
+		t.Errorf("text part %q %q", parts[0].ContentType, parts[0].Body)
 	}
-	if parts[2].contentType != "text/html; charset=UTF-8" || parts[2].body != m.html {
-		t.Errorf("html part %q %q", parts[2].contentType, parts[2].body)
+	if parts[1].ContentType != "text/html; charset=UTF-8" || parts[1].Body != m.html {
+		t.Errorf("html part %q %q", parts[1].ContentType, parts[1].Body)
 	}
 	for _, line := range strings.Split(string(env.Data), "\r\n") {
 		if len(line) > 998 {
@@ -140,7 +97,7 @@ func TestBuildEnvelopeTextOnlyAndDefaultReplyTo(t *testing.T) {
 		t.Fatal(err)
 	}
 	msg, parts := parseMessage(t, env.Data)
-	if len(parts) != 1 || parts[0].contentType != "text/plain" || parts[0].body != "just text\r\n" {
+	if len(parts) != 1 || parts[0].ContentType != "text/plain" || parts[0].Body != "just text\r\n" {
 		t.Errorf("parts %+v", parts)
 	}
 	if msg.Header.Get("Reply-To") != "<r@example.com>" || msg.Header.Get("From") != "<a@example.com>" {

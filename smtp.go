@@ -68,8 +68,9 @@ func (s *smtpSettings) poolKey() string {
 // smtpSender delivers messages over up to settings.connections parallel
 // SMTP connections that stay open and are reused.
 type smtpSender struct {
-	cfg   smtpSettings
-	slots chan struct{} // one token per connection that may be in use
+	cfg         smtpSettings
+	slots       chan struct{} // one token per connection that may be in use
+	idleTimeout time.Duration
 
 	mu     sync.Mutex
 	idle   []*smtpConn // most recently used last
@@ -83,9 +84,10 @@ type smtpSender struct {
 
 func newSMTPSender(cfg smtpSettings) *smtpSender {
 	s := &smtpSender{
-		cfg:   cfg,
-		slots: make(chan struct{}, cfg.connections),
-		done:  make(chan struct{}),
+		cfg:         cfg,
+		slots:       make(chan struct{}, cfg.connections),
+		idleTimeout: smtpIdleTimeout,
+		done:        make(chan struct{}),
 	}
 	go s.janitor()
 	return s
@@ -113,7 +115,7 @@ func (s *smtpSender) Destruct() error {
 
 // janitor closes connections that have been idle too long.
 func (s *smtpSender) janitor() {
-	every := smtpIdleTimeout / 2
+	every := s.idleTimeout / 2
 	if every < 50*time.Millisecond {
 		every = 50 * time.Millisecond
 	}
@@ -137,7 +139,7 @@ func (s *smtpSender) expired() []*smtpConn {
 	var old []*smtpConn
 	keep := s.idle[:0]
 	for _, c := range s.idle {
-		if time.Since(c.lastUsed) >= smtpIdleTimeout {
+		if time.Since(c.lastUsed) >= s.idleTimeout {
 			old = append(old, c)
 		} else {
 			keep = append(keep, c)
@@ -164,7 +166,7 @@ func (s *smtpSender) takeIdle() *smtpConn {
 		c := s.idle[len(s.idle)-1]
 		s.idle[len(s.idle)-1] = nil
 		s.idle = s.idle[:len(s.idle)-1]
-		if time.Since(c.lastUsed) >= smtpIdleTimeout {
+		if time.Since(c.lastUsed) >= s.idleTimeout {
 			stale = append(stale, c)
 			continue
 		}

@@ -167,23 +167,9 @@ func TestSMTPConnectionRefused(t *testing.T) {
 }
 
 func TestSMTPTimeoutWaitingForGreeting(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // never greet
-		}
-	}()
-	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: ln.Addr().(*net.TCPAddr).Port, tlsMode: tlsStartTLS,
+	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: smtptest.Silent(t), tlsMode: tlsStartTLS,
 		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: 200 * time.Millisecond, connections: 1})
-	_, err = s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, codeSMTPTimeout, phaseGreeting)
 }
 

@@ -115,18 +115,7 @@ func TestSMTPConnectionFailuresThroughCaddy(t *testing.T) {
 		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_connection", "connection refused")
 	})
 	t.Run("timeout", func(t *testing.T) {
-		ln, _ := net.Listen("tcp", "127.0.0.1:0")
-		defer ln.Close()
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() { time.Sleep(5 * time.Second); c.Close() }() // never greets
-			}
-		}()
-		load(t, config{SMTPPort: ln.Addr().(*net.TCPAddr).Port, SMTPExtra: "", Extra: ""})
+		load(t, config{SMTPPort: smtptest.Silent(t)})
 		start := time.Now()
 		expectFailure(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`), "smtp_timeout", "timed out")
 		if d := time.Since(start); d > 4500*time.Millisecond {
@@ -168,8 +157,8 @@ func TestCaptureMode(t *testing.T) {
 	p := parseMail(t, data)
 	checkStandardHeaders(t, p)
 	checkAlternative(t, p)
-	if p.header.Get("Message-Id") != r.str("message_id") || !strings.Contains(p.text, "https://app.example.com/magic-link?token=capture-tok-55") {
-		t.Errorf("captured message: %s %q", p.header.Get("Message-Id"), p.text)
+	if p.Header.Get("Message-Id") != r.str("message_id") || !strings.Contains(p.Text, "https://app.example.com/magic-link?token=capture-tok-55") {
+		t.Errorf("captured message: %s %q", p.Header.Get("Message-Id"), p.Text)
 	}
 	if smtpSrv.Connections() != 0 {
 		t.Fatal("capture mode contacted SMTP")

@@ -49,39 +49,39 @@ func TestSendArbitraryMessage(t *testing.T) {
 		"Cc":       `<carol@example.com>`,
 		"Reply-To": `"Sales" <sales@example.com>`,
 	} {
-		if got := p.header.Get(name); got != want {
+		if got := p.Header.Get(name); got != want {
 			t.Errorf("%s %q, want %q", name, got, want)
 		}
 	}
-	if p.subject != "Your invoice — März" {
-		t.Errorf("subject %q", p.subject)
+	if p.Subject != "Your invoice — März" {
+		t.Errorf("subject %q", p.Subject)
 	}
 	if strings.Contains(string(m.Data), "audit@example.com") {
 		t.Error("bcc address visible in the message")
 	}
-	if p.html != `<h1>Invoice</h1><p>Total: <b>42 €</b></p><p><a href="https://app.example.com/inv/7">View it</a></p><script>track()</script>` {
-		t.Errorf("html part changed: %q", p.html)
+	if p.HTML != `<h1>Invoice</h1><p>Total: <b>42 €</b></p><p><a href="https://app.example.com/inv/7">View it</a></p><script>track()</script>` {
+		t.Errorf("html part changed: %q", p.HTML)
 	}
-	if p.text != "Invoice\n\nTotal: 42 €\n\nView it (https://app.example.com/inv/7)\n" {
-		t.Errorf("derived text part %q", p.text)
+	if p.Text != "Invoice\n\nTotal: 42 €\n\nView it (https://app.example.com/inv/7)\n" {
+		t.Errorf("derived text part %q", p.Text)
 	}
 
 	// text only: a single text/plain part, the configured Reply-To
 	r = post(t, "/authmail/send", `{"to":"x@example.org","subject":"Plain","text_body":"Line 1\nLine 2\n"}`)
 	m = expectSent(t, r)
 	p = parseMail(t, m.Data)
-	if strings.Join(p.types, "|") != "text/plain" || p.text != "Line 1\nLine 2\n" {
-		t.Errorf("text-only message: %v %q", p.types, p.text)
+	if strings.Join(p.Types, "|") != "text/plain" || p.Text != "Line 1\nLine 2\n" {
+		t.Errorf("text-only message: %v %q", p.Types, p.Text)
 	}
-	if p.header.Get("Reply-To") != "<support@example.com>" {
-		t.Errorf("Reply-To %q", p.header.Get("Reply-To"))
+	if p.Header.Get("Reply-To") != "<support@example.com>" {
+		t.Errorf("Reply-To %q", p.Header.Get("Reply-To"))
 	}
 	// both parts given: both sent as is
 	r = post(t, "/authmail/send", `{"to":"x@example.org","subject":"Both","text_body":"T","html_body":"<i>H</i>"}`)
 	p = parseMail(t, expectSent(t, r).Data)
 	checkAlternative(t, p)
-	if p.text != "T" || p.html != "<i>H</i>" {
-		t.Errorf("parts %q %q", p.text, p.html)
+	if p.Text != "T" || p.HTML != "<i>H</i>" {
+		t.Errorf("parts %q %q", p.Text, p.HTML)
 	}
 }
 
@@ -96,39 +96,39 @@ func TestOTP(t *testing.T) {
 	p := parseMail(t, m.Data)
 	checkStandardHeaders(t, p)
 	checkAlternative(t, p)
-	if got := p.header.Get("To"); got != `"Jane <b>Doe</b>" <jane@example.org>` {
+	if got := p.Header.Get("To"); got != `"Jane <b>Doe</b>" <jane@example.org>` {
 		t.Errorf("To %q (user_name as display name)", got)
 	}
-	if p.header.Get("Reply-To") != "<support@example.com>" {
-		t.Errorf("Reply-To %q", p.header.Get("Reply-To"))
+	if p.Header.Get("Reply-To") != "<support@example.com>" {
+		t.Errorf("Reply-To %q", p.Header.Get("Reply-To"))
 	}
-	if p.subject != "Your Example App verification code" {
-		t.Errorf("subject %q", p.subject)
+	if p.Subject != "Your Example App verification code" {
+		t.Errorf("subject %q", p.Subject)
 	}
-	if strings.Contains(p.header.Get("Subject"), "493") {
+	if strings.Contains(p.Header.Get("Subject"), "493") {
 		t.Error("the code is in the subject")
 	}
 	wantText := "Example App\n\nHi Jane <b>Doe</b>,\n\nUse this code to continue:\n\n    493 201\n\nThe code expires in 10 minutes."
-	if !strings.HasPrefix(p.text, wantText) {
-		t.Errorf("text part:\n%s", p.text)
+	if !strings.HasPrefix(p.Text, wantText) {
+		t.Errorf("text part:\n%s", p.Text)
 	}
-	if !strings.Contains(p.text, "If you did not request this code") || !strings.Contains(p.text, "sent by Example App to jane@example.org") {
-		t.Errorf("text part lacks the did-not-request line or footer:\n%s", p.text)
+	if !strings.Contains(p.Text, "If you did not request this code") || !strings.Contains(p.Text, "sent by Example App to jane@example.org") {
+		t.Errorf("text part lacks the did-not-request line or footer:\n%s", p.Text)
 	}
 	for _, want := range []string{"Hi Jane &lt;b&gt;Doe&lt;/b&gt;,", ">493 201</p>", "expires in 10 minutes", "<title>Example App</title>"} {
-		if !strings.Contains(p.html, want) {
+		if !strings.Contains(p.HTML, want) {
 			t.Errorf("HTML lacks %q", want)
 		}
 	}
-	if strings.Contains(p.html, "<b>Doe</b>") {
+	if strings.Contains(p.HTML, "<b>Doe</b>") {
 		t.Error("user_name not escaped in HTML")
 	}
 
 	// custom expiry, explicit display name wins over user_name
 	r = post(t, "/authmail/send/otp", `{"to":"J <jane@example.org>","user_name":"Jane","code":"1","expires_in_minutes":120}`)
 	p = parseMail(t, expectSent(t, r).Data)
-	if !strings.Contains(p.text, "expires in 2 hours") || p.header.Get("To") != `"J" <jane@example.org>` {
-		t.Errorf("expiry/To: %q %q", p.header.Get("To"), p.text)
+	if !strings.Contains(p.Text, "expires in 2 hours") || p.Header.Get("To") != `"J" <jane@example.org>` {
+		t.Errorf("expiry/To: %q %q", p.Header.Get("To"), p.Text)
 	}
 }
 
@@ -156,23 +156,23 @@ func TestLinkFlows(t *testing.T) {
 			p := parseMail(t, m.Data)
 			checkStandardHeaders(t, p)
 			checkAlternative(t, p)
-			if p.subject != tc.subject {
-				t.Errorf("subject %q", p.subject)
+			if p.Subject != tc.subject {
+				t.Errorf("subject %q", p.Subject)
 			}
-			if strings.Contains(p.header.Get("Subject"), "http") || strings.Contains(p.header.Get("Subject"), "tok") {
+			if strings.Contains(p.Header.Get("Subject"), "http") || strings.Contains(p.Header.Get("Subject"), "tok") {
 				t.Error("the link or token is in the subject")
 			}
-			if !strings.Contains(p.text, "\n"+tc.link+"\n") {
-				t.Errorf("text part lacks the link %s on its own line:\n%s", tc.link, p.text)
+			if !strings.Contains(p.Text, "\n"+tc.link+"\n") {
+				t.Errorf("text part lacks the link %s on its own line:\n%s", tc.link, p.Text)
 			}
 			// compare what a mail client sees: attribute values decoded
-			if !strings.Contains(html.UnescapeString(p.html), `href="`+tc.link+`"`) {
+			if !strings.Contains(html.UnescapeString(p.HTML), `href="`+tc.link+`"`) {
 				t.Errorf("HTML lacks href=%q", tc.link)
 			}
-			if !strings.Contains(p.text, "expires in "+tc.expires) {
+			if !strings.Contains(p.Text, "expires in "+tc.expires) {
 				t.Errorf("text part lacks 'expires in %s'", tc.expires)
 			}
-			if !strings.Contains(p.text, "If you did not") {
+			if !strings.Contains(p.Text, "If you did not") {
 				t.Error("no did-not-request line")
 			}
 		})
@@ -181,7 +181,7 @@ func TestLinkFlows(t *testing.T) {
 	r := post(t, "/authmail/send/magic-link", `{"to":"a@example.org","token":"x&admin=1#frag"}`)
 	p := parseMail(t, expectSent(t, r).Data)
 	var link string
-	for _, l := range strings.Split(p.text, "\n") {
+	for _, l := range strings.Split(p.Text, "\n") {
 		if strings.HasPrefix(l, "https://") {
 			link = l
 		}
@@ -210,20 +210,20 @@ func TestEmailChangeNotifiesOldAddress(t *testing.T) {
 	if msgs[0].To[0] != "new.address@example.org" || msgs[1].To[0] != "old@example.net" {
 		t.Fatalf("recipients %v %v", msgs[0].To, msgs[1].To)
 	}
-	if confirm.header.Get("Message-Id") != r.str("message_id") || old.header.Get("Message-Id") != notice["message_id"] {
+	if confirm.Header.Get("Message-Id") != r.str("message_id") || old.Header.Get("Message-Id") != notice["message_id"] {
 		t.Error("message ids do not match the response")
 	}
-	if !strings.Contains(confirm.text, "https://app.example.com/email-change?token=chg-tok-9") {
+	if !strings.Contains(confirm.Text, "https://app.example.com/email-change?token=chg-tok-9") {
 		t.Error("confirmation lacks the link")
 	}
-	if old.subject != "Your Example App email address is being changed" || old.header.Get("To") != `"Jane" <old@example.net>` {
-		t.Errorf("notice headers %q %q", old.subject, old.header.Get("To"))
+	if old.Subject != "Your Example App email address is being changed" || old.Header.Get("To") != `"Jane" <old@example.net>` {
+		t.Errorf("notice headers %q %q", old.Subject, old.Header.Get("To"))
 	}
-	if strings.Contains(string(msgs[1].Data), "chg-tok-9") || strings.Contains(old.text+old.html, "https://") {
+	if strings.Contains(string(msgs[1].Data), "chg-tok-9") || strings.Contains(old.Text+old.HTML, "https://") {
 		t.Fatal("the notice to the old address carries the confirmation link")
 	}
-	if !strings.Contains(old.text, "from old@example.net to n***@example.org") || !strings.Contains(old.text, "If you did not request this change") {
-		t.Errorf("notice text:\n%s", old.text)
+	if !strings.Contains(old.Text, "from old@example.net to n***@example.org") || !strings.Contains(old.Text, "If you did not request this change") {
+		t.Errorf("notice text:\n%s", old.Text)
 	}
 }
 
@@ -234,24 +234,24 @@ func TestSecurityAlerts(t *testing.T) {
 	p := parseMail(t, m.Data)
 	checkStandardHeaders(t, p)
 	checkAlternative(t, p)
-	if p.subject != "Example App security alert: New sign-in to your account" {
-		t.Errorf("subject %q", p.subject)
+	if p.Subject != "Example App security alert: New sign-in to your account" {
+		t.Errorf("subject %q", p.Subject)
 	}
 	for _, want := range []string{"There was a new sign-in to your Example App account.", "When:       21 November 2026, 09:30 UTC",
 		"IP address: 2001:db8::1", "Location:   Berlin, DE", "Device:     Firefox <on> Linux", "If this was not you"} {
-		if !strings.Contains(p.text, want) {
-			t.Errorf("text lacks %q:\n%s", want, p.text)
+		if !strings.Contains(p.Text, want) {
+			t.Errorf("text lacks %q:\n%s", want, p.Text)
 		}
 	}
-	if !strings.Contains(p.html, "Firefox &lt;on&gt; Linux") {
+	if !strings.Contains(p.HTML, "Firefox &lt;on&gt; Linux") {
 		t.Error("user agent not escaped in HTML")
 	}
 
 	// on by default
 	r = post(t, "/authmail/send/security-alert", `{"to":"a@example.org","event":"password_changed"}`)
 	p = parseMail(t, expectSent(t, r).Data)
-	if p.subject != "Example App security alert: Your password was changed" || strings.Contains(p.text, "IP address") {
-		t.Errorf("password_changed: %q\n%s", p.subject, p.text)
+	if p.Subject != "Example App security alert: Your password was changed" || strings.Contains(p.Text, "IP address") {
+		t.Errorf("password_changed: %q\n%s", p.Subject, p.Text)
 	}
 	// turned off in the config
 	r = post(t, "/authmail/send/security-alert", `{"to":"a@example.org","event":"account_locked"}`)

@@ -96,7 +96,7 @@ func TestReadmeQuickStart(t *testing.T) {
 	for _, f := range files {
 		b, _ := os.ReadFile(f)
 		p := parseMail(t, b)
-		all.WriteString(p.subject + "\n" + p.text)
+		all.WriteString(p.Subject + "\n" + p.Text)
 	}
 	for _, want := range []string{"482913", "http://localhost:8080/magic-link?token=magic-token-123",
 		"http://localhost:8080/account/reset?token=reset-token-456", "http://localhost:8080/verify?code=789",

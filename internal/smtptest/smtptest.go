@@ -453,3 +453,35 @@ func selfSigned() (tls.Certificate, []byte, error) {
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	return cert, certPEM, err
 }
+
+// Silent starts a listener that accepts connections and never says a
+// word: an SMTP server hanging before its greeting. It returns the port.
+func Silent(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
