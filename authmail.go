@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -22,6 +23,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -37,6 +39,17 @@ const (
 	defaultSMTPTimeout = 15 * time.Second
 	defaultConnections = 4
 	minSecretLength    = 16
+
+	defaultWait           = 10 * time.Second
+	defaultRetryBackoff   = 30 * time.Second
+	defaultMaxBackoff     = 30 * time.Minute
+	defaultMaxAge         = 24 * time.Hour
+	defaultRetention      = 7 * 24 * time.Hour
+	defaultMaxQueued      = 100000
+	defaultIdempotencyTTL = 24 * time.Hour
+	defaultLease          = 30 * time.Second
+	defaultDrainTimeout   = 10 * time.Second
+	maxPreferWait         = 5 * time.Minute
 )
 
 // Handler serves authmail's HTTP API: authenticated endpoints that render
@@ -47,7 +60,14 @@ const (
 // handler. The endpoints, relative to the prefix, are `GET /health`,
 // `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
 // `POST /send/password-reset`, `POST /send/verify-email`,
-// `POST /send/email-change` and `POST /send/security-alert`.
+// `POST /send/email-change`, `POST /send/security-alert` and
+// `GET /messages/{id}`.
+//
+// Every accepted message is written to Caddy's storage before the answer,
+// delivered by a per-storage outbox engine with retries, and its state is
+// kept for `delivery.retention`. Instances that share a storage form a
+// cluster: each message is delivered by one of them, and the others adopt
+// the work of an instance whose heartbeat lapses.
 //
 // After a request the handler sets these placeholders for access logs and
 // later handlers: `{http.authmail.id}`, `{http.authmail.message_id}`,
@@ -116,6 +136,28 @@ type Handler struct {
 	// requests get 413. Default: 1048576 (1 MiB).
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
+	// Delivery configures the outbox: how long a request waits for the
+	// first attempt, retries, retention and limits. Default: the defaults
+	// of each field.
+	Delivery *Delivery `json:"delivery,omitempty"`
+
+	// StorageRaw is the storage for the outbox and idempotency records,
+	// overriding Caddy's configured storage. Instances that share a
+	// storage form a cluster. Default: Caddy's storage.
+	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=caddy.storage inline_key=module"`
+
+	// WebhookSecret signs webhooks of requests that give no
+	// webhook_secret of their own. Accepts {env.*} and {file.*}
+	// placeholders. A secret starting with "whsec_" is base64 after the
+	// prefix (Standard Webhooks). Default: none, so requests that ask for a
+	// webhook must give a webhook_secret.
+	WebhookSecret string `json:"webhook_secret,omitempty"`
+
+	// WebhookAllowHosts lists webhook hosts that may resolve to loopback,
+	// private, link-local or metadata addresses, which are refused
+	// otherwise (checked when connecting, after DNS). Default: none.
+	WebhookAllowHosts []string `json:"webhook_allow_hosts,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup
@@ -127,6 +169,57 @@ type Handler struct {
 	baseURL    string
 	baseOrigin string
 	prefix     string
+	profile    string        // sender profile: the From address
+	engine     *engine       // the outbox for this handler's storage
+	engineKey  string        // acquired enginePool key, released in Cleanup
+	dcfg       *engineConfig // resolved delivery settings
+	// storageOverride replaces the storage in unit tests.
+	storageOverride certmagic.Storage
+}
+
+// Delivery configures the durable outbox.
+type Delivery struct {
+	// Wait is how long a request waits for the first delivery attempt
+	// before answering 202 queued. "Prefer: respond-async" answers at once,
+	// "Prefer: wait=N" waits N seconds. Default: 10s.
+	Wait caddy.Duration `json:"wait,omitempty"`
+
+	// RetryBackoff is the delay before the second attempt; it doubles with
+	// every further attempt, with jitter. Default: 30s.
+	RetryBackoff caddy.Duration `json:"retry_backoff,omitempty"`
+
+	// MaxBackoff caps the delay between attempts. Default: 30m.
+	MaxBackoff caddy.Duration `json:"max_backoff,omitempty"`
+
+	// MaxAge is how long a message is retried before it is failed.
+	// Default: 24h.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+
+	// Retention is how long the status record of a finished message is
+	// kept after its body was deleted. Default: 7d.
+	Retention caddy.Duration `json:"retention,omitempty"`
+
+	// MaxQueued is the number of unfinished messages above which new sends
+	// get 503 queue_full. Default: 100000.
+	MaxQueued int `json:"max_queued,omitempty"`
+
+	// RetryUncertain resends messages whose outcome is unknown (the
+	// connection dropped after the whole message was sent, or the instance
+	// stopped mid-attempt), at the risk of a duplicate. Default: false.
+	RetryUncertain bool `json:"retry_uncertain,omitempty"`
+
+	// IdempotencyTTL is how long an Idempotency-Key is remembered.
+	// Default: 24h.
+	IdempotencyTTL caddy.Duration `json:"idempotency_ttl,omitempty"`
+
+	// Lease is how long an instance's heartbeat may lapse before another
+	// instance sharing the storage adopts its unfinished messages. Default:
+	// 30s.
+	Lease caddy.Duration `json:"lease,omitempty"`
+
+	// DrainTimeout is how long a stopping Caddy waits for deliveries in
+	// flight; unsent messages stay in storage. Default: 10s.
+	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 }
 
 // SMTP configures the SMTP server that authmail delivers through.
@@ -247,30 +340,112 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.keys = append(h.keys, apiKey{id: k.ID, hash: sum})
 	}
 
-	tmpl, err := loadTemplates(h.Templates)
-	if err != nil {
+	var err error
+	if h.tmpl, err = loadTemplates(h.Templates); err != nil {
 		return err
 	}
-	h.tmpl = tmpl
 
+	conns := 4
 	if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
-		return nil
+	} else {
+		settings, err := h.SMTP.resolve(repl, h.logger)
+		if err != nil {
+			return err
+		}
+		key := settings.poolKey()
+		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+			return newSMTPSender(settings), nil
+		})
+		if err != nil {
+			return err
+		}
+		h.poolKey = key
+		h.transport = val.(*smtpSender)
+		conns = settings.connections
 	}
-	settings, err := h.SMTP.resolve(repl, h.logger)
-	if err != nil {
+
+	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
 		return err
 	}
-	key := settings.poolKey()
-	val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newSMTPSender(settings), nil
+	storage := h.storageOverride
+	if storage == nil && h.StorageRaw != nil {
+		mod, err := ctx.LoadModule(h, "StorageRaw")
+		if err != nil {
+			return fmt.Errorf("loading storage module: %v", err)
+		}
+		if storage, err = mod.(caddy.StorageConverter).CertMagicStorage(); err != nil {
+			return fmt.Errorf("creating storage: %v", err)
+		}
+	}
+	if storage == nil {
+		storage = ctx.Storage()
+	}
+	iid, err := caddy.InstanceID()
+	if err != nil {
+		return fmt.Errorf("reading the instance id: %v", err)
+	}
+	ekey := "authmail.outbox." + storageIdentity(storage)
+	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
+		return newEngine(ekey, storage, iid.String()), nil
 	})
 	if err != nil {
 		return err
 	}
-	h.poolKey = key
-	h.transport = val.(*smtpSender)
+	h.engineKey = ekey
+	h.engine = val.(*engine)
+	h.profile = strings.ToLower(h.from.Addr)
+	h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
+	app, err := ctx.App("authmail")
+	if err != nil {
+		return err
+	}
+	app.(*App).add(h.engine)
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		h.logger.Warn("registering metrics failed; metrics disabled", zap.Error(err))
+	}
 	return nil
+}
+
+// deliveryConfig resolves the delivery settings with their defaults.
+func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
+	d := h.Delivery
+	if d == nil {
+		d = &Delivery{}
+	}
+	dur := func(v caddy.Duration, def time.Duration) time.Duration {
+		if v > 0 {
+			return time.Duration(v)
+		}
+		return def
+	}
+	cfg := &engineConfig{
+		wait:           dur(d.Wait, defaultWait),
+		retryBackoff:   dur(d.RetryBackoff, defaultRetryBackoff),
+		maxBackoff:     dur(d.MaxBackoff, defaultMaxBackoff),
+		maxAge:         dur(d.MaxAge, defaultMaxAge),
+		retention:      dur(d.Retention, defaultRetention),
+		idemTTL:        dur(d.IdempotencyTTL, defaultIdempotencyTTL),
+		lease:          dur(d.Lease, defaultLease),
+		drain:          dur(d.DrainTimeout, defaultDrainTimeout),
+		maxQueued:      d.MaxQueued,
+		retryUncertain: d.RetryUncertain,
+		webhookAllow:   h.WebhookAllowHosts,
+	}
+	if cfg.maxQueued == 0 {
+		cfg.maxQueued = defaultMaxQueued
+	}
+	if d.Wait < 0 {
+		cfg.wait = 0
+	}
+	if h.WebhookSecret != "" {
+		secret, err := repl.ReplaceOrErr(h.WebhookSecret, true, true)
+		if err != nil {
+			return nil, fmt.Errorf("expanding webhook_secret (redacted): %v", err)
+		}
+		cfg.webhookSecret = secret
+	}
+	return cfg, nil
 }
 
 // resolve expands secrets, reads the CA file and fills in defaults.
@@ -357,13 +532,21 @@ func (h *Handler) Validate() error {
 // sender itself closes its connections once no config uses it; sends in
 // flight finish first.
 func (h *Handler) Cleanup() error {
-	if h.poolKey == "" {
-		return nil
+	var errs []error
+	if h.engineKey != "" {
+		h.engine.release(h.profile)
+		if _, err := enginePool.Delete(h.engineKey); err != nil {
+			errs = append(errs, err)
+		}
+		h.engineKey = ""
 	}
-	key := h.poolKey
-	h.poolKey = ""
-	_, err := smtpPool.Delete(key)
-	return err
+	if h.poolKey != "" {
+		if _, err := smtpPool.Delete(h.poolKey); err != nil {
+			errs = append(errs, err)
+		}
+		h.poolKey = ""
+	}
+	return errors.Join(errs...)
 }
 
 var keyIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
@@ -434,6 +617,25 @@ func (h *Handler) checkConfig() error {
 	}
 	if h.MaxBodySize < 0 {
 		return errors.New("max_body_size must not be negative")
+	}
+	if d := h.Delivery; d != nil {
+		for name, v := range map[string]caddy.Duration{"retry_backoff": d.RetryBackoff, "max_backoff": d.MaxBackoff,
+			"max_age": d.MaxAge, "retention": d.Retention, "idempotency_ttl": d.IdempotencyTTL, "lease": d.Lease, "drain_timeout": d.DrainTimeout} {
+			if v < 0 {
+				return fmt.Errorf("delivery %s must not be negative", name)
+			}
+		}
+		if d.MaxQueued < 0 {
+			return errors.New("delivery max_queued must not be negative")
+		}
+		if d.RetryBackoff > 0 && d.MaxBackoff > 0 && d.MaxBackoff < d.RetryBackoff {
+			return errors.New("delivery max_backoff must not be shorter than retry_backoff")
+		}
+	}
+	for _, host := range h.WebhookAllowHosts {
+		if host == "" || strings.ContainsAny(host, "/ :@?#") && !strings.HasPrefix(host, "[") {
+			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give a host name or IP address", host)
+		}
 	}
 	return nil
 }
@@ -574,4 +776,5 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 	_ caddy.Destructor            = (*smtpSender)(nil)
+	_ caddy.Destructor            = (*engine)(nil)
 )

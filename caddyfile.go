@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -49,6 +50,21 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			<event> on|off
 //		}
 //		max_body_size <size>
+//		delivery {
+//			wait <duration>
+//			retry_backoff <duration>
+//			max_backoff <duration>
+//			max_age <duration>
+//			retention <duration>
+//			max_queued <n>
+//			retry_uncertain on|off
+//			idempotency_ttl <duration>
+//			lease <duration>
+//			drain_timeout <duration>
+//		}
+//		storage <module> [<args…>] { … }
+//		webhook_secret <secret>
+//		webhook_allow_hosts <host>...
 //	}
 //
 // Exactly one of smtp and capture is required, as are from and at least
@@ -255,6 +271,51 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.MaxBodySize = int64(size)
 
+		case "delivery":
+			if err := once(sub); err != nil {
+				return err
+			}
+			dl, err := unmarshalDelivery(d)
+			if err != nil {
+				return err
+			}
+			h.Delivery = dl
+
+		case "storage":
+			if err := once(sub); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			name := d.Val()
+			unm, err := caddyfile.UnmarshalModule(d, "caddy.storage."+name)
+			if err != nil {
+				return err
+			}
+			sc, ok := unm.(caddy.StorageConverter)
+			if !ok {
+				return d.Errf("module %s is not a storage module", name)
+			}
+			h.StorageRaw = caddyconfig.JSONModuleObject(sc, "module", name, nil)
+
+		case "webhook_secret":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			h.WebhookSecret = v
+
+		case "webhook_allow_hosts":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.WebhookAllowHosts = append(h.WebhookAllowHosts, args...)
+
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}
@@ -341,4 +402,77 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 		return nil, d.WrapErr(err)
 	}
 	return s, nil
+}
+
+// unmarshalDelivery parses `delivery { … }`.
+func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	dl := &Delivery{}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return nil, d.Errf("delivery %s already specified", sub)
+		}
+		seen[sub] = true
+		if !d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return nil, d.ArgErr()
+		}
+		dur := func(allowZero bool) (caddy.Duration, error) {
+			t, err := caddy.ParseDuration(v)
+			if err != nil || t < 0 || (t == 0 && !allowZero) {
+				return 0, d.Errf("invalid delivery %s duration '%s'", sub, v)
+			}
+			return caddy.Duration(t), nil
+		}
+		var err error
+		switch sub {
+		case "wait":
+			dl.Wait, err = dur(true)
+			if err == nil && dl.Wait == 0 {
+				dl.Wait = -1 // explicit zero: answer at once
+			}
+		case "retry_backoff":
+			dl.RetryBackoff, err = dur(false)
+		case "max_backoff":
+			dl.MaxBackoff, err = dur(false)
+		case "max_age":
+			dl.MaxAge, err = dur(false)
+		case "retention":
+			dl.Retention, err = dur(false)
+		case "idempotency_ttl":
+			dl.IdempotencyTTL, err = dur(false)
+		case "lease":
+			dl.Lease, err = dur(false)
+		case "drain_timeout":
+			dl.DrainTimeout, err = dur(false)
+		case "max_queued":
+			n, perr := strconv.Atoi(v)
+			if perr != nil || n < 1 {
+				return nil, d.Errf("delivery max_queued must be a positive number, not '%s'", v)
+			}
+			dl.MaxQueued = n
+		case "retry_uncertain":
+			switch v {
+			case "on":
+				dl.RetryUncertain = true
+			case "off":
+				dl.RetryUncertain = false
+			default:
+				return nil, d.Errf("delivery retry_uncertain must be on or off, not '%s'", v)
+			}
+		default:
+			return nil, d.Errf("unrecognized delivery subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return dl, nil
 }

@@ -41,6 +41,7 @@ const (
 	kindOTP
 	kindLink
 	kindAlert
+	kindStatus
 )
 
 // endpoint is one path of the API, relative to path_prefix.
@@ -52,20 +53,23 @@ type endpoint struct {
 }
 
 func (e *endpoint) method() string {
-	if e.kind == kindHealth {
+	if e.kind == kindHealth || e.kind == kindStatus {
 		return http.MethodGet
 	}
 	return http.MethodPost
 }
 
 func (e *endpoint) allow() string {
-	if e.kind == kindHealth {
+	if e.kind == kindHealth || e.kind == kindStatus {
 		return "GET, HEAD"
 	}
 	return "POST"
 }
 
 var endpoints = map[string]*endpoint{}
+
+// statusEndpoint serves GET /messages/{id}.
+var statusEndpoint = &endpoint{path: "/messages/", flow: "status", kind: kindStatus}
 
 // linkFlows are the flows that carry a link; `link <flow> <url>` accepts
 // these names.
@@ -86,8 +90,15 @@ func init() {
 	}
 }
 
+// deliveryFields are accepted by every send endpoint.
+type deliveryFields struct {
+	WebhookURL    string `json:"webhook_url"`
+	WebhookSecret string `json:"webhook_secret"`
+}
+
 // Request bodies. Unknown fields are rejected.
 type sendRequest struct {
+	deliveryFields
 	To       addressList `json:"to"`
 	Cc       addressList `json:"cc"`
 	Bcc      addressList `json:"bcc"`
@@ -98,6 +109,7 @@ type sendRequest struct {
 }
 
 type otpRequest struct {
+	deliveryFields
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	Code             string      `json:"code"`
@@ -105,6 +117,7 @@ type otpRequest struct {
 }
 
 type linkRequest struct {
+	deliveryFields
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	ExpiresInMinutes *int        `json:"expires_in_minutes"`
@@ -119,6 +132,7 @@ type emailChangeRequest struct {
 }
 
 type securityAlertRequest struct {
+	deliveryFields
 	To         addressList `json:"to"`
 	UserName   string      `json:"user_name"`
 	Event      string      `json:"event"`
@@ -133,6 +147,43 @@ type outMessage struct {
 	flow                 string
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
+	webhook              *webhookState
+}
+
+// checkWebhook validates a request's webhook fields.
+func (h *Handler) checkWebhook(f deliveryFields) (*webhookState, *apiError) {
+	if f.WebhookURL == "" {
+		if f.WebhookSecret != "" {
+			return nil, invalid("webhook_secret", "needs a webhook_url")
+		}
+		return nil, nil
+	}
+	if err := checkWebhookURL(f.WebhookURL, h.WebhookAllowHosts); err != nil {
+		return nil, err
+	}
+	if err := checkText("webhook_secret", f.WebhookSecret, 256); err != nil {
+		return nil, err
+	}
+	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") {
+		return nil, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
+	}
+	return &webhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
+}
+
+// withWebhook validates the webhook fields and attaches them to the
+// first message.
+func (h *Handler) withWebhook(f deliveryFields, msgs []*outMessage, skip string, aerr *apiError) ([]*outMessage, string, *apiError) {
+	if aerr != nil {
+		return nil, "", aerr
+	}
+	wh, err := h.checkWebhook(f)
+	if err != nil {
+		return nil, "", err
+	}
+	if len(msgs) > 0 {
+		msgs[0].webhook = wh
+	}
+	return msgs, skip, nil
 }
 
 // prepare validates a request body for ep and composes the messages to
@@ -157,6 +208,11 @@ func (h *Handler) prepareSend(body []byte) ([]*outMessage, string, *apiError) {
 	if err := decodeJSON(body, &req); err != nil {
 		return nil, "", err
 	}
+	msgs, skip, aerr := h.composeSend(&req)
+	return h.withWebhook(req.deliveryFields, msgs, skip, aerr)
+}
+
+func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiError) {
 	m := &outMessage{flow: "send"}
 	var err *apiError
 	if m.to, err = req.To.addresses("to", true); err != nil {
@@ -239,6 +295,11 @@ func (h *Handler) prepareOTP(ep *endpoint, body []byte) ([]*outMessage, string, 
 	if err := decodeJSON(body, &req); err != nil {
 		return nil, "", err
 	}
+	msgs, skip, aerr := h.composeOTP(ep, &req)
+	return h.withWebhook(req.deliveryFields, msgs, skip, aerr)
+}
+
+func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, string, *apiError) {
 	to, err := recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err
@@ -270,6 +331,11 @@ func (h *Handler) prepareLink(ep *endpoint, body []byte) ([]*outMessage, string,
 	if err != nil {
 		return nil, "", err
 	}
+	msgs, skip, aerr := h.composeLink(ep, &req)
+	return h.withWebhook(req.deliveryFields, msgs, skip, aerr)
+}
+
+func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMessage, string, *apiError) {
 	to, err := recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err
@@ -380,6 +446,11 @@ func (h *Handler) prepareAlert(body []byte) ([]*outMessage, string, *apiError) {
 	if err := decodeJSON(body, &req); err != nil {
 		return nil, "", err
 	}
+	msgs, skip, aerr := h.composeAlert(&req)
+	return h.withWebhook(req.deliveryFields, msgs, skip, aerr)
+}
+
+func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string, *apiError) {
 	to, err := recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err

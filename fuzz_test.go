@@ -2,7 +2,8 @@ package authmail
 
 import (
 	"bytes"
-	"context"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/mail"
 	"strings"
@@ -12,28 +13,46 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 )
 
 // provisionedHandler returns a handler provisioned the way Caddy does it,
-// delivering into a capture directory.
-func provisionedHandler(t testing.TB) *Handler {
+// delivering into a capture directory, with its outbox in a temporary
+// storage.
+func provisionedHandler(t testing.TB, mods ...func(*Handler)) *Handler {
 	t.Helper()
 	t.Setenv("AUTHMAIL_UNIT_KEY", "0123456789abcdef0123")
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
+	t.Setenv("XDG_DATA_HOME", t.TempDir()) // the instance id lives there
 	h := &Handler{
 		Capture: t.TempDir(), From: "no-reply@example.com", FromName: "Example",
 		BaseURL: "https://app.example.com", Keys: []Key{{ID: "app", Secret: "{env.AUTHMAIL_UNIT_KEY}"}},
 		Links:          map[string]string{"password-reset": "https://app.example.com/reset?t={token}"},
 		SecurityAlerts: map[string]bool{"new_login": true},
 	}
+	for _, m := range mods {
+		m(h)
+	}
+	provision(t, h)
+	return h
+}
+
+// provision provisions h in a Caddy context whose storage is a temporary
+// directory, and cleans it up at the end of the test.
+func provision(t testing.TB, h *Handler) caddy.Context {
+	t.Helper()
+	storage := fmt.Sprintf(`{"module":"file_system","root":%q}`, t.TempDir())
+	ctx, err := caddy.ProvisionContext(&caddy.Config{StorageRaw: json.RawMessage(storage)})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := h.Provision(ctx); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = h.Cleanup() })
 	if err := h.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	return h
+	return ctx
 }
 
 // FuzzRequests feeds arbitrary bodies to every endpoint's validation and

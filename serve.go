@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -12,6 +11,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,13 +31,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	rc := &requestCtx{repl: repl, requestID: requestID(r, repl), started: time.Now()}
 	w.Header().Set("X-Request-ID", rc.requestID)
 
-	ep := endpoints[rest]
+	ep, msgID := lookupEndpoint(rest)
 	if ep == nil {
 		return h.reject(w, rc, &apiError{Status: http.StatusNotFound, Code: "not_found",
 			Message: "no such endpoint: " + rest})
 	}
 	rc.flow = ep.flow
-	if r.Method != ep.method() && (ep.kind != kindHealth || r.Method != http.MethodHead) {
+	if r.Method != ep.method() && (ep.method() != http.MethodGet || r.Method != http.MethodHead) {
 		return h.reject(w, rc, &apiError{Status: http.StatusMethodNotAllowed, Code: "method_not_allowed",
 			Message: "use " + ep.allow() + " for " + rest, Allow: ep.allow()})
 	}
@@ -54,6 +54,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
 	}
 	rc.keyID = keyID
+	if ep.kind == kindStatus {
+		return h.serveStatus(w, r, rc, msgID)
+	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		return h.reject(w, rc, &apiError{Status: http.StatusUnsupportedMediaType, Code: "unsupported_media_type",
 			Message: "Content-Type must be application/json"})
@@ -62,6 +65,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
+	idemKey, hasIdem := r.Header["Idempotency-Key"]
+	if hasIdem {
+		if aerr := checkIdempotencyKey(idemKey[0]); aerr != nil {
+			return h.reject(w, rc, aerr)
+		}
+	}
+	pref := parsePrefer(r.Header.Values("Prefer"))
 	body, aerr := h.readBody(w, r)
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
@@ -93,33 +103,251 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeJSON(w, http.StatusOK, dryRunResponse{Sent: false, DryRun: true, Message: "Email payload is valid"})
 	}
 
-	// The first message is the one the caller asked for; a second one is
-	// the email-change notice to the old address, sent only when the
-	// first went out.
-	first := h.deliver(r.Context(), rc, msgs[0].flow, envs[0])
-	rc.id, rc.messageID = envs[0].ID, envs[0].MessageID
-	if first.err != nil {
-		rc.setStatus("failed", first.err.Code)
-		status := http.StatusBadGateway
-		if first.err.Code == codeCaptureFailed {
-			status = http.StatusInternalServerError // a local problem, not the gateway's
-		}
-		return writeJSON(w, status, errorResponse{
-			ErrorCode: first.err.Code, Message: first.err.Error(),
-			ID: envs[0].ID, MessageID: envs[0].MessageID,
-		})
+	submit := func(batch string) apiResponse { return h.submit(rc, msgs, envs, batch, pref) }
+	var resp apiResponse
+	if hasIdem {
+		resp = h.idempotent(r.Context(), keyID, idemKey[0], rest, body, submit)
+	} else {
+		resp = submit("")
 	}
-	rc.setStatus(first.status, "")
-	resp := sentResponse{Sent: true, Status: first.status, ID: envs[0].ID, MessageID: envs[0].MessageID}
-	if len(envs) > 1 {
-		n := h.deliver(r.Context(), rc, msgs[1].flow, envs[1])
-		notice := &noticeResponse{Sent: n.err == nil, Status: n.status, ID: envs[1].ID, MessageID: envs[1].MessageID}
-		if n.err != nil {
-			notice.Status, notice.ErrorCode, notice.Message = "failed", n.err.Code, n.err.Error()
-		}
-		resp.Notice = notice
+	return h.writeAnswer(w, rc, resp)
+}
+
+// lookupEndpoint finds the endpoint for a path below the prefix; for
+// /messages/{id} it also returns the id.
+func lookupEndpoint(rest string) (*endpoint, string) {
+	if id, ok := strings.CutPrefix(rest, "/messages/"); ok && id != "" && !strings.Contains(id, "/") {
+		return statusEndpoint, id
 	}
-	return writeJSON(w, http.StatusOK, resp)
+	return endpoints[rest], ""
+}
+
+// preference is what the Prefer header (RFC 7240) asks for.
+type preference struct {
+	async   bool
+	wait    time.Duration
+	hasWait bool
+}
+
+func parsePrefer(values []string) preference {
+	var p preference
+	for _, v := range values {
+		for _, part := range strings.Split(v, ",") {
+			tok, _, _ := strings.Cut(part, ";")
+			name, val, _ := strings.Cut(strings.TrimSpace(tok), "=")
+			switch strings.ToLower(strings.TrimSpace(name)) {
+			case "respond-async":
+				p.async = true
+			case "wait":
+				if n, err := strconv.Atoi(strings.Trim(strings.TrimSpace(val), `"`)); err == nil && n >= 0 {
+					p.wait, p.hasWait = min(time.Duration(n)*time.Second, maxPreferWait), true
+				}
+			}
+		}
+	}
+	return p
+}
+
+// submit hands rendered messages to the outbox and waits, as configured
+// or preferred, for the first delivery attempt.
+func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
+	news := make([]*newMessage, len(msgs))
+	for i, m := range msgs {
+		news[i] = &newMessage{keyID: rc.keyID, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID, env: envs[i], webhook: m.webhook}
+	}
+	entries, err := h.engine.accept(news, batch)
+	if err != nil {
+		if errors.Is(err, errQueueFull) {
+			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", "the outbox holds the maximum number of unsent messages (delivery max_queued); retry later")
+			resp.retryAfter = "30"
+			return resp
+		}
+		h.logger.Error("accepting a message failed", zap.String("flow", msgs[0].flow), zap.Error(err))
+		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the message could not be written to storage; nothing was sent, retry later")
+	}
+	for _, en := range entries {
+		h.logger.Debug("message accepted", zap.String("id", en.st.ID), zap.String("flow", en.st.Flow),
+			zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID),
+			zap.Strings("recipient_domains", en.st.Domains), zap.Int("recipients", en.st.Recipients))
+	}
+	wait := h.dcfg.wait
+	switch {
+	case pref.async:
+		wait = 0
+	case pref.hasWait:
+		wait = pref.wait
+	}
+	if wait > 0 {
+		timer := time.NewTimer(wait)
+		for _, en := range entries {
+			select {
+			case <-en.first:
+				continue
+			case <-timer.C:
+			}
+			break
+		}
+		timer.Stop()
+	}
+	resp := h.answerFor(h.engine.states(entries))
+	resp.location = h.statusPath(entries[0].st.ID)
+	resp.created = true
+	if pref.async {
+		resp.prefer = "respond-async"
+	} else if pref.hasWait {
+		resp.prefer = "wait=" + strconv.Itoa(int(wait/time.Second))
+	}
+	return resp
+}
+
+func (h *Handler) statusPath(id string) string {
+	return strings.TrimSuffix(h.prefix, "/") + "/messages/" + id
+}
+
+// answerFor builds the answer for the current state of accepted
+// messages: the first is the one asked for, a second one is the
+// email-change notice.
+func (h *Handler) answerFor(states []msgState) apiResponse {
+	p := states[0]
+	var status int
+	var body any
+	switch p.Status {
+	case stSent:
+		status = http.StatusOK
+		st := "sent"
+		if h.Capture != "" {
+			st = "captured"
+		}
+		body = &sentResponse{Sent: true, Status: st, ID: p.ID, MessageID: p.MessageID}
+	case stFailed, stUnknown:
+		status = http.StatusBadGateway
+		body = &errorResponse{ErrorCode: p.LastCode, Message: p.LastError, Status: p.Status, ID: p.ID, MessageID: p.MessageID}
+	default:
+		status = http.StatusAccepted
+		body = &sentResponse{Sent: false, Status: stQueued, ID: p.ID, MessageID: p.MessageID, ErrorCode: p.LastCode}
+	}
+	if len(states) > 1 {
+		n := states[1]
+		notice := &noticeResponse{Sent: n.Status == stSent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
+		if n.Status == stSending {
+			notice.Status = stQueued
+		}
+		if n.Status != stSent {
+			notice.ErrorCode, notice.Message = n.LastCode, n.LastError
+		}
+		switch b := body.(type) {
+		case *sentResponse:
+			b.Notice = notice
+		case *errorResponse:
+			b.Notice = notice
+		}
+	}
+	return apiResponse{status: status, body: marshalJSON(body)}
+}
+
+func errorAnswer(status int, code, msg string) apiResponse {
+	return apiResponse{status: status, body: marshalJSON(errorResponse{ErrorCode: code, Message: msg})}
+}
+
+// writeAnswer writes a submit answer and sets the placeholders.
+func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiResponse) error {
+	var head struct {
+		ID, MessageID, Status, ErrorCode string
+	}
+	var parsed map[string]any
+	_ = json.Unmarshal(resp.body, &parsed)
+	head.ID, _ = parsed["id"].(string)
+	head.MessageID, _ = parsed["message_id"].(string)
+	head.Status, _ = parsed["status"].(string)
+	head.ErrorCode, _ = parsed["error_code"].(string)
+	rc.id, rc.messageID = head.ID, head.MessageID
+	if head.Status == "" {
+		head.Status = "rejected"
+		metricRejected(head.ErrorCode)
+	}
+	rc.setStatus(head.Status, head.ErrorCode)
+	hdr := w.Header()
+	if resp.status == http.StatusAccepted && resp.location != "" {
+		hdr.Set("Location", resp.location)
+	}
+	if resp.retryAfter != "" {
+		hdr.Set("Retry-After", resp.retryAfter)
+	}
+	if resp.prefer != "" {
+		hdr.Set("Preference-Applied", resp.prefer)
+	}
+	if resp.replayed {
+		hdr.Set("Idempotent-Replayed", "true")
+	}
+	return writeRaw(w, resp.status, resp.body)
+}
+
+// serveStatus answers GET /messages/{id}; a message created with another
+// key is "not found".
+func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, id string) error {
+	notFound := &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"}
+	st, ok, err := h.engine.lookup(r.Context(), id)
+	if err != nil {
+		h.logger.Error("reading message state failed", zap.Error(err))
+		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
+			Message: "the message state could not be read; retry later"})
+	}
+	if !ok || st.KeyID != rc.keyID {
+		return h.reject(w, rc, notFound)
+	}
+	rc.id, rc.messageID = st.ID, st.MessageID
+	rc.setStatus(st.Status, "")
+	return writeJSON(w, http.StatusOK, statusOf(st))
+}
+
+// statusResponse is the answer of GET /messages/{id}.
+type statusResponse struct {
+	ID            string          `json:"id"`
+	Status        string          `json:"status"`
+	Attempts      int             `json:"attempts"`
+	CreatedAt     string          `json:"created_at"`
+	UpdatedAt     string          `json:"updated_at"`
+	NextAttemptAt *string         `json:"next_attempt_at"`
+	MessageID     string          `json:"message_id"`
+	LastErrorCode *string         `json:"last_error_code"`
+	LastError     *string         `json:"last_error"`
+	SMTPResponse  *string         `json:"smtp_response"`
+	Flow          string          `json:"flow"`
+	SentAt        *string         `json:"sent_at,omitempty"`
+	Webhook       *webhookSummary `json:"webhook,omitempty"`
+}
+
+type webhookSummary struct {
+	Status   string `json:"status"`
+	Attempts int    `json:"attempts"`
+}
+
+func statusOf(st msgState) statusResponse {
+	opt := func(s string) *string {
+		if s == "" {
+			return nil
+		}
+		return &s
+	}
+	ts := func(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+	out := statusResponse{
+		ID: st.ID, Status: st.Status, Attempts: st.Attempts, CreatedAt: ts(st.Created), UpdatedAt: ts(st.Updated),
+		MessageID: st.MessageID, LastErrorCode: opt(st.LastCode), LastError: opt(st.LastError),
+		SMTPResponse: opt(st.SMTPResponse), Flow: st.Flow,
+	}
+	if st.Status == stQueued && !st.NextAt.IsZero() {
+		out.NextAttemptAt = opt(ts(st.NextAt))
+	}
+	if !st.SentAt.IsZero() {
+		out.SentAt = opt(ts(st.SentAt))
+	}
+	if st.Webhook != nil {
+		out.Webhook = &webhookSummary{Status: st.Webhook.Status, Attempts: st.Webhook.Attempts}
+		if out.Webhook.Status == "" {
+			out.Webhook.Status = "waiting"
+		}
+	}
+	return out
 }
 
 // route returns the endpoint path below the prefix, or false when the
@@ -241,52 +469,6 @@ func (rc *requestCtx) setStatus(status, code string) {
 	rc.repl.Set("http.authmail.error_code", code)
 }
 
-// outcome is the result of delivering one message.
-type outcome struct {
-	status string // sent, captured, failed
-	err    *deliveryError
-}
-
-// deliver hands env to the transport and logs one line about it. The
-// line never holds an address (only recipient domains), a body, a code,
-// a link or a credential.
-func (h *Handler) deliver(ctx context.Context, rc *requestCtx, flow string, env *envelope) outcome {
-	start := time.Now()
-	d, err := h.transport.send(ctx, env)
-	fields := []zap.Field{
-		zap.String("id", env.ID),
-		zap.String("flow", flow),
-		zap.String("key_id", rc.keyID),
-		zap.String("request_id", rc.requestID),
-		zap.Strings("recipient_domains", recipientDomains(env.To)),
-		zap.Int("recipients", len(env.To)),
-		zap.Duration("duration", time.Since(start)),
-	}
-	if err == nil {
-		h.logger.Info("message "+d.Status, append(fields, zap.String("outcome", d.Status))...)
-		return outcome{status: d.Status}
-	}
-	var de *deliveryError
-	if !errors.As(err, &de) {
-		de = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: err}
-	}
-	result := "failed"
-	if de.uncertain() {
-		result = "uncertain"
-	}
-	fields = append(fields, zap.String("outcome", result), zap.String("error_code", de.Code), zap.String("smtp_phase", de.Phase))
-	if de.Reply != nil {
-		// the reply text can quote a recipient address: log codes only
-		fields = append(fields, zap.Int("smtp_code", de.Reply.Code), zap.String("smtp_enhanced_code", de.Reply.Enhanced))
-	} else if de.Err != nil {
-		fields = append(fields, zap.String("error", errText(de.Err)))
-	}
-	if ce := h.logger.Check(zapcore.ErrorLevel, "message "+result); ce != nil {
-		ce.Write(fields...)
-	}
-	return outcome{status: "failed", err: de}
-}
-
 // reject answers with an API error.
 func (h *Handler) reject(w http.ResponseWriter, rc *requestCtx, e *apiError) error {
 	rc.setStatus("rejected", e.Code)
@@ -297,16 +479,19 @@ func (h *Handler) reject(w http.ResponseWriter, rc *requestCtx, e *apiError) err
 		ce.Write(zap.String("error_code", e.Code), zap.Int("status", e.Status), zap.String("field", e.Field),
 			zap.String("flow", rc.flow), zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID))
 	}
+	metricRejected(e.Code)
 	return writeJSON(w, e.Status, errorResponse{ErrorCode: e.Code, Message: e.Message, Field: e.Field})
 }
 
 // Response bodies; field order is the documented one.
 type errorResponse struct {
-	ErrorCode string `json:"error_code"`
-	Message   string `json:"message"`
-	Field     string `json:"field,omitempty"`
-	ID        string `json:"id,omitempty"`
-	MessageID string `json:"message_id,omitempty"`
+	ErrorCode string          `json:"error_code"`
+	Message   string          `json:"message"`
+	Field     string          `json:"field,omitempty"`
+	Status    string          `json:"status,omitempty"`
+	ID        string          `json:"id,omitempty"`
+	MessageID string          `json:"message_id,omitempty"`
+	Notice    *noticeResponse `json:"notice,omitempty"`
 }
 
 type sentResponse struct {
@@ -314,6 +499,7 @@ type sentResponse struct {
 	Status    string          `json:"status"`
 	ID        string          `json:"id"`
 	MessageID string          `json:"message_id"`
+	ErrorCode string          `json:"error_code,omitempty"`
 	Notice    *noticeResponse `json:"notice,omitempty"`
 }
 
@@ -338,20 +524,29 @@ type skippedResponse struct {
 	Reason string `json:"reason"`
 }
 
-// writeJSON writes v as the response. HTML characters are not escaped,
-// so message ids read "<…@domain>" on the wire.
-func writeJSON(w http.ResponseWriter, status int, v any) error {
+// marshalJSON encodes v without escaping HTML characters, so message
+// ids read "<…@domain>" on the wire.
+func marshalJSON(v any) []byte {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
 	if err := enc.Encode(v); err != nil {
-		return caddyhttp.Error(http.StatusInternalServerError, err)
+		return []byte(`{"error_code":"internal_error","message":"encoding the answer failed"}` + "\n")
 	}
+	return buf.Bytes()
+}
+
+// writeJSON writes v as the response.
+func writeJSON(w http.ResponseWriter, status int, v any) error {
+	return writeRaw(w, status, marshalJSON(v))
+}
+
+func writeRaw(w http.ResponseWriter, status int, body []byte) error {
 	hdr := w.Header()
 	hdr.Set("Content-Type", "application/json")
 	hdr.Set("Cache-Control", "no-store")
 	hdr.Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
-	_, err := w.Write(buf.Bytes())
+	_, err := w.Write(body)
 	return err
 }

@@ -216,7 +216,7 @@ func TestLinkWithoutConfiguredOrigin(t *testing.T) {
 		t.Fatalf("with base_url the link is built: %d %s", r.status, r.raw)
 	}
 	dir := t.TempDir()
-	cfg := strings.Replace(config{Delivery: "capture " + dir}.render(), "\t\tbase_url https://app.example.com\n", "", 1)
+	cfg := strings.Replace(config{Delivery: "capture " + dir, StorageDir: storageFor(t)}.render(), "\t\tbase_url https://app.example.com\n", "", 1)
 	if strings.Contains(cfg, "base_url") {
 		t.Fatal("base_url still in config")
 	}

@@ -8,7 +8,7 @@ import (
 	"testing"
 )
 
-var idPattern = regexp.MustCompile(`^[0-9a-hjkmnp-tv-z]{26}$`)
+var idPattern = regexp.MustCompile(`^[0-9a-hjkmnp-tv-z]{28}$`)
 
 func checkIDs(t *testing.T, r response) {
 	t.Helper()

@@ -101,6 +101,7 @@ type config struct {
 	PathPrefix string
 	HELO       string // default it.example
 	LogFile    string
+	StorageDir string // the outbox storage; default: one per test
 }
 
 var caddyfileTemplate = template.Must(template.New("").Parse(`{
@@ -155,6 +156,7 @@ http://localhost:9080 {
 			account_locked off
 		}
 		max_body_size 64KiB
+		storage file_system {{.StorageDir}}
 {{- if .Extra}}
 		{{.Extra}}
 {{- end}}
@@ -163,6 +165,26 @@ http://localhost:9080 {
 	respond "next handler" 200
 }
 `))
+
+var (
+	storageMu   sync.Mutex
+	storageDirs = map[string]string{}
+)
+
+// storageFor returns the outbox storage directory of a test: one per
+// top-level test, so that messages still queued by one test are never
+// delivered during another.
+func storageFor(t *testing.T) string {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	storageMu.Lock()
+	defer storageMu.Unlock()
+	if d, ok := storageDirs[name]; ok {
+		return d
+	}
+	d := filepath.Join(tmpDir, "storage", name)
+	storageDirs[name] = d
+	return d
+}
 
 func (c config) render() string {
 	if c.SMTPPort == 0 {
@@ -186,6 +208,9 @@ func (c config) render() string {
 // the SMTP server's records and hooks.
 func load(t *testing.T, c config) {
 	t.Helper()
+	if c.StorageDir == "" {
+		c.StorageDir = storageFor(t)
+	}
 	caddytest.NewTester(t).InitServer(c.render(), "caddyfile")
 	if t.Failed() {
 		t.FailNow()

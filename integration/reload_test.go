@@ -18,6 +18,9 @@ import (
 // SMTP server's counters.
 func reload(t *testing.T, c config) {
 	t.Helper()
+	if c.StorageDir == "" {
+		c.StorageDir = storageFor(t)
+	}
 	caddytest.NewTester(t).InitServer(c.render(), "caddyfile")
 	if t.Failed() {
 		t.FailNow()

@@ -1,0 +1,44 @@
+package authmail
+
+import "github.com/caddyserver/caddy/v2"
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// App is the authmail app. It needs no configuration: authmail handlers
+// load it, and it starts their outbox engines when a config actually
+// starts running, so that `caddy validate` and failed reloads never start
+// a delivery worker.
+//
+// Engines are added while the config is provisioned and started after, by
+// the same goroutine, so no locking is needed.
+type App struct {
+	engines []*engine
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "authmail",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+func (a *App) add(e *engine) { a.engines = append(a.engines, e) }
+
+// Start starts the engines of this config. Engines shared with the
+// previous config are already running; starting is idempotent.
+func (a *App) Start() error {
+	for _, e := range a.engines {
+		e.start()
+	}
+	return nil
+}
+
+// Stop does nothing: engines stop when the last config that uses them is
+// cleaned up, after deliveries in flight finish.
+func (a *App) Stop() error { return nil }
+
+// Interface guards
+var _ caddy.App = (*App)(nil)

@@ -1,0 +1,166 @@
+package authmail
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// idemRecord is stored at authmail/idem/<key id>/<sha256 of the key>.
+type idemRecord struct {
+	RequestHash string    `json:"request_hash"`
+	ID          string    `json:"id"`    // the message id reserved for the request
+	State       string    `json:"state"` // pending, done
+	Status      int       `json:"status,omitempty"`
+	Body        []byte    `json:"body,omitempty"`
+	Location    string    `json:"location,omitempty"`
+	Created     time.Time `json:"created"`
+}
+
+// checkIdempotencyKey validates an Idempotency-Key header value: 1 to
+// 255 visible ASCII characters.
+func checkIdempotencyKey(v string) *apiError {
+	bad := &apiError{Status: http.StatusBadRequest, Code: "invalid_idempotency_key",
+		Message: "Idempotency-Key must be 1 to 255 visible ASCII characters"}
+	if len(v) == 0 || len(v) > 255 {
+		return bad
+	}
+	for i := 0; i < len(v); i++ {
+		if v[i] < 0x21 || v[i] > 0x7e {
+			return bad
+		}
+	}
+	return nil
+}
+
+// keyedMutex serialises requests with the same idempotency key inside
+// this process, so concurrent duplicates wait for the first instead of
+// contending for the storage lock.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*keyedLock
+}
+
+type keyedLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) lock(key string) func() {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*keyedLock{}
+	}
+	l := k.locks[key]
+	if l == nil {
+		l = &keyedLock{}
+		k.locks[key] = l
+	}
+	l.refs++
+	k.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		k.mu.Lock()
+		l.refs--
+		if l.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}
+
+var idemLocks keyedMutex
+
+// apiResponse is a complete answer, so that idempotent requests can
+// store and replay it.
+type apiResponse struct {
+	status   int
+	body     []byte
+	location string
+	// created is true when a message was accepted, i.e. the answer must
+	// be replayed for a retry with the same key.
+	created bool
+	// retryAfter, when set, is sent as Retry-After.
+	retryAfter string
+	replayed   bool
+	prefer     string
+}
+
+// idempotent runs submit at most once per (API key, Idempotency-Key)
+// across instances and restarts: same key and body replay the stored
+// answer, a different body is a 409, and a request that creates no
+// message does not consume the key. submit gets the batch id reserved
+// for the message, which makes a crash between acceptance and the
+// stored answer recoverable without sending twice.
+func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath string, body []byte, submit func(batch string) apiResponse) apiResponse {
+	sum := sha256.Sum256([]byte(idemKey))
+	hash := hex.EncodeToString(sum[:])
+	reqSum := sha256.Sum256(append([]byte(endpointPath+"\x00"), body...))
+	reqHash := hex.EncodeToString(reqSum[:])
+	key := keyIdem + keyID + "/" + hash
+
+	unlock := idemLocks.lock(key)
+	defer unlock()
+	st := h.engine.st
+	lockName := "authmail_idem_" + keyID + "_" + hash
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := st.s.Lock(lctx, lockName); err != nil {
+		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be locked; retry later")
+	}
+	defer func() { _ = st.s.Unlock(context.Background(), lockName) }()
+
+	var rec idemRecord
+	err := st.getJSON(lctx, key, &rec)
+	found := err == nil && time.Since(rec.Created) < h.engine.config().idemTTL
+	if err != nil && !isNotExist(err) {
+		h.logger.Error("reading an idempotency record failed", zap.Error(err))
+		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be read; retry later")
+	}
+	if found {
+		if rec.RequestHash != reqHash {
+			return errorAnswer(http.StatusConflict, "idempotency_conflict", "this Idempotency-Key was used with a different request")
+		}
+		if rec.State == "done" {
+			return apiResponse{status: rec.Status, body: rec.Body, location: rec.Location, created: true, replayed: true}
+		}
+		// pending: an earlier attempt stopped between reserving the id and
+		// storing its answer. If the message was accepted, answer for it;
+		// otherwise accept it now under the reserved id.
+		if state, ok, lerr := h.engine.lookup(lctx, rec.ID); lerr == nil && ok {
+			resp := h.answerFor([]msgState{state})
+			h.storeIdem(lctx, key, rec, resp)
+			resp.replayed = true
+			return resp
+		}
+	} else {
+		rec = idemRecord{RequestHash: reqHash, ID: messageID(newID(time.Now()), 0), State: "pending", Created: time.Now()}
+		if err := st.putJSON(lctx, key, rec); err != nil {
+			h.logger.Error("writing an idempotency record failed", zap.Error(err))
+			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be written; retry later")
+		}
+	}
+	resp := submit(batchOf(rec.ID))
+	if resp.created {
+		h.storeIdem(lctx, key, rec, resp)
+	} else if !found {
+		// nothing was created: the key stays unused
+		_ = st.s.Delete(context.Background(), key)
+	}
+	return resp
+}
+
+func (h *Handler) storeIdem(ctx context.Context, key string, rec idemRecord, resp apiResponse) {
+	rec.State, rec.Status, rec.Body, rec.Location = "done", resp.status, resp.body, resp.location
+	if err := h.engine.st.putJSON(ctx, key, rec); err != nil {
+		// the message is accepted; a retry finds the pending record and
+		// answers for the same message
+		h.logger.Error("writing an idempotency record failed", zap.Error(err))
+	}
+}

@@ -1,0 +1,110 @@
+package authmail
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are created once per process, so their values survive config
+// reloads, and registered with each new config's registry in Provision.
+// Labels are low-cardinality: no addresses, IPs or ids.
+var (
+	metricsOnce sync.Once
+	collectors  []prometheus.Collector
+
+	mAccepted *prometheus.CounterVec
+	mFinal    *prometheus.CounterVec
+	mAttempts *prometheus.CounterVec
+	mSMTPTime *prometheus.HistogramVec
+	mWebhooks *prometheus.CounterVec
+	mRejected *prometheus.CounterVec
+)
+
+func initMetrics() {
+	metricsOnce.Do(func() {
+		const ns, sub = "caddy", "authmail"
+		mAccepted = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+			Name: "messages_accepted_total", Help: "Messages written to the outbox, by flow."}, []string{"flow"})
+		mFinal = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+			Name: "messages_total", Help: "Messages that reached a final state, by flow and outcome (sent, failed, unknown)."}, []string{"flow", "outcome"})
+		mAttempts = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+			Name: "delivery_attempts_total", Help: "Delivery attempts by result (sent, transient, permanent, uncertain)."}, []string{"result"})
+		mSMTPTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub,
+			Name: "smtp_duration_seconds", Help: "Duration of delivery attempts, connection included, by result.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"result"})
+		mWebhooks = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+			Name: "webhooks_total", Help: "Webhook deliveries by result (delivered, retry, failed)."}, []string{"result"})
+		mRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+			Name: "requests_rejected_total", Help: "API requests answered with an error before a message was created, by error code."}, []string{"error_code"})
+		queue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub,
+			Name: "queue_depth", Help: "Messages in the outbox that have not reached a final state."},
+			func() float64 { n, _ := outboxTotals(); return float64(n) })
+		oldest := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub,
+			Name: "queue_oldest_age_seconds", Help: "Age of the oldest message waiting for delivery."},
+			func() float64 { _, age := outboxTotals(); return age.Seconds() })
+		conns := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub,
+			Name: "smtp_connections", Help: "Open SMTP connections."},
+			func() float64 {
+				var n int64
+				smtpPool.Range(func(_, v any) bool { n += v.(*smtpSender).openConnections(); return true })
+				return float64(n)
+			})
+		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns}
+	})
+}
+
+// registerMetrics registers the collectors with a config's registry;
+// several handlers register the same collectors, which is fine.
+func registerMetrics(reg prometheus.Registerer) error {
+	initMetrics()
+	if reg == nil {
+		return nil
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func outboxTotals() (int, time.Duration) {
+	total, oldest := 0, time.Duration(0)
+	enginePool.Range(func(_, v any) bool {
+		n, age := v.(*engine).queueStats()
+		total += n
+		oldest = max(oldest, age)
+		return true
+	})
+	return total, oldest
+}
+
+func metricAccepted(flow string) { initMetrics(); mAccepted.WithLabelValues(flow).Inc() }
+
+func metricFinal(flow, status string) { initMetrics(); mFinal.WithLabelValues(flow, status).Inc() }
+
+func metricAttempt(derr *deliveryError, d time.Duration) {
+	initMetrics()
+	result := "sent"
+	switch {
+	case derr == nil:
+	case derr.uncertain():
+		result = "uncertain"
+	case derr.permanent():
+		result = "permanent"
+	default:
+		result = "transient"
+	}
+	mAttempts.WithLabelValues(result).Inc()
+	mSMTPTime.WithLabelValues(result).Observe(d.Seconds())
+}
+
+func metricWebhook(result string) { initMetrics(); mWebhooks.WithLabelValues(result).Inc() }
+
+func metricRejected(code string) { initMetrics(); mRejected.WithLabelValues(code).Inc() }

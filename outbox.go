@@ -1,0 +1,947 @@
+package authmail
+
+import (
+	"container/heap"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// enginePool holds one outbox engine per storage. Handlers in every
+// config that use the same storage share it, so a reload never starts a
+// second consumer and in-flight deliveries finish on the same engine.
+var enginePool = caddy.NewUsagePool()
+
+// engineConfig is the delivery configuration. The most recently
+// provisioned handler sets it.
+type engineConfig struct {
+	wait           time.Duration
+	retryBackoff   time.Duration
+	maxBackoff     time.Duration
+	maxAge         time.Duration
+	retention      time.Duration
+	idemTTL        time.Duration
+	lease          time.Duration
+	drain          time.Duration
+	maxQueued      int
+	retryUncertain bool
+	webhookSecret  string
+	webhookAllow   []string
+	logRecipients  bool
+}
+
+// errQueueFull is returned by accept when max_queued messages wait.
+var errQueueFull = errors.New("the outbox is full")
+
+// engine is the durable outbox: it writes accepted messages to storage,
+// delivers them with retries, and records every state change.
+type engine struct {
+	poolKey string
+	st      store
+	iid     string
+
+	cfg    atomic.Pointer[engineConfig]
+	logger atomic.Pointer[zap.Logger]
+
+	mu            sync.Mutex
+	entries       map[string]*entry
+	batches       map[string]*batch
+	ready         entryHeap // queued messages by next attempt time
+	hooks         hookHeap  // pending webhooks by next attempt time
+	nonFinal      int       // messages not in a final state
+	reserved      int       // messages being written
+	profiles      map[string]*profileRef
+	latestProfile string
+	dirty         map[*batch][]func(error)
+	closing       bool
+	workers       int // running delivery workers
+	wantWorkers   int
+	adopted       bool // another instance took over our work
+
+	wakeCh   chan struct{} // closed and replaced to wake every waiter
+	flushCh  chan struct{} // wakes the state writer
+	acceptCh chan *acceptReq
+	stopCh   chan struct{}
+	doneCh   chan struct{} // closed when the background loops ended
+
+	startOnce sync.Once
+	started   atomic.Bool
+	loops     sync.WaitGroup // background loops
+	attempts  sync.WaitGroup // deliveries and webhooks in flight
+	segCache  segmentCache
+	bodyBytes atomic.Int64 // bytes of bodies cached in entries
+}
+
+// entry is a message the engine owns.
+type entry struct {
+	st      msgState
+	b       *batch
+	idx     int
+	from    string   // envelope, kept with a cached body
+	to      []string // envelope
+	data    []byte   // cached body; nil means load from storage
+	heapIdx int      // index in engine.ready, -1 when not queued
+	hookIdx int      // index in engine.hooks, -1 when none pending
+	claimed bool
+	// first is closed once the first attempt's outcome is durable (or the
+	// message reached a final state some other way).
+	first     chan struct{}
+	firstDone bool
+	lastErr   *deliveryError
+}
+
+type batch struct {
+	id      string
+	entries []*entry
+	open    int // entries that are not final or have a webhook pending
+	retired bool
+}
+
+type profileRef struct {
+	t     transport
+	refs  int
+	conns int
+}
+
+// newEngine allocates an engine. It does no I/O; start does.
+func newEngine(key string, s certmagic.Storage, iid string) *engine {
+	e := &engine{
+		poolKey:  key,
+		st:       store{s: s},
+		iid:      iid,
+		entries:  map[string]*entry{},
+		batches:  map[string]*batch{},
+		profiles: map[string]*profileRef{},
+		dirty:    map[*batch][]func(error){},
+		wakeCh:   make(chan struct{}),
+		flushCh:  make(chan struct{}, 1),
+		acceptCh: make(chan *acceptReq, 1024),
+		stopCh:   make(chan struct{}),
+		doneCh:   make(chan struct{}),
+	}
+	e.segCache.max = 8
+	e.logger.Store(zap.NewNop())
+	return e
+}
+
+func (e *engine) config() *engineConfig { return e.cfg.Load() }
+func (e *engine) log() *zap.Logger      { return e.logger.Load() }
+
+// configure applies a handler's delivery settings and registers its
+// transport for the handler's sender profile.
+func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t transport, conns int) {
+	e.cfg.Store(cfg)
+	e.logger.Store(logger)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := e.profiles[profile]
+	if p == nil {
+		p = &profileRef{}
+		e.profiles[profile] = p
+	}
+	p.t, p.conns = t, conns
+	p.refs++
+	e.latestProfile = profile
+	e.updateWorkersLocked()
+}
+
+// release drops a handler's registration.
+func (e *engine) release(profile string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.profiles[profile]; p != nil {
+		p.refs--
+		if p.refs <= 0 {
+			delete(e.profiles, profile)
+		}
+	}
+}
+
+// transportFor returns the transport for a message's profile: the
+// handler that sends as that address, else the most recent one.
+func (e *engine) transportFor(profile string) transport {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.profiles[profile]; p != nil {
+		return p.t
+	}
+	if p := e.profiles[e.latestProfile]; p != nil {
+		return p.t
+	}
+	for _, p := range e.profiles {
+		return p.t
+	}
+	return nil
+}
+
+func (e *engine) updateWorkersLocked() {
+	n := 0
+	for _, p := range e.profiles {
+		n += p.conns
+	}
+	n = min(max(n, 2), 64)
+	e.wantWorkers = n
+	if e.started.Load() && !e.closing {
+		for e.workers < e.wantWorkers {
+			e.workers++
+			go e.worker()
+		}
+	}
+}
+
+// start recovers the instance's work from storage and starts the
+// background loops. It runs once; the authmail app calls it when a config
+// starts (never for `caddy validate`).
+func (e *engine) start() {
+	e.startOnce.Do(func() {
+		e.started.Store(true)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		if err := e.writeHeartbeat(ctx); err != nil {
+			e.log().Error("writing the outbox heartbeat failed", zap.Error(err))
+		}
+		if n, err := e.recoverOwn(ctx); err != nil {
+			e.log().Error("recovering the outbox failed", zap.Error(err))
+		} else if n > 0 {
+			e.log().Info("recovered queued messages from storage", zap.Int("messages", n), zap.String("instance", e.iid))
+		}
+		cancel()
+		e.loops.Add(5)
+		go e.appender()
+		go e.stateWriter()
+		go e.heartbeatLoop()
+		go e.adoptionLoop()
+		go e.janitorLoop()
+		e.mu.Lock()
+		e.updateWorkersLocked()
+		for range 2 {
+			go e.webhookWorker()
+		}
+		e.mu.Unlock()
+		e.notify()
+	})
+}
+
+// Destruct is called by the pool when no config uses the engine any
+// more. New work stops at once; deliveries in flight get drain_timeout to
+// finish; whatever is not sent stays in storage for the next start. When
+// Caddy is only reloading, this happens in the background.
+func (e *engine) Destruct() error {
+	if caddy.Exiting() {
+		e.shutdown()
+	} else {
+		go e.shutdown()
+	}
+	return nil
+}
+
+func (e *engine) shutdown() {
+	e.mu.Lock()
+	if e.closing {
+		e.mu.Unlock()
+		return
+	}
+	e.closing = true
+	e.mu.Unlock()
+	if !e.started.Load() {
+		return
+	}
+	e.notify()
+	drain := 10 * time.Second
+	if c := e.config(); c != nil && c.drain > 0 {
+		drain = c.drain
+	}
+	done := make(chan struct{})
+	go func() { e.attempts.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(drain):
+		e.log().Warn("outbox drain timed out; unfinished deliveries stay in storage", zap.Duration("drain_timeout", drain))
+	}
+	// stop the loops; the state writer flushes what the finished attempts
+	// recorded before it exits
+	close(e.stopCh)
+	e.loops.Wait()
+	close(e.doneCh)
+}
+
+// notify wakes every goroutine waiting for work.
+func (e *engine) notify() {
+	e.mu.Lock()
+	close(e.wakeCh)
+	e.wakeCh = make(chan struct{})
+	e.mu.Unlock()
+}
+
+// --- accepting ---------------------------------------------------------
+
+// newMessage is a rendered message to accept.
+type newMessage struct {
+	keyID, flow, profile, messageID string
+	env                             *envelope
+	webhook                         *webhookState
+}
+
+type acceptReq struct {
+	msgs []*newMessage
+	// batch, when set, makes the request its own batch with this id (used
+	// for idempotent requests, whose id is reserved beforehand).
+	batch   string
+	entries []*entry
+	done    chan error
+}
+
+// accept writes msgs durably and queues them for immediate delivery. It
+// returns once the messages are in storage.
+func (e *engine) accept(msgs []*newMessage, fixedBatch string) ([]*entry, error) {
+	// requests only arrive once a config runs, so starting here is safe; it
+	// covers a request that races the authmail app's Start
+	e.start()
+	cfg := e.config()
+	e.mu.Lock()
+	if e.closing {
+		e.mu.Unlock()
+		return nil, errors.New("the outbox is shutting down")
+	}
+	if cfg.maxQueued > 0 && e.nonFinal+e.reserved+len(msgs) > cfg.maxQueued {
+		e.mu.Unlock()
+		return nil, errQueueFull
+	}
+	e.reserved += len(msgs)
+	e.mu.Unlock()
+	req := &acceptReq{msgs: msgs, batch: fixedBatch, done: make(chan error, 1)}
+	e.acceptCh <- req
+	err := <-req.done
+	return req.entries, err
+}
+
+// appender writes accepted messages in batches: whatever arrived while
+// the previous batch was being written goes into the next one, so the
+// storage's per-write cost is shared.
+func (e *engine) appender() {
+	defer e.loops.Done()
+	for {
+		var first *acceptReq
+		select {
+		case first = <-e.acceptCh:
+		case <-e.stopCh:
+			// fail whatever is still waiting
+			for {
+				select {
+				case r := <-e.acceptCh:
+					e.failAccept([]*acceptReq{r}, errors.New("the outbox is shutting down"))
+				default:
+					return
+				}
+			}
+		}
+		reqs := []*acceptReq{first}
+		n := len(first.msgs)
+		if first.batch == "" {
+		collect:
+			for n < maxBatch {
+				select {
+				case r := <-e.acceptCh:
+					if r.batch != "" || n+len(r.msgs) > maxBatch {
+						// write it on its own right after this batch
+						e.writeBatch(reqs)
+						reqs, n = []*acceptReq{r}, len(r.msgs)
+						if r.batch != "" {
+							break collect
+						}
+						continue
+					}
+					reqs = append(reqs, r)
+					n += len(r.msgs)
+				default:
+					break collect
+				}
+			}
+		}
+		e.writeBatch(reqs)
+	}
+}
+
+func (e *engine) failAccept(reqs []*acceptReq, err error) {
+	e.mu.Lock()
+	for _, r := range reqs {
+		e.reserved -= len(r.msgs)
+	}
+	e.mu.Unlock()
+	for _, r := range reqs {
+		r.done <- err
+	}
+}
+
+// writeBatch stores one batch (segment, then ownership marker) and hands
+// its messages to the workers.
+func (e *engine) writeBatch(reqs []*acceptReq) {
+	now := time.Now()
+	bid := reqs[0].batch
+	if bid == "" {
+		bid = newID(now)
+	}
+	seg := &segment{Batch: bid, Owner: e.iid, Created: now}
+	b := &batch{id: bid}
+	for _, r := range reqs {
+		r.entries = make([]*entry, 0, len(r.msgs))
+		for _, m := range r.msgs {
+			idx := len(seg.Messages)
+			id := messageID(bid, idx)
+			m.env.ID = id
+			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.env.From, To: m.env.To, Data: m.env.Data})
+			st := msgState{
+				ID: id, KeyID: m.keyID, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
+				Recipients: len(m.env.To), Domains: recipientDomains(m.env.To),
+				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
+			}
+			seg.States = append(seg.States, st)
+			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, first: make(chan struct{})}
+			if e.bodyBytes.Load() < maxCachedBodyBytes {
+				en.data = m.env.Data
+				e.bodyBytes.Add(int64(len(en.data)))
+			}
+			b.entries = append(b.entries, en)
+			r.entries = append(r.entries, en)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := e.st.putJSON(ctx, keySeg+bid, seg)
+	if err == nil {
+		err = e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano)))
+	}
+	if err != nil {
+		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
+		for _, en := range b.entries {
+			if en.data != nil {
+				e.bodyBytes.Add(-int64(len(en.data)))
+			}
+		}
+		e.failAccept(reqs, fmt.Errorf("writing to storage: %w", err))
+		return
+	}
+	e.mu.Lock()
+	e.batches[bid] = b
+	for _, en := range b.entries {
+		e.entries[en.st.ID] = en
+		heap.Push(&e.ready, en)
+	}
+	b.open = len(b.entries)
+	e.nonFinal += len(b.entries)
+	for _, r := range reqs {
+		e.reserved -= len(r.msgs)
+	}
+	e.mu.Unlock()
+	for _, en := range b.entries {
+		metricAccepted(en.st.Flow)
+	}
+	e.notify()
+	for _, r := range reqs {
+		r.done <- nil
+	}
+}
+
+// maxCachedBodyBytes bounds the message bodies kept in memory between
+// acceptance and the first attempt; beyond it bodies are read back from
+// storage, so memory stays bounded however large the backlog.
+const maxCachedBodyBytes = 32 << 20
+
+// --- delivering --------------------------------------------------------
+
+// worker delivers queued messages one at a time. Workers are not waited
+// for at shutdown beyond drain_timeout: an attempt cut short leaves its
+// message "sending" in storage, which the next start records as unknown.
+func (e *engine) worker() {
+	for {
+		en := e.nextReady()
+		if en == nil {
+			return
+		}
+		e.deliver(en)
+		e.mu.Lock()
+		excess := e.workers > e.wantWorkers
+		if excess {
+			e.workers--
+		}
+		e.mu.Unlock()
+		if excess {
+			return
+		}
+	}
+}
+
+// nextReady blocks until a message is due and returns it claimed for
+// this worker, or returns nil when the engine stops.
+func (e *engine) nextReady() *entry {
+	for {
+		e.mu.Lock()
+		if e.closing || e.adopted {
+			e.mu.Unlock()
+			return nil
+		}
+		var wait time.Duration = -1
+		if e.ready.Len() > 0 {
+			top := e.ready[0]
+			if d := time.Until(top.st.NextAt); d <= 0 {
+				heap.Pop(&e.ready)
+				top.claimed = true
+				e.attempts.Add(1)
+				e.mu.Unlock()
+				return top
+			} else {
+				wait = d
+			}
+		}
+		wake := e.wakeCh
+		e.mu.Unlock()
+		var timer <-chan time.Time
+		if wait >= 0 {
+			t := time.NewTimer(wait)
+			timer = t.C
+			select {
+			case <-wake:
+			case <-timer:
+			case <-e.stopCh:
+				t.Stop()
+				return nil
+			}
+			t.Stop()
+			continue
+		}
+		select {
+		case <-wake:
+		case <-e.stopCh:
+			return nil
+		}
+	}
+}
+
+// deliver runs one attempt: it records the claim durably (a crash from
+// here on makes the message "unknown", never a silent duplicate), sends,
+// and records the outcome.
+func (e *engine) deliver(en *entry) {
+	defer e.attempts.Done()
+	now := time.Now()
+	e.mu.Lock()
+	en.st.Status = stSending
+	en.st.Attempts++
+	en.st.Updated = now
+	claimed := make(chan error, 1)
+	e.markDirtyLocked(en.b, func(err error) { claimed <- err })
+	e.mu.Unlock()
+	if err := <-claimed; err != nil {
+		// the claim is not durable: do not send; try again later
+		e.log().Error("recording a delivery attempt failed; retrying later", zap.String("id", en.st.ID), zap.Error(err))
+		e.mu.Lock()
+		en.st.Status = stQueued
+		en.st.Attempts--
+		en.st.NextAt = time.Now().Add(time.Second)
+		en.claimed = false
+		heap.Push(&e.ready, en)
+		e.mu.Unlock()
+		return
+	}
+	env, err := e.envelopeOf(en)
+	var d delivery
+	var derr *deliveryError
+	if err != nil {
+		derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: fmt.Errorf("reading the message from storage: %w", err)}
+	} else if t := e.transportFor(en.st.Profile); t == nil {
+		derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: errors.New("no authmail handler is configured to send this message")}
+	} else {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		start := time.Now()
+		d, err = t.send(ctx, env)
+		cancel()
+		if err != nil && !errors.As(err, &derr) {
+			derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: err}
+		}
+		metricAttempt(derr, time.Since(start))
+	}
+	e.recordOutcome(en, d, derr)
+}
+
+// envelopeOf returns the message's envelope, from memory or storage.
+func (e *engine) envelopeOf(en *entry) (*envelope, error) {
+	e.mu.Lock()
+	data, from, to := en.data, en.from, en.to
+	e.mu.Unlock()
+	if data == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		seg, err := e.segCache.get(ctx, e.st, en.b.id)
+		if err != nil {
+			return nil, err
+		}
+		if en.idx >= len(seg.Messages) || seg.Messages[en.idx].ID != en.st.ID {
+			return nil, fmt.Errorf("message %s missing from its batch", en.st.ID)
+		}
+		sm := seg.Messages[en.idx]
+		data, from, to = sm.Data, sm.From, sm.To
+	}
+	return &envelope{ID: en.st.ID, MessageID: en.st.MessageID, From: from, To: to, Data: data}, nil
+}
+
+// recordOutcome turns an attempt's result into the next state.
+func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
+	cfg := e.config()
+	now := time.Now()
+	e.mu.Lock()
+	en.claimed = false
+	en.lastErr = derr
+	en.st.Updated = now
+	if en.data != nil {
+		e.bodyBytes.Add(-int64(len(en.data)))
+		en.data, en.from, en.to = nil, "", nil // retries read the body back from storage
+	}
+	final := false
+	switch {
+	case derr == nil:
+		en.st.Status, en.st.SentAt, final = stSent, now, true
+		en.st.SMTPResponse, en.st.LastCode, en.st.LastError = d.Response, "", ""
+		if d.Status == "captured" {
+			en.st.SMTPResponse = "captured"
+		}
+	case derr.uncertain() && !cfg.retryUncertain:
+		en.st.Status, final = stUnknown, true
+	case derr.permanent():
+		en.st.Status, final = stFailed, true
+	default:
+		next := now.Add(backoff(cfg, en.st.Attempts))
+		if next.Sub(en.st.Created) > cfg.maxAge {
+			en.st.Status, final = stFailed, true
+		} else {
+			en.st.Status, en.st.NextAt = stQueued, next
+		}
+	}
+	if derr != nil {
+		en.st.LastCode, en.st.LastError = derr.Code, derr.Error()
+		if derr.Reply != nil {
+			en.st.SMTPResponse = derr.Reply.String()
+		}
+	}
+	if final {
+		en.st.NextAt = time.Time{}
+		e.nonFinal--
+		if en.st.Webhook != nil {
+			en.st.Webhook.Status = hookPending
+			en.st.Webhook.NextAt = now
+		}
+	} else {
+		heap.Push(&e.ready, en)
+	}
+	st := en.st
+	e.markDirtyLocked(en.b, func(err error) {
+		// the outcome is durable (or could not be made so): tell the
+		// request that waits for the first attempt, then schedule the
+		// webhook and retire the batch when it is complete
+		e.mu.Lock()
+		if !en.firstDone {
+			en.firstDone = true
+			close(en.first)
+		}
+		if final {
+			if en.st.Webhook != nil && en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
+				heap.Push(&e.hooks, en)
+			} else {
+				e.closeEntryLocked(en)
+			}
+		}
+		e.mu.Unlock()
+		if final {
+			e.notify()
+		}
+	})
+	e.mu.Unlock()
+	if final || derr != nil {
+		e.logOutcome(st, derr, final)
+	}
+	if final {
+		metricFinal(st.Flow, st.Status)
+		}
+}
+
+// backoff is the delay before attempt n+1: retry_backoff doubling per
+// attempt, capped at max_backoff, with ±25% jitter.
+func backoff(cfg *engineConfig, attempts int) time.Duration {
+	d := cfg.retryBackoff
+	for i := 1; i < attempts && d < cfg.maxBackoff; i++ {
+		d *= 2
+	}
+	d = min(d, cfg.maxBackoff)
+	jitter := time.Duration(rand.Int64N(int64(d)/2+1)) - d/4
+	return max(d+jitter, time.Millisecond)
+}
+
+func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool) {
+	fields := []zap.Field{
+		zap.String("id", st.ID), zap.String("flow", st.Flow), zap.String("key_id", st.KeyID),
+		zap.String("status", st.Status), zap.Int("attempts", st.Attempts),
+		zap.Strings("recipient_domains", st.Domains), zap.Int("recipients", st.Recipients),
+	}
+	if derr != nil {
+		fields = append(fields, zap.String("error_code", derr.Code), zap.String("smtp_phase", derr.Phase))
+		if derr.Reply != nil {
+			fields = append(fields, zap.Int("smtp_code", derr.Reply.Code), zap.String("smtp_enhanced_code", derr.Reply.Enhanced))
+		} else if derr.Err != nil {
+			fields = append(fields, zap.String("error", errText(derr.Err)))
+		}
+	}
+	switch {
+	case !final:
+		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
+		e.log().Warn("delivery attempt failed; will retry", fields...)
+	case st.Status == stSent:
+		e.log().Info("message sent", fields...)
+	default:
+		e.log().Error("message "+st.Status, fields...)
+	}
+}
+
+// closeEntryLocked notes that an entry needs nothing more (final, no
+// webhook pending) and retires its batch when it was the last one.
+func (e *engine) closeEntryLocked(en *entry) {
+	b := en.b
+	b.open--
+	if b.open == 0 && !b.retired {
+		b.retired = true
+		e.markDirtyLocked(b, nil)
+	}
+}
+
+// --- persisting state ----------------------------------------------------
+
+// markDirtyLocked schedules the batch's state for the next write; done,
+// if not nil, runs after that write.
+func (e *engine) markDirtyLocked(b *batch, done func(error)) {
+	cbs := e.dirty[b]
+	if done != nil {
+		cbs = append(cbs, done)
+	}
+	e.dirty[b] = cbs
+	select {
+	case e.flushCh <- struct{}{}:
+	default:
+	}
+}
+
+// stateWriter writes dirty batch states. Changes that arrive while a
+// write is in progress are coalesced into the next one.
+func (e *engine) stateWriter() {
+	defer e.loops.Done()
+	for {
+		select {
+		case <-e.flushCh:
+		case <-e.stopCh:
+			e.flushAll()
+			return
+		}
+		e.flushAll()
+	}
+}
+
+func (e *engine) flushAll() {
+	for {
+		e.mu.Lock()
+		if len(e.dirty) == 0 {
+			e.mu.Unlock()
+			return
+		}
+		type job struct {
+			b   *batch
+			bs  batchState
+			cbs []func(error)
+		}
+		jobs := make([]job, 0, len(e.dirty))
+		now := time.Now()
+		for b, cbs := range e.dirty {
+			bs := batchState{Batch: b.id, Owner: e.iid, Updated: now, Done: b.retired, Messages: make([]msgState, len(b.entries))}
+			for i, en := range b.entries {
+				bs.Messages[i] = en.st
+			}
+			jobs = append(jobs, job{b, bs, cbs})
+		}
+		clear(e.dirty)
+		e.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		for _, j := range jobs {
+			err := e.st.putJSON(ctx, keySt+j.b.id, j.bs)
+			if err != nil {
+				e.log().Error("writing message state to storage failed", zap.String("batch", j.b.id), zap.Error(err))
+			} else if j.bs.Done {
+				e.retire(ctx, j.b)
+			}
+			for _, cb := range j.cbs {
+				cb(err)
+			}
+		}
+		cancel()
+	}
+}
+
+// retire deletes a finished batch's bodies and ownership marker and
+// forgets it; its st object stays for the retention period.
+func (e *engine) retire(ctx context.Context, b *batch) {
+	if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !isNotExist(err) {
+		e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
+	}
+	if err := e.st.s.Delete(ctx, keyOwn+e.iid+"/"+b.id); err != nil && !isNotExist(err) {
+		e.log().Warn("deleting a batch marker failed", zap.String("batch", b.id), zap.Error(err))
+	}
+	e.segCache.drop(b.id)
+	e.mu.Lock()
+	delete(e.batches, b.id)
+	for _, en := range b.entries {
+		delete(e.entries, en.st.ID)
+	}
+	e.mu.Unlock()
+}
+
+// --- queries ---------------------------------------------------------------
+
+// lookup returns a message's state, from memory when this instance owns
+// it, else from storage.
+func (e *engine) lookup(ctx context.Context, id string) (msgState, bool, error) {
+	bid := batchOf(id)
+	if bid == "" {
+		return msgState{}, false, nil
+	}
+	e.mu.Lock()
+	if en := e.entries[id]; en != nil {
+		st := en.st
+		e.mu.Unlock()
+		return st, true, nil
+	}
+	e.mu.Unlock()
+	bs, err := e.st.loadState(ctx, bid)
+	if err != nil {
+		if isNotExist(err) {
+			return msgState{}, false, nil
+		}
+		return msgState{}, false, err
+	}
+	for _, m := range bs.Messages {
+		if m.ID == id {
+			return m, true, nil
+		}
+	}
+	return msgState{}, false, nil
+}
+
+// states snapshots the state of accepted entries.
+func (e *engine) states(entries []*entry) []msgState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]msgState, len(entries))
+	for i, en := range entries {
+		out[i] = en.st
+	}
+	return out
+}
+
+// queueStats reports the number of messages waiting and the age of the
+// oldest.
+func (e *engine) queueStats() (int, time.Duration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var oldest time.Time
+	for _, en := range e.ready {
+		if oldest.IsZero() || en.st.Created.Before(oldest) {
+			oldest = en.st.Created
+		}
+	}
+	if oldest.IsZero() {
+		return e.nonFinal, 0
+	}
+	return e.nonFinal, time.Since(oldest)
+}
+
+// --- the ready heap --------------------------------------------------------
+
+type entryHeap []*entry
+
+func (h entryHeap) Len() int { return len(h) }
+func (h entryHeap) Less(i, j int) bool {
+	if !h[i].st.NextAt.Equal(h[j].st.NextAt) {
+		return h[i].st.NextAt.Before(h[j].st.NextAt)
+	}
+	return h[i].st.ID < h[j].st.ID
+}
+func (h entryHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx, h[j].heapIdx = i, j
+}
+func (h *entryHeap) Push(x any) {
+	en := x.(*entry)
+	en.heapIdx = len(*h)
+	*h = append(*h, en)
+}
+func (h *entryHeap) Pop() any {
+	old := *h
+	en := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	en.heapIdx = -1
+	return en
+}
+
+// --- segment cache -----------------------------------------------------------
+
+// segmentCache keeps a few recently read segments for retries and
+// recovered messages, which are read back from storage.
+type segmentCache struct {
+	mu    sync.Mutex
+	max   int
+	order []string
+	segs  map[string]*segment
+}
+
+func (c *segmentCache) get(ctx context.Context, st store, bid string) (*segment, error) {
+	c.mu.Lock()
+	if s := c.segs[bid]; s != nil {
+		c.mu.Unlock()
+		return s, nil
+	}
+	c.mu.Unlock()
+	seg, err := st.loadSegment(ctx, bid)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.segs == nil {
+		c.segs = map[string]*segment{}
+	}
+	if _, ok := c.segs[bid]; !ok {
+		c.segs[bid] = seg
+		c.order = append(c.order, bid)
+		for len(c.order) > c.max {
+			delete(c.segs, c.order[0])
+			c.order = c.order[1:]
+		}
+	}
+	return seg, nil
+}
+
+func (c *segmentCache) drop(bid string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.segs[bid]; !ok {
+		return
+	}
+	delete(c.segs, bid)
+	for i, b := range c.order {
+		if b == bid {
+			c.order = append(c.order[:i], c.order[i+1:]...)
+			break
+		}
+	}
+}

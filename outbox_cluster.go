@@ -1,0 +1,335 @@
+package authmail
+
+import (
+	"container/heap"
+	"context"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// Tunables that are not part of the public config. Tests shorten them.
+var (
+	janitorInterval = 10 * time.Minute
+	orphanAge       = time.Hour // unacknowledged batches older than this are garbage
+)
+
+// interruptedError is recorded for a message whose delivery attempt was
+// cut short by a crash: it may or may not have reached the server.
+const interruptedError = "the instance stopped during a delivery attempt; the message may or may not have been sent, so it is not resent automatically"
+
+func (e *engine) leaseDuration() time.Duration {
+	if c := e.config(); c != nil && c.lease > 0 {
+		return c.lease
+	}
+	return 30 * time.Second
+}
+
+func (e *engine) writeHeartbeat(ctx context.Context) error {
+	return e.st.putJSON(ctx, keyInst+e.iid, heartbeat{Instance: e.iid, Updated: time.Now()})
+}
+
+// heartbeatLoop tells the cluster this instance is alive. It also
+// notices when another instance adopted our work because our heartbeat
+// lapsed (a pause longer than the lease): we then drop that work.
+func (e *engine) heartbeatLoop() {
+	defer e.loops.Done()
+	for {
+		every := max(e.leaseDuration()/4, 200*time.Millisecond)
+		select {
+		case <-e.stopCh:
+			return
+		case <-time.After(every):
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), every*2)
+		var hb heartbeat
+		if err := e.st.getJSON(ctx, keyInst+e.iid, &hb); err == nil && hb.AdoptedBy != "" && hb.AdoptedBy != e.iid {
+			e.log().Error("another instance adopted this instance's queued messages after its heartbeat lapsed; dropping them here (raise delivery lease if this instance pauses for long)",
+				zap.String("adopted_by", hb.AdoptedBy))
+			e.dropAdopted()
+		}
+		if err := e.writeHeartbeat(ctx); err != nil {
+			e.log().Warn("writing the outbox heartbeat failed", zap.Error(err))
+		}
+		cancel()
+	}
+}
+
+// dropAdopted forgets every batch that is not being worked on right now.
+func (e *engine) dropAdopted() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, b := range e.batches {
+		busy := false
+		for _, en := range b.entries {
+			if en.claimed {
+				busy = true
+			}
+		}
+		if busy {
+			continue
+		}
+		for _, en := range b.entries {
+			if en.heapIdx >= 0 {
+				heap.Remove(&e.ready, en.heapIdx)
+			}
+			if en.hookIdx >= 0 {
+				heap.Remove(&e.hooks, en.hookIdx)
+			}
+			if !finalState(en.st.Status) {
+				e.nonFinal--
+			}
+			delete(e.entries, en.st.ID)
+		}
+		delete(e.batches, id)
+	}
+}
+
+// recoverOwn loads this instance's unfinished work from storage after a
+// start (a restart after a crash, or the first config of the process).
+func (e *engine) recoverOwn(ctx context.Context) (int, error) {
+	lock := "authmail_adopt_" + e.iid
+	if err := e.st.s.Lock(ctx, lock); err != nil {
+		return 0, err
+	}
+	defer func() { _ = e.st.s.Unlock(context.Background(), lock) }()
+	return e.takeOver(ctx, e.iid)
+}
+
+// adoptionLoop takes over the work of instances whose heartbeat is older
+// than the lease, one at a time, under a storage lock.
+func (e *engine) adoptionLoop() {
+	defer e.loops.Done()
+	for {
+		every := max(e.leaseDuration()/3, 300*time.Millisecond)
+		select {
+		case <-e.stopCh:
+			return
+		case <-time.After(every):
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		e.adoptStale(ctx)
+		cancel()
+	}
+}
+
+func (e *engine) stale(ctx context.Context, instance string) bool {
+	var hb heartbeat
+	err := e.st.getJSON(ctx, keyInst+instance, &hb)
+	if err != nil {
+		return isNotExist(err)
+	}
+	return hb.AdoptedBy != "" || time.Since(hb.Updated) > e.leaseDuration()
+}
+
+func (e *engine) adoptStale(ctx context.Context) {
+	ids, err := e.st.instances(ctx)
+	if err != nil {
+		e.log().Warn("listing outbox instances failed", zap.Error(err))
+		return
+	}
+	for _, id := range ids {
+		if id == e.iid || !e.stale(ctx, id) {
+			continue
+		}
+		owned, err := e.st.ownedBatches(ctx, id)
+		if err != nil || len(owned) == 0 {
+			continue
+		}
+		lock := "authmail_adopt_" + id
+		if err := e.st.s.Lock(ctx, lock); err != nil {
+			continue
+		}
+		// check again under the lock: the instance may be back, or another
+		// instance may have adopted its work meanwhile
+		if e.stale(ctx, id) {
+			n, err := e.takeOver(ctx, id)
+			if err != nil {
+				e.log().Error("adopting the messages of a stale instance failed", zap.String("instance", id), zap.Error(err))
+			} else if n > 0 {
+				e.log().Warn("adopted the queued messages of an instance whose heartbeat lapsed",
+					zap.String("instance", id), zap.Int("messages", n))
+				_ = e.st.putJSON(ctx, keyInst+id, heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid})
+			}
+		}
+		_ = e.st.s.Unlock(context.Background(), lock)
+	}
+}
+
+// takeOver loads an instance's unfinished batches into this engine. For
+// another instance it moves their ownership to this one first. Messages
+// that were being delivered when that instance stopped become "unknown"
+// (or queued again with retry_uncertain). It returns the number of
+// messages that still need work.
+func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
+	bids, err := e.st.ownedBatches(ctx, instance)
+	if err != nil {
+		return 0, err
+	}
+	cfg := e.config()
+	retryUncertain := cfg != nil && cfg.retryUncertain
+	total := 0
+	for _, bid := range bids {
+		e.mu.Lock()
+		_, known := e.batches[bid]
+		e.mu.Unlock()
+		if known {
+			continue
+		}
+		bs, err := e.st.loadState(ctx, bid)
+		if isNotExist(err) {
+			// neither state nor segment: a stale marker
+			_ = e.st.s.Delete(ctx, keyOwn+instance+"/"+bid)
+			continue
+		}
+		if err != nil {
+			return total, err
+		}
+		now := time.Now()
+		b := &batch{id: bid}
+		changed := instance != e.iid
+		var interrupted []msgState
+		for i, m := range bs.Messages {
+			if m.Status == stSending {
+				changed = true
+				m.Updated = now
+				if retryUncertain {
+					m.Status, m.NextAt = stQueued, now
+				} else {
+					m.Status, m.NextAt = stUnknown, time.Time{}
+					m.LastCode, m.LastError = codeUncertain, interruptedError
+					if m.Webhook != nil {
+						m.Webhook.Status, m.Webhook.NextAt = hookPending, now
+					}
+					interrupted = append(interrupted, m)
+				}
+			}
+			closed := make(chan struct{})
+			close(closed)
+			b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closed, firstDone: true})
+		}
+		if instance != e.iid {
+			// write our ownership before the old marker goes, so that a
+			// crash in between leaves the batch owned by someone
+			bs.Owner, bs.Updated = e.iid, now
+			for i := range bs.Messages {
+				bs.Messages[i] = b.entries[i].st
+			}
+			if err := e.st.putJSON(ctx, keySt+bid, bs); err != nil {
+				return total, err
+			}
+			if err := e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
+				return total, err
+			}
+			if err := e.st.s.Delete(ctx, keyOwn+instance+"/"+bid); err != nil && !isNotExist(err) {
+				return total, err
+			}
+			changed = false
+		}
+		e.mu.Lock()
+		e.batches[bid] = b
+		for _, en := range b.entries {
+			e.entries[en.st.ID] = en
+			switch {
+			case en.st.Status == stQueued:
+				heap.Push(&e.ready, en)
+				e.nonFinal++
+				b.open++
+				total++
+			case en.st.Webhook != nil && en.st.Webhook.Status == hookPending:
+				heap.Push(&e.hooks, en)
+				b.open++
+			}
+		}
+		if b.open == 0 {
+			b.retired = true
+			changed = true
+		}
+		if changed {
+			e.markDirtyLocked(b, nil)
+		}
+		e.mu.Unlock()
+		for _, m := range interrupted {
+			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true)
+			metricFinal(m.Flow, m.Status)
+		}
+	}
+	e.notify()
+	return total, nil
+}
+
+// janitorLoop deletes expired status and idempotency records and
+// batches that were never acknowledged.
+func (e *engine) janitorLoop() {
+	defer e.loops.Done()
+	for {
+		select {
+		case <-e.stopCh:
+			return
+		case <-time.After(janitorInterval):
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		e.janitor(ctx)
+		cancel()
+	}
+}
+
+func (e *engine) janitor(ctx context.Context) {
+	// one instance at a time is enough; skip the round if another runs it
+	if tl, ok := e.st.s.(certmagic.TryLocker); ok {
+		got, err := tl.TryLock(ctx, "authmail_janitor")
+		if err != nil || !got {
+			return
+		}
+		defer func() { _ = e.st.s.Unlock(context.Background(), "authmail_janitor") }()
+	}
+	cfg := e.config()
+	if cfg == nil {
+		return
+	}
+	now := time.Now()
+	expired := func(key string, age time.Duration) bool {
+		info, err := e.st.s.Stat(ctx, key)
+		return err == nil && now.Sub(info.Modified) > age
+	}
+	// status records of finished batches
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keySt, "/"), false); err == nil {
+		for _, k := range keys {
+			if !expired(k, cfg.retention) {
+				continue
+			}
+			var bs batchState
+			if err := e.st.getJSON(ctx, k, &bs); err == nil && bs.Done {
+				_ = e.st.s.Delete(ctx, k)
+			}
+		}
+	}
+	// idempotency records
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keyIdem, "/"), true); err == nil {
+		for _, k := range keys {
+			if expired(k, cfg.idemTTL) {
+				_ = e.st.s.Delete(ctx, k)
+			}
+		}
+	}
+	// segments that no instance owns and that have no state were written
+	// by a request that never got its answer (crash mid-accept)
+	owned := map[string]bool{}
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keyOwn, "/"), true); err == nil {
+		for _, k := range keys {
+			owned[path.Base(k)] = true
+		}
+	}
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keySeg, "/"), false); err == nil {
+		for _, k := range keys {
+			bid := path.Base(k)
+			if owned[bid] || !expired(k, orphanAge) || e.st.s.Exists(ctx, keySt+bid) {
+				continue
+			}
+			_ = e.st.s.Delete(ctx, k)
+		}
+	}
+}

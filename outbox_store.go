@@ -1,0 +1,230 @@
+package authmail
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+)
+
+// Storage layout of the outbox. Every key lives under authmail/.
+//
+//	authmail/seg/<batch>             accepted messages of one batch: envelopes
+//	                                 and bodies; immutable; deleted when every
+//	                                 message of the batch reached a final state
+//	authmail/st/<batch>              the batch's message states (no bodies); the
+//	                                 status record, kept for `retention`
+//	authmail/own/<instance>/<batch>  marks a batch with work left for an instance
+//	authmail/inst/<instance>         an instance's heartbeat
+//	authmail/idem/<key id>/<hash>    idempotency records, kept for idempotency_ttl
+//
+// A message id is its batch id followed by two characters of index, so
+// every instance finds a message's state from its id alone.
+const (
+	keySeg  = "authmail/seg/"
+	keySt   = "authmail/st/"
+	keyOwn  = "authmail/own/"
+	keyInst = "authmail/inst/"
+	keyIdem = "authmail/idem/"
+
+	batchIDLen = 26
+	msgIDLen   = batchIDLen + 2
+	maxBatch   = 256 // messages per batch; the index needs 2 base32 chars (1024)
+)
+
+// Message states.
+const (
+	stQueued  = "queued"
+	stSending = "sending"
+	stSent    = "sent"
+	stFailed  = "failed"
+	stUnknown = "unknown"
+)
+
+func finalState(s string) bool { return s == stSent || s == stFailed || s == stUnknown }
+
+// messageID builds the id of the idx-th message of a batch.
+func messageID(batch string, idx int) string {
+	const digits = "0123456789abcdefghjkmnpqrstvwxyz"
+	return batch + string(digits[idx/32]) + string(digits[idx%32])
+}
+
+// batchOf returns the batch id of a message id, or "" if id is malformed.
+func batchOf(id string) string {
+	if len(id) != msgIDLen {
+		return ""
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z') || c == 'i' || c == 'l' || c == 'o' || c == 'u' {
+			return ""
+		}
+	}
+	return id[:batchIDLen]
+}
+
+// storedMessage is one accepted message as written to authmail/seg.
+type storedMessage struct {
+	ID   string   `json:"id"`
+	From string   `json:"from"`
+	To   []string `json:"to"`
+	Data []byte   `json:"data"`
+}
+
+// segment is the content of authmail/seg/<batch>.
+type segment struct {
+	Batch    string          `json:"batch"`
+	Owner    string          `json:"owner"`
+	Created  time.Time       `json:"created"`
+	Messages []storedMessage `json:"messages"`
+	// States holds the initial state of every message, so that a batch
+	// without an st object is fully described.
+	States []msgState `json:"states"`
+}
+
+// msgState is the persistent state of one message: authmail/st holds one
+// per message of a batch.
+type msgState struct {
+	ID           string    `json:"id"`
+	KeyID        string    `json:"key_id"`
+	Flow         string    `json:"flow"`
+	Profile      string    `json:"profile"`
+	MessageID    string    `json:"message_id"`
+	Recipients   int       `json:"recipients"`
+	Domains      []string  `json:"domains,omitempty"`
+	Status       string    `json:"status"`
+	Attempts     int       `json:"attempts"`
+	Created      time.Time `json:"created"`
+	Updated      time.Time `json:"updated"`
+	NextAt       time.Time `json:"next_at,omitzero"`
+	SentAt       time.Time `json:"sent_at,omitzero"`
+	LastCode     string    `json:"last_code,omitempty"`
+	LastError    string    `json:"last_error,omitempty"`
+	SMTPResponse string    `json:"smtp_response,omitempty"`
+	// Webhook is set when the caller asked for a webhook.
+	Webhook *webhookState `json:"webhook,omitempty"`
+}
+
+// batchState is the content of authmail/st/<batch>.
+type batchState struct {
+	Batch    string     `json:"batch"`
+	Owner    string     `json:"owner"`
+	Updated  time.Time  `json:"updated"`
+	Done     bool       `json:"done"`
+	Messages []msgState `json:"messages"`
+}
+
+// store wraps the Caddy storage with the outbox's encodings.
+type store struct {
+	s certmagic.Storage
+}
+
+func (st store) putJSON(ctx context.Context, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return st.s.Store(ctx, key, b)
+}
+
+func (st store) getJSON(ctx context.Context, key string, v any) error {
+	b, err := st.s.Load(ctx, key)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
+func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
+
+func (st store) loadSegment(ctx context.Context, batch string) (*segment, error) {
+	var seg segment
+	if err := st.getJSON(ctx, keySeg+batch, &seg); err != nil {
+		return nil, err
+	}
+	return &seg, nil
+}
+
+// loadState returns the batch's states: the st object if there is one,
+// else the initial states from the segment.
+func (st store) loadState(ctx context.Context, batch string) (*batchState, error) {
+	var bs batchState
+	err := st.getJSON(ctx, keySt+batch, &bs)
+	if err == nil {
+		return &bs, nil
+	}
+	if !isNotExist(err) {
+		return nil, err
+	}
+	seg, err := st.loadSegment(ctx, batch)
+	if err != nil {
+		return nil, err
+	}
+	return &batchState{Batch: batch, Owner: seg.Owner, Updated: seg.Created, Messages: seg.States}, nil
+}
+
+// ownedBatches lists the batches an instance has work for.
+func (st store) ownedBatches(ctx context.Context, instance string) ([]string, error) {
+	keys, err := st.s.List(ctx, keyOwn+instance, false)
+	if err != nil {
+		if isNotExist(err) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	out := make([]string, 0, len(keys))
+	for _, k := range keys {
+		if b := path.Base(k); len(b) == batchIDLen {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}
+
+// heartbeat is the content of authmail/inst/<instance>.
+type heartbeat struct {
+	Instance string    `json:"instance"`
+	Updated  time.Time `json:"updated"`
+	// AdoptedBy is set when another instance took over this one's work.
+	AdoptedBy string `json:"adopted_by,omitempty"`
+}
+
+func (st store) instances(ctx context.Context) ([]string, error) {
+	keys, err := st.s.List(ctx, strings.TrimSuffix(keyInst, "/"), false)
+	if err != nil && !isNotExist(err) {
+		return nil, err
+	}
+	// instances that own work but never wrote a heartbeat count too
+	owners, oerr := st.s.List(ctx, strings.TrimSuffix(keyOwn, "/"), false)
+	if oerr != nil && !isNotExist(oerr) {
+		return nil, oerr
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, k := range append(keys, owners...) {
+		id := path.Base(k)
+		if !seen[id] {
+			seen[id] = true
+			out = append(out, id)
+		}
+	}
+	return out, nil
+}
+
+// storageIdentity names a storage for the engine pool: the same storage
+// configuration, across reloads, gives the same engine.
+func storageIdentity(s certmagic.Storage) string {
+	if str, ok := s.(fmt.Stringer); ok {
+		return fmt.Sprintf("%T:%s", s, str.String())
+	}
+	if fsys, ok := s.(*certmagic.FileStorage); ok {
+		return "file:" + fsys.Path
+	}
+	return fmt.Sprintf("%T", s)
+}
