@@ -666,7 +666,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 	}
 	if final {
 		metricFinal(st.Flow, st.Status)
-		}
+	}
 }
 
 // backoff is the delay before attempt n+1: retry_backoff doubling per
