@@ -385,7 +385,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("reading the instance id: %v", err)
 	}
-	ekey := "authmail.outbox." + storageIdentity(storage)
+	// one engine per storage and instance; a process has one instance id,
+	// tests simulate several
+	ekey := "authmail.outbox." + iid.String() + "." + storageIdentity(storage)
 	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
 		return newEngine(ekey, storage, iid.String()), nil
 	})

@@ -147,27 +147,27 @@ type outMessage struct {
 	flow                 string
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
-	webhook              *webhookState
+	webhook              webhookState
 }
 
 // checkWebhook validates a request's webhook fields.
-func (h *Handler) checkWebhook(f deliveryFields) (*webhookState, *apiError) {
+func (h *Handler) checkWebhook(f deliveryFields) (webhookState, *apiError) {
 	if f.WebhookURL == "" {
 		if f.WebhookSecret != "" {
-			return nil, invalid("webhook_secret", "needs a webhook_url")
+			return webhookState{}, invalid("webhook_secret", "needs a webhook_url")
 		}
-		return nil, nil
+		return webhookState{}, nil
 	}
 	if err := checkWebhookURL(f.WebhookURL, h.WebhookAllowHosts); err != nil {
-		return nil, err
+		return webhookState{}, err
 	}
 	if err := checkText("webhook_secret", f.WebhookSecret, 256); err != nil {
-		return nil, err
+		return webhookState{}, err
 	}
 	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") {
-		return nil, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
+		return webhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
 	}
-	return &webhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
+	return webhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
 }
 
 // withWebhook validates the webhook fields and attaches them to the

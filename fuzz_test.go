@@ -14,20 +14,44 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+	"github.com/caddyserver/certmagic"
 )
 
 // provisionedHandler returns a handler provisioned the way Caddy does it,
-// delivering into a capture directory, with its outbox in a temporary
+// delivering into a capture directory, as a fresh instance with its own
 // storage.
 func provisionedHandler(t testing.TB, mods ...func(*Handler)) *Handler {
 	t.Helper()
+	return newInstance(t, "").handler(mods...)
+}
+
+// testInstance is a simulated Caddy instance: its own data directory (so
+// its own instance id) and a storage, possibly shared with others.
+type testInstance struct {
+	t          testing.TB
+	dataDir    string
+	storageDir string
+}
+
+func newInstance(t testing.TB, storageDir string) *testInstance {
+	if storageDir == "" {
+		storageDir = t.TempDir()
+	}
+	return &testInstance{t: t, dataDir: t.TempDir(), storageDir: storageDir}
+}
+
+// handler provisions a handler of this instance.
+func (in *testInstance) handler(mods ...func(*Handler)) *Handler {
+	t := in.t
+	t.Helper()
 	t.Setenv("AUTHMAIL_UNIT_KEY", "0123456789abcdef0123")
-	t.Setenv("XDG_DATA_HOME", t.TempDir()) // the instance id lives there
+	t.Setenv("XDG_DATA_HOME", in.dataDir) // the instance id lives there
 	h := &Handler{
 		Capture: t.TempDir(), From: "no-reply@example.com", FromName: "Example",
 		BaseURL: "https://app.example.com", Keys: []Key{{ID: "app", Secret: "{env.AUTHMAIL_UNIT_KEY}"}},
-		Links:          map[string]string{"password-reset": "https://app.example.com/reset?t={token}"},
-		SecurityAlerts: map[string]bool{"new_login": true},
+		Links:           map[string]string{"password-reset": "https://app.example.com/reset?t={token}"},
+		SecurityAlerts:  map[string]bool{"new_login": true},
+		storageOverride: &certmagic.FileStorage{Path: in.storageDir},
 	}
 	for _, m := range mods {
 		m(h)

@@ -286,7 +286,7 @@ func (e *engine) notify() {
 type newMessage struct {
 	keyID, flow, profile, messageID string
 	env                             *envelope
-	webhook                         *webhookState
+	webhook                         webhookState
 }
 
 type acceptReq struct {
@@ -631,7 +631,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 	if final {
 		en.st.NextAt = time.Time{}
 		e.nonFinal--
-		if en.st.Webhook != nil {
+		if en.st.Webhook.URL != "" {
 			en.st.Webhook.Status = hookPending
 			en.st.Webhook.NextAt = now
 		}
@@ -649,7 +649,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 			close(en.first)
 		}
 		if final {
-			if en.st.Webhook != nil && en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
+			if en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
 				heap.Push(&e.hooks, en)
 			} else {
 				e.closeEntryLocked(en)

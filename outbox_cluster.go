@@ -201,7 +201,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 				} else {
 					m.Status, m.NextAt = stUnknown, time.Time{}
 					m.LastCode, m.LastError = codeUncertain, interruptedError
-					if m.Webhook != nil {
+					if m.Webhook.URL != "" {
 						m.Webhook.Status, m.Webhook.NextAt = hookPending, now
 					}
 					interrupted = append(interrupted, m)
@@ -239,7 +239,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 				e.nonFinal++
 				b.open++
 				total++
-			case en.st.Webhook != nil && en.st.Webhook.Status == hookPending:
+			case en.st.Webhook.Status == hookPending:
 				heap.Push(&e.hooks, en)
 				b.open++
 			}

@@ -107,8 +107,9 @@ type msgState struct {
 	LastCode     string    `json:"last_code,omitempty"`
 	LastError    string    `json:"last_error,omitempty"`
 	SMTPResponse string    `json:"smtp_response,omitempty"`
-	// Webhook is set when the caller asked for a webhook.
-	Webhook *webhookState `json:"webhook,omitempty"`
+	// Webhook is set (URL not empty) when the caller asked for a webhook.
+	// It is a value, so that copies of a msgState are snapshots.
+	Webhook webhookState `json:"webhook,omitzero"`
 }
 
 // batchState is the content of authmail/st/<batch>.

@@ -341,7 +341,7 @@ func statusOf(st msgState) statusResponse {
 	if !st.SentAt.IsZero() {
 		out.SentAt = opt(ts(st.SentAt))
 	}
-	if st.Webhook != nil {
+	if st.Webhook.URL != "" {
 		out.Webhook = &webhookSummary{Status: st.Webhook.Status, Attempts: st.Webhook.Attempts}
 		if out.Webhook.Status == "" {
 			out.Webhook.Status = "waiting"

@@ -424,3 +424,7 @@ func TestPoolKeyCoversIdentity(t *testing.T) {
 		t.Error("pool key is not deterministic")
 	}
 }
+
+func smtpRefusal(code int) error {
+	return &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode{code / 100, 1, 1}, Message: "refused"}
+}

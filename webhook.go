@@ -39,7 +39,8 @@ var (
 	webhookMaxAge  = 24 * time.Hour
 )
 
-// webhookState is the durable state of a message's final-state webhook.
+// webhookState is the durable state of a message's final-state webhook;
+// the zero value means none was asked for.
 type webhookState struct {
 	URL string `json:"url"`
 	// Secret is the per-request secret, when the request gave one; the
@@ -238,7 +239,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	defer e.attempts.Done()
 	e.mu.Lock()
 	st := en.st
-	hook := *st.Webhook
+	hook := st.Webhook
 	e.mu.Unlock()
 	secret := hook.Secret
 	if secret == "" {
@@ -255,7 +256,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	err := e.postHook(client, hook.URL, secret, st.ID, body)
 	now := time.Now()
 	e.mu.Lock()
-	w := en.st.Webhook
+	w := &en.st.Webhook
 	w.Attempts++
 	done := false
 	switch {

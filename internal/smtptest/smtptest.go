@@ -48,6 +48,13 @@ type Options struct {
 	Username, Password string
 	// Dir receives the CA file; default: a new temporary directory.
 	Dir string
+	// Addr is the address to listen on; default: a free loopback port.
+	// Restarting a server on the Addr of a closed one simulates an SMTP
+	// server that was down and comes back.
+	Addr string
+	// CertPEM and KeyPEM reuse a certificate (e.g. across a restart);
+	// default: a new self-signed one.
+	CertPEM, KeyPEM []byte
 }
 
 // Hooks inject faults. Each returns nil to accept, an *smtp.SMTPError to
@@ -80,6 +87,7 @@ type Server struct {
 	Addr   string
 	CAFile string
 	CAPEM  []byte
+	KeyPEM []byte
 
 	opts Options
 	srv  *smtp.Server
@@ -121,11 +129,19 @@ func New(opts Options) (*Server, error) {
 		}
 		opts.Dir = d
 	}
-	cert, certPEM, err := selfSigned()
+	var cert tls.Certificate
+	var certPEM, keyPEM []byte
+	var err error
+	if opts.CertPEM != nil {
+		certPEM, keyPEM = opts.CertPEM, opts.KeyPEM
+		cert, err = tls.X509KeyPair(certPEM, keyPEM)
+	} else {
+		cert, certPEM, keyPEM, err = selfSigned()
+	}
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{opts: opts, CAPEM: certPEM, notify: make(chan struct{}, 1), live: map[*trackedConn]bool{}}
+	s := &Server{opts: opts, CAPEM: certPEM, KeyPEM: keyPEM, notify: make(chan struct{}, 1), live: map[*trackedConn]bool{}}
 	s.CAFile = filepath.Join(opts.Dir, "smtptest-ca.pem")
 	if err := os.WriteFile(s.CAFile, certPEM, 0o600); err != nil {
 		return nil, err
@@ -139,7 +155,11 @@ func New(opts Options) (*Server, error) {
 	srv.MaxMessageBytes = 32 << 20
 	srv.MaxRecipients = 1000
 	srv.ErrorLog = log.New(io.Discard, "", 0)
-	tcp, err := net.Listen("tcp", "127.0.0.1:0")
+	addr := opts.Addr
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	tcp, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
@@ -422,10 +442,10 @@ func (ss *session) Logout() error { return nil }
 
 // selfSigned makes an ECDSA P-256 certificate for 127.0.0.1, ::1 and
 // localhost, valid for a day.
-func selfSigned() (tls.Certificate, []byte, error) {
+func selfSigned() (tls.Certificate, []byte, []byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return tls.Certificate{}, nil, err
+		return tls.Certificate{}, nil, nil, err
 	}
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
 	tpl := &x509.Certificate{
@@ -442,16 +462,16 @@ func selfSigned() (tls.Certificate, []byte, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tpl, tpl, &key.PublicKey, key)
 	if err != nil {
-		return tls.Certificate{}, nil, err
+		return tls.Certificate{}, nil, nil, err
 	}
 	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 	keyDER, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
-		return tls.Certificate{}, nil, err
+		return tls.Certificate{}, nil, nil, err
 	}
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
-	return cert, certPEM, err
+	return cert, certPEM, keyPEM, err
 }
 
 // Silent starts a listener that accepts connections and never says a

@@ -1,0 +1,176 @@
+package authmail
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
+	"github.com/google/uuid"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+// leftBehind writes what an instance that died mid-delivery leaves in
+// storage: a batch with one message being sent, two queued and one sent.
+func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Duration) (ids []string) {
+	t.Helper()
+	st := store{s: &certmagic.FileStorage{Path: storageDir}}
+	ctx := context.Background()
+	now := time.Now()
+	bid := newID(now.Add(-time.Minute))
+	seg := &segment{Batch: bid, Owner: instance, Created: now.Add(-time.Minute)}
+	bs := batchState{Batch: bid, Owner: instance, Updated: now}
+	for i, status := range []string{stSending, stQueued, stQueued, stSent} {
+		id := messageID(bid, i)
+		ids = append(ids, id)
+		to := fmt.Sprintf("left%d@example.org", i)
+		seg.Messages = append(seg.Messages, storedMessage{ID: id, From: "no-reply@example.com", To: []string{to},
+			Data: []byte("Subject: left behind\r\n\r\nmessage " + id + "\r\n")})
+		m := msgState{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
+			Recipients: 1, Status: status, Created: now.Add(-time.Minute), Updated: now}
+		if status == stSending {
+			m.Attempts = 1
+		}
+		seg.States = append(seg.States, msgState{ID: id, KeyID: "app", Flow: "otp", Profile: m.Profile, MessageID: m.MessageID,
+			Recipients: 1, Status: stQueued, Created: m.Created, Updated: m.Created})
+		bs.Messages = append(bs.Messages, m)
+	}
+	must := func(err error) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(st.putJSON(ctx, keySeg+bid, seg))
+	must(st.putJSON(ctx, keySt+bid, bs))
+	must(st.s.Store(ctx, keyOwn+instance+"/"+bid, nil))
+	must(st.putJSON(ctx, keyInst+instance, heartbeat{Instance: instance, Updated: now.Add(-heartbeatAge)}))
+	return ids
+}
+
+// instanceID returns the id a test instance will get.
+func instanceID(t *testing.T, in *testInstance) string {
+	t.Setenv("XDG_DATA_HOME", in.dataDir)
+	id, err := caddy.InstanceID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id.String()
+}
+
+func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids []string) {
+	t.Helper()
+	// the message that was being sent when the instance died is unknown:
+	// it may have reached the server, so it is not sent again
+	st := waitState(t, h, ids[0], status(stUnknown))
+	if st.LastCode != codeUncertain || st.LastError != interruptedError {
+		t.Errorf("interrupted message %+v", st)
+	}
+	waitState(t, h, ids[1], status(stSent))
+	waitState(t, h, ids[2], status(stSent))
+	if s := waitState(t, h, ids[3], status(stSent)); s.Attempts != 0 {
+		t.Errorf("already-sent message was touched: %+v", s)
+	}
+	time.Sleep(200 * time.Millisecond)
+	got := map[string]int{}
+	for _, m := range srv.Messages() {
+		got[m.To[0]]++
+	}
+	if len(got) != 2 || got["left1@example.org"] != 1 || got["left2@example.org"] != 1 {
+		t.Fatalf("delivered %v; want left1 and left2 exactly once, nothing for left0 and left3", got)
+	}
+}
+
+func TestOutboxRecoversAfterCrash(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	ids := leftBehind(t, in.storageDir, instanceID(t, in), time.Hour)
+	h := in.handler(withSMTP(t, srv))
+	h.engine.start() // what the authmail app does when the config starts
+	checkLeftBehindOutcome(t, h, srv, ids)
+}
+
+func TestOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	shared := t.TempDir()
+	dead := uuid.NewString()
+	ids := leftBehind(t, shared, dead, time.Hour)
+	b := newInstance(t, shared).handler(withSMTP(t, srv), withDelivery(func(d *Delivery) { d.Lease = caddy.Duration(300 * time.Millisecond) }))
+	b.engine.start()
+	checkLeftBehindOutcome(t, b, srv, ids)
+	st := b.engine.st
+	ctx := context.Background()
+	if owned, _ := st.ownedBatches(ctx, dead); len(owned) != 0 {
+		t.Fatalf("the dead instance still owns %v", owned)
+	}
+	var bs batchState
+	if err := st.getJSON(ctx, keySt+batchOf(ids[0]), &bs); err != nil || bs.Owner != b.engine.iid {
+		t.Fatalf("state owner %q, want %q (%v)", bs.Owner, b.engine.iid, err)
+	}
+	var hb heartbeat
+	if err := st.getJSON(ctx, keyInst+dead, &hb); err != nil || hb.AdoptedBy != b.engine.iid {
+		t.Fatalf("heartbeat %+v %v", hb, err)
+	}
+}
+
+func TestOutboxLeavesLiveInstancesAlone(t *testing.T) {
+	port := smtptest.Silent(t) // nothing gets delivered: A keeps its queue
+	srv := authServer(t, smtptest.StartTLS)
+	shared := t.TempDir()
+	lease := withDelivery(func(d *Delivery) { d.Lease = caddy.Duration(300 * time.Millisecond) })
+	silent := func(h *Handler) { h.SMTP.Port, h.SMTP.Timeout = port, caddy.Duration(100*time.Millisecond) }
+	a := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
+	b := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
+	a.engine.start()
+	b.engine.start()
+	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	bid := batchOf(out["id"].(string))
+	time.Sleep(1500 * time.Millisecond) // five leases
+	if owned, _ := a.engine.st.ownedBatches(context.Background(), a.engine.iid); len(owned) != 1 || owned[0] != bid {
+		t.Fatalf("a live instance lost its batch: %v", owned)
+	}
+	b.engine.mu.Lock()
+	_, adopted := b.engine.batches[bid]
+	b.engine.mu.Unlock()
+	if adopted {
+		t.Fatal("a live instance's batch was adopted")
+	}
+}
+
+func TestOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	addr, certPEM, keyPEM := srv.Addr, srv.CAPEM, srv.KeyPEM
+	in := newInstance(t, "")
+	h := in.handler(withSMTP(t, srv))
+	_ = srv.Close()
+	var ids []string
+	for i := range 5 {
+		_, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("u%d@example.org", i)), "Prefer: respond-async")
+		ids = append(ids, out["id"].(string))
+	}
+	e := h.engine
+	_ = h.Cleanup() // the last config goes away: the engine drains and stops
+	select {
+	case <-e.doneCh:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the engine did not stop")
+	}
+	back, err := smtptest.New(smtptest.Options{Addr: addr, CertPEM: certPEM, KeyPEM: keyPEM, Username: "user", Password: "s3cret-pass", Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	h2 := in.handler(withSMTP(t, srv))
+	if h2.engine == e {
+		t.Fatal("a stopped engine was reused")
+	}
+	h2.engine.start()
+	for _, id := range ids {
+		waitState(t, h2, id, status(stSent))
+	}
+	if n := len(back.Messages()); n != 5 {
+		t.Fatalf("%d messages after the restart, want 5", n)
+	}
+}

@@ -1,0 +1,338 @@
+package authmail
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/emersion/go-smtp"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+const unitKey = "0123456789abcdef0123"
+
+// withSMTP makes a test handler deliver to srv with short retry delays.
+func withSMTP(t testing.TB, srv *smtptest.Server) func(*Handler) {
+	t.Setenv("AUTHMAIL_UNIT_SMTP_PASSWORD", "s3cret-pass")
+	return func(h *Handler) {
+		h.Capture = ""
+		h.SMTP = &SMTP{Host: "127.0.0.1", Port: srv.Port, Username: "user", Password: "{env.AUTHMAIL_UNIT_SMTP_PASSWORD}",
+			CA: srv.CAFile, Timeout: caddy.Duration(2 * time.Second), Connections: 2}
+		h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond)}
+	}
+}
+
+func withDelivery(mod func(*Delivery)) func(*Handler) {
+	return func(h *Handler) {
+		if h.Delivery == nil {
+			h.Delivery = &Delivery{}
+		}
+		mod(h.Delivery)
+	}
+}
+
+// call runs one API request through the handler.
+func call(t testing.TB, h *Handler, method, path, body string, headers ...string) (*httptest.ResponseRecorder, map[string]any) {
+	t.Helper()
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+unitKey)
+	req.Header.Set("Content-Type", "application/json")
+	for _, kv := range headers {
+		k, v, _ := strings.Cut(kv, ":")
+		req.Header.Set(k, strings.TrimSpace(v))
+	}
+	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	rec := httptest.NewRecorder()
+	if err := h.ServeHTTP(rec, req, nil); err != nil {
+		t.Fatal(err)
+	}
+	var out map[string]any
+	_ = json.Unmarshal(rec.Body.Bytes(), &out)
+	return rec, out
+}
+
+func otp(to string) string { return fmt.Sprintf(`{"to":%q,"code":"123456"}`, to) }
+
+// waitState polls a message's state until cond holds.
+func waitState(t testing.TB, h *Handler, id string, cond func(msgState) bool) msgState {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, ok, err := h.engine.lookup(context.Background(), id)
+		if err == nil && ok && cond(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("message %s: state %+v (found %v, %v) never matched", id, st, ok, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func status(want string) func(msgState) bool { return func(s msgState) bool { return s.Status == want } }
+
+func TestOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	h := in.handler(withSMTP(t, srv))
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	if rec.Code != 200 || out["status"] != "sent" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	id := out["id"].(string)
+	bid := batchOf(id)
+	// the batch retires: body and marker deleted, the status record stays
+	deadline := time.Now().Add(5 * time.Second)
+	st := h.engine.st
+	for (st.s.Exists(context.Background(), keySeg+bid) || st.s.Exists(context.Background(), keyOwn+h.engine.iid+"/"+bid)) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if st.s.Exists(context.Background(), keySeg+bid) {
+		t.Fatal("the message body is still in storage after delivery")
+	}
+	var bs batchState
+	if err := st.getJSON(context.Background(), keySt+bid, &bs); err != nil || !bs.Done || bs.Messages[0].Status != stSent {
+		t.Fatalf("status record %+v %v", bs, err)
+	}
+	raw, _ := st.s.Load(context.Background(), keySt+bid)
+	if strings.Contains(string(raw), "123456") || strings.Contains(string(raw), "jane@example.org") {
+		t.Fatal("the status record holds the code or the recipient address")
+	}
+	rec, out = call(t, h, "GET", "/authmail/messages/"+id, "")
+	if rec.Code != 200 || out["status"] != "sent" || out["attempts"] != 1.0 || out["message_id"] != bs.Messages[0].MessageID ||
+		out["next_attempt_at"] != nil || out["last_error_code"] != nil || !strings.Contains(out["smtp_response"].(string), "OK") {
+		t.Fatalf("status %d %s", rec.Code, rec.Body)
+	}
+	for _, k := range []string{"id", "status", "attempts", "created_at", "updated_at", "next_attempt_at", "message_id", "last_error_code", "last_error", "smtp_response"} {
+		if _, ok := out[k]; !ok {
+			t.Errorf("status answer lacks %s", k)
+		}
+	}
+}
+
+func TestOutboxRetriesTransientFailures(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	var mu sync.Mutex
+	fails := 2
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if fails > 0 {
+			fails--
+			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
+		}
+		return nil
+	}})
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	if rec.Code != 202 || out["status"] != "queued" || out["error_code"] != "smtp_transient" ||
+		rec.Header().Get("Location") != "/authmail/messages/"+out["id"].(string) {
+		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
+	}
+	st := waitState(t, h, out["id"].(string), status(stSent))
+	if st.Attempts != 3 || st.LastCode != "" {
+		t.Fatalf("state %+v", st)
+	}
+	if n, all := len(srv.Messages()), len(srv.Attempts()); n != 1 || all != 3 {
+		t.Fatalf("accepted %d, attempts %d; want 1 and 3", n, all)
+	}
+}
+
+func TestOutboxPermanentFailureIsNotRetried(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Rcpt: func(string) error {
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
+	}})
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("nobody@example.org"))
+	if rec.Code != 502 || out["status"] != "failed" || out["error_code"] != "recipient_refused" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	time.Sleep(300 * time.Millisecond)
+	st := waitState(t, h, out["id"].(string), status(stFailed))
+	if st.Attempts != 1 || !strings.Contains(st.SMTPResponse, "550 5.1.1") {
+		t.Fatalf("state %+v", st)
+	}
+}
+
+func TestOutboxUncertainIsNotResent(t *testing.T) {
+	for _, retry := range []bool{false, true} {
+		t.Run(fmt.Sprintf("retry_uncertain=%v", retry), func(t *testing.T) {
+			srv := authServer(t, smtptest.StartTLS)
+			var mu sync.Mutex
+			drops := 1
+			srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error {
+				mu.Lock()
+				defer mu.Unlock()
+				if drops > 0 {
+					drops--
+					return smtptest.ErrDrop
+				}
+				return nil
+			}})
+			h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) { d.RetryUncertain = retry }))
+			rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+			id := out["id"].(string)
+			if !retry {
+				if rec.Code != 502 || out["status"] != "unknown" || out["error_code"] != "smtp_disconnect_uncertain" {
+					t.Fatalf("%d %s", rec.Code, rec.Body)
+				}
+				time.Sleep(300 * time.Millisecond)
+				if n := len(srv.Attempts()); n != 1 {
+					t.Fatalf("an uncertain message was sent %d times", n)
+				}
+				waitState(t, h, id, status(stUnknown))
+				return
+			}
+			if rec.Code != 202 || out["error_code"] != "smtp_disconnect_uncertain" {
+				t.Fatalf("%d %s", rec.Code, rec.Body)
+			}
+			waitState(t, h, id, status(stSent))
+			if n := len(srv.Attempts()); n != 2 {
+				t.Fatalf("attempts %d, want 2 with retry_uncertain", n)
+			}
+		})
+	}
+}
+
+func TestOutboxGivesUpAfterMaxAge(t *testing.T) {
+	port := smtptest.Silent(t) // never answers
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+		h.SMTP.Port, h.SMTP.Timeout = port, caddy.Duration(50*time.Millisecond)
+		h.Delivery.MaxAge = caddy.Duration(400 * time.Millisecond)
+	})
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	if rec.Code != 202 || out["error_code"] != nil || rec.Header().Get("Preference-Applied") != "respond-async" {
+		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
+	}
+	st := waitState(t, h, out["id"].(string), status(stFailed))
+	if st.LastCode != codeSMTPTimeout || st.Attempts < 2 {
+		t.Fatalf("state %+v", st)
+	}
+}
+
+func TestOutboxDeliversOnceAfterSMTPOutage(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	addr, certPEM, keyPEM := srv.Addr, srv.CAPEM, srv.KeyPEM
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	_ = srv.Close() // the SMTP server goes down
+	ids := map[string]string{}
+	for i := range 30 {
+		to := fmt.Sprintf("u%d@example.org", i)
+		rec, out := call(t, h, "POST", "/authmail/send/otp", otp(to), "Prefer: wait=1")
+		if rec.Code != 202 || out["error_code"] != "smtp_connection" {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		ids[out["id"].(string)] = to
+	}
+	time.Sleep(200 * time.Millisecond)
+	back, err := smtptest.New(smtptest.Options{Addr: addr, CertPEM: certPEM, KeyPEM: keyPEM, Username: "user", Password: "s3cret-pass", Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	msgs := back.WaitMessages(30, 10*time.Second)
+	time.Sleep(300 * time.Millisecond) // any duplicate would show up now
+	seen := map[string]int{}
+	for _, m := range back.Messages() {
+		seen[m.To[0]]++
+	}
+	if len(msgs) != 30 || len(seen) != 30 {
+		t.Fatalf("delivered %d messages to %d recipients, want 30 each exactly once", len(back.Messages()), len(seen))
+	}
+	for rcpt, n := range seen {
+		if n != 1 {
+			t.Errorf("%s got %d copies", rcpt, n)
+		}
+	}
+	for id := range ids {
+		st := waitState(t, h, id, status(stSent))
+		if st.Attempts < 2 {
+			t.Errorf("%s: %d attempts", id, st.Attempts)
+		}
+	}
+}
+
+func TestOutboxQueueFull(t *testing.T) {
+	port := smtptest.Silent(t)
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+		h.SMTP.Port = port
+		h.Delivery.MaxQueued = 3
+	})
+	for i := range 3 {
+		if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("u%d@example.org", i)), "Prefer: respond-async"); rec.Code != 202 {
+			t.Fatalf("message %d: %d %s", i, rec.Code, rec.Body)
+		}
+	}
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("late@example.org"), "Prefer: respond-async")
+	if rec.Code != 503 || out["error_code"] != "queue_full" || rec.Header().Get("Retry-After") == "" {
+		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
+	}
+}
+
+func TestOutboxAuthFailureIsRetriedUntilAReloadFixesIt(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	t.Setenv("AUTHMAIL_UNIT_WRONG_PASSWORD", "wrong-pass")
+	old := in.handler(withSMTP(t, srv), func(h *Handler) { h.SMTP.Password = "{env.AUTHMAIL_UNIT_WRONG_PASSWORD}" })
+	rec, out := call(t, old, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	if rec.Code != 202 || out["error_code"] != "smtp_auth_failed" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	id := out["id"].(string)
+	// the operator fixes the password and reloads: the new handler
+	// provisions on the same engine, then the old one is cleaned up
+	fixed := in.handler(withSMTP(t, srv))
+	if fixed.engine != old.engine {
+		t.Fatal("a reload must keep the same outbox engine")
+	}
+	_ = old.Cleanup()
+	waitState(t, fixed, id, status(stSent))
+	if len(srv.Messages()) != 1 {
+		t.Fatalf("%d messages", len(srv.Messages()))
+	}
+}
+
+func TestOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	shared := t.TempDir()
+	a := newInstance(t, shared).handler(withSMTP(t, srv))
+	b := newInstance(t, shared).handler(withSMTP(t, srv), func(h *Handler) {
+		h.Keys = append(h.Keys, Key{ID: "other", Secret: "another-key-0123456789"})
+	})
+	if a.engine == b.engine || a.engine.iid == b.engine.iid {
+		t.Fatal("two instances must have two engines")
+	}
+	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	id := out["id"].(string)
+	waitState(t, a, id, status(stSent))
+	rec, st := call(t, b, "GET", "/authmail/messages/"+id, "")
+	if rec.Code != 200 || st["status"] != "sent" || st["id"] != id {
+		t.Fatalf("status from the other instance: %d %s", rec.Code, rec.Body)
+	}
+	for _, path := range []string{"/authmail/messages/" + id[:len(id)-1] + "z", "/authmail/messages/nope", "/authmail/messages/../../x"} {
+		if rec, _ := call(t, b, "GET", path, ""); rec.Code != 404 {
+			t.Errorf("%s: %d", path, rec.Code)
+		}
+	}
+	req := httptest.NewRequest("GET", "/authmail/messages/"+id, nil)
+	req.Header.Set("Authorization", "Bearer another-key-0123456789")
+	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	w := httptest.NewRecorder()
+	_ = b.ServeHTTP(w, req, nil)
+	if w.Code != 404 {
+		t.Fatalf("another key's message: %d %s", w.Code, w.Body)
+	}
+}
+
+var _ = http.StatusOK

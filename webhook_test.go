@@ -1,0 +1,234 @@
+package authmail
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+type hookCall struct {
+	header http.Header
+	body   []byte
+}
+
+// hookReceiver records webhook calls; status decides the answers.
+type hookReceiver struct {
+	mu     sync.Mutex
+	calls  []hookCall
+	status func(n int) int
+	srv    *httptest.Server
+}
+
+func newHookReceiver(t *testing.T, status func(n int) int) *hookReceiver {
+	r := &hookReceiver{status: status}
+	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		b, _ := io.ReadAll(req.Body)
+		r.mu.Lock()
+		r.calls = append(r.calls, hookCall{req.Header.Clone(), b})
+		n := len(r.calls)
+		r.mu.Unlock()
+		code := r.status(n)
+		if code == http.StatusFound {
+			w.Header().Set("Location", r.srv.URL+"/elsewhere")
+		}
+		w.WriteHeader(code)
+	}))
+	t.Cleanup(r.srv.Close)
+	return r
+}
+
+func (r *hookReceiver) wait(t *testing.T, n int) []hookCall {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r.mu.Lock()
+		calls := append([]hookCall(nil), r.calls...)
+		r.mu.Unlock()
+		if len(calls) >= n || time.Now().After(deadline) {
+			return calls
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func fastWebhooks(t *testing.T) {
+	old := webhookBackoff
+	webhookBackoff = 20 * time.Millisecond
+	t.Cleanup(func() { webhookBackoff = old })
+}
+
+func TestWebhookSignedAndDelivered(t *testing.T) {
+	fastWebhooks(t)
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	t.Setenv("AUTHMAIL_UNIT_HOOK_SECRET", "configured-secret")
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "{env.AUTHMAIL_UNIT_HOOK_SECRET}"
+	})
+	body := fmt.Sprintf(`{"to":"jane@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	rec, out := call(t, h, "POST", "/authmail/send/otp", body)
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	calls := recv.wait(t, 1)
+	if len(calls) != 1 {
+		t.Fatalf("%d webhook calls", len(calls))
+	}
+	c := calls[0]
+	var p map[string]any
+	if err := json.Unmarshal(c.body, &p); err != nil {
+		t.Fatal(err)
+	}
+	if p["id"] != out["id"] || p["message_id"] != out["message_id"] || p["status"] != "sent" || p["attempts"] != 1.0 || p["sent_at"] == nil || p["error_code"] != nil {
+		t.Fatalf("payload %s", c.body)
+	}
+	ts := c.header.Get("webhook-timestamp")
+	if c.header.Get("webhook-id") != out["id"] || ts != c.header.Get("X-Email-Service-Timestamp") {
+		t.Fatalf("headers %v", c.header)
+	}
+	if n, _ := strconv.ParseInt(ts, 10, 64); time.Since(time.Unix(n, 0)) > time.Minute {
+		t.Fatalf("timestamp %s", ts)
+	}
+	mac := func(parts ...string) []byte {
+		m := hmac.New(sha256.New, []byte("configured-secret"))
+		for _, p := range parts {
+			m.Write([]byte(p))
+		}
+		return m.Sum(nil)
+	}
+	if got, want := c.header.Get("webhook-signature"), "v1,"+base64.StdEncoding.EncodeToString(mac(out["id"].(string)+"."+ts+".", string(c.body))); got != want {
+		t.Errorf("webhook-signature %q, want %q", got, want)
+	}
+	if got, want := c.header.Get("X-Email-Service-Signature"), "sha256="+hex.EncodeToString(mac(string(c.body))); got != want {
+		t.Errorf("X-Email-Service-Signature %q, want %q", got, want)
+	}
+	if got, want := c.header.Get("X-Email-Service-Signature-V2"), "sha256="+hex.EncodeToString(mac(ts+".", string(c.body))); got != want {
+		t.Errorf("X-Email-Service-Signature-V2 %q, want %q", got, want)
+	}
+	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookDelivered })
+	if st.Webhook.Secret != "" {
+		t.Error("the configured secret was copied into storage")
+	}
+}
+
+func TestWebhookPerRequestSecretRetriesAndFailures(t *testing.T) {
+	fastWebhooks(t)
+	srv := authServer(t, smtptest.StartTLS)
+	// first answer 500, then a redirect (not followed), then success
+	recv := newHookReceiver(t, func(n int) int {
+		switch n {
+		case 1:
+			return 500
+		case 2:
+			return http.StatusFound
+		}
+		return 200
+	})
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) { h.WebhookAllowHosts = []string{"127.0.0.1"} })
+	secret := "whsec_" + base64.StdEncoding.EncodeToString([]byte("raw-key-bytes"))
+	body := fmt.Sprintf(`{"to":"bad@example.org","code":"1","webhook_url":%q,"webhook_secret":%q}`, recv.srv.URL, secret)
+	srv.SetHooks(smtptest.Hooks{Rcpt: func(string) error { return smtpRefusal(550) }})
+	rec, out := call(t, h, "POST", "/authmail/send/otp", body)
+	if rec.Code != 502 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	calls := recv.wait(t, 3)
+	if len(calls) != 3 {
+		t.Fatalf("%d webhook calls, want 3 (500, 302 not followed, 200)", len(calls))
+	}
+	for _, c := range calls {
+		if c.header.Get("X-Forwarded-For") != "" {
+			t.Error("unexpected proxy header")
+		}
+	}
+	var p map[string]any
+	_ = json.Unmarshal(calls[2].body, &p)
+	if p["status"] != "failed" || p["error_code"] != "recipient_refused" || p["sent_at"] != nil {
+		t.Fatalf("payload %s", calls[2].body)
+	}
+	// whsec_ secrets are base64 keys
+	m := hmac.New(sha256.New, []byte("raw-key-bytes"))
+	m.Write(calls[2].body)
+	if got := calls[2].header.Get("X-Email-Service-Signature"); got != "sha256="+hex.EncodeToString(m.Sum(nil)) {
+		t.Errorf("signature with a whsec_ secret: %s", got)
+	}
+	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookDelivered })
+	if st.Webhook.Attempts != 3 {
+		t.Errorf("webhook attempts %d", st.Webhook.Attempts)
+	}
+	time.Sleep(100 * time.Millisecond)
+	recv.mu.Lock()
+	defer recv.mu.Unlock()
+	if len(recv.calls) != 3 {
+		t.Errorf("%d webhook calls: the redirect was followed, or delivered twice", len(recv.calls))
+	}
+}
+
+func TestWebhookRefusesPrivateAddresses(t *testing.T) {
+	fastWebhooks(t)
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 200 })
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) { h.WebhookSecret = "s" })
+	// an IP literal is refused when the request arrives
+	for _, u := range []string{recv.srv.URL, "http://10.0.0.1/x", "http://169.254.169.254/latest", "http://[::1]:80/", "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/"} {
+		rec, out := call(t, h, "POST", "/authmail/send/otp", fmt.Sprintf(`{"to":"a@example.org","code":"1","webhook_url":%q}`, u))
+		if rec.Code != 422 || out["field"] != "webhook_url" {
+			t.Errorf("%s: %d %s", u, rec.Code, rec.Body)
+		}
+	}
+	for _, bad := range []string{"ftp://example.com/", "https://user:pw@example.com/", "not a url"} {
+		if rec, _ := call(t, h, "POST", "/authmail/send/otp", fmt.Sprintf(`{"to":"a@example.org","code":"1","webhook_url":%q}`, bad)); rec.Code != 422 {
+			t.Errorf("%s: %d", bad, rec.Code)
+		}
+	}
+	// a host name that resolves to loopback passes the request check but
+	// is refused when connecting
+	_, port, _ := netipPort(recv.srv.URL)
+	rec, out := call(t, h, "POST", "/authmail/send/otp", fmt.Sprintf(`{"to":"a@example.org","code":"1","webhook_url":"http://localhost:%d/hook"}`, port))
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookFailed })
+	if st.Webhook.Attempts != 1 {
+		t.Errorf("a blocked webhook is not retried: %+v", st.Webhook)
+	}
+	if calls := recv.wait(t, 0); len(calls) != 0 {
+		t.Fatal("the webhook reached a loopback address")
+	}
+	// no secret anywhere: refused, since the webhook could not be signed
+	h2 := newInstance(t, "").handler(withSMTP(t, srv))
+	if rec, out := call(t, h2, "POST", "/authmail/send/otp", `{"to":"a@example.org","code":"1","webhook_url":"https://hooks.example.com/x"}`); rec.Code != 422 || out["field"] != "webhook_secret" {
+		t.Fatalf("unsigned webhook: %d %s", rec.Code, rec.Body)
+	}
+}
+
+func TestBlockedIP(t *testing.T) {
+	for s, want := range map[string]bool{
+		"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true, "169.254.169.254": true,
+		"::1": true, "fe80::1": true, "fd00:ec2::254": true, "0.0.0.0": true, "100.64.1.1": true, "::ffff:10.0.0.1": true,
+		"224.0.0.1": true, "8.8.8.8": false, "1.1.1.1": false, "2606:4700::1111": false, "93.184.216.34": false,
+	} {
+		if got := blockedIP(netip.MustParseAddr(s)); got != want {
+			t.Errorf("blockedIP(%s) = %v, want %v", s, got, want)
+		}
+	}
+}
+
+func netipPort(u string) (string, int, error) {
+	ap, err := netip.ParseAddrPort(u[len("http://"):])
+	return ap.Addr().String(), int(ap.Port()), err
+}
