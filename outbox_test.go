@@ -77,7 +77,9 @@ func waitState(t testing.TB, h *Handler, id string, cond func(msgState) bool) ms
 	}
 }
 
-func status(want string) func(msgState) bool { return func(s msgState) bool { return s.Status == want } }
+func status(want string) func(msgState) bool {
+	return func(s msgState) bool { return s.Status == want }
+}
 
 func TestOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
