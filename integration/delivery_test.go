@@ -135,12 +135,18 @@ func TestSMTPConnectionFailuresThroughCaddy(t *testing.T) {
 			t.Fatalf("took %s with a 3s timeout", d)
 		}
 	})
-	// the log carries one line per failed message with the code, and the
+	// the log carries one line per failed attempt with the code, and the
 	// recipient domain only
 	logs, _ := os.ReadFile(logFile)
-	if !bytes.Contains(logs, []byte(`"msg":"message failed"`)) || !bytes.Contains(logs, []byte(`"error_code":"smtp_timeout"`)) ||
-		!bytes.Contains(logs, []byte(`"recipient_domains":["example.org"]`)) {
-		t.Fatal("no structured log line for the failed message")
+	found := false
+	for _, line := range strings.Split(string(logs), "\n") {
+		if strings.Contains(line, `"msg":"delivery attempt failed; will retry"`) && strings.Contains(line, `"error_code":"smtp_timeout"`) &&
+			strings.Contains(line, `"recipient_domains":["example.org"]`) && strings.Contains(line, `"next_attempt_at"`) {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("no structured log line for the failed attempt")
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 var idPattern = regexp.MustCompile(`^[0-9a-hjkmnp-tv-z]{28}$`)
@@ -202,9 +203,13 @@ func TestEmailChangeNotifiesOldAddress(t *testing.T) {
 	if notice["sent"] != true || notice["status"] != "sent" || notice["id"] == r.str("id") {
 		t.Fatalf("notice %v", notice)
 	}
-	msgs := smtpSrv.Messages()
+	msgs := smtpSrv.WaitMessages(2, 5*time.Second)
 	if len(msgs) != 2 {
 		t.Fatalf("%d messages, want the confirmation and the notice", len(msgs))
+	}
+	// both are queued together and delivered in parallel: order them
+	if msgs[0].To[0] != "new.address@example.org" {
+		msgs[0], msgs[1] = msgs[1], msgs[0]
 	}
 	confirm, old := parseMail(t, msgs[0].Data), parseMail(t, msgs[1].Data)
 	if msgs[0].To[0] != "new.address@example.org" || msgs[1].To[0] != "old@example.net" {

@@ -215,6 +215,8 @@ func load(t *testing.T, c config) {
 	if t.Failed() {
 		t.FailNow()
 	}
+	// the reload closed the old server's idle keep-alive connections
+	client.CloseIdleConnections()
 	smtpSrv.SetHooks(smtptest.Hooks{})
 	smtpSrv.Reset()
 }
@@ -320,6 +322,7 @@ func loadRaw(t *testing.T, caddyfile string) {
 	if t.Failed() {
 		t.FailNow()
 	}
+	client.CloseIdleConnections()
 	smtpSrv.SetHooks(smtptest.Hooks{})
 	smtpSrv.Reset()
 }

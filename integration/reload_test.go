@@ -27,6 +27,14 @@ func reload(t *testing.T, c config) {
 	}
 }
 
+// reloadNow is reload for tests that do not load traffic concurrently:
+// it also drops the client's keep-alive connections to the old server.
+func reloadNow(t *testing.T, c config) {
+	t.Helper()
+	reload(t, c)
+	client.CloseIdleConnections()
+}
+
 // TestKeyRotationUnderLoad rotates an API key through three admin-API
 // reloads while clients keep sending: old key only, both keys, new key
 // only. No request may fail, and the SMTP connections must survive the
@@ -152,7 +160,7 @@ func TestInFlightSendSurvivesIdentityChange(t *testing.T) {
 	}
 	// another helo is another SMTP identity: a new sender, the old one is
 	// destructed by the old config's cleanup
-	reload(t, config{HELO: "other.example"})
+	reload(t, config{HELO: "other.example"}) // keeps the in-flight request's connection
 	close(release)
 	r := <-done
 	if r.status != 200 || r.str("status") != "sent" {

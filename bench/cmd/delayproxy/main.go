@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -42,16 +43,20 @@ func main() {
 		log.Fatal(err)
 	}
 	fmt.Fprintf(os.Stderr, "delayproxy: %s -> %s, %s each way\n", ln.Addr(), *target, *delay)
+	var stopping atomic.Bool
 	go func() {
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 		<-sig
+		stopping.Store(true)
 		ln.Close()
-		os.Exit(0)
 	}()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
+			if stopping.Load() {
+				return
+			}
 			log.Fatal(err)
 		}
 		go handle(c.(*net.TCPConn), *target, *delay)

@@ -1,0 +1,564 @@
+#!/usr/bin/env bash
+# authmail benchmark harness. One run measures, on this machine:
+#
+#   1. async accept: requests/s and p50/p99 latency of
+#      POST /authmail/send/otp with "Prefer: respond-async" (202 once the
+#      message is durably stored) next to Caddy's own `respond` handler,
+#      same Caddy binary and process, same wrk settings;
+#   2. end-to-end delivery on loopback: N messages submitted to authmail
+#      until postfix's smtp-sink has received all of them, next to raw
+#      go-mail sending as many same-size messages over as many connections;
+#   3. the same through a TCP proxy that adds DELAY each way;
+#   4. the Caddy process's RSS with N_QUEUE messages queued (SMTP server
+#      unreachable, retries an hour away), and the storage's disk usage.
+#
+# Usage (from the repository root):  bash bench/run.sh
+#
+# Environment overrides (defaults in brackets):
+#   DURATION [10s]     wrk duration of each measured run (phase 1)
+#   WARMUP [2s]        wrk warm-up before each measured run
+#   CONNS [64]         wrk connections (phase 1)
+#   THREADS [2]        wrk threads
+#   N [20000]          messages per end-to-end run (phase 2)
+#   REPS [3]           end-to-end runs per sender in phase 2 (median reported)
+#   N_DELAY [2000]     messages per end-to-end run through the delay proxy
+#   DELAY [5ms]        delay added by the proxy in each direction
+#   N_QUEUE [100000]   messages queued for the RSS measurement
+#   SUBMIT_CONC [32]   concurrent HTTP requests of the Go load generator
+#   SMTP_CONNS [4]     authmail `connections` and go-mail goroutines
+#   KEEP [0]           1 keeps the work directory (logs, storage)
+#   RESULTS_FILE []    also write the results table to this file
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+N=${N:-20000}
+REPS=${REPS:-3}
+N_DELAY=${N_DELAY:-2000}
+DELAY=${DELAY:-5ms}
+N_QUEUE=${N_QUEUE:-100000}
+SUBMIT_CONC=${SUBMIT_CONC:-32}
+SMTP_CONNS=${SMTP_CONNS:-4}
+KEEP=${KEEP:-0}
+RESULTS_FILE=${RESULTS_FILE:-}
+
+KEY=bench-key-0123456789abcdef
+BODY='{"to":"user@example.com","code":"123456"}'
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+	log "ERROR: $*"
+	exit 1
+}
+
+# --- dependencies -----------------------------------------------------------
+
+apt_updated=0
+apt_install() {
+	command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
+	[ "$(id -u)" = 0 ] || die "not root; install $* by hand (apt-get install $*)"
+	if [ "$apt_updated" = 0 ]; then
+		apt-get update -qq >&2
+		apt_updated=1
+	fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+for c in go curl awk sed grep sort ss; do
+	command -v "$c" >/dev/null || die "$c is required"
+done
+if ! command -v wrk >/dev/null; then
+	log "installing wrk"
+	apt_install wrk
+fi
+SMTP_SINK=$(command -v smtp-sink || true)
+[ -n "$SMTP_SINK" ] || SMTP_SINK=/usr/sbin/smtp-sink
+if [ ! -x "$SMTP_SINK" ]; then
+	log "installing postfix (for smtp-sink; the postfix daemon is not started)"
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+	apt_install postfix
+fi
+[ -x "$SMTP_SINK" ] || die "smtp-sink not found after installing postfix"
+command -v wrk >/dev/null || die "wrk not found after installing it"
+id postfix >/dev/null 2>&1 || die "user postfix missing (smtp-sink -u postfix)"
+
+# --- work directory, process bookkeeping, cleanup ---------------------------
+
+WORK=$(mktemp -d /tmp/authmail-bench.XXXXXX)
+chmod 755 "$WORK" # smtp-sink runs as postfix and must reach its dump dir
+BIN=$WORK/bin
+mkdir -p "$BIN"
+
+PIDS=()
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	for pid in "${PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
+	done
+	for pid in "${PIDS[@]}"; do
+		# give Caddy its drain time, then insist
+		for _ in $(seq 1 150); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	done
+	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
+		log "work directory kept: $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# stop PID: terminate one process we started and forget it
+stop() {
+	local pid=$1 keep=() p
+	kill -TERM "$pid" 2>/dev/null || true
+	for _ in $(seq 1 300); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	for p in "${PIDS[@]}"; do
+		[ "$p" = "$pid" ] || keep+=("$p")
+	done
+	PIDS=("${keep[@]}")
+}
+
+# --- ports -----------------------------------------------------------------
+
+USED_PORTS=" 2019 2999 8080 9080 9443 "
+port_busy() {
+	ss -Htan "( sport = :$1 )" 2>/dev/null | grep -q . && return 0
+	(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+	return 1
+}
+# free_port [preferred]: a port nobody listens on, below the ephemeral range
+free_port() {
+	local p=${1:-}
+	for _ in $(seq 1 200); do
+		if [ -n "$p" ] && [[ $USED_PORTS != *" $p "* ]] && ! port_busy "$p"; then
+			USED_PORTS="$USED_PORTS$p "
+			echo "$p"
+			return
+		fi
+		p=$((20000 + RANDOM % 12000))
+	done
+	die "no free port found"
+}
+
+wait_port() {
+	local port=$1 what=$2
+	for _ in $(seq 1 100); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+		sleep 0.1
+	done
+	die "$what did not listen on port $port"
+}
+
+ADMIN_PORT=$(free_port 12019)
+HTTP_PORT=$(free_port 18080)
+HTTPS_PORT=$(free_port 18443)
+SINK_PORT=$(free_port 12525)
+PROXY_PORT=$(free_port 12526)
+CLOSED_PORT=$(free_port 12527) # nothing ever listens here
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "ports: admin $ADMIN_PORT, http $HTTP_PORT, smtp-sink $SINK_PORT, delay proxy $PROXY_PORT, closed $CLOSED_PORT"
+log "work directory: $WORK"
+
+# --- build -----------------------------------------------------------------
+
+log "building caddy (with authmail) and the bench tools"
+(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
+(cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy)
+
+# --- helpers ---------------------------------------------------------------
+
+# kv KEY < line: the value of KEY=value in a line of key=value pairs
+kv() { tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
+# fmt_num X [decimals]
+fmt_num() { awk -v x="$1" -v d="${2:-0}" 'BEGIN { printf "%.*f", d, x }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f%%", 100 * a / b; else print "n/a" }'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+SINK_PID=
+SINK_OUT=$WORK/sink.out
+start_sink() { # start_sink [extra smtp-sink args...]
+	"$SMTP_SINK" -u postfix "$@" "127.0.0.1:$SINK_PORT" 1024 >"$SINK_OUT" 2>"$WORK/sink.err" &
+	SINK_PID=$!
+	PIDS+=("$SINK_PID")
+	wait_port "$SINK_PORT" smtp-sink
+}
+
+CADDY_PID=
+CADDY_N=0
+# start_caddy NAME SMTP_PORT [delivery options...]: a fresh Caddy process
+# with its own storage, config and data directories
+start_caddy() {
+	local name=$1 smtp_port=$2
+	shift 2
+	local dir=$WORK/$name delivery=""
+	mkdir -p "$dir/data" "$dir/config"
+	for opt in "$@"; do
+		delivery+=$'\t\t\t\t'"$opt"$'\n'
+	done
+	cat >"$dir/Caddyfile" <<EOF
+{
+	admin localhost:$ADMIN_PORT
+	http_port $HTTP_PORT
+	https_port $HTTPS_PORT
+	persist_config off
+	log {
+		level ERROR
+	}
+}
+
+http://127.0.0.1:$HTTP_PORT {
+	handle /authmail/* {
+		authmail {
+			smtp 127.0.0.1:$smtp_port {
+				tls none
+				connections $SMTP_CONNS
+			}
+			from bench@example.com "Bench"
+			key bench $KEY
+			storage file_system $dir/storage
+			delivery {
+$delivery			}
+		}
+	}
+	handle {
+		respond "ok" 200
+	}
+}
+EOF
+	XDG_DATA_HOME=$dir/data XDG_CONFIG_HOME=$dir/config HOME=$dir \
+		"$BIN/caddy" run --config "$dir/Caddyfile" --adapter caddyfile >"$dir/caddy.log" 2>&1 &
+	CADDY_PID=$!
+	PIDS+=("$CADDY_PID")
+	CADDY_DIR=$dir
+	CADDY_N=$((CADDY_N + 1))
+	for _ in $(seq 1 100); do
+		if curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/authmail/health" 2>/dev/null; then
+			return 0
+		fi
+		kill -0 "$CADDY_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	cat "$dir/caddy.log" >&2
+	die "caddy ($name) did not start"
+}
+
+metric() { # metric NAME_WITH_LABELS: value from the admin /metrics endpoint
+	curl -fsS "http://localhost:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m { printf "%.0f\n", $2; found = 1 } END { if (!found) print 0 }'
+}
+
+# wait_queue_empty TIMEOUT_S: until authmail's queue_depth gauge is 0
+wait_queue_empty() {
+	local t0=$SECONDS d
+	while :; do
+		d=$(metric caddy_authmail_queue_depth)
+		[ "$d" = 0 ] && return 0
+		if [ $((SECONDS - t0)) -ge "$1" ]; then
+			log "WARNING: queue still holds $d messages after $1 s"
+			return 1
+		fi
+		sleep 0.5
+	done
+}
+
+caddy_errors() { # caddy_errors: error lines in the current Caddy's log
+	grep -c '"level":"error"' "$CADDY_DIR/caddy.log" || true
+}
+
+post() { # post PATH [curl args...]: one authenticated OTP request
+	local path=$1
+	shift
+	curl -sS -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+		-d "$BODY" "$@" "http://127.0.0.1:$HTTP_PORT$path"
+}
+
+vm_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+# --- the wrk script ----------------------------------------------------------
+
+cat >"$WORK/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+wrk.headers["Prefer"] = "respond-async"
+
+done = function(summary, latency, requests)
+	io.write(string.format(
+		"WRK requests=%d duration_us=%d status_errors=%d connect_errors=%d read_errors=%d write_errors=%d timeouts=%d p50_us=%d p90_us=%d p99_us=%d max_us=%d\n",
+		summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
+		summary.errors.read, summary.errors.write, summary.errors.timeout,
+		latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+EOF
+
+# run_wrk PATH DURATION: prints the WRK summary line
+run_wrk() {
+	wrk -t "$THREADS" -c "$CONNS" -d "$2" --timeout 10s -s "$WORK/post.lua" "http://127.0.0.1:$HTTP_PORT$1" >"$WORK/wrk.out" 2>&1 ||
+		{
+			cat "$WORK/wrk.out" >&2
+			die "wrk failed"
+		}
+	grep '^WRK ' "$WORK/wrk.out"
+}
+
+# ============================================================================
+# Phase 0: size of an authmail OTP message as sent (for the go-mail baseline)
+# ============================================================================
+
+log "phase 0: capturing one authmail OTP message to size the go-mail baseline"
+mkdir -p "$WORK/dump"
+chmod 777 "$WORK/dump"
+start_sink -d "$WORK/dump/%M."
+start_caddy caddy-loopback "$SINK_PORT"
+first=$(post /authmail/send/otp)
+case $first in
+*'"status":"sent"'*) ;;
+*) die "a synchronous send did not succeed: $first" ;;
+esac
+for _ in $(seq 1 50); do
+	SAMPLE=$(find "$WORK/dump" -type f | head -1)
+	[ -n "$SAMPLE" ] && [ -s "$SAMPLE" ] && break
+	sleep 0.1
+done
+[ -n "$SAMPLE" ] || die "smtp-sink dumped no message"
+stop "$SINK_PID"
+# from here on, one smtp-sink counts every message (-c writes its counters
+# to $SINK_OUT); the senders wait until it has counted all of theirs
+start_sink -c
+
+# ============================================================================
+# Phase 1: async accept vs respond (wrk)
+# ============================================================================
+
+log "phase 1: wrk -t$THREADS -c$CONNS -d$DURATION (after a $WARMUP warm-up), respond vs authmail"
+run_wrk /respond "$WARMUP" >/dev/null
+R_LINE=$(run_wrk /respond "$DURATION")
+log "respond:  $R_LINE"
+
+run_wrk /authmail/send/otp "$WARMUP" >/dev/null
+wait_queue_empty 300 || true
+ACC_BEFORE=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+A_LINE=$(run_wrk /authmail/send/otp "$DURATION")
+ACC_AFTER=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+log "authmail: $A_LINE"
+P1_ACCEPTED=$((ACC_AFTER - ACC_BEFORE))
+t0=$SECONDS
+wait_queue_empty 600 || true
+P1_DRAIN_S=$((SECONDS - t0))
+log "phase 1: $P1_ACCEPTED messages accepted during the measured run; queue drained $P1_DRAIN_S s after wrk ended"
+
+rps() { # rps WRK_LINE
+	local req dur
+	req=$(kv requests <<<"$1")
+	dur=$(kv duration_us <<<"$1")
+	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f", r / (d / 1e6) }'
+}
+ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
+R_RPS=$(rps "$R_LINE")
+A_RPS=$(rps "$A_LINE")
+R_P50=$(ms "$(kv p50_us <<<"$R_LINE")")
+R_P99=$(ms "$(kv p99_us <<<"$R_LINE")")
+A_P50=$(ms "$(kv p50_us <<<"$A_LINE")")
+A_P99=$(ms "$(kv p99_us <<<"$A_LINE")")
+A_ERR=$(($(kv status_errors <<<"$A_LINE") + $(kv connect_errors <<<"$A_LINE") + $(kv read_errors <<<"$A_LINE") + $(kv timeouts <<<"$A_LINE")))
+R_ERR=$(($(kv status_errors <<<"$R_LINE") + $(kv connect_errors <<<"$R_LINE") + $(kv read_errors <<<"$R_LINE") + $(kv timeouts <<<"$R_LINE")))
+
+# ============================================================================
+# Phase 2: end-to-end delivery on loopback
+# ============================================================================
+
+log "phase 2: end-to-end, $N messages per run, $SMTP_CONNS SMTP connections, $REPS runs each"
+GM_RATES=()
+AM_RATES=()
+AM_SUBMIT=()
+GM_SIZE=
+for rep in $(seq 1 "$REPS"); do
+	line=$("$BIN/gomailbench" -addr "127.0.0.1:$SINK_PORT" -n "$N" -conns "$SMTP_CONNS" -sample "$SAMPLE" -sink-counter "$SINK_OUT")
+	log "run $rep go-mail:  $line"
+	[ "$(kv failed <<<"$line")" = 0 ] || log "WARNING: go-mail send failures"
+	GM_RATES+=("$(kv e2e_rate <<<"$line")")
+	GM_SIZE=$(kv size <<<"$line")
+	MSG_SIZE=$(kv target_size <<<"$line")
+
+	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT")
+	log "run $rep authmail: $line"
+	[ "$(kv accepted <<<"$line")" = "$N" ] || log "WARNING: not every request was accepted"
+	AM_RATES+=("$(kv e2e_rate <<<"$line")")
+	AM_SUBMIT+=("$(kv submit_rps <<<"$line")")
+	wait_queue_empty 120 || true
+done
+GM_RATE=$(median "${GM_RATES[@]}")
+AM_RATE=$(median "${AM_RATES[@]}")
+AM_SUBMIT_RATE=$(median "${AM_SUBMIT[@]}")
+P2_ERRORS=$(caddy_errors)
+stop "$CADDY_PID"
+
+# ============================================================================
+# Phase 3: end-to-end through the delay proxy
+# ============================================================================
+
+log "phase 3: end-to-end through a $DELAY-each-way proxy, $N_DELAY messages"
+"$BIN/delayproxy" -listen "127.0.0.1:$PROXY_PORT" -target "127.0.0.1:$SINK_PORT" -delay "$DELAY" 2>"$WORK/delayproxy.log" &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+wait_port "$PROXY_PORT" delayproxy
+start_caddy caddy-delay "$PROXY_PORT"
+
+line=$("$BIN/gomailbench" -addr "127.0.0.1:$PROXY_PORT" -n "$N_DELAY" -conns "$SMTP_CONNS" -sample "$SAMPLE" -sink-counter "$SINK_OUT")
+log "go-mail:  $line"
+GMD_RATE=$(kv e2e_rate <<<"$line")
+line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_DELAY" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT")
+log "authmail: $line"
+AMD_RATE=$(kv e2e_rate <<<"$line")
+wait_queue_empty 120 || true
+P3_ERRORS=$(caddy_errors)
+stop "$CADDY_PID"
+stop "$PROXY_PID"
+stop "$SINK_PID"
+
+# ============================================================================
+# Phase 1b: async accept with the SMTP server unreachable (no delivery work
+# competing for the CPU beyond one fast-failing attempt per message)
+# ============================================================================
+
+log "phase 1b: wrk against authmail with SMTP unreachable (retries 1 h away)"
+start_caddy caddy-accept "$CLOSED_PORT" "retry_backoff 1h" "max_backoff 1h" "max_queued 1000000"
+run_wrk /authmail/send/otp "$WARMUP" >/dev/null
+U_LINE=$(run_wrk /authmail/send/otp "$DURATION")
+log "authmail (SMTP unreachable): $U_LINE"
+U_RPS=$(rps "$U_LINE")
+U_P50=$(ms "$(kv p50_us <<<"$U_LINE")")
+U_P99=$(ms "$(kv p99_us <<<"$U_LINE")")
+U_ERR=$(($(kv status_errors <<<"$U_LINE") + $(kv connect_errors <<<"$U_LINE") + $(kv read_errors <<<"$U_LINE") + $(kv timeouts <<<"$U_LINE")))
+P1B_ERRORS=$(caddy_errors)
+stop "$CADDY_PID"
+
+# ============================================================================
+# Phase 4: RSS with N_QUEUE messages queued
+# ============================================================================
+
+log "phase 4: RSS with $N_QUEUE messages queued (SMTP at the closed port $CLOSED_PORT)"
+port_busy "$CLOSED_PORT" && die "port $CLOSED_PORT is no longer closed"
+start_caddy caddy-queue "$CLOSED_PORT" "wait 10s" "retry_backoff 1h" "max_backoff 1h" "max_queued $((N_QUEUE + 1000))"
+RSS_IDLE_KB=$(vm_kb "$CADDY_PID" VmRSS)
+line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_QUEUE" -c "$SUBMIT_CONC" -key "$KEY" -async -progress)
+log "authmail: $line"
+Q_ACCEPTED=$(kv accepted <<<"$line")
+Q_SUBMIT_RATE=$(kv submit_rps <<<"$line")
+Q_P50=$(kv p50_ms <<<"$line")
+Q_P99=$(kv p99_ms <<<"$line")
+# wait until every message had its (failing) first attempt
+t0=$SECONDS
+while :; do
+	tried=$(metric 'caddy_authmail_delivery_attempts_total{result="transient"}')
+	[ "$tried" -ge "$Q_ACCEPTED" ] && break
+	if [ $((SECONDS - t0)) -ge 300 ]; then
+		log "WARNING: only $tried of $Q_ACCEPTED first attempts after 300 s"
+		break
+	fi
+	sleep 1
+done
+Q_ATTEMPT_WAIT=$((SECONDS - t0))
+sleep 5
+Q_DEPTH=$(metric caddy_authmail_queue_depth)
+RSS_KB=$(vm_kb "$CADDY_PID" VmRSS)
+HWM_KB=$(vm_kb "$CADDY_PID" VmHWM)
+HEAP_INUSE=$(metric go_memstats_heap_inuse_bytes)
+STORAGE_KB=$(du -sk "$CADDY_DIR/storage" | awk '{ print $1 }')
+STORAGE_APPARENT_KB=$(du -sk --apparent-size "$CADDY_DIR/storage" | awk '{ print $1 }')
+STORAGE_FILES=$(find "$CADDY_DIR/storage" -type f | wc -l)
+P4_ERRORS=$(caddy_errors)
+log "phase 4: queue_depth $Q_DEPTH, VmRSS $RSS_KB kB, VmHWM $HWM_KB kB, storage $STORAGE_KB kB in $STORAGE_FILES files"
+stop "$CADDY_PID"
+
+# ============================================================================
+# Results
+# ============================================================================
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+verdict() { if ge "$1" "$2"; then echo "met"; else echo "**not met**"; fi; }
+
+ACC_RATIO=$(awk -v a="$A_RPS" -v r="$R_RPS" 'BEGIN { print (r > 0 ? a / r : 0) }')
+E2E_RATIO=$(awk -v a="$AM_RATE" -v g="$GM_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
+DLY_RATIO=$(awk -v a="$AMD_RATE" -v g="$GMD_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
+RSS_MB=$(mb "$RSS_KB")
+if awk -v m="$RSS_MB" 'BEGIN { exit !(m < 150) }'; then RSS_VERDICT=met; else RSS_VERDICT="**not met**"; fi
+
+RESULTS=$(
+	cat <<EOF
+## Results
+
+Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
+Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
+Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM_SIZE bytes.
+
+### 1. Async accept (wrk -t$THREADS -c$CONNS -d$DURATION, POST with the OTP body, after a $WARMUP warm-up)
+
+| Endpoint | Requests/s | p50 | p99 | Errors |
+| --- | ---: | ---: | ---: | ---: |
+| Caddy \`respond "ok" 200\` | $R_RPS | $R_P50 ms | $R_P99 ms | $R_ERR |
+| authmail \`/send/otp\`, \`Prefer: respond-async\` (202) | $A_RPS | $A_P50 ms | $A_P99 ms | $A_ERR |
+| **authmail / respond** | **$(ratio "$A_RPS" "$R_RPS")** | | | |
+| authmail, SMTP unreachable (separate instance; one fast-failing attempt per message, no delivery) | $U_RPS | $U_P50 ms | $U_P99 ms | $U_ERR |
+| authmail (SMTP unreachable) / respond | $(ratio "$U_RPS" "$R_RPS") | | | |
+
+Messages accepted in the measured authmail run: $P1_ACCEPTED (delivered to smtp-sink meanwhile; the queue drained $P1_DRAIN_S s after wrk stopped).
+
+### 2–3. End-to-end delivery to smtp-sink ($SMTP_CONNS SMTP connections)
+
+| Path | Messages | go-mail msgs/s | authmail msgs/s | authmail / go-mail |
+| --- | ---: | ---: | ---: | ---: |
+| loopback (median of $REPS) | $N | $(fmt_num "$GM_RATE") | $(fmt_num "$AM_RATE") | **$(ratio "$AM_RATE" "$GM_RATE")** |
+| +$DELAY each way (delay proxy) | $N_DELAY | $(fmt_num "$GMD_RATE") | $(fmt_num "$AMD_RATE") | **$(ratio "$AMD_RATE" "$GMD_RATE")** |
+
+Loopback runs: go-mail $(printf '%s ' "${GM_RATES[@]}")msgs/s; authmail $(printf '%s ' "${AM_RATES[@]}")msgs/s (submission alone: $(printf '%s ' "${AM_SUBMIT[@]}")requests/s with $SUBMIT_CONC concurrent requests).
+
+### 4. Memory with $N_QUEUE messages queued
+
+| Measure | Value |
+| --- | ---: |
+| messages accepted / queue_depth | $Q_ACCEPTED / $Q_DEPTH |
+| submission rate ($SUBMIT_CONC concurrent, Go load generator) | $(fmt_num "$Q_SUBMIT_RATE") requests/s, p50 $Q_P50 ms, p99 $Q_P99 ms |
+| VmRSS right after start | $(mb "$RSS_IDLE_KB") MB |
+| **VmRSS with the queue** | **$RSS_MB MB** |
+| VmHWM (peak RSS) | $(mb "$HWM_KB") MB |
+| Go heap in use | $(awk -v b="$HEAP_INUSE" 'BEGIN { printf "%.1f", b / 1048576 }') MB |
+| storage on disk (du) | $(mb "$STORAGE_KB") MB ($(mb "$STORAGE_APPARENT_KB") MB apparent) in $STORAGE_FILES files |
+
+Error lines in Caddy's log (level ERROR): loopback instance $P2_ERRORS, delay instance $P3_ERRORS, unreachable-SMTP accept instance $P1B_ERRORS, queue instance $P4_ERRORS (transient failures log at WARN, so they are not counted).
+
+### Targets
+
+| Target | Measured | Verdict |
+| --- | ---: | --- |
+| async accept >= 25% of respond's requests/s | $(ratio "$A_RPS" "$R_RPS") | $(verdict "$ACC_RATIO" 0.25) |
+| end-to-end delivery >= 80% of raw go-mail (loopback) | $(ratio "$AM_RATE" "$GM_RATE") | $(verdict "$E2E_RATIO" 0.80) |
+| end-to-end delivery >= 80% of raw go-mail (10 ms RTT) | $(ratio "$AMD_RATE" "$GMD_RATE") | $(verdict "$DLY_RATIO" 0.80) |
+| RSS < 150 MB with $N_QUEUE queued | $RSS_MB MB | $RSS_VERDICT |
+EOF
+)
+
+echo
+echo "$RESULTS"
+if [ -n "$RESULTS_FILE" ]; then
+	echo "$RESULTS" >"$RESULTS_FILE"
+fi

@@ -1,0 +1,135 @@
+package authmail
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+func TestJanitorExpiresRecords(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
+		d.Retention = caddy.Duration(50 * time.Millisecond)
+		d.IdempotencyTTL = caddy.Duration(50 * time.Millisecond)
+	}))
+	ctx := context.Background()
+	st := h.engine.st
+	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: j-1")
+	id := out["id"].(string)
+	waitState(t, h, id, status(stSent))
+	// wait for the batch to retire (body deleted)
+	deadline := time.Now().Add(5 * time.Second)
+	for st.s.Exists(ctx, keySeg+batchOf(id)) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	// an orphan: a batch written for a request that never got its answer
+	old := orphanAge
+	orphanAge = 50 * time.Millisecond
+	t.Cleanup(func() { orphanAge = old })
+	orphan := newID(time.Now())
+	if err := st.putJSON(ctx, keySeg+orphan, segment{Batch: orphan}); err != nil {
+		t.Fatal(err)
+	}
+	// a batch with work left (the server defers it) must survive
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpRefusal(451) }})
+	_, live := call(t, h, "POST", "/authmail/send/otp", otp("live@example.org"), "Prefer: respond-async")
+	liveBatch := batchOf(live["id"].(string))
+
+	time.Sleep(100 * time.Millisecond)
+	h.engine.janitor(ctx)
+	if !st.s.Exists(ctx, keySeg+liveBatch) {
+		t.Fatal("the janitor deleted a batch that is still being retried")
+	}
+	srv.SetHooks(smtptest.Hooks{})
+
+	if st.s.Exists(ctx, keySt+batchOf(id)) {
+		t.Error("the status record outlived its retention")
+	}
+	if keys, _ := st.s.List(ctx, strings.TrimSuffix(keyIdem, "/"), true); len(keys) != 0 && !allDirs(ctx, st, keys) {
+		t.Errorf("idempotency records outlived their TTL: %v", keys)
+	}
+	if st.s.Exists(ctx, keySeg+orphan) {
+		t.Error("an orphan batch was kept")
+	}
+	waitState(t, h, live["id"].(string), status(stSent))
+	// after its status record is gone, the status endpoint says not found
+	if rec, _ := call(t, h, "GET", "/authmail/messages/"+id, ""); rec.Code != 404 {
+		t.Errorf("expired message: %d", rec.Code)
+	}
+}
+
+func allDirs(ctx context.Context, st store, keys []string) bool {
+	for _, k := range keys {
+		if info, err := st.s.Stat(ctx, k); err == nil && info.IsTerminal {
+			return false
+		}
+	}
+	return true
+}
+
+func TestMetricsSurviveReloads(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	call(t, h, "POST", "/authmail/send/otp", `{"to":"bad"}`)
+	// every config load has a new registry; the collectors must show up in
+	// each, with the values counted so far
+	for range 2 {
+		reg := prometheus.NewPedanticRegistry()
+		if err := registerMetrics(reg); err != nil {
+			t.Fatal(err)
+		}
+		if err := registerMetrics(reg); err != nil {
+			t.Fatal("registering twice must be harmless:", err)
+		}
+		families, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]*dto.MetricFamily{}
+		for _, f := range families {
+			got[f.GetName()] = f
+		}
+		for _, name := range []string{"caddy_authmail_messages_accepted_total", "caddy_authmail_messages_total",
+			"caddy_authmail_delivery_attempts_total", "caddy_authmail_smtp_duration_seconds", "caddy_authmail_queue_depth",
+			"caddy_authmail_queue_oldest_age_seconds", "caddy_authmail_smtp_connections", "caddy_authmail_requests_rejected_total"} {
+			if got[name] == nil {
+				t.Errorf("metric %s missing", name)
+			}
+		}
+		if f := got["caddy_authmail_messages_total"]; f != nil && sumCounter(f, "outcome", "sent") < 1 {
+			t.Error("no sent message counted")
+		}
+		if f := got["caddy_authmail_requests_rejected_total"]; f != nil && sumCounter(f, "error_code", "invalid_request") < 1 {
+			t.Error("no rejected request counted")
+		}
+		for _, f := range families {
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if strings.Contains(l.GetValue(), "@") {
+						t.Errorf("metric %s has an address as a label value", f.GetName())
+					}
+				}
+			}
+		}
+	}
+}
+
+func sumCounter(f *dto.MetricFamily, label, value string) float64 {
+	total := 0.0
+	for _, m := range f.GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == label && l.GetValue() == value {
+				total += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return total
+}
