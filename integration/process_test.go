@@ -148,7 +148,9 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
-func (p *caddyProc) url(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", p.http, path) }
+func (p *caddyProc) url(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", p.http, path)
+}
 
 // kill sends SIGKILL: no drain, no cleanup, no final state write.
 func (p *caddyProc) kill() {
