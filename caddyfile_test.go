@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 )
 
 const minimalBlock = `
@@ -67,6 +69,41 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				Templates: "/etc/authmail/templates", SecurityAlerts: map[string]bool{"new_login": true, "account_locked": false},
 				MaxBodySize: 512 * 1024,
 			},
+		},
+		{
+			name: "delivery, storage and webhooks",
+			input: `authmail {` + minimalBlock + `
+				delivery {
+					wait 5s
+					retry_backoff 1m
+					max_backoff 1h
+					max_age 48h
+					retention 30d
+					max_queued 5000
+					retry_uncertain on
+					idempotency_ttl 12h
+					lease 45s
+					drain_timeout 20s
+				}
+				storage file_system /var/lib/authmail
+				webhook_secret {env.HOOK_SECRET}
+				webhook_allow_hosts hooks.internal 10.0.0.5
+				webhook_allow_hosts other.internal
+			}`,
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+				Delivery: &Delivery{Wait: caddy.Duration(5 * time.Second), RetryBackoff: caddy.Duration(time.Minute), MaxBackoff: caddy.Duration(time.Hour),
+					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), MaxQueued: 5000, RetryUncertain: true,
+					IdempotencyTTL: caddy.Duration(12 * time.Hour), Lease: caddy.Duration(45 * time.Second), DrainTimeout: caddy.Duration(20 * time.Second)},
+				StorageRaw:        json.RawMessage(`{"module":"file_system","root":"/var/lib/authmail"}`),
+				WebhookSecret:     "{env.HOOK_SECRET}",
+				WebhookAllowHosts: []string{"hooks.internal", "10.0.0.5", "other.internal"},
+			},
+		},
+		{
+			name:  "wait 0 answers at once",
+			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+				Delivery: &Delivery{Wait: -1}},
 		},
 		{
 			name:  "smtp without port or block",
