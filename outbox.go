@@ -99,10 +99,11 @@ type entry struct {
 }
 
 type batch struct {
-	id      string
-	entries []*entry
-	open    int // entries that are not final or have a webhook pending
-	retired bool
+	id         string
+	entries    []*entry
+	open       int // entries that are not final or have a webhook pending
+	retired    bool
+	registered time.Time // when this engine took the batch on
 }
 
 type profileRef struct {
@@ -429,6 +430,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 		return
 	}
 	e.mu.Lock()
+	b.registered = time.Now()
 	e.batches[bid] = b
 	for _, en := range b.entries {
 		e.entries[en.st.ID] = en

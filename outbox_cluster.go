@@ -34,7 +34,8 @@ func (e *engine) writeHeartbeat(ctx context.Context) error {
 
 // heartbeatLoop tells the cluster this instance is alive. It also
 // notices when another instance adopted our work because our heartbeat
-// lapsed (a pause longer than the lease): we then drop that work.
+// lapsed (a pause longer than the lease): the batch's marker then is no
+// longer ours, and we drop the batch.
 func (e *engine) heartbeatLoop() {
 	defer e.loops.Done()
 	for {
@@ -45,29 +46,38 @@ func (e *engine) heartbeatLoop() {
 		case <-time.After(every):
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), every*2)
-		var hb heartbeat
-		if err := e.st.getJSON(ctx, keyInst+e.iid, &hb); err == nil && hb.AdoptedBy != "" && hb.AdoptedBy != e.iid {
-			e.log().Error("another instance adopted this instance's queued messages after its heartbeat lapsed; dropping them here (raise delivery lease if this instance pauses for long)",
-				zap.String("adopted_by", hb.AdoptedBy))
-			e.dropAdopted()
-		}
 		if err := e.writeHeartbeat(ctx); err != nil {
 			e.log().Warn("writing the outbox heartbeat failed", zap.Error(err))
+		}
+		listed := time.Now()
+		if owned, err := e.st.ownedBatches(ctx, e.iid); err == nil {
+			if n := e.dropLost(owned, listed); n > 0 {
+				e.log().Error("another instance adopted this instance's unfinished messages after its heartbeat lapsed; dropped them here (raise delivery lease if this instance pauses for long)",
+					zap.Int("batches", n))
+			}
 		}
 		cancel()
 	}
 }
 
-// dropAdopted forgets every batch that is not being worked on right now.
-func (e *engine) dropAdopted() {
+// dropLost forgets batches with work left whose ownership marker is gone,
+// except batches taken on after the markers were listed and batches with
+// an attempt in flight. It returns the number dropped.
+func (e *engine) dropLost(owned []string, listed time.Time) int {
+	mine := make(map[string]bool, len(owned))
+	for _, b := range owned {
+		mine[b] = true
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	n := 0
 	for id, b := range e.batches {
+		if mine[id] || b.open == 0 || b.retired || !b.registered.Before(listed) {
+			continue
+		}
 		busy := false
 		for _, en := range b.entries {
-			if en.claimed {
-				busy = true
-			}
+			busy = busy || en.claimed
 		}
 		if busy {
 			continue
@@ -84,8 +94,11 @@ func (e *engine) dropAdopted() {
 			}
 			delete(e.entries, en.st.ID)
 		}
+		delete(e.dirty, b)
 		delete(e.batches, id)
+		n++
 	}
+	return n
 }
 
 // recoverOwn loads this instance's unfinished work from storage after a
@@ -230,6 +243,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			changed = false
 		}
 		e.mu.Lock()
+		b.registered = time.Now()
 		e.batches[bid] = b
 		for _, en := range b.entries {
 			e.entries[en.st.ID] = en

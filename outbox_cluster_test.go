@@ -174,3 +174,49 @@ func TestOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 		t.Fatalf("%d messages after the restart, want 5", n)
 	}
 }
+
+func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
+	port := smtptest.Silent(t)
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	h := in.handler(withSMTP(t, srv), func(h *Handler) {
+		h.SMTP.Port, h.SMTP.Timeout = port, caddy.Duration(50*time.Millisecond)
+		h.Delivery.Lease = caddy.Duration(400 * time.Millisecond)
+		h.Delivery.RetryBackoff, h.Delivery.MaxBackoff = caddy.Duration(time.Hour), caddy.Duration(time.Hour)
+	})
+	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: wait=1")
+	bid := batchOf(out["id"].(string))
+	// another instance adopted the batch while this one was paused: the
+	// ownership marker moved
+	ctx := context.Background()
+	st := h.engine.st
+	other := uuid.NewString()
+	if err := st.s.Store(ctx, keyOwn+other+"/"+bid, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.s.Delete(ctx, keyOwn+h.engine.iid+"/"+bid); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h.engine.mu.Lock()
+		_, still := h.engine.batches[bid]
+		h.engine.mu.Unlock()
+		if !still {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the instance kept a batch another instance adopted")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// new work is unaffected
+	_, out = call(t, h, "POST", "/authmail/send/otp", otp("new@example.org"), "Prefer: respond-async")
+	time.Sleep(600 * time.Millisecond)
+	h.engine.mu.Lock()
+	_, kept := h.engine.batches[batchOf(out["id"].(string))]
+	h.engine.mu.Unlock()
+	if !kept {
+		t.Fatal("a batch of its own was dropped")
+	}
+}
