@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -158,6 +159,34 @@ type Handler struct {
 	// otherwise (checked when connecting, after DNS). Default: none.
 	WebhookAllowHosts []string `json:"webhook_allow_hosts,omitempty"`
 
+	// AllowOrigins are origins, besides base_url's, that callers may use
+	// in link and base_url, and that link_policy accepts. Only https
+	// origins, or http for localhost. Default: none.
+	AllowOrigins []string `json:"allow_origins,omitempty"`
+
+	// LinkPolicy "enforce" makes /send refuse html_body links (href, src)
+	// and text_body URLs that are not on base_url's origin or an
+	// allow_origins origin. Default: off.
+	LinkPolicy string `json:"link_policy,omitempty"`
+
+	// AuthFailures throttles clients that fail to authenticate: after
+	// this many failures from one client IP within the window (as
+	// "<n>/<duration>", or "off"), the client gets 429 for the rest of
+	// the window, even with a valid key. The client IP honours the
+	// server's trusted_proxies. Default: "10/1m".
+	AuthFailures string `json:"auth_failures,omitempty"`
+
+	// RecipientRate limits the auth flows (otp, magic-link,
+	// password-reset, verify-email, email-change, security-alert) per
+	// recipient and flow, as "<n>/<duration>" or "off". The key "default"
+	// applies to every flow without its own entry. /send is not limited.
+	// Default: {"default": "5/15m"}.
+	RecipientRate map[string]string `json:"recipient_rate,omitempty"`
+
+	// LogRecipients logs full recipient addresses. Default: false, which
+	// logs a salted hash of each address plus its domain.
+	LogRecipients bool `json:"log_recipients,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup
@@ -169,10 +198,13 @@ type Handler struct {
 	baseURL    string
 	baseOrigin string
 	prefix     string
-	profile    string        // sender profile: the From address
-	engine     *engine       // the outbox for this handler's storage
-	engineKey  string        // acquired enginePool key, released in Cleanup
-	dcfg       *engineConfig // resolved delivery settings
+	authFail   rateSpec            // resolved auth_failures
+	rcptRates  map[string]rateSpec // resolved recipient_rate by flow
+	origins    []string            // allowed origins: base_url's and allow_origins
+	profile    string              // sender profile: the From address
+	engine     *engine             // the outbox for this handler's storage
+	engineKey  string              // acquired enginePool key, released in Cleanup
+	dcfg       *engineConfig       // resolved delivery settings
 	// storageOverride replaces the storage in unit tests.
 	storageOverride certmagic.Storage
 }
@@ -266,21 +298,47 @@ type SMTP struct {
 
 // Key is an API key.
 type Key struct {
-	// ID names the key in logs and placeholders; it is never secret.
-	// Letters, digits, '.', '_' and '-', up to 64 characters.
+	// ID names the key in logs, placeholders and metrics; it is never
+	// secret. Letters, digits, '.', '_' and '-', up to 64 characters.
 	ID string `json:"id,omitempty"`
 
-	// Secret is the bearer token. Accepts {env.*} and {file.*}
-	// placeholders, expanded when the config loads; use them so that the
-	// secret never appears in the JSON config. At least 16 characters.
+	// Secret is the bearer token, or "sha256:<hex>" of it so that the
+	// config never holds the token itself. Accepts {env.*} and {file.*}
+	// placeholders, expanded when the config loads. A plain secret has at
+	// least 16 characters.
 	Secret string `json:"secret,omitempty"`
+
+	// Allow lists the endpoints the key may call: send, otp, magic-link,
+	// password-reset, verify-email, email-change, security-alert, and the
+	// admin endpoints status and test. Default: every send endpoint, no
+	// admin endpoint. Any key may read the status of its own messages.
+	Allow []string `json:"allow,omitempty"`
+
+	// Rate limits the key's requests, as "<n>/<duration>" or "off".
+	// Default: "600/1m".
+	Rate string `json:"rate,omitempty"`
 }
 
 // apiKey is a provisioned key: only the hash of the secret is kept.
 type apiKey struct {
-	id   string
-	hash [sha256.Size]byte
+	id    string
+	hash  [sha256.Size]byte
+	allow map[string]bool
+	rate  rateSpec
 }
+
+// Endpoint permissions of keys.
+var (
+	sendPerms  = []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
+	adminPerms = []string{"status", "test"}
+)
+
+// Rate defaults.
+const (
+	defaultKeyRate       = "600/1m"
+	defaultAuthFailures  = "10/1m"
+	defaultRecipientRate = "5/15m"
+)
 
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {
@@ -325,19 +383,56 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("key '%s': expanding secret: %v", k.ID, err)
 		}
-		if len(secret) < minSecretLength {
-			return fmt.Errorf("key '%s': secret is shorter than %d characters", k.ID, minSecretLength)
+		var sum [sha256.Size]byte
+		if hexHash, hashed := strings.CutPrefix(secret, "sha256:"); hashed {
+			b, err := hex.DecodeString(strings.ToLower(hexHash))
+			if err != nil || len(b) != sha256.Size {
+				return fmt.Errorf("key '%s': a sha256: secret must be followed by 64 hex digits", k.ID)
+			}
+			copy(sum[:], b)
+		} else {
+			if len(secret) < minSecretLength {
+				return fmt.Errorf("key '%s': secret is shorter than %d characters", k.ID, minSecretLength)
+			}
+			if !strings.Contains(k.Secret, "{") {
+				h.logger.Warn("API key secret is written literally in the config; use {env.*}, {file.*} or sha256:<hex> so that it does not appear in the JSON config",
+					zap.String("key_id", k.ID))
+			}
+			sum = sha256.Sum256([]byte(secret))
 		}
-		if !strings.Contains(k.Secret, "{") {
-			h.logger.Warn("API key secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config",
-				zap.String("key_id", k.ID))
-		}
-		sum := sha256.Sum256([]byte(secret))
 		if other, dup := seen[sum]; dup {
 			return fmt.Errorf("keys '%s' and '%s' have the same secret", other, k.ID)
 		}
 		seen[sum] = k.ID
-		h.keys = append(h.keys, apiKey{id: k.ID, hash: sum})
+		ak := apiKey{id: k.ID, hash: sum, allow: map[string]bool{}}
+		allow := k.Allow
+		if len(allow) == 0 {
+			allow = sendPerms
+		}
+		for _, p := range allow {
+			ak.allow[p] = true
+		}
+		ak.rate, _ = parseRate(firstNonEmpty(k.Rate, defaultKeyRate))
+		h.keys = append(h.keys, ak)
+	}
+	h.authFail, _ = parseRate(firstNonEmpty(h.AuthFailures, defaultAuthFailures))
+	h.rcptRates = map[string]rateSpec{}
+	def, _ := parseRate(firstNonEmpty(h.RecipientRate["default"], defaultRecipientRate))
+	for _, flow := range recipientRateFlows {
+		h.rcptRates[flow] = def
+		if v, ok := h.RecipientRate[flow]; ok {
+			h.rcptRates[flow], _ = parseRate(v)
+		}
+	}
+	h.origins = nil
+	if h.baseOrigin != "" {
+		h.origins = append(h.origins, h.baseOrigin)
+	}
+	for _, o := range h.AllowOrigins {
+		u, _ := url.Parse(o)
+		if oo := origin(u); !slices.Contains(h.origins, oo) {
+			h.origins = append(h.origins, oo)
+		}
 	}
 
 	var err error
@@ -611,6 +706,39 @@ func (h *Handler) checkConfig() error {
 			return fmt.Errorf("key '%s' is defined twice", k.ID)
 		}
 		ids[k.ID] = true
+		for _, p := range k.Allow {
+			if err := checkPermission(p); err != nil {
+				return fmt.Errorf("key '%s': %v", k.ID, err)
+			}
+		}
+		if k.Rate != "" {
+			if _, err := parseRate(k.Rate); err != nil {
+				return fmt.Errorf("key '%s': %v", k.ID, err)
+			}
+		}
+	}
+	if h.AuthFailures != "" {
+		if _, err := parseRate(h.AuthFailures); err != nil {
+			return fmt.Errorf("auth_failures: %v", err)
+		}
+	}
+	for flow, v := range h.RecipientRate {
+		if flow != "default" && !slices.Contains(recipientRateFlows, flow) {
+			return fmt.Errorf("recipient_rate: unknown flow '%s' (expected one of %s)", flow, strings.Join(recipientRateFlows, ", "))
+		}
+		if _, err := parseRate(v); err != nil {
+			return fmt.Errorf("recipient_rate: %v", err)
+		}
+	}
+	for _, o := range h.AllowOrigins {
+		if err := checkOrigin(o); err != nil {
+			return err
+		}
+	}
+	switch h.LinkPolicy {
+	case "", "off", "enforce":
+	default:
+		return fmt.Errorf("link_policy must be enforce or off, not '%s'", h.LinkPolicy)
 	}
 	for ev := range h.SecurityAlerts {
 		if err := checkSecurityEvent(ev); err != nil {
@@ -748,8 +876,40 @@ func checkKey(id, secret string) error {
 	if secret == "" {
 		return fmt.Errorf("key '%s': secret is required", id)
 	}
+	if hexHash, hashed := strings.CutPrefix(secret, "sha256:"); hashed && !strings.Contains(secret, "{") {
+		if b, err := hex.DecodeString(strings.ToLower(hexHash)); err != nil || len(b) != sha256.Size {
+			return fmt.Errorf("key '%s': a sha256: secret must be followed by 64 hex digits", id)
+		}
+		return nil
+	}
 	if !strings.Contains(secret, "{") && len(secret) < minSecretLength {
 		return fmt.Errorf("key '%s': secret is shorter than %d characters", id, minSecretLength)
+	}
+	return nil
+}
+
+// recipientRateFlows are the flows limited per recipient.
+var recipientRateFlows = []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
+
+func checkPermission(p string) error {
+	if slices.Contains(sendPerms, p) || slices.Contains(adminPerms, p) {
+		return nil
+	}
+	return fmt.Errorf("unknown endpoint '%s' in allow (expected %s)", p, strings.Join(append(slices.Clone(sendPerms), adminPerms...), ", "))
+}
+
+// checkOrigin validates an allow_origins entry: an https origin, or http
+// for localhost, without path, query or user info.
+func checkOrigin(o string) error {
+	u, p := parseHTTPURL(o)
+	if p != "" {
+		return fmt.Errorf("allow_origin '%s' %s", o, p)
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf("allow_origin '%s' must be an origin (scheme and host) without a path", o)
+	}
+	if u.Scheme == "http" && !isLoopbackHost(u.Hostname()) {
+		return fmt.Errorf("allow_origin '%s' must use https (http is only allowed for localhost)", o)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package authmail
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -44,7 +45,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		app_name <name>
 //		base_url <url>
 //		link <flow> <url template with {token}>
-//		key <id> <secret>
+//		key <id> <secret|sha256:<hex>> [{
+//			allow <endpoint>...
+//			rate <n>/<duration>|off
+//		}]
 //		templates <dir>
 //		security_alerts {
 //			<event> on|off
@@ -65,6 +69,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		storage <module> [<args…>] { … }
 //		webhook_secret <secret>
 //		webhook_allow_hosts <host>...
+//		allow_origin <origin>...
+//		link_policy enforce|off
+//		auth_failures <n>/<duration>|off
+//		recipient_rate [<flow>] <n>/<duration>|off
+//		log_recipients on|off
 //	}
 //
 // Exactly one of smtp and capture is required, as are from and at least
@@ -215,7 +224,39 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("key '%s' already specified", id)
 				}
 			}
-			h.Keys = append(h.Keys, Key{ID: id, Secret: secret})
+			k := Key{ID: id, Secret: secret}
+			kseen := map[string]bool{}
+			for n := d.Nesting(); d.NextBlock(n); {
+				opt := d.Val()
+				if kseen[opt] {
+					return d.Errf("key %s: %s already specified", id, opt)
+				}
+				kseen[opt] = true
+				switch opt {
+				case "allow":
+					k.Allow = d.RemainingArgs()
+					if len(k.Allow) == 0 {
+						return d.ArgErr()
+					}
+					for _, p := range k.Allow {
+						if err := checkPermission(p); err != nil {
+							return d.Errf("key %s: %v", id, err)
+						}
+					}
+				case "rate":
+					v, err := oneArg()
+					if err != nil {
+						return err
+					}
+					if _, err := parseRate(v); err != nil {
+						return d.Errf("key %s: %v", id, err)
+					}
+					k.Rate = v
+				default:
+					return d.Errf("unrecognized key subdirective '%s'", opt)
+				}
+			}
+			h.Keys = append(h.Keys, k)
 
 		case "templates":
 			if err := once(sub); err != nil {
@@ -315,6 +356,86 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.WebhookAllowHosts = append(h.WebhookAllowHosts, args...)
+
+		case "allow_origin":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			for _, o := range args {
+				if err := checkOrigin(o); err != nil {
+					return d.WrapErr(err)
+				}
+			}
+			h.AllowOrigins = append(h.AllowOrigins, args...)
+
+		case "link_policy":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if v != "enforce" && v != "off" {
+				return d.Errf("link_policy must be enforce or off, not '%s'", v)
+			}
+			h.LinkPolicy = v
+
+		case "auth_failures":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if _, err := parseRate(v); err != nil {
+				return d.Errf("auth_failures: %v", err)
+			}
+			h.AuthFailures = v
+
+		case "recipient_rate":
+			args := d.RemainingArgs()
+			flow := "default"
+			switch len(args) {
+			case 1:
+			case 2:
+				flow = args[0]
+				if !slices.Contains(recipientRateFlows, flow) {
+					return d.Errf("recipient_rate: unknown flow '%s' (expected one of %s)", flow, strings.Join(recipientRateFlows, ", "))
+				}
+			default:
+				return d.ArgErr()
+			}
+			v := args[len(args)-1]
+			if _, err := parseRate(v); err != nil {
+				return d.Errf("recipient_rate: %v", err)
+			}
+			if _, dup := h.RecipientRate[flow]; dup {
+				return d.Errf("recipient_rate for %s already specified", flow)
+			}
+			if h.RecipientRate == nil {
+				h.RecipientRate = map[string]string{}
+			}
+			h.RecipientRate[flow] = v
+
+		case "log_recipients":
+			if err := once(sub); err != nil {
+				return err
+			}
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			switch v {
+			case "on":
+				h.LogRecipients = true
+			case "off":
+				h.LogRecipients = false
+			default:
+				return d.Errf("log_recipients must be on or off, not '%s'", v)
+			}
 
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)

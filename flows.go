@@ -42,6 +42,8 @@ const (
 	kindLink
 	kindAlert
 	kindStatus
+	kindAdminStatus
+	kindTest
 )
 
 // endpoint is one path of the API, relative to path_prefix.
@@ -49,18 +51,20 @@ type endpoint struct {
 	path   string
 	flow   string // flow name used in templates, logs and default links
 	kind   endpointKind
-	expiry int // default validity in minutes (otp and link flows)
+	expiry int    // default validity in minutes (otp and link flows)
+	perm   string // permission a key needs; "" for any key
 }
 
 func (e *endpoint) method() string {
-	if e.kind == kindHealth || e.kind == kindStatus {
+	switch e.kind {
+	case kindHealth, kindStatus, kindAdminStatus:
 		return http.MethodGet
 	}
 	return http.MethodPost
 }
 
 func (e *endpoint) allow() string {
-	if e.kind == kindHealth || e.kind == kindStatus {
+	if e.method() == http.MethodGet {
 		return "GET, HEAD"
 	}
 	return "POST"
@@ -69,7 +73,7 @@ func (e *endpoint) allow() string {
 var endpoints = map[string]*endpoint{}
 
 // statusEndpoint serves GET /messages/{id}.
-var statusEndpoint = &endpoint{path: "/messages/", flow: "status", kind: kindStatus}
+var statusEndpoint = &endpoint{path: "/messages/", flow: "message-status", kind: kindStatus}
 
 // linkFlows are the flows that carry a link; `link <flow> <url>` accepts
 // these names.
@@ -78,13 +82,15 @@ var linkFlows = []string{"magic-link", "password-reset", "verify-email", "email-
 func init() {
 	for _, e := range []*endpoint{
 		{path: "/health", flow: "health", kind: kindHealth},
-		{path: "/send", flow: "send", kind: kindSend},
-		{path: "/send/otp", flow: "otp", kind: kindOTP, expiry: 10},
-		{path: "/send/magic-link", flow: "magic-link", kind: kindLink, expiry: 15},
-		{path: "/send/password-reset", flow: "password-reset", kind: kindLink, expiry: 60},
-		{path: "/send/verify-email", flow: "verify-email", kind: kindLink, expiry: 1440},
-		{path: "/send/email-change", flow: "email-change", kind: kindLink, expiry: 1440},
-		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert},
+		{path: "/send", flow: "send", kind: kindSend, perm: "send"},
+		{path: "/send/otp", flow: "otp", kind: kindOTP, expiry: 10, perm: "otp"},
+		{path: "/send/magic-link", flow: "magic-link", kind: kindLink, expiry: 15, perm: "magic-link"},
+		{path: "/send/password-reset", flow: "password-reset", kind: kindLink, expiry: 60, perm: "password-reset"},
+		{path: "/send/verify-email", flow: "verify-email", kind: kindLink, expiry: 1440, perm: "verify-email"},
+		{path: "/send/email-change", flow: "email-change", kind: kindLink, expiry: 1440, perm: "email-change"},
+		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert, perm: "security-alert"},
+		{path: "/status", flow: "status", kind: kindAdminStatus, perm: "status"},
+		{path: "/test", flow: "test", kind: kindTest, perm: "test"},
 	} {
 		endpoints[e.path] = e
 	}
@@ -429,14 +435,14 @@ func (h *Handler) buildLink(flow, token, link, baseURL string) (string, *apiErro
 	return "", invalid("token", "cannot be turned into a link: this server has no base_url and no link template for %s; configure `base_url <url>` or `link %s <url with {token}>`", flow, flow)
 }
 
-// checkOrigin accepts a caller-supplied URL only on the configured
-// base_url origin.
+// checkOrigin accepts a caller-supplied URL only on an allowed origin:
+// base_url's or one of allow_origins.
 func (h *Handler) checkOrigin(field string, u *url.URL) *apiError {
-	if h.baseOrigin == "" {
-		return linkNotAllowed(field, "%s is not allowed: this server has no base_url, so caller-supplied links and base URLs are refused", field)
+	if len(h.origins) == 0 {
+		return linkNotAllowed(field, "%s is not allowed: this server has no base_url or allow_origin, so caller-supplied links and base URLs are refused", field)
 	}
-	if o := origin(u); o != h.baseOrigin {
-		return linkNotAllowed(field, "%s points to %s, which is not an allowed origin (allowed: %s)", field, o, h.baseOrigin)
+	if o := origin(u); !slices.Contains(h.origins, o) {
+		return linkNotAllowed(field, "%s points to %s, which is not an allowed origin (allowed: %s)", field, o, strings.Join(h.origins, ", "))
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package authmail
 import (
 	"container/heap"
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -64,7 +65,8 @@ type engine struct {
 	closing       bool
 	workers       int // running delivery workers
 	wantWorkers   int
-	adopted       bool // another instance took over our work
+	adopted       bool            // another instance took over our work
+	suspects      map[string]bool // instances that looked stale in the last scan
 
 	wakeCh   chan struct{} // closed and replaced to wake every waiter
 	flushCh  chan struct{} // wakes the state writer
@@ -78,6 +80,9 @@ type engine struct {
 	attempts  sync.WaitGroup // deliveries and webhooks in flight
 	segCache  segmentCache
 	bodyBytes atomic.Int64 // bytes of bodies cached in entries
+
+	limits          *limiter
+	publishedLimits bool // whether this instance has published limiter state
 }
 
 // entry is a message the engine owns.
@@ -129,6 +134,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		doneCh:   make(chan struct{}),
 	}
 	e.segCache.max = 8
+	e.limits = newLimiter()
 	e.logger.Store(zap.NewNop())
 	return e
 }
@@ -205,6 +211,13 @@ func (e *engine) start() {
 	e.startOnce.Do(func() {
 		e.started.Store(true)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		if err := e.loadSalt(ctx); err != nil {
+			e.log().Error("reading the hashing salt failed; rate limits and recipient hashes are per process until it can be read", zap.Error(err))
+			e.limits.mu.Lock()
+			e.limits.salt = make([]byte, 32)
+			_, _ = crand.Read(e.limits.salt)
+			e.limits.mu.Unlock()
+		}
 		if err := e.writeHeartbeat(ctx); err != nil {
 			e.log().Error("writing the outbox heartbeat failed", zap.Error(err))
 		}
@@ -214,12 +227,13 @@ func (e *engine) start() {
 			e.log().Info("recovered queued messages from storage", zap.Int("messages", n), zap.String("instance", e.iid))
 		}
 		cancel()
-		e.loops.Add(5)
+		e.loops.Add(6)
 		go e.appender()
 		go e.stateWriter()
 		go e.heartbeatLoop()
 		go e.adoptionLoop()
 		go e.janitorLoop()
+		go e.limitSyncLoop()
 		e.mu.Lock()
 		e.updateWorkersLocked()
 		for range 2 {
@@ -542,13 +556,18 @@ func (e *engine) deliver(en *entry) {
 	if err := <-claimed; err != nil {
 		// the claim is not durable: do not send; try again later
 		e.log().Error("recording a delivery attempt failed; retrying later", zap.String("id", en.st.ID), zap.Error(err))
-		e.mu.Lock()
-		en.st.Status = stQueued
-		en.st.Attempts--
-		en.st.NextAt = time.Now().Add(time.Second)
-		en.claimed = false
-		heap.Push(&e.ready, en)
-		e.mu.Unlock()
+		e.unclaim(en, time.Now().Add(time.Second))
+		return
+	}
+	// Fencing, as far as storage allows: if another instance adopted the
+	// batch (this one paused past its lease), do not send; the next
+	// heartbeat drops the batch.
+	octx, ocancel := context.WithTimeout(context.Background(), 30*time.Second)
+	owned := e.st.s.Exists(octx, keyOwn+e.iid+"/"+en.b.id)
+	ocancel()
+	if !owned {
+		e.log().Warn("not sending: another instance took over this message's batch", zap.String("id", en.st.ID))
+		e.unclaim(en, time.Time{})
 		return
 	}
 	env, err := e.envelopeOf(en)
@@ -569,6 +588,20 @@ func (e *engine) deliver(en *entry) {
 		metricAttempt(derr, time.Since(start))
 	}
 	e.recordOutcome(en, d, derr)
+}
+
+// unclaim undoes a claim in memory without sending. With a zero retry
+// time the message is not queued again (its batch is no longer ours).
+func (e *engine) unclaim(en *entry, retry time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	en.st.Status = stQueued
+	en.st.Attempts--
+	en.claimed = false
+	if !retry.IsZero() {
+		en.st.NextAt = retry
+		heap.Push(&e.ready, en)
+	}
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.

@@ -51,9 +51,9 @@ func (e *engine) heartbeatLoop() {
 		}
 		listed := time.Now()
 		if owned, err := e.st.ownedBatches(ctx, e.iid); err == nil {
-			if n := e.dropLost(owned, listed); n > 0 {
+			if lost := e.dropLost(owned, listed); len(lost) > 0 {
 				e.log().Error("another instance adopted this instance's unfinished messages after its heartbeat lapsed; dropped them here (raise delivery lease if this instance pauses for long)",
-					zap.Int("batches", n))
+					zap.Int("batches", len(lost)), zap.Int("markers_listed", len(owned)), zap.Strings("sample", lost[:min(3, len(lost))]))
 			}
 		}
 		cancel()
@@ -63,42 +63,54 @@ func (e *engine) heartbeatLoop() {
 // dropLost forgets batches with work left whose ownership marker is gone,
 // except batches taken on after the markers were listed and batches with
 // an attempt in flight. It returns the number dropped.
-func (e *engine) dropLost(owned []string, listed time.Time) int {
+func (e *engine) dropLost(owned []string, listed time.Time) []string {
 	mine := make(map[string]bool, len(owned))
 	for _, b := range owned {
 		mine[b] = true
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	n := 0
+	var lost []string
 	for id, b := range e.batches {
-		if mine[id] || b.open == 0 || b.retired || !b.registered.Before(listed) {
+		if mine[id] || b.open == 0 || b.retired || !b.registered.Before(listed) || e.busyLocked(b) {
 			continue
 		}
-		busy := false
-		for _, en := range b.entries {
-			busy = busy || en.claimed
-		}
-		if busy {
-			continue
-		}
-		for _, en := range b.entries {
-			if en.heapIdx >= 0 {
-				heap.Remove(&e.ready, en.heapIdx)
-			}
-			if en.hookIdx >= 0 {
-				heap.Remove(&e.hooks, en.hookIdx)
-			}
-			if !finalState(en.st.Status) {
-				e.nonFinal--
-			}
-			delete(e.entries, en.st.ID)
-		}
-		delete(e.dirty, b)
-		delete(e.batches, id)
-		n++
+		e.forgetLocked(b)
+		lost = append(lost, id)
 	}
-	return n
+	return lost
+}
+
+// busyLocked reports whether a batch has an attempt in flight or a state
+// write pending: it must not be dropped or reloaded now, or a finished
+// attempt's outcome would be lost.
+func (e *engine) busyLocked(b *batch) bool {
+	if _, dirty := e.dirty[b]; dirty {
+		return true
+	}
+	for _, en := range b.entries {
+		if en.claimed {
+			return true
+		}
+	}
+	return false
+}
+
+// forgetLocked removes a batch from memory.
+func (e *engine) forgetLocked(b *batch) {
+	for _, en := range b.entries {
+		if en.heapIdx >= 0 {
+			heap.Remove(&e.ready, en.heapIdx)
+		}
+		if en.hookIdx >= 0 {
+			heap.Remove(&e.hooks, en.hookIdx)
+		}
+		if !finalState(en.st.Status) {
+			e.nonFinal--
+		}
+		delete(e.entries, en.st.ID)
+	}
+	delete(e.batches, b.id)
 }
 
 // recoverOwn loads this instance's unfinished work from storage after a
@@ -138,6 +150,20 @@ func (e *engine) stale(ctx context.Context, instance string) bool {
 	return hb.AdoptedBy != "" || time.Since(hb.Updated) > e.leaseDuration()
 }
 
+// staleTwice reports whether an instance looked stale in the previous
+// scan too, so that one slow storage write does not trigger an adoption.
+func (e *engine) staleTwice(ctx context.Context, instance string) bool {
+	isStale := e.stale(ctx, instance)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.suspects == nil {
+		e.suspects = map[string]bool{}
+	}
+	was := e.suspects[instance]
+	e.suspects[instance] = isStale
+	return isStale && was
+}
+
 func (e *engine) adoptStale(ctx context.Context) {
 	ids, err := e.st.instances(ctx)
 	if err != nil {
@@ -145,7 +171,7 @@ func (e *engine) adoptStale(ctx context.Context) {
 		return
 	}
 	for _, id := range ids {
-		if id == e.iid || !e.stale(ctx, id) {
+		if id == e.iid || !e.staleTwice(ctx, id) {
 			continue
 		}
 		owned, err := e.st.ownedBatches(ctx, id)
@@ -162,9 +188,9 @@ func (e *engine) adoptStale(ctx context.Context) {
 			n, err := e.takeOver(ctx, id)
 			if err != nil {
 				e.log().Error("adopting the messages of a stale instance failed", zap.String("instance", id), zap.Error(err))
-			} else if n > 0 {
-				e.log().Warn("adopted the queued messages of an instance whose heartbeat lapsed",
-					zap.String("instance", id), zap.Int("messages", n))
+			} else {
+				e.log().Warn("adopted the unfinished messages of an instance whose heartbeat lapsed",
+					zap.String("instance", id), zap.Int("batches", len(owned)), zap.Int("queued_messages", n))
 				_ = e.st.putJSON(ctx, keyInst+id, heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid})
 			}
 		}
@@ -187,7 +213,18 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 	total := 0
 	for _, bid := range bids {
 		e.mu.Lock()
-		_, known := e.batches[bid]
+		b, known := e.batches[bid]
+		if known && instance != e.iid {
+			// we hold a batch that another instance adopted from us: its
+			// state in storage is the truth now; reload it, unless an
+			// attempt or a write is pending (then next round)
+			if e.busyLocked(b) {
+				e.mu.Unlock()
+				continue
+			}
+			e.forgetLocked(b)
+			known = false
+		}
 		e.mu.Unlock()
 		if known {
 			continue
@@ -202,7 +239,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			return total, err
 		}
 		now := time.Now()
-		b := &batch{id: bid}
+		b = &batch{id: bid}
 		changed := instance != e.iid
 		var interrupted []msgState
 		for i, m := range bs.Messages {

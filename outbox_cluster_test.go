@@ -220,3 +220,46 @@ func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
 		t.Fatal("a batch of its own was dropped")
 	}
 }
+
+// TestListingSurvivesConcurrentDeletes guards against a real bug: file
+// storage fails a listing with "not exist" when a key vanishes during
+// the walk, which once made an instance believe it owned nothing and
+// drop its own batches.
+func TestListingSurvivesConcurrentDeletes(t *testing.T) {
+	st := store{s: &certmagic.FileStorage{Path: t.TempDir()}}
+	ctx := context.Background()
+	const keep = 50
+	for i := range keep {
+		if err := st.s.Store(ctx, fmt.Sprintf("%sinst/%s", keyOwn, newID(time.Now().Add(time.Duration(i)*time.Millisecond))), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			k := fmt.Sprintf("%sinst/%s", keyOwn, newID(time.Now()))
+			_ = st.s.Store(ctx, k, nil)
+			_ = st.s.Delete(ctx, k)
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	for range 300 {
+		owned, err := st.ownedBatches(ctx, "inst")
+		if err != nil {
+			continue // reported as an error: callers then do nothing
+		}
+		if len(owned) < keep {
+			t.Fatalf("listed %d batches, at least %d exist", len(owned), keep)
+		}
+	}
+	if owned, err := st.ownedBatches(ctx, "nobody"); err != nil || len(owned) != 0 {
+		t.Fatalf("absent directory: %v %v", owned, err)
+	}
+}

@@ -172,20 +172,35 @@ func (st store) loadState(ctx context.Context, batch string) (*batchState, error
 
 // ownedBatches lists the batches an instance has work for.
 func (st store) ownedBatches(ctx context.Context, instance string) ([]string, error) {
-	keys, err := st.s.List(ctx, keyOwn+instance, false)
-	if err != nil {
-		if isNotExist(err) {
-			return nil, nil
-		}
-		return nil, err
-	}
+	keys, err := st.list(ctx, keyOwn+instance)
 	out := make([]string, 0, len(keys))
 	for _, k := range keys {
 		if b := path.Base(k); len(b) == batchIDLen {
 			out = append(out, b)
 		}
 	}
-	return out, nil
+	return out, err
+}
+
+// list lists the keys directly below dir. File storage walks the
+// directory, and a key deleted during the walk fails the listing with
+// "not exist" although the directory exists: such a listing is retried,
+// and "not exist" means empty only when the directory itself is absent.
+func (st store) list(ctx context.Context, dir string) ([]string, error) {
+	var err error
+	for attempt := 0; attempt < 8; attempt++ {
+		var keys []string
+		if keys, err = st.s.List(ctx, dir, false); err == nil {
+			return keys, nil
+		}
+		if !isNotExist(err) || ctx.Err() != nil {
+			return nil, err
+		}
+		if !st.s.Exists(ctx, dir) {
+			return nil, nil
+		}
+	}
+	return nil, err
 }
 
 // heartbeat is the content of authmail/inst/<instance>.
@@ -197,14 +212,14 @@ type heartbeat struct {
 }
 
 func (st store) instances(ctx context.Context) ([]string, error) {
-	keys, err := st.s.List(ctx, strings.TrimSuffix(keyInst, "/"), false)
-	if err != nil && !isNotExist(err) {
+	keys, err := st.list(ctx, strings.TrimSuffix(keyInst, "/"))
+	if err != nil {
 		return nil, err
 	}
 	// instances that own work but never wrote a heartbeat count too
-	owners, oerr := st.s.List(ctx, strings.TrimSuffix(keyOwn, "/"), false)
-	if oerr != nil && !isNotExist(oerr) {
-		return nil, oerr
+	owners, err := st.list(ctx, strings.TrimSuffix(keyOwn, "/"))
+	if err != nil {
+		return nil, err
 	}
 	seen := map[string]bool{}
 	var out []string

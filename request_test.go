@@ -159,7 +159,7 @@ func TestOrigin(t *testing.T) {
 }
 
 func TestBuildLink(t *testing.T) {
-	h := &Handler{baseURL: "https://app.example.com/auth", baseOrigin: "https://app.example.com",
+	h := &Handler{baseURL: "https://app.example.com/auth", baseOrigin: "https://app.example.com", origins: []string{"https://app.example.com"},
 		Links: map[string]string{"password-reset": "https://app.example.com/reset?x=1&t={token}"}}
 	cases := []struct {
 		flow, token, link, base string

@@ -9,7 +9,9 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math"
 	"mime"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -44,18 +46,39 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindHealth {
 		return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	}
+	lim := h.engine.limits
+	now := time.Now()
 
-	// Authentication comes first: nothing else is looked at, and the body
+	// A client that failed to authenticate too often is refused outright,
+	// even with a valid key, for the rest of the window.
+	ipKey := "a:" + lim.hash(clientIP(r))
+	if blocked, wait := lim.blocked(ipKey, h.authFail, now); blocked {
+		return h.rateLimited(w, rc, "rate_limited", "too many failed authentication attempts from this client; retry later", wait)
+	}
+
+	// Authentication comes next: nothing else is looked at, and the body
 	// is not read, for an unauthenticated request.
-	keyID, ok := h.authenticate(r)
-	if !ok {
+	key := h.authenticate(r)
+	if key == nil {
+		lim.record(ipKey, h.authFail, now)
 		w.Header().Set("WWW-Authenticate", "Bearer")
 		return h.reject(w, rc, &apiError{Status: http.StatusUnauthorized, Code: "unauthorized",
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
 	}
+	keyID := key.id
 	rc.keyID = keyID
-	if ep.kind == kindStatus {
+	if ep.perm != "" && !key.allow[ep.perm] {
+		return h.reject(w, rc, &apiError{Status: http.StatusForbidden, Code: "forbidden",
+			Message: "this API key may not use " + rest})
+	}
+	if ok, wait := lim.take("k:"+keyID, key.rate, now); !ok {
+		return h.rateLimited(w, rc, "rate_limited", "this API key sent too many requests; retry later", wait)
+	}
+	switch ep.kind {
+	case kindStatus:
 		return h.serveStatus(w, r, rc, msgID)
+	case kindAdminStatus:
+		return h.serveAdminStatus(w, rc)
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		return h.reject(w, rc, &apiError{Status: http.StatusUnsupportedMediaType, Code: "unsupported_media_type",
@@ -76,6 +99,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
+	if ep.kind == kindTest {
+		return h.serveTest(w, r, rc, body)
+	}
 	msgs, skip, aerr := h.prepare(ep, body)
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
@@ -87,7 +113,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeJSON(w, http.StatusOK, skippedResponse{Sent: false, Status: "skipped", Reason: skip})
 	}
 
-	now := time.Now()
+	now = time.Now()
 	envs := make([]*envelope, len(msgs))
 	for i, m := range msgs {
 		env, err := h.buildEnvelope(m, now)
@@ -103,7 +129,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeJSON(w, http.StatusOK, dryRunResponse{Sent: false, DryRun: true, Message: "Email payload is valid"})
 	}
 
-	submit := func(batch string) apiResponse { return h.submit(rc, msgs, envs, batch, pref) }
+	submit := func(batch string) apiResponse {
+		// the recipient limit counts messages actually accepted: not dry
+		// runs, not idempotent replays
+		if spec, limited := h.rcptRates[ep.flow]; limited {
+			rk := "r:" + ep.flow + ":" + lim.hash(strings.ToLower(msgs[0].to[0].Addr))
+			if ok, wait := lim.take(rk, spec, time.Now()); !ok {
+				resp := errorAnswer(http.StatusTooManyRequests, "recipient_rate_limited",
+					"this recipient got too many "+ep.flow+" messages recently; retry later")
+				resp.retryAfter = retrySeconds(wait)
+				return resp
+			}
+		}
+		return h.submit(rc, msgs, envs, batch, pref)
+	}
 	var resp apiResponse
 	if hasIdem {
 		resp = h.idempotent(r.Context(), keyID, idemKey[0], rest, body, submit)
@@ -365,15 +404,15 @@ func (h *Handler) route(path string) (string, bool) {
 
 // authenticate checks the bearer token against every key in constant
 // time (comparing SHA-256 hashes, so neither the secret nor its length
-// leaks through timing) and returns the key id.
-func (h *Handler) authenticate(r *http.Request) (string, bool) {
+// leaks through timing) and returns the key, or nil.
+func (h *Handler) authenticate(r *http.Request) *apiKey {
 	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return "", false
+		return nil
 	}
 	token = strings.TrimSpace(token)
 	if token == "" {
-		return "", false
+		return nil
 	}
 	sum := sha256.Sum256([]byte(token))
 	found := -1
@@ -383,9 +422,32 @@ func (h *Handler) authenticate(r *http.Request) (string, bool) {
 		}
 	}
 	if found < 0 {
-		return "", false
+		return nil
 	}
-	return h.keys[found].id, true
+	return &h.keys[found]
+}
+
+// clientIP is Caddy's client IP (which honours trusted_proxies), or the
+// connection's address.
+func clientIP(r *http.Request) string {
+	if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok && ip != "" {
+		return ip
+	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func retrySeconds(d time.Duration) string {
+	return strconv.Itoa(int(math.Ceil(d.Seconds())))
+}
+
+// rateLimited answers 429 with Retry-After.
+func (h *Handler) rateLimited(w http.ResponseWriter, rc *requestCtx, code, msg string, wait time.Duration) error {
+	w.Header().Set("Retry-After", retrySeconds(wait))
+	return h.reject(w, rc, &apiError{Status: http.StatusTooManyRequests, Code: code, Message: msg})
 }
 
 func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {

@@ -26,6 +26,12 @@
 #   N_QUEUE [100000]   messages queued for the RSS measurement
 #   SUBMIT_CONC [32]   concurrent HTTP requests of the Go load generator
 #   SMTP_CONNS [4]     authmail `connections` and go-mail goroutines
+#   GOMAIL_WITHOUT_NOOP [0]  1 gives the go-mail baseline mail.WithoutNoop()
+#                      (default options send NOOP and RSET with every message;
+#                      authmail sends neither)
+#   REV []             build Caddy from this commit (git archive) instead of
+#                      the working tree; the bench tools always come from
+#                      the working tree
 #   KEEP [0]           1 keeps the work directory (logs, storage)
 #   RESULTS_FILE []    also write the results table to this file
 set -euo pipefail
@@ -41,7 +47,9 @@ DELAY=${DELAY:-5ms}
 N_QUEUE=${N_QUEUE:-100000}
 SUBMIT_CONC=${SUBMIT_CONC:-32}
 SMTP_CONNS=${SMTP_CONNS:-4}
+GOMAIL_WITHOUT_NOOP=${GOMAIL_WITHOUT_NOOP:-0}
 KEEP=${KEEP:-0}
+REV=${REV:-}
 RESULTS_FILE=${RESULTS_FILE:-}
 
 KEY=bench-key-0123456789abcdef
@@ -178,8 +186,24 @@ log "work directory: $WORK"
 
 # --- build -----------------------------------------------------------------
 
-log "building caddy (with authmail) and the bench tools"
-(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
+if [ -n "$REV" ]; then
+	command -v git >/dev/null || die "REV needs git"
+	BUILT_FROM="commit $(git -C "$REPO" rev-parse --short "$REV")"
+	log "building caddy (with authmail) from $BUILT_FROM, and the bench tools"
+	mkdir -p "$WORK/src"
+	git -C "$REPO" archive "$REV" | tar -x -C "$WORK/src"
+	(cd "$WORK/src" && go build -o "$BIN/caddy" ./cmd/caddy)
+else
+	BUILT_FROM="working tree"
+	if command -v git >/dev/null && git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
+		BUILT_FROM="working tree at $(git -C "$REPO" rev-parse --short HEAD)"
+		if [ -n "$(git -C "$REPO" status --porcelain -- . ':!bench' ':!docs' 2>/dev/null)" ]; then
+			BUILT_FROM="$BUILT_FROM with uncommitted changes"
+		fi
+	fi
+	log "building caddy (with authmail) from the $BUILT_FROM, and the bench tools"
+	(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
+fi
 (cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy)
 
 # --- helpers ---------------------------------------------------------------
@@ -191,6 +215,48 @@ fmt_num() { awk -v x="$1" -v d="${2:-0}" 'BEGIN { printf "%.*f", d, x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f%%", 100 * a / b; else print "n/a" }'; }
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# authmail_block SMTP_PORT STORAGE [delivery options...]: the handler config
+RATE_OFF=0
+authmail_block() {
+	local smtp_port=$1 storage=$2 key_block="" limits="" delivery=""
+	shift 2
+	for opt in "$@"; do
+		delivery+=$'\t\t\t\t'"$opt"$'\n'
+	done
+	if [ "$RATE_OFF" = 1 ]; then
+		key_block=$' {\n\t\t\t\trate off\n\t\t\t}'
+		limits=$'\t\t\trecipient_rate off\n'
+	fi
+	cat <<EOF
+		authmail {
+			smtp 127.0.0.1:$smtp_port {
+				tls none
+				connections $SMTP_CONNS
+			}
+			from bench@example.com "Bench"
+			key bench $KEY$key_block
+$limits			storage file_system $storage
+			delivery {
+$delivery			}
+		}
+EOF
+}
+
+# Builds with per-key and per-recipient rate limits (on by default) get
+# them turned off: the benchmark sends every message to one recipient
+# with one key, as fast as it can.
+RATE_OFF=1
+{
+	echo "http://127.0.0.1:1 {"
+	authmail_block 1 "$WORK/probe-storage"
+	echo "}"
+} >"$WORK/probe.Caddyfile"
+if "$BIN/caddy" adapt --config "$WORK/probe.Caddyfile" --adapter caddyfile >/dev/null 2>"$WORK/probe.err"; then
+	log "this build has rate limits: the bench config turns them off (key rate off, recipient_rate off)"
+else
+	RATE_OFF=0
+fi
 
 SINK_PID=
 SINK_OUT=$WORK/sink.out
@@ -208,11 +274,8 @@ CADDY_N=0
 start_caddy() {
 	local name=$1 smtp_port=$2
 	shift 2
-	local dir=$WORK/$name delivery=""
+	local dir=$WORK/$name
 	mkdir -p "$dir/data" "$dir/config"
-	for opt in "$@"; do
-		delivery+=$'\t\t\t\t'"$opt"$'\n'
-	done
 	cat >"$dir/Caddyfile" <<EOF
 {
 	admin localhost:$ADMIN_PORT
@@ -226,17 +289,7 @@ start_caddy() {
 
 http://127.0.0.1:$HTTP_PORT {
 	handle /authmail/* {
-		authmail {
-			smtp 127.0.0.1:$smtp_port {
-				tls none
-				connections $SMTP_CONNS
-			}
-			from bench@example.com "Bench"
-			key bench $KEY
-			storage file_system $dir/storage
-			delivery {
-$delivery			}
-		}
+$(authmail_block "$smtp_port" "$dir/storage" "$@")
 	}
 	handle {
 		respond "ok" 200
@@ -282,6 +335,25 @@ caddy_errors() { # caddy_errors: error lines in the current Caddy's log
 	grep -c '"level":"error"' "$CADDY_DIR/caddy.log" || true
 }
 
+# error_summary: "count× message" for each distinct error message in the
+# current Caddy's log, separated by "; "
+error_summary() {
+	grep '"level":"error"' "$CADDY_DIR/caddy.log" 2>/dev/null |
+		sed -n 's/.*"msg":"\([^"]*\)".*/\1/p' | sort | uniq -c | sort -rn |
+		awk '{ n = $1; $1 = ""; sub(/^ /, ""); printf "%s%d× %s", (NR > 1 ? "; " : ""), n, $0 }' || true
+}
+
+# sink_count: messages smtp-sink has received so far (its last -c record)
+sink_count() {
+	tail -c 300 "$SINK_OUT" | tr '\r' '\n' | sed -n 's/.*mesg=\([0-9][0-9]*\).*/\1/p' | tail -1
+}
+
+PROBLEMS=()
+problem() {
+	log "PROBLEM: $*"
+	PROBLEMS+=("$*")
+}
+
 post() { # post PATH [curl args...]: one authenticated OTP request
 	local path=$1
 	shift
@@ -319,6 +391,13 @@ run_wrk() {
 	grep '^WRK ' "$WORK/wrk.out"
 }
 
+GM_FLAGS=()
+GM_LABEL="go-mail (default options)"
+if [ "$GOMAIL_WITHOUT_NOOP" = 1 ]; then
+	GM_FLAGS=(-without-noop)
+	GM_LABEL="go-mail (WithoutNoop)"
+fi
+
 # ============================================================================
 # Phase 0: size of an authmail OTP message as sent (for the go-mail baseline)
 # ============================================================================
@@ -349,6 +428,8 @@ start_sink -c
 # ============================================================================
 
 log "phase 1: wrk -t$THREADS -c$CONNS -d$DURATION (after a $WARMUP warm-up), respond vs authmail"
+P1_SINK0=$(sink_count)
+P1_ACC0=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
 run_wrk /respond "$WARMUP" >/dev/null
 R_LINE=$(run_wrk /respond "$DURATION")
 log "respond:  $R_LINE"
@@ -364,6 +445,13 @@ t0=$SECONDS
 wait_queue_empty 600 || true
 P1_DRAIN_S=$((SECONDS - t0))
 log "phase 1: $P1_ACCEPTED messages accepted during the measured run; queue drained $P1_DRAIN_S s after wrk ended"
+P1_SINK1=$(sink_count)
+P1_ACC1=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+P1_ALL_ACCEPTED=$((P1_ACC1 - P1_ACC0))
+P1_DELIVERED=$((${P1_SINK1:-0} - ${P1_SINK0:-0}))
+if [ "$P1_DELIVERED" != "$P1_ALL_ACCEPTED" ]; then
+	problem "phase 1: authmail accepted $P1_ALL_ACCEPTED messages (warm-up included) but smtp-sink received $P1_DELIVERED after the queue looked empty; Caddy errors: $(error_summary)"
+fi
 
 rps() { # rps WRK_LINE
 	local req dur
@@ -391,16 +479,17 @@ AM_RATES=()
 AM_SUBMIT=()
 GM_SIZE=
 for rep in $(seq 1 "$REPS"); do
-	line=$("$BIN/gomailbench" -addr "127.0.0.1:$SINK_PORT" -n "$N" -conns "$SMTP_CONNS" -sample "$SAMPLE" -sink-counter "$SINK_OUT")
+	line=$("$BIN/gomailbench" -addr "127.0.0.1:$SINK_PORT" -n "$N" -conns "$SMTP_CONNS" -sample "$SAMPLE" "${GM_FLAGS[@]}" -sink-counter "$SINK_OUT")
 	log "run $rep go-mail:  $line"
 	[ "$(kv failed <<<"$line")" = 0 ] || log "WARNING: go-mail send failures"
 	GM_RATES+=("$(kv e2e_rate <<<"$line")")
 	GM_SIZE=$(kv size <<<"$line")
 	MSG_SIZE=$(kv target_size <<<"$line")
 
-	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT")
+	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 180s)
 	log "run $rep authmail: $line"
-	[ "$(kv accepted <<<"$line")" = "$N" ] || log "WARNING: not every request was accepted"
+	[ "$(kv accepted <<<"$line")" = "$N" ] || problem "phase 2 run $rep: only $(kv accepted <<<"$line") of $N requests were accepted"
+	[ "$(kv delivered <<<"$line")" = "$(kv accepted <<<"$line")" ] || problem "phase 2 run $rep: smtp-sink received $(kv delivered <<<"$line") of $(kv accepted <<<"$line") accepted messages within the timeout"
 	AM_RATES+=("$(kv e2e_rate <<<"$line")")
 	AM_SUBMIT+=("$(kv submit_rps <<<"$line")")
 	wait_queue_empty 120 || true
@@ -409,6 +498,7 @@ GM_RATE=$(median "${GM_RATES[@]}")
 AM_RATE=$(median "${AM_RATES[@]}")
 AM_SUBMIT_RATE=$(median "${AM_SUBMIT[@]}")
 P2_ERRORS=$(caddy_errors)
+P2_ERROR_SUMMARY=$(error_summary)
 stop "$CADDY_PID"
 
 # ============================================================================
@@ -422,14 +512,16 @@ PIDS+=("$PROXY_PID")
 wait_port "$PROXY_PORT" delayproxy
 start_caddy caddy-delay "$PROXY_PORT"
 
-line=$("$BIN/gomailbench" -addr "127.0.0.1:$PROXY_PORT" -n "$N_DELAY" -conns "$SMTP_CONNS" -sample "$SAMPLE" -sink-counter "$SINK_OUT")
+line=$("$BIN/gomailbench" -addr "127.0.0.1:$PROXY_PORT" -n "$N_DELAY" -conns "$SMTP_CONNS" -sample "$SAMPLE" "${GM_FLAGS[@]}" -sink-counter "$SINK_OUT")
 log "go-mail:  $line"
 GMD_RATE=$(kv e2e_rate <<<"$line")
-line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_DELAY" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT")
+line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_DELAY" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 180s)
 log "authmail: $line"
 AMD_RATE=$(kv e2e_rate <<<"$line")
+[ "$(kv delivered <<<"$line")" = "$N_DELAY" ] || problem "phase 3: smtp-sink received $(kv delivered <<<"$line") of $N_DELAY messages"
 wait_queue_empty 120 || true
 P3_ERRORS=$(caddy_errors)
+P3_ERROR_SUMMARY=$(error_summary)
 stop "$CADDY_PID"
 stop "$PROXY_PID"
 stop "$SINK_PID"
@@ -449,6 +541,7 @@ U_P50=$(ms "$(kv p50_us <<<"$U_LINE")")
 U_P99=$(ms "$(kv p99_us <<<"$U_LINE")")
 U_ERR=$(($(kv status_errors <<<"$U_LINE") + $(kv connect_errors <<<"$U_LINE") + $(kv read_errors <<<"$U_LINE") + $(kv timeouts <<<"$U_LINE")))
 P1B_ERRORS=$(caddy_errors)
+P1B_ERROR_SUMMARY=$(error_summary)
 stop "$CADDY_PID"
 
 # ============================================================================
@@ -467,11 +560,17 @@ Q_P50=$(kv p50_ms <<<"$line")
 Q_P99=$(kv p99_ms <<<"$line")
 # wait until every message had its (failing) first attempt
 t0=$SECONDS
+last_tried=-1
+last_change=$SECONDS
 while :; do
 	tried=$(metric 'caddy_authmail_delivery_attempts_total{result="transient"}')
 	[ "$tried" -ge "$Q_ACCEPTED" ] && break
-	if [ $((SECONDS - t0)) -ge 300 ]; then
-		log "WARNING: only $tried of $Q_ACCEPTED first attempts after 300 s"
+	if [ "$tried" != "$last_tried" ]; then
+		last_tried=$tried
+		last_change=$SECONDS
+	fi
+	if [ $((SECONDS - t0)) -ge 300 ] || [ $((SECONDS - last_change)) -ge 20 ]; then
+		problem "phase 4: only $tried of $Q_ACCEPTED first delivery attempts happened ($((SECONDS - t0)) s after the last submission; no progress for $((SECONDS - last_change)) s)"
 		break
 	fi
 	sleep 1
@@ -486,6 +585,10 @@ STORAGE_KB=$(du -sk "$CADDY_DIR/storage" | awk '{ print $1 }')
 STORAGE_APPARENT_KB=$(du -sk --apparent-size "$CADDY_DIR/storage" | awk '{ print $1 }')
 STORAGE_FILES=$(find "$CADDY_DIR/storage" -type f | wc -l)
 P4_ERRORS=$(caddy_errors)
+P4_ERROR_SUMMARY=$(error_summary)
+if [ "$Q_DEPTH" != "$Q_ACCEPTED" ]; then
+	problem "phase 4: $Q_ACCEPTED messages accepted but queue_depth is $Q_DEPTH, so the RSS below is NOT the RSS with $N_QUEUE queued; Caddy errors: $P4_ERROR_SUMMARY"
+fi
 log "phase 4: queue_depth $Q_DEPTH, VmRSS $RSS_KB kB, VmHWM $HWM_KB kB, storage $STORAGE_KB kB in $STORAGE_FILES files"
 stop "$CADDY_PID"
 
@@ -501,12 +604,19 @@ ACC_RATIO=$(awk -v a="$A_RPS" -v r="$R_RPS" 'BEGIN { print (r > 0 ? a / r : 0) }
 E2E_RATIO=$(awk -v a="$AM_RATE" -v g="$GM_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
 DLY_RATIO=$(awk -v a="$AMD_RATE" -v g="$GMD_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
 RSS_MB=$(mb "$RSS_KB")
-if awk -v m="$RSS_MB" 'BEGIN { exit !(m < 150) }'; then RSS_VERDICT=met; else RSS_VERDICT="**not met**"; fi
+if [ "$Q_DEPTH" != "$Q_ACCEPTED" ]; then
+	RSS_VERDICT="**invalid**: only $Q_DEPTH of $Q_ACCEPTED messages were still queued"
+elif awk -v m="$RSS_MB" 'BEGIN { exit !(m < 150) }'; then
+	RSS_VERDICT=met
+else
+	RSS_VERDICT="**not met**"
+fi
 
 RESULTS=$(
 	cat <<EOF
 ## Results
 
+Caddy built from the $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
 Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
 Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
 Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM_SIZE bytes.
@@ -521,11 +631,11 @@ Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM
 | authmail, SMTP unreachable (separate instance; one fast-failing attempt per message, no delivery) | $U_RPS | $U_P50 ms | $U_P99 ms | $U_ERR |
 | authmail (SMTP unreachable) / respond | $(ratio "$U_RPS" "$R_RPS") | | | |
 
-Messages accepted in the measured authmail run: $P1_ACCEPTED (delivered to smtp-sink meanwhile; the queue drained $P1_DRAIN_S s after wrk stopped).
+Messages accepted in the measured authmail run: $P1_ACCEPTED, delivered to smtp-sink meanwhile; the queue drained $P1_DRAIN_S s after wrk stopped. Phase 1 in all (warm-up included): $P1_ALL_ACCEPTED accepted, $P1_DELIVERED received by smtp-sink.
 
 ### 2–3. End-to-end delivery to smtp-sink ($SMTP_CONNS SMTP connections)
 
-| Path | Messages | go-mail msgs/s | authmail msgs/s | authmail / go-mail |
+| Path | Messages | $GM_LABEL msgs/s | authmail msgs/s | authmail / go-mail |
 | --- | ---: | ---: | ---: | ---: |
 | loopback (median of $REPS) | $N | $(fmt_num "$GM_RATE") | $(fmt_num "$AM_RATE") | **$(ratio "$AM_RATE" "$GM_RATE")** |
 | +$DELAY each way (delay proxy) | $N_DELAY | $(fmt_num "$GMD_RATE") | $(fmt_num "$AMD_RATE") | **$(ratio "$AMD_RATE" "$GMD_RATE")** |
@@ -537,6 +647,7 @@ Loopback runs: go-mail $(printf '%s ' "${GM_RATES[@]}")msgs/s; authmail $(printf
 | Measure | Value |
 | --- | ---: |
 | messages accepted / queue_depth | $Q_ACCEPTED / $Q_DEPTH |
+| time until every message had its first (failing) attempt | $Q_ATTEMPT_WAIT s after the last submission |
 | submission rate ($SUBMIT_CONC concurrent, Go load generator) | $(fmt_num "$Q_SUBMIT_RATE") requests/s, p50 $Q_P50 ms, p99 $Q_P99 ms |
 | VmRSS right after start | $(mb "$RSS_IDLE_KB") MB |
 | **VmRSS with the queue** | **$RSS_MB MB** |
@@ -544,7 +655,16 @@ Loopback runs: go-mail $(printf '%s ' "${GM_RATES[@]}")msgs/s; authmail $(printf
 | Go heap in use | $(awk -v b="$HEAP_INUSE" 'BEGIN { printf "%.1f", b / 1048576 }') MB |
 | storage on disk (du) | $(mb "$STORAGE_KB") MB ($(mb "$STORAGE_APPARENT_KB") MB apparent) in $STORAGE_FILES files |
 
-Error lines in Caddy's log (level ERROR): loopback instance $P2_ERRORS, delay instance $P3_ERRORS, unreachable-SMTP accept instance $P1B_ERRORS, queue instance $P4_ERRORS (transient failures log at WARN, so they are not counted).
+Error lines in Caddy's logs (level ERROR; transient delivery failures log at WARN and are not counted):
+
+| Instance | Error lines | Messages |
+| --- | ---: | --- |
+| loopback (phases 0–2) | $P2_ERRORS | ${P2_ERROR_SUMMARY:-} |
+| delay proxy (phase 3) | $P3_ERRORS | ${P3_ERROR_SUMMARY:-} |
+| SMTP unreachable, accept (phase 1b) | $P1B_ERRORS | ${P1B_ERROR_SUMMARY:-} |
+| SMTP unreachable, $N_QUEUE queued (phase 4) | $P4_ERRORS | ${P4_ERROR_SUMMARY:-} |
+
+Integrity problems: $(if [ ${#PROBLEMS[@]} = 0 ]; then echo "none (every accepted message reached smtp-sink; the queue held every message in phase 4)."; else printf '\n\n'; printf -- '- %s\n' "${PROBLEMS[@]}"; fi)
 
 ### Targets
 

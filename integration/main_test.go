@@ -102,6 +102,7 @@ type config struct {
 	HELO       string // default it.example
 	LogFile    string
 	StorageDir string // the outbox storage; default: one per test
+	Limits     string // auth_failures and recipient_rate lines; default: generous
 }
 
 var caddyfileTemplate = template.Must(template.New("").Parse(`{
@@ -148,8 +149,18 @@ http://localhost:9080 {
 {{- if .Keys}}
 		{{.Keys}}
 {{- else}}
-		key app {env.AUTHMAIL_IT_KEY}
-		key other {env.AUTHMAIL_IT_KEY2}
+		key app {env.AUTHMAIL_IT_KEY} {
+			rate off
+		}
+		key other {env.AUTHMAIL_IT_KEY2} {
+			rate off
+		}
+{{- end}}
+{{- if .Limits}}
+		{{.Limits}}
+{{- else}}
+		auth_failures 1000/1m
+		recipient_rate off
 {{- end}}
 		security_alerts {
 			new_login on

@@ -92,10 +92,12 @@ http://127.0.0.1:%d {
 			connections 4
 		}
 		from no-reply@example.com
-		key app {env.AUTHMAIL_IT_KEY}
+		key app {env.AUTHMAIL_IT_KEY} {
+			rate off
+		}
 		storage file_system %s
 		delivery {
-			lease 2s
+			lease 4s
 			retry_backoff 200ms
 			max_backoff 1s
 			drain_timeout 2s
@@ -120,6 +122,12 @@ http://127.0.0.1:%d {
 		if t.Failed() {
 			b, _ := os.ReadFile(filepath.Join(dir, "stderr"))
 			t.Logf("%s stderr (last 3000 bytes):\n%s", name, tail(b, 3000))
+			// keep the instance's log for a post-mortem
+			if l, err := os.ReadFile(p.log); err == nil {
+				keep := filepath.Join(os.TempDir(), "authmail-failed-"+name+".log")
+				_ = os.WriteFile(keep, l, 0o600)
+				t.Logf("%s log kept at %s", name, keep)
+			}
 		}
 	})
 	deadline := time.Now().Add(20 * time.Second)
@@ -327,12 +335,12 @@ func TestClusterFailoverAfterKill9(t *testing.T) {
 	time.Sleep(800 * time.Millisecond)
 	close(stop)
 	<-done
-	// b adopts a's unfinished messages once a's lease (2s) lapses, and
+	// b adopts a's unfinished messages once a's lease (4s) lapses, and
 	// answers for them
 	states := finalStates(t, b, results)
 	checkExactlyOnce(t, srv, results, states)
 	logs, _ := os.ReadFile(b.log)
-	if !strings.Contains(string(logs), "adopted the queued messages of an instance whose heartbeat lapsed") {
+	if !strings.Contains(string(logs), "adopted the unfinished messages of an instance whose heartbeat lapsed") {
 		t.Log("b had nothing to adopt: a's queue was empty at the kill")
 	}
 }

@@ -1,0 +1,198 @@
+package authmail
+
+import (
+	"context"
+	"html"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// adminStatus is the answer of GET /status: the effective configuration
+// with every secret left out or masked, and the outbox's figures.
+type adminStatus struct {
+	Delivery       adminDelivery     `json:"delivery"`
+	From           string            `json:"from"`
+	FromName       string            `json:"from_name,omitempty"`
+	ReplyTo        string            `json:"reply_to,omitempty"`
+	AppName        string            `json:"app_name"`
+	BaseURL        string            `json:"base_url,omitempty"`
+	AllowedOrigins []string          `json:"allowed_origins"`
+	LinkPolicy     string            `json:"link_policy"`
+	Links          map[string]string `json:"links,omitempty"`
+	Flows          []string          `json:"flows"`
+	SecurityAlerts map[string]bool   `json:"security_alerts"`
+	Keys           []adminKey        `json:"keys"`
+	Limits         adminLimits       `json:"limits"`
+	Queue          adminQueue        `json:"queue"`
+	Settings       map[string]any    `json:"settings"`
+	Webhooks       map[string]any    `json:"webhooks"`
+	Templates      string            `json:"templates"`
+	Privacy        map[string]any    `json:"privacy"`
+}
+
+type adminDelivery struct {
+	Mode            string `json:"mode"` // smtp or capture
+	Host            string `json:"host,omitempty"`
+	Port            int    `json:"port,omitempty"`
+	TLS             string `json:"tls,omitempty"`
+	Username        string `json:"username,omitempty"`
+	HELO            string `json:"helo,omitempty"`
+	Connections     int    `json:"connections,omitempty"`
+	OpenConnections int64  `json:"open_connections"`
+	CaptureDir      string `json:"capture_dir,omitempty"`
+}
+
+type adminKey struct {
+	ID    string   `json:"id"`
+	Allow []string `json:"allow"`
+	Rate  string   `json:"rate"`
+}
+
+type adminLimits struct {
+	AuthFailures  string            `json:"auth_failures"`
+	RecipientRate map[string]string `json:"recipient_rate"`
+}
+
+type adminQueue struct {
+	Instance         string  `json:"instance"`
+	Depth            int     `json:"depth"`
+	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
+	MaxQueued        int     `json:"max_queued"`
+}
+
+// maskUser shows enough of a user name to recognise it: "you@gmail.com"
+// becomes "you***ail.com".
+func maskUser(u string) string {
+	r := []rune(u)
+	if len(r) <= 10 {
+		if len(r) == 0 {
+			return ""
+		}
+		return string(r[:1]) + "***"
+	}
+	return string(r[:3]) + "***" + string(r[len(r)-7:])
+}
+
+func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error {
+	st := adminStatus{
+		From: h.from.Addr, FromName: h.FromName, AppName: h.appName, BaseURL: h.BaseURL,
+		AllowedOrigins: append([]string{}, h.origins...), LinkPolicy: firstNonEmpty(h.LinkPolicy, "off"),
+		Links: h.Links, Templates: firstNonEmpty(h.Templates, "built-in"),
+		SecurityAlerts: map[string]bool{},
+	}
+	if len(h.replyTo) > 0 {
+		st.ReplyTo = h.replyTo[0].Addr
+	}
+	for _, e := range endpointsInOrder() {
+		if e.perm != "" && !slices.Contains(adminPerms, e.perm) {
+			st.Flows = append(st.Flows, e.flow)
+		}
+	}
+	for _, ev := range securityEventNames() {
+		st.SecurityAlerts[ev] = h.alertEnabled(ev)
+	}
+	if h.Capture != "" {
+		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
+	} else if s, ok := h.transport.(*smtpSender); ok {
+		c := s.cfg
+		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
+			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections()}
+	}
+	for _, k := range h.keys {
+		ak := adminKey{ID: k.id, Rate: k.rate.String()}
+		for _, p := range append(slices.Clone(sendPerms), adminPerms...) {
+			if k.allow[p] {
+				ak.Allow = append(ak.Allow, p)
+			}
+		}
+		st.Keys = append(st.Keys, ak)
+	}
+	st.Limits = adminLimits{AuthFailures: h.authFail.String(), RecipientRate: map[string]string{}}
+	for flow, r := range h.rcptRates {
+		st.Limits.RecipientRate[flow] = r.String()
+	}
+	depth, age := h.engine.queueStats()
+	cfg := h.dcfg
+	st.Queue = adminQueue{Instance: h.engine.iid, Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued}
+	st.Settings = map[string]any{
+		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),
+		"retry_backoff": cfg.retryBackoff.String(), "max_backoff": cfg.maxBackoff.String(), "max_age": cfg.maxAge.String(),
+		"retention": cfg.retention.String(), "idempotency_ttl": cfg.idemTTL.String(), "lease": cfg.lease.String(),
+		"drain_timeout": cfg.drain.String(), "retry_uncertain": cfg.retryUncertain,
+	}
+	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
+	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}
+	rc.setStatus("ok", "")
+	return writeJSON(w, http.StatusOK, st)
+}
+
+func endpointsInOrder() []*endpoint {
+	var out []*endpoint
+	for _, e := range endpoints {
+		out = append(out, e)
+	}
+	slices.SortFunc(out, func(a, b *endpoint) int { return strings.Compare(a.path, b.path) })
+	return out
+}
+
+// testRequest is the body of POST /test.
+type testRequest struct {
+	To addressList `json:"to"`
+}
+
+type testResponse struct {
+	Sent         bool   `json:"sent"`
+	Status       string `json:"status"`
+	MessageID    string `json:"message_id"`
+	SMTPResponse string `json:"smtp_response,omitempty"`
+	ErrorCode    string `json:"error_code,omitempty"`
+	Message      string `json:"message,omitempty"`
+	DurationMS   int64  `json:"duration_ms"`
+}
+
+// serveTest sends a short test message synchronously, outside the outbox,
+// and reports what the SMTP server answered.
+func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestCtx, body []byte) error {
+	var req testRequest
+	if aerr := decodeJSON(body, &req); aerr != nil {
+		return h.reject(w, rc, aerr)
+	}
+	to, aerr := req.To.single("to")
+	if aerr != nil {
+		return h.reject(w, rc, aerr)
+	}
+	text := "This is a test message from " + h.appName + ", sent through authmail to check the mail setup.\n\nNo action is needed.\n"
+	m := &outMessage{flow: "test", to: []mailAddr{to}, replyTo: h.replyTo, subject: h.appName + " test message",
+		text: text, html: "<p>" + strings.ReplaceAll(html.EscapeString(text), "\n\n", "</p><p>") + "</p>"}
+	env, err := h.buildEnvelope(m, time.Now())
+	if err != nil {
+		return h.reject(w, rc, &apiError{Status: http.StatusInternalServerError, Code: "internal_error", Message: "the test message could not be rendered"})
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
+	defer cancel()
+	d, serr := h.transport.send(ctx, env)
+	resp := testResponse{MessageID: env.MessageID, DurationMS: time.Since(start).Milliseconds()}
+	fields := []zap.Field{zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID), zap.Strings("recipient_domains", recipientDomains(env.To))}
+	if serr == nil {
+		resp.Sent, resp.Status, resp.SMTPResponse = true, d.Status, d.Response
+		rc.setStatus(d.Status, "")
+		h.logger.Info("test message sent", fields...)
+		return writeJSON(w, http.StatusOK, resp)
+	}
+	de, _ := serr.(*deliveryError)
+	if de == nil {
+		de = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: serr}
+	}
+	resp.Status, resp.ErrorCode, resp.Message = "failed", de.Code, de.Error()
+	if de.Reply != nil {
+		resp.SMTPResponse = de.Reply.String()
+	}
+	rc.setStatus("failed", de.Code)
+	h.logger.Warn("test message failed", append(fields, zap.String("error_code", de.Code))...)
+	return writeJSON(w, http.StatusBadGateway, resp)
+}
