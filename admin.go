@@ -177,7 +177,7 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	defer cancel()
 	d, serr := h.transport.send(ctx, env)
 	resp := testResponse{MessageID: env.MessageID, DurationMS: time.Since(start).Milliseconds()}
-	fields := []zap.Field{zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID), zap.Strings("recipient_domains", recipientDomains(env.To))}
+	fields := []zap.Field{zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID), zap.Strings("rcpt", h.logRcpts(env.To))}
 	if serr == nil {
 		resp.Sent, resp.Status, resp.SMTPResponse = true, d.Status, d.Response
 		rc.setStatus(d.Status, "")

@@ -248,6 +248,15 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	if p := bodyProblem(req.HTMLBody); p != "" {
 		return nil, "", invalid("html_body", "%s", p)
 	}
+	if n := len(envelopeRecipients(m.to, m.cc)); n > maxAddressesPerField && len(m.cc) > 0 {
+		return nil, "", invalid("cc", "brings the message to %d recipients; at most %d are allowed per message", n, maxAddressesPerField)
+	}
+	if n := len(envelopeRecipients(m.to, m.cc, m.bcc)); n > maxAddressesPerField {
+		return nil, "", invalid("bcc", "brings the message to %d recipients; at most %d are allowed per message", n, maxAddressesPerField)
+	}
+	if err := h.checkLinkPolicy(req.HTMLBody, req.TextBody); err != nil {
+		return nil, "", err
+	}
 	m.subject = strings.TrimSpace(req.Subject)
 	m.html = req.HTMLBody
 	m.text = req.TextBody

@@ -106,18 +106,3 @@ func envelopeRecipients(lists ...[]mailAddr) []string {
 	}
 	return out
 }
-
-// recipientDomains returns the distinct recipient domains, for logs.
-func recipientDomains(rcpts []string) []string {
-	seen := map[string]bool{}
-	var out []string
-	for _, r := range rcpts {
-		_, d, _ := cutLast(r, "@")
-		d = strings.ToLower(d)
-		if !seen[d] {
-			seen[d] = true
-			out = append(out, d)
-		}
-	}
-	return out
-}

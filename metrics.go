@@ -27,7 +27,7 @@ func initMetrics() {
 	metricsOnce.Do(func() {
 		const ns, sub = "caddy", "authmail"
 		mAccepted = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
-			Name: "messages_accepted_total", Help: "Messages written to the outbox, by flow."}, []string{"flow"})
+			Name: "messages_accepted_total", Help: "Messages written to the outbox, by flow and API key id."}, []string{"flow", "key_id"})
 		mFinal = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
 			Name: "messages_total", Help: "Messages that reached a final state, by flow and outcome (sent, failed, unknown)."}, []string{"flow", "outcome"})
 		mAttempts = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
@@ -85,7 +85,7 @@ func outboxTotals() (int, time.Duration) {
 	return total, oldest
 }
 
-func metricAccepted(flow string) { initMetrics(); mAccepted.WithLabelValues(flow).Inc() }
+func metricAccepted(flow, keyID string) { initMetrics(); mAccepted.WithLabelValues(flow, keyID).Inc() }
 
 func metricFinal(flow, status string) { initMetrics(); mFinal.WithLabelValues(flow, status).Inc() }
 

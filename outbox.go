@@ -302,6 +302,7 @@ type newMessage struct {
 	keyID, flow, profile, messageID string
 	env                             *envelope
 	webhook                         webhookState
+	rcpts                           []string // recipients as logged
 }
 
 type acceptReq struct {
@@ -414,7 +415,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.env.From, To: m.env.To, Data: m.env.Data})
 			st := msgState{
 				ID: id, KeyID: m.keyID, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
-				Recipients: len(m.env.To), Domains: recipientDomains(m.env.To),
+				Recipients: len(m.env.To), Rcpts: m.rcpts,
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
 			}
 			seg.States = append(seg.States, st)
@@ -457,7 +458,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	}
 	e.mu.Unlock()
 	for _, en := range b.entries {
-		metricAccepted(en.st.Flow)
+		metricAccepted(en.st.Flow, en.st.KeyID)
 	}
 	e.notify()
 	for _, r := range reqs {
@@ -720,7 +721,7 @@ func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool) {
 	fields := []zap.Field{
 		zap.String("id", st.ID), zap.String("flow", st.Flow), zap.String("key_id", st.KeyID),
 		zap.String("status", st.Status), zap.Int("attempts", st.Attempts),
-		zap.Strings("recipient_domains", st.Domains), zap.Int("recipients", st.Recipients),
+		zap.Strings("rcpt", st.Rcpts), zap.Int("recipients", st.Recipients),
 	}
 	if derr != nil {
 		fields = append(fields, zap.String("error_code", derr.Code), zap.String("smtp_phase", derr.Phase))

@@ -91,13 +91,15 @@ type segment struct {
 // msgState is the persistent state of one message: authmail/st holds one
 // per message of a batch.
 type msgState struct {
-	ID           string    `json:"id"`
-	KeyID        string    `json:"key_id"`
-	Flow         string    `json:"flow"`
-	Profile      string    `json:"profile"`
-	MessageID    string    `json:"message_id"`
-	Recipients   int       `json:"recipients"`
-	Domains      []string  `json:"domains,omitempty"`
+	ID         string `json:"id"`
+	KeyID      string `json:"key_id"`
+	Flow       string `json:"flow"`
+	Profile    string `json:"profile"`
+	MessageID  string `json:"message_id"`
+	Recipients int    `json:"recipients"`
+	// Rcpts are the recipients as logged: a salted hash and the domain
+	// ("3f2a…@example.com"), or the addresses with log_recipients.
+	Rcpts        []string  `json:"rcpts,omitempty"`
 	Status       string    `json:"status"`
 	Attempts     int       `json:"attempts"`
 	Created      time.Time `json:"created"`

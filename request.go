@@ -103,9 +103,16 @@ func jsonKind(b []byte) string {
 	}
 }
 
-// decodeJSON decodes body strictly into v: one JSON object, no unknown
-// fields, no trailing data.
+// decodeJSON decodes body strictly into v: valid UTF-8, one JSON object,
+// no unknown fields, no trailing data.
 func decodeJSON(body []byte, v any) *apiError {
+	if !utf8.Valid(body) {
+		// encoding/json would silently replace the bad bytes with U+FFFD
+		if field := invalidUTF8Field(body); field != "" {
+			return invalid(field, "must be valid UTF-8")
+		}
+		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Message: "the request body is not valid UTF-8"}
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -116,6 +123,54 @@ func decodeJSON(body []byte, v any) *apiError {
 			Message: "the request body holds data after the JSON object"}
 	}
 	return nil
+}
+
+// invalidUTF8Field returns the top-level field whose key or value holds
+// invalid UTF-8, or "" when it cannot tell.
+func invalidUTF8Field(body []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var stack []byte // '{' or '['
+	expectKey := false
+	key := ""
+	prev := int64(0)
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		off := dec.InputOffset()
+		span := body[min(prev, off):off]
+		prev = off
+		inObject := len(stack) > 0 && stack[len(stack)-1] == '{'
+		switch t := tok.(type) {
+		case json.Delim:
+			switch t {
+			case '{', '[':
+				stack = append(stack, byte(t))
+				expectKey = t == '{'
+			case '}', ']':
+				stack = stack[:len(stack)-1]
+				expectKey = len(stack) > 0 && stack[len(stack)-1] == '{'
+			}
+		case string:
+			if inObject && expectKey {
+				if len(stack) == 1 {
+					key = t
+				}
+				if !utf8.Valid(span) {
+					return key
+				}
+				expectKey = false
+				continue
+			}
+			if !utf8.Valid(span) {
+				return key
+			}
+			expectKey = inObject
+		default:
+			expectKey = inObject
+		}
+	}
 }
 
 func jsonError(err error) *apiError {

@@ -46,6 +46,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindHealth {
 		return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	}
+	h.engine.start() // loads the hashing salt; a no-op once running
 	lim := h.engine.limits
 	now := time.Now()
 
@@ -192,7 +193,8 @@ func parsePrefer(values []string) preference {
 func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
 	news := make([]*newMessage, len(msgs))
 	for i, m := range msgs {
-		news[i] = &newMessage{keyID: rc.keyID, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID, env: envs[i], webhook: m.webhook}
+		news[i] = &newMessage{keyID: rc.keyID, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
+			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To)}
 	}
 	entries, err := h.engine.accept(news, batch)
 	if err != nil {
@@ -207,7 +209,7 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 	for _, en := range entries {
 		h.logger.Debug("message accepted", zap.String("id", en.st.ID), zap.String("flow", en.st.Flow),
 			zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID),
-			zap.Strings("recipient_domains", en.st.Domains), zap.Int("recipients", en.st.Recipients))
+			zap.Strings("rcpt", en.st.Rcpts), zap.Int("recipients", en.st.Recipients))
 	}
 	wait := h.dcfg.wait
 	switch {
@@ -385,6 +387,21 @@ func statusOf(st msgState) statusResponse {
 		if out.Webhook.Status == "" {
 			out.Webhook.Status = "waiting"
 		}
+	}
+	return out
+}
+
+// logRcpts returns recipients as they may be logged: a salted hash of the
+// address and its domain, or the address itself with log_recipients.
+func (h *Handler) logRcpts(addrs []string) []string {
+	out := make([]string, len(addrs))
+	for i, a := range addrs {
+		if h.LogRecipients {
+			out[i] = a
+			continue
+		}
+		_, dom, _ := cutLast(a, "@")
+		out[i] = h.engine.limits.hash(strings.ToLower(a)) + "@" + strings.ToLower(dom)
 	}
 	return out
 }

@@ -141,7 +141,7 @@ func TestSMTPConnectionFailuresThroughCaddy(t *testing.T) {
 	found := false
 	for _, line := range strings.Split(string(logs), "\n") {
 		if strings.Contains(line, `"msg":"delivery attempt failed; will retry"`) && strings.Contains(line, `"error_code":"smtp_timeout"`) &&
-			strings.Contains(line, `"recipient_domains":["example.org"]`) && strings.Contains(line, `"next_attempt_at"`) {
+			strings.Contains(line, `"rcpt":["`) && strings.Contains(line, `@example.org"]`) && strings.Contains(line, `"next_attempt_at"`) {
 			found = true
 		}
 	}
