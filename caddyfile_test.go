@@ -100,6 +100,37 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			},
 		},
 		{
+			name: "scoped keys, limits, origins, privacy",
+			input: `authmail {
+				from no-reply@example.com
+				capture /tmp/mail
+				key web {env.WEB_KEY} {
+					allow otp magic-link password-reset
+					rate 100/1m
+				}
+				key ops sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8 {
+					allow status test
+				}
+				key batch {env.BATCH_KEY}
+				base_url https://app.example.com
+				allow_origin https://accounts.example.com http://localhost:3000
+				link_policy enforce
+				auth_failures 5/1m
+				recipient_rate 3/10m
+				recipient_rate otp 10/15m
+				log_recipients on
+			}`,
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", BaseURL: "https://app.example.com",
+				Keys: []Key{
+					{ID: "web", Secret: "{env.WEB_KEY}", Allow: []string{"otp", "magic-link", "password-reset"}, Rate: "100/1m"},
+					{ID: "ops", Secret: "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", Allow: []string{"status", "test"}},
+					{ID: "batch", Secret: "{env.BATCH_KEY}"},
+				},
+				AllowOrigins: []string{"https://accounts.example.com", "http://localhost:3000"}, LinkPolicy: "enforce",
+				AuthFailures: "5/1m", RecipientRate: map[string]string{"default": "3/10m", "otp": "10/15m"}, LogRecipients: true,
+			},
+		},
+		{
 			name:  "wait 0 answers at once",
 			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},

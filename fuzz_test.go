@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/mail"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -220,6 +221,70 @@ func FuzzCaddyfile(f *testing.F) {
 		if err := h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens)); err == nil {
 			if err := h.checkConfig(); err != nil {
 				t.Fatalf("accepted config fails checkConfig: %v", err)
+			}
+		}
+	})
+}
+
+// FuzzLinkPolicy checks that link extraction never panics and that an
+// accepted link really is on an allowed origin.
+func FuzzLinkPolicy(f *testing.F) {
+	for _, s := range []string{`<a href="https://app.example.com/x">`, `<img srcset="a 1x, //evil.example/b 2x">`, "see www.evil.example", "https://app.example.com@evil.example/",
+		`<a href=" javascript:alert(1)">`, "https://[::1]:8080/x", "HTTPS://APP.EXAMPLE.COM:443/", `<a href="https://app.example.com%2f@evil.example">`} {
+		f.Add(s)
+	}
+	allowed := []string{"https://app.example.com"}
+	f.Fuzz(func(t *testing.T, s string) {
+		links := append(htmlLinks(s), textLinks(s)...)
+		for _, l := range links {
+			if linkVerdict(l, allowed) != "" {
+				continue
+			}
+			u, err := url.Parse(strings.TrimSpace(l))
+			if err != nil {
+				t.Fatalf("%q accepted but does not parse", l)
+			}
+			switch strings.ToLower(u.Scheme) {
+			case "", "http", "https":
+				if u.Host != "" && !strings.EqualFold(u.Hostname(), "app.example.com") {
+					t.Fatalf("%q accepted with host %q", l, u.Hostname())
+				}
+			case "mailto", "tel", "cid":
+			default:
+				t.Fatalf("%q accepted with scheme %q", l, u.Scheme)
+			}
+		}
+	})
+}
+
+// FuzzTemplates renders every flow with hostile values: rendering never
+// fails, HTML never carries markup from the values, and subjects never
+// carry the code or the link.
+func FuzzTemplates(f *testing.F) {
+	for _, s := range []string{`<script>alert(1)</script>`, `"><img src=x onerror=alert(1)>`, "javascript:alert(1)", "{{.Code}}", "\u202e\u0000", "&amp;&lt;"} {
+		f.Add(s, "SECRET-CODE-123", "https://app.example.com/x?t=SECRET-TOKEN")
+	}
+	set, err := loadTemplates("")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, name, code, link string) {
+		for _, flow := range templateFlows {
+			d := &templateData{Flow: flow, AppName: name, UserName: name, Email: "a@example.com", Code: code, Link: link,
+				ExpiresIn: "10 minutes", Event: "new_login", EventTitle: name, IP: name, UserAgent: name, Location: name, OccurredAt: name,
+				NewEmail: name, NewEmailMasked: name}
+			out, err := set.render(flow, d)
+			if err != nil {
+				t.Fatalf("%s: %v", flow, err)
+			}
+			if strings.Contains(strings.ToLower(out.html), "<script") {
+				t.Fatalf("%s: markup from a value reached the HTML part", flow)
+			}
+			if len(code) >= 4 && strings.Contains(out.subject, code) && !strings.Contains(name, code) {
+				t.Fatalf("%s: the code reached the subject", flow)
+			}
+			if len(link) >= 8 && strings.Contains(out.subject, link) && !strings.Contains(name, link) {
+				t.Fatalf("%s: the link reached the subject", flow)
 			}
 		}
 	})

@@ -103,6 +103,7 @@ type config struct {
 	LogFile    string
 	StorageDir string // the outbox storage; default: one per test
 	Limits     string // auth_failures and recipient_rate lines; default: generous
+	Global     string // extra global options
 }
 
 var caddyfileTemplate = template.Must(template.New("").Parse(`{
@@ -116,6 +117,9 @@ var caddyfileTemplate = template.Must(template.New("").Parse(`{
 		format json
 		level DEBUG
 	}
+{{- if .Global}}
+	{{.Global}}
+{{- end}}
 }
 
 http://localhost:9080 {

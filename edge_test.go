@@ -1,0 +1,184 @@
+package authmail
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseRate(t *testing.T) {
+	good := map[string]rateSpec{
+		"600/1m": {600, time.Minute}, "5/15m": {5, 15 * time.Minute}, "10/1h30m": {10, 90 * time.Minute},
+		"3/1d": {3, 24 * time.Hour}, "off": {},
+	}
+	for in, want := range good {
+		got, err := parseRate(in)
+		if err != nil || got != want {
+			t.Errorf("parseRate(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "600", "600/", "/1m", "0/1m", "-1/1m", "x/1m", "5/0s", "5/500ms", "5/8d", "5/forever", "on"} {
+		if _, err := parseRate(bad); err == nil {
+			t.Errorf("parseRate(%q) accepted", bad)
+		}
+	}
+	if s := (rateSpec{600, time.Minute}).String(); s != "600/1m" {
+		t.Errorf("String() = %q", s)
+	}
+	if s := (rateSpec{5, 15 * time.Minute}).String(); s != "5/15m" {
+		t.Errorf("String() = %q", s)
+	}
+}
+
+func TestLimiterSlidingWindow(t *testing.T) {
+	l := newLimiter()
+	spec := rateSpec{3, time.Minute}
+	t0 := time.Unix(1_800_000_000, 0)
+	for i := range 3 {
+		if ok, _ := l.take("k", spec, t0.Add(time.Duration(i)*time.Second)); !ok {
+			t.Fatalf("event %d refused", i)
+		}
+	}
+	ok, wait := l.take("k", spec, t0.Add(10*time.Second))
+	if ok || wait != 50*time.Second {
+		t.Fatalf("4th: %v %v, want refused with 50s", ok, wait)
+	}
+	// the oldest event leaves the window after 60s
+	if ok, _ := l.take("k", spec, t0.Add(60*time.Second+time.Millisecond)); !ok {
+		t.Fatal("refused after the window moved")
+	}
+	// other keys are independent; "off" never limits
+	if ok, _ := l.take("other", spec, t0.Add(10*time.Second)); !ok {
+		t.Fatal("another key was limited")
+	}
+	for range 100 {
+		if ok, _ := l.take("k", rateSpec{}, t0); !ok {
+			t.Fatal("off limited")
+		}
+	}
+	// blocked/record (auth failures)
+	for i := range 3 {
+		if b, _ := l.blocked("ip", spec, t0); b {
+			t.Fatalf("blocked after %d failures", i)
+		}
+		l.record("ip", spec, t0)
+	}
+	if b, w := l.blocked("ip", spec, t0.Add(5*time.Second)); !b || w != 55*time.Second {
+		t.Fatalf("not blocked after 3 failures: %v %v", b, w)
+	}
+	// memory: at most n events per key, and none after the window
+	for range 1000 {
+		l.record("busy", spec, t0)
+	}
+	if n := len(l.local["busy"].times); n != 3 {
+		t.Fatalf("kept %d events, want 3", n)
+	}
+	l.sweep(t0.Add(3 * time.Minute))
+	if len(l.local) != 0 {
+		t.Fatalf("sweep kept %d keys", len(l.local))
+	}
+}
+
+// TestLimitsAreSharedAcrossInstances: two instances sharing a storage
+// publish their events, so a recipient limit holds across the cluster.
+func TestLimitsAreSharedAcrossInstances(t *testing.T) {
+	old := limitSyncInterval
+	limitSyncInterval = 30 * time.Millisecond
+	t.Cleanup(func() { limitSyncInterval = old })
+	shared := t.TempDir()
+	limit := func(h *Handler) { h.RecipientRate = map[string]string{"otp": "3/1m"} }
+	a := newInstance(t, shared).handler(limit)
+	b := newInstance(t, shared).handler(limit)
+	a.engine.start()
+	b.engine.start()
+	if a.engine.limits.hash("x") != b.engine.limits.hash("x") {
+		t.Fatal("instances sharing a storage must share the hashing salt")
+	}
+	for i, h := range []*Handler{a, b, a} {
+		if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("shared@example.org")); rec.Code != 200 {
+			t.Fatalf("message %d: %d %s", i, rec.Code, rec.Body)
+		}
+		time.Sleep(150 * time.Millisecond) // a sync round
+	}
+	for _, h := range []*Handler{a, b} {
+		if rec, out := call(t, h, "POST", "/authmail/send/otp", otp("shared@example.org")); rec.Code != 429 || out["error_code"] != "recipient_rate_limited" {
+			t.Fatalf("4th message through an instance: %d %s", rec.Code, rec.Body)
+		}
+	}
+	// the published state holds hashes, never the address
+	raw, err := a.engine.st.s.Load(context.Background(), keyRL+a.engine.iid)
+	if err != nil || strings.Contains(string(raw), "shared@example.org") || strings.Contains(string(raw), "127.0.0.1") {
+		t.Fatalf("published limiter state: %v %s", err, raw)
+	}
+}
+
+func TestLinkExtraction(t *testing.T) {
+	got := htmlLinks(`<a href="https://a.example/x">x</a><IMG SRC='https://b.example/i.png'>
+		<img srcset="https://c.example/1.png 1x, https://d.example/2.png 2x"><form action="/rel"></form>
+		<video poster="https://e.example/p.jpg"></video><a name="n">no link</a><td background="https://f.example/bg">`)
+	want := []string{"https://a.example/x", "https://b.example/i.png", "https://c.example/1.png", "https://d.example/2.png", "/rel", "https://e.example/p.jpg", "https://f.example/bg"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("htmlLinks = %q\nwant %q", got, want)
+	}
+	got = textLinks("Go to https://a.example/x?y=1. Or (https://b.example/p), www.c.example/page; ftp://d.example/f and mail me@e.example")
+	want = []string{"https://a.example/x?y=1", "https://b.example/p", "https://www.c.example/page", "ftp://d.example/f"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("textLinks = %q\nwant %q", got, want)
+	}
+	allowed := []string{"https://app.example.com"}
+	for link, want := range map[string]string{
+		"https://app.example.com/x": "", "https://APP.example.com:443/": "", "#top": "", "": "", "mailto:a@b.c": "", "cid:logo": "", "tel:+123": "",
+		"https://evil.example/": "https://evil.example", "http://app.example.com/": "http://app.example.com",
+		"//evil.example/x": "https://evil.example", "javascript:alert(1)": "a javascript: URL", "data:text/html,x": "a data: URL",
+		"/relative": "a relative URL (/relative), which has no meaning in an email", "https://app.example.com.evil.example/": "https://app.example.com.evil.example",
+	} {
+		if got := linkVerdict(link, allowed); got != want {
+			t.Errorf("linkVerdict(%q) = %q, want %q", link, got, want)
+		}
+	}
+}
+
+func TestInvalidUTF8Field(t *testing.T) {
+	for body, want := range map[string]string{
+		"{\"to\":\"a\",\"subject\":\"caf\xe9\"}":                      "subject",
+		"{\"to\":[\"ok\",\"\xff\"],\"x\":1}":                          "to",
+		"{\"a\":{\"b\":\"\xff\"}}":                                    "a",
+		"{\"k\xff\":1}":                                               "k\ufffd",
+		"{\"to\":\"a\", \"n\": 5, \"html_body\":\"<p>\xc3\x28</p>\"}": "html_body",
+		"\xff": "",
+	} {
+		if got := invalidUTF8Field([]byte(body)); got != want {
+			t.Errorf("invalidUTF8Field(%q) = %q, want %q", body, got, want)
+		}
+	}
+}
+
+func TestMaskUser(t *testing.T) {
+	for in, want := range map[string]string{"you@gmail.com": "you***ail.com", "mailer": "m***", "": "", "apikey": "a***",
+		"postmaster@mail.example.com": "pos***ple.com"} {
+		if got := maskUser(in); got != want {
+			t.Errorf("maskUser(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestHashedKeySecret(t *testing.T) {
+	// sha256 of "0123456789abcdef0123"
+	h := provisionedHandler(t, func(h *Handler) {
+		h.Keys = []Key{{ID: "hashed", Secret: "sha256:A0B1D0AE4DCF5B1C0A93ABFE70C9D2A04C35DDA33ACF7F4A6F77E0C01F5B1E6A"}}
+	})
+	sum := fmt.Sprintf("%x", sha256Sum("0123456789abcdef0123"))
+	h2 := provisionedHandler(t, func(h *Handler) { h.Keys = []Key{{ID: "hashed", Secret: "sha256:" + strings.ToUpper(sum)}} })
+	if rec, _ := call(t, h2, "POST", "/authmail/send/otp", otp("a@example.org")); rec.Code != 200 {
+		t.Fatalf("hashed secret: %d %s", rec.Code, rec.Body)
+	}
+	if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("a@example.org")); rec.Code != 401 {
+		t.Fatalf("a wrong hash authenticated: %d", rec.Code)
+	}
+}
+
+func sha256Sum(s string) [32]byte { return sha256.Sum256([]byte(s)) }

@@ -1,0 +1,249 @@
+package integration
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+	"github.com/emersion/go-smtp"
+)
+
+const (
+	keySender = "it-sender-key-0123456789abcdef"
+	keyAdmin  = "it-admin-key-0123456789abcdef"
+)
+
+// postWith sends an authenticated JSON request with the given key.
+func postWith(t *testing.T, key, path, body string, headers ...string) response {
+	t.Helper()
+	return call(t, http.MethodPost, path, strings.NewReader(body),
+		append([]string{"Authorization: Bearer " + key, "Content-Type: application/json"}, headers...)...)
+}
+
+func TestScopedAndHashedKeys(t *testing.T) {
+	sum := sha256.Sum256([]byte(keyAdmin))
+	t.Setenv("AUTHMAIL_IT_SENDER_KEY", secret(keySender))
+	secret(keyAdmin)
+	load(t, config{Keys: fmt.Sprintf(`key sender {env.AUTHMAIL_IT_SENDER_KEY} {
+			allow otp magic-link
+		}
+		key admin sha256:%s {
+			allow status test
+			rate off
+		}
+		key app {env.AUTHMAIL_IT_KEY}`, hex.EncodeToString(sum[:]))})
+	otp := `{"to":"jane@example.org","code":"1"}`
+
+	// a key limited to otp and magic-link
+	expectSent(t, postWith(t, keySender, "/authmail/send/otp", otp))
+	expectError(t, postWith(t, keySender, "/authmail/send", `{"to":"a@example.org","subject":"s","text_body":"b"}`), 403, "forbidden", "")
+	expectError(t, postWith(t, keySender, "/authmail/test", `{"to":"a@example.org"}`), 403, "forbidden", "")
+	expectError(t, call(t, http.MethodGet, "/authmail/status", nil, "Authorization: Bearer "+keySender), 403, "forbidden", "")
+
+	// a hashed admin key: admin endpoints only
+	expectError(t, postWith(t, keyAdmin, "/authmail/send/otp", otp), 403, "forbidden", "")
+	r := call(t, http.MethodGet, "/authmail/status", nil, "Authorization: Bearer "+keyAdmin)
+	if r.status != 200 {
+		t.Fatalf("status: %d %s", r.status, r.raw)
+	}
+	for _, s := range []string{keyAdmin, keySender, keyApp, smtpPassword, hex.EncodeToString(sum[:]), "{env."} {
+		if strings.Contains(r.raw, s) {
+			t.Fatalf("/status shows a secret (%q): %s", s, r.raw)
+		}
+	}
+	delivery, _ := r.json["delivery"].(map[string]any)
+	if delivery["mode"] != "smtp" || delivery["host"] != "127.0.0.1" || delivery["tls"] != "starttls" || delivery["username"] != "m***" ||
+		delivery["port"] != float64(smtpSrv.Port) {
+		t.Errorf("delivery %v", delivery)
+	}
+	if r.str("from") != "no-reply@example.com" || !strings.Contains(r.raw, `"keys":[{"id":"sender","allow":["otp","magic-link"],"rate":"600/1m"},{"id":"admin","allow":["status","test"],"rate":"off"},{"id":"app","allow":["send","otp","magic-link","password-reset","verify-email","email-change","security-alert"],"rate":"600/1m"}]`) {
+		t.Errorf("keys in /status: %s", r.raw)
+	}
+	if !strings.Contains(r.raw, `"security_alerts":{"account_locked":false,"new_login":true,"password_changed":true`) || !strings.Contains(r.raw, `"queue":{"instance":"`) {
+		t.Errorf("/status lacks alerts or queue: %s", r.raw)
+	}
+	if r.header.Get("Cache-Control") != "no-store" {
+		t.Error("/status may be cached")
+	}
+
+	// POST /test: a synchronous test message with the server's answer
+	r = postWith(t, keyAdmin, "/authmail/test", `{"to":"ops@example.org"}`)
+	if r.status != 200 || r.json["sent"] != true || !strings.Contains(r.str("smtp_response"), "OK") {
+		t.Fatalf("test: %d %s", r.status, r.raw)
+	}
+	m := smtpSrv.WaitMessages(1, 5*time.Second)
+	if len(m) != 1 || parseMail(t, m[0].Data).Subject != "Example App test message" || m[0].To[0] != "ops@example.org" {
+		t.Fatalf("test message %v", m)
+	}
+	smtpSrv.ClearMessages()
+	smtpSrv.SetHooks(smtptest.Hooks{Rcpt: func(string) error {
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
+	}})
+	r = postWith(t, keyAdmin, "/authmail/test", `{"to":"nobody@example.org"}`)
+	if r.status != 502 || r.str("error_code") != "recipient_refused" || r.str("smtp_response") != "550 5.1.1 no such user" {
+		t.Fatalf("failing test: %d %s", r.status, r.raw)
+	}
+	smtpSrv.SetHooks(smtptest.Hooks{})
+	expectError(t, postWith(t, keyAdmin, "/authmail/test", `{"to":"bad"}`), 422, "invalid_request", "to")
+
+	// the full key: every send endpoint, no admin endpoint
+	expectError(t, call(t, http.MethodGet, "/authmail/status", nil, "Authorization: Bearer "+keyApp), 403, "forbidden", "")
+	expectSent(t, post(t, "/authmail/send", `{"to":"a@example.org","subject":"s","text_body":"b"}`))
+
+	// the key id, never the secret, is what the logs show
+	logs, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(logs), `"key_id":"sender"`) || !strings.Contains(string(logs), `"key_id":"admin"`) {
+		t.Error("key ids missing from the logs")
+	}
+}
+
+func TestKeyRateLimit(t *testing.T) {
+	load(t, config{Keys: "key app {env.AUTHMAIL_IT_KEY} {\n\t\t\trate 3/1m\n\t\t}"})
+	for i := range 3 {
+		expectSent(t, post(t, "/authmail/send/otp", fmt.Sprintf(`{"to":"u%d@example.org","code":"1"}`, i)))
+	}
+	r := post(t, "/authmail/send/otp", `{"to":"u9@example.org","code":"1"}`)
+	expectError(t, r, 429, "rate_limited", "")
+	if n, _ := strconv.Atoi(r.header.Get("Retry-After")); n < 50 || n > 60 {
+		t.Errorf("Retry-After %q", r.header.Get("Retry-After"))
+	}
+	// health is never limited
+	if r := call(t, http.MethodGet, "/authmail/health", nil); r.status != 200 {
+		t.Fatalf("health %d", r.status)
+	}
+}
+
+func TestFailedAuthenticationIsThrottledPerClientIP(t *testing.T) {
+	load(t, config{
+		Limits: "auth_failures 3/1m\n\t\trecipient_rate off",
+		Global: "servers {\n\t\ttrusted_proxies static 127.0.0.1/32\n\t\tclient_ip_headers X-Forwarded-For\n\t}",
+	})
+	from := func(ip string) string { return "X-Forwarded-For: " + ip }
+	body := `{"to":"jane@example.org","code":"1"}`
+	for range 3 {
+		r := call(t, http.MethodPost, "/authmail/send/otp", strings.NewReader(body), "Authorization: Bearer wrong-key-0123456789", "Content-Type: application/json", from("203.0.113.5"))
+		expectError(t, r, 401, "unauthorized", "")
+	}
+	// now even a valid key is refused for that client, for the window
+	r := post(t, "/authmail/send/otp", body, from("203.0.113.5"))
+	expectError(t, r, 429, "rate_limited", "")
+	if n, _ := strconv.Atoi(r.header.Get("Retry-After")); n < 50 || n > 60 {
+		t.Errorf("Retry-After %q", r.header.Get("Retry-After"))
+	}
+	// another client (the proxy is trusted, so its X-Forwarded-For counts)
+	expectSent(t, post(t, "/authmail/send/otp", body, from("203.0.113.6")))
+	// health is never limited
+	if r := call(t, http.MethodGet, "/authmail/health", nil, from("203.0.113.5")); r.status != 200 {
+		t.Fatalf("health %d", r.status)
+	}
+}
+
+func TestRecipientRateLimit(t *testing.T) {
+	load(t, config{Limits: "auth_failures 1000/1m\n\t\trecipient_rate 2/1m\n\t\trecipient_rate password-reset 1/1m"})
+	otp := func(to string) string { return fmt.Sprintf(`{"to":%q,"code":"1"}`, to) }
+	// dry runs do not count
+	for range 5 {
+		if r := post(t, "/authmail/send/otp", otp("jane@example.org"), "X-Dry-Run: true"); r.status != 200 {
+			t.Fatalf("dry run %d", r.status)
+		}
+	}
+	first := post(t, "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: rr-1")
+	expectSent(t, first)
+	expectSent(t, post(t, "/authmail/send/otp", otp("JANE@example.org")))
+	r := post(t, "/authmail/send/otp", otp("Jane <jane@EXAMPLE.org>"))
+	expectError(t, r, 429, "recipient_rate_limited", "")
+	if r.header.Get("Retry-After") == "" {
+		t.Error("no Retry-After")
+	}
+	// an idempotent replay does not count, and is not refused
+	if rr := post(t, "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: rr-1"); rr.status != 200 || rr.str("id") != first.str("id") {
+		t.Fatalf("replay after the limit: %d %s", rr.status, rr.raw)
+	}
+	// per flow and per recipient
+	expectSent(t, post(t, "/authmail/send/magic-link", `{"to":"jane@example.org","token":"t"}`))
+	expectSent(t, post(t, "/authmail/send/otp", otp("bob@example.org")))
+	expectSent(t, post(t, "/authmail/send/password-reset", `{"to":"bob@example.org","token":"t"}`))
+	expectError(t, post(t, "/authmail/send/password-reset", `{"to":"bob@example.org","token":"t"}`), 429, "recipient_rate_limited", "")
+	// /send is not limited per recipient
+	for range 4 {
+		expectSent(t, post(t, "/authmail/send", `{"to":"jane@example.org","subject":"receipt","text_body":"b"}`))
+	}
+}
+
+func TestAllowOriginAndLinkPolicy(t *testing.T) {
+	load(t, config{Extra: "allow_origin https://accounts.example.net http://localhost:3000\n\t\tlink_policy enforce"})
+	// caller links on base_url's origin or an allowed origin
+	expectSent(t, post(t, "/authmail/send/magic-link", `{"to":"a@example.org","link":"https://accounts.example.net/login?x=1"}`))
+	expectSent(t, post(t, "/authmail/send/verify-email", `{"to":"a@example.org","token":"t","base_url":"http://localhost:3000/app"}`))
+	expectError(t, post(t, "/authmail/send/magic-link", `{"to":"a@example.org","link":"https://example.net/login"}`), 422, "link_not_allowed", "link")
+
+	send := func(html, text string) response {
+		return post(t, "/authmail/send", mustJSON(map[string]string{"to": "a@example.org", "subject": "s", "html_body": html, "text_body": text}))
+	}
+	expectSent(t, send(`<a href="https://app.example.com/x">x</a><img src="https://accounts.example.net/logo.png"><a href="mailto:help@example.org">mail</a><a href="#top">top</a>`,
+		"See https://app.example.com/orders/7 or write to help@example.org."))
+	for _, tc := range []struct{ html, text, field, host string }{
+		{`<a href="https://evil.example/phish">click</a>`, "", "html_body", "https://evil.example"},
+		{`<img srcset="https://app.example.com/a.png 1x, https://tracker.example/b.png 2x">`, "", "html_body", "https://tracker.example"},
+		{`<a href="//evil.example/x">x</a>`, "", "html_body", "https://evil.example"},
+		{`<a href="javascript:alert(1)">x</a>`, "", "html_body", "javascript:"},
+		{`<form action="http://app.example.com/steal"></form>`, "", "html_body", "http://app.example.com"},
+		{`<p>ok</p>`, "Reset at https://evil.example/reset?t=1.", "text_body", "https://evil.example"},
+		{`<p>ok</p>`, "Go to www.evil.example now", "text_body", "https://www.evil.example"},
+	} {
+		r := send(tc.html, tc.text)
+		expectError(t, r, 422, "link_not_allowed", tc.field)
+		if !strings.Contains(r.str("message"), tc.host) {
+			t.Errorf("message %q does not name %q", r.str("message"), tc.host)
+		}
+	}
+}
+
+func TestStrictInput(t *testing.T) {
+	load(t, config{})
+	// invalid UTF-8 is refused with its field, not silently replaced
+	bad := "{\"to\":\"a@example.org\",\"subject\":\"caf\xe9\",\"text_body\":\"b\"}"
+	expectError(t, post(t, "/authmail/send", bad), 422, "invalid_request", "subject")
+	expectError(t, post(t, "/authmail/send", "{\"to\":[\"a@example.org\",\"\xff@example.org\"],\"subject\":\"s\",\"text_body\":\"b\"}"), 422, "invalid_request", "to")
+	expectError(t, post(t, "/authmail/send", "{\"to\":\"a@example.org\",\"subj\xffect\":\"s\"}"), 422, "invalid_request", "subj\ufffdect")
+	// at most 100 recipients per message, counted after de-duplication
+	var to, cc []string
+	for i := range 60 {
+		to = append(to, fmt.Sprintf("t%d@example.org", i))
+		cc = append(cc, fmt.Sprintf("c%d@example.org", i))
+	}
+	expectError(t, post(t, "/authmail/send", mustJSON(map[string]any{"to": to, "cc": cc, "subject": "s", "text_body": "b"})), 422, "invalid_request", "cc")
+	expectError(t, post(t, "/authmail/send", mustJSON(map[string]any{"to": to, "bcc": cc, "subject": "s", "text_body": "b"})), 422, "invalid_request", "bcc")
+	expectSent(t, post(t, "/authmail/send", mustJSON(map[string]any{"to": to, "cc": to, "subject": "s", "text_body": "b"})))
+	// internationalised domains go out as punycode
+	m := expectSent(t, post(t, "/authmail/send/otp", `{"to":"Jörg <joerg@Bücher.example>","code":"1"}`))
+	if m.To[0] != "joerg@xn--bcher-kva.example" || !strings.Contains(headerOf(t, m.Data, "To"), "<joerg@xn--bcher-kva.example>") {
+		t.Errorf("IDN recipient: RCPT %v, To %q", m.To, headerOf(t, m.Data, "To"))
+	}
+	// a non-ASCII local part needs SMTPUTF8, which authmail does not send
+	expectError(t, post(t, "/authmail/send/otp", `{"to":"jörg@example.org","code":"1"}`), 422, "invalid_request", "to")
+}
+
+func TestLogRecipients(t *testing.T) {
+	load(t, config{Extra: "log_recipients on"})
+	expectSent(t, post(t, "/authmail/send/otp", `{"to":"opted-in@example.net","code":"1"}`))
+	time.Sleep(100 * time.Millisecond)
+	logs, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(logs), `"rcpt":["opted-in@example.net"]`) {
+		t.Fatal("log_recipients on: the address is not logged")
+	}
+	load(t, config{})
+	expectSent(t, post(t, "/authmail/send/otp", `{"to":"hashed-only@example.net","code":"1"}`))
+	time.Sleep(100 * time.Millisecond)
+	logs, _ = os.ReadFile(logFile)
+	if strings.Contains(string(logs), "hashed-only@example.net") || !strings.Contains(string(logs), `@example.net"]`) {
+		t.Fatal("default: the address must be logged as a hash plus domain")
+	}
+}
