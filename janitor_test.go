@@ -30,9 +30,7 @@ func TestJanitorExpiresRecords(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	// an orphan: a batch written for a request that never got its answer
-	old := orphanAge
-	orphanAge = 50 * time.Millisecond
-	t.Cleanup(func() { orphanAge = old })
+	h.engine.tun.orphanAge = 50 * time.Millisecond
 	orphan := newID(time.Now())
 	if err := st.putJSON(ctx, keySeg+orphan, segment{Batch: orphan}); err != nil {
 		t.Fatal(err)

@@ -83,6 +83,23 @@ type engine struct {
 
 	limits          *limiter
 	publishedLimits bool // whether this instance has published limiter state
+
+	tun tunables
+}
+
+// tunables are timing settings that are not part of the public config.
+// Each engine copies the package defaults when it is created, so tests
+// can shorten them without racing engines of other tests.
+type tunables struct {
+	janitorEvery, orphanAge, limitSync                time.Duration
+	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
+}
+
+func currentTunables() tunables {
+	return tunables{
+		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval,
+		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
+	}
 }
 
 // entry is a message the engine owns.
@@ -135,6 +152,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 	}
 	e.segCache.max = 8
 	e.limits = newLimiter()
+	e.tun = currentTunables()
 	e.logger.Store(zap.NewNop())
 	return e
 }

@@ -320,7 +320,7 @@ func (e *engine) janitorLoop() {
 		select {
 		case <-e.stopCh:
 			return
-		case <-time.After(janitorInterval):
+		case <-time.After(e.tun.janitorEvery):
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		e.janitor(ctx)
@@ -377,7 +377,7 @@ func (e *engine) janitor(ctx context.Context) {
 	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keySeg, "/"), false); err == nil {
 		for _, k := range keys {
 			bid := path.Base(k)
-			if owned[bid] || !expired(k, orphanAge) || e.st.s.Exists(ctx, keySt+bid) {
+			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, keySt+bid) {
 				continue
 			}
 			_ = e.st.s.Delete(ctx, k)

@@ -250,7 +250,7 @@ func (e *engine) limitSyncLoop() {
 		select {
 		case <-e.stopCh:
 			return
-		case <-time.After(limitSyncInterval):
+		case <-time.After(e.tun.limitSync):
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		e.syncLimits(ctx)

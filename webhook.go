@@ -116,9 +116,9 @@ var errWebhookBlocked = errors.New("the webhook address is loopback, private, li
 // webhookClient returns an HTTP client that never follows redirects and
 // checks every address it connects to, after DNS resolution, unless the
 // URL's host is allowed.
-func webhookClient(allow []string) *http.Client {
-	dialer := &net.Dialer{Timeout: webhookTimeout}
-	safe := &net.Dialer{Timeout: webhookTimeout, Control: func(network, address string, _ syscall.RawConn) error {
+func webhookClient(allow []string, timeout time.Duration) *http.Client {
+	dialer := &net.Dialer{Timeout: timeout}
+	safe := &net.Dialer{Timeout: timeout, Control: func(network, address string, _ syscall.RawConn) error {
 		host, _, err := net.SplitHostPort(address)
 		if err != nil {
 			return err
@@ -141,14 +141,14 @@ func webhookClient(allow []string) *http.Client {
 			}
 			return safe.DialContext(ctx, network, addr)
 		},
-		TLSHandshakeTimeout:   webhookTimeout,
-		ResponseHeaderTimeout: webhookTimeout,
+		TLSHandshakeTimeout:   timeout,
+		ResponseHeaderTimeout: timeout,
 		MaxIdleConnsPerHost:   4,
 		IdleConnTimeout:       30 * time.Second,
 	}
 	return &http.Client{
 		Transport:     tr,
-		Timeout:       webhookTimeout,
+		Timeout:       timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
 }
@@ -193,7 +193,7 @@ func (e *engine) webhookWorker() {
 		}
 		cfg := e.config()
 		if key := strings.Join(cfg.webhookAllow, ","); client == nil || key != clientFor {
-			client, clientFor = webhookClient(cfg.webhookAllow), key
+			client, clientFor = webhookClient(cfg.webhookAllow, e.tun.hookTimeout), key
 		}
 		e.deliverHook(client, cfg, en)
 	}
@@ -262,14 +262,14 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	switch {
 	case err == nil:
 		w.Status, w.LastError, done = hookDelivered, "", true
-	case errors.Is(err, errWebhookBlocked) || now.Sub(st.Updated) > webhookMaxAge:
+	case errors.Is(err, errWebhookBlocked) || now.Sub(st.Updated) > e.tun.hookMaxAge:
 		w.Status, w.LastError, done = hookFailed, errText(err), true
 	default:
-		d := webhookBackoff
-		for i := 1; i < w.Attempts && d < webhookMaxWait; i++ {
+		d := e.tun.hookBackoff
+		for i := 1; i < w.Attempts && d < e.tun.hookMaxWait; i++ {
 			d *= 2
 		}
-		w.NextAt, w.LastError = now.Add(min(d, webhookMaxWait)), errText(err)
+		w.NextAt, w.LastError = now.Add(min(d, e.tun.hookMaxWait)), errText(err)
 	}
 	if !done {
 		heap.Push(&e.hooks, en)
@@ -297,7 +297,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 
 // postHook sends one webhook request; any answer but 2xx is an error.
 func (e *engine) postHook(client *http.Client, target, secret, id string, body []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), webhookTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), e.tun.hookTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
 	if err != nil {
