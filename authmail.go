@@ -541,6 +541,9 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 			return nil, fmt.Errorf("expanding webhook_secret (redacted): %v", err)
 		}
 		cfg.webhookSecret = secret
+		if !strings.Contains(h.WebhookSecret, "{") {
+			h.logger.Warn("webhook_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
+		}
 	}
 	return cfg, nil
 }

@@ -194,14 +194,14 @@ if [ -n "$REV" ]; then
 	git -C "$REPO" archive "$REV" | tar -x -C "$WORK/src"
 	(cd "$WORK/src" && go build -o "$BIN/caddy" ./cmd/caddy)
 else
-	BUILT_FROM="working tree"
+	BUILT_FROM="the working tree"
 	if command -v git >/dev/null && git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
-		BUILT_FROM="working tree at $(git -C "$REPO" rev-parse --short HEAD)"
+		BUILT_FROM="the working tree at $(git -C "$REPO" rev-parse --short HEAD)"
 		if [ -n "$(git -C "$REPO" status --porcelain -- . ':!bench' ':!docs' 2>/dev/null)" ]; then
 			BUILT_FROM="$BUILT_FROM with uncommitted changes"
 		fi
 	fi
-	log "building caddy (with authmail) from the $BUILT_FROM, and the bench tools"
+	log "building caddy (with authmail) from $BUILT_FROM, and the bench tools"
 	(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
 fi
 (cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy)
@@ -349,6 +349,9 @@ sink_count() {
 }
 
 PROBLEMS=()
+P1_BAD=0
+P2_BAD=0
+P3_BAD=0
 problem() {
 	log "PROBLEM: $*"
 	PROBLEMS+=("$*")
@@ -450,6 +453,7 @@ P1_ACC1=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
 P1_ALL_ACCEPTED=$((P1_ACC1 - P1_ACC0))
 P1_DELIVERED=$((${P1_SINK1:-0} - ${P1_SINK0:-0}))
 if [ "$P1_DELIVERED" != "$P1_ALL_ACCEPTED" ]; then
+	P1_BAD=1
 	problem "phase 1: authmail accepted $P1_ALL_ACCEPTED messages (warm-up included) but smtp-sink received $P1_DELIVERED after the queue looked empty; Caddy errors: $(error_summary)"
 fi
 
@@ -488,6 +492,8 @@ for rep in $(seq 1 "$REPS"); do
 
 	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 180s)
 	log "run $rep authmail: $line"
+	[ "$(kv accepted <<<"$line")" = "$N" ] || P2_BAD=1
+	[ "$(kv delivered <<<"$line")" = "$(kv accepted <<<"$line")" ] || P2_BAD=1
 	[ "$(kv accepted <<<"$line")" = "$N" ] || problem "phase 2 run $rep: only $(kv accepted <<<"$line") of $N requests were accepted"
 	[ "$(kv delivered <<<"$line")" = "$(kv accepted <<<"$line")" ] || problem "phase 2 run $rep: smtp-sink received $(kv delivered <<<"$line") of $(kv accepted <<<"$line") accepted messages within the timeout"
 	AM_RATES+=("$(kv e2e_rate <<<"$line")")
@@ -518,6 +524,7 @@ GMD_RATE=$(kv e2e_rate <<<"$line")
 line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_DELAY" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 180s)
 log "authmail: $line"
 AMD_RATE=$(kv e2e_rate <<<"$line")
+[ "$(kv delivered <<<"$line")" = "$N_DELAY" ] || P3_BAD=1
 [ "$(kv delivered <<<"$line")" = "$N_DELAY" ] || problem "phase 3: smtp-sink received $(kv delivered <<<"$line") of $N_DELAY messages"
 wait_queue_empty 120 || true
 P3_ERRORS=$(caddy_errors)
@@ -598,7 +605,16 @@ stop "$CADDY_PID"
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-verdict() { if ge "$1" "$2"; then echo "met"; else echo "**not met**"; fi; }
+verdict() { # verdict VALUE THRESHOLD [INVALID]
+	if [ "${3:-0}" = 1 ]; then
+		echo "**invalid**: accepted messages were lost (see Integrity problems)"
+	elif ge "$1" "$2"; then
+		echo "met"
+	else
+		echo "**not met**"
+	fi
+}
+bad() { [ "$1" = 1 ] && echo " (**invalid**: messages lost)" || true; }
 
 ACC_RATIO=$(awk -v a="$A_RPS" -v r="$R_RPS" 'BEGIN { print (r > 0 ? a / r : 0) }')
 E2E_RATIO=$(awk -v a="$AM_RATE" -v g="$GM_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
@@ -616,7 +632,7 @@ RESULTS=$(
 	cat <<EOF
 ## Results
 
-Caddy built from the $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
+Caddy built from $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
 Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
 Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
 Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM_SIZE bytes.
@@ -637,8 +653,8 @@ Messages accepted in the measured authmail run: $P1_ACCEPTED, delivered to smtp-
 
 | Path | Messages | $GM_LABEL msgs/s | authmail msgs/s | authmail / go-mail |
 | --- | ---: | ---: | ---: | ---: |
-| loopback (median of $REPS) | $N | $(fmt_num "$GM_RATE") | $(fmt_num "$AM_RATE") | **$(ratio "$AM_RATE" "$GM_RATE")** |
-| +$DELAY each way (delay proxy) | $N_DELAY | $(fmt_num "$GMD_RATE") | $(fmt_num "$AMD_RATE") | **$(ratio "$AMD_RATE" "$GMD_RATE")** |
+| loopback (median of $REPS) | $N | $(fmt_num "$GM_RATE") | $(fmt_num "$AM_RATE")$(bad "$P2_BAD") | **$(ratio "$AM_RATE" "$GM_RATE")** |
+| +$DELAY each way (delay proxy) | $N_DELAY | $(fmt_num "$GMD_RATE") | $(fmt_num "$AMD_RATE")$(bad "$P3_BAD") | **$(ratio "$AMD_RATE" "$GMD_RATE")** |
 
 Loopback runs: go-mail $(printf '%s ' "${GM_RATES[@]}")msgs/s; authmail $(printf '%s ' "${AM_RATES[@]}")msgs/s (submission alone: $(printf '%s ' "${AM_SUBMIT[@]}")requests/s with $SUBMIT_CONC concurrent requests).
 
@@ -670,9 +686,9 @@ Integrity problems: $(if [ ${#PROBLEMS[@]} = 0 ]; then echo "none (every accepte
 
 | Target | Measured | Verdict |
 | --- | ---: | --- |
-| async accept >= 25% of respond's requests/s | $(ratio "$A_RPS" "$R_RPS") | $(verdict "$ACC_RATIO" 0.25) |
-| end-to-end delivery >= 80% of raw go-mail (loopback) | $(ratio "$AM_RATE" "$GM_RATE") | $(verdict "$E2E_RATIO" 0.80) |
-| end-to-end delivery >= 80% of raw go-mail (10 ms RTT) | $(ratio "$AMD_RATE" "$GMD_RATE") | $(verdict "$DLY_RATIO" 0.80) |
+| async accept >= 25% of respond's requests/s | $(ratio "$A_RPS" "$R_RPS") | $(verdict "$ACC_RATIO" 0.25)$([ "$P1_BAD" = 1 ] && echo " (messages were lost after acceptance)") |
+| end-to-end delivery >= 80% of raw go-mail (loopback) | $(ratio "$AM_RATE" "$GM_RATE") | $(verdict "$E2E_RATIO" 0.80 "$P2_BAD") |
+| end-to-end delivery >= 80% of raw go-mail (10 ms RTT) | $(ratio "$AMD_RATE" "$GMD_RATE") | $(verdict "$DLY_RATIO" 0.80 "$P3_BAD") |
 | RSS < 150 MB with $N_QUEUE queued | $RSS_MB MB | $RSS_VERDICT |
 EOF
 )
