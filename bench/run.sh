@@ -313,8 +313,14 @@ EOF
 	die "caddy ($name) did not start"
 }
 
-metric() { # metric NAME_WITH_LABELS: value from the admin /metrics endpoint
-	curl -fsS "http://localhost:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m { printf "%.0f\n", $2; found = 1 } END { if (!found) print 0 }'
+# metric NAME [LABEL]: from the admin /metrics endpoint, the sum of every
+# series of NAME whose labels contain LABEL (e.g. result="transient")
+metric() {
+	curl -fsS "http://localhost:$ADMIN_PORT/metrics" | awk -v m="$1" -v l="${2:-}" '
+		/^#/ { next }
+		{ name = $1; sub(/\{.*/, "", name) }
+		name == m && index($1, l) > 0 { sum += $2 }
+		END { printf "%.0f\n", sum }'
 }
 
 # wait_queue_empty TIMEOUT_S: until authmail's queue_depth gauge is 0
@@ -421,6 +427,8 @@ for _ in $(seq 1 50); do
 	sleep 0.1
 done
 [ -n "$SAMPLE" ] || die "smtp-sink dumped no message"
+[ "$(metric caddy_authmail_messages_accepted_total)" -ge 1 ] ||
+	die "authmail's metrics (caddy_authmail_messages_accepted_total) are missing from http://localhost:$ADMIN_PORT/metrics"
 stop "$SINK_PID"
 # from here on, one smtp-sink counts every message (-c writes its counters
 # to $SINK_OUT); the senders wait until it has counted all of theirs
@@ -432,16 +440,16 @@ start_sink -c
 
 log "phase 1: wrk -t$THREADS -c$CONNS -d$DURATION (after a $WARMUP warm-up), respond vs authmail"
 P1_SINK0=$(sink_count)
-P1_ACC0=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+P1_ACC0=$(metric caddy_authmail_messages_accepted_total)
 run_wrk /respond "$WARMUP" >/dev/null
 R_LINE=$(run_wrk /respond "$DURATION")
 log "respond:  $R_LINE"
 
 run_wrk /authmail/send/otp "$WARMUP" >/dev/null
 wait_queue_empty 300 || true
-ACC_BEFORE=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+ACC_BEFORE=$(metric caddy_authmail_messages_accepted_total)
 A_LINE=$(run_wrk /authmail/send/otp "$DURATION")
-ACC_AFTER=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+ACC_AFTER=$(metric caddy_authmail_messages_accepted_total)
 log "authmail: $A_LINE"
 P1_ACCEPTED=$((ACC_AFTER - ACC_BEFORE))
 t0=$SECONDS
@@ -449,7 +457,7 @@ wait_queue_empty 600 || true
 P1_DRAIN_S=$((SECONDS - t0))
 log "phase 1: $P1_ACCEPTED messages accepted during the measured run; queue drained $P1_DRAIN_S s after wrk ended"
 P1_SINK1=$(sink_count)
-P1_ACC1=$(metric 'caddy_authmail_messages_accepted_total{flow="otp"}')
+P1_ACC1=$(metric caddy_authmail_messages_accepted_total)
 P1_ALL_ACCEPTED=$((P1_ACC1 - P1_ACC0))
 P1_DELIVERED=$((${P1_SINK1:-0} - ${P1_SINK0:-0}))
 if [ "$P1_DELIVERED" != "$P1_ALL_ACCEPTED" ]; then
@@ -570,7 +578,7 @@ t0=$SECONDS
 last_tried=-1
 last_change=$SECONDS
 while :; do
-	tried=$(metric 'caddy_authmail_delivery_attempts_total{result="transient"}')
+	tried=$(metric caddy_authmail_delivery_attempts_total 'result="transient"')
 	[ "$tried" -ge "$Q_ACCEPTED" ] && break
 	if [ "$tried" != "$last_tried" ]; then
 		last_tried=$tried
