@@ -9,8 +9,19 @@
 #      until postfix's smtp-sink has received all of them, next to raw
 #      go-mail sending as many same-size messages over as many connections;
 #   3. the same through a TCP proxy that adds DELAY each way;
+#   1b. async accept again on an instance whose SMTP server is unreachable
+#      (no delivery work competing for the CPU);
 #   4. the Caddy process's RSS with N_QUEUE messages queued (SMTP server
 #      unreachable, retries an hour away), and the storage's disk usage.
+#
+# It also checks that every accepted message reached smtp-sink (phases 1-3)
+# and that the queue still holds every message in phase 4, and reports
+# Caddy's error log lines: a throughput number is only worth something if
+# nothing was lost. Builds whose authmail has per-key or per-recipient
+# rate limits get them turned off in the generated Caddyfile.
+#
+# Needs root for apt-get (wrk, postfix's smtp-sink) and for smtp-sink -u.
+# Takes about 5 minutes with the defaults on 2 cores.
 #
 # Usage (from the repository root):  bash bench/run.sh
 #
