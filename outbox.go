@@ -117,7 +117,6 @@ type entry struct {
 	// message reached a final state some other way).
 	first     chan struct{}
 	firstDone bool
-	lastErr   *deliveryError
 }
 
 type batch struct {
@@ -491,16 +490,30 @@ const maxCachedBodyBytes = 32 << 20
 
 // --- delivering --------------------------------------------------------
 
-// worker delivers queued messages one at a time. Workers are not waited
-// for at shutdown beyond drain_timeout: an attempt cut short leaves its
-// message "sending" in storage, which the next start records as unknown.
+// maxClaimAhead is the most messages a worker claims with one state
+// write. Claiming ahead shares the storage's per-write cost between
+// messages when a backlog waits; under light load a worker claims one
+// message at a time.
+const maxClaimAhead = 8
+
+// worker delivers queued messages. It claims a group of due messages
+// with one durable write, then attempts them one by one. Workers are not
+// waited for at shutdown beyond drain_timeout: an attempt cut short
+// leaves its message "sending" in storage, which the next start records
+// as unknown; claimed messages not yet attempted are released first.
 func (e *engine) worker() {
 	for {
-		en := e.nextReady()
-		if en == nil {
+		group := e.claimGroup()
+		if group == nil {
 			return
 		}
-		e.deliver(en)
+		for i, en := range group {
+			if e.stopping() {
+				e.releaseClaims(group[i:])
+				break
+			}
+			e.deliver(en)
+		}
 		e.mu.Lock()
 		excess := e.workers > e.wantWorkers
 		if excess {
@@ -513,9 +526,89 @@ func (e *engine) worker() {
 	}
 }
 
-// nextReady blocks until a message is due and returns it claimed for
-// this worker, or returns nil when the engine stops.
-func (e *engine) nextReady() *entry {
+func (e *engine) stopping() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closing || e.adopted
+}
+
+// claimGroup blocks until messages are due, claims up to maxClaimAhead
+// of them (fewer under light load), and returns once the claims are
+// durable. It returns nil when the engine stops.
+func (e *engine) claimGroup() []*entry {
+	for {
+		group := e.nextReady()
+		if group == nil {
+			return nil
+		}
+		claimed := make(chan error, 1)
+		var pending sync.WaitGroup
+		var firstErr atomic.Pointer[error]
+		e.mu.Lock()
+		now := time.Now()
+		seen := map[*batch]bool{}
+		for _, en := range group {
+			en.st.Status = stSending
+			en.st.Attempts++
+			en.st.Updated = now
+			if !seen[en.b] {
+				seen[en.b] = true
+				pending.Add(1)
+				e.markDirtyLocked(en.b, func(err error) {
+					if err != nil {
+						firstErr.CompareAndSwap(nil, &err)
+					}
+					pending.Done()
+				})
+			}
+		}
+		e.mu.Unlock()
+		go func() {
+			pending.Wait()
+			if p := firstErr.Load(); p != nil {
+				claimed <- *p
+			} else {
+				claimed <- nil
+			}
+		}()
+		if err := <-claimed; err != nil {
+			// the claims are not durable: send nothing; try again later
+			e.log().Error("recording delivery attempts failed; retrying later", zap.Int("messages", len(group)), zap.Error(err))
+			retry := time.Now().Add(time.Second)
+			for _, en := range group {
+				e.unclaim(en, retry)
+				e.attempts.Done()
+			}
+			continue
+		}
+		return group
+	}
+}
+
+// releaseClaims gives claimed messages that were not attempted back to
+// the queue, durably, so that a stop does not turn them into "unknown".
+func (e *engine) releaseClaims(group []*entry) {
+	if len(group) == 0 {
+		return
+	}
+	e.mu.Lock()
+	for _, en := range group {
+		en.st.Status = stQueued
+		en.st.Attempts--
+		en.claimed = false
+		heap.Push(&e.ready, en)
+		e.markDirtyLocked(en.b, nil)
+	}
+	e.mu.Unlock()
+	for range group {
+		e.attempts.Done()
+	}
+}
+
+// nextReady blocks until messages are due and returns up to k of them,
+// marked claimed, or nil when the engine stops. k grows with the
+// backlog per worker.
+func (e *engine) nextReady() []*entry {
 	for {
 		e.mu.Lock()
 		if e.closing || e.adopted {
@@ -524,15 +617,20 @@ func (e *engine) nextReady() *entry {
 		}
 		var wait time.Duration = -1
 		if e.ready.Len() > 0 {
-			top := e.ready[0]
-			if d := time.Until(top.st.NextAt); d <= 0 {
-				heap.Pop(&e.ready)
-				top.claimed = true
-				e.attempts.Add(1)
-				e.mu.Unlock()
-				return top
-			} else {
+			if d := time.Until(e.ready[0].st.NextAt); d > 0 {
 				wait = d
+			} else {
+				k := min(maxClaimAhead, max(1, e.ready.Len()/max(1, e.workers)))
+				group := make([]*entry, 0, k)
+				now := time.Now()
+				for len(group) < k && e.ready.Len() > 0 && !e.ready[0].st.NextAt.After(now) {
+					en := heap.Pop(&e.ready).(*entry)
+					en.claimed = true
+					group = append(group, en)
+				}
+				e.attempts.Add(len(group))
+				e.mu.Unlock()
+				return group
 			}
 		}
 		wake := e.wakeCh
@@ -559,25 +657,9 @@ func (e *engine) nextReady() *entry {
 	}
 }
 
-// deliver runs one attempt: it records the claim durably (a crash from
-// here on makes the message "unknown", never a silent duplicate), sends,
-// and records the outcome.
+// deliver attempts one claimed message and records the outcome.
 func (e *engine) deliver(en *entry) {
 	defer e.attempts.Done()
-	now := time.Now()
-	e.mu.Lock()
-	en.st.Status = stSending
-	en.st.Attempts++
-	en.st.Updated = now
-	claimed := make(chan error, 1)
-	e.markDirtyLocked(en.b, func(err error) { claimed <- err })
-	e.mu.Unlock()
-	if err := <-claimed; err != nil {
-		// the claim is not durable: do not send; try again later
-		e.log().Error("recording a delivery attempt failed; retrying later", zap.String("id", en.st.ID), zap.Error(err))
-		e.unclaim(en, time.Now().Add(time.Second))
-		return
-	}
 	// Fencing, as far as storage allows: if another instance adopted the
 	// batch (this one paused past its lease), do not send; the next
 	// heartbeat drops the batch.
@@ -650,7 +732,6 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 	now := time.Now()
 	e.mu.Lock()
 	en.claimed = false
-	en.lastErr = derr
 	en.st.Updated = now
 	if en.data != nil {
 		e.bodyBytes.Add(-int64(len(en.data)))
