@@ -184,6 +184,7 @@ http://localhost:9080 {
 var (
 	storageMu   sync.Mutex
 	storageDirs = map[string]string{}
+	storageRuns = map[string]int{}
 )
 
 // storageFor returns the outbox storage directory of a test: one per
@@ -196,8 +197,18 @@ func storageFor(t *testing.T) string {
 	if d, ok := storageDirs[name]; ok {
 		return d
 	}
-	d := filepath.Join(tmpDir, "storage", name)
+	storageRuns[name]++
+	d := filepath.Join(tmpDir, "storage", fmt.Sprintf("%s-%d", name, storageRuns[name]))
 	storageDirs[name] = d
+	if !strings.Contains(t.Name(), "/") {
+		// A later run of the same test (go test -count=N) starts from an
+		// empty storage instead of replaying this run's outbox.
+		t.Cleanup(func() {
+			storageMu.Lock()
+			delete(storageDirs, name)
+			storageMu.Unlock()
+		})
+	}
 	return d
 }
 
