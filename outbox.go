@@ -62,6 +62,8 @@ type engine struct {
 	profiles      map[string]*profileRef
 	latestProfile string
 	dirty         map[*batch][]func(error)
+	dirtyUrgent   bool      // a dirty change has a waiter
+	dirtySince    time.Time // when the oldest unwritten change was made
 	closing       bool
 	workers       int // running delivery workers
 	wantWorkers   int
@@ -113,6 +115,9 @@ type entry struct {
 	heapIdx int      // index in engine.ready, -1 when not queued
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
+	// urgent is set while a request waits for the first attempt: its
+	// outcome is written at once instead of with the next batch of changes.
+	urgent bool
 	// first is closed once the first attempt's outcome is durable (or the
 	// message reached a final state some other way).
 	first     chan struct{}
@@ -327,13 +332,16 @@ type acceptReq struct {
 	// batch, when set, makes the request its own batch with this id (used
 	// for idempotent requests, whose id is reserved beforehand).
 	batch   string
+	waiting bool
 	entries []*entry
 	done    chan error
 }
 
 // accept writes msgs durably and queues them for immediate delivery. It
-// returns once the messages are in storage.
-func (e *engine) accept(msgs []*newMessage, fixedBatch string) ([]*entry, error) {
+// returns once the messages are in storage. With waiting, the caller
+// waits for the first attempt (entry.first), so its outcome is written
+// without delay.
+func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]*entry, error) {
 	// requests only arrive once a config runs, so starting here is safe; it
 	// covers a request that races the authmail app's Start
 	e.start()
@@ -349,7 +357,7 @@ func (e *engine) accept(msgs []*newMessage, fixedBatch string) ([]*entry, error)
 	}
 	e.reserved += len(msgs)
 	e.mu.Unlock()
-	req := &acceptReq{msgs: msgs, batch: fixedBatch, done: make(chan error, 1)}
+	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1)}
 	e.acceptCh <- req
 	err := <-req.done
 	return req.entries, err
@@ -436,7 +444,12 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
 			}
 			seg.States = append(seg.States, st)
-			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, first: make(chan struct{})}
+			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, urgent: r.waiting}
+			if r.waiting {
+				en.first = make(chan struct{})
+			} else {
+				en.first, en.firstDone = closedChan, true
+			}
 			if e.bodyBytes.Load() < maxCachedBodyBytes {
 				en.data = m.env.Data
 				e.bodyBytes.Add(int64(len(en.data)))
@@ -447,11 +460,19 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// the segment and the ownership marker are written side by side: the
+	// storage overlaps the two syncs, and the request is answered only
+	// when both are durable (a marker without a segment is ignored)
+	ownErr := make(chan error, 1)
+	go func() {
+		ownErr <- e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano)))
+	}()
 	err := e.st.putJSON(ctx, keySeg+bid, seg)
-	if err == nil {
-		err = e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano)))
+	if oerr := <-ownErr; err == nil {
+		err = oerr
 	}
 	if err != nil {
+		_ = e.st.s.Delete(ctx, keyOwn+e.iid+"/"+bid)
 		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
 		for _, en := range b.entries {
 			if en.data != nil {
@@ -483,6 +504,13 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	}
 }
 
+// closedChan is the first channel of entries nobody waits for.
+var closedChan = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
+
 // maxCachedBodyBytes bounds the message bodies kept in memory between
 // acceptance and the first attempt; beyond it bodies are read back from
 // storage, so memory stays bounded however large the backlog.
@@ -493,8 +521,15 @@ const maxCachedBodyBytes = 32 << 20
 // maxClaimAhead is the most messages a worker claims with one state
 // write. Claiming ahead shares the storage's per-write cost between
 // messages when a backlog waits; under light load a worker claims one
-// message at a time.
-const maxClaimAhead = 8
+// message at a time. A crash turns the claimed messages that were not yet
+// attempted into "unknown", so the group stays small.
+const maxClaimAhead = 16
+
+// stateLinger is how long a state change nobody waits for (the outcome
+// of an asynchronous message, a webhook result) may wait to be written
+// together with later changes. A crash in that window records a sent
+// message as "unknown", never sends it twice.
+const stateLinger = 50 * time.Millisecond
 
 // worker delivers queued messages. It claims a group of due messages
 // with one durable write, then attempts them one by one. Workers are not
@@ -559,7 +594,7 @@ func (e *engine) claimGroup() []*entry {
 						firstErr.CompareAndSwap(nil, &err)
 					}
 					pending.Done()
-				})
+				}, true)
 			}
 		}
 		e.mu.Unlock()
@@ -597,7 +632,7 @@ func (e *engine) releaseClaims(group []*entry) {
 		en.st.Attempts--
 		en.claimed = false
 		heap.Push(&e.ready, en)
-		e.markDirtyLocked(en.b, nil)
+		e.markDirtyLocked(en.b, nil, true)
 	}
 	e.mu.Unlock()
 	for range group {
@@ -794,7 +829,8 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 		if final {
 			e.notify()
 		}
-	})
+	}, en.urgent)
+	en.urgent = false
 	e.mu.Unlock()
 	if final || derr != nil {
 		e.logOutcome(st, derr, final)
@@ -848,20 +884,26 @@ func (e *engine) closeEntryLocked(en *entry) {
 	b.open--
 	if b.open == 0 && !b.retired {
 		b.retired = true
-		e.markDirtyLocked(b, nil)
+		e.markDirtyLocked(b, nil, false)
 	}
 }
 
 // --- persisting state ----------------------------------------------------
 
 // markDirtyLocked schedules the batch's state for the next write; done,
-// if not nil, runs after that write.
-func (e *engine) markDirtyLocked(b *batch, done func(error)) {
+// if not nil, runs after that write. An urgent change is written at once;
+// others may wait up to stateLinger to share a write.
+func (e *engine) markDirtyLocked(b *batch, done func(error), urgent bool) {
 	cbs := e.dirty[b]
 	if done != nil {
 		cbs = append(cbs, done)
 	}
 	e.dirty[b] = cbs
+	if urgent {
+		e.dirtyUrgent = true
+	} else if e.dirtySince.IsZero() {
+		e.dirtySince = time.Now()
+	}
 	select {
 	case e.flushCh <- struct{}{}:
 	default:
@@ -869,7 +911,8 @@ func (e *engine) markDirtyLocked(b *batch, done func(error)) {
 }
 
 // stateWriter writes dirty batch states. Changes that arrive while a
-// write is in progress are coalesced into the next one.
+// write is in progress are coalesced into the next one, and changes
+// nobody waits for linger a little to share a write.
 func (e *engine) stateWriter() {
 	defer e.loops.Done()
 	for {
@@ -879,47 +922,104 @@ func (e *engine) stateWriter() {
 			e.flushAll()
 			return
 		}
-		e.flushAll()
+		for {
+			e.mu.Lock()
+			n, urgent, since := len(e.dirty), e.dirtyUrgent, e.dirtySince
+			e.mu.Unlock()
+			if n == 0 {
+				break
+			}
+			if d := stateLinger - time.Since(since); !urgent && d > 0 {
+				t := time.NewTimer(d)
+				select {
+				case <-e.flushCh:
+					t.Stop()
+					continue
+				case <-t.C:
+				case <-e.stopCh:
+					t.Stop()
+					e.flushAll()
+					return
+				}
+			}
+			e.flushOnce()
+		}
 	}
 }
 
+// flushAll writes every dirty state now.
 func (e *engine) flushAll() {
-	for {
-		e.mu.Lock()
-		if len(e.dirty) == 0 {
-			e.mu.Unlock()
-			return
-		}
-		type job struct {
-			b   *batch
-			bs  batchState
-			cbs []func(error)
-		}
-		jobs := make([]job, 0, len(e.dirty))
-		now := time.Now()
-		for b, cbs := range e.dirty {
-			bs := batchState{Batch: b.id, Owner: e.iid, Updated: now, Done: b.retired, Messages: make([]msgState, len(b.entries))}
-			for i, en := range b.entries {
-				bs.Messages[i] = en.st
-			}
-			jobs = append(jobs, job{b, bs, cbs})
-		}
-		clear(e.dirty)
+	for e.flushOnce() {
+	}
+}
+
+// maxParallelWrites bounds the state objects written at the same time.
+const maxParallelWrites = 4
+
+// flushOnce writes the states that are dirty now, in parallel, and
+// reports whether there were any. A batch whose messages are all final,
+// with no webhook left to send, is marked done in the same write and
+// then retired.
+func (e *engine) flushOnce() bool {
+	e.mu.Lock()
+	if len(e.dirty) == 0 {
 		e.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		for _, j := range jobs {
+		return false
+	}
+	type job struct {
+		b   *batch
+		bs  batchState
+		cbs []func(error)
+	}
+	jobs := make([]job, 0, len(e.dirty))
+	now := time.Now()
+	for b, cbs := range e.dirty {
+		bs := batchState{Batch: b.id, Owner: e.iid, Updated: now, Messages: make([]msgState, len(b.entries))}
+		settled := true
+		for i, en := range b.entries {
+			bs.Messages[i] = en.st
+			if !finalState(en.st.Status) || en.st.Webhook.Status == hookPending {
+				settled = false
+			}
+		}
+		if settled {
+			b.retired = true
+		}
+		bs.Done = b.retired
+		jobs = append(jobs, job{b, bs, cbs})
+	}
+	clear(e.dirty)
+	e.dirtyUrgent, e.dirtySince = false, time.Time{}
+	e.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sem := make(chan struct{}, maxParallelWrites)
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
 			err := e.st.putJSON(ctx, keySt+j.b.id, j.bs)
 			if err != nil {
-				e.log().Error("writing message state to storage failed", zap.String("batch", j.b.id), zap.Error(err))
+				e.log().Error("writing message state to storage failed; retrying", zap.String("batch", j.b.id), zap.Error(err))
+				time.AfterFunc(time.Second, func() {
+					e.mu.Lock()
+					if e.batches[j.b.id] == j.b {
+						e.markDirtyLocked(j.b, nil, false)
+					}
+					e.mu.Unlock()
+				})
 			} else if j.bs.Done {
 				e.retire(ctx, j.b)
 			}
 			for _, cb := range j.cbs {
 				cb(err)
 			}
-		}
-		cancel()
+		}()
 	}
+	wg.Wait()
+	return true
 }
 
 // retire deletes a finished batch's bodies and ownership marker and

@@ -257,9 +257,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 					interrupted = append(interrupted, m)
 				}
 			}
-			closed := make(chan struct{})
-			close(closed)
-			b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closed, firstDone: true})
+			b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closedChan, firstDone: true})
 		}
 		if instance != e.iid {
 			// write our ownership before the old marker goes, so that a
@@ -300,7 +298,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			changed = true
 		}
 		if changed {
-			e.markDirtyLocked(b, nil)
+			e.markDirtyLocked(b, nil, false)
 		}
 		e.mu.Unlock()
 		for _, m := range interrupted {

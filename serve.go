@@ -196,7 +196,14 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 		news[i] = &newMessage{keyID: rc.keyID, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
 			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To)}
 	}
-	entries, err := h.engine.accept(news, batch)
+	wait := h.dcfg.wait
+	switch {
+	case pref.async:
+		wait = 0
+	case pref.hasWait:
+		wait = pref.wait
+	}
+	entries, err := h.engine.accept(news, batch, wait > 0)
 	if err != nil {
 		if errors.Is(err, errQueueFull) {
 			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", "the outbox holds the maximum number of unsent messages (delivery max_queued); retry later")
@@ -207,16 +214,11 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the message could not be written to storage; nothing was sent, retry later")
 	}
 	for _, en := range entries {
-		h.logger.Debug("message accepted", zap.String("id", en.st.ID), zap.String("flow", en.st.Flow),
-			zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID),
-			zap.Strings("rcpt", en.st.Rcpts), zap.Int("recipients", en.st.Recipients))
-	}
-	wait := h.dcfg.wait
-	switch {
-	case pref.async:
-		wait = 0
-	case pref.hasWait:
-		wait = pref.wait
+		if ce := h.logger.Check(zapcore.DebugLevel, "message accepted"); ce != nil {
+			ce.Write(zap.String("id", en.st.ID), zap.String("flow", en.st.Flow),
+				zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID),
+				zap.Strings("rcpt", en.st.Rcpts), zap.Int("recipients", en.st.Recipients))
+		}
 	}
 	if wait > 0 {
 		timer := time.NewTimer(wait)

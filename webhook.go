@@ -280,7 +280,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 			e.closeEntryLocked(en)
 			e.mu.Unlock()
 		}
-	})
+	}, false)
 	e.mu.Unlock()
 	result := w.Status
 	if !done {
