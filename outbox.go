@@ -57,8 +57,10 @@ type engine struct {
 	batches       map[string]*batch
 	ready         entryHeap // queued messages by next attempt time
 	hooks         hookHeap  // pending webhooks by next attempt time
-	nonFinal      int       // messages not in a final state
-	reserved      int       // messages being written
+	parked        map[string]*parkedBatch
+	parkHeap      parkHeap // parked batches by wake time
+	nonFinal      int      // messages not in a final state
+	reserved      int      // messages being written
 	profiles      map[string]*profileRef
 	latestProfile string
 	dirty         map[*batch][]func(error)
@@ -95,12 +97,14 @@ type engine struct {
 type tunables struct {
 	janitorEvery, orphanAge, limitSync                time.Duration
 	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
+	parkEvery, parkAfter, unparkLead                  time.Duration
 }
 
 func currentTunables() tunables {
 	return tunables{
 		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval,
 		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
+		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead,
 	}
 }
 
@@ -128,6 +132,7 @@ type batch struct {
 	id         string
 	entries    []*entry
 	open       int // entries that are not final or have a webhook pending
+	writing    int // state writes in flight (a failed one until it is redone)
 	retired    bool
 	registered time.Time // when this engine took the batch on
 }
@@ -146,6 +151,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		iid:      iid,
 		entries:  map[string]*entry{},
 		batches:  map[string]*batch{},
+		parked:   map[string]*parkedBatch{},
 		profiles: map[string]*profileRef{},
 		dirty:    map[*batch][]func(error){},
 		wakeCh:   make(chan struct{}),
@@ -249,7 +255,8 @@ func (e *engine) start() {
 			e.log().Info("recovered queued messages from storage", zap.Int("messages", n), zap.String("instance", e.iid))
 		}
 		cancel()
-		e.loops.Add(6)
+		e.loops.Add(7)
+		go e.parkLoop()
 		go e.appender()
 		go e.stateWriter()
 		go e.heartbeatLoop()
@@ -986,6 +993,7 @@ func (e *engine) flushOnce() bool {
 			b.retired = true
 		}
 		bs.Done = b.retired
+		b.writing++
 		jobs = append(jobs, job{b, bs, cbs})
 	}
 	clear(e.dirty)
@@ -1005,13 +1013,19 @@ func (e *engine) flushOnce() bool {
 				e.log().Error("writing message state to storage failed; retrying", zap.String("batch", j.b.id), zap.Error(err))
 				time.AfterFunc(time.Second, func() {
 					e.mu.Lock()
+					j.b.writing--
 					if e.batches[j.b.id] == j.b {
 						e.markDirtyLocked(j.b, nil, false)
 					}
 					e.mu.Unlock()
 				})
-			} else if j.bs.Done {
-				e.retire(ctx, j.b)
+			} else {
+				e.mu.Lock()
+				j.b.writing--
+				e.mu.Unlock()
+				if j.bs.Done {
+					e.retire(ctx, j.b)
+				}
 			}
 			for _, cb := range j.cbs {
 				cb(err)
@@ -1093,6 +1107,7 @@ func (e *engine) queueStats() (int, time.Duration) {
 			oldest = en.st.Created
 		}
 	}
+	oldest = e.oldestParkedLocked(oldest)
 	if oldest.IsZero() {
 		return e.nonFinal, 0
 	}

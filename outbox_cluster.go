@@ -78,6 +78,13 @@ func (e *engine) dropLost(owned []string, listed time.Time) []string {
 		e.forgetLocked(b)
 		lost = append(lost, id)
 	}
+	for id, pb := range e.parked {
+		if mine[id] || pb.loading || !pb.registered.Before(listed) {
+			continue
+		}
+		e.forgetParkedLocked(pb)
+		lost = append(lost, id)
+	}
 	return lost
 }
 
@@ -85,7 +92,7 @@ func (e *engine) dropLost(owned []string, listed time.Time) []string {
 // write pending: it must not be dropped or reloaded now, or a finished
 // attempt's outcome would be lost.
 func (e *engine) busyLocked(b *batch) bool {
-	if _, dirty := e.dirty[b]; dirty {
+	if _, dirty := e.dirty[b]; dirty || b.writing > 0 {
 		return true
 	}
 	for _, en := range b.entries {
@@ -214,6 +221,17 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 	for _, bid := range bids {
 		e.mu.Lock()
 		b, known := e.batches[bid]
+		if pb := e.parked[bid]; pb != nil {
+			// parked batches are ours and current in storage; one that
+			// another instance adopted from us is read again
+			known = instance == e.iid
+			if !known && !pb.loading {
+				e.forgetParkedLocked(pb)
+			} else if !known {
+				e.mu.Unlock()
+				continue // being loaded back; next round
+			}
+		}
 		if known && instance != e.iid {
 			// we hold a batch that another instance adopted from us: its
 			// state in storage is the truth now; reload it, unless an
@@ -239,26 +257,8 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			return total, err
 		}
 		now := time.Now()
-		b = &batch{id: bid}
-		changed := instance != e.iid
-		var interrupted []msgState
-		for i, m := range bs.Messages {
-			if m.Status == stSending {
-				changed = true
-				m.Updated = now
-				if retryUncertain {
-					m.Status, m.NextAt = stQueued, now
-				} else {
-					m.Status, m.NextAt = stUnknown, time.Time{}
-					m.LastCode, m.LastError = codeUncertain, interruptedError
-					if m.Webhook.URL != "" {
-						m.Webhook.Status, m.Webhook.NextAt = hookPending, now
-					}
-					interrupted = append(interrupted, m)
-				}
-			}
-			b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closedChan, firstDone: true})
-		}
+		b, interrupted, changed := rebuildBatch(bs, retryUncertain, now)
+		changed = changed || instance != e.iid
 		if instance != e.iid {
 			// write our ownership before the old marker goes, so that a
 			// crash in between leaves the batch owned by someone
@@ -279,27 +279,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		}
 		e.mu.Lock()
 		b.registered = time.Now()
-		e.batches[bid] = b
-		for _, en := range b.entries {
-			e.entries[en.st.ID] = en
-			switch {
-			case en.st.Status == stQueued:
-				heap.Push(&e.ready, en)
-				e.nonFinal++
-				b.open++
-				total++
-			case en.st.Webhook.Status == hookPending:
-				heap.Push(&e.hooks, en)
-				b.open++
-			}
-		}
-		if b.open == 0 {
-			b.retired = true
-			changed = true
-		}
-		if changed {
-			e.markDirtyLocked(b, nil, false)
-		}
+		total += e.registerLocked(b, changed)
 		e.mu.Unlock()
 		for _, m := range interrupted {
 			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true)
@@ -308,6 +288,61 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 	}
 	e.notify()
 	return total, nil
+}
+
+// rebuildBatch turns a stored batch state into a batch in memory.
+// Messages found in the sending state were interrupted by a crash: they
+// become unknown (or queued again with retry_uncertain) and are returned,
+// and changed reports that the state must be written again.
+func rebuildBatch(bs *batchState, retryUncertain bool, now time.Time) (b *batch, interrupted []msgState, changed bool) {
+	b = &batch{id: bs.Batch}
+	b.entries = make([]*entry, 0, len(bs.Messages))
+	for i, m := range bs.Messages {
+		if m.Status == stSending {
+			changed = true
+			m.Updated = now
+			if retryUncertain {
+				m.Status, m.NextAt = stQueued, now
+			} else {
+				m.Status, m.NextAt = stUnknown, time.Time{}
+				m.LastCode, m.LastError = codeUncertain, interruptedError
+				if m.Webhook.URL != "" {
+					m.Webhook.Status, m.Webhook.NextAt = hookPending, now
+				}
+				interrupted = append(interrupted, m)
+			}
+		}
+		b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closedChan, firstDone: true})
+	}
+	return b, interrupted, changed
+}
+
+// registerLocked puts a batch read from storage to work and returns the
+// number of its messages that still need delivering.
+func (e *engine) registerLocked(b *batch, changed bool) int {
+	e.batches[b.id] = b
+	queued := 0
+	for _, en := range b.entries {
+		e.entries[en.st.ID] = en
+		switch {
+		case en.st.Status == stQueued:
+			heap.Push(&e.ready, en)
+			e.nonFinal++
+			b.open++
+			queued++
+		case en.st.Webhook.Status == hookPending:
+			heap.Push(&e.hooks, en)
+			b.open++
+		}
+	}
+	if b.open == 0 {
+		b.retired = true
+		changed = true
+	}
+	if changed {
+		e.markDirtyLocked(b, nil, false)
+	}
+	return queued
 }
 
 // janitorLoop deletes expired status and idempotency records and

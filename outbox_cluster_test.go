@@ -175,7 +175,22 @@ func TestOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 	}
 }
 
+// holds reports whether the engine holds a batch, in memory or parked.
+func holds(e *engine, bid string) (resident, parked bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.batches[bid] != nil, e.parked[bid] != nil
+}
+
 func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
+	for _, park := range []bool{false, true} {
+		t.Run(map[bool]string{false: "resident", true: "parked"}[park], func(t *testing.T) {
+			testDropsWorkAdoptedWhilePaused(t, park)
+		})
+	}
+}
+
+func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 	port := smtptest.Silent(t)
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
@@ -184,8 +199,23 @@ func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
 		h.Delivery.Lease = caddy.Duration(400 * time.Millisecond)
 		h.Delivery.RetryBackoff, h.Delivery.MaxBackoff = caddy.Duration(time.Hour), caddy.Duration(time.Hour)
 	})
+	if park {
+		h.engine.tun.parkEvery = 10 * time.Millisecond
+	} else {
+		h.engine.tun.parkEvery = time.Hour
+	}
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: wait=1")
 	bid := batchOf(out["id"].(string))
+	deadline := time.Now().Add(5 * time.Second)
+	for park {
+		if _, parked := holds(h.engine, bid); parked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the batch, deferred for an hour, was not parked")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	// another instance adopted the batch while this one was paused: the
 	// ownership marker moved
 	ctx := context.Background()
@@ -197,12 +227,10 @@ func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
 	if err := st.s.Delete(ctx, keyOwn+h.engine.iid+"/"+bid); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline = time.Now().Add(5 * time.Second)
 	for {
-		h.engine.mu.Lock()
-		_, still := h.engine.batches[bid]
-		h.engine.mu.Unlock()
-		if !still {
+		resident, parked := holds(h.engine, bid)
+		if !resident && !parked {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -210,13 +238,13 @@ func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	if depth, _ := h.engine.queueStats(); depth != 0 {
+		t.Errorf("queue depth %d after the only batch was dropped", depth)
+	}
 	// new work is unaffected
 	_, out = call(t, h, "POST", "/authmail/send/otp", otp("new@example.org"), "Prefer: respond-async")
 	time.Sleep(600 * time.Millisecond)
-	h.engine.mu.Lock()
-	_, kept := h.engine.batches[batchOf(out["id"].(string))]
-	h.engine.mu.Unlock()
-	if !kept {
+	if resident, parked := holds(h.engine, batchOf(out["id"].(string))); !resident && !parked {
 		t.Fatal("a batch of its own was dropped")
 	}
 }

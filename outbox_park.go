@@ -1,0 +1,253 @@
+package authmail
+
+import (
+	"container/heap"
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Parking keeps the engine's memory bounded by the work that is due soon,
+// not by the backlog. A batch whose messages all wait for a retry (or a
+// webhook retry) more than parkAfter away leaves memory; a summary of
+// a few words stays. Its state in storage is current, because a batch
+// with an attempt in flight or a state write pending is never parked, so
+// status lookups read it from there. The batch is loaded back unparkLead
+// before its first message or webhook is due.
+//
+// During an SMTP outage this is what keeps a backlog of 100,000 messages
+// from costing 100,000 in-memory records: after a failed attempt they
+// wait retry_backoff (30s by default, doubling) for the next one. What
+// stays in memory is the work due within parkAfter, plus messages that
+// have not had their first attempt yet (at most max_queued).
+
+const (
+	parkInterval = time.Second
+	parkAfter    = 20 * time.Second
+	unparkLead   = 5 * time.Second
+	// unparkRetry is the wait after a failed attempt to load a batch back.
+	unparkRetry = 5 * time.Second
+)
+
+// parkedBatch summarizes a batch that is not in memory.
+type parkedBatch struct {
+	id         string
+	wake       time.Time // earliest next attempt of a message or webhook
+	queued     int       // messages not final (they stay in nonFinal)
+	oldest     time.Time // creation time of the oldest queued message
+	registered time.Time // when this engine took the batch on
+	loading    bool      // being read back from storage
+	heapIdx    int       // index in engine.parkHeap, -1 when not in it
+}
+
+// parkableLocked reports whether b can leave memory: nothing in flight,
+// nothing to write, nobody waiting, and nothing due before horizon.
+func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool) {
+	if b.retired || b.open == 0 || e.busyLocked(b) {
+		return nil, false
+	}
+	pb := parkedBatch{id: b.id, registered: b.registered, heapIdx: -1}
+	for _, en := range b.entries {
+		if !en.firstDone {
+			return nil, false
+		}
+		var due time.Time
+		switch {
+		case en.st.Status == stQueued:
+			if en.heapIdx < 0 {
+				return nil, false
+			}
+			due = en.st.NextAt
+			pb.queued++
+			if pb.oldest.IsZero() || en.st.Created.Before(pb.oldest) {
+				pb.oldest = en.st.Created
+			}
+		case !finalState(en.st.Status):
+			return nil, false
+		case en.st.Webhook.Status == hookPending:
+			if en.hookIdx < 0 { // a webhook is being posted
+				return nil, false
+			}
+			due = en.st.Webhook.NextAt
+		default:
+			continue
+		}
+		if !due.After(horizon) {
+			return nil, false
+		}
+		if pb.wake.IsZero() || due.Before(pb.wake) {
+			pb.wake = due
+		}
+	}
+	if pb.wake.IsZero() {
+		return nil, false
+	}
+	return &pb, true
+}
+
+// parkLocked takes b out of memory and keeps its summary.
+func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
+	for _, en := range b.entries {
+		if en.heapIdx >= 0 {
+			heap.Remove(&e.ready, en.heapIdx)
+		}
+		if en.hookIdx >= 0 {
+			heap.Remove(&e.hooks, en.hookIdx)
+		}
+		if en.data != nil {
+			e.bodyBytes.Add(-int64(len(en.data)))
+			en.data, en.from, en.to = nil, "", nil
+		}
+		delete(e.entries, en.st.ID)
+	}
+	delete(e.batches, b.id)
+	e.segCache.drop(b.id)
+	e.parked[b.id] = pb
+	heap.Push(&e.parkHeap, pb)
+}
+
+// forgetParkedLocked drops a parked batch (another instance owns it now).
+func (e *engine) forgetParkedLocked(pb *parkedBatch) {
+	if pb.heapIdx >= 0 {
+		heap.Remove(&e.parkHeap, pb.heapIdx)
+	}
+	delete(e.parked, pb.id)
+	e.nonFinal -= pb.queued
+}
+
+// parkLoop parks idle batches and loads parked ones back before they are
+// due.
+func (e *engine) parkLoop() {
+	defer e.loops.Done()
+	t := time.NewTicker(e.tun.parkEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-e.stopCh:
+			return
+		case <-t.C:
+		}
+		e.parkIdle(time.Now())
+		e.unparkDue(time.Now())
+	}
+}
+
+// parkIdle parks every batch with nothing due within parkAfter.
+func (e *engine) parkIdle(now time.Time) int {
+	horizon := now.Add(e.tun.parkAfter)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, b := range e.batches {
+		if pb, ok := e.parkableLocked(b, horizon); ok {
+			e.parkLocked(b, pb)
+			n++
+		}
+	}
+	return n
+}
+
+// unparkDue loads back the parked batches due within unparkLead.
+func (e *engine) unparkDue(now time.Time) int {
+	lead := now.Add(e.tun.unparkLead)
+	e.mu.Lock()
+	var due []*parkedBatch
+	for e.parkHeap.Len() > 0 && !e.parkHeap[0].wake.After(lead) {
+		pb := heap.Pop(&e.parkHeap).(*parkedBatch)
+		pb.loading = true
+		due = append(due, pb)
+	}
+	e.mu.Unlock()
+	n := 0
+	for _, pb := range due {
+		if e.stopping() {
+			// loaded again by the next start; leave it parked
+			e.mu.Lock()
+			pb.loading = false
+			if e.parked[pb.id] == pb {
+				heap.Push(&e.parkHeap, pb)
+			}
+			e.mu.Unlock()
+			continue
+		}
+		if e.unpark(pb) {
+			n++
+		}
+	}
+	if n > 0 {
+		e.notify()
+	}
+	return n
+}
+
+// unpark reads a parked batch's state back into memory. It reports
+// whether the batch is in memory again.
+func (e *engine) unpark(pb *parkedBatch) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	bs, err := e.st.loadState(ctx, pb.id)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	pb.loading = false
+	if e.parked[pb.id] != pb {
+		return false // dropped while it was read: another instance owns it
+	}
+	if err != nil && !isNotExist(err) {
+		e.log().Error("loading a parked batch failed; retrying", zap.String("batch", pb.id), zap.Error(err))
+		pb.wake = time.Now().Add(unparkRetry)
+		heap.Push(&e.parkHeap, pb)
+		return false
+	}
+	if err != nil || bs.Owner != e.iid {
+		// gone, or adopted by another instance that thought we were dead
+		e.log().Warn("a parked batch belongs to another instance now; forgetting it", zap.String("batch", pb.id))
+		e.forgetParkedLocked(pb)
+		return false
+	}
+	delete(e.parked, pb.id)
+	e.nonFinal -= pb.queued
+	cfg := e.config()
+	b, interrupted, changed := rebuildBatch(bs, cfg != nil && cfg.retryUncertain, time.Now())
+	if len(interrupted) > 0 {
+		// cannot happen: a batch with an attempt in flight is never parked
+		e.log().Error("a parked batch had messages in the sending state", zap.String("batch", pb.id), zap.Int("messages", len(interrupted)))
+	}
+	b.registered = pb.registered
+	e.registerLocked(b, changed)
+	return true
+}
+
+// oldestParkedLocked returns the older of oldest and the creation time
+// of the oldest parked message.
+func (e *engine) oldestParkedLocked(oldest time.Time) time.Time {
+	for _, pb := range e.parked {
+		if pb.queued > 0 && (oldest.IsZero() || pb.oldest.Before(oldest)) {
+			oldest = pb.oldest
+		}
+	}
+	return oldest
+}
+
+// parkHeap orders parked batches by wake time.
+type parkHeap []*parkedBatch
+
+func (h parkHeap) Len() int           { return len(h) }
+func (h parkHeap) Less(i, j int) bool { return h[i].wake.Before(h[j].wake) }
+func (h parkHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx, h[j].heapIdx = i, j
+}
+func (h *parkHeap) Push(x any) {
+	pb := x.(*parkedBatch)
+	pb.heapIdx = len(*h)
+	*h = append(*h, pb)
+}
+func (h *parkHeap) Pop() any {
+	old := *h
+	pb := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	pb.heapIdx = -1
+	return pb
+}

@@ -1,0 +1,97 @@
+package authmail
+
+import (
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+// residentIDs returns which of ids have an entry in memory, and the
+// number of parked batches.
+func residentIDs(h *Handler, ids []string) (int, int) {
+	h.engine.mu.Lock()
+	defer h.engine.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		if h.engine.entries[id] != nil {
+			n++
+		}
+	}
+	return n, len(h.engine.parked)
+}
+
+func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
+		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
+	}))
+	h.engine.tun.parkEvery = 10 * time.Millisecond
+	h.engine.tun.parkAfter = 300 * time.Millisecond
+	h.engine.tun.unparkLead = 100 * time.Millisecond
+	var refuse atomic.Bool
+	refuse.Store(true)
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		if refuse.Load() {
+			return smtpRefusal(451)
+		}
+		return nil
+	}})
+	var ids []string
+	for i := range 20 {
+		rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("p%d@example.org", i)), "Prefer: respond-async")
+		if rec.Code != 202 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		ids = append(ids, out["id"].(string))
+	}
+	// every message had its deferred first attempt; with the next one
+	// 900ms away, its batch leaves memory
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resident, parked := residentIDs(h, ids)
+		if resident == 0 && parked > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d messages still in memory, %d batches parked", resident, len(ids), parked)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// parked messages still count, and their status is read from storage
+	if depth, age := h.engine.queueStats(); depth != len(ids) || age <= 0 {
+		t.Errorf("queue stats with parked batches: depth %d, oldest age %v", depth, age)
+	}
+	rec, out := call(t, h, "GET", "/authmail/messages/"+ids[0], "")
+	if rec.Code != 200 || out["status"] != "queued" || out["attempts"] != 1.0 || out["last_error_code"] != "smtp_transient" {
+		t.Fatalf("status of a parked message: %d %s", rec.Code, rec.Body)
+	}
+	// the server recovers: the batches come back before they are due and
+	// every message goes out exactly once, on its second attempt
+	refuse.Store(false)
+	msgs := srv.WaitMessages(len(ids), 10*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	seen := map[string]int{}
+	for _, m := range srv.Messages() {
+		seen[m.To[0]]++
+	}
+	if len(msgs) != len(ids) || len(seen) != len(ids) {
+		t.Fatalf("delivered %d messages to %d recipients, want %d each once", len(srv.Messages()), len(seen), len(ids))
+	}
+	for _, id := range ids {
+		if st := waitState(t, h, id, status(stSent)); st.Attempts != 2 {
+			t.Errorf("%s: %d attempts, want 2", id, st.Attempts)
+		}
+	}
+	h.engine.mu.Lock()
+	parked, nonFinal := len(h.engine.parked), h.engine.nonFinal
+	h.engine.mu.Unlock()
+	if parked != 0 || nonFinal != 0 {
+		t.Errorf("after delivery: %d batches parked, %d messages not final", parked, nonFinal)
+	}
+}
