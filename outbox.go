@@ -1,12 +1,13 @@
 package authmail
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
 	crand "crypto/rand"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"hash/fnv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -98,13 +99,14 @@ type tunables struct {
 	janitorEvery, orphanAge, limitSync                time.Duration
 	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
 	parkEvery, parkAfter, unparkLead                  time.Duration
+	readyHigh                                         int
 }
 
 func currentTunables() tunables {
 	return tunables{
 		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval,
 		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
-		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead,
+		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead, readyHigh: readyHigh,
 	}
 }
 
@@ -459,6 +461,9 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 			}
 			if e.bodyBytes.Load() < maxCachedBodyBytes {
 				en.data = m.env.Data
+				if cap(en.data)-len(en.data) > len(en.data)/8 {
+					en.data = bytes.Clone(en.data) // drop the rendering buffer's slack
+				}
 				e.bodyBytes.Add(int64(len(en.data)))
 			}
 			b.entries = append(b.entries, en)
@@ -521,7 +526,7 @@ var closedChan = func() chan struct{} {
 // maxCachedBodyBytes bounds the message bodies kept in memory between
 // acceptance and the first attempt; beyond it bodies are read back from
 // storage, so memory stays bounded however large the backlog.
-const maxCachedBodyBytes = 32 << 20
+const maxCachedBodyBytes = 16 << 20
 
 // --- delivering --------------------------------------------------------
 
@@ -792,7 +797,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 	case derr.permanent():
 		en.st.Status, final = stFailed, true
 	default:
-		next := now.Add(backoff(cfg, en.st.Attempts))
+		next := now.Add(backoff(cfg, en.st.Attempts, en.b.id))
 		if next.Sub(en.st.Created) > cfg.maxAge {
 			en.st.Status, final = stFailed, true
 		} else {
@@ -848,14 +853,21 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 }
 
 // backoff is the delay before attempt n+1: retry_backoff doubling per
-// attempt, capped at max_backoff, with ±25% jitter.
-func backoff(cfg *engineConfig, attempts int) time.Duration {
+// attempt, capped at max_backoff, with ±25% jitter. The jitter is drawn
+// per batch and attempt, not per message: messages accepted together
+// that failed together are retried together, with one claim write, and
+// their batch can leave memory while it waits (see parking); different
+// batches still spread out.
+func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
 	d := cfg.retryBackoff
 	for i := 1; i < attempts && d < cfg.maxBackoff; i++ {
 		d *= 2
 	}
 	d = min(d, cfg.maxBackoff)
-	jitter := time.Duration(rand.Int64N(int64(d)/2+1)) - d/4
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(batch))
+	_, _ = h.Write([]byte{byte(attempts), byte(attempts >> 8)})
+	jitter := time.Duration(h.Sum64()%uint64(d/2+1)) - d/4
 	return max(d+jitter, time.Millisecond)
 }
 

@@ -24,10 +24,16 @@ import (
 
 const (
 	parkInterval = time.Second
-	parkAfter    = 20 * time.Second
-	unparkLead   = 5 * time.Second
+	parkAfter    = 10 * time.Second
+	unparkLead   = 3 * time.Second
 	// unparkRetry is the wait after a failed attempt to load a batch back.
 	unparkRetry = 5 * time.Second
+	// readyHigh bounds the due messages in memory that parked batches are
+	// loaded back for: when retries fall due faster than the connections
+	// can attempt them (the first retry wave after an outage), the rest
+	// stay parked, in order, until the workers catch up. It is enough to
+	// keep every worker busy between two park rounds.
+	readyHigh = 10000
 )
 
 // parkedBatch summarizes a batch that is not in memory.
@@ -148,14 +154,17 @@ func (e *engine) parkIdle(now time.Time) int {
 	return n
 }
 
-// unparkDue loads back the parked batches due within unparkLead.
+// unparkDue loads back the parked batches due within unparkLead, as long
+// as fewer than readyHigh messages are due in memory.
 func (e *engine) unparkDue(now time.Time) int {
 	lead := now.Add(e.tun.unparkLead)
 	e.mu.Lock()
 	var due []*parkedBatch
-	for e.parkHeap.Len() > 0 && !e.parkHeap[0].wake.After(lead) {
+	room := e.tun.readyHigh - e.ready.Len()
+	for e.parkHeap.Len() > 0 && !e.parkHeap[0].wake.After(lead) && room > 0 {
 		pb := heap.Pop(&e.parkHeap).(*parkedBatch)
 		pb.loading = true
+		room -= pb.queued
 		due = append(due, pb)
 	}
 	e.mu.Unlock()

@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"context"
 	"fmt"
 	"sync/atomic"
 	"testing"
@@ -93,5 +94,58 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	h.engine.mu.Unlock()
 	if parked != 0 || nonFinal != 0 {
 		t.Errorf("after delivery: %d batches parked, %d messages not final", parked, nonFinal)
+	}
+}
+
+func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(time.Hour)
+		d.MaxBackoff = caddy.Duration(time.Hour)
+	}))
+	e := h.engine
+	e.tun.parkEvery = time.Hour // parking is driven by the test
+	e.tun.readyHigh = 2
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpRefusal(451) }})
+	var ids []string
+	for i := range 3 {
+		// one request at a time: three batches of one message
+		rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("w%d@example.org", i)), "Prefer: wait=2")
+		if rec.Code != 202 || out["error_code"] != "smtp_transient" {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		ids = append(ids, out["id"].(string))
+	}
+	parked := 0
+	for deadline := time.Now().Add(5 * time.Second); parked < 3; {
+		parked += e.parkIdle(time.Now())
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of 3 batches parked", parked)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// all three are due (two hours from now); only two fit
+	later := time.Now().Add(2 * time.Hour)
+	if n := e.unparkDue(later); n != 2 {
+		t.Fatalf("loaded %d batches back, want 2", n)
+	}
+	if n := e.unparkDue(later); n != 0 {
+		t.Fatalf("loaded %d more batches with the ready queue full, want 0", n)
+	}
+	e.mu.Lock()
+	ready, still := e.ready.Len(), len(e.parked)
+	e.mu.Unlock()
+	if ready != 2 || still != 1 {
+		t.Fatalf("%d messages ready, %d batches parked; want 2 and 1", ready, still)
+	}
+	if depth, _ := e.queueStats(); depth != 3 {
+		t.Errorf("queue depth %d, want 3", depth)
+	}
+	// every message kept its state, loaded back or still parked
+	for _, id := range ids {
+		st, ok, err := e.lookup(context.Background(), id)
+		if err != nil || !ok || st.Status != stQueued || st.Attempts != 1 || st.LastCode != "smtp_transient" {
+			t.Errorf("%s: %+v %v %v", id, st, ok, err)
+		}
 	}
 }
