@@ -65,8 +65,8 @@ type engine struct {
 	profiles      map[string]*profileRef
 	latestProfile string
 	dirty         map[*batch][]func(error)
-	dirtyUrgent   bool      // a dirty change has a waiter
-	dirtySince    time.Time // when the oldest unwritten change was made
+	urgent        map[*batch]struct{} // dirty batches with a waiter
+	dirtySince    time.Time           // when the oldest unwritten change was made
 	closing       bool
 	workers       int // running delivery workers
 	wantWorkers   int
@@ -156,6 +156,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		parked:   map[string]*parkedBatch{},
 		profiles: map[string]*profileRef{},
 		dirty:    map[*batch][]func(error){},
+		urgent:   map[*batch]struct{}{},
 		wakeCh:   make(chan struct{}),
 		flushCh:  make(chan struct{}, 1),
 		acceptCh: make(chan *acceptReq, 1024),
@@ -919,7 +920,7 @@ func (e *engine) markDirtyLocked(b *batch, done func(error), urgent bool) {
 	}
 	e.dirty[b] = cbs
 	if urgent {
-		e.dirtyUrgent = true
+		e.urgent[b] = struct{}{}
 	} else if e.dirtySince.IsZero() {
 		e.dirtySince = time.Now()
 	}
@@ -943,12 +944,17 @@ func (e *engine) stateWriter() {
 		}
 		for {
 			e.mu.Lock()
-			n, urgent, since := len(e.dirty), e.dirtyUrgent, e.dirtySince
+			n, urgent, since := len(e.dirty), len(e.urgent) > 0, e.dirtySince
 			e.mu.Unlock()
 			if n == 0 {
 				break
 			}
-			if d := stateLinger - time.Since(since); !urgent && d > 0 {
+			if urgent {
+				// only what somebody waits for; the rest keeps lingering
+				e.flushOnce(true)
+				continue
+			}
+			if d := stateLinger - time.Since(since); d > 0 {
 				t := time.NewTimer(d)
 				select {
 				case <-e.flushCh:
@@ -961,27 +967,28 @@ func (e *engine) stateWriter() {
 					return
 				}
 			}
-			e.flushOnce()
+			e.flushOnce(false)
 		}
 	}
 }
 
 // flushAll writes every dirty state now.
 func (e *engine) flushAll() {
-	for e.flushOnce() {
+	for e.flushOnce(false) {
 	}
 }
 
 // maxParallelWrites bounds the state objects written at the same time.
 const maxParallelWrites = 4
 
-// flushOnce writes the states that are dirty now, in parallel, and
-// reports whether there were any. A batch whose messages are all final,
-// with no webhook left to send, is marked done in the same write and
-// then retired.
-func (e *engine) flushOnce() bool {
+// flushOnce writes the states that are dirty now (with urgentOnly, those
+// with a waiter), in parallel, and reports whether there were any. A
+// batch's write carries every change made to it so far, urgent or not.
+// A batch whose messages are all final, with no webhook left to send, is
+// marked done in the same write and then retired.
+func (e *engine) flushOnce(urgentOnly bool) bool {
 	e.mu.Lock()
-	if len(e.dirty) == 0 {
+	if len(e.dirty) == 0 || (urgentOnly && len(e.urgent) == 0) {
 		e.mu.Unlock()
 		return false
 	}
@@ -990,9 +997,16 @@ func (e *engine) flushOnce() bool {
 		bs  batchState
 		cbs []func(error)
 	}
-	jobs := make([]job, 0, len(e.dirty))
+	set := e.dirty
+	if urgentOnly {
+		set = make(map[*batch][]func(error), len(e.urgent))
+		for b := range e.urgent {
+			set[b] = e.dirty[b]
+		}
+	}
+	jobs := make([]job, 0, len(set))
 	now := time.Now()
-	for b, cbs := range e.dirty {
+	for b, cbs := range set {
 		bs := batchState{Batch: b.id, Owner: e.iid, Updated: now, Messages: make([]msgState, len(b.entries))}
 		settled := true
 		for i, en := range b.entries {
@@ -1008,8 +1022,13 @@ func (e *engine) flushOnce() bool {
 		b.writing++
 		jobs = append(jobs, job{b, bs, cbs})
 	}
-	clear(e.dirty)
-	e.dirtyUrgent, e.dirtySince = false, time.Time{}
+	for _, j := range jobs {
+		delete(e.dirty, j.b)
+		delete(e.urgent, j.b)
+	}
+	if len(e.dirty) == 0 {
+		e.dirtySince = time.Time{}
+	}
 	e.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
