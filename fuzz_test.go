@@ -73,7 +73,19 @@ func provision(t testing.TB, h *Handler) caddy.Context {
 	if err := h.Provision(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = h.Cleanup() })
+	t.Cleanup(func() {
+		e, key := h.engine, h.engineKey
+		_ = h.Cleanup()
+		// the last handler of an engine stops it in the background; wait,
+		// so that its final writes land before the test's directories go
+		if _, used := enginePool.References(key); e != nil && key != "" && !used && e.started.Load() {
+			select {
+			case <-e.doneCh:
+			case <-time.After(20 * time.Second):
+				t.Error("the outbox engine did not stop")
+			}
+		}
+	})
 	if err := h.Validate(); err != nil {
 		t.Fatal(err)
 	}
