@@ -400,14 +400,24 @@ func (e *engine) janitor(ctx context.Context) {
 		}
 	}
 	// segments that no instance owns and that have no state were written
-	// by a request that never got its answer (crash mid-accept)
+	// by a request that never got its answer (crash mid-accept). Any
+	// listing error skips this pass: an incomplete view of the ownership
+	// markers would make live batches look orphaned.
 	owned := map[string]bool{}
-	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keyOwn, "/"), true); err == nil {
-		for _, k := range keys {
-			owned[path.Base(k)] = true
+	owners, err := e.st.list(ctx, strings.TrimSuffix(keyOwn, "/"))
+	if err != nil {
+		return
+	}
+	for _, o := range owners {
+		bids, err := e.st.ownedBatches(ctx, path.Base(o))
+		if err != nil {
+			return
+		}
+		for _, bid := range bids {
+			owned[bid] = true
 		}
 	}
-	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keySeg, "/"), false); err == nil {
+	if keys, err := e.st.list(ctx, strings.TrimSuffix(keySeg, "/")); err == nil {
 		for _, k := range keys {
 			bid := path.Base(k)
 			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, keySt+bid) {
