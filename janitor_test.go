@@ -2,11 +2,14 @@ package authmail
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -130,4 +133,54 @@ func sumCounter(f *dto.MetricFamily, label, value string) float64 {
 		}
 	}
 	return total
+}
+
+// flakyListing is a file storage whose listings below authmail/own fail
+// while fail is set.
+type flakyListing struct {
+	certmagic.Storage
+	fail atomic.Bool
+}
+
+func (f *flakyListing) List(ctx context.Context, prefix string, recursive bool) ([]string, error) {
+	if f.fail.Load() && strings.HasPrefix(prefix, strings.TrimSuffix(keyOwn, "/")) {
+		return nil, errors.New("listing failed")
+	}
+	return f.Storage.List(ctx, prefix, recursive)
+}
+
+func TestJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
+	in := newInstance(t, "")
+	flaky := &flakyListing{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	h := in.handler(func(h *Handler) { h.storageOverride = flaky })
+	e := h.engine
+	e.tun.orphanAge = time.Millisecond
+	ctx := context.Background()
+	// a batch accepted but not attempted yet: segment and marker, no state
+	live := newID(time.Now())
+	if err := e.st.putJSON(ctx, keySeg+live, segment{Batch: live, Owner: e.iid}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.st.s.Store(ctx, keyOwn+e.iid+"/"+live, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	// and a true orphan: a segment nobody owns
+	orphan := newID(time.Now())
+	if err := e.st.putJSON(ctx, keySeg+orphan, segment{Batch: orphan}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	flaky.fail.Store(true)
+	e.janitor(ctx)
+	flaky.fail.Store(false)
+	if !e.st.s.Exists(ctx, keySeg+live) || !e.st.s.Exists(ctx, keySeg+orphan) {
+		t.Fatal("the janitor deleted segments although it could not list who owns them")
+	}
+	e.janitor(ctx)
+	if !e.st.s.Exists(ctx, keySeg+live) {
+		t.Error("the janitor deleted an owned segment")
+	}
+	if e.st.s.Exists(ctx, keySeg+orphan) {
+		t.Error("the janitor kept an orphaned segment")
+	}
 }
