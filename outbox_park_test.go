@@ -149,3 +149,59 @@ func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
 		}
 	}
 }
+
+func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(n int) int {
+		if n == 1 {
+			return 503
+		}
+		return 200
+	})
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "configured-webhook-secret"
+	})
+	e := h.engine
+	e.tun.parkEvery = 10 * time.Millisecond
+	e.tun.parkAfter = 300 * time.Millisecond
+	e.tun.unparkLead = 100 * time.Millisecond
+	e.tun.hookBackoff = 900 * time.Millisecond
+	body := fmt.Sprintf(`{"to":"hook@example.org","code":"1","webhook_url":%q}`, recv.srv.URL)
+	rec, out := call(t, h, "POST", "/authmail/send/otp", body)
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	id := out["id"].(string)
+	// the message is sent; its webhook failed once and waits 900ms
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, parked := holds(e, batchOf(id)); parked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a batch waiting only for a webhook retry was not parked")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	calls := recv.wait(t, 2)
+	if len(calls) != 2 {
+		t.Fatalf("%d webhook calls, want 2 (503, then 200 after the batch came back)", len(calls))
+	}
+	st := waitState(t, h, id, func(s msgState) bool { return s.Webhook.Status == hookDelivered })
+	if st.Status != stSent || st.Webhook.Attempts != 2 {
+		t.Errorf("state %+v", st)
+	}
+	// nothing is left to do: the batch retires instead of parking again
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		resident, parked := holds(e, batchOf(id))
+		if !resident && !parked && !e.st.s.Exists(context.Background(), keySeg+batchOf(id)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the batch did not retire (in memory %v, parked %v)", resident, parked)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
