@@ -257,7 +257,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			return total, err
 		}
 		now := time.Now()
-		b, interrupted, changed := rebuildBatch(bs, retryUncertain, now)
+		b, interrupted, changed := rebuildBatch(bid, bs, retryUncertain, now)
 		changed = changed || instance != e.iid
 		if instance != e.iid {
 			// write our ownership before the old marker goes, so that a
@@ -294,8 +294,8 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 // Messages found in the sending state were interrupted by a crash: they
 // become unknown (or queued again with retry_uncertain) and are returned,
 // and changed reports that the state must be written again.
-func rebuildBatch(bs *batchState, retryUncertain bool, now time.Time) (b *batch, interrupted []msgState, changed bool) {
-	b = &batch{id: bs.Batch}
+func rebuildBatch(bid string, bs *batchState, retryUncertain bool, now time.Time) (b *batch, interrupted []msgState, changed bool) {
+	b = &batch{id: bid}
 	b.entries = make([]*entry, 0, len(bs.Messages))
 	for i, m := range bs.Messages {
 		if m.Status == stSending {

@@ -210,14 +210,14 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	}
 	if err != nil || bs.Owner != e.iid {
 		// gone, or adopted by another instance that thought we were dead
-		e.log().Warn("a parked batch belongs to another instance now; forgetting it", zap.String("batch", pb.id))
+		e.log().Warn("a parked batch is gone from storage or belongs to another instance now; forgetting it", zap.String("batch", pb.id))
 		e.forgetParkedLocked(pb)
 		return false
 	}
 	delete(e.parked, pb.id)
 	e.nonFinal -= pb.queued
 	cfg := e.config()
-	b, interrupted, changed := rebuildBatch(bs, cfg != nil && cfg.retryUncertain, time.Now())
+	b, interrupted, changed := rebuildBatch(pb.id, bs, cfg != nil && cfg.retryUncertain, time.Now())
 	if len(interrupted) > 0 {
 		// cannot happen: a batch with an attempt in flight is never parked
 		e.log().Error("a parked batch had messages in the sending state", zap.String("batch", pb.id), zap.Int("messages", len(interrupted)))
