@@ -62,6 +62,10 @@ type adminQueue struct {
 	Depth            int     `json:"depth"`
 	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
 	MaxQueued        int     `json:"max_queued"`
+	// InMemory is the number of unfinished messages held in memory; the
+	// rest of Depth is parked in storage until its next attempt nears.
+	InMemory      int `json:"in_memory"`
+	ParkedBatches int `json:"parked_batches"`
 }
 
 // maskUser shows enough of a user name to recognise it: "you@gmail.com"
@@ -117,7 +121,9 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	depth, age := h.engine.queueStats()
 	cfg := h.dcfg
-	st.Queue = adminQueue{Instance: h.engine.iid, Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued}
+	inMemory, parked := h.engine.residency()
+	st.Queue = adminQueue{Instance: h.engine.iid, Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
+		InMemory: inMemory, ParkedBatches: parked}
 	st.Settings = map[string]any{
 		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),
 		"retry_backoff": cfg.retryBackoff.String(), "max_backoff": cfg.maxBackoff.String(), "max_age": cfg.maxAge.String(),

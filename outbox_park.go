@@ -227,6 +227,18 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	return true
 }
 
+// residency reports the unfinished messages held in memory and the
+// number of parked batches.
+func (e *engine) residency() (inMemory, parkedBatches int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	parkedMsgs := 0
+	for _, pb := range e.parked {
+		parkedMsgs += pb.queued
+	}
+	return e.nonFinal - parkedMsgs, len(e.parked)
+}
+
 // oldestParkedLocked returns the older of oldest and the creation time
 // of the oldest parked message.
 func (e *engine) oldestParkedLocked(oldest time.Time) time.Time {

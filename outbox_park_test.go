@@ -68,6 +68,9 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	if depth, age := h.engine.queueStats(); depth != len(ids) || age <= 0 {
 		t.Errorf("queue stats with parked batches: depth %d, oldest age %v", depth, age)
 	}
+	if inMemory, parked := h.engine.residency(); inMemory != 0 || parked == 0 {
+		t.Errorf("residency with every batch parked: %d messages in memory, %d batches parked", inMemory, parked)
+	}
 	rec, out := call(t, h, "GET", "/authmail/messages/"+ids[0], "")
 	if rec.Code != 200 || out["status"] != "queued" || out["attempts"] != 1.0 || out["last_error_code"] != "smtp_transient" {
 		t.Fatalf("status of a parked message: %d %s", rec.Code, rec.Body)
