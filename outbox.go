@@ -949,12 +949,13 @@ func (e *engine) stateWriter() {
 			if n == 0 {
 				break
 			}
-			if urgent {
+			d := stateLinger - time.Since(since) // > 0: lazy changes may still wait
+			if urgent && d > 0 {
 				// only what somebody waits for; the rest keeps lingering
 				e.flushOnce(true)
 				continue
 			}
-			if d := stateLinger - time.Since(since); d > 0 {
+			if !urgent && d > 0 {
 				t := time.NewTimer(d)
 				select {
 				case <-e.flushCh:

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -338,3 +339,39 @@ func TestOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
 }
 
 var _ = http.StatusOK
+
+func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
+	h := newInstance(t, "").handler()
+	e := h.engine
+	e.start()
+	ctx := context.Background()
+	lazy := &batch{id: newID(time.Now())}
+	e.mu.Lock()
+	e.markDirtyLocked(lazy, nil, false)
+	e.mu.Unlock()
+	// four workers keep claiming: some urgent change is always pending
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !stop.Load() {
+				b := &batch{id: newID(time.Now())}
+				done := make(chan error, 1)
+				e.mu.Lock()
+				e.markDirtyLocked(b, func(err error) { done <- err }, true)
+				e.mu.Unlock()
+				<-done
+			}
+		}()
+	}
+	defer func() { stop.Store(true); wg.Wait() }()
+	deadline := time.Now().Add(2 * time.Second)
+	for !e.st.s.Exists(ctx, keySt+lazy.id) {
+		if time.Now().After(deadline) {
+			t.Fatal("a lingering state change waited behind urgent writes for 2s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
