@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"container/heap"
 	"context"
 	"fmt"
 	"sync/atomic"
@@ -206,5 +207,70 @@ func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 			t.Fatalf("the batch did not retire (in memory %v, parked %v)", resident, parked)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	defer1h := withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(time.Hour)
+		d.MaxBackoff = caddy.Duration(time.Hour)
+	})
+	h := in.handler(withSMTP(t, srv), defer1h)
+	e := h.engine
+	e.tun.parkEvery = 10 * time.Millisecond
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpRefusal(451) }})
+	var ids []string
+	for i := range 5 {
+		_, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("r%d@example.org", i)), "Prefer: wait=2")
+		ids = append(ids, out["id"].(string))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if resident, _ := residentIDs(h, ids); resident == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the deferred batches were not parked")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_ = h.Cleanup()
+	select {
+	case <-e.doneCh:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the engine did not stop")
+	}
+	// the next start finds them in storage, still due in an hour
+	srv.SetHooks(smtptest.Hooks{})
+	h2 := in.handler(withSMTP(t, srv))
+	h2.engine.start()
+	if depth, _ := h2.engine.queueStats(); depth != len(ids) {
+		t.Fatalf("queue depth %d after the restart, want %d", depth, len(ids))
+	}
+	for _, id := range ids {
+		rec, out := call(t, h2, "GET", "/authmail/messages/"+id, "")
+		if rec.Code != 200 || out["status"] != "queued" || out["attempts"] != 1.0 {
+			t.Fatalf("%s after the restart: %d %s", id, rec.Code, rec.Body)
+		}
+	}
+	// make them due now: the stored next attempt is an hour away
+	h2.engine.mu.Lock()
+	for _, en := range h2.engine.ready {
+		en.st.NextAt = time.Now()
+	}
+	heap.Init(&h2.engine.ready)
+	h2.engine.mu.Unlock()
+	h2.engine.notify()
+	msgs := srv.WaitMessages(len(ids), 10*time.Second)
+	time.Sleep(200 * time.Millisecond)
+	if len(msgs) != len(ids) || len(srv.Messages()) != len(ids) {
+		t.Fatalf("%d messages delivered after the restart, want %d once each", len(srv.Messages()), len(ids))
+	}
+	for _, id := range ids {
+		if st := waitState(t, h2, id, status(stSent)); st.Attempts != 2 {
+			t.Errorf("%s: %d attempts, want 2", id, st.Attempts)
+		}
 	}
 }
