@@ -319,6 +319,19 @@ func (e *engine) shutdown() {
 	close(e.doneCh)
 }
 
+// wait sleeps for d and reports whether the engine still runs: the
+// background loops do a round of work after each wait.
+func (e *engine) wait(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-e.stopCh:
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
 // notify wakes every goroutine waiting for work.
 func (e *engine) notify() {
 	e.mu.Lock()

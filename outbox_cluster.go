@@ -40,10 +40,8 @@ func (e *engine) heartbeatLoop() {
 	defer e.loops.Done()
 	for {
 		every := max(e.leaseDuration()/4, 200*time.Millisecond)
-		select {
-		case <-e.stopCh:
+		if !e.wait(every) {
 			return
-		case <-time.After(every):
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), every*2)
 		if err := e.writeHeartbeat(ctx); err != nil {
@@ -135,13 +133,7 @@ func (e *engine) recoverOwn(ctx context.Context) (int, error) {
 // than the lease, one at a time, under a storage lock.
 func (e *engine) adoptionLoop() {
 	defer e.loops.Done()
-	for {
-		every := max(e.leaseDuration()/3, 300*time.Millisecond)
-		select {
-		case <-e.stopCh:
-			return
-		case <-time.After(every):
-		}
+	for e.wait(max(e.leaseDuration()/3, 300*time.Millisecond)) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		e.adoptStale(ctx)
 		cancel()
@@ -349,12 +341,7 @@ func (e *engine) registerLocked(b *batch, changed bool) int {
 // batches that were never acknowledged.
 func (e *engine) janitorLoop() {
 	defer e.loops.Done()
-	for {
-		select {
-		case <-e.stopCh:
-			return
-		case <-time.After(e.tun.janitorEvery):
-		}
+	for e.wait(e.tun.janitorEvery) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		e.janitor(ctx)
 		cancel()

@@ -126,14 +126,7 @@ func (e *engine) forgetParkedLocked(pb *parkedBatch) {
 // due.
 func (e *engine) parkLoop() {
 	defer e.loops.Done()
-	t := time.NewTicker(e.tun.parkEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-e.stopCh:
-			return
-		case <-t.C:
-		}
+	for e.wait(e.tun.parkEvery) {
 		e.parkIdle(time.Now())
 		e.unparkDue(time.Now())
 	}

@@ -246,12 +246,7 @@ func (e *engine) loadSalt(ctx context.Context) error {
 // other instances'.
 func (e *engine) limitSyncLoop() {
 	defer e.loops.Done()
-	for {
-		select {
-		case <-e.stopCh:
-			return
-		case <-time.After(e.tun.limitSync):
-		}
+	for e.wait(e.tun.limitSync) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		e.syncLimits(ctx)
 		cancel()
