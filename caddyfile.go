@@ -85,14 +85,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	// every subdirective but these may appear once
+	repeatable := map[string]bool{"link": true, "key": true, "webhook_allow_hosts": true, "allow_origin": true, "recipient_rate": true}
 	seen := map[string]bool{}
-	once := func(name string) error {
-		if seen[name] {
-			return d.Errf("%s already specified", name)
-		}
-		seen[name] = true
-		return nil
-	}
 	oneArg := func() (string, error) {
 		if !d.NextArg() {
 			return "", d.ArgErr()
@@ -105,11 +100,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
+		if seen[sub] && !repeatable[sub] {
+			return d.Errf("%s already specified", sub)
+		}
+		seen[sub] = true
 		switch sub {
 		case "path_prefix":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -120,9 +116,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PathPrefix = v
 
 		case "smtp":
-			if err := once(sub); err != nil {
-				return err
-			}
 			s, err := unmarshalSMTP(d)
 			if err != nil {
 				return err
@@ -130,9 +123,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.SMTP = s
 
 		case "capture":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -140,9 +130,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Capture = v
 
 		case "from":
-			if err := once(sub); err != nil {
-				return err
-			}
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
@@ -157,9 +144,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "reply_to":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -170,9 +154,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.ReplyTo = v
 
 		case "app_name":
-			if err := once(sub); err != nil {
-				return err
-			}
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
@@ -183,9 +164,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "base_url":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -259,9 +237,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Keys = append(h.Keys, k)
 
 		case "templates":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -269,9 +244,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Templates = v
 
 		case "security_alerts":
-			if err := once(sub); err != nil {
-				return err
-			}
 			if d.NextArg() {
 				return d.ArgErr()
 			}
@@ -299,9 +271,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "max_body_size":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -313,9 +282,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxBodySize = int64(size)
 
 		case "delivery":
-			if err := once(sub); err != nil {
-				return err
-			}
 			dl, err := unmarshalDelivery(d)
 			if err != nil {
 				return err
@@ -323,9 +289,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Delivery = dl
 
 		case "storage":
-			if err := once(sub); err != nil {
-				return err
-			}
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
@@ -341,9 +304,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.StorageRaw = caddyconfig.JSONModuleObject(sc, "module", name, nil)
 
 		case "webhook_secret":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -370,9 +330,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.AllowOrigins = append(h.AllowOrigins, args...)
 
 		case "link_policy":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -383,9 +340,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.LinkPolicy = v
 
 		case "auth_failures":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
@@ -421,9 +375,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.RecipientRate[flow] = v
 
 		case "log_recipients":
-			if err := once(sub); err != nil {
-				return err
-			}
 			v, err := oneArg()
 			if err != nil {
 				return err
