@@ -390,3 +390,23 @@ func checkLogsHoldNoSecrets() int {
 	fmt.Printf("log scan: %d bytes of Caddy logs hold none of %d secrets\n", len(data), len(secrets))
 	return 0
 }
+
+// workers runs send(w, i), with i = 0, 1, 2, …, in each of 4 goroutines
+// (w = 0 … 3) until stop is closed, and returns a function that waits for
+// them to return.
+func workers(stop <-chan struct{}, send func(w, i int)) (wait func()) {
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				send(w, i)
+			}
+		})
+	}
+	return wg.Wait
+}

@@ -195,46 +195,36 @@ func TestReloadStormUnderLoad(t *testing.T) {
 	var accepted sync.Map // recipient -> id
 	var failures atomic.Int64
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := range 4 {
-		wg.Go(func() {
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				rcpt := fmt.Sprintf("storm-%d-%d@example.org", w, i)
-				body := fmt.Sprintf(`{"to":%q,"code":"%d"}`, rcpt, i)
-				// clients retry on connection errors with the same
-				// Idempotency-Key, which makes retries safe in every case
-				for attempt := 0; attempt < 3; attempt++ {
-					req, _ := http.NewRequest(http.MethodPost, baseURL+"/authmail/send/otp", strings.NewReader(body))
-					req.Header.Set("Authorization", "Bearer "+keyApp)
-					req.Header.Set("Content-Type", "application/json")
-					req.Header.Set("Idempotency-Key", rcpt)
-					if w%2 == 0 {
-						req.Header.Set("Prefer", "respond-async")
-					}
-					res, err := client.Do(req)
-					if err != nil {
-						continue
-					}
-					b, _ := io.ReadAll(res.Body)
-					res.Body.Close()
-					var out map[string]any
-					_ = json.Unmarshal(b, &out)
-					if res.StatusCode == 200 || res.StatusCode == 202 {
-						accepted.Store(rcpt, out["id"])
-					} else {
-						failures.Add(1)
-						t.Errorf("%s: %d %s", rcpt, res.StatusCode, b)
-					}
-					break
-				}
+	wait := workers(stop, func(w, i int) {
+		rcpt := fmt.Sprintf("storm-%d-%d@example.org", w, i)
+		body := fmt.Sprintf(`{"to":%q,"code":"%d"}`, rcpt, i)
+		// clients retry on connection errors with the same
+		// Idempotency-Key, which makes retries safe in every case
+		for attempt := 0; attempt < 3; attempt++ {
+			req, _ := http.NewRequest(http.MethodPost, baseURL+"/authmail/send/otp", strings.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+keyApp)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Idempotency-Key", rcpt)
+			if w%2 == 0 {
+				req.Header.Set("Prefer", "respond-async")
 			}
-		})
-	}
+			res, err := client.Do(req)
+			if err != nil {
+				continue
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			var out map[string]any
+			_ = json.Unmarshal(b, &out)
+			if res.StatusCode == 200 || res.StatusCode == 202 {
+				accepted.Store(rcpt, out["id"])
+			} else {
+				failures.Add(1)
+				t.Errorf("%s: %d %s", rcpt, res.StatusCode, b)
+			}
+			break
+		}
+	})
 	for i := range 12 {
 		time.Sleep(60 * time.Millisecond)
 		c := base
@@ -246,7 +236,7 @@ func TestReloadStormUnderLoad(t *testing.T) {
 		reload(t, c)
 	}
 	close(stop)
-	wg.Wait()
+	wait()
 	n := 0
 	accepted.Range(func(_, _ any) bool { n++; return true })
 	if n < 50 || failures.Load() > 0 {

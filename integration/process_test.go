@@ -178,41 +178,31 @@ type sendResult struct {
 func loadUntil(targets func() []*caddyProc, stop chan struct{}) []sendResult {
 	var mu sync.Mutex
 	var results []sendResult
-	var wg sync.WaitGroup
 	c := &http.Client{Timeout: 10 * time.Second}
-	for w := range 4 {
-		wg.Go(func() {
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ts := targets()
-				p := ts[(w+i)%len(ts)]
-				rcpt := fmt.Sprintf("load-%s-%d-%d@example.org", p.name, w, i)
-				req, _ := http.NewRequest(http.MethodPost, p.url("/authmail/send/otp"), strings.NewReader(fmt.Sprintf(`{"to":%q,"code":"%d"}`, rcpt, i)))
-				req.Header.Set("Authorization", "Bearer "+keyApp)
-				req.Header.Set("Content-Type", "application/json")
-				req.Header.Set("Prefer", "respond-async")
-				r := sendResult{rcpt: rcpt}
-				if res, err := c.Do(req); err == nil {
-					b, _ := io.ReadAll(res.Body)
-					res.Body.Close()
-					var out map[string]any
-					_ = json.Unmarshal(b, &out)
-					r.id, _ = out["id"].(string)
-					r.accepted = res.StatusCode == 200 || res.StatusCode == 202
-				} else {
-					time.Sleep(5 * time.Millisecond) // the target is down
-				}
-				mu.Lock()
-				results = append(results, r)
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
+	wait := workers(stop, func(w, i int) {
+		ts := targets()
+		p := ts[(w+i)%len(ts)]
+		rcpt := fmt.Sprintf("load-%s-%d-%d@example.org", p.name, w, i)
+		req, _ := http.NewRequest(http.MethodPost, p.url("/authmail/send/otp"), strings.NewReader(fmt.Sprintf(`{"to":%q,"code":"%d"}`, rcpt, i)))
+		req.Header.Set("Authorization", "Bearer "+keyApp)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Prefer", "respond-async")
+		r := sendResult{rcpt: rcpt}
+		if res, err := c.Do(req); err == nil {
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			var out map[string]any
+			_ = json.Unmarshal(b, &out)
+			r.id, _ = out["id"].(string)
+			r.accepted = res.StatusCode == 200 || res.StatusCode == 202
+		} else {
+			time.Sleep(5 * time.Millisecond) // the target is down
+		}
+		mu.Lock()
+		results = append(results, r)
+		mu.Unlock()
+	})
+	wait()
 	return results
 }
 

@@ -50,47 +50,37 @@ func TestKeyRotationUnderLoad(t *testing.T) {
 	var sent, failed, retried atomic.Int64
 	var failures sync.Map
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := range 4 {
-		wg.Go(func() {
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
+	wait := workers(stop, func(w, i int) {
+		// each request has its own recipient, so the SMTP side can
+		// prove that no request was lost or processed twice
+		body := fmt.Sprintf(`{"to":"w%d-%d@example.org","code":"%06d"}`, w, i, i)
+		for attempt := 0; ; attempt++ {
+			req, _ := http.NewRequest(http.MethodPost, baseURL+"/authmail/send/otp", strings.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+current.Load().(string))
+			req.Header.Set("Content-Type", "application/json")
+			res, err := client.Do(req)
+			if err != nil {
+				// A reload closes the old server's idle keep-alive
+				// connections; a request written onto one at that
+				// instant is never read, and an HTTP client retries it.
+				if attempt == 0 {
+					retried.Add(1)
+					continue
 				}
-				// each request has its own recipient, so the SMTP side can
-				// prove that no request was lost or processed twice
-				body := fmt.Sprintf(`{"to":"w%d-%d@example.org","code":"%06d"}`, w, i, i)
-				for attempt := 0; ; attempt++ {
-					req, _ := http.NewRequest(http.MethodPost, baseURL+"/authmail/send/otp", strings.NewReader(body))
-					req.Header.Set("Authorization", "Bearer "+current.Load().(string))
-					req.Header.Set("Content-Type", "application/json")
-					res, err := client.Do(req)
-					if err != nil {
-						// A reload closes the old server's idle keep-alive
-						// connections; a request written onto one at that
-						// instant is never read, and an HTTP client retries it.
-						if attempt == 0 {
-							retried.Add(1)
-							continue
-						}
-						failed.Add(1)
-						failures.Store(err.Error(), true)
-						break
-					}
-					res.Body.Close()
-					if res.StatusCode != 200 {
-						failed.Add(1)
-						failures.Store(fmt.Sprintf("status %d", res.StatusCode), true)
-						break
-					}
-					sent.Add(1)
-					break
-				}
+				failed.Add(1)
+				failures.Store(err.Error(), true)
+				break
 			}
-		})
-	}
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				failed.Add(1)
+				failures.Store(fmt.Sprintf("status %d", res.StatusCode), true)
+				break
+			}
+			sent.Add(1)
+			break
+		}
+	})
 	waitSent := func(n int64) {
 		deadline := time.Now().Add(10 * time.Second)
 		for sent.Load() < n && time.Now().Before(deadline) {
@@ -105,7 +95,7 @@ func TestKeyRotationUnderLoad(t *testing.T) {
 	reload(t, v3) // old key removed
 	waitSent(250)
 	close(stop)
-	wg.Wait()
+	wait()
 
 	failures.Range(func(k, _ any) bool { t.Errorf("request failed during rotation: %v", k); return true })
 	if failed.Load() != 0 {
