@@ -424,20 +424,7 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	seen := map[string]bool{}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		sub := d.Val()
-		if seen[sub] {
-			return nil, d.Errf("smtp %s already specified", sub)
-		}
-		seen[sub] = true
-		if !d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		v := d.Val()
-		if d.NextArg() {
-			return nil, d.ArgErr()
-		}
+	err = eachOption(d, "smtp", func(sub, v string) error {
 		switch sub {
 		case "username":
 			s.Username = v
@@ -448,7 +435,7 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 			case tlsStartTLS, tlsImplicit, tlsNone:
 				s.TLS = v
 			default:
-				return nil, d.Errf("smtp tls must be starttls, implicit or none, not '%s'", v)
+				return d.Errf("smtp tls must be starttls, implicit or none, not '%s'", v)
 			}
 		case "ca":
 			s.CA = v
@@ -457,23 +444,51 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 		case "timeout":
 			dur, err := caddy.ParseDuration(v)
 			if err != nil || dur <= 0 {
-				return nil, d.Errf("invalid smtp timeout '%s'", v)
+				return d.Errf("invalid smtp timeout '%s'", v)
 			}
 			s.Timeout = caddy.Duration(dur)
 		case "connections":
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > 100 {
-				return nil, d.Errf("smtp connections must be a number from 1 to 100, not '%s'", v)
+				return d.Errf("smtp connections must be a number from 1 to 100, not '%s'", v)
 			}
 			s.Connections = n
 		default:
-			return nil, d.Errf("unrecognized smtp subdirective '%s'", sub)
+			return d.Errf("unrecognized smtp subdirective '%s'", sub)
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	if err := s.check(); err != nil {
 		return nil, d.WrapErr(err)
 	}
 	return s, nil
+}
+
+// eachOption walks the options of a block where each option appears at
+// most once and takes exactly one value, and calls set for each.
+func eachOption(d *caddyfile.Dispenser, block string, set func(sub, v string) error) error {
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("%s %s already specified", block, sub)
+		}
+		seen[sub] = true
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		if err := set(sub, v); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // unmarshalDelivery parses `delivery { … }`.
@@ -482,20 +497,7 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 		return nil, d.ArgErr()
 	}
 	dl := &Delivery{}
-	seen := map[string]bool{}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		sub := d.Val()
-		if seen[sub] {
-			return nil, d.Errf("delivery %s already specified", sub)
-		}
-		seen[sub] = true
-		if !d.NextArg() {
-			return nil, d.ArgErr()
-		}
-		v := d.Val()
-		if d.NextArg() {
-			return nil, d.ArgErr()
-		}
+	err := eachOption(d, "delivery", func(sub, v string) error {
 		dur := func(allowZero bool) (caddy.Duration, error) {
 			t, err := caddy.ParseDuration(v)
 			if err != nil || t < 0 || (t == 0 && !allowZero) {
@@ -527,7 +529,7 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 		case "max_queued":
 			n, perr := strconv.Atoi(v)
 			if perr != nil || n < 1 {
-				return nil, d.Errf("delivery max_queued must be a positive number, not '%s'", v)
+				return d.Errf("delivery max_queued must be a positive number, not '%s'", v)
 			}
 			dl.MaxQueued = n
 		case "retry_uncertain":
@@ -537,14 +539,15 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 			case "off":
 				dl.RetryUncertain = false
 			default:
-				return nil, d.Errf("delivery retry_uncertain must be on or off, not '%s'", v)
+				return d.Errf("delivery retry_uncertain must be on or off, not '%s'", v)
 			}
 		default:
-			return nil, d.Errf("unrecognized delivery subdirective '%s'", sub)
+			return d.Errf("unrecognized delivery subdirective '%s'", sub)
 		}
-		if err != nil {
-			return nil, err
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	return dl, nil
 }
