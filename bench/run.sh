@@ -44,6 +44,9 @@
 #                      the working tree; the bench tools always come from
 #                      the working tree
 #   KEEP [0]           1 keeps the work directory (logs, storage)
+#   STORAGE_ROOT []    put every instance's authmail storage in a new
+#                      directory under this one (e.g. the mount point of a
+#                      different file system) instead of the work directory
 #   RESULTS_FILE []    also write the results table to this file
 set -euo pipefail
 
@@ -111,6 +114,10 @@ WORK=$(mktemp -d /tmp/authmail-bench.XXXXXX)
 chmod 755 "$WORK" # smtp-sink runs as postfix and must reach its dump dir
 BIN=$WORK/bin
 mkdir -p "$BIN"
+STORAGE_BASE=$WORK
+if [ -n "${STORAGE_ROOT:-}" ]; then
+	STORAGE_BASE=$(mktemp -d "$STORAGE_ROOT/authmail-bench.XXXXXX")
+fi
 
 PIDS=()
 cleanup() {
@@ -130,8 +137,10 @@ cleanup() {
 	done
 	if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
 		log "work directory kept: $WORK"
+		[ "$STORAGE_BASE" = "$WORK" ] || log "storage kept: $STORAGE_BASE"
 	else
 		rm -rf "$WORK"
+		[ "$STORAGE_BASE" = "$WORK" ] || rm -rf "$STORAGE_BASE"
 	fi
 	exit "$rc"
 }
@@ -300,7 +309,7 @@ start_caddy() {
 
 http://127.0.0.1:$HTTP_PORT {
 	handle /authmail/* {
-$(authmail_block "$smtp_port" "$dir/storage" "$@")
+$(authmail_block "$smtp_port" "$STORAGE_BASE/$name/storage" "$@")
 	}
 	handle {
 		respond "ok" 200
@@ -312,6 +321,7 @@ EOF
 	CADDY_PID=$!
 	PIDS+=("$CADDY_PID")
 	CADDY_DIR=$dir
+	CADDY_NAME=$name
 	CADDY_N=$((CADDY_N + 1))
 	for _ in $(seq 1 100); do
 		if curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/authmail/health" 2>/dev/null; then
@@ -607,9 +617,9 @@ Q_DEPTH=$(metric caddy_authmail_queue_depth)
 RSS_KB=$(vm_kb "$CADDY_PID" VmRSS)
 HWM_KB=$(vm_kb "$CADDY_PID" VmHWM)
 HEAP_INUSE=$(metric go_memstats_heap_inuse_bytes)
-STORAGE_KB=$(du -sk "$CADDY_DIR/storage" | awk '{ print $1 }')
-STORAGE_APPARENT_KB=$(du -sk --apparent-size "$CADDY_DIR/storage" | awk '{ print $1 }')
-STORAGE_FILES=$(find "$CADDY_DIR/storage" -type f | wc -l)
+STORAGE_KB=$(du -sk "$STORAGE_BASE/$CADDY_NAME/storage" | awk '{ print $1 }')
+STORAGE_APPARENT_KB=$(du -sk --apparent-size "$STORAGE_BASE/$CADDY_NAME/storage" | awk '{ print $1 }')
+STORAGE_FILES=$(find "$STORAGE_BASE/$CADDY_NAME/storage" -type f | wc -l)
 P4_ERRORS=$(caddy_errors)
 P4_ERROR_SUMMARY=$(error_summary)
 if [ "$Q_DEPTH" != "$Q_ACCEPTED" ]; then
@@ -654,6 +664,7 @@ RESULTS=$(
 Caddy built from $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
 Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
 Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
+Outbox storage: $(findmnt -n -o FSTYPE,SOURCE,OPTIONS --target "$STORAGE_BASE" | awk '{ print $1 " on " $2 " (" $3 ")" }').
 Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM_SIZE bytes.
 
 ### 1. Async accept (wrk -t$THREADS -c$CONNS -d$DURATION, POST with the OTP body, after a $WARMUP warm-up)
