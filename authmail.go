@@ -61,8 +61,9 @@ const (
 // handler. The endpoints, relative to the prefix, are `GET /health`,
 // `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
 // `POST /send/password-reset`, `POST /send/verify-email`,
-// `POST /send/email-change`, `POST /send/security-alert` and
-// `GET /messages/{id}`.
+// `POST /send/email-change`, `POST /send/security-alert`,
+// `GET /messages/{id}`, and for keys allowed to use them the admin
+// endpoints `GET /status` and `POST /test`.
 //
 // Every accepted message is written to Caddy's storage before the answer,
 // delivered by a per-storage outbox engine with retries, and its state is
@@ -80,7 +81,7 @@ type Handler struct {
 	PathPrefix string `json:"path_prefix,omitempty"`
 
 	// SMTP configures delivery through an SMTP server. Exactly one of
-	// smtp and capture must be set.
+	// smtp and capture must be set. Default: unset.
 	SMTP *SMTP `json:"smtp,omitempty"`
 
 	// Capture, instead of smtp, writes every message as an .eml file into
@@ -106,9 +107,9 @@ type Handler struct {
 
 	// BaseURL is the origin (optionally with a path) used to build links
 	// from tokens: `<base_url>/<flow>?token=<token>`. Callers may pass
-	// their own base_url or link only on this origin. Default: none, which
-	// means tokens need a per-flow link template and callers may not pass
-	// links.
+	// their own base_url or link only on this origin or one of
+	// allow_origins. Default: none, which means tokens need a per-flow
+	// link template and callers may pass links only on allow_origins.
 	BaseURL string `json:"base_url,omitempty"`
 
 	// Links maps a link flow (magic-link, password-reset, verify-email,
@@ -164,8 +165,9 @@ type Handler struct {
 	// origins, or http for localhost. Default: none.
 	AllowOrigins []string `json:"allow_origins,omitempty"`
 
-	// LinkPolicy "enforce" makes /send refuse html_body links (href, src)
-	// and text_body URLs that are not on base_url's origin or an
+	// LinkPolicy "enforce" makes /send refuse html_body links (in href,
+	// src, srcset, action, formaction, background, poster, cite and
+	// xlink:href attributes) and text_body URLs that are not on base_url's origin or an
 	// allow_origins origin. Default: off.
 	LinkPolicy string `json:"link_policy,omitempty"`
 
@@ -213,7 +215,9 @@ type Handler struct {
 type Delivery struct {
 	// Wait is how long a request waits for the first delivery attempt
 	// before answering 202 queued. "Prefer: respond-async" answers at once,
-	// "Prefer: wait=N" waits N seconds. Default: 10s.
+	// "Prefer: wait=N" waits N seconds (at most 300). In JSON, 0 means the
+	// default and a negative value answers right after the durable write.
+	// Default: 10s.
 	Wait caddy.Duration `json:"wait,omitempty"`
 
 	// RetryBackoff is the delay before the second attempt; it doubles with
@@ -262,13 +266,14 @@ type SMTP struct {
 	// Port is the SMTP server's port. Default: 587.
 	Port int `json:"port,omitempty"`
 
-	// Username for SMTP AUTH. Accepts {env.*} and {file.*} placeholders.
-	// Default: no authentication.
+	// Username is the user name for SMTP AUTH. It accepts {env.*} and
+	// {file.*} placeholders. Default: none, so no authentication.
 	Username string `json:"username,omitempty"`
 
-	// Password for SMTP AUTH. Accepts {env.*} and {file.*} placeholders,
-	// expanded when the config loads; use them so that the password never
-	// appears in the JSON config. Required with username.
+	// Password is the password for SMTP AUTH. It accepts {env.*} and
+	// {file.*} placeholders, expanded when the config loads; use them so
+	// that the password never appears in the JSON config. Default: none;
+	// required with username.
 	Password string `json:"password,omitempty"`
 
 	// TLS is "starttls", "implicit" or "none". With starttls the server
@@ -284,28 +289,29 @@ type SMTP struct {
 	CA string `json:"ca,omitempty"`
 
 	// HELO is the name sent in EHLO/HELO. Default: the machine's host
-	// name.
+	// name, or "localhost" when it cannot be determined.
 	HELO string `json:"helo,omitempty"`
 
 	// Timeout bounds connecting and every SMTP command. Default: 15s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 
-	// Connections is the maximum number of parallel SMTP connections.
-	// They stay open, are reused across requests and config reloads, and
-	// close after a minute of idleness. Default: 4.
+	// Connections is the maximum number of parallel SMTP connections,
+	// from 1 to 100. They stay open, are reused across requests and config
+	// reloads, and close after a minute of idleness. Default: 4.
 	Connections int `json:"connections,omitempty"`
 }
 
 // Key is an API key.
 type Key struct {
 	// ID names the key in logs, placeholders and metrics; it is never
-	// secret. Letters, digits, '.', '_' and '-', up to 64 characters.
+	// secret. It has up to 64 letters, digits, '.', '_' and '-', and starts
+	// with a letter or digit. Required.
 	ID string `json:"id,omitempty"`
 
 	// Secret is the bearer token, or "sha256:<hex>" of it so that the
 	// config never holds the token itself. Accepts {env.*} and {file.*}
 	// placeholders, expanded when the config loads. A plain secret has at
-	// least 16 characters.
+	// least 16 characters. Required.
 	Secret string `json:"secret,omitempty"`
 
 	// Allow lists the endpoints the key may call: send, otp, magic-link,
