@@ -162,7 +162,7 @@ type testResponse struct {
 
 // serveTest sends a short test message synchronously, outside the outbox,
 // and reports what the SMTP server answered.
-func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestCtx, body []byte) error {
+func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestCtx, body []byte, dryRun bool) error {
 	var req testRequest
 	if aerr := decodeJSON(body, &req); aerr != nil {
 		return h.reject(w, rc, aerr)
@@ -177,6 +177,11 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	env, err := h.buildEnvelope(m, time.Now())
 	if err != nil {
 		return h.reject(w, rc, &apiError{Status: http.StatusInternalServerError, Code: "internal_error", Message: "the test message could not be rendered"})
+	}
+	if dryRun {
+		// like every endpoint: validated and rendered, nothing sent
+		rc.setStatus("dry_run", "")
+		return writeJSON(w, http.StatusOK, dryRunResponse{Sent: false, DryRun: true, Message: "Email payload is valid"})
 	}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)

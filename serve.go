@@ -101,7 +101,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, rc, aerr)
 	}
 	if ep.kind == kindTest {
-		return h.serveTest(w, r, rc, body)
+		return h.serveTest(w, r, rc, body, dryRun)
 	}
 	msgs, skip, aerr := h.prepare(ep, body)
 	if aerr != nil {

@@ -73,6 +73,19 @@ func TestScopedAndHashedKeys(t *testing.T) {
 		t.Error("/status may be cached")
 	}
 
+	// POST /test honours X-Dry-Run like every endpoint: nothing is sent
+	smtpSrv.WaitMessages(1, 5*time.Second) // the otp above
+	smtpSrv.ClearMessages()
+	r = postWith(t, keyAdmin, "/authmail/test", `{"to":"ops@example.org"}`, "X-Dry-Run: yes")
+	if r.status != 200 || r.json["dry_run"] != true || r.json["sent"] != false {
+		t.Fatalf("dry-run test: %d %s", r.status, r.raw)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(smtpSrv.Attempts()); n != 0 {
+		t.Fatalf("a dry-run /test reached the SMTP server: %d transactions", n)
+	}
+	expectError(t, postWith(t, keyAdmin, "/authmail/test", `{"to":"bad"}`, "X-Dry-Run: yes"), 422, "invalid_request", "to")
+
 	// POST /test: a synchronous test message with the server's answer
 	r = postWith(t, keyAdmin, "/authmail/test", `{"to":"ops@example.org"}`)
 	if r.status != 200 || r.json["sent"] != true || !strings.Contains(r.str("smtp_response"), "OK") {
