@@ -356,7 +356,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case 1:
 			case 2:
 				flow = args[0]
-				if !slices.Contains(recipientRateFlows, flow) {
+				if flow != "default" && !slices.Contains(recipientRateFlows, flow) {
 					return d.Errf("recipient_rate: unknown flow '%s' (expected one of %s)", flow, strings.Join(recipientRateFlows, ", "))
 				}
 			default:

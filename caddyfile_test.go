@@ -131,6 +131,12 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			},
 		},
 		{
+			name:  "recipient_rate default, named as in JSON",
+			input: "authmail {" + minimalBlock + "\n recipient_rate default 2/1m\n recipient_rate security-alert off\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+				RecipientRate: map[string]string{"default": "2/1m", "security-alert": "off"}},
+		},
+		{
 			name:  "wait 0 answers at once",
 			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
@@ -197,6 +203,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"link unknown flow":        {"authmail {" + minimalBlock + "\n link otp https://x.example.com/{token}\n}", "unknown flow 'otp'"},
 		"link without token":       {"authmail {" + minimalBlock + "\n link magic-link https://x.example.com/\n}", "must contain {token}"},
 		"link not a url":           {"authmail {" + minimalBlock + "\n link magic-link /relative/{token}\n}", "absolute http or https URL"},
+		"duplicate recipient_rate": {"authmail {" + minimalBlock + "\n recipient_rate 2/1m\n recipient_rate default 3/1m\n}", "recipient_rate for default already specified"},
 		"duplicate link":           {"authmail {" + minimalBlock + "\n link magic-link https://x.example.com/{token}\n link magic-link https://y.example.com/{token}\n}", "link for magic-link already specified"},
 		"unknown alert event":      {"authmail {" + minimalBlock + "\n security_alerts {\n coffee_spilled on\n }\n}", "unknown security alert event 'coffee_spilled'"},
 		"bad alert value":          {"authmail {" + minimalBlock + "\n security_alerts {\n new_login yes\n }\n}", "must be on or off"},
