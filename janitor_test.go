@@ -184,3 +184,63 @@ func TestJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
 		t.Error("the janitor kept an orphaned segment")
 	}
 }
+
+func TestJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	ctx := context.Background()
+	st := h.engine.st
+	now := time.Now()
+	put := func(key string, v any) {
+		t.Helper()
+		if err := st.putJSON(ctx, key, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// stopped eight days ago; its work was adopted, its folder is empty
+	put(keyInst+"gone", heartbeat{Instance: "gone", Updated: now.Add(-8 * 24 * time.Hour), AdoptedBy: "x"})
+	put(keyRL+"gone", limiterState{Instance: "gone", Updated: now.Add(-8 * 24 * time.Hour)})
+	put(keyOwn+"gone/06gzvg12ec1w730q0e162n041r", "x")
+	if err := st.s.Delete(ctx, keyOwn+"gone/06gzvg12ec1w730q0e162n041r"); err != nil {
+		t.Fatal(err)
+	}
+	// stopped as long ago, but it still owns a batch: adoption comes first
+	put(keyInst+"owning", heartbeat{Instance: "owning", Updated: now.Add(-8 * 24 * time.Hour)})
+	put(keyOwn+"owning/06gzvg12fc48gnv03ha1pydr1w", "x")
+	// stopped an hour ago: kept for a week
+	put(keyInst+"recent", heartbeat{Instance: "recent", Updated: now.Add(-time.Hour)})
+	put(keyRL+"recent", limiterState{Instance: "recent", Updated: now.Add(-time.Hour)})
+	// markers without any heartbeat: an instance that may be starting
+	put(keyOwn+"starting/06gzvg12fc48gnv03ha1pydr1x", "x")
+
+	if err := h.engine.writeHeartbeat(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	h.engine.janitor(ctx)
+
+	for _, k := range []string{keyInst + "gone", keyRL + "gone", keyOwn + "gone"} {
+		if st.s.Exists(ctx, k) {
+			t.Errorf("%s outlived its instance by more than a week", k)
+		}
+	}
+	for _, k := range []string{
+		keyInst + "owning", keyOwn + "owning/06gzvg12fc48gnv03ha1pydr1w",
+		keyInst + "recent", keyRL + "recent",
+		keyOwn + "starting/06gzvg12fc48gnv03ha1pydr1x",
+		keyInst + h.engine.iid,
+	} {
+		if !st.s.Exists(ctx, k) {
+			t.Errorf("%s was deleted", k)
+		}
+	}
+	ids, err := st.instances(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if id == "gone" {
+			t.Errorf("the forgotten instance is still listed: %v", ids)
+		}
+	}
+}

@@ -96,7 +96,7 @@ type engine struct {
 // Each engine copies the package defaults when it is created, so tests
 // can shorten them without racing engines of other tests.
 type tunables struct {
-	janitorEvery, orphanAge, limitSync                time.Duration
+	janitorEvery, orphanAge, limitSync, forgetAge     time.Duration
 	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
 	parkEvery, parkAfter, unparkLead                  time.Duration
 	readyHigh                                         int
@@ -104,7 +104,7 @@ type tunables struct {
 
 func currentTunables() tunables {
 	return tunables{
-		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval,
+		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval, forgetAge: instanceForgetAge,
 		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
 		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead, readyHigh: readyHigh,
 	}

@@ -15,6 +15,13 @@ import (
 var (
 	janitorInterval = 10 * time.Minute
 	orphanAge       = time.Hour // unacknowledged batches older than this are garbage
+	// instanceForgetAge is how long the records of an instance that
+	// stopped (its heartbeat, its published rate-limit events, its empty
+	// ownership folder) outlive its last heartbeat. Instance ids live in
+	// Caddy's data directory, so a new one appears whenever Caddy starts
+	// without it (a fresh container, say); without this every cluster
+	// scan would read every instance that ever ran.
+	instanceForgetAge = 7 * 24 * time.Hour
 )
 
 // interruptedError is recorded for a message whose delivery attempt was
@@ -386,6 +393,7 @@ func (e *engine) janitor(ctx context.Context) {
 			}
 		}
 	}
+	e.forgetStoppedInstances(ctx, now)
 	// segments that no instance owns and that have no state were written
 	// by a request that never got its answer (crash mid-accept). Any
 	// listing error skips this pass: an incomplete view of the ownership
@@ -412,5 +420,42 @@ func (e *engine) janitor(ctx context.Context) {
 			}
 			_ = e.st.s.Delete(ctx, k)
 		}
+	}
+}
+
+// forgetStoppedInstances deletes the records of instances whose last
+// heartbeat is older than forgetAge and that own no batch (their work,
+// if any, was adopted long ago). An instance without a heartbeat is left
+// alone: it may be starting. The heartbeat goes last, so that a round
+// cut short is finished by the next one.
+func (e *engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
+	ids, err := e.st.instances(ctx)
+	if err != nil {
+		return
+	}
+	for _, id := range ids {
+		if id == e.iid {
+			continue
+		}
+		var hb heartbeat
+		if err := e.st.getJSON(ctx, keyInst+id, &hb); err != nil || now.Sub(hb.Updated) <= e.tun.forgetAge {
+			continue
+		}
+		if owned, err := e.st.ownedBatches(ctx, id); err != nil || len(owned) > 0 {
+			continue
+		}
+		if err := e.st.s.Delete(ctx, keyOwn+id); err != nil && !isNotExist(err) {
+			continue
+		}
+		if err := e.st.s.Delete(ctx, keyRL+id); err != nil && !isNotExist(err) {
+			continue
+		}
+		if err := e.st.s.Delete(ctx, keyInst+id); err != nil && !isNotExist(err) {
+			continue
+		}
+		e.mu.Lock()
+		delete(e.suspects, id)
+		e.mu.Unlock()
+		e.log().Info("forgot an instance that stopped long ago", zap.String("instance", id), zap.Time("last_heartbeat", hb.Updated))
 	}
 }
