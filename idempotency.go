@@ -112,6 +112,7 @@ func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath s
 	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := st.s.Lock(lctx, lockName); err != nil {
+		h.logger.Error("locking an idempotency record failed", zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be locked; retry later")
 	}
 	defer func() { _ = st.s.Unlock(context.Background(), lockName) }()

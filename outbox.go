@@ -498,7 +498,11 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 		err = oerr
 	}
 	if err != nil {
+		// the request is told that nothing was accepted: take back
+		// whatever half of the pair was written (the segment holds codes
+		// and links; the janitor would otherwise keep it for an hour)
 		_ = e.st.s.Delete(ctx, keyOwn+e.iid+"/"+bid)
+		_ = e.st.s.Delete(ctx, keySeg+bid)
 		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
 		for _, en := range b.entries {
 			if en.data != nil {

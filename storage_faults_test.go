@@ -1,0 +1,181 @@
+package authmail
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+// faultyStorage is a real file storage whose operations fail, while a
+// fault is set, for keys under a given prefix.
+type faultyStorage struct {
+	certmagic.Storage
+	mu     sync.Mutex
+	store  string // Store fails for keys with this prefix
+	load   string // Load fails for keys with this prefix
+	lockOn string // Lock fails for names with this prefix
+}
+
+var errInjected = errors.New("injected storage fault")
+
+func (f *faultyStorage) set(fn func(f *faultyStorage)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn(f)
+}
+
+func (f *faultyStorage) fails(prefix *string, key string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return *prefix != "" && strings.HasPrefix(key, *prefix)
+}
+
+func (f *faultyStorage) Store(ctx context.Context, key string, value []byte) error {
+	if f.fails(&f.store, key) {
+		return errInjected
+	}
+	return f.Storage.Store(ctx, key, value)
+}
+
+func (f *faultyStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	if f.fails(&f.load, key) {
+		return nil, errInjected
+	}
+	return f.Storage.Load(ctx, key)
+}
+
+func (f *faultyStorage) Lock(ctx context.Context, name string) error {
+	if f.fails(&f.lockOn, name) {
+		return errInjected
+	}
+	return f.Storage.Lock(ctx, name)
+}
+
+func faultyHandler(t *testing.T, srv *smtptest.Server) (*Handler, *faultyStorage) {
+	t.Helper()
+	in := newInstance(t, "")
+	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs })
+	return h, fs
+}
+
+// TestAcceptFailsCleanlyWhenStorageFails: a message that cannot be made
+// durable gets 503 outbox_unavailable, is never sent, leaves no trace in
+// the queue figures, and does not consume its Idempotency-Key; once the
+// storage works again the same request goes through.
+func TestAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
+	for _, failing := range []string{keySeg, keyOwn} {
+		t.Run(strings.TrimSuffix(strings.TrimPrefix(failing, "authmail/"), "/"), func(t *testing.T) {
+			srv := authServer(t, smtptest.StartTLS)
+			h, fs := faultyHandler(t, srv)
+			fs.set(func(f *faultyStorage) { f.store = failing })
+			for _, headers := range [][]string{nil, {"Prefer: respond-async"}, {"Idempotency-Key: fault-1"}} {
+				rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), headers...)
+				if rec.Code != 503 || out["error_code"] != "outbox_unavailable" || out["id"] != nil ||
+					!strings.Contains(out["message"].(string), "nothing was sent") {
+					t.Fatalf("%v: %d %v", headers, rec.Code, out)
+				}
+				if ct := rec.Header().Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+					t.Errorf("content type %q", ct)
+				}
+			}
+			time.Sleep(200 * time.Millisecond)
+			if n := len(srv.Attempts()); n != 0 {
+				t.Fatalf("%d messages reached the SMTP server although none was stored", n)
+			}
+			if depth, _ := h.engine.queueStats(); depth != 0 {
+				t.Errorf("queue depth %d after failed accepts", depth)
+			}
+			h.engine.mu.Lock()
+			reserved, nonFinal := h.engine.reserved, h.engine.nonFinal
+			h.engine.mu.Unlock()
+			if reserved != 0 || nonFinal != 0 {
+				t.Errorf("failed accepts still count against max_queued: reserved %d, unfinished %d", reserved, nonFinal)
+			}
+			ctx := context.Background()
+			if owned, err := h.engine.st.ownedBatches(ctx, h.engine.iid); err != nil || len(owned) != 0 {
+				t.Errorf("ownership markers of failed batches: %v %v", owned, err)
+			}
+			if keys, _ := h.engine.st.list(ctx, strings.TrimSuffix(keySeg, "/")); len(keys) != 0 {
+				t.Errorf("segments of failed accepts stayed in storage: %v", keys)
+			}
+			if keys, _ := h.engine.st.s.List(ctx, keyIdem+"app", false); len(keys) != 0 {
+				t.Errorf("a failed accept consumed its Idempotency-Key: %v", keys)
+			}
+
+			fs.set(func(f *faultyStorage) { f.store = "" })
+			rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: fault-1")
+			if rec.Code != 200 || out["status"] != "sent" {
+				t.Fatalf("after the storage recovered: %d %v", rec.Code, out)
+			}
+			if m := srv.WaitMessages(1, 5*time.Second); len(m) != 1 || m[0].To[0] != "jane@example.org" {
+				t.Fatalf("messages after recovery: %d", len(m))
+			}
+		})
+	}
+}
+
+// TestStatusAndIdempotencyAnswer503WhenStorageFails: reads that storage
+// cannot serve are a retryable 503, never a 404 or a 500, and a send that
+// cannot lock or read its idempotency record sends nothing.
+func TestStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv)
+	ctx := context.Background()
+
+	// a finished message whose batch left memory is read from storage
+	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	id, _ := out["id"].(string)
+	waitState(t, h, id, status(stSent))
+	deadline := time.Now().Add(5 * time.Second)
+	for h.engine.st.s.Exists(ctx, keySeg+batchOf(id)) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	h.engine.mu.Lock()
+	resident := h.engine.entries[id] != nil
+	h.engine.mu.Unlock()
+	if resident {
+		t.Fatal("a retired message is still in memory; this test needs one read from storage")
+	}
+	fs.set(func(f *faultyStorage) { f.load = keySt })
+	rec, out := call(t, h, "GET", "/authmail/messages/"+id, "")
+	if rec.Code != 503 || out["error_code"] != "outbox_unavailable" {
+		t.Fatalf("status with failing storage: %d %v", rec.Code, out)
+	}
+	fs.set(func(f *faultyStorage) { f.load = "" })
+	if rec, out := call(t, h, "GET", "/authmail/messages/"+id, ""); rec.Code != 200 || out["status"] != "sent" {
+		t.Fatalf("status after recovery: %d %v", rec.Code, out)
+	}
+
+	srv.ClearMessages()
+	for name, fault := range map[string]func(f *faultyStorage){
+		"lock": func(f *faultyStorage) { f.lockOn = "authmail_idem_" },
+		"read": func(f *faultyStorage) { f.load = keyIdem },
+	} {
+		// a record must exist for the read to be attempted
+		if name == "read" {
+			if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("ann@example.org"), "Idempotency-Key: k-read"); rec.Code != 200 {
+				t.Fatalf("seeding the record: %d", rec.Code)
+			}
+			srv.WaitMessages(1, 5*time.Second)
+			srv.ClearMessages()
+		}
+		fs.set(fault)
+		rec, out := call(t, h, "POST", "/authmail/send/otp", otp("ann@example.org"), "Idempotency-Key: k-"+name)
+		fs.set(func(f *faultyStorage) { f.lockOn, f.load = "", "" })
+		if rec.Code != 503 || out["error_code"] != "outbox_unavailable" || out["id"] != nil {
+			t.Fatalf("%s: %d %v", name, rec.Code, out)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 0 {
+		t.Fatalf("%d messages sent although their idempotency record could not be checked", n)
+	}
+}
