@@ -2,12 +2,15 @@ package authmail
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -156,8 +159,9 @@ func TestStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 
 	srv.ClearMessages()
 	for name, fault := range map[string]func(f *faultyStorage){
-		"lock": func(f *faultyStorage) { f.lockOn = "authmail_idem_" },
-		"read": func(f *faultyStorage) { f.load = keyIdem },
+		"lock":  func(f *faultyStorage) { f.lockOn = "authmail_idem_" },
+		"read":  func(f *faultyStorage) { f.load = keyIdem },
+		"write": func(f *faultyStorage) { f.store = keyIdem },
 	} {
 		// a record must exist for the read to be attempted
 		if name == "read" {
@@ -169,7 +173,7 @@ func TestStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 		}
 		fs.set(fault)
 		rec, out := call(t, h, "POST", "/authmail/send/otp", otp("ann@example.org"), "Idempotency-Key: k-"+name)
-		fs.set(func(f *faultyStorage) { f.lockOn, f.load = "", "" })
+		fs.set(func(f *faultyStorage) { f.lockOn, f.load, f.store = "", "", "" })
 		if rec.Code != 503 || out["error_code"] != "outbox_unavailable" || out["id"] != nil {
 			t.Fatalf("%s: %d %v", name, rec.Code, out)
 		}
@@ -177,5 +181,42 @@ func TestStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Attempts()); n != 0 {
 		t.Fatalf("%d messages sent although their idempotency record could not be checked", n)
+	}
+}
+
+// brokenBody yields a prefix and then fails, like a client that goes
+// away in the middle of its request body.
+type brokenBody struct{ sent bool }
+
+func (b *brokenBody) Read(p []byte) (int, error) {
+	if !b.sent {
+		b.sent = true
+		return copy(p, `{"to":"jane@example.org","co`), nil
+	}
+	return 0, errors.New("connection reset by peer")
+}
+
+func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	req := httptest.NewRequest("POST", "/authmail/send/otp", &brokenBody{})
+	req.Header.Set("Authorization", "Bearer "+unitKey)
+	req.Header.Set("Content-Type", "application/json")
+	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	rec := httptest.NewRecorder()
+	if err := h.ServeHTTP(rec, req, nil); err != nil {
+		t.Fatal(err)
+	}
+	var out map[string]any
+	_ = json.Unmarshal(rec.Body.Bytes(), &out)
+	if rec.Code != 400 || out["error_code"] != "invalid_request" || out["message"] != "the request body could not be read" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 0 {
+		t.Fatalf("%d messages sent from a truncated body", n)
+	}
+	if depth, _ := h.engine.queueStats(); depth != 0 {
+		t.Fatalf("queue depth %d", depth)
 	}
 }

@@ -85,6 +85,8 @@ func TestScopedAndHashedKeys(t *testing.T) {
 		t.Fatalf("a dry-run /test reached the SMTP server: %d transactions", n)
 	}
 	expectError(t, postWith(t, keyAdmin, "/authmail/test", `{"to":"bad"}`, "X-Dry-Run: yes"), 422, "invalid_request", "to")
+	expectError(t, postWith(t, keyAdmin, "/authmail/test", `{"to":`), 400, "invalid_json", "")
+	expectError(t, postWith(t, keyAdmin, "/authmail/test", `{"to":"ops@example.org","cc":"x@example.org"}`), 422, "invalid_request", "cc")
 
 	// POST /test: a synchronous test message with the server's answer
 	r = postWith(t, keyAdmin, "/authmail/test", `{"to":"ops@example.org"}`)
