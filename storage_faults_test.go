@@ -24,6 +24,8 @@ type faultyStorage struct {
 	store  string // Store fails for keys with this prefix
 	load   string // Load fails for keys with this prefix
 	lockOn string // Lock fails for names with this prefix
+	// storeIf, when set, fails the Stores it returns true for
+	storeIf func(key string, value []byte) bool
 }
 
 var errInjected = errors.New("injected storage fault")
@@ -42,6 +44,12 @@ func (f *faultyStorage) fails(prefix *string, key string) bool {
 
 func (f *faultyStorage) Store(ctx context.Context, key string, value []byte) error {
 	if f.fails(&f.store, key) {
+		return errInjected
+	}
+	f.mu.Lock()
+	storeIf := f.storeIf
+	f.mu.Unlock()
+	if storeIf != nil && storeIf(key, value) {
 		return errInjected
 	}
 	return f.Storage.Store(ctx, key, value)
@@ -218,5 +226,89 @@ func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
 	}
 	if depth, _ := h.engine.queueStats(); depth != 0 {
 		t.Fatalf("queue depth %d", depth)
+	}
+}
+
+// storedStatus reads a message's state from storage, not from memory.
+func storedStatus(t *testing.T, h *Handler, id string) string {
+	t.Helper()
+	bs, err := h.engine.st.loadState(context.Background(), batchOf(id))
+	if err != nil {
+		return ""
+	}
+	for _, m := range bs.Messages {
+		if m.ID == id {
+			return m.Status
+		}
+	}
+	return ""
+}
+
+// TestClaimThatCannotBeWrittenSendsNothing: a worker must make its claim
+// durable before it talks to the SMTP server. While state writes fail,
+// nothing is sent; once they work, the message goes out once.
+func TestClaimThatCannotBeWrittenSendsNothing(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv)
+	fs.set(func(f *faultyStorage) { f.store = keySt })
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: wait=1")
+	if rec.Code != 202 || out["status"] != "queued" {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	id := out["id"].(string)
+	time.Sleep(1500 * time.Millisecond) // the failed claim is retried after a second
+	if n := len(srv.Attempts()); n != 0 {
+		t.Fatalf("%d SMTP transactions without a durable claim", n)
+	}
+	if rec, out := call(t, h, "GET", "/authmail/messages/"+id, ""); rec.Code != 200 || out["status"] != "queued" || out["attempts"] != float64(0) {
+		t.Fatalf("status while claims fail: %d %v", rec.Code, out)
+	}
+	fs.set(func(f *faultyStorage) { f.store = "" })
+	waitState(t, h, id, status(stSent))
+	if m := srv.WaitMessages(1, 5*time.Second); len(m) != 1 {
+		t.Fatalf("%d messages", len(m))
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("%d SMTP transactions, want exactly one", n)
+	}
+}
+
+// TestOutcomeThatCannotBeWrittenIsRetried: when the write that records
+// "sent" fails, the outcome is written again later; the message is not
+// sent a second time meanwhile.
+func TestOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv)
+	fs.set(func(f *faultyStorage) {
+		f.storeIf = func(key string, value []byte) bool {
+			return strings.HasPrefix(key, keySt) && strings.Contains(string(value), `"status":"sent"`)
+		}
+	})
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	if rec.Code != 202 {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	id := out["id"].(string)
+	if m := srv.WaitMessages(1, 5*time.Second); len(m) != 1 {
+		t.Fatalf("%d messages", len(m))
+	}
+	time.Sleep(1500 * time.Millisecond) // a failed state write is retried every second
+	if got := storedStatus(t, h, id); got != stSending {
+		t.Fatalf("stored status %q while the outcome cannot be written, want the claim (sending)", got)
+	}
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("%d SMTP transactions while the outcome could not be written, want one", n)
+	}
+	fs.set(func(f *faultyStorage) { f.storeIf = nil })
+	deadline := time.Now().Add(5 * time.Second)
+	for storedStatus(t, h, id) != stSent {
+		if time.Now().After(deadline) {
+			t.Fatalf("the outcome was never written: %q", storedStatus(t, h, id))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("%d SMTP transactions, want exactly one", n)
 	}
 }
