@@ -727,13 +727,16 @@ func (e *engine) deliver(en *entry) {
 	defer e.attempts.Done()
 	// Fencing, as far as storage allows: if another instance adopted the
 	// batch (this one paused past its lease), do not send; the next
-	// heartbeat drops the batch.
+	// heartbeat, which lists the markers, drops the batch. A storage
+	// module may also answer "no" because it failed, so the message is
+	// queued again a lease later: by then the heartbeat has dropped an
+	// adopted batch, and one that is still ours is attempted again.
 	octx, ocancel := context.WithTimeout(context.Background(), 30*time.Second)
 	owned := e.st.s.Exists(octx, keyOwn+e.iid+"/"+en.b.id)
 	ocancel()
 	if !owned {
-		e.log().Warn("not sending: another instance took over this message's batch", zap.String("id", en.st.ID))
-		e.unclaim(en, time.Time{})
+		e.log().Warn("not sending: this message's batch is no longer marked as this instance's (another instance took it over, or the storage failed)", zap.String("id", en.st.ID))
+		e.unclaim(en, time.Now().Add(e.leaseDuration()))
 		return
 	}
 	env, err := e.envelopeOf(en)

@@ -24,6 +24,7 @@ type faultyStorage struct {
 	store  string // Store fails for keys with this prefix
 	load   string // Load fails for keys with this prefix
 	lockOn string // Lock fails for names with this prefix
+	exists string // Exists answers false for keys with this prefix
 	// storeIf, when set, fails the Stores it returns true for
 	storeIf func(key string, value []byte) bool
 }
@@ -60,6 +61,13 @@ func (f *faultyStorage) Load(ctx context.Context, key string) ([]byte, error) {
 		return nil, errInjected
 	}
 	return f.Storage.Load(ctx, key)
+}
+
+func (f *faultyStorage) Exists(ctx context.Context, key string) bool {
+	if f.fails(&f.exists, key) {
+		return false // what some storage modules answer when they fail
+	}
+	return f.Storage.Exists(ctx, key)
 }
 
 func (f *faultyStorage) Lock(ctx context.Context, name string) error {
@@ -308,6 +316,35 @@ func TestOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("%d SMTP transactions, want exactly one", n)
+	}
+}
+
+// TestOwnershipCheckThatFailsDelaysTheMessage: the check before each
+// attempt asks the storage whether the batch is still this instance's.
+// A storage that wrongly answers "no" for a while delays the message; it
+// must not strand it.
+func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }, withDelivery(func(d *Delivery) {
+		d.Lease = caddy.Duration(time.Second)
+	}))
+	fs.set(func(f *faultyStorage) { f.exists = keyOwn })
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	if rec.Code != 202 {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	id := out["id"].(string)
+	time.Sleep(300 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 0 {
+		t.Fatalf("%d SMTP transactions although the batch did not look like ours", n)
+	}
+	fs.set(func(f *faultyStorage) { f.exists = "" })
+	waitState(t, h, id, status(stSent))
+	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("%d SMTP transactions, want exactly one", n)
 	}
