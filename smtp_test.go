@@ -153,6 +153,51 @@ func TestSMTPAuthFailed(t *testing.T) {
 	}
 }
 
+// TestSMTPAuthMechanisms: the sender authenticates with whichever of its
+// mechanisms the server offers (PLAIN first), and a wrong password is
+// smtp_auth_failed with every one of them, without leaking the password.
+func TestSMTPAuthMechanisms(t *testing.T) {
+	for _, mechs := range [][]string{{"PLAIN"}, {"LOGIN"}, {"CRAM-MD5"}, {"CRAM-MD5", "LOGIN", "PLAIN"}} {
+		t.Run(strings.Join(mechs, "+"), func(t *testing.T) {
+			srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: mechs})
+			d, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
+			if err != nil {
+				t.Fatalf("send: %v", err)
+			}
+			m := srv.WaitMessages(1, 2*time.Second)
+			if len(m) != 1 || m[0].AuthUser != "user" || !bytes.Equal(m[0].Data, []byte(testBody)) || d.Status != "sent" {
+				t.Fatalf("delivered %+v, %+v", m, d)
+			}
+
+			cfg := testSettings(srv)
+			cfg.password = "wrong-password"
+			_, err = newTestSender(t, cfg).send(context.Background(), testEnvelope("a@example.org"))
+			de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+			if strings.Contains(de.Error(), "wrong-password") {
+				t.Fatal("the password leaked into the error message")
+			}
+			if srv.Auths() != 1 {
+				t.Fatalf("%d successful authentications, want 1", srv.Auths())
+			}
+		})
+	}
+}
+
+// TestSMTPNoCommonAuthMechanism: a server whose only mechanism the
+// sender does not implement is a clear configuration error, not a
+// plaintext fallback.
+func TestSMTPNoCommonAuthMechanism(t *testing.T) {
+	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: []string{"XOAUTH2"}})
+	_, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
+	de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+	if !strings.Contains(de.Error(), "no supported authentication mechanism") {
+		t.Fatalf("error %q", de.Error())
+	}
+	if len(srv.Attempts()) != 0 {
+		t.Fatal("a message went through without authentication")
+	}
+}
+
 func TestSMTPConnectionRefused(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

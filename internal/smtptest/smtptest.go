@@ -1,16 +1,20 @@
 // Package smtptest runs a real SMTP server in-process for tests: go-smtp
 // with STARTTLS or implicit TLS on a freshly generated self-signed
-// certificate, AUTH PLAIN, a record of every transaction, and hooks to
+// certificate, AUTH (PLAIN, LOGIN or CRAM-MD5), a record of every
+// transaction, and hooks to
 // inject faults (replies, dropped connections, slow replies).
 package smtptest
 
 import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hmac"
+	"crypto/md5"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -21,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -43,9 +48,11 @@ var ErrDrop = errors.New("smtptest: drop the connection")
 type Options struct {
 	// TLS is StartTLS (default), Implicit or None.
 	TLS string
-	// Username and Password, when set, make AUTH PLAIN mandatory before
-	// MAIL.
+	// Username and Password, when set, make AUTH mandatory before MAIL.
 	Username, Password string
+	// Mechanisms are the AUTH mechanisms offered, in order: "PLAIN",
+	// "LOGIN" and "CRAM-MD5" are implemented. Default: PLAIN.
+	Mechanisms []string
 	// Dir receives the CA file; default: a new temporary directory.
 	Dir string
 	// Addr is the address to listen on; default: a free loopback port.
@@ -357,12 +364,15 @@ func (ss *session) AuthMechanisms() []string {
 	if ss.s.opts.Username == "" {
 		return nil
 	}
+	if len(ss.s.opts.Mechanisms) > 0 {
+		return ss.s.opts.Mechanisms
+	}
 	return []string{sasl.Plain}
 }
 
 func (ss *session) Auth(mech string) (sasl.Server, error) {
-	return sasl.NewPlainServer(func(identity, username, password string) error {
-		if username != ss.s.opts.Username || password != ss.s.opts.Password {
+	check := func(username string, ok bool) error {
+		if username != ss.s.opts.Username || !ok {
 			return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
 		}
 		ss.authUser = username
@@ -370,7 +380,68 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		ss.s.auths++
 		ss.s.mu.Unlock()
 		return nil
-	}), nil
+	}
+	switch mech {
+	case sasl.Plain:
+		return sasl.NewPlainServer(func(identity, username, password string) error {
+			return check(username, password == ss.s.opts.Password)
+		}), nil
+	case sasl.Login:
+		return &loginServer{check: func(u, p string) error { return check(u, p == ss.s.opts.Password) }}, nil
+	case "CRAM-MD5":
+		var nonce [8]byte
+		_, _ = rand.Read(nonce[:])
+		challenge := fmt.Sprintf("<%x.%d@smtptest>", nonce, time.Now().Unix())
+		return &cramServer{challenge: challenge, check: func(u, digest string) error {
+			mac := hmac.New(md5.New, []byte(ss.s.opts.Password))
+			mac.Write([]byte(challenge))
+			return check(u, hmac.Equal([]byte(digest), []byte(hex.EncodeToString(mac.Sum(nil)))))
+		}}, nil
+	}
+	return nil, errors.New("unsupported mechanism")
+}
+
+// loginServer is the server side of AUTH LOGIN (draft-murchison-sasl-login):
+// "Username:" and "Password:" challenges, an optional initial response.
+type loginServer struct {
+	step     int
+	username string
+	check    func(username, password string) error
+}
+
+func (l *loginServer) Next(response []byte) ([]byte, bool, error) {
+	switch l.step {
+	case 0:
+		l.step = 1
+		if response == nil {
+			return []byte("Username:"), false, nil
+		}
+		fallthrough
+	case 1:
+		l.username, l.step = string(response), 2
+		return []byte("Password:"), false, nil
+	default:
+		return nil, true, l.check(l.username, string(response))
+	}
+}
+
+// cramServer is the server side of AUTH CRAM-MD5 (RFC 2195).
+type cramServer struct {
+	challenge string
+	sent      bool
+	check     func(username, digest string) error
+}
+
+func (c *cramServer) Next(response []byte) ([]byte, bool, error) {
+	if !c.sent {
+		c.sent = true
+		return []byte(c.challenge), false, nil
+	}
+	user, digest, ok := strings.Cut(string(response), " ")
+	if !ok {
+		return nil, true, &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "malformed CRAM-MD5 response"}
+	}
+	return nil, true, c.check(user, digest)
 }
 
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
