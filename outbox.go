@@ -98,7 +98,7 @@ type engine struct {
 type tunables struct {
 	janitorEvery, orphanAge, limitSync, forgetAge     time.Duration
 	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
-	parkEvery, parkAfter, unparkLead                  time.Duration
+	parkEvery, parkAfter, unparkLead, unparkRetry     time.Duration
 	readyHigh                                         int
 }
 
@@ -106,7 +106,7 @@ func currentTunables() tunables {
 	return tunables{
 		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval, forgetAge: instanceForgetAge,
 		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
-		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead, readyHigh: readyHigh,
+		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead, unparkRetry: unparkRetry, readyHigh: readyHigh,
 	}
 }
 

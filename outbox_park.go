@@ -197,7 +197,9 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	}
 	if err != nil && !isNotExist(err) {
 		e.log().Error("loading a parked batch failed; retrying", zap.String("batch", pb.id), zap.Error(err))
-		pb.wake = time.Now().Add(unparkRetry)
+		// read again unparkRetry from now: unparkDue reads a batch
+		// unparkLead before its wake time
+		pb.wake = time.Now().Add(e.tun.unparkLead + e.tun.unparkRetry)
 		heap.Push(&e.parkHeap, pb)
 		return false
 	}

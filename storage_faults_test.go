@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,11 +21,12 @@ import (
 // fault is set, for keys under a given prefix.
 type faultyStorage struct {
 	certmagic.Storage
-	mu     sync.Mutex
-	store  string // Store fails for keys with this prefix
-	load   string // Load fails for keys with this prefix
-	lockOn string // Lock fails for names with this prefix
-	exists string // Exists answers false for keys with this prefix
+	mu           sync.Mutex
+	store        string      // Store fails for keys with this prefix
+	load         string      // Load fails for keys with this prefix
+	lockOn       string      // Lock fails for names with this prefix
+	exists       string      // Exists answers false for keys with this prefix
+	loadFailures []time.Time // when Loads failed
 	// storeIf, when set, fails the Stores it returns true for
 	storeIf func(key string, value []byte) bool
 }
@@ -58,6 +60,9 @@ func (f *faultyStorage) Store(ctx context.Context, key string, value []byte) err
 
 func (f *faultyStorage) Load(ctx context.Context, key string) ([]byte, error) {
 	if f.fails(&f.load, key) {
+		f.mu.Lock()
+		f.loadFailures = append(f.loadFailures, time.Now())
+		f.mu.Unlock()
 		return nil, errInjected
 	}
 	return f.Storage.Load(ctx, key)
@@ -347,5 +352,77 @@ func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("%d SMTP transactions, want exactly one", n)
+	}
+}
+
+// TestParkedBatchThatCannotBeReadIsRetried: a batch that left memory
+// while it waited for a retry is read back before it is due. If that
+// read fails, the batch stays parked and the read is tried again; the
+// message is neither lost nor sent twice.
+func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }, withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
+		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
+	}))
+	h.engine.tun.parkEvery = 10 * time.Millisecond
+	h.engine.tun.parkAfter = 300 * time.Millisecond
+	h.engine.tun.unparkLead = 100 * time.Millisecond
+	h.engine.tun.unparkRetry = 200 * time.Millisecond
+	var refuse atomic.Bool
+	refuse.Store(true)
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		if refuse.Load() {
+			return smtpRefusal(451)
+		}
+		return nil
+	}})
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	if rec.Code != 202 {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	id := out["id"].(string)
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if resident, parked := residentIDs(h, []string{id}); resident == 0 && parked == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the deferred message's batch was not parked")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	fs.set(func(f *faultyStorage) { f.load = keySt })
+	refuse.Store(false)
+	time.Sleep(1500 * time.Millisecond) // past the retry, several failed reads
+	if n := len(srv.Messages()); n != 0 {
+		t.Fatalf("%d messages sent while their batch could not be read", n)
+	}
+	if resident, parked := residentIDs(h, []string{id}); resident != 0 || parked != 1 {
+		t.Fatalf("after failed reads: %d resident, %d parked; want the batch still parked", resident, parked)
+	}
+	if depth, _ := h.engine.queueStats(); depth != 1 {
+		t.Fatalf("queue depth %d while the batch cannot be read, want 1", depth)
+	}
+	// the failed read is repeated every unparkRetry (200ms), not sooner
+	fs.mu.Lock()
+	failures := append([]time.Time(nil), fs.loadFailures...)
+	fs.mu.Unlock()
+	if len(failures) < 2 {
+		t.Fatalf("%d failed reads of the parked batch, want several", len(failures))
+	}
+	for i := 1; i < len(failures); i++ {
+		if gap := failures[i].Sub(failures[i-1]); gap < 180*time.Millisecond {
+			t.Fatalf("parked batch read again after %v, want unparkRetry (200ms)", gap)
+		}
+	}
+	fs.set(func(f *faultyStorage) { f.load = "" })
+	if st := waitState(t, h, id, status(stSent)); st.Attempts != 2 {
+		t.Fatalf("%d attempts, want 2", st.Attempts)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages, want exactly one", n)
 	}
 }
