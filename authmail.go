@@ -167,8 +167,8 @@ type Handler struct {
 
 	// LinkPolicy "enforce" makes /send refuse html_body links (in href,
 	// src, srcset, action, formaction, background, poster, cite and
-	// xlink:href attributes) and text_body URLs that are not on base_url's origin or an
-	// allow_origins origin. Default: off.
+	// xlink:href attributes) and text_body URLs that are not on base_url's
+	// origin or an allow_origins origin. Default: off.
 	LinkPolicy string `json:"link_policy,omitempty"`
 
 	// AuthFailures throttles clients that fail to authenticate: after
