@@ -2,9 +2,11 @@ package authmail
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"net/mail"
 	"net/url"
 	"strings"
@@ -304,6 +306,84 @@ func FuzzTemplates(f *testing.F) {
 			if out.subject != out2.subject {
 				t.Fatalf("%s: the code or the link reached the subject: %q vs %q", flow, out.subject, out2.subject)
 			}
+		}
+	})
+}
+
+// FuzzRequestHeaders drives whole requests through the handler with
+// hostile Prefer, X-Dry-Run, Idempotency-Key and X-Request-ID headers
+// and message ids: every answer is a JSON object with an expected
+// status, a header-safe request id, and Preference-Applied only when a
+// preference was applied.
+func FuzzRequestHeaders(f *testing.F) {
+	f.Add("respond-async", "", "", "req-1", "06gzvg12ec1w730q0e162n041r00")
+	f.Add("wait=99999999999999999", "true", "key-1", "", "x")
+	f.Add("wait=\"3\", respond-async;x=y", "no", "k\x7f", "a\r\nb", "../../etc/passwd")
+	f.Add("wait=-1", "maybe", "", strings.Repeat("r", 129), "")
+	h := provisionedHandler(f, func(h *Handler) {
+		h.RecipientRate = map[string]string{"default": "off"}
+		h.Keys[0].Rate = "off"
+	})
+	f.Fuzz(func(t *testing.T, prefer, dryRun, idemKey, reqID, msgID string) {
+		do := func(method, path, body string) (*httptest.ResponseRecorder, map[string]any) {
+			req := httptest.NewRequest(method, "/authmail/send/otp", strings.NewReader(body))
+			req.URL.Path = path
+			req.Header.Set("Authorization", "Bearer "+unitKey)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header["Prefer"] = []string{prefer}
+			req.Header["X-Dry-Run"] = []string{dryRun}
+			req.Header["X-Request-Id"] = []string{reqID}
+			if idemKey != "" {
+				req.Header["Idempotency-Key"] = []string{idemKey}
+			}
+			req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+			rec := httptest.NewRecorder()
+			if err := h.ServeHTTP(rec, req, nil); err != nil {
+				t.Fatal(err)
+			}
+			var out map[string]any
+			if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
+				t.Fatalf("%s %s: body is not a JSON object: %q", method, path, rec.Body)
+			}
+			got := rec.Header().Get("X-Request-ID")
+			if got == "" || len(got) > 128 || !saneToken(got) {
+				t.Fatalf("unsafe X-Request-ID %q", got)
+			}
+			if reqID != "" && len(reqID) <= 128 && saneToken(reqID) && got != reqID {
+				t.Fatalf("valid X-Request-ID %q not echoed: %q", reqID, got)
+			}
+			for name, vs := range rec.Header() {
+				for _, v := range vs {
+					if strings.ContainsAny(v, "\r\n") {
+						t.Fatalf("header %s with a line break: %q", name, v)
+					}
+				}
+			}
+			if pa := rec.Header().Get("Preference-Applied"); pa != "" && rec.Code != 202 && rec.Code != 200 {
+				t.Fatalf("Preference-Applied %q on a %d", pa, rec.Code)
+			}
+			return rec, out
+		}
+		rec, out := do("POST", "/authmail/send/otp", `{"to":"jane@example.org","code":"123456"}`)
+		switch rec.Code {
+		case 200, 202:
+		case 400:
+			if c := out["error_code"]; c != "invalid_request" && c != "invalid_idempotency_key" {
+				t.Fatalf("400 with %v", out)
+			}
+		case 409:
+			if out["error_code"] != "idempotency_conflict" {
+				t.Fatalf("409 with %v", out)
+			}
+		default:
+			t.Fatalf("POST: %d %v", rec.Code, out)
+		}
+		if pa := rec.Header().Get("Preference-Applied"); pa != "" && pa != "respond-async" && !strings.HasPrefix(pa, "wait=") {
+			t.Fatalf("Preference-Applied %q", pa)
+		}
+		rec, out = do("GET", "/authmail/messages/"+msgID, "")
+		if rec.Code != 404 && rec.Code != 200 {
+			t.Fatalf("GET /messages/%q: %d %v", msgID, rec.Code, out)
 		}
 	})
 }

@@ -4,6 +4,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseAddress(t *testing.T) {
@@ -204,5 +205,26 @@ func TestBuildLink(t *testing.T) {
 	got, _ := h.buildLink("magic-link", "x#frag?y=1", "", "")
 	if u, perr := url.Parse(got); perr != nil || u.Query().Get("token") != "x#frag?y=1" || u.Fragment != "" {
 		t.Fatalf("escaped token link %q", got)
+	}
+}
+
+func TestParsePrefer(t *testing.T) {
+	for in, want := range map[string]preference{
+		"respond-async":                   {async: true},
+		"wait=5":                          {wait: 5 * time.Second, hasWait: true},
+		`wait="7"`:                        {wait: 7 * time.Second, hasWait: true},
+		"respond-async, wait=3":           {async: true, wait: 3 * time.Second, hasWait: true},
+		"Wait = 2 ; x=y":                  {wait: 2 * time.Second, hasWait: true},
+		"wait=301":                        {wait: maxPreferWait, hasWait: true},
+		"wait=99999999999999999":          {wait: maxPreferWait, hasWait: true}, // no overflow
+		"wait=9223372036854775807":        {wait: maxPreferWait, hasWait: true},
+		"wait=-1":                         {},
+		"wait=abc":                        {},
+		"return=minimal, handling=strict": {},
+		"":                                {},
+	} {
+		if got := parsePrefer([]string{in}); got != want {
+			t.Errorf("Prefer %q: got %+v, want %+v", in, got, want)
+		}
 	}
 }

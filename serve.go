@@ -180,7 +180,8 @@ func parsePrefer(values []string) preference {
 				p.async = true
 			case "wait":
 				if n, err := strconv.Atoi(strings.Trim(strings.TrimSpace(val), `"`)); err == nil && n >= 0 {
-					p.wait, p.hasWait = min(time.Duration(n)*time.Second, maxPreferWait), true
+					// capped before the multiplication, which could overflow
+					p.wait, p.hasWait = time.Duration(min(n, int(maxPreferWait/time.Second)))*time.Second, true
 				}
 			}
 		}
