@@ -375,3 +375,45 @@ func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestAsyncAnswerIsAlways202: an answer given right after the durable
+// write ("Prefer: respond-async", or delivery wait 0) is 202 queued even
+// when a fast transport has already delivered the message by the time the
+// answer is built; the status endpoint reports the rest.
+func TestAsyncAnswerIsAlways202(t *testing.T) {
+	for name, setup := range map[string]struct {
+		mod     func(*Handler)
+		headers []string
+		applied string
+	}{
+		"respond-async": {func(*Handler) {}, []string{"Prefer: respond-async"}, "respond-async"},
+		"wait 0":        {func(h *Handler) { h.Delivery = &Delivery{Wait: -1} }, nil, ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			h := newInstance(t, "").handler(setup.mod, func(h *Handler) {
+				h.RecipientRate = map[string]string{"default": "off"}
+				h.Keys[0].Rate = "off"
+			})
+			var wg sync.WaitGroup
+			ids := make(chan string, 320)
+			for g := range 16 {
+				wg.Go(func() {
+					for i := range 20 {
+						rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("u%d-%d@example.org", g, i)), setup.headers...)
+						if rec.Code != 202 || out["status"] != "queued" || out["sent"] != false || out["error_code"] != nil ||
+							rec.Header().Get("Preference-Applied") != setup.applied {
+							t.Errorf("%d %v (Preference-Applied %q)", rec.Code, out, rec.Header().Get("Preference-Applied"))
+							return
+						}
+						ids <- out["id"].(string)
+					}
+				})
+			}
+			wg.Wait()
+			close(ids)
+			for id := range ids {
+				waitState(t, h, id, status(stSent))
+			}
+		})
+	}
+}

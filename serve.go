@@ -233,7 +233,16 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 		}
 		timer.Stop()
 	}
-	resp := h.answerFor(h.engine.states(entries))
+	states := h.engine.states(entries)
+	if wait <= 0 {
+		// answered right after the durable write: 202 queued, whatever a
+		// fast worker may have done meanwhile, so that the answer does not
+		// depend on a race (the status endpoint tells the rest)
+		for i := range states {
+			states[i].Status, states[i].LastCode, states[i].LastError = stQueued, "", ""
+		}
+	}
+	resp := h.answerFor(states)
 	resp.location = h.statusPath(entries[0].st.ID)
 	resp.created = true
 	if pref.async {
