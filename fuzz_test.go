@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -326,17 +325,14 @@ func FuzzRequestHeaders(f *testing.F) {
 	})
 	f.Fuzz(func(t *testing.T, prefer, dryRun, idemKey, reqID, msgID string) {
 		do := func(method, path, body string) (*httptest.ResponseRecorder, map[string]any) {
-			req := httptest.NewRequest(method, "/authmail/send/otp", strings.NewReader(body))
-			req.URL.Path = path
-			req.Header.Set("Authorization", "Bearer "+unitKey)
-			req.Header.Set("Content-Type", "application/json")
+			req := apiRequest(method, "/authmail/send/otp", strings.NewReader(body))
+			req.URL.Path = path // any bytes, even those a request line cannot carry
 			req.Header["Prefer"] = []string{prefer}
 			req.Header["X-Dry-Run"] = []string{dryRun}
 			req.Header["X-Request-Id"] = []string{reqID}
 			if idemKey != "" {
 				req.Header["Idempotency-Key"] = []string{idemKey}
 			}
-			req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
 			rec := httptest.NewRecorder()
 			if err := h.ServeHTTP(rec, req, nil); err != nil {
 				t.Fatal(err)

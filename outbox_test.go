@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -43,14 +44,26 @@ func withDelivery(mod func(*Delivery)) func(*Handler) {
 // call runs one API request through the handler.
 func call(t testing.TB, h *Handler, method, path, body string, headers ...string) (*httptest.ResponseRecorder, map[string]any) {
 	t.Helper()
-	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	return serveRequest(t, h, apiRequest(method, path, strings.NewReader(body), headers...))
+}
+
+// apiRequest builds a request the way Caddy hands it to the handler: a
+// replacer in its context, the unit key and a JSON content type, then
+// the given "Name: value" headers.
+func apiRequest(method, path string, body io.Reader, headers ...string) *http.Request {
+	req := httptest.NewRequest(method, path, body)
 	req.Header.Set("Authorization", "Bearer "+unitKey)
 	req.Header.Set("Content-Type", "application/json")
 	for _, kv := range headers {
 		k, v, _ := strings.Cut(kv, ":")
 		req.Header.Set(k, strings.TrimSpace(v))
 	}
-	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	return req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+}
+
+// serveRequest runs req through h and decodes the JSON answer, if any.
+func serveRequest(t testing.TB, h *Handler, req *http.Request) (*httptest.ResponseRecorder, map[string]any) {
+	t.Helper()
 	rec := httptest.NewRecorder()
 	if err := h.ServeHTTP(rec, req, nil); err != nil {
 		t.Fatal(err)
@@ -328,12 +341,7 @@ func TestOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
 			t.Errorf("%s: %d", path, rec.Code)
 		}
 	}
-	req := httptest.NewRequest("GET", "/authmail/messages/"+id, nil)
-	req.Header.Set("Authorization", "Bearer another-key-0123456789")
-	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-	w := httptest.NewRecorder()
-	_ = b.ServeHTTP(w, req, nil)
-	if w.Code != 404 {
+	if w, _ := serveRequest(t, b, apiRequest("GET", "/authmail/messages/"+id, nil, "Authorization: Bearer another-key-0123456789")); w.Code != 404 {
 		t.Fatalf("another key's message: %d %s", w.Code, w.Body)
 	}
 }

@@ -2,9 +2,7 @@ package authmail
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -220,16 +218,7 @@ func (b *brokenBody) Read(p []byte) (int, error) {
 func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv))
-	req := httptest.NewRequest("POST", "/authmail/send/otp", &brokenBody{})
-	req.Header.Set("Authorization", "Bearer "+unitKey)
-	req.Header.Set("Content-Type", "application/json")
-	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, req, nil); err != nil {
-		t.Fatal(err)
-	}
-	var out map[string]any
-	_ = json.Unmarshal(rec.Body.Bytes(), &out)
+	rec, out := serveRequest(t, h, apiRequest("POST", "/authmail/send/otp", &brokenBody{}))
 	if rec.Code != 400 || out["error_code"] != "invalid_request" || out["message"] != "the request body could not be read" {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
