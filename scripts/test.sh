@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: formatting, vet, unit and integration tests with
 # the race detector (a real in-process Caddy and SMTP server, plus the
-# built binary on examples/Caddyfile), then a short run of every fuzz
-# target. FUZZTIME=0 skips fuzzing; FUZZTIME=1m fuzzes longer.
+# built binary on examples/Caddyfile), one iteration of every Go
+# benchmark, then a short run of every fuzz target. FUZZTIME=0 skips fuzzing; FUZZTIME=1m fuzzes longer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,11 @@ go vet ./...
 
 echo "== go test -race (unit + integration)"
 go test -race -count=1 ./...
+
+# the Go benchmarks run once each, so that they keep working (numbers:
+# go test -run '^$' -bench . -benchmem .)
+echo "== go test -bench (one iteration each)"
+go test -run '^$' -bench . -benchtime=1x . >/dev/null
 
 # every fuzz target, starting from the committed corpus in testdata/fuzz
 if [ "${FUZZTIME:-10s}" != "0" ]; then
