@@ -21,7 +21,9 @@ go test -race -count=1 ./...
 # the Go benchmarks run once each, so that they keep working (numbers:
 # go test -run '^$' -bench . -benchmem .)
 echo "== go test -bench (one iteration each)"
-go test -run '^$' -bench . -benchtime=1x . >/dev/null
+if ! out=$(go test -run '^$' -bench . -benchtime=1x . 2>&1); then
+	echo "$out"; exit 1
+fi
 
 # every fuzz target, starting from the committed corpus in testdata/fuzz
 if [ "${FUZZTIME:-10s}" != "0" ]; then
