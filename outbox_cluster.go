@@ -279,6 +279,12 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		e.mu.Lock()
 		b.registered = time.Now()
 		total += e.registerLocked(b, changed)
+		// a batch with nothing due soon goes straight to its parked
+		// summary: a restart during an SMTP outage must not hold the
+		// whole backlog in memory until the next park round
+		if pb, ok := e.parkableLocked(b, now.Add(e.tun.parkAfter)); ok {
+			e.parkLocked(b, pb)
+		}
 		e.mu.Unlock()
 		for _, m := range interrupted {
 			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true)

@@ -242,12 +242,17 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("the engine did not stop")
 	}
-	// the next start finds them in storage, still due in an hour
+	// the next start finds them in storage, still due in an hour, and
+	// keeps them parked: they are not loaded into memory
 	srv.SetHooks(smtptest.Hooks{})
 	h2 := in.handler(withSMTP(t, srv))
+	h2.engine.tun.parkEvery = time.Hour // only recovery parks here
 	h2.engine.start()
 	if depth, _ := h2.engine.queueStats(); depth != len(ids) {
 		t.Fatalf("queue depth %d after the restart, want %d", depth, len(ids))
+	}
+	if resident, parked := residentIDs(h2, ids); resident != 0 || parked == 0 {
+		t.Fatalf("after the restart: %d of %d messages in memory, %d batches parked; want all parked", resident, len(ids), parked)
 	}
 	for _, id := range ids {
 		rec, out := call(t, h2, "GET", "/authmail/messages/"+id, "")
@@ -255,7 +260,15 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 			t.Fatalf("%s after the restart: %d %s", id, rec.Code, rec.Body)
 		}
 	}
-	// make them due now: the stored next attempt is an hour away
+	// make them due now: load them back, then move the stored next
+	// attempt, an hour away, to now
+	h2.engine.tun.unparkLead = 2 * time.Hour
+	if n := h2.engine.unparkDue(time.Now()); n == 0 {
+		t.Fatal("no parked batch was loaded back")
+	}
+	if resident, _ := residentIDs(h2, ids); resident != len(ids) {
+		t.Fatalf("%d of %d messages back in memory", resident, len(ids))
+	}
 	h2.engine.mu.Lock()
 	for _, en := range h2.engine.ready {
 		en.st.NextAt = time.Now()
