@@ -27,15 +27,17 @@ func residentIDs(h *Handler, ids []string) (int, int) {
 	return n, len(h.engine.parked)
 }
 
-func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
-	srv := authServer(t, smtptest.StartTLS)
-	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
-		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
-	}))
-	h.engine.tun.parkEvery = 10 * time.Millisecond
-	h.engine.tun.parkAfter = 300 * time.Millisecond
-	h.engine.tun.unparkLead = 100 * time.Millisecond
+// fastParking shortens parking for tests: a batch whose next attempt is
+// about a second away parks within 300ms and comes back 100ms early.
+func fastParking(e *engine) {
+	e.tun.parkEvery = 10 * time.Millisecond
+	e.tun.parkAfter = 300 * time.Millisecond
+	e.tun.unparkLead = 100 * time.Millisecond
+}
+
+// refuseMail makes srv defer every message (451 to MAIL FROM) while the
+// returned flag is set; it starts set.
+func refuseMail(srv *smtptest.Server) *atomic.Bool {
 	var refuse atomic.Bool
 	refuse.Store(true)
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
@@ -44,6 +46,17 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 		}
 		return nil
 	}})
+	return &refuse
+}
+
+func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
+		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
+	}))
+	fastParking(h.engine)
+	refuse := refuseMail(srv)
 	var ids []string
 	for i := range 20 {
 		rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("p%d@example.org", i)), "Prefer: respond-async")
@@ -167,9 +180,7 @@ func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 		h.WebhookSecret = "configured-webhook-secret"
 	})
 	e := h.engine
-	e.tun.parkEvery = 10 * time.Millisecond
-	e.tun.parkAfter = 300 * time.Millisecond
-	e.tun.unparkLead = 100 * time.Millisecond
+	fastParking(e)
 	e.tun.hookBackoff = 900 * time.Millisecond
 	body := fmt.Sprintf(`{"to":"hook@example.org","code":"1","webhook_url":%q}`, recv.srv.URL)
 	rec, out := call(t, h, "POST", "/authmail/send/otp", body)

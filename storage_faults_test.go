@@ -5,7 +5,6 @@ import (
 	"errors"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -80,11 +79,13 @@ func (f *faultyStorage) Lock(ctx context.Context, name string) error {
 	return f.Storage.Lock(ctx, name)
 }
 
-func faultyHandler(t *testing.T, srv *smtptest.Server) (*Handler, *faultyStorage) {
+// faultyHandler provisions a handler that sends to srv and stores into
+// a faultyStorage; mods apply after those two.
+func faultyHandler(t *testing.T, srv *smtptest.Server, mods ...func(*Handler)) (*Handler, *faultyStorage) {
 	t.Helper()
 	in := newInstance(t, "")
 	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
-	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs })
+	h := in.handler(append([]func(*Handler){withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }}, mods...)...)
 	return h, fs
 }
 
@@ -321,9 +322,7 @@ func TestOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 // must not strand it.
 func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	in := newInstance(t, "")
-	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
-	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }, withDelivery(func(d *Delivery) {
+	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
 		d.Lease = caddy.Duration(time.Second)
 	}))
 	fs.set(func(f *faultyStorage) { f.exists = keyOwn })
@@ -350,24 +349,13 @@ func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 // message is neither lost nor sent twice.
 func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	in := newInstance(t, "")
-	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
-	h := in.handler(withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }, withDelivery(func(d *Delivery) {
+	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
 		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
 		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
 	}))
-	h.engine.tun.parkEvery = 10 * time.Millisecond
-	h.engine.tun.parkAfter = 300 * time.Millisecond
-	h.engine.tun.unparkLead = 100 * time.Millisecond
+	fastParking(h.engine)
 	h.engine.tun.unparkRetry = 200 * time.Millisecond
-	var refuse atomic.Bool
-	refuse.Store(true)
-	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
-		if refuse.Load() {
-			return smtpRefusal(451)
-		}
-		return nil
-	}})
+	refuse := refuseMail(srv)
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
