@@ -17,6 +17,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 	"github.com/caddyserver/certmagic"
+	"golang.org/x/net/idna"
 )
 
 // provisionedHandler returns a handler provisioned the way Caddy does it,
@@ -243,7 +244,8 @@ func FuzzCaddyfile(f *testing.F) {
 // accepted link really is on an allowed origin.
 func FuzzLinkPolicy(f *testing.F) {
 	for _, s := range []string{`<a href="https://app.example.com/x">`, `<img srcset="a 1x, //evil.example/b 2x">`, "see www.evil.example", "https://app.example.com@evil.example/",
-		`<a href=" javascript:alert(1)">`, "https://[::1]:8080/x", "HTTPS://APP.EXAMPLE.COM:443/", `<a href="https://app.example.com%2f@evil.example">`} {
+		`<a href=" javascript:alert(1)">`, "https://[::1]:8080/x", "HTTPS://APP.EXAMPLE.COM:443/", `<a href="https://app.example.com%2f@evil.example">`,
+		"https://ａpp.example.com/", "https://app.exam\u00adple.com/x", "https://app.example.com./", "https://evil.ｅxample/"} {
 		f.Add(s)
 	}
 	allowed := []string{"https://app.example.com"}
@@ -259,7 +261,14 @@ func FuzzLinkPolicy(f *testing.F) {
 			}
 			switch strings.ToLower(u.Scheme) {
 			case "", "http", "https":
-				if u.Host != "" && !strings.EqualFold(u.Hostname(), "app.example.com") {
+				// mail clients map hosts the way browsers do (UTS #46):
+				// "ａpp.example.com" (fullwidth) and "app.exam\u00adple.com"
+				// (soft hyphen) both open app.example.com, so they pass
+				host := strings.ToLower(u.Hostname())
+				if a, err := idna.Lookup.ToASCII(host); err == nil {
+					host = a
+				}
+				if u.Host != "" && host != "app.example.com" {
 					t.Fatalf("%q accepted with host %q", l, u.Hostname())
 				}
 			case "mailto", "tel", "cid":

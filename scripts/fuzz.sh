@@ -13,7 +13,16 @@ pkg=$(go list .)
 cache="$(go env GOCACHE)/fuzz/${pkg}"
 for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
 	echo "== fuzz $target ($fuzztime)"
-	go test -run='^$' -fuzz="^${target}\$" -fuzztime="$fuzztime" . | tail -n 2
+	if ! out=$(go test -run='^$' -fuzz="^${target}\$" -fuzztime="$fuzztime" . 2>&1); then
+		# the whole report, and the failing input the fuzzer wrote (it
+		# lives only in this checkout: CI's log is the only copy)
+		echo "$out" | grep -v '^fuzz: elapsed'
+		for f in $(git ls-files --others --exclude-standard "testdata/fuzz/$target"); do
+			echo "-- $f"; cat "$f"
+		done
+		exit 1
+	fi
+	echo "$out" | tail -n 2
 	if $keep && [ -d "$cache/$target" ]; then
 		mkdir -p "testdata/fuzz/$target"
 		cp -n "$cache/$target"/* "testdata/fuzz/$target/" 2>/dev/null || true
