@@ -743,7 +743,7 @@ func (e *engine) deliver(en *entry) {
 	var d delivery
 	var derr *deliveryError
 	if err != nil {
-		derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: fmt.Errorf("reading the message from storage: %w", err)}
+		derr = &deliveryError{Code: codeOutboxUnavailable, Err: err}
 	} else if t := e.transportFor(en.st.Profile); t == nil {
 		derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: errors.New("no authmail handler is configured to send this message")}
 	} else {
@@ -899,7 +899,10 @@ func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool) {
 		zap.Strings("rcpt", st.Rcpts), zap.Int("recipients", st.Recipients),
 	}
 	if derr != nil {
-		fields = append(fields, zap.String("error_code", derr.Code), zap.String("smtp_phase", derr.Phase))
+		fields = append(fields, zap.String("error_code", derr.Code))
+		if derr.Phase != "" {
+			fields = append(fields, zap.String("smtp_phase", derr.Phase))
+		}
 		if derr.Reply != nil {
 			fields = append(fields, zap.Int("smtp_code", derr.Reply.Code), zap.String("smtp_enhanced_code", derr.Reply.Enhanced))
 		} else if derr.Err != nil {

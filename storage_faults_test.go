@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -401,5 +402,53 @@ func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Messages()); n != 1 {
 		t.Fatalf("%d messages, want exactly one", n)
+	}
+}
+
+// TestRetryThatCannotReadItsBodyIsRetried: a retry reads the message back
+// from storage. When that read fails, nothing reaches the SMTP server, the
+// attempt is recorded as outbox_unavailable (not as an SMTP failure), and
+// the message goes out once the storage answers again.
+func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
+		d.RetryBackoff = caddy.Duration(200 * time.Millisecond)
+		d.MaxBackoff = caddy.Duration(200 * time.Millisecond)
+	}))
+	var refuse atomic.Bool
+	var mailCommands atomic.Int32
+	refuse.Store(true)
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		mailCommands.Add(1)
+		if refuse.Load() {
+			return smtpRefusal(451)
+		}
+		return nil
+	}})
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
+	if rec.Code != 202 {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	id := out["id"].(string)
+	waitState(t, h, id, func(st msgState) bool { return st.Attempts == 1 && st.Status == stQueued })
+	fs.set(func(f *faultyStorage) { f.load = keySeg })
+	refuse.Store(false)
+	waitState(t, h, id, func(st msgState) bool { return st.LastCode == codeOutboxUnavailable })
+	if n := mailCommands.Load(); n != 1 {
+		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
+	}
+	rec, out = call(t, h, "GET", "/authmail/messages/"+id, "")
+	if rec.Code != 200 || out["status"] != "queued" || out["last_error_code"] != "outbox_unavailable" ||
+		!strings.Contains(out["last_error"].(string), "could not read the message from storage; nothing was sent") {
+		t.Fatalf("status while the body cannot be read: %d %v", rec.Code, out)
+	}
+	fs.set(func(f *faultyStorage) { f.load = "" })
+	st := waitState(t, h, id, status(stSent))
+	if st.LastCode != "" || st.Attempts < 3 {
+		t.Fatalf("after the storage recovered: %+v", st)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages delivered, want exactly one", n)
 	}
 }

@@ -54,6 +54,9 @@ const (
 	codeSMTPTransient       = "smtp_transient"
 	codeUncertain           = "smtp_disconnect_uncertain"
 	codeCaptureFailed       = "capture_failed"
+	// codeOutboxUnavailable: the message's body could not be read back
+	// from storage for a retry; nothing reached the SMTP server.
+	codeOutboxUnavailable = "outbox_unavailable"
 )
 
 // SMTP phases, in order. A failure's phase tells whether the server can
@@ -95,7 +98,8 @@ func (r *smtpReply) String() string {
 
 // deliveryError is a classified delivery failure.
 type deliveryError struct {
-	// Code is the API error code (smtp_* or capture_failed).
+	// Code is the API error code (smtp_*, capture_failed or
+	// outbox_unavailable).
 	Code string
 	// Phase is the SMTP phase that failed.
 	Phase string
@@ -138,6 +142,8 @@ func (e *deliveryError) Error() string {
 		return "the connection to the SMTP server was lost after the whole message was transmitted; the server may or may not have accepted it, so it was not resent"
 	case codeCaptureFailed:
 		return "could not write the message to the capture directory: " + errText(e.Err)
+	case codeOutboxUnavailable:
+		return "could not read the message from storage; nothing was sent: " + errText(e.Err)
 	default:
 		if e.Reply != nil {
 			return fmt.Sprintf("the SMTP server refused the connection at %s: %s", e.Phase, e.Reply.String())
