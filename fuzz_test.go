@@ -255,6 +255,9 @@ func FuzzLinkPolicy(f *testing.F) {
 			if linkVerdict(l, allowed) != "" {
 				continue
 			}
+			if strings.HasPrefix(strings.TrimSpace(l), "#") {
+				continue // a place in the same message, whatever follows the #
+			}
 			u, err := url.Parse(strings.TrimSpace(l))
 			if err != nil {
 				t.Fatalf("%q accepted but does not parse", l)
