@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -423,5 +424,29 @@ func TestAsyncAnswerIsAlways202(t *testing.T) {
 				waitState(t, h, id, status(stSent))
 			}
 		})
+	}
+}
+
+// TestEmailChangeNoticeInCaptureMode: the answer describes the notice to
+// the old address the way it describes the confirmation: "captured" in
+// capture mode, with its own id, and both files are written.
+func TestEmailChangeNoticeInCaptureMode(t *testing.T) {
+	h := provisionedHandler(t)
+	rec, out := call(t, h, "POST", "/authmail/send/email-change", `{"to":"new@example.org","old_email":"old@example.org","token":"t0k"}`)
+	notice, _ := out["notice"].(map[string]any)
+	if rec.Code != 200 || out["status"] != "captured" || notice == nil {
+		t.Fatalf("%d %v", rec.Code, out)
+	}
+	if notice["sent"] != true || notice["status"] != "captured" || notice["id"] == out["id"] || notice["message_id"] == out["message_id"] {
+		t.Fatalf("notice %v", notice)
+	}
+	files, err := os.ReadDir(h.Capture)
+	if err != nil || len(files) != 2 {
+		t.Fatalf("%d captured files (%v), want the confirmation and the notice", len(files), err)
+	}
+	for _, f := range files {
+		if !strings.Contains(f.Name(), out["id"].(string)) && !strings.Contains(f.Name(), notice["id"].(string)) {
+			t.Errorf("captured file %s belongs to neither message", f.Name())
+		}
 	}
 }

@@ -282,8 +282,11 @@ func (h *Handler) answerFor(states []msgState) apiResponse {
 	if len(states) > 1 {
 		n := states[1]
 		notice := &noticeResponse{Sent: n.Status == stSent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
-		if n.Status == stSending {
+		switch {
+		case n.Status == stSending:
 			notice.Status = stQueued
+		case n.Status == stSent && h.Capture != "":
+			notice.Status = "captured" // like the confirmation's
 		}
 		if n.Status != stSent {
 			notice.ErrorCode, notice.Message = n.LastCode, n.LastError
