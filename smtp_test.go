@@ -157,7 +157,14 @@ func TestSMTPAuthFailed(t *testing.T) {
 // mechanisms the server offers (PLAIN first), and a wrong password is
 // smtp_auth_failed with every one of them, without leaking the password.
 func TestSMTPAuthMechanisms(t *testing.T) {
-	for _, mechs := range [][]string{{"PLAIN"}, {"LOGIN"}, {"CRAM-MD5"}, {"CRAM-MD5", "LOGIN", "PLAIN"}} {
+	// what the sender picks when the server offers these (PLAIN first:
+	// the connection is always TLS; then the challenge-response ones,
+	// strongest first)
+	expect := map[string]string{"PLAIN": "PLAIN", "LOGIN": "LOGIN", "CRAM-MD5": "CRAM-MD5", "SCRAM-SHA-256": "SCRAM-SHA-256",
+		"SCRAM-SHA-1": "SCRAM-SHA-1", "SCRAM-SHA-1+SCRAM-SHA-256": "SCRAM-SHA-256", "CRAM-MD5+SCRAM-SHA-1": "SCRAM-SHA-1",
+		"CRAM-MD5+LOGIN+PLAIN": "PLAIN"}
+	for _, mechs := range [][]string{{"PLAIN"}, {"LOGIN"}, {"CRAM-MD5"}, {"SCRAM-SHA-256"}, {"SCRAM-SHA-1"},
+		{"SCRAM-SHA-1", "SCRAM-SHA-256"}, {"CRAM-MD5", "SCRAM-SHA-1"}, {"CRAM-MD5", "LOGIN", "PLAIN"}} {
 		t.Run(strings.Join(mechs, "+"), func(t *testing.T) {
 			srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: mechs})
 			d, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
@@ -167,6 +174,9 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 			m := srv.WaitMessages(1, 2*time.Second)
 			if len(m) != 1 || m[0].AuthUser != "user" || !bytes.Equal(m[0].Data, []byte(testBody)) || d.Status != "sent" {
 				t.Fatalf("delivered %+v, %+v", m, d)
+			}
+			if want := expect[strings.Join(mechs, "+")]; m[0].AuthMechanism != want {
+				t.Fatalf("authenticated with %s, want %s", m[0].AuthMechanism, want)
 			}
 
 			cfg := testSettings(srv)

@@ -1,6 +1,7 @@
 // Package smtptest runs a real SMTP server in-process for tests: go-smtp
 // with STARTTLS or implicit TLS on a freshly generated self-signed
-// certificate, AUTH (PLAIN, LOGIN or CRAM-MD5), a record of every
+// certificate, AUTH (PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 or
+// SCRAM-SHA-256), a record of every
 // transaction, and hooks to
 // inject faults (replies, dropped connections, slow replies).
 package smtptest
@@ -10,14 +11,19 @@ import (
 	"crypto/elliptic"
 	"crypto/hmac"
 	"crypto/md5"
+	"crypto/pbkdf2"
 	"crypto/rand"
+	"crypto/sha1"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"log"
 	"math/big"
@@ -51,7 +57,8 @@ type Options struct {
 	// Username and Password, when set, make AUTH mandatory before MAIL.
 	Username, Password string
 	// Mechanisms are the AUTH mechanisms offered, in order: "PLAIN",
-	// "LOGIN" and "CRAM-MD5" are implemented. Default: PLAIN.
+	// "LOGIN", "CRAM-MD5", "SCRAM-SHA-1" and "SCRAM-SHA-256" are
+	// implemented. Default: PLAIN.
 	Mechanisms []string
 	// Dir receives the CA file; default: a new temporary directory.
 	Dir string
@@ -81,6 +88,8 @@ type Message struct {
 	Data     []byte
 	TLS      bool
 	AuthUser string
+	// AuthMechanism is the SASL mechanism the session authenticated with.
+	AuthMechanism string
 	// Conn numbers the connection the message arrived on, from 1.
 	Conn int
 	// Accepted is false when a hook refused or dropped it.
@@ -345,6 +354,7 @@ type session struct {
 	c        *smtp.Conn
 	conn     int
 	authUser string
+	authMech string
 	from     string
 	to       []string
 }
@@ -375,7 +385,7 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		if username != ss.s.opts.Username || !ok {
 			return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
 		}
-		ss.authUser = username
+		ss.authUser, ss.authMech = username, mech
 		ss.s.mu.Lock()
 		ss.s.auths++
 		ss.s.mu.Unlock()
@@ -397,6 +407,10 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 			mac.Write([]byte(challenge))
 			return check(u, hmac.Equal([]byte(digest), []byte(hex.EncodeToString(mac.Sum(nil)))))
 		}}, nil
+	case "SCRAM-SHA-256":
+		return &scramServer{h: sha256.New, password: ss.s.opts.Password, check: check}, nil
+	case "SCRAM-SHA-1":
+		return &scramServer{h: sha1.New, password: ss.s.opts.Password, check: check}, nil
 	}
 	return nil, errors.New("unsupported mechanism")
 }
@@ -444,6 +458,95 @@ func (c *cramServer) Next(response []byte) ([]byte, bool, error) {
 	return nil, true, c.check(user, digest)
 }
 
+// scramServer is the server side of AUTH SCRAM-SHA-1 and SCRAM-SHA-256
+// (RFC 5802, RFC 7677) without channel binding: an empty challenge when
+// the client sent no initial response, then client-first, server-first
+// (nonce, salt, iterations), client-final with the proof, and the
+// server's signature, which the client verifies before the final reply.
+type scramServer struct {
+	h        func() hash.Hash
+	password string
+	check    func(username string, ok bool) error
+
+	step                       int
+	username, nonce, firstBare string
+	serverFirst                string
+	salted                     []byte
+	verified                   bool
+}
+
+func (sc *scramServer) fail(msg string) ([]byte, bool, error) {
+	return nil, true, &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "SCRAM: " + msg}
+}
+
+func (sc *scramServer) hmac(key []byte, msg string) []byte {
+	m := hmac.New(sc.h, key)
+	m.Write([]byte(msg))
+	return m.Sum(nil)
+}
+
+func (sc *scramServer) Next(response []byte) ([]byte, bool, error) {
+	switch sc.step {
+	case 0:
+		sc.step = 1
+		if response == nil {
+			return []byte{}, false, nil // ask for the client-first message
+		}
+		fallthrough
+	case 1:
+		bare, ok := strings.CutPrefix(string(response), "n,,")
+		if !ok {
+			return sc.fail("only gs2 header n,, is supported")
+		}
+		attrs := strings.Split(bare, ",")
+		if len(attrs) < 2 || !strings.HasPrefix(attrs[0], "n=") || !strings.HasPrefix(attrs[1], "r=") || len(attrs[1]) < 3 {
+			return sc.fail("malformed client-first message")
+		}
+		sc.username = strings.NewReplacer("=2C", ",", "=3D", "=").Replace(attrs[0][2:])
+		var snonce, salt [16]byte
+		_, _ = rand.Read(snonce[:])
+		_, _ = rand.Read(salt[:])
+		sc.firstBare, sc.nonce = bare, attrs[1][2:]+base64.StdEncoding.EncodeToString(snonce[:])
+		const iterations = 4096
+		sc.serverFirst = fmt.Sprintf("r=%s,s=%s,i=%d", sc.nonce, base64.StdEncoding.EncodeToString(salt[:]), iterations)
+		var err error
+		if sc.salted, err = pbkdf2.Key(sc.h, sc.password, salt[:], iterations, sc.h().Size()); err != nil {
+			return sc.fail(err.Error())
+		}
+		sc.step = 2
+		return []byte(sc.serverFirst), false, nil
+	case 2:
+		final := string(response)
+		i := strings.LastIndex(final, ",p=")
+		if i < 0 || final[:i] != "c=biws,r="+sc.nonce {
+			return sc.fail("malformed client-final message")
+		}
+		proof, err := base64.StdEncoding.DecodeString(final[i+3:])
+		if err != nil {
+			return sc.fail("malformed proof")
+		}
+		authMessage := sc.firstBare + "," + sc.serverFirst + "," + final[:i]
+		clientKey := sc.hmac(sc.salted, "Client Key")
+		stored := sc.h()
+		stored.Write(clientKey)
+		signature := sc.hmac(stored.Sum(nil), authMessage)
+		if len(proof) != len(signature) {
+			return nil, true, sc.check(sc.username, false)
+		}
+		for j := range proof {
+			proof[j] ^= signature[j] // proof = ClientKey XOR ClientSignature
+		}
+		if !hmac.Equal(proof, clientKey) {
+			return nil, true, sc.check(sc.username, false)
+		}
+		sc.verified, sc.step = true, 3
+		serverSig := sc.hmac(sc.hmac(sc.salted, "Server Key"), authMessage)
+		return []byte("v=" + base64.StdEncoding.EncodeToString(serverSig)), false, nil
+	default:
+		return nil, true, sc.check(sc.username, sc.verified)
+	}
+}
+
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
 	if ss.s.opts.Username != "" && ss.authUser == "" {
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
@@ -481,7 +584,7 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	_, isTLS := ss.c.TLSConnectionState()
 	m := &Message{From: ss.from, To: append([]string(nil), ss.to...), Data: b, TLS: isTLS,
-		AuthUser: ss.authUser, Conn: ss.conn, Accepted: true}
+		AuthUser: ss.authUser, AuthMechanism: ss.authMech, Conn: ss.conn, Accepted: true}
 	var herr error
 	if h := ss.hooks().Data; h != nil {
 		herr = h(m)
