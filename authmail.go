@@ -311,7 +311,8 @@ type Key struct {
 	// Secret is the bearer token, or "sha256:<hex>" of it so that the
 	// config never holds the token itself. Accepts {env.*} and {file.*}
 	// placeholders, expanded when the config loads. A plain secret has at
-	// least 16 characters. Required.
+	// least 16 characters. The Caddyfile adapter writes a literal secret
+	// as its sha256: form. Required.
 	Secret string `json:"secret,omitempty"`
 
 	// Allow lists the endpoints the key may call: send, otp, magic-link,

@@ -1,6 +1,8 @@
 package authmail
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"slices"
@@ -78,7 +80,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 // Exactly one of smtp and capture is required, as are from and at least
 // one key. Secrets (password, key secrets) accept {env.*} and {file.*}
-// placeholders, which stay literal in the JSON config.
+// placeholders, which stay literal in the JSON config. A key secret
+// written literally becomes sha256:<hex> in the JSON config.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	start := d.Token()
@@ -202,7 +205,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("key '%s' already specified", id)
 				}
 			}
-			k := Key{ID: id, Secret: secret}
+			k := Key{ID: id, Secret: literalKeyHash(secret)}
 			kseen := map[string]bool{}
 			for n := d.Nesting(); d.NextBlock(n); {
 				opt := d.Val()
@@ -550,4 +553,17 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 		return nil, err
 	}
 	return dl, nil
+}
+
+// literalKeyHash turns a key secret written literally in the Caddyfile
+// (or substituted from {$VAR} while adapting) into sha256:<hex>, so the
+// adapted JSON, the admin API's /config/ and autosave.json never hold
+// the bearer secret itself; authentication compares SHA-256 hashes
+// anyway. Placeholders and sha256: values are kept as written.
+func literalKeyHash(secret string) string {
+	if strings.Contains(secret, "{") || strings.HasPrefix(secret, "sha256:") {
+		return secret
+	}
+	sum := sha256.Sum256([]byte(secret))
+	return "sha256:" + hex.EncodeToString(sum[:])
 }

@@ -1,6 +1,8 @@
 package authmail
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"reflect"
 	"strings"
@@ -8,9 +10,14 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 )
+
+// hashedUnitKey is how the adapter writes the literal key of the test
+// configs: sha256:<hex>, never the secret itself.
+const hashedUnitKey = "sha256:1bd8fd47297046f993e608e398d5905b00a33e163c6b1172dd38887fed05ed6a"
 
 const minimalBlock = `
 	from no-reply@example.com
@@ -27,7 +34,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			name:  "minimal capture",
 			input: "authmail {" + minimalBlock + "\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail",
-				Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}}},
+				Keys: []Key{{ID: "app", Secret: hashedUnitKey}}},
 		},
 		{
 			name: "everything",
@@ -90,7 +97,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				webhook_allow_hosts hooks.internal 10.0.0.5
 				webhook_allow_hosts other.internal
 			}`,
-			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				Delivery: &Delivery{Wait: caddy.Duration(5 * time.Second), RetryBackoff: caddy.Duration(time.Minute), MaxBackoff: caddy.Duration(time.Hour),
 					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), MaxQueued: 5000, RetryUncertain: true,
 					IdempotencyTTL: caddy.Duration(12 * time.Hour), Lease: caddy.Duration(45 * time.Second), DrainTimeout: caddy.Duration(20 * time.Second)},
@@ -133,30 +140,30 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{
 			name:  "recipient_rate default, named as in JSON",
 			input: "authmail {" + minimalBlock + "\n recipient_rate default 2/1m\n recipient_rate security-alert off\n}",
-			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				RecipientRate: map[string]string{"default": "2/1m", "security-alert": "off"}},
 		},
 		{
 			name:  "wait 0 answers at once",
 			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
-			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				Delivery: &Delivery{Wait: -1}},
 		},
 		{
 			name:  "smtp without port or block",
 			input: "authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp localhost\n}",
-			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: "0123456789abcdef0123"}}, SMTP: &SMTP{Host: "localhost"}},
+			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: hashedUnitKey}}, SMTP: &SMTP{Host: "localhost"}},
 		},
 		{
 			name:  "ipv6 smtp host",
 			input: "authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp [::1]:2525 {\n tls none\n }\n}",
-			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: "0123456789abcdef0123"}}, SMTP: &SMTP{Host: "::1", Port: 2525, TLS: "none"}},
+			want:  Handler{From: "a@example.com", Keys: []Key{{ID: "k", Secret: hashedUnitKey}}, SMTP: &SMTP{Host: "::1", Port: 2525, TLS: "none"}},
 		},
 		{
 			name:  "root prefix and multi-word names",
 			input: "authmail {" + minimalBlock + "\n path_prefix /\n app_name Acme Cloud Console\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", PathPrefix: "/", AppName: "Acme Cloud Console",
-				Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}}},
+				Keys: []Key{{ID: "app", Secret: hashedUnitKey}}},
 		},
 	}
 	for _, tc := range cases {
@@ -225,5 +232,51 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 				t.Fatalf("error %q has no file:line", err)
 			}
 		})
+	}
+}
+
+// TestCaddyfileHashesLiteralKeys: a key secret written literally, or
+// substituted from {$VAR} while adapting, reaches the JSON config only as
+// sha256:<hex>; placeholders stay as written; the hashed key still
+// authenticates the original bearer secret.
+func TestCaddyfileHashesLiteralKeys(t *testing.T) {
+	const literal, fromEnv = "literal-key-0123456789", "env-substituted-key-0123456789"
+	t.Setenv("AUTHMAIL_TEST_ADAPT_KEY", fromEnv)
+	src := `:8080 {
+	authmail {
+		from no-reply@example.com
+		capture /tmp/mail
+		key lit ` + literal + `
+		key sub {$AUTHMAIL_TEST_ADAPT_KEY}
+		key ph {env.AUTHMAIL_UNIT_KEY}
+		key pre sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+	}
+}`
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, secret := range []string{literal, fromEnv} {
+		if strings.Contains(string(adapted), secret) {
+			t.Fatalf("the adapted JSON holds the key secret %q:\n%s", secret, adapted)
+		}
+	}
+	sum := func(s string) string { b := sha256.Sum256([]byte(s)); return "sha256:" + hex.EncodeToString(b[:]) }
+	for _, want := range []string{sum(literal), sum(fromEnv), "{env.AUTHMAIL_UNIT_KEY}", "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"} {
+		if !strings.Contains(string(adapted), `"secret":"`+want+`"`) {
+			t.Fatalf("the adapted JSON lacks secret %q:\n%s", want, adapted)
+		}
+	}
+	h := provisionedHandler(t, func(h *Handler) {
+		h.Keys = []Key{{ID: "lit", Secret: sum(literal)}, {ID: "sub", Secret: sum(fromEnv)}}
+	})
+	for _, secret := range []string{literal, fromEnv} {
+		rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Authorization: Bearer "+secret, "X-Dry-Run: true")
+		if rec.Code != 200 || out["dry_run"] != true {
+			t.Fatalf("%s: %d %v", secret, rec.Code, out)
+		}
+	}
+	if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Authorization: Bearer "+sum(literal), "X-Dry-Run: true"); rec.Code != 401 {
+		t.Fatalf("the hash itself authenticated: %d", rec.Code)
 	}
 }
