@@ -8,7 +8,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -252,7 +251,9 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	if !st.SentAt.IsZero() {
 		p.SentAt = st.SentAt.UTC().Format(time.RFC3339)
 	}
-	body, _ := json.Marshal(p)
+	// the same encoding as the API's answers ("<…@example.com>", not
+	// "\u003c…"), without the trailing newline
+	body := bytes.TrimSuffix(marshalJSON(p), []byte("\n"))
 	err := e.postHook(client, hook.URL, secret, st.ID, body)
 	now := time.Now()
 	e.mu.Lock()

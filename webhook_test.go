@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
@@ -95,6 +96,10 @@ func TestWebhookSignedAndDelivered(t *testing.T) {
 	}
 	if p["id"] != out["id"] || p["message_id"] != out["message_id"] || p["status"] != "sent" || p["attempts"] != 1.0 || p["sent_at"] == nil || p["error_code"] != nil {
 		t.Fatalf("payload %s", c.body)
+	}
+	// byte for byte, as the API writes the message id, without escapes
+	if want := `,"message_id":"` + out["message_id"].(string) + `",`; !bytes.Contains(c.body, []byte(want)) || bytes.HasSuffix(c.body, []byte("\n")) {
+		t.Fatalf("payload %s, want it to contain %s and no trailing newline", c.body, want)
 	}
 	ts := c.header.Get("webhook-timestamp")
 	if c.header.Get("webhook-id") != out["id"] || ts != c.header.Get("X-Email-Service-Timestamp") {
