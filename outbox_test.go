@@ -376,10 +376,10 @@ func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
 		}()
 	}
 	defer func() { stop.Store(true); wg.Wait() }()
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(5 * time.Second)
 	for !e.st.s.Exists(ctx, keySt+lazy.id) {
 		if time.Now().After(deadline) {
-			t.Fatal("a lingering state change waited behind urgent writes for 2s")
+			t.Fatal("a lingering state change waited behind urgent writes for 5s")
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

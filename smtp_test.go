@@ -405,7 +405,7 @@ func TestSMTPIdleConnectionsClose(t *testing.T) {
 	if s.openConnections() != 1 {
 		t.Fatalf("open = %d after a send, want 1 kept open", s.openConnections())
 	}
-	deadline := time.Now().Add(3 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for (s.openConnections() != 0 || srv.OpenConnections() != 0) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}

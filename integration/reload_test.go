@@ -161,7 +161,7 @@ func TestInFlightSendSurvivesIdentityChange(t *testing.T) {
 	// was closed once its last send finished
 	smtpSrv.ClearMessages()
 	expectSent(t, post(t, "/authmail/send/otp", `{"to":"after@example.org","code":"2"}`))
-	deadline := time.Now().Add(3 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for smtpSrv.OpenConnections() > 1 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
