@@ -182,3 +182,52 @@ func TestHashedKeySecret(t *testing.T) {
 }
 
 func sha256Sum(s string) [32]byte { return sha256.Sum256([]byte(s)) }
+
+// TestLimitSyncIgnoresWritesInProgress: file storage writes a key to a
+// temporary file named with digits, in the key's directory, and renames
+// it; a listing can catch that file. Found by
+// TestLimitsAreSharedAcrossInstances failing now and then: a peer's
+// state read a second time under its temporary name counted its events
+// twice, and a recipient got 429 one message early. Such names, and
+// states stored under a name that is not theirs, are not peers.
+func TestLimitSyncIgnoresWritesInProgress(t *testing.T) {
+	h := provisionedHandler(t, func(h *Handler) { h.RecipientRate = map[string]string{"otp": "2/1m"} })
+	e := h.engine
+	e.start() // loads the cluster's hashing salt
+	ctx := context.Background()
+	key := "r:otp:" + e.limits.hash("jane@example.org")
+	now := time.Now()
+	peer := limiterState{Instance: "5f0c4a52-2b8e-4d7c-9a51-0c1f3b7e2d44", Updated: now, Events: map[string][]int64{key: {now.UnixMilli()}}}
+	for _, name := range []string{peer.Instance, "2318229907", "renamed-copy"} {
+		if err := e.st.putJSON(ctx, keyRL+name, peer); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.st.putJSON(ctx, keyInst+"2318229907", heartbeat{Instance: peer.Instance, Updated: now}); err != nil {
+		t.Fatal(err)
+	}
+	e.syncLimits(ctx)
+	e.limits.mu.Lock()
+	peers := len(e.limits.peers)
+	e.limits.mu.Unlock()
+	if peers != 1 {
+		t.Fatalf("%d peers, want only the instance stored under its own id", peers)
+	}
+	// one event of the peer plus one here is the limit (2/1m): the first
+	// message goes out, the second is refused, never the first
+	if rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org")); rec.Code != 200 {
+		t.Fatalf("first message: %d %v", rec.Code, out)
+	}
+	if rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org")); rec.Code != 429 || out["error_code"] != "recipient_rate_limited" {
+		t.Fatalf("second message: %d %v", rec.Code, out)
+	}
+	ids, err := e.st.instances(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if storageTempName(id) {
+			t.Fatalf("instances lists the temporary name %q: %v", id, ids)
+		}
+	}
+}

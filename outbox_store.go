@@ -205,6 +205,24 @@ func (st store) list(ctx context.Context, dir string) ([]string, error) {
 	return nil, err
 }
 
+// storageTempName reports whether a listed name is a file storage's
+// write in progress rather than a key: certmagic's FileStorage writes a
+// key to a temporary file named with digits only (os.CreateTemp with an
+// empty pattern) in the key's directory, then renames it, so a listing
+// can catch it. Instance ids are UUIDs and batch ids have 26 characters,
+// so no real name consists of digits only.
+func storageTempName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		if name[i] < '0' || name[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 // heartbeat is the content of authmail/inst/<instance>.
 type heartbeat struct {
 	Instance string    `json:"instance"`
@@ -227,6 +245,9 @@ func (st store) instances(ctx context.Context) ([]string, error) {
 	var out []string
 	for _, k := range append(keys, owners...) {
 		id := path.Base(k)
+		if storageTempName(id) {
+			continue
+		}
 		if !seen[id] {
 			seen[id] = true
 			out = append(out, id)

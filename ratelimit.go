@@ -277,11 +277,14 @@ func (e *engine) syncLimits(ctx context.Context) {
 	peers := map[string]map[string][]int64{}
 	for _, k := range keys {
 		id := path.Base(k)
-		if id == e.iid {
+		if id == e.iid || storageTempName(id) {
 			continue
 		}
+		// a state must name the instance it is stored under: anything
+		// else (a copy caught mid-write under another name) would count
+		// that instance's events twice
 		var ps limiterState
-		if err := e.st.getJSON(ctx, k, &ps); err != nil || now.Sub(ps.Updated) > 7*24*time.Hour {
+		if err := e.st.getJSON(ctx, k, &ps); err != nil || ps.Instance != id || now.Sub(ps.Updated) > 7*24*time.Hour {
 			continue
 		}
 		peers[id] = ps.Events
