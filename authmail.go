@@ -683,6 +683,9 @@ func (h *Handler) checkConfig() error {
 	if err := checkConfigAddress("from", h.From); err != nil {
 		return err
 	}
+	if p := displayNameProblem(h.FromName); p != "" {
+		return fmt.Errorf("from display name %s", p)
+	}
 	if err := checkConfigText("from display name", h.FromName); err != nil {
 		return err
 	}

@@ -217,6 +217,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"bad max_body_size":        {"authmail {" + minimalBlock + "\n max_body_size lots\n}", "invalid max_body_size"},
 		"bad reply_to":             {"authmail {" + minimalBlock + "\n reply_to a@b@c\n}", "reply_to"},
 		"app_name missing":         {"authmail {" + minimalBlock + "\n app_name\n}", "wrong argument count"},
+		"unencodable from name":    {"authmail {\n from a@example.com \"CORP\\\\Jürgen\"\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "from display name has a backslash together with non-ASCII"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

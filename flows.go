@@ -279,8 +279,10 @@ func recipient(to addressList, userName string) (mailAddr, *apiError) {
 	if err := checkText("user_name", userName, maxUserNameRunes); err != nil {
 		return a, err
 	}
-	if a.Name == "" {
-		a.Name = strings.TrimSpace(userName)
+	// the name greets the user in the templates in any case; it becomes
+	// the display name only if it can be encoded in the header
+	if name := strings.TrimSpace(userName); a.Name == "" && displayNameProblem(name) == "" {
+		a.Name = name
 	}
 	return a, nil
 }

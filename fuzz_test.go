@@ -106,6 +106,7 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"a@example.com","event":"new_login","ip":"::1","occurred_at":"2026-01-02T03:04:05Z"}`,
 		`{"to":"a@example.com\r\nBcc: x@evil.example","subject":"s\nX: y","text_body":"b"}`,
 		`{"to":"=?utf-8?q?a=0D=0AB?= <a@example.com>","user_name":"a\u2028b","code":"1"}`,
+		`{"to":"a@example.com","user_name":"CORP\\Jürgen","code":"1"}`,
 		`[]`, `null`, `{"to":1}`, ``,
 	} {
 		f.Add(s)
@@ -139,6 +140,14 @@ func FuzzRequests(f *testing.F) {
 				msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
 				if err != nil {
 					t.Fatalf("%s: rendered message does not parse: %v", ep.path, err)
+				}
+				for _, name := range []string{"From", "To", "Cc", "Reply-To"} {
+					if _, present := msg.Header[name]; !present {
+						continue
+					}
+					if _, err := msg.Header.AddressList(name); err != nil {
+						t.Fatalf("%s: %s header %q does not parse: %v", ep.path, name, msg.Header.Get(name), err)
+					}
 				}
 				for name := range msg.Header {
 					switch name {

@@ -253,6 +253,30 @@ func headerProblem(v string) string {
 	return ""
 }
 
+// displayNameProblem reports why name cannot be a display name in an
+// address header, or "". Go's net/mail, which renders address headers,
+// writes a non-ASCII name that contains a backslash as a Q-encoded word
+// with the backslash left raw, which RFC 2047 forbids in a display name
+// and which net/mail itself then fails to parse.
+func displayNameProblem(name string) string {
+	if !utf8.ValidString(name) {
+		return "is not valid UTF-8"
+	}
+	if strings.ContainsRune(name, '\\') && !isASCII(name) {
+		return "has a backslash together with non-ASCII characters, which cannot be encoded in a mail header"
+	}
+	return ""
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
+}
+
 // bodyProblem reports why v cannot be a message body, or "".
 func bodyProblem(v string) string {
 	for _, r := range v {
@@ -287,6 +311,9 @@ func parseAddress(s string) (mailAddr, string) {
 	// and may hide line breaks or control characters
 	if headerProblem(a.Name) != "" {
 		return mailAddr{}, "has a display name with line breaks or control characters"
+	}
+	if p := displayNameProblem(a.Name); p != "" {
+		return mailAddr{}, "has a display name that " + p
 	}
 	local, dom, ok := cutLast(a.Address, "@")
 	if !ok || local == "" || dom == "" {

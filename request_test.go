@@ -20,6 +20,7 @@ func TestParseAddress(t *testing.T) {
 		"ops+alerts@example.com":                {Addr: "ops+alerts@example.com"},
 		"user@[192.0.2.1]":                      {Addr: "user@[192.0.2.1]"},
 		"=?utf-8?q?J=C3=B6rg?= <j@example.com>": {Name: "Jörg", Addr: "j@example.com"},
+		`"CORP\\jane" <jane@example.com>`:       {Name: `CORP\jane`, Addr: "jane@example.com"}, // ASCII: quoted, fine
 	}
 	for in, want := range good {
 		got, problem := parseAddress(in)
@@ -47,7 +48,12 @@ func TestParseAddress(t *testing.T) {
 		"a@-bad-.example":                        "invalid domain",
 		strings.Repeat("a", 65) + "@x.com":       "longer than 64",
 		"user@[300.1.1.1]":                       "",
-		"a@" + strings.Repeat("b", 250) + ".com": "",
+		// found by FuzzParseAddress: the name decodes to invalid UTF-8
+		"=?utf-8?B?0000XC00?=<0@0>": "display name that is not valid UTF-8",
+		// net/mail would write it as a Q-encoded word with a raw backslash
+		`"CORP\\Jürgen" <j@example.com>`:           "backslash together with non-ASCII",
+		"=?utf-8?q?CORP=5CJ=C3=BCrgen?= <j@x.com>": "backslash together with non-ASCII",
+		"a@" + strings.Repeat("b", 250) + ".com":   "",
 	}
 	for in, want := range bad {
 		_, problem := parseAddress(in)

@@ -177,6 +177,8 @@ func TestValidationErrors(t *testing.T) {
 		{"crlf in reply_to", "/send", `{"to":"a@example.org","reply_to":"Evil\r\nX: 1 <r@example.org>","subject":"s","text_body":"b"}`, "invalid_request", "reply_to"},
 		{"crlf in subject", "/send", `{"to":"a@example.org","subject":"Hi\r\nBcc: evil@evil.example","text_body":"b"}`, "invalid_request", "subject"},
 		{"lf in user_name", "/send/otp", `{"to":"a@example.org","code":"1","user_name":"Jane\nBcc: e@evil.example"}`, "invalid_request", "user_name"},
+		{"non-ASCII display name with a backslash", "/send", `{"to":"\"CORP\\\\Jürgen\" <a@example.org>","subject":"s","text_body":"b"}`, "invalid_request", "to"},
+		{"display name decoding to invalid UTF-8", "/send", `{"to":"=?utf-8?B?0000XC00?= <a@example.org>","subject":"s","text_body":"b"}`, "invalid_request", "to"},
 		{"encoded crlf in display name", "/send", `{"to":"=?utf-8?b?RXZpbA0KQmNjOiB4?= <a@example.org>","subject":"s","text_body":"b"}`, "invalid_request", "to"},
 		{"subject too long", "/send", `{"to":"a@example.org","subject":"` + long + `","text_body":"b"}`, "invalid_request", "subject"},
 		{"missing subject", "/send", `{"to":"a@example.org","text_body":"b"}`, "invalid_request", "subject"},

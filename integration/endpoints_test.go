@@ -86,6 +86,21 @@ func TestSendArbitraryMessage(t *testing.T) {
 	}
 }
 
+// TestUserNameThatCannotBeADisplayName: net/mail cannot encode a
+// non-ASCII name with a backslash in an address header, so such a
+// user_name greets the user in the message but stays out of To.
+func TestUserNameThatCannotBeADisplayName(t *testing.T) {
+	load(t, config{})
+	r := post(t, "/authmail/send/otp", `{"to":"jane@example.org","user_name":"CORP\\Jürgen","code":"1"}`)
+	p := parseMail(t, expectSent(t, r).Data)
+	if got := p.Header.Get("To"); got != "<jane@example.org>" {
+		t.Errorf("To %q", got)
+	}
+	if !strings.Contains(p.Text, "Hi CORP\\Jürgen,") || !strings.Contains(p.HTML, "Hi CORP\\Jürgen,") {
+		t.Errorf("the greeting lacks the name:\n%s", p.Text)
+	}
+}
+
 func TestOTP(t *testing.T) {
 	load(t, config{})
 	r := post(t, "/authmail/send/otp", `{"to":"jane@example.org","user_name":"Jane <b>Doe</b>","code":"`+secret("493 201")+`"}`)
