@@ -201,7 +201,17 @@ func New(opts Options) (*Server, error) {
 }
 
 // Close stops the server and closes every connection.
-func (s *Server) Close() error { return s.srv.Close() }
+// Close stops the server and closes open connections. The listener is
+// closed here too: go-smtp's Close only closes the listeners its Serve
+// has registered, so a Close right after Start, before the serving
+// goroutine ran, would leave the port accepting mail.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	if lerr := s.ln.Close(); lerr != nil && err == nil && !errors.Is(lerr, net.ErrClosed) {
+		err = lerr
+	}
+	return err
+}
 
 // SetHooks replaces the fault hooks.
 func (s *Server) SetHooks(h Hooks) {
