@@ -86,6 +86,12 @@ func TestMain(m *testing.M) {
 		code = checkLogsHoldNoSecrets()
 	}
 	_ = smtpSrv.Close()
+	// AUTHMAIL_IT_KEEP_LOG=<dir> keeps a copy of Caddy's log of the run
+	if d := os.Getenv("AUTHMAIL_IT_KEEP_LOG"); d != "" {
+		if b, err := os.ReadFile(logFile); err == nil {
+			_ = os.WriteFile(filepath.Join(d, fmt.Sprintf("caddy-%d.log", os.Getpid())), b, 0o600)
+		}
+	}
 	_ = os.RemoveAll(tmpDir)
 	os.Exit(code)
 }
@@ -355,7 +361,7 @@ func loadRaw(t *testing.T, caddyfile string) {
 
 // checkLogsHoldNoSecrets scans everything Caddy logged during the run
 // (authmail's lines, Caddy's own and the access log) for the secrets the
-// tests used, and for full recipient addresses.
+// tests used, for full recipient addresses, and for recovered panics.
 func checkLogsHoldNoSecrets() int {
 	// a full run must have produced authmail and access log lines, or the
 	// scan would prove nothing; a -run subset may not have any
@@ -384,10 +390,18 @@ func checkLogsHoldNoSecrets() int {
 			leaks++
 		}
 	}
+	// a handler panic is recovered by net/http, which closes the
+	// connection (the client sees EOF) and logs "http: panic serving"
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		if bytes.Contains(line, []byte("panic")) {
+			fmt.Fprintf(os.Stderr, "panic in the Caddy log: %s\n", line)
+			leaks++
+		}
+	}
 	if leaks > 0 {
 		return 1
 	}
-	fmt.Printf("log scan: %d bytes of Caddy logs hold none of %d secrets\n", len(data), len(secrets))
+	fmt.Printf("log scan: %d bytes of Caddy logs hold none of %d secrets and no panic\n", len(data), len(secrets))
 	return 0
 }
 
