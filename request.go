@@ -324,6 +324,11 @@ func parseAddress(s string) (mailAddr, string) {
 			return mailAddr{}, "has non-ASCII characters before the @, which authmail does not send (SMTPUTF8)"
 		}
 	}
+	if !dotAtom(local) {
+		// net/mail unquotes "a b"@x to a b@x; such a local part would
+		// need quoting again in RCPT TO, which few servers accept
+		return mailAddr{}, "has a local part that needs quoting (spaces, quotes, consecutive dots or other special characters), which authmail does not send"
+	}
 	if len(local) > 64 {
 		return mailAddr{}, "has a local part longer than 64 characters"
 	}
@@ -344,6 +349,22 @@ func parseAddress(s string) (mailAddr, string) {
 		return mailAddr{}, "is longer than 254 characters"
 	}
 	return mailAddr{Name: a.Name, Addr: addr}, ""
+}
+
+// dotAtom reports whether a local part is an RFC 5322 dot-atom: atext
+// characters in dot-separated, non-empty runs.
+func dotAtom(s string) bool {
+	if s == "" || s[0] == '.' || s[len(s)-1] == '.' || strings.Contains(s, "..") {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || strings.IndexByte("!#$%&'*+-/=?^_`{|}~", c) >= 0 {
+			continue
+		}
+		return false
+	}
+	return true
 }
 
 func cutLast(s, sep string) (before, after string, found bool) {

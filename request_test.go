@@ -18,6 +18,8 @@ func TestParseAddress(t *testing.T) {
 		"jane@bücher.example":                   {Addr: "jane@xn--bcher-kva.example"},
 		"Jörg <j@example.com>":                  {Name: "Jörg", Addr: "j@example.com"},
 		"ops+alerts@example.com":                {Addr: "ops+alerts@example.com"},
+		`"quoted"@example.com`:                  {Addr: "quoted@example.com"}, // needs no quotes
+		"o'brien&co@example.com":                {Addr: "o'brien&co@example.com"},
 		"user@[192.0.2.1]":                      {Addr: "user@[192.0.2.1]"},
 		"=?utf-8?q?J=C3=B6rg?= <j@example.com>": {Name: "Jörg", Addr: "j@example.com"},
 		`"CORP\\jane" <jane@example.com>`:       {Name: `CORP\jane`, Addr: "jane@example.com"}, // ASCII: quoted, fine
@@ -45,9 +47,14 @@ func TestParseAddress(t *testing.T) {
 		"Evil\r\n <a@x.com>":                     "line breaks",
 		"a\x00@x.com":                            "control characters",
 		"a b@example.com":                        "not a valid email address",
-		"a@-bad-.example":                        "invalid domain",
-		strings.Repeat("a", 65) + "@x.com":       "longer than 64",
-		"user@[300.1.1.1]":                       "",
+		// found by FuzzParseAddress: net/mail unquotes the local part
+		`" "@0`:                            "needs quoting",
+		`"john doe"@example.com`:           "needs quoting",
+		`"john..doe"@example.com`:          "needs quoting",
+		`"a\"b"@example.com`:               "needs quoting",
+		"a@-bad-.example":                  "invalid domain",
+		strings.Repeat("a", 65) + "@x.com": "longer than 64",
+		"user@[300.1.1.1]":                 "",
 		// found by FuzzParseAddress: the name decodes to invalid UTF-8
 		"=?utf-8?B?0000XC00?=<0@0>": "display name that is not valid UTF-8",
 		// net/mail would write it as a Q-encoded word with a raw backslash
