@@ -319,10 +319,8 @@ func parseAddress(s string) (mailAddr, string) {
 	if !ok || local == "" || dom == "" {
 		return mailAddr{}, "is not a valid email address"
 	}
-	for i := 0; i < len(local); i++ {
-		if local[i] >= utf8.RuneSelf {
-			return mailAddr{}, "has non-ASCII characters before the @, which authmail does not send (SMTPUTF8)"
-		}
+	if !isASCII(local) {
+		return mailAddr{}, "has non-ASCII characters before the @, which authmail does not send (SMTPUTF8)"
 	}
 	if !dotAtom(local) {
 		// net/mail unquotes "a b"@x to a b@x; such a local part would

@@ -200,7 +200,6 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// Close stops the server and closes every connection.
 // Close stops the server and closes open connections. The listener is
 // closed here too: go-smtp's Close only closes the listeners its Serve
 // has registered, so a Close right after Start, before the serving
