@@ -240,6 +240,12 @@ func (e *engine) updateWorkersLocked() {
 // starts (never for `caddy validate`).
 func (e *engine) start() {
 	e.startOnce.Do(func() {
+		e.mu.Lock()
+		closing := e.closing
+		e.mu.Unlock()
+		if closing {
+			return // destroyed before it ever ran: start nothing
+		}
 		e.started.Store(true)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		if err := e.loadSalt(ctx); err != nil {
@@ -372,7 +378,7 @@ func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]
 	e.mu.Lock()
 	if e.closing {
 		e.mu.Unlock()
-		return nil, errors.New("the outbox is shutting down")
+		return nil, errShuttingDown
 	}
 	if cfg.maxQueued > 0 && e.nonFinal+e.reserved+len(msgs) > cfg.maxQueued {
 		e.mu.Unlock()
@@ -381,10 +387,29 @@ func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]
 	e.reserved += len(msgs)
 	e.mu.Unlock()
 	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1)}
-	e.acceptCh <- req
-	err := <-req.done
-	return req.entries, err
+	// a shutdown can begin between the closing check and here; once the
+	// appender has exited (doneCh), a request it never took is failed here
+	// instead of waiting forever
+	select {
+	case e.acceptCh <- req:
+	case <-e.doneCh:
+		e.failAccept([]*acceptReq{req}, errShuttingDown)
+	}
+	select {
+	case err := <-req.done:
+		return req.entries, err
+	case <-e.doneCh:
+		select {
+		case err := <-req.done: // written or failed just before the end
+			return req.entries, err
+		default:
+			e.failAccept([]*acceptReq{req}, errShuttingDown)
+			return nil, <-req.done
+		}
+	}
 }
+
+var errShuttingDown = errors.New("the outbox is shutting down")
 
 // appender writes accepted messages in batches: whatever arrived while
 // the previous batch was being written goes into the next one, so the
@@ -400,7 +425,7 @@ func (e *engine) appender() {
 			for {
 				select {
 				case r := <-e.acceptCh:
-					e.failAccept([]*acceptReq{r}, errors.New("the outbox is shutting down"))
+					e.failAccept([]*acceptReq{r}, errShuttingDown)
 				default:
 					return
 				}

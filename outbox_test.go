@@ -3,6 +3,7 @@ package authmail
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -448,5 +449,42 @@ func TestEmailChangeNoticeInCaptureMode(t *testing.T) {
 		if !strings.Contains(f.Name(), out["id"].(string)) && !strings.Contains(f.Name(), notice["id"].(string)) {
 			t.Errorf("captured file %s belongs to neither message", f.Name())
 		}
+	}
+}
+
+// TestAcceptRacingShutdownDoesNotHang: a request that passed the
+// engine's closing check just before a shutdown began (a reload that
+// drops the engine, with a request in flight on the old server) gets an
+// error once the engine has stopped, instead of waiting forever for an
+// appender that is gone; nothing stays reserved against max_queued.
+func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
+	h := provisionedHandler(t)
+	e := h.engine
+	e.start()
+	e.shutdown()
+	<-e.doneCh
+	e.mu.Lock()
+	e.closing = false // as seen by the request before the shutdown
+	e.mu.Unlock()
+	msg := &newMessage{keyID: "app", flow: "otp", env: &envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.accept([]*newMessage{msg}, "", false)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errShuttingDown) {
+			t.Fatalf("accept after the engine stopped: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("accept hung after the engine stopped")
+	}
+	e.mu.Lock()
+	e.closing = true
+	reserved := e.reserved
+	e.mu.Unlock()
+	if reserved != 0 {
+		t.Fatalf("%d messages still reserved", reserved)
 	}
 }
