@@ -247,10 +247,52 @@ func load(t *testing.T, c config) {
 	if t.Failed() {
 		t.FailNow()
 	}
+	waitOneListener(t, 9080)
 	// the reload closed the old server's idle keep-alive connections
 	client.CloseIdleConnections()
 	smtpSrv.SetHooks(smtptest.Hooks{})
 	smtpSrv.Reset()
+}
+
+// waitOneListener waits until one socket listens on port. On Linux a
+// reload binds the new config's socket beside the old one (SO_REUSEPORT)
+// and Caddy returns from the reload before the old server has surely
+// closed its socket; a connection the kernel queues on the old socket
+// meanwhile is reset when it closes, and the test's request fails with
+// EOF (seen under heavy load). Without /proc it returns at once.
+func waitOneListener(t *testing.T, port int) {
+	t.Helper()
+	want := fmt.Sprintf(":%04X ", port)
+	count := func() (int, bool) {
+		n, ok := 0, false
+		for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			ok = true
+			for _, line := range strings.Split(string(data), "\n")[1:] {
+				fields := strings.Fields(line)
+				// local_address is fields[1] ("0100007F:2378"), st fields[3]; 0A = LISTEN
+				if len(fields) > 3 && fields[3] == "0A" && strings.HasSuffix(fields[1]+" ", want) {
+					n++
+				}
+			}
+		}
+		return n, ok
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n, ok := count()
+		if !ok || n <= 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Logf("%d sockets still listen on port %d after the reload", n, port)
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // response is a parsed HTTP answer.
