@@ -35,28 +35,58 @@ func fastParking(e *engine) {
 	e.tun.unparkLead = 100 * time.Millisecond
 }
 
+// mailGate is what refuseMail installs: the switch, and how many MAIL
+// commands (SMTP transactions begun) the server saw.
+type mailGate struct {
+	refuse atomic.Bool
+	mails  atomic.Int32
+}
+
 // refuseMail makes srv defer every message (451 to MAIL FROM) while the
-// returned flag is set; it starts set.
-func refuseMail(srv *smtptest.Server) *atomic.Bool {
-	var refuse atomic.Bool
-	refuse.Store(true)
+// gate's refuse flag is set; it starts set.
+func refuseMail(srv *smtptest.Server) *mailGate {
+	g := &mailGate{}
+	g.refuse.Store(true)
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
-		if refuse.Load() {
+		g.mails.Add(1)
+		if g.refuse.Load() {
 			return smtpRefusal(451)
 		}
 		return nil
 	}})
-	return &refuse
+	return g
+}
+
+// fixedBackoff sets retry_backoff and max_backoff to d: every retry
+// comes d after the previous attempt (give or take the jitter).
+func fixedBackoff(d time.Duration) func(*Handler) {
+	return withDelivery(func(dl *Delivery) {
+		dl.RetryBackoff, dl.MaxBackoff = caddy.Duration(d), caddy.Duration(d)
+	})
+}
+
+// waitParked waits until none of ids is held in memory and at least one
+// batch is parked, and returns the number of parked batches.
+func waitParked(t *testing.T, h *Handler, ids []string) int {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resident, parked := residentIDs(h, ids)
+		if resident == 0 && parked > 0 {
+			return parked
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d messages still in memory, %d batches parked", resident, len(ids), parked)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
-		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
-	}))
+	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(900*time.Millisecond))
 	fastParking(h.engine)
-	refuse := refuseMail(srv)
+	gate := refuseMail(srv)
 	var ids []string
 	for i := range 20 {
 		rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("p%d@example.org", i)), "Prefer: respond-async")
@@ -67,17 +97,7 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	}
 	// every message had its deferred first attempt; with the next one
 	// 900ms away, its batch leaves memory
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		resident, parked := residentIDs(h, ids)
-		if resident == 0 && parked > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of %d messages still in memory, %d batches parked", resident, len(ids), parked)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitParked(t, h, ids)
 	// parked messages still count, and their status is read from storage
 	if depth, age := h.engine.queueStats(); depth != len(ids) || age <= 0 {
 		t.Errorf("queue stats with parked batches: depth %d, oldest age %v", depth, age)
@@ -91,7 +111,7 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	}
 	// the server recovers: the batches come back before they are due and
 	// every message goes out exactly once, on its second attempt
-	refuse.Store(false)
+	gate.refuse.Store(false)
 	msgs := srv.WaitMessages(len(ids), 10*time.Second)
 	time.Sleep(300 * time.Millisecond)
 	seen := map[string]int{}
@@ -116,10 +136,7 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 
 func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(time.Hour)
-		d.MaxBackoff = caddy.Duration(time.Hour)
-	}))
+	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(time.Hour))
 	e := h.engine
 	e.tun.parkEvery = time.Hour // parking is driven by the test
 	e.tun.readyHigh = 2
@@ -224,10 +241,7 @@ func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
-	defer1h := withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(time.Hour)
-		d.MaxBackoff = caddy.Duration(time.Hour)
-	})
+	defer1h := fixedBackoff(time.Hour)
 	h := in.handler(withSMTP(t, srv), defer1h)
 	e := h.engine
 	e.tun.parkEvery = 10 * time.Millisecond
@@ -237,16 +251,7 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 		_, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("r%d@example.org", i)), "Prefer: wait=2")
 		ids = append(ids, out["id"].(string))
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if resident, _ := residentIDs(h, ids); resident == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the deferred batches were not parked")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitParked(t, h, ids)
 	_ = h.Cleanup()
 	select {
 	case <-e.doneCh:

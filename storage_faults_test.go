@@ -5,7 +5,6 @@ import (
 	"errors"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -350,29 +349,18 @@ func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 // message is neither lost nor sent twice.
 func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(900 * time.Millisecond)
-		d.MaxBackoff = caddy.Duration(900 * time.Millisecond)
-	}))
+	h, fs := faultyHandler(t, srv, fixedBackoff(900*time.Millisecond))
 	fastParking(h.engine)
 	h.engine.tun.unparkRetry = 200 * time.Millisecond
-	refuse := refuseMail(srv)
+	gate := refuseMail(srv)
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
 	}
 	id := out["id"].(string)
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		if resident, parked := residentIDs(h, []string{id}); resident == 0 && parked == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the deferred message's batch was not parked")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitParked(t, h, []string{id})
 	fs.set(func(f *faultyStorage) { f.load = keySt })
-	refuse.Store(false)
+	gate.refuse.Store(false)
 	time.Sleep(1500 * time.Millisecond) // past the retry, several failed reads
 	if n := len(srv.Messages()); n != 0 {
 		t.Fatalf("%d messages sent while their batch could not be read", n)
@@ -411,20 +399,8 @@ func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 // the message goes out once the storage answers again.
 func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
-		d.RetryBackoff = caddy.Duration(200 * time.Millisecond)
-		d.MaxBackoff = caddy.Duration(200 * time.Millisecond)
-	}))
-	var refuse atomic.Bool
-	var mailCommands atomic.Int32
-	refuse.Store(true)
-	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
-		mailCommands.Add(1)
-		if refuse.Load() {
-			return smtpRefusal(451)
-		}
-		return nil
-	}})
+	h, fs := faultyHandler(t, srv, fixedBackoff(200*time.Millisecond))
+	gate := refuseMail(srv)
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
@@ -432,9 +408,9 @@ func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 	id := out["id"].(string)
 	waitState(t, h, id, func(st msgState) bool { return st.Attempts == 1 && st.Status == stQueued })
 	fs.set(func(f *faultyStorage) { f.load = keySeg })
-	refuse.Store(false)
+	gate.refuse.Store(false)
 	waitState(t, h, id, func(st msgState) bool { return st.LastCode == codeOutboxUnavailable })
-	if n := mailCommands.Load(); n != 1 {
+	if n := gate.mails.Load(); n != 1 {
 		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
 	}
 	rec, out = call(t, h, "GET", "/authmail/messages/"+id, "")
