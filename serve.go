@@ -267,11 +267,7 @@ func (h *Handler) answerFor(states []msgState) apiResponse {
 	switch p.Status {
 	case stSent:
 		status = http.StatusOK
-		st := "sent"
-		if h.Capture != "" {
-			st = "captured"
-		}
-		body = &sentResponse{Sent: true, Status: st, ID: p.ID, MessageID: p.MessageID}
+		body = &sentResponse{Sent: true, Status: h.sentStatus(), ID: p.ID, MessageID: p.MessageID}
 	case stFailed, stUnknown:
 		status = http.StatusBadGateway
 		body = &errorResponse{ErrorCode: p.LastCode, Message: p.LastError, Status: p.Status, ID: p.ID, MessageID: p.MessageID}
@@ -285,8 +281,8 @@ func (h *Handler) answerFor(states []msgState) apiResponse {
 		switch {
 		case n.Status == stSending:
 			notice.Status = stQueued
-		case n.Status == stSent && h.Capture != "":
-			notice.Status = "captured" // like the confirmation's
+		case n.Status == stSent:
+			notice.Status = h.sentStatus()
 		}
 		if n.Status != stSent {
 			notice.ErrorCode, notice.Message = n.LastCode, n.LastError
@@ -299,6 +295,15 @@ func (h *Handler) answerFor(states []msgState) apiResponse {
 		}
 	}
 	return apiResponse{status: status, body: marshalJSON(body)}
+}
+
+// sentStatus is how an answer names a delivered message: "captured" in
+// capture mode, else "sent".
+func (h *Handler) sentStatus() string {
+	if h.Capture != "" {
+		return "captured"
+	}
+	return stSent
 }
 
 func errorAnswer(status int, code, msg string) apiResponse {
