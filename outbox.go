@@ -388,24 +388,23 @@ func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]
 	e.mu.Unlock()
 	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1)}
 	// a shutdown can begin between the closing check and here; once the
-	// appender has exited (doneCh), a request it never took is failed here
-	// instead of waiting forever
+	// appender has exited (doneCh) it has answered every request it took,
+	// and one it never took is failed here instead of waiting forever
 	select {
 	case e.acceptCh <- req:
 	case <-e.doneCh:
-		e.failAccept([]*acceptReq{req}, errShuttingDown)
 	}
 	select {
 	case err := <-req.done:
 		return req.entries, err
 	case <-e.doneCh:
-		select {
-		case err := <-req.done: // written or failed just before the end
-			return req.entries, err
-		default:
-			e.failAccept([]*acceptReq{req}, errShuttingDown)
-			return nil, <-req.done
-		}
+	}
+	select {
+	case err := <-req.done: // written or failed just before the end
+		return req.entries, err
+	default:
+		e.failAccept([]*acceptReq{req}, errShuttingDown)
+		return nil, errShuttingDown
 	}
 }
 
