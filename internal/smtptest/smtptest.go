@@ -1,9 +1,8 @@
 // Package smtptest runs a real SMTP server in-process for tests: go-smtp
 // with STARTTLS or implicit TLS on a freshly generated self-signed
 // certificate, AUTH (PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 or
-// SCRAM-SHA-256), a record of every
-// transaction, and hooks to
-// inject faults (replies, dropped connections, slow replies).
+// SCRAM-SHA-256), a record of every transaction, and hooks to inject
+// faults (replies, dropped connections, slow replies).
 package smtptest
 
 import (
@@ -462,7 +461,7 @@ func (c *cramServer) Next(response []byte) ([]byte, bool, error) {
 	}
 	user, digest, ok := strings.Cut(string(response), " ")
 	if !ok {
-		return nil, true, &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "malformed CRAM-MD5 response"}
+		return nil, true, saslSyntaxError("malformed CRAM-MD5 response")
 	}
 	return nil, true, c.check(user, digest)
 }
@@ -485,7 +484,12 @@ type scramServer struct {
 }
 
 func (sc *scramServer) fail(msg string) ([]byte, bool, error) {
-	return nil, true, &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "SCRAM: " + msg}
+	return nil, true, saslSyntaxError("SCRAM: " + msg)
+}
+
+// saslSyntaxError is the reply to an AUTH exchange the client got wrong.
+func saslSyntaxError(msg string) error {
+	return &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: msg}
 }
 
 func (sc *scramServer) hmac(key []byte, msg string) []byte {
