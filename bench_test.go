@@ -21,10 +21,7 @@ const benchOTP = `{"to":"jane@example.org","code":"123456","user_name":"Jane"}`
 
 func benchHandler(b *testing.B) *Handler {
 	b.Helper()
-	h := provisionedHandler(b, func(h *Handler) {
-		h.RecipientRate = map[string]string{"default": "off"}
-		h.Keys[0].Rate = "off"
-	})
+	h := provisionedHandler(b, withoutLimits)
 	// one log line per message would measure the terminal
 	h.logger = zap.NewNop()
 	h.engine.logger.Store(zap.NewNop())

@@ -340,10 +340,7 @@ func FuzzRequestHeaders(f *testing.F) {
 	f.Add("wait=99999999999999999", "true", "key-1", "", "x")
 	f.Add("wait=\"3\", respond-async;x=y", "no", "k\x7f", "a\r\nb", "../../etc/passwd")
 	f.Add("wait=-1", "maybe", "", strings.Repeat("r", 129), "")
-	h := provisionedHandler(f, func(h *Handler) {
-		h.RecipientRate = map[string]string{"default": "off"}
-		h.Keys[0].Rate = "off"
-	})
+	h := provisionedHandler(f, withoutLimits)
 	f.Fuzz(func(t *testing.T, prefer, dryRun, idemKey, reqID, msgID string) {
 		do := func(method, path, body string) (*httptest.ResponseRecorder, map[string]any) {
 			req := apiRequest(method, "/authmail/send/otp", strings.NewReader(body))

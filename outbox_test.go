@@ -43,6 +43,13 @@ func withDelivery(mod func(*Delivery)) func(*Handler) {
 	}
 }
 
+// withoutLimits turns off the per-key and per-recipient rate limits, for
+// tests and benchmarks that send many messages with one key.
+func withoutLimits(h *Handler) {
+	h.RecipientRate = map[string]string{"default": "off"}
+	h.Keys[0].Rate = "off"
+}
+
 // call runs one API request through the handler.
 func call(t testing.TB, h *Handler, method, path, body string, headers ...string) (*httptest.ResponseRecorder, map[string]any) {
 	t.Helper()
@@ -400,10 +407,7 @@ func TestAsyncAnswerIsAlways202(t *testing.T) {
 		"wait 0":        {func(h *Handler) { h.Delivery = &Delivery{Wait: -1} }, nil, ""},
 	} {
 		t.Run(name, func(t *testing.T) {
-			h := newInstance(t, "").handler(setup.mod, func(h *Handler) {
-				h.RecipientRate = map[string]string{"default": "off"}
-				h.Keys[0].Rate = "off"
-			})
+			h := newInstance(t, "").handler(setup.mod, withoutLimits)
 			var wg sync.WaitGroup
 			ids := make(chan string, 320)
 			for g := range 16 {
