@@ -295,6 +295,7 @@ start_caddy() {
 	local name=$1 smtp_port=$2
 	shift 2
 	local dir=$WORK/$name
+	local storage=$STORAGE_BASE/$name/storage
 	mkdir -p "$dir/data" "$dir/config"
 	cat >"$dir/Caddyfile" <<EOF
 {
@@ -309,7 +310,7 @@ start_caddy() {
 
 http://127.0.0.1:$HTTP_PORT {
 	handle /authmail/* {
-$(authmail_block "$smtp_port" "$STORAGE_BASE/$name/storage" "$@")
+$(authmail_block "$smtp_port" "$storage" "$@")
 	}
 	handle {
 		respond "ok" 200
@@ -321,7 +322,7 @@ EOF
 	CADDY_PID=$!
 	PIDS+=("$CADDY_PID")
 	CADDY_DIR=$dir
-	CADDY_NAME=$name
+	CADDY_STORAGE=$storage
 	CADDY_N=$((CADDY_N + 1))
 	for _ in $(seq 1 100); do
 		if curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/authmail/health" 2>/dev/null; then
@@ -617,9 +618,9 @@ Q_DEPTH=$(metric caddy_authmail_queue_depth)
 RSS_KB=$(vm_kb "$CADDY_PID" VmRSS)
 HWM_KB=$(vm_kb "$CADDY_PID" VmHWM)
 HEAP_INUSE=$(metric go_memstats_heap_inuse_bytes)
-STORAGE_KB=$(du -sk "$STORAGE_BASE/$CADDY_NAME/storage" | awk '{ print $1 }')
-STORAGE_APPARENT_KB=$(du -sk --apparent-size "$STORAGE_BASE/$CADDY_NAME/storage" | awk '{ print $1 }')
-STORAGE_FILES=$(find "$STORAGE_BASE/$CADDY_NAME/storage" -type f | wc -l)
+STORAGE_KB=$(du -sk "$CADDY_STORAGE" | awk '{ print $1 }')
+STORAGE_APPARENT_KB=$(du -sk --apparent-size "$CADDY_STORAGE" | awk '{ print $1 }')
+STORAGE_FILES=$(find "$CADDY_STORAGE" -type f | wc -l)
 P4_ERRORS=$(caddy_errors)
 P4_ERROR_SUMMARY=$(error_summary)
 if [ "$Q_DEPTH" != "$Q_ACCEPTED" ]; then
