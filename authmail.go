@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -203,7 +204,7 @@ type Handler struct {
 	authFail   rateSpec            // resolved auth_failures
 	rcptRates  map[string]rateSpec // resolved recipient_rate by flow
 	origins    []string            // allowed origins: base_url's and allow_origins
-	profile    string              // sender profile: the From address
+	profile    string              // sender profile: From address and route (senderProfile)
 	engine     *engine             // the outbox for this handler's storage
 	engineKey  string              // acquired enginePool key, released in Cleanup
 	dcfg       *engineConfig       // resolved delivery settings
@@ -448,8 +449,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	conns := 4
+	var route string
 	if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
+		route = "capture " + h.Capture
+		if abs, err := filepath.Abs(h.Capture); err == nil {
+			route = "capture " + abs
+		}
 	} else {
 		settings, err := h.SMTP.resolve(repl, h.logger)
 		if err != nil {
@@ -465,6 +471,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.poolKey = key
 		h.transport = val.(*smtpSender)
 		conns = settings.connections
+		route = settings.route()
 	}
 
 	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
@@ -498,7 +505,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.engineKey = ekey
 	h.engine = val.(*engine)
-	h.profile = strings.ToLower(h.from.Addr)
+	h.profile = senderProfile(h.from.Addr, route)
 	h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
 	app, err := ctx.App("authmail")
 	if err != nil {

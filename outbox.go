@@ -5,9 +5,12 @@ import (
 	"container/heap"
 	"context"
 	crand "crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -64,6 +67,7 @@ type engine struct {
 	reserved      int      // messages being written
 	profiles      map[string]*profileRef
 	latestProfile string
+	profileSeq    uint64
 	dirty         map[*batch][]func(error)
 	urgent        map[*batch]struct{} // dirty batches with a waiter
 	dirtySince    time.Time           // when the oldest unwritten change was made
@@ -139,10 +143,24 @@ type batch struct {
 	registered time.Time // when this engine took the batch on
 }
 
+// profileRef is a sender profile registered by handlers: the From
+// address and the route (SMTP server and account, or capture directory)
+// its messages go out through.
 type profileRef struct {
 	t     transport
 	refs  int
 	conns int
+	seq   uint64 // when it was last configured
+}
+
+// senderProfile names what a message is sent as and through: the From
+// address, and a hash of the route (SMTP host, port and user, or the
+// capture directory; never the password). Two handlers with the same
+// From and different servers keep their own transports, and a reload
+// that only changes credentials keeps the profile of queued messages.
+func senderProfile(from, route string) string {
+	sum := sha256.Sum256([]byte(route))
+	return strings.ToLower(from) + "#" + hex.EncodeToString(sum[:6])
 }
 
 // newEngine allocates an engine. It does no I/O; start does.
@@ -185,7 +203,8 @@ func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string
 		p = &profileRef{}
 		e.profiles[profile] = p
 	}
-	p.t, p.conns = t, conns
+	e.profileSeq++
+	p.t, p.conns, p.seq = t, conns, e.profileSeq
 	p.refs++
 	e.latestProfile = profile
 	e.updateWorkersLocked()
@@ -204,12 +223,25 @@ func (e *engine) release(profile string) {
 }
 
 // transportFor returns the transport for a message's profile: the
-// handler that sends as that address, else the most recent one.
+// handler with that From address and route; else the most recently
+// configured one with that From address (the route changed, or the
+// message was queued by a version whose profile was the address alone);
+// else the most recent handler.
 func (e *engine) transportFor(profile string) transport {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if p := e.profiles[profile]; p != nil {
 		return p.t
+	}
+	from, _, _ := strings.Cut(profile, "#")
+	var best *profileRef
+	for name, p := range e.profiles {
+		if f, _, _ := strings.Cut(name, "#"); f == from && (best == nil || p.seq > best.seq) {
+			best = p
+		}
+	}
+	if best != nil {
+		return best.t
 	}
 	if p := e.profiles[e.latestProfile]; p != nil {
 		return p.t

@@ -65,6 +65,13 @@ func (s *smtpSettings) poolKey() string {
 	return "authmail.smtp." + hex.EncodeToString(h.Sum(nil))
 }
 
+// route names the server and account messages go through, for the
+// sender profile: host, port and user, without the password or the
+// connection settings, so that fixing credentials or tuning keeps it.
+func (s *smtpSettings) route() string {
+	return fmt.Sprintf("smtp %s %d %d:%s", strings.ToLower(s.host), s.port, len(s.username), s.username)
+}
+
 // smtpSender delivers messages over up to settings.connections parallel
 // SMTP connections that stay open and are reused.
 type smtpSender struct {

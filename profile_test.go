@@ -1,0 +1,77 @@
+package authmail
+
+import (
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// capturedFiles returns the names of the .eml files in a capture directory.
+func capturedFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	names, err := filepath.Glob(filepath.Join(dir, "*.eml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names
+}
+
+// TestHandlersWithTheSameFromKeepTheirRoutes: two authmail blocks that
+// share a storage (so one outbox) and a From address, but deliver through
+// different routes, each send through their own: a staging site in
+// capture mode must not send through production's SMTP account, and the
+// other way round.
+func TestHandlersWithTheSameFromKeepTheirRoutes(t *testing.T) {
+	in := newInstance(t, "")
+	a := in.handler()
+	b := in.handler()
+	if a.engine != b.engine {
+		t.Fatal("the two handlers should share one outbox")
+	}
+	if a.profile == b.profile {
+		t.Fatalf("same profile %q for two routes", a.profile)
+	}
+	for _, h := range []*Handler{a, b, a} {
+		rec, _ := call(t, h, http.MethodPost, "/authmail/send/otp", `{"to":"jane@example.org","code":"123456"}`)
+		if rec.Code != http.StatusOK {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+	}
+	if got := len(capturedFiles(t, a.Capture)); got != 2 {
+		t.Errorf("first handler's directory has %d messages, want 2", got)
+	}
+	if got := len(capturedFiles(t, b.Capture)); got != 1 {
+		t.Errorf("second handler's directory has %d messages, want 1", got)
+	}
+}
+
+// TestTransportForFallsBackToTheSameFrom: a message whose route is no
+// longer configured (the SMTP host changed, or it was queued by a version
+// whose profile was the From address alone) goes through the most
+// recently configured handler with its From address, not through another
+// sender's.
+func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
+	e := newEngine("k", nil, "iid")
+	alice1, alice2, bob := &captureTransport{dir: "a1"}, &captureTransport{dir: "a2"}, &captureTransport{dir: "b"}
+	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
+	e.configure(&engineConfig{}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
+	e.configure(&engineConfig{}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
+	for _, c := range []struct {
+		profile string
+		want    transport
+	}{
+		{senderProfile("alice@example.com", "capture a1"), alice1},
+		{senderProfile("alice@example.com", "capture a2"), alice2},
+		{senderProfile("alice@example.com", "smtp old.example.com 587 0:"), alice2},
+		{"alice@example.com", alice2}, // a profile written before routes were part of it
+		{senderProfile("carol@example.com", "capture c"), bob},
+	} {
+		if got := e.transportFor(c.profile); got != c.want {
+			t.Errorf("transportFor(%q) = %v, want %v", c.profile, got, c.want)
+		}
+	}
+	if p := senderProfile("alice@example.com", "smtp mail.example.com 587 4:user"); strings.Contains(p, "mail.example.com") || strings.Contains(p, "user") {
+		t.Errorf("profile %q names the route in clear; it is stored with every message", p)
+	}
+}
