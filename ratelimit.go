@@ -148,6 +148,27 @@ func (l *limiter) take(key string, spec rateSpec, now time.Time) (bool, time.Dur
 	return true, 0
 }
 
+// takeAll is take for several keys at once: it records an event for
+// every key if the limit allows it for all of them; otherwise it records
+// nothing and returns the index of the first key over the limit and how
+// long to wait.
+func (l *limiter) takeAll(keys []string, spec rateSpec, now time.Time) (int, time.Duration) {
+	if spec.n == 0 {
+		return -1, 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for i, key := range keys {
+		if n, oldest := l.countLocked(key, spec, now); n >= spec.n {
+			return i, retryAfter(oldest, spec, now)
+		}
+	}
+	for _, key := range keys {
+		l.recordLocked(key, spec, now)
+	}
+	return -1, 0
+}
+
 // blocked reports whether key already had n events within the window.
 func (l *limiter) blocked(key string, spec rateSpec, now time.Time) (bool, time.Duration) {
 	if spec.n == 0 {

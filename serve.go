@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -133,11 +134,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	submit := func(batch string) apiResponse {
 		// the recipient limit counts messages actually accepted: not dry
 		// runs, not idempotent replays
+		// every message of the request counts for its recipient: the
+		// email-change notice to the old address too, or a caller could
+		// flood that address with notices by varying the new one
 		if spec, limited := h.rcptRates[ep.flow]; limited {
-			rk := "r:" + ep.flow + ":" + lim.hash(strings.ToLower(msgs[0].to[0].Addr))
-			if ok, wait := lim.take(rk, spec, time.Now()); !ok {
+			keys := make([]string, 0, len(msgs))
+			for _, m := range msgs {
+				if k := "r:" + ep.flow + ":" + lim.hash(strings.ToLower(m.to[0].Addr)); !slices.Contains(keys, k) {
+					keys = append(keys, k)
+				}
+			}
+			if i, wait := lim.takeAll(keys, spec, time.Now()); i >= 0 {
+				who := "this recipient"
+				if i > 0 {
+					who = "the old address (old_email)"
+				}
 				resp := errorAnswer(http.StatusTooManyRequests, "recipient_rate_limited",
-					"this recipient got too many "+ep.flow+" messages recently; retry later")
+					who+" got too many "+ep.flow+" messages recently; retry later")
 				resp.retryAfter = retrySeconds(wait)
 				return resp
 			}

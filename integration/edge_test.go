@@ -186,6 +186,31 @@ func TestRecipientRateLimit(t *testing.T) {
 	expectSent(t, post(t, "/authmail/send/otp", otp("bob@example.org")))
 	expectSent(t, post(t, "/authmail/send/password-reset", `{"to":"bob@example.org","token":"t"}`))
 	expectError(t, post(t, "/authmail/send/password-reset", `{"to":"bob@example.org","token":"t"}`), 429, "recipient_rate_limited", "")
+	// the email-change notice counts for the old address: varying the new
+	// address must not let a caller flood the old one with notices
+	change := func(to, old string) response {
+		return post(t, "/authmail/send/email-change", mustJSON(map[string]string{"to": to, "token": "t", "old_email": old}))
+	}
+	for i := range 2 {
+		if r := change(fmt.Sprintf("new%d@example.org", i), "victim@example.org"); r.status != 200 || r.str("status") != "sent" {
+			t.Fatalf("email change %d: %d %s", i, r.status, r.raw)
+		}
+		if got := smtpSrv.WaitMessages(2, 5*time.Second); len(got) != 2 {
+			t.Fatalf("email change %d: %d messages, want the confirmation and the notice", i, len(got))
+		}
+		smtpSrv.ClearMessages()
+	}
+	r = change("new2@example.org", "victim@example.org")
+	expectError(t, r, 429, "recipient_rate_limited", "")
+	if !strings.Contains(r.str("message"), "old_email") || r.header.Get("Retry-After") == "" {
+		t.Errorf("refusal should name old_email and say when to retry: %s %v", r.raw, r.header)
+	}
+	// the refused request sent nothing and charged nothing: the new
+	// address still has its two messages
+	for range 2 {
+		// exactly one message each: the refused request left none behind
+		expectSent(t, change("new2@example.org", ""))
+	}
 	// /send is not limited per recipient
 	for range 4 {
 		expectSent(t, post(t, "/authmail/send", `{"to":"jane@example.org","subject":"receipt","text_body":"b"}`))
