@@ -205,6 +205,7 @@ type Handler struct {
 	rcptRates  map[string]rateSpec // resolved recipient_rate by flow
 	origins    []string            // allowed origins: base_url's and allow_origins
 	profile    string              // sender profile: From address and route (senderProfile)
+	reg        *registration       // this handler's hold on the engine's settings
 	engine     *engine             // the outbox for this handler's storage
 	engineKey  string              // acquired enginePool key, released in Cleanup
 	dcfg       *engineConfig       // resolved delivery settings
@@ -506,7 +507,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.engineKey = ekey
 	h.engine = val.(*engine)
 	h.profile = senderProfile(h.from.Addr, route)
-	h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
+	h.reg = h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
 	app, err := ctx.App("authmail")
 	if err != nil {
 		return err
@@ -648,7 +649,8 @@ func (h *Handler) Validate() error {
 func (h *Handler) Cleanup() error {
 	var errs []error
 	if h.engineKey != "" {
-		h.engine.release(h.profile)
+		h.engine.release(h.reg)
+		h.reg = nil
 		if _, err := enginePool.Delete(h.engineKey); err != nil {
 			errs = append(errs, err)
 		}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -68,6 +69,7 @@ type engine struct {
 	profiles      map[string]*profileRef
 	latestProfile string
 	profileSeq    uint64
+	regs          []*registration // provisioned handlers, oldest first
 	dirty         map[*batch][]func(error)
 	urgent        map[*batch]struct{} // dirty batches with a waiter
 	dirtySince    time.Time           // when the oldest unwritten change was made
@@ -191,35 +193,63 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 func (e *engine) config() *engineConfig { return e.cfg.Load() }
 func (e *engine) log() *zap.Logger      { return e.logger.Load() }
 
-// configure applies a handler's delivery settings and registers its
-// transport for the handler's sender profile.
-func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t transport, conns int) {
-	e.cfg.Store(cfg)
-	e.logger.Store(logger)
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	p := e.profiles[profile]
-	if p == nil {
-		p = &profileRef{}
-		e.profiles[profile] = p
-	}
-	e.profileSeq++
-	p.t, p.conns, p.seq = t, conns, e.profileSeq
-	p.refs++
-	e.latestProfile = profile
-	e.updateWorkersLocked()
+// registration is one provisioned handler's hold on the engine: its
+// delivery settings, logger, and transport for its sender profile.
+type registration struct {
+	seq     uint64
+	cfg     *engineConfig
+	logger  *zap.Logger
+	profile string
+	t       transport
+	conns   int
 }
 
-// release drops a handler's registration.
-func (e *engine) release(profile string) {
+// configure registers a handler's delivery settings and its transport for
+// the handler's sender profile. The most recent registration's settings
+// apply, and the most recent transport of each profile.
+func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t transport, conns int) *registration {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if p := e.profiles[profile]; p != nil {
-		p.refs--
-		if p.refs <= 0 {
-			delete(e.profiles, profile)
-		}
+	e.profileSeq++
+	r := &registration{seq: e.profileSeq, cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
+	e.regs = append(e.regs, r)
+	e.applyRegsLocked()
+	return r
+}
+
+// release drops a handler's registration. If it was the most recent one
+// (a reload that Caddy rejected after this handler was provisioned, so
+// the old config keeps running), the settings and transports of the
+// registrations that remain apply again.
+func (e *engine) release(r *registration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if i := slices.Index(e.regs, r); i >= 0 {
+		e.regs = slices.Delete(e.regs, i, i+1)
+		e.applyRegsLocked()
 	}
+}
+
+// applyRegsLocked derives the settings and the profiles from the
+// registrations, oldest first, so that the newest wins. With none left
+// (the engine is being destroyed) the last settings stay.
+func (e *engine) applyRegsLocked() {
+	e.profiles = map[string]*profileRef{}
+	for _, r := range e.regs {
+		p := e.profiles[r.profile]
+		if p == nil {
+			p = &profileRef{}
+			e.profiles[r.profile] = p
+		}
+		p.t, p.conns, p.seq = r.t, r.conns, r.seq
+		p.refs++
+		e.cfg.Store(r.cfg)
+		if r.logger != nil {
+			e.logger.Store(r.logger)
+		}
+		e.latestProfile = r.profile
+	}
+	e.updateWorkersLocked()
 }
 
 // transportFor returns the transport for a message's profile: the

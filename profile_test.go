@@ -5,6 +5,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
 // capturedFiles returns the names of the .eml files in a capture directory.
@@ -73,5 +76,40 @@ func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
 	}
 	if p := senderProfile("alice@example.com", "smtp mail.example.com 587 4:user"); strings.Contains(p, "mail.example.com") || strings.Contains(p, "user") {
 		t.Errorf("profile %q names the route in clear; it is stored with every message", p)
+	}
+}
+
+// TestRejectedReloadRestoresTheRunningSettings: Caddy provisions a new
+// config's handlers before it knows whether the whole config loads; when
+// another part fails, it cleans the new handlers up and keeps the old
+// config. The outbox must then go back to the old handler's transport and
+// delivery settings, not keep the rejected ones (here a wrong SMTP
+// password and another webhook secret).
+func TestRejectedReloadRestoresTheRunningSettings(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	in := newInstance(t, "")
+	running := in.handler(withSMTP(t, srv), func(h *Handler) { h.WebhookSecret = "whsec-running-0123456789" })
+	rejected := in.handler(withSMTP(t, srv), func(h *Handler) {
+		h.SMTP.Password = "wrong-password"
+		h.WebhookSecret = "whsec-rejected-0123456789"
+	})
+	if running.profile != rejected.profile {
+		t.Fatal("a changed password should keep the sender profile")
+	}
+	if got := running.engine.config().webhookSecret; got != "whsec-rejected-0123456789" {
+		t.Fatalf("the newest handler's settings should apply while it is registered, got %q", got)
+	}
+	if err := rejected.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if got := running.engine.config().webhookSecret; got != "whsec-running-0123456789" {
+		t.Errorf("after the rejected handler's cleanup the webhook secret is %q, want the running one", got)
+	}
+	rec, body := call(t, running, http.MethodPost, "/authmail/send/otp", `{"to":"jane@example.org","code":"123456"}`)
+	if rec.Code != http.StatusOK || body["status"] != "sent" {
+		t.Fatalf("send after the rejected reload: %d %s", rec.Code, rec.Body)
+	}
+	if got := srv.WaitMessages(1, 5*time.Second); len(got) != 1 {
+		t.Fatalf("SMTP server got %d messages, want 1", len(got))
 	}
 }
