@@ -129,6 +129,26 @@ func TestLinkExtraction(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("textLinks = %q\nwant %q", got, want)
 	}
+	// links outside URL attributes: conditional comments (Outlook renders
+	// them), text (clients and the derived text part make links of it),
+	// CSS, meta refresh, other attributes; DOCTYPE and xmlns are schemas
+	got = htmlLinks(`<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0//EN" "http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">
+		<html xmlns="http://www.w3.org/1999/xhtml" xmlns:v="urn:schemas-microsoft-com:vml">
+		<!--[if mso]><a href="https://a.example/mso">Click</a><![endif]-->
+		<p>Reset at https://b.example/login</p><style>td{background:url(https://c.example/bg.png)}</style>
+		<meta http-equiv="refresh" content="0;url=https://d.example/r"><div style="background-image:url('https://e.example/i')">
+		<object data="https://f.example/o"></object><p title="x">plain text, no link</p>`)
+	want = []string{"https://a.example/mso", "https://b.example/login", "https://c.example/bg.png", "https://d.example/r", "https://e.example/i", "https://f.example/o"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("htmlLinks (outside URL attributes) = %q\nwant %q", got, want)
+	}
+	// a URL ends at Unicode spaces too, and needs no word boundary before
+	// its scheme
+	got = textLinks("https://app.example.com/\u00a0https://a.example/x https://app.example.com/\u3000https://b.example/ Reset:_https://c.example/")
+	want = []string{"https://app.example.com/", "https://a.example/x", "https://app.example.com/", "https://b.example/", "https://c.example/"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("textLinks (glued) = %q\nwant %q", got, want)
+	}
 	allowed := []string{"https://app.example.com"}
 	for link, want := range map[string]string{
 		"https://app.example.com/x": "", "https://APP.example.com:443/": "", "#top": "", "": "", "mailto:a@b.c": "", "cid:logo": "", "tel:+123": "",

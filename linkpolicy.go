@@ -16,40 +16,66 @@ var urlAttrs = map[string]bool{
 	"background": true, "poster": true, "cite": true, "xlink:href": true,
 }
 
-// htmlLinks returns the URLs in an HTML body's URL attributes.
+// htmlLinks returns the URLs an HTML body can make a reader open or
+// load: the values of URL attributes (href, src, srcset…), absolute URLs
+// anywhere else in attribute values (a style's url(), a meta refresh, an
+// object's data), absolute URLs in text (mail clients turn them into
+// links, and so does the text part authmail derives from the HTML), in
+// style and script content, and in comments, which are read as HTML again
+// because Outlook renders the markup inside conditional comments
+// (<!--[if mso]>…<![endif]-->). The DOCTYPE and xmlns attributes name
+// schemas, not links, and are skipped.
 func htmlLinks(src string) []string {
+	return appendHTMLLinks(nil, src, 0)
+}
+
+// maxCommentDepth bounds how deeply comment content is read again.
+const maxCommentDepth = 4
+
+func appendHTMLLinks(out []string, src string, depth int) []string {
 	z := html.NewTokenizer(strings.NewReader(src))
-	var out []string
 	for {
 		switch z.Next() {
 		case html.ErrorToken:
 			return out
+		case html.TextToken:
+			out = append(out, textLinks(string(z.Text()))...)
+		case html.CommentToken:
+			if depth < maxCommentDepth {
+				out = appendHTMLLinks(out, string(z.Text()), depth+1)
+			} else {
+				out = append(out, textLinks(string(z.Text()))...)
+			}
 		case html.StartTagToken, html.SelfClosingTagToken:
 			_, more := z.TagName()
 			for more {
 				var k, v []byte
 				k, v, more = z.TagAttr()
 				name := strings.ToLower(string(k))
-				if !urlAttrs[name] {
-					continue
-				}
-				if name == "srcset" {
+				switch {
+				case name == "srcset":
 					for _, cand := range strings.Split(string(v), ",") {
 						if f := strings.Fields(cand); len(f) > 0 {
 							out = append(out, f[0])
 						}
 					}
-					continue
+				case urlAttrs[name]:
+					out = append(out, string(v))
+				case name == "xmlns" || strings.HasPrefix(name, "xmlns:"):
+				default:
+					out = append(out, textLinks(string(v))...)
 				}
-				out = append(out, string(v))
 			}
 		}
 	}
 }
 
 // textURL finds URLs in plain text: anything starting with a scheme and
-// "://", or with "www.".
-var textURL = regexp.MustCompile(`(?i)\b(?:[a-z][a-z0-9+.-]*://|www\.)[^\s<>"'` + "`" + `]+`)
+// "://", or with "www.". A URL ends at any space or separator (also the
+// Unicode ones, such as a no-break space, where mail clients end a link
+// too), a control character, or a quote or angle bracket. A scheme needs
+// no word boundary before it: "_https://host" is a link in some clients.
+var textURL = regexp.MustCompile(`(?i)(?:[a-z][a-z0-9+.-]*://|\bwww\.)[^\s\p{Z}\p{Cc}<>"'` + "`" + `]+`)
 
 // textLinks returns the URLs in a plain-text body.
 func textLinks(src string) []string {

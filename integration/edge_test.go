@@ -237,12 +237,25 @@ func TestAllowOriginAndLinkPolicy(t *testing.T) {
 		{`<form action="http://app.example.com/steal"></form>`, "", "html_body", "http://app.example.com"},
 		{`<p>ok</p>`, "Reset at https://evil.example/reset?t=1.", "text_body", "https://evil.example"},
 		{`<p>ok</p>`, "Go to www.evil.example now", "text_body", "https://www.evil.example"},
+		// links outside URL attributes
+		{`<!--[if mso]><a href="https://evil.example/mso">Click</a><![endif]--><p>ok</p>`, "", "html_body", "https://evil.example"},
+		{`<p>Reset at https://evil.example/login</p>`, "", "html_body", "https://evil.example"},
+		{`<div style="background:url(https://tracker.example/p.gif)">x</div>`, "", "html_body", "https://tracker.example"},
+		{`<meta http-equiv="refresh" content="0;url=https://evil.example/r">`, "", "html_body", "https://evil.example"},
+		{`<p>ok</p>`, "https://app.example.com/\u00a0https://evil.example/login", "text_body", "https://evil.example"},
+		{`<p>ok</p>`, "Reset:_https://evil.example/login", "text_body", "https://evil.example"},
 	} {
 		r := send(tc.html, tc.text)
 		expectError(t, r, 422, "link_not_allowed", tc.field)
 		if !strings.Contains(r.str("message"), tc.host) {
 			t.Errorf("message %q does not name %q", r.str("message"), tc.host)
 		}
+	}
+	// an email template's DOCTYPE and xmlns name schemas, not links
+	expectSent(t, send(`<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml"><body><a href="https://app.example.com/x">x</a></body></html>`, ""))
+	if n := len(smtpSrv.Messages()); n != 0 {
+		t.Errorf("refused requests sent %d messages", n)
 	}
 }
 
