@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -300,9 +301,22 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 func (e *engine) postHook(client *http.Client, target, secret, id string, body []byte) error {
 	ctx, cancel := context.WithTimeout(context.Background(), e.tun.hookTimeout)
 	defer cancel()
+	// errors name the host only: the text of Go's *url.Error quotes the
+	// whole URL, and a webhook URL's path or query often carries a token
+	host := "the webhook"
+	if u, err := url.Parse(target); err == nil && u.Host != "" {
+		host = u.Host
+	}
+	withoutURL := func(err error) error {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err
+		}
+		return fmt.Errorf("posting to %s: %w", host, err)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return withoutURL(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "authmail-webhook")
@@ -311,7 +325,7 @@ func (e *engine) postHook(client *http.Client, target, secret, id string, body [
 	}
 	res, err := client.Do(req)
 	if err != nil {
-		return err
+		return withoutURL(err)
 	}
 	defer res.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
