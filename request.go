@@ -113,6 +113,11 @@ func decodeJSON(body []byte, v any) *apiError {
 		}
 		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Message: "the request body is not valid UTF-8"}
 	}
+	// a top-level null would decode into the zero value without an error
+	if t := bytes.TrimLeft(body, " \t\r\n"); len(t) > 0 && t[0] != '{' {
+		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json",
+			Message: "the request body must be a JSON object"}
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {

@@ -137,7 +137,7 @@ func TestRequestFormatErrors(t *testing.T) {
 		}
 	})
 	t.Run("malformed json", func(t *testing.T) {
-		for _, b := range []string{``, `{`, `{"to":}`, `not json`, `{"to":"a@example.org"} {"x":1}`, `["to"]`, `"str"`} {
+		for _, b := range []string{``, `{`, `{"to":}`, `not json`, `{"to":"a@example.org"} {"x":1}`, `["to"]`, `"str"`, `null`, ` null `} {
 			expectError(t, post(t, otp, b), 400, "invalid_json", "")
 		}
 	})
