@@ -828,6 +828,7 @@ func (e *engine) deliver(en *entry) {
 	env, err := e.envelopeOf(en)
 	var d delivery
 	var derr *deliveryError
+	var took time.Duration
 	if err != nil {
 		derr = &deliveryError{Code: codeOutboxUnavailable, Err: err}
 	} else if t := e.transportFor(en.st.Profile); t == nil {
@@ -840,9 +841,10 @@ func (e *engine) deliver(en *entry) {
 		if err != nil && !errors.As(err, &derr) {
 			derr = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: err}
 		}
-		metricAttempt(derr, time.Since(start))
+		took = time.Since(start)
+		metricAttempt(derr, took)
 	}
-	e.recordOutcome(en, d, derr)
+	e.recordOutcome(en, d, derr, took)
 }
 
 // unclaim undoes a claim in memory without sending. With a zero retry
@@ -881,7 +883,7 @@ func (e *engine) envelopeOf(en *entry) (*envelope, error) {
 }
 
 // recordOutcome turns an attempt's result into the next state.
-func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
+func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took time.Duration) {
 	cfg := e.config()
 	now := time.Now()
 	e.mu.Lock()
@@ -952,7 +954,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError) {
 	en.urgent = false
 	e.mu.Unlock()
 	if final || derr != nil {
-		e.logOutcome(st, derr, final)
+		e.logOutcome(st, derr, final, took)
 	}
 	if final {
 		metricFinal(st.Flow, st.Status)
@@ -978,11 +980,17 @@ func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
 	return max(d+jitter, time.Millisecond)
 }
 
-func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool) {
+// logOutcome writes the one line of an attempt's outcome; took is how
+// long the attempt's SMTP transaction (or capture) lasted, zero when no
+// attempt ran (an outcome found after a crash).
+func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool, took time.Duration) {
 	fields := []zap.Field{
 		zap.String("id", st.ID), zap.String("flow", st.Flow), zap.String("key_id", st.KeyID),
 		zap.String("status", st.Status), zap.Int("attempts", st.Attempts),
 		zap.Strings("rcpt", st.Rcpts), zap.Int("recipients", st.Recipients),
+	}
+	if took > 0 {
+		fields = append(fields, zap.Duration("duration", took))
 	}
 	if derr != nil {
 		fields = append(fields, zap.String("error_code", derr.Code))

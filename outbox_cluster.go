@@ -287,7 +287,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		}
 		e.mu.Unlock()
 		for _, m := range interrupted {
-			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true)
+			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true, 0)
 			metricFinal(m.Flow, m.Status)
 		}
 	}

@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -135,13 +136,21 @@ func TestSMTPConnectionFailuresThroughCaddy(t *testing.T) {
 			t.Fatalf("took %s with a 3s timeout", d)
 		}
 	})
-	// the log carries one line per failed attempt with the code, and the
-	// recipient domain only
+	// the log carries one line per failed attempt with the id, flow, key
+	// id, code, how long the attempt took, and the recipient domain only
 	logs, _ := os.ReadFile(logFile)
 	found := false
 	for _, line := range strings.Split(string(logs), "\n") {
 		if strings.Contains(line, `"msg":"delivery attempt failed; will retry"`) && strings.Contains(line, `"error_code":"smtp_timeout"`) &&
 			strings.Contains(line, `"rcpt":["`) && strings.Contains(line, `@example.org"]`) && strings.Contains(line, `"next_attempt_at"`) {
+			var f map[string]any
+			if err := json.Unmarshal([]byte(line), &f); err != nil {
+				t.Fatalf("log line is not JSON: %v", err)
+			}
+			took, _ := f["duration"].(float64) // seconds, Caddy's encoding
+			if f["flow"] != "otp" || f["key_id"] != "app" || f["id"] == "" || took < 2.5 || took > 4.5 {
+				t.Errorf("log line misses id, flow, key_id or a duration near the 3s timeout: %s", line)
+			}
 			found = true
 		}
 	}
