@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -482,4 +483,45 @@ func TestPoolKeyCoversIdentity(t *testing.T) {
 
 func smtpRefusal(code int) error {
 	return &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode{code / 100, 1, 1}, Message: "refused"}
+}
+
+// TestSenderSetupRejectionsAreRetried: a 530 "authentication required"
+// (an account configured without credentials) and a 5xx answer to
+// STARTTLS are the sender's setup, which an operator fixes with a reload,
+// so the message is retried with the code instead of failing; a 5xx
+// elsewhere stays permanent.
+func TestSenderSetupRejectionsAreRetried(t *testing.T) {
+	for _, c := range []struct {
+		phase string
+		code  int
+		want  string
+	}{
+		{phaseMail, 530, codeSMTPAuthFailed},
+		{phaseRcpt, 530, codeSMTPAuthFailed},
+		{phaseStartTLS, 554, codeStartTLSUnsupported},
+		{phaseStartTLS, 454, codeSMTPTransient},
+		{phaseMail, 550, codeSMTPRejected},
+		{phaseRcpt, 550, codeRecipientRefused},
+	} {
+		if got := classifyReply(c.phase, &smtpReply{Code: c.code}); got != c.want {
+			t.Errorf("%s %d: %s, want %s", c.phase, c.code, got, c.want)
+		}
+	}
+	if e := (&deliveryError{Code: codeSMTPAuthFailed, Reply: &smtpReply{Code: 530}}).Error(); !strings.Contains(e, "requires authentication") {
+		t.Errorf("530 message: %q", e)
+	}
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv))
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
+	}})
+	rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`)
+	if rec.Code != http.StatusAccepted || out["error_code"] != codeSMTPAuthFailed {
+		t.Fatalf("530 at MAIL: %d %s", rec.Code, rec.Body)
+	}
+	srv.SetHooks(smtptest.Hooks{})
+	waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Status == stSent })
+	if n := len(srv.Messages()); n != 1 {
+		t.Errorf("%d messages after the retry, want 1", n)
+	}
 }

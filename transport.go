@@ -121,8 +121,14 @@ type deliveryError struct {
 func (e *deliveryError) Error() string {
 	switch e.Code {
 	case codeStartTLSUnsupported:
+		if e.Reply != nil {
+			return "the SMTP server refused STARTTLS (" + e.Reply.String() + "); authmail never falls back to plaintext"
+		}
 		return "the SMTP server does not offer STARTTLS; authmail never falls back to plaintext (use tls implicit for port 465, or tls none only for a trusted local relay)"
 	case codeSMTPAuthFailed:
+		if e.Reply != nil && e.Reply.Code == 530 {
+			return "the SMTP server requires authentication (" + e.Reply.String() + "); check the smtp username and password"
+		}
 		if e.Reply != nil {
 			return "the SMTP server rejected the credentials: " + e.Reply.String()
 		}
@@ -280,10 +286,21 @@ func isTLSError(err error) bool {
 }
 
 // classifyReply maps a server reply in a phase to an error code.
+//
+// Rejections of the sender's setup are retried, like failed
+// authentication, because an operator fixes them with a reload: 530
+// "authentication required" (an account configured without credentials)
+// in any phase, and a 5xx answer to STARTTLS.
 func classifyReply(phase string, r *smtpReply) string {
+	if r.Code == 530 {
+		return codeSMTPAuthFailed
+	}
 	if r.Code >= 500 {
 		if phase == phaseAuth {
 			return codeSMTPAuthFailed
+		}
+		if phase == phaseStartTLS {
+			return codeStartTLSUnsupported
 		}
 		if phase == phaseRcpt {
 			return codeRecipientRefused
