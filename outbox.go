@@ -962,7 +962,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 }
 
 // backoff is the delay before attempt n+1: retry_backoff doubling per
-// attempt, capped at max_backoff, with ±25% jitter. The jitter is drawn
+// attempt, with ±25% jitter, never above max_backoff. The jitter is drawn
 // per batch and attempt, not per message: messages accepted together
 // that failed together are retried together, with one claim write, and
 // their batch can leave memory while it waits (see parking); different
@@ -977,7 +977,13 @@ func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
 	_, _ = h.Write([]byte(batch))
 	_, _ = h.Write([]byte{byte(attempts), byte(attempts >> 8)})
 	jitter := time.Duration(h.Sum64()%uint64(d/2+1)) - d/4
-	return max(d+jitter, time.Millisecond)
+	d += jitter
+	if d > cfg.maxBackoff {
+		// max_backoff is a cap: fold the excess back below it, so that
+		// capped retries stay spread over [0.75, 1] × max_backoff
+		d = max(2*cfg.maxBackoff-d, cfg.maxBackoff*3/4)
+	}
+	return max(d, time.Millisecond)
 }
 
 // logOutcome writes the one line of an attempt's outcome; took is how

@@ -492,3 +492,34 @@ func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
 		t.Fatalf("%d messages still reserved", reserved)
 	}
 }
+
+// TestBackoffDoublesWithJitterUnderTheCap: retry_backoff doubles per
+// attempt with ±25% jitter drawn per batch and attempt, and max_backoff
+// is a hard cap, with capped delays still spread out.
+func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
+	cfg := &engineConfig{retryBackoff: 30 * time.Second, maxBackoff: 30 * time.Minute}
+	for i := range 200 {
+		bid := newID(time.Now().Add(time.Duration(i) * time.Millisecond))
+		for attempts, base := range map[int]time.Duration{1: 30 * time.Second, 2: time.Minute, 3: 2 * time.Minute, 6: 16 * time.Minute} {
+			if d := backoff(cfg, attempts, bid); d < base*3/4 || d > base*5/4 {
+				t.Fatalf("attempt %d: %s, want %s ±25%%", attempts, d, base)
+			}
+		}
+		for _, attempts := range []int{7, 8, 20, 300} {
+			if d := backoff(cfg, attempts, bid); d > cfg.maxBackoff || d < cfg.maxBackoff*3/4 {
+				t.Fatalf("attempt %d: %s, want within [22m30s, 30m]", attempts, d)
+			}
+		}
+		if backoff(cfg, 2, bid) != backoff(cfg, 2, bid) {
+			t.Fatal("the jitter of a batch and attempt must be the same every time")
+		}
+	}
+	// the jitter spreads batches out, at the cap too
+	seen := map[time.Duration]bool{}
+	for i := range 50 {
+		seen[backoff(cfg, 10, newID(time.Now().Add(time.Duration(i)*time.Second)))] = true
+	}
+	if len(seen) < 40 {
+		t.Errorf("only %d distinct capped delays for 50 batches", len(seen))
+	}
+}
