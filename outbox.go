@@ -127,6 +127,9 @@ type entry struct {
 	heapIdx int      // index in engine.ready, -1 when not queued
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
+	// attempting is set once a worker started the claimed message's
+	// attempt; a claim without it can still be given back (at a stop)
+	attempting bool
 	// urgent is set while a request waits for the first attempt: its
 	// outcome is written at once instead of with the next batch of changes.
 	urgent bool
@@ -364,7 +367,11 @@ func (e *engine) shutdown() {
 		return
 	}
 	e.closing = true
+	released := e.releaseAllLocked()
 	e.mu.Unlock()
+	for range released {
+		e.attempts.Done()
+	}
 	if !e.started.Load() {
 		return
 	}
@@ -659,7 +666,7 @@ func (e *engine) worker() {
 			return
 		}
 		for i, en := range group {
-			if e.stopping() {
+			if !e.beginAttempt(en) {
 				e.releaseClaims(group[i:])
 				break
 			}
@@ -727,8 +734,10 @@ func (e *engine) claimGroup() []*entry {
 			e.log().Error("recording delivery attempts failed; retrying later", zap.Int("messages", len(group)), zap.Error(err))
 			retry := time.Now().Add(time.Second)
 			for _, en := range group {
-				e.unclaim(en, retry)
-				e.attempts.Done()
+				// a stop may have given the claim back meanwhile
+				if e.unclaimIfClaimed(en, retry) {
+					e.attempts.Done()
+				}
 			}
 			continue
 		}
@@ -736,24 +745,63 @@ func (e *engine) claimGroup() []*entry {
 	}
 }
 
+// beginAttempt marks a claimed message's attempt as started, unless the
+// engine stops (or lost its work to another instance) or a stop already
+// gave the claim back.
+func (e *engine) beginAttempt(en *entry) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closing || e.adopted || !en.claimed {
+		return false
+	}
+	en.attempting = true
+	return true
+}
+
 // releaseClaims gives claimed messages that were not attempted back to
 // the queue, durably, so that a stop does not turn them into "unknown".
+// Messages whose claim was already given back are skipped.
 func (e *engine) releaseClaims(group []*entry) {
-	if len(group) == 0 {
-		return
-	}
 	e.mu.Lock()
+	n := 0
 	for _, en := range group {
-		en.st.Status = stQueued
-		en.st.Attempts--
-		en.claimed = false
-		heap.Push(&e.ready, en)
-		e.markDirtyLocked(en.b, nil, true)
+		if e.releaseLocked(en) {
+			n++
+		}
 	}
 	e.mu.Unlock()
-	for range group {
+	for range n {
 		e.attempts.Done()
 	}
+}
+
+// releaseLocked gives one claim back if its attempt has not started; the
+// caller then calls attempts.Done for it.
+func (e *engine) releaseLocked(en *entry) bool {
+	if !en.claimed || en.attempting {
+		return false
+	}
+	en.st.Status = stQueued
+	en.st.Attempts--
+	en.claimed = false
+	heap.Push(&e.ready, en)
+	e.markDirtyLocked(en.b, nil, true)
+	return true
+}
+
+// releaseAllLocked gives back every claim whose attempt has not started
+// and returns how many, for attempts.Done. A stop calls it at once, while
+// the state writer still runs: a worker stuck in a slow attempt would
+// otherwise hold its claimed group past the drain, and the next start
+// would record those messages, never attempted, as unknown.
+func (e *engine) releaseAllLocked() int {
+	n := 0
+	for _, en := range e.entries {
+		if e.releaseLocked(en) {
+			n++
+		}
+	}
+	return n
 }
 
 // nextReady blocks until messages are due and returns up to k of them,
@@ -852,9 +900,13 @@ func (e *engine) deliver(en *entry) {
 func (e *engine) unclaim(en *entry, retry time.Time) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.unclaimLocked(en, retry)
+}
+
+func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 	en.st.Status = stQueued
 	en.st.Attempts--
-	en.claimed = false
+	en.claimed, en.attempting = false, false
 	if !retry.IsZero() {
 		en.st.NextAt = retry
 		heap.Push(&e.ready, en)
@@ -882,12 +934,24 @@ func (e *engine) envelopeOf(en *entry) (*envelope, error) {
 	return &envelope{ID: en.st.ID, MessageID: en.st.MessageID, From: from, To: to, Data: data}, nil
 }
 
+// unclaimIfClaimed is unclaim for a claim nobody started an attempt
+// for; it reports false when the claim was already given back.
+func (e *engine) unclaimIfClaimed(en *entry, retry time.Time) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !en.claimed || en.attempting {
+		return false
+	}
+	e.unclaimLocked(en, retry)
+	return true
+}
+
 // recordOutcome turns an attempt's result into the next state.
 func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took time.Duration) {
 	cfg := e.config()
 	now := time.Now()
 	e.mu.Lock()
-	en.claimed = false
+	en.claimed, en.attempting = false, false
 	en.st.Updated = now
 	if en.data != nil {
 		e.bodyBytes.Add(-int64(len(en.data)))

@@ -523,3 +523,99 @@ func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
 		t.Errorf("only %d distinct capped delays for 50 batches", len(seen))
 	}
 }
+
+// TestStopGivesBackClaimsNotYetAttempted: a worker claims a group of
+// queued messages with one write and then attempts them one by one. When
+// Caddy stops while attempts hang (here: the server never answers MAIL),
+// the drain times out; the claimed messages whose attempt never started
+// must be written back as queued, so that the next start sends them,
+// instead of staying "sending" and becoming unknown.
+func TestStopGivesBackClaimsNotYetAttempted(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	blockers, hang := make(chan struct{}), make(chan struct{})
+	var mails atomic.Int32
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		if mails.Add(1) <= 2 {
+			<-blockers // both workers busy while the backlog is accepted
+		} else {
+			<-hang // then every attempt hangs
+		}
+		return nil
+	}})
+	defer close(hang)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, withDelivery(func(d *Delivery) {
+		d.DrainTimeout = caddy.Duration(300 * time.Millisecond)
+	}))
+	send := func(i int) string {
+		rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", fmt.Sprintf(`{"to":"u%d@example.org","code":"1"}`, i), "Prefer: respond-async")
+		if rec.Code != http.StatusAccepted {
+			t.Errorf("%d %s", rec.Code, rec.Body)
+			return ""
+		}
+		return out["id"].(string)
+	}
+	waitMails := func(n int32) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for mails.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d MAIL commands, want %d", mails.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	send(-1)
+	send(-2)
+	waitMails(2)
+	const n = 24
+	ids := make([]string, n)
+	for i := range n {
+		ids[i] = send(i)
+	}
+	close(blockers)
+	// each worker claims a group of the backlog with one write, then
+	// hangs in the first message's MAIL
+	waitMails(4)
+	time.Sleep(50 * time.Millisecond)
+	h.engine.mu.Lock()
+	claimed := 0
+	for _, id := range ids {
+		if en := h.engine.entries[id]; en != nil && en.claimed {
+			claimed++
+		}
+	}
+	h.engine.mu.Unlock()
+	if claimed <= 2 {
+		t.Fatalf("only %d messages claimed; the test needs workers holding groups", claimed)
+	}
+	h.engine.shutdown()
+	// what the next start finds: the two attempts in flight stay sending
+	// (they may have reached the server), every other message is queued
+	st := store{s: h.engine.st.s}
+	sending, queued := 0, 0
+	for _, id := range ids {
+		bs, err := st.loadState(context.Background(), batchOf(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range bs.Messages {
+			if m.ID != id {
+				continue
+			}
+			switch m.Status {
+			case stSending:
+				sending++
+			case stQueued:
+				queued++
+				if m.Attempts != 0 {
+					t.Errorf("%s: queued with %d attempts; it was never attempted", id, m.Attempts)
+				}
+			default:
+				t.Errorf("%s: %s", id, m.Status)
+			}
+		}
+	}
+	if sending != 2 || queued != n-2 {
+		t.Errorf("after the stop: %d sending (want the 2 attempts in flight), %d queued (want %d); %d were claimed", sending, queued, n-2, claimed)
+	}
+}
