@@ -109,7 +109,9 @@ func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath s
 	defer unlock()
 	st := h.engine.st
 	lockName := "authmail_idem_" + keyID + "_" + hash
-	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	// a concurrent duplicate waits for the first request, which may wait
+	// up to the longest Prefer: wait for its first attempt
+	lctx, cancel := context.WithTimeout(ctx, maxPreferWait+30*time.Second)
 	defer cancel()
 	if err := st.s.Lock(lctx, lockName); err != nil {
 		h.logger.Error("locking an idempotency record failed", zap.Error(err))
@@ -134,9 +136,16 @@ func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath s
 		// pending: an earlier attempt stopped between reserving the id and
 		// storing its answer. If the message was accepted, answer for it;
 		// otherwise accept it now under the reserved id.
-		if state, ok, lerr := h.engine.lookup(lctx, rec.ID); lerr == nil && ok {
+		state, ok, lerr := h.engine.lookup(lctx, rec.ID)
+		if lerr != nil {
+			// not knowing whether the message exists, accepting it again
+			// could send it twice
+			h.logger.Error("reading the message of a pending idempotency record failed", zap.Error(lerr))
+			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record's message could not be read; retry later")
+		}
+		if ok {
 			resp := h.answerFor([]msgState{state})
-			h.storeIdem(lctx, key, rec, resp)
+			h.storeIdem(key, rec, resp)
 			resp.replayed = true
 			return resp
 		}
@@ -149,7 +158,7 @@ func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath s
 	}
 	resp := submit(batchOf(rec.ID))
 	if resp.created {
-		h.storeIdem(lctx, key, rec, resp)
+		h.storeIdem(key, rec, resp)
 	} else if !found {
 		// nothing was created: the key stays unused
 		_ = st.s.Delete(context.Background(), key)
@@ -157,8 +166,12 @@ func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath s
 	return resp
 }
 
-func (h *Handler) storeIdem(ctx context.Context, key string, rec idemRecord, resp apiResponse) {
+// storeIdem records the answer. It has its own deadline: the request's
+// may be spent by a long first attempt, and the answer must still land.
+func (h *Handler) storeIdem(key string, rec idemRecord, resp apiResponse) {
 	rec.State, rec.Status, rec.Body, rec.Location = "done", resp.status, resp.body, resp.location
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	if err := h.engine.st.putJSON(ctx, key, rec); err != nil {
 		// the message is accepted; a retry finds the pending record and
 		// answers for the same message

@@ -428,3 +428,70 @@ func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 		t.Fatalf("%d messages delivered, want exactly one", n)
 	}
 }
+
+// TestPendingIdempotencyRecordWithUnreadableMessage: a retry finds the
+// record of a request that reserved its id and may have been accepted
+// (the instance stopped before storing the answer). If the message's
+// state cannot be read, authmail cannot tell whether it exists: it must
+// answer 503 and send nothing, not accept the message again under the
+// same id (which could send it twice). Once storage reads again, the
+// retry answers for the accepted message.
+func TestPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv)
+	ctx := context.Background()
+	body := `{"to":"a@example.org","code":"1"}`
+	r, out := call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: pend-1")
+	if r.Code != 200 {
+		t.Fatalf("%d %s", r.Code, r.Body)
+	}
+	id := out["id"].(string)
+	keys, _ := h.engine.st.s.List(ctx, keyIdem+"app", false)
+	if len(keys) != 1 {
+		t.Fatalf("idempotency records: %v", keys)
+	}
+	var rec idemRecord
+	if err := h.engine.st.getJSON(ctx, keys[0], &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.State, rec.Status, rec.Body = "pending", 0, nil
+	if err := h.engine.st.putJSON(ctx, keys[0], rec); err != nil {
+		t.Fatal(err)
+	}
+	// the batch is no longer in memory (as after a restart) and its
+	// state cannot be read
+	waitRetired(t, h, id)
+	fs.set(func(f *faultyStorage) { f.load = keySt })
+	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: pend-1")
+	if r.Code != 503 || out["error_code"] != "outbox_unavailable" {
+		t.Fatalf("unreadable message of a pending record: %d %s", r.Code, r.Body)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages, want the original one only", n)
+	}
+	fs.set(func(f *faultyStorage) { f.load = "" })
+	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: pend-1")
+	if r.Code != 200 || out["id"] != id || len(srv.Messages()) != 1 {
+		t.Fatalf("retry once storage works: %d %s, %d messages", r.Code, r.Body, len(srv.Messages()))
+	}
+}
+
+// waitRetired waits until the engine no longer holds the message: its
+// batch is final and retired, so lookups read storage.
+func waitRetired(t *testing.T, h *Handler, id string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h.engine.mu.Lock()
+		held := h.engine.entries[id] != nil
+		h.engine.mu.Unlock()
+		if !held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("message %s still held in memory", id)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
