@@ -69,16 +69,20 @@ type adminQueue struct {
 }
 
 // maskUser shows enough of a user name to recognise it: "you@gmail.com"
-// becomes "you***ail.com".
+// becomes "you***ail.com". A name without "@" is often a token (Postmark
+// uses the server token as user name and password), so it shows only its
+// first three characters; short names only their first.
 func maskUser(u string) string {
 	r := []rune(u)
-	if len(r) <= 10 {
-		if len(r) == 0 {
-			return ""
-		}
+	switch {
+	case len(r) == 0:
+		return ""
+	case len(r) <= 10:
 		return string(r[:1]) + "***"
+	case !strings.Contains(u, "@"):
+		return string(r[:3]) + "***"
 	}
-	return string(r[:3]) + "***" + string(r[len(r)-7:])
+	return string(r[:3]) + "***" + string(r[len(r)-min(7, len(r)-6):])
 }
 
 func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error {

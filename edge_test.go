@@ -179,7 +179,8 @@ func TestInvalidUTF8Field(t *testing.T) {
 
 func TestMaskUser(t *testing.T) {
 	for in, want := range map[string]string{"you@gmail.com": "you***ail.com", "mailer": "m***", "": "", "apikey": "a***",
-		"postmaster@mail.example.com": "pos***ple.com"} {
+		"postmaster@mail.example.com": "pos***ple.com", "ab@cdefghij": "ab@***fghij",
+		"3f1c2a9e-5b7d-4c8e-9f01-23456789abcd": "3f1***", "mailer-prod": "mai***"} {
 		if got := maskUser(in); got != want {
 			t.Errorf("maskUser(%q) = %q, want %q", in, got, want)
 		}
