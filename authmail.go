@@ -403,7 +403,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			if len(secret) < minSecretLength {
 				return fmt.Errorf("key '%s': secret is shorter than %d characters", k.ID, minSecretLength)
 			}
-			if !strings.Contains(k.Secret, "{") {
+			if !hasPlaceholder(k.Secret) {
 				h.logger.Warn("API key secret is written literally in the config; use {env.*}, {file.*} or sha256:<hex> so that it does not appear in the JSON config",
 					zap.String("key_id", k.ID))
 			}
@@ -556,7 +556,7 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 			return nil, fmt.Errorf("expanding webhook_secret (redacted): %v", err)
 		}
 		cfg.webhookSecret = secret
-		if !strings.Contains(h.WebhookSecret, "{") {
+		if !hasPlaceholder(h.WebhookSecret) {
 			h.logger.Warn("webhook_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
@@ -602,7 +602,7 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		if out.password, err = repl.ReplaceOrErr(s.Password, true, true); err != nil {
 			return out, fmt.Errorf("smtp: expanding password (redacted): %v", err)
 		}
-		if !strings.Contains(s.Password, "{") {
+		if !hasPlaceholder(s.Password) {
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
@@ -664,6 +664,15 @@ func (h *Handler) Cleanup() error {
 	}
 	return errors.Join(errs...)
 }
+
+// placeholderPattern matches a Caddy placeholder such as {env.API_KEY}
+// or {file./run/secrets/key}.
+var placeholderPattern = regexp.MustCompile(`\{[A-Za-z0-9_.\-/]+\}`)
+
+// hasPlaceholder reports whether a secret is (or holds) a placeholder,
+// expanded at provision time, rather than a literal value: a literal may
+// contain braces too ("ab{cd" is a literal).
+func hasPlaceholder(s string) bool { return placeholderPattern.MatchString(s) }
 
 var keyIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
@@ -898,13 +907,13 @@ func checkKey(id, secret string) error {
 	if secret == "" {
 		return fmt.Errorf("key '%s': secret is required", id)
 	}
-	if hexHash, hashed := strings.CutPrefix(secret, "sha256:"); hashed && !strings.Contains(secret, "{") {
+	if hexHash, hashed := strings.CutPrefix(secret, "sha256:"); hashed && !hasPlaceholder(secret) {
 		if b, err := hex.DecodeString(strings.ToLower(hexHash)); err != nil || len(b) != sha256.Size {
 			return fmt.Errorf("key '%s': a sha256: secret must be followed by 64 hex digits", id)
 		}
 		return nil
 	}
-	if !strings.Contains(secret, "{") && len(secret) < minSecretLength {
+	if !hasPlaceholder(secret) && len(secret) < minSecretLength {
 		return fmt.Errorf("key '%s': secret is shorter than %d characters", id, minSecretLength)
 	}
 	return nil

@@ -561,7 +561,7 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 // the bearer secret itself; authentication compares SHA-256 hashes
 // anyway. Placeholders and sha256: values are kept as written.
 func literalKeyHash(secret string) string {
-	if strings.Contains(secret, "{") || strings.HasPrefix(secret, "sha256:") {
+	if hasPlaceholder(secret) || strings.HasPrefix(secret, "sha256:") {
 		return secret
 	}
 	sum := sha256.Sum256([]byte(secret))

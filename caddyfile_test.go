@@ -241,7 +241,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 // sha256:<hex>; placeholders stay as written; the hashed key still
 // authenticates the original bearer secret.
 func TestCaddyfileHashesLiteralKeys(t *testing.T) {
-	const literal, fromEnv = "literal-key-0123456789", "env-substituted-key-0123456789"
+	const literal, fromEnv, braced = "literal-key-0123456789", "env-substituted-key-0123456789", "braced{literal-key-0123"
 	t.Setenv("AUTHMAIL_TEST_ADAPT_KEY", fromEnv)
 	src := `:8080 {
 	authmail {
@@ -251,19 +251,20 @@ func TestCaddyfileHashesLiteralKeys(t *testing.T) {
 		key sub {$AUTHMAIL_TEST_ADAPT_KEY}
 		key ph {env.AUTHMAIL_UNIT_KEY}
 		key pre sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+		key brace ` + braced + `
 	}
 }`
 	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, secret := range []string{literal, fromEnv} {
+	for _, secret := range []string{literal, fromEnv, braced} {
 		if strings.Contains(string(adapted), secret) {
 			t.Fatalf("the adapted JSON holds the key secret %q:\n%s", secret, adapted)
 		}
 	}
 	sum := func(s string) string { b := sha256.Sum256([]byte(s)); return "sha256:" + hex.EncodeToString(b[:]) }
-	for _, want := range []string{sum(literal), sum(fromEnv), "{env.AUTHMAIL_UNIT_KEY}", "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"} {
+	for _, want := range []string{sum(literal), sum(fromEnv), sum(braced), "{env.AUTHMAIL_UNIT_KEY}", "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"} {
 		if !strings.Contains(string(adapted), `"secret":"`+want+`"`) {
 			t.Fatalf("the adapted JSON lacks secret %q:\n%s", want, adapted)
 		}
