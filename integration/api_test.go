@@ -75,12 +75,12 @@ func TestAuthentication(t *testing.T) {
 	cases := map[string][]string{
 		"no header":         {"Content-Type: application/json"},
 		"empty bearer":      {"Authorization: Bearer ", "Content-Type: application/json"},
-		"wrong key":         {"Authorization: Bearer it-app-key-0123456789abcdeX", "Content-Type: application/json"},
+		"wrong key":         {"Authorization: Bearer " + secret("it-app-key-0123456789abcdeX"), "Content-Type: application/json"},
 		"key prefix":        {"Authorization: Bearer it-app-key", "Content-Type: application/json"},
 		"basic scheme":      {"Authorization: Basic " + keyApp, "Content-Type: application/json"},
 		"no scheme":         {"Authorization: " + keyApp, "Content-Type: application/json"},
 		"placeholder":       {"Authorization: Bearer {env.AUTHMAIL_IT_KEY}", "Content-Type: application/json"},
-		"non-ascii bearer":  {"Authorization: Bearer ключ-0123456789abcdef", "Content-Type: application/json"},
+		"non-ascii bearer":  {"Authorization: Bearer " + secret("ключ-0123456789abcdef"), "Content-Type: application/json"},
 		"wrong content too": {"Authorization: Bearer nope", "Content-Type: text/plain"},
 	}
 	for name, hdrs := range cases {

@@ -143,7 +143,7 @@ func TestFailedAuthenticationIsThrottledPerClientIP(t *testing.T) {
 	from := func(ip string) string { return "X-Forwarded-For: " + ip }
 	body := `{"to":"jane@example.org","code":"1"}`
 	for range 3 {
-		r := call(t, http.MethodPost, "/authmail/send/otp", strings.NewReader(body), "Authorization: Bearer wrong-key-0123456789", "Content-Type: application/json", from("203.0.113.5"))
+		r := call(t, http.MethodPost, "/authmail/send/otp", strings.NewReader(body), "Authorization: Bearer "+secret("wrong-key-0123456789"), "Content-Type: application/json", from("203.0.113.5"))
 		expectError(t, r, 401, "unauthorized", "")
 	}
 	// now even a valid key is refused for that client, for the window
