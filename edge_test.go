@@ -252,3 +252,46 @@ func TestLimitSyncIgnoresWritesInProgress(t *testing.T) {
 		}
 	}
 }
+
+// TestPublishedAuthFailuresAreBounded: failed authentication can come
+// from any number of addresses; an instance publishes only the clients
+// with the most failures, and every other limit in full.
+func TestPublishedAuthFailuresAreBounded(t *testing.T) {
+	h := provisionedHandler(t)
+	e := h.engine
+	e.start()
+	now := time.Now()
+	spec := rateSpec{n: 10, window: time.Minute}
+	for i := range maxPublishedAuthFailures + 500 {
+		e.limits.record(fmt.Sprintf("a:client-%d", i), spec, now)
+	}
+	for i := range 3 { // the worst offender
+		e.limits.record("a:client-7", spec, now.Add(time.Duration(i+1)*time.Millisecond))
+	}
+	e.limits.record("k:app", spec, now)
+	e.syncLimits(context.Background())
+	var ps limiterState
+	if err := e.st.getJSON(context.Background(), keyRL+e.iid, &ps); err != nil {
+		t.Fatal(err)
+	}
+	auth := 0
+	for k := range ps.Events {
+		if strings.HasPrefix(k, "a:") {
+			auth++
+		}
+	}
+	if auth != maxPublishedAuthFailures || len(ps.Events["a:client-7"]) != 4 || len(ps.Events["k:app"]) != 1 {
+		t.Errorf("published %d auth-failure subjects (want %d), worst offender %v, key events %v", auth, maxPublishedAuthFailures, ps.Events["a:client-7"], ps.Events["k:app"])
+	}
+}
+
+func TestAuthFailureSubject(t *testing.T) {
+	for in, want := range map[string]string{
+		"203.0.113.5": "203.0.113.5", "::ffff:203.0.113.5": "203.0.113.5", "2001:db8:1:2:3:4:5:6": "2001:db8:1:2::/64",
+		"fe80::1%eth0": "fe80::/64", "not-an-ip": "not-an-ip",
+	} {
+		if got := authFailureSubject(in); got != want {
+			t.Errorf("authFailureSubject(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -93,7 +93,8 @@ type engine struct {
 	bodyBytes atomic.Int64 // bytes of bodies cached in entries
 
 	limits          *limiter
-	publishedLimits bool // whether this instance has published limiter state
+	saltTemporary   atomic.Bool // the salt is this process's own until storage answers
+	publishedLimits bool        // whether this instance has published limiter state
 
 	tun tunables
 }
@@ -315,6 +316,7 @@ func (e *engine) start() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		if err := e.loadSalt(ctx); err != nil {
 			e.log().Error("reading the hashing salt failed; rate limits and recipient hashes are per process until it can be read", zap.Error(err))
+			e.saltTemporary.Store(true)
 			e.limits.mu.Lock()
 			e.limits.salt = make([]byte, 32)
 			_, _ = crand.Read(e.limits.salt)

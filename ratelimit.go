@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -263,12 +264,24 @@ func (e *engine) loadSalt(ctx context.Context) error {
 	return nil
 }
 
+// maxPublishedAuthFailures bounds the failed-authentication subjects an
+// instance publishes for the cluster.
+const maxPublishedAuthFailures = 2000
+
 // limitSyncLoop publishes this instance's limiter events and reads the
-// other instances'.
+// other instances'. While the cluster's salt could not be read at start
+// (the instance hashes with a salt of its own, so its limits match no
+// peer's), it tries again every round.
 func (e *engine) limitSyncLoop() {
 	defer e.loops.Done()
 	for e.wait(e.tun.limitSync) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		if e.saltTemporary.Load() {
+			if err := e.loadSalt(ctx); err == nil {
+				e.saltTemporary.Store(false)
+				e.log().Info("read the cluster's hashing salt; rate limits are shared and recipient hashes match again")
+			}
+		}
 		e.syncLimits(ctx)
 		cancel()
 	}
@@ -280,8 +293,23 @@ func (e *engine) syncLimits(ctx context.Context) {
 	l.sweep(now)
 	l.mu.Lock()
 	state := limiterState{Instance: e.iid, Updated: now, Events: make(map[string][]int64, len(l.local))}
+	var authFailures []string
 	for k, lg := range l.local {
+		if strings.HasPrefix(k, "a:") {
+			authFailures = append(authFailures, k)
+			continue
+		}
 		state.Events[k] = append([]int64(nil), lg.times...)
+	}
+	// failed authentication comes from anyone on the internet: publish
+	// the clients with the most failures only, so that a flood from many
+	// addresses cannot grow the state every instance writes and reads
+	if len(authFailures) > maxPublishedAuthFailures {
+		slices.SortFunc(authFailures, func(a, b string) int { return len(l.local[b].times) - len(l.local[a].times) })
+		authFailures = authFailures[:maxPublishedAuthFailures]
+	}
+	for _, k := range authFailures {
+		state.Events[k] = append([]int64(nil), l.local[k].times...)
 	}
 	l.mu.Unlock()
 	if len(state.Events) > 0 || e.publishedLimits {

@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -53,7 +54,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	// A client that failed to authenticate too often is refused outright,
 	// even with a valid key, for the rest of the window.
-	ipKey := "a:" + lim.hash(clientIP(r))
+	ipKey := "a:" + lim.hash(authFailureSubject(clientIP(r)))
 	if blocked, wait := lim.blocked(ipKey, h.authFail, now); blocked {
 		return h.rateLimited(w, rc, "rate_limited", "too many failed authentication attempts from this client; retry later", wait)
 	}
@@ -488,6 +489,25 @@ func clientIP(r *http.Request) string {
 		return r.RemoteAddr
 	}
 	return host
+}
+
+// authFailureSubject is what failed authentication is counted against:
+// the client's IPv4 address, or the /64 network of an IPv6 address (a
+// single host usually has a whole /64 to rotate through).
+func authFailureSubject(ip string) string {
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return ip
+	}
+	a = a.Unmap()
+	if a.Is4() {
+		return a.String()
+	}
+	p, err := a.WithZone("").Prefix(64)
+	if err != nil {
+		return ip
+	}
+	return p.String()
 }
 
 func retrySeconds(d time.Duration) string {

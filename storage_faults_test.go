@@ -495,3 +495,35 @@ func waitRetired(t *testing.T, h *Handler, id string) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestSaltIsReadOnceStorageAnswers: an instance that could not read the
+// cluster's hashing salt at start hashes with one of its own, so its
+// limits match no peer's; it reads the salt on a later sync round and
+// then agrees with the other instances again.
+func TestSaltIsReadOnceStorageAnswers(t *testing.T) {
+	old := limitSyncInterval
+	limitSyncInterval = 30 * time.Millisecond
+	t.Cleanup(func() { limitSyncInterval = old })
+	shared := t.TempDir()
+	a := newInstance(t, shared).handler()
+	a.engine.start()
+	in := newInstance(t, shared)
+	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: shared}}
+	fs.set(func(f *faultyStorage) { f.load = "authmail/salt" })
+	b := in.handler(func(h *Handler) { h.storageOverride = fs })
+	b.engine.start()
+	if a.engine.limits.hash("x") == b.engine.limits.hash("x") || !b.engine.saltTemporary.Load() {
+		t.Fatal("with the salt unreadable, the instance should hash with a salt of its own")
+	}
+	fs.set(func(f *faultyStorage) { f.load = "" })
+	deadline := time.Now().Add(5 * time.Second)
+	for a.engine.limits.hash("x") != b.engine.limits.hash("x") {
+		if time.Now().After(deadline) {
+			t.Fatal("the instance never read the cluster's salt")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if b.engine.saltTemporary.Load() {
+		t.Error("still marked temporary")
+	}
+}

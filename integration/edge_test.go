@@ -158,6 +158,14 @@ func TestFailedAuthenticationIsThrottledPerClientIP(t *testing.T) {
 	if r := call(t, http.MethodGet, "/authmail/health", nil, from("203.0.113.5")); r.status != 200 {
 		t.Fatalf("health %d", r.status)
 	}
+	// IPv6 clients are counted per /64: rotating through addresses of
+	// one network does not escape the throttle; another network is apart
+	for _, ip := range []string{"2001:db8:1:2::1", "2001:db8:1:2::ab", "2001:db8:1:2:ffff::7"} {
+		r := call(t, http.MethodPost, "/authmail/send/otp", strings.NewReader(body), "Authorization: Bearer "+secret("wrong-key-0123456789"), "Content-Type: application/json", from(ip))
+		expectError(t, r, 401, "unauthorized", "")
+	}
+	expectError(t, post(t, "/authmail/send/otp", body, from("2001:db8:1:2:1234::9")), 429, "rate_limited", "")
+	expectSent(t, post(t, "/authmail/send/otp", body, from("2001:db8:1:3::1")))
 }
 
 func TestRecipientRateLimit(t *testing.T) {
