@@ -191,12 +191,28 @@ func (e *engine) webhookWorker() {
 		if en == nil {
 			return
 		}
-		cfg := e.config()
+		cfg := e.hookConfigFor(en)
 		if key := strings.Join(cfg.webhookAllow, ","); client == nil || key != clientFor {
 			client, clientFor = webhookClient(cfg.webhookAllow, e.tun.hookTimeout), key
 		}
 		e.deliverHook(client, cfg, en)
 	}
+}
+
+// hookConfigFor returns the settings that sign and route a message's
+// webhook (webhook_secret, webhook_allow_hosts): those of the most recent
+// handler that sends as the message's profile, so that two sites sharing
+// a storage keep their own secrets; else the most recent handler's.
+func (e *engine) hookConfigFor(en *entry) *engineConfig {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	profile := en.st.Profile
+	for i := len(e.regs) - 1; i >= 0; i-- {
+		if e.regs[i].profile == profile {
+			return e.regs[i].cfg
+		}
+	}
+	return e.config()
 }
 
 func (e *engine) nextHook() *entry {

@@ -243,3 +243,41 @@ func netipPort(u string) (string, int, error) {
 	ap, err := netip.ParseAddrPort(u[len("http://"):])
 	return ap.Addr().String(), int(ap.Port()), err
 }
+
+// TestWebhookSettingsStayWithTheirSite: two sites share a storage (one
+// outbox) and send through different routes with different webhook
+// secrets; each site's webhooks are signed with its own secret, whichever
+// site was loaded last.
+func TestWebhookSettingsStayWithTheirSite(t *testing.T) {
+	fastWebhooks(t)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	in := newInstance(t, "")
+	site := func(secret string) *Handler {
+		return in.handler(func(h *Handler) {
+			h.WebhookAllowHosts = []string{"127.0.0.1"}
+			h.WebhookSecret = secret
+		})
+	}
+	a, b := site("secret-of-site-a-0123"), site("secret-of-site-b-0123")
+	for _, c := range []struct {
+		h      *Handler
+		secret string
+	}{{a, "secret-of-site-a-0123"}, {b, "secret-of-site-b-0123"}} {
+		recv.mu.Lock()
+		recv.calls = nil
+		recv.mu.Unlock()
+		body := fmt.Sprintf(`{"to":"jane@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+		if rec, _ := call(t, c.h, "POST", "/authmail/send/otp", body); rec.Code != 200 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		calls := recv.wait(t, 1)
+		if len(calls) != 1 {
+			t.Fatalf("%d webhook calls", len(calls))
+		}
+		m := hmac.New(sha256.New, []byte(c.secret))
+		m.Write(calls[0].body)
+		if got := calls[0].header.Get("X-Email-Service-Signature"); got != "sha256="+hex.EncodeToString(m.Sum(nil)) {
+			t.Errorf("webhook of the site with %q signed with another secret", c.secret)
+		}
+	}
+}
