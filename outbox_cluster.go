@@ -84,7 +84,7 @@ func (e *engine) dropLost(owned []string, listed time.Time) []string {
 		lost = append(lost, id)
 	}
 	for id, pb := range e.parked {
-		if mine[id] || pb.loading || !pb.registered.Before(listed) {
+		if mine[id] || pb.loading || pb.erasing || !pb.registered.Before(listed) {
 			continue
 		}
 		e.forgetParkedLocked(pb)
@@ -224,7 +224,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			// parked batches are ours and current in storage; one that
 			// another instance adopted from us is read again
 			known = instance == e.iid
-			if !known && !pb.loading {
+			if !known && !pb.loading && !pb.erasing {
 				e.forgetParkedLocked(pb)
 			} else if !known {
 				e.mu.Unlock()

@@ -44,6 +44,7 @@ type parkedBatch struct {
 	oldest     time.Time // creation time of the oldest queued message
 	registered time.Time // when this engine took the batch on
 	loading    bool      // being read back from storage
+	erasing    bool      // its final messages' bodies are being erased
 	heapIdx    int       // index in engine.parkHeap, -1 when not in it
 }
 
@@ -132,19 +133,79 @@ func (e *engine) parkLoop() {
 	}
 }
 
-// parkIdle parks every batch with nothing due within parkAfter.
+// parkIdle parks every batch with nothing due within parkAfter. A batch
+// that parks with final messages among those that wait has their bodies
+// and recipients erased from its segment: nobody needs them any more, and
+// the segment may stay for as long as the others retry (max_age).
 func (e *engine) parkIdle(now time.Time) int {
 	horizon := now.Add(e.tun.parkAfter)
+	type erasure struct {
+		pb    *parkedBatch
+		final map[string]bool
+	}
+	var erase []erasure
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	n := 0
 	for _, b := range e.batches {
 		if pb, ok := e.parkableLocked(b, horizon); ok {
+			final := map[string]bool{}
+			for _, en := range b.entries {
+				if finalState(en.st.Status) {
+					final[en.st.ID] = true
+				}
+			}
 			e.parkLocked(b, pb)
+			if len(final) > 0 {
+				pb.erasing = true
+				erase = append(erase, erasure{pb, final})
+			}
 			n++
 		}
 	}
+	e.mu.Unlock()
+	for _, x := range erase {
+		e.eraseFinalBodies(x.pb, x.final)
+	}
 	return n
+}
+
+// eraseFinalBodies rewrites a parked batch's segment without the bodies
+// and envelopes of its final messages. It runs while the batch is parked
+// and marked erasing, so it is not loaded back, attempted or retired
+// meanwhile; a batch that is no longer ours (adopted by another instance)
+// is left alone.
+func (e *engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
+	defer func() {
+		e.mu.Lock()
+		pb.erasing = false
+		e.mu.Unlock()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	seg, err := e.st.loadSegment(ctx, pb.id)
+	if err != nil {
+		if !isNotExist(err) {
+			e.log().Warn("reading a segment to erase delivered bodies failed; trying again when the batch parks next", zap.String("batch", pb.id), zap.Error(err))
+		}
+		return
+	}
+	changed := false
+	for i := range seg.Messages {
+		m := &seg.Messages[i]
+		if final[m.ID] && (m.Data != nil || m.To != nil) {
+			m.Data, m.To, m.From = nil, nil, ""
+			changed = true
+		}
+	}
+	if !changed {
+		return
+	}
+	if !e.st.s.Exists(ctx, keyOwn+e.iid+"/"+pb.id) || !e.st.s.Exists(ctx, keySeg+pb.id) {
+		return // adopted or retired elsewhere meanwhile: never write it back
+	}
+	if err := e.st.putJSON(ctx, keySeg+pb.id, seg); err != nil {
+		e.log().Warn("erasing delivered bodies from a segment failed; trying again when the batch parks next", zap.String("batch", pb.id), zap.Error(err))
+	}
 }
 
 // unparkDue loads back the parked batches due within unparkLead, as long
@@ -154,11 +215,19 @@ func (e *engine) unparkDue(now time.Time) int {
 	e.mu.Lock()
 	var due []*parkedBatch
 	room := e.tun.readyHigh - e.ready.Len()
+	var erasing []*parkedBatch
 	for e.parkHeap.Len() > 0 && !e.parkHeap[0].wake.After(lead) && room > 0 {
 		pb := heap.Pop(&e.parkHeap).(*parkedBatch)
+		if pb.erasing {
+			erasing = append(erasing, pb) // loaded back next round
+			continue
+		}
 		pb.loading = true
 		room -= pb.queued
 		due = append(due, pb)
+	}
+	for _, pb := range erasing {
+		heap.Push(&e.parkHeap, pb)
 	}
 	e.mu.Unlock()
 	n := 0

@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
 	"fmt"
@@ -301,5 +302,74 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 		if st := waitState(t, h2, id, status(stSent)); st.Attempts != 2 {
 			t.Errorf("%s: %d attempts, want 2", id, st.Attempts)
 		}
+	}
+}
+
+// TestParkedBatchLosesItsFinalBodies: a batch whose messages reached
+// different ends (one refused for good, one deferred for an hour) keeps
+// its segment while the deferred one retries; the refused message's body
+// and recipients are erased from it when the batch parks, and the
+// deferred message's stay, so its retry still sends it.
+func TestParkedBatchLosesItsFinalBodies(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(time.Hour))
+	e := h.engine
+	e.tun.parkEvery = time.Hour // parking is driven by the test
+	var deferNotice atomic.Bool
+	deferNotice.Store(true)
+	srv.SetHooks(smtptest.Hooks{Rcpt: func(to string) error {
+		if to == "new@example.org" {
+			return smtpRefusal(550)
+		}
+		if deferNotice.Load() {
+			return smtpRefusal(451)
+		}
+		return nil
+	}})
+	// one request, two messages, one batch: the confirmation to the new
+	// address and the notice to the old one
+	rec, out := call(t, h, "POST", "/authmail/send/email-change", `{"to":"new@example.org","old_email":"old@example.org","token":"SECRET-TOKEN-1"}`)
+	if rec.Code != 502 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	failedID := out["id"].(string)
+	bid := batchOf(failedID)
+	for deadline := time.Now().Add(5 * time.Second); e.parkIdle(time.Now().Add(time.Minute)) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the batch never parked")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	seg, err := e.st.loadSegment(context.Background(), bid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(seg.Messages) != 2 {
+		t.Fatalf("%d messages in the segment", len(seg.Messages))
+	}
+	for _, m := range seg.Messages {
+		switch {
+		case m.ID == failedID && (m.Data != nil || m.To != nil || m.From != ""):
+			t.Errorf("the failed message's body or envelope is still stored: %d bytes, to %v", len(m.Data), m.To)
+		case m.ID != failedID && (!bytes.Contains(m.Data, []byte("old@example.org")) || len(m.To) != 1):
+			t.Errorf("the deferred message lost its body or envelope")
+		}
+	}
+	// the deferred message still goes out from the erased segment
+	deferNotice.Store(false)
+	if n := e.unparkDue(time.Now().Add(2 * time.Hour)); n != 1 {
+		t.Fatalf("loaded %d batches back", n)
+	}
+	e.mu.Lock()
+	for _, en := range e.batches[bid].entries {
+		en.st.NextAt = time.Now()
+		if en.heapIdx >= 0 {
+			heap.Fix(&e.ready, en.heapIdx)
+		}
+	}
+	e.mu.Unlock()
+	e.notify()
+	if got := srv.WaitMessages(1, 5*time.Second); len(got) != 1 || got[0].To[0] != "old@example.org" {
+		t.Fatalf("after the erasure the deferred notice was not sent: %d messages", len(got))
 	}
 }
