@@ -260,3 +260,48 @@ func TestReloadStormUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d messages accepted and delivered exactly once across 12 reloads", n)
 }
+
+// TestSMTPOutageThroughCaddy: the SMTP server is down (connections
+// refused) while a real Caddy accepts messages; they are queued with
+// smtp_connection and retried, and once a server listens on the port
+// again each is delivered exactly once.
+func TestSMTPOutageThroughCaddy(t *testing.T) {
+	down, err := smtptest.New(smtptest.Options{TLS: smtptest.StartTLS, Username: "mailer", Password: smtpPassword, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, certPEM, keyPEM, caFile := down.Addr, down.CAPEM, down.KeyPEM, down.CAFile
+	load(t, config{SMTPPort: down.Port, CAFile: caFile, Extra: "delivery {\n\t\t\tretry_backoff 200ms\n\t\t\tmax_backoff 400ms\n\t\t}"})
+	_ = down.Close() // the outage begins
+	const n = 10
+	ids := make([]string, n)
+	for i := range n {
+		r := post(t, "/authmail/send/otp", fmt.Sprintf(`{"to":"outage%d@example.org","code":"1"}`, i), "Prefer: wait=1")
+		expectQueued(t, r, "smtp_connection")
+		ids[i] = r.str("id")
+	}
+	time.Sleep(time.Second) // a few failed retries
+	back, err := smtptest.New(smtptest.Options{Addr: addr, CertPEM: certPEM, KeyPEM: keyPEM, TLS: smtptest.StartTLS, Username: "mailer", Password: smtpPassword, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	for _, id := range ids {
+		if st := waitStatus(t, id, "sent"); st.json["attempts"].(float64) < 2 {
+			t.Errorf("%s sent after %v attempts, want retries", id, st.json["attempts"])
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // a duplicate would arrive now
+	seen := map[string]int{}
+	for _, m := range back.Messages() {
+		seen[m.To[0]]++
+	}
+	if len(seen) != n {
+		t.Fatalf("delivered to %d recipients, want %d", len(seen), n)
+	}
+	for rcpt, c := range seen {
+		if c != 1 {
+			t.Errorf("%s got %d copies", rcpt, c)
+		}
+	}
+}
