@@ -46,6 +46,46 @@ func TestIdempotencyConcurrentDuplicatesSendOnce(t *testing.T) {
 	}
 }
 
+// TestIdempotencyDuplicatesAcrossInstancesSendOnce: the same request
+// arrives at two instances sharing a storage at the same time (a client
+// retrying through a load balancer); the storage lock and record make one
+// message, whichever instance answers.
+func TestIdempotencyDuplicatesAcrossInstancesSendOnce(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(50 * time.Millisecond); return nil }})
+	shared := t.TempDir()
+	a := newInstance(t, shared).handler(withSMTP(t, srv))
+	b := newInstance(t, shared).handler(withSMTP(t, srv))
+	if a.engine == b.engine {
+		t.Fatal("two instances should have two engines")
+	}
+	body := otp("jane@example.org")
+	var wg sync.WaitGroup
+	codes := make([]int, 10)
+	ids := make([]string, 10)
+	for i := range 10 {
+		h := a
+		if i%2 == 1 {
+			h = b
+		}
+		wg.Go(func() {
+			rec, out := call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: lb-retry-7")
+			codes[i] = rec.Code
+			ids[i], _ = out["id"].(string)
+		})
+	}
+	wg.Wait()
+	for i := range 10 {
+		if codes[i] != 200 || ids[i] != ids[0] || ids[0] == "" {
+			t.Fatalf("request %d: %d id %q (first %q)", i, codes[i], ids[i], ids[0])
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 1 {
+		t.Fatalf("the SMTP server got %d messages for 10 identical idempotent requests on two instances", n)
+	}
+}
+
 func TestIdempotencyRules(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
