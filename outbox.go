@@ -1322,9 +1322,11 @@ func (e *engine) states(entries []*entry) []msgState {
 func (e *engine) queueStats() (int, time.Duration) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	// every resident message not yet final counts, the ones in an attempt
+	// (claimed) too: a message retried for hours is old while it is tried
 	var oldest time.Time
-	for _, en := range e.ready {
-		if oldest.IsZero() || en.st.Created.Before(oldest) {
+	for _, en := range e.entries {
+		if !finalState(en.st.Status) && (oldest.IsZero() || en.st.Created.Before(oldest)) {
 			oldest = en.st.Created
 		}
 	}

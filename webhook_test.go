@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -279,5 +281,52 @@ func TestWebhookSettingsStayWithTheirSite(t *testing.T) {
 		if got := calls[0].header.Get("X-Email-Service-Signature"); got != "sha256="+hex.EncodeToString(m.Sum(nil)) {
 			t.Errorf("webhook of the site with %q signed with another secret", c.secret)
 		}
+	}
+}
+
+// TestQueueFiguresAndWebhookMetric: the queue depth and the age of the
+// oldest unfinished message follow the outbox (a message in an attempt
+// counts), and webhook deliveries are counted by result.
+func TestQueueFiguresAndWebhookMetric(t *testing.T) {
+	fastWebhooks(t)
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "metric-hook-secret-0123"
+	})
+	delivered := func() float64 {
+		var m dto.Metric
+		if err := mWebhooks.WithLabelValues("delivered").Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetCounter().GetValue()
+	}
+	before := delivered()
+	// the server holds every message in DATA until released
+	release := make(chan struct{})
+	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { <-release; return nil }})
+	body := fmt.Sprintf(`{"to":"jane@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	if rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async"); rec.Code != 202 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	time.Sleep(150 * time.Millisecond)
+	depth, age := h.engine.queueStats()
+	if depth != 1 || age < 100*time.Millisecond {
+		t.Errorf("while the attempt hangs: depth %d, oldest age %s", depth, age)
+	}
+	close(release)
+	if calls := recv.wait(t, 1); len(calls) != 1 {
+		t.Fatalf("%d webhook calls", len(calls))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for delivered() < before+1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := delivered() - before; got != 1 {
+		t.Errorf("webhooks_total{result=delivered} grew by %v, want 1", got)
+	}
+	if depth, age := h.engine.queueStats(); depth != 0 || age != 0 {
+		t.Errorf("after delivery: depth %d, oldest age %s", depth, age)
 	}
 }
