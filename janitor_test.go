@@ -244,25 +244,3 @@ func TestJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
 		}
 	}
 }
-
-// configuredStorage is a storage module without a String method whose
-// configuration is its exported fields, like many storage plugins.
-type configuredStorage struct {
-	certmagic.Storage
-	Address string `json:"address"`
-}
-
-// TestStorageIdentityTellsConfigurationsApart: storages of a module
-// without String share an engine only when configured the same, so a
-// reload that changes the address does not keep writing to the old one.
-func TestStorageIdentityTellsConfigurationsApart(t *testing.T) {
-	a := storageIdentity(&configuredStorage{Storage: &certmagic.FileStorage{}, Address: "redis-a:6379"})
-	a2 := storageIdentity(&configuredStorage{Storage: &certmagic.FileStorage{}, Address: "redis-a:6379"})
-	b := storageIdentity(&configuredStorage{Storage: &certmagic.FileStorage{}, Address: "redis-b:6379"})
-	if a != a2 || a == b {
-		t.Errorf("identities: same config %q / %q, other config %q", a, a2, b)
-	}
-	if strings.Contains(a, "redis-a") {
-		t.Errorf("identity %q holds the configuration in clear (it may hold a password)", a)
-	}
-}

@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -266,14 +265,5 @@ func storageIdentity(s certmagic.Storage) string {
 	if fsys, ok := s.(*certmagic.FileStorage); ok {
 		return "file:" + fsys.Path
 	}
-	// a module without String: its exported configuration tells two
-	// differently configured storages apart (a changed address after a
-	// reload gets a new engine rather than the old connection)
-	if b, err := json.Marshal(s); err == nil {
-		sum := sha256.Sum256(b)
-		return fmt.Sprintf("%T:%x", s, sum[:12])
-	}
-	// never the pointer: two engines of one instance on one storage would
-	// both deliver its messages
 	return fmt.Sprintf("%T", s)
 }
