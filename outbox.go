@@ -169,6 +169,16 @@ func senderProfile(from, route string) string {
 	return strings.ToLower(from) + "#" + hex.EncodeToString(sum[:6])
 }
 
+// profileFrom returns a profile's From address. The route hash follows
+// the last "#" (a local part may hold one too); a profile without a
+// route (written by an older version) is the address alone.
+func profileFrom(profile string) string {
+	if i := strings.LastIndexByte(profile, '#'); i >= 0 && !strings.Contains(profile[i:], "@") {
+		return profile[:i]
+	}
+	return profile
+}
+
 // newEngine allocates an engine. It does no I/O; start does.
 func newEngine(key string, s certmagic.Storage, iid string) *engine {
 	e := &engine{
@@ -267,10 +277,10 @@ func (e *engine) transportFor(profile string) transport {
 	if p := e.profiles[profile]; p != nil {
 		return p.t
 	}
-	from, _, _ := strings.Cut(profile, "#")
+	from := profileFrom(profile)
 	var best *profileRef
 	for name, p := range e.profiles {
-		if f, _, _ := strings.Cut(name, "#"); f == from && (best == nil || p.seq > best.seq) {
+		if profileFrom(name) == from && (best == nil || p.seq > best.seq) {
 			best = p
 		}
 	}
@@ -701,50 +711,67 @@ func (e *engine) claimGroup() []*entry {
 		if group == nil {
 			return nil
 		}
-		claimed := make(chan error, 1)
-		var pending sync.WaitGroup
-		var firstErr atomic.Pointer[error]
-		e.mu.Lock()
-		now := time.Now()
-		seen := map[*batch]bool{}
+		switch err := e.writeClaims(group); {
+		case err == nil:
+			return group
+		case errors.Is(err, errShuttingDown):
+			return nil
+		}
+		// the claims were not durable and are undone: try again later
+	}
+}
+
+// writeClaims makes the claims of a group that nextReady took durable
+// with one write per batch. When a stop began in between, it gives the
+// claims back instead (some may be given back already by the stop) and
+// writes nothing, since the state writer may be gone; when the write
+// fails, it undoes the claims, due again a second later.
+func (e *engine) writeClaims(group []*entry) error {
+	e.mu.Lock()
+	if e.closing {
+		n := 0
 		for _, en := range group {
-			en.st.Status = stSending
-			en.st.Attempts++
-			en.st.Updated = now
-			if !seen[en.b] {
-				seen[en.b] = true
-				pending.Add(1)
-				e.markDirtyLocked(en.b, func(err error) {
-					if err != nil {
-						firstErr.CompareAndSwap(nil, &err)
-					}
-					pending.Done()
-				}, true)
+			if e.releaseLocked(en) {
+				n++
 			}
 		}
 		e.mu.Unlock()
-		go func() {
-			pending.Wait()
-			if p := firstErr.Load(); p != nil {
-				claimed <- *p
-			} else {
-				claimed <- nil
-			}
-		}()
-		if err := <-claimed; err != nil {
-			// the claims are not durable: send nothing; try again later
-			e.log().Error("recording delivery attempts failed; retrying later", zap.Int("messages", len(group)), zap.Error(err))
-			retry := time.Now().Add(time.Second)
-			for _, en := range group {
-				// a stop may have given the claim back meanwhile
-				if e.unclaimIfClaimed(en, retry) {
-					e.attempts.Done()
-				}
-			}
-			continue
+		for range n {
+			e.attempts.Done()
 		}
-		return group
+		return errShuttingDown
 	}
+	var pending sync.WaitGroup
+	var firstErr atomic.Pointer[error]
+	seen := map[*batch]bool{}
+	for _, en := range group {
+		if !seen[en.b] {
+			seen[en.b] = true
+			pending.Add(1)
+			e.markDirtyLocked(en.b, func(err error) {
+				if err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+				}
+				pending.Done()
+			}, true)
+		}
+	}
+	e.mu.Unlock()
+	pending.Wait()
+	p := firstErr.Load()
+	if p == nil {
+		return nil
+	}
+	err := *p
+	e.log().Error("recording delivery attempts failed; retrying later", zap.Int("messages", len(group)), zap.Error(err))
+	retry := time.Now().Add(time.Second)
+	for _, en := range group {
+		// a stop may have given the claim back meanwhile
+		if e.unclaimIfClaimed(en, retry) {
+			e.attempts.Done()
+		}
+	}
+	return err
 }
 
 // beginAttempt marks a claimed message's attempt as started, unless the
@@ -826,7 +853,13 @@ func (e *engine) nextReady() []*entry {
 				now := time.Now()
 				for len(group) < k && e.ready.Len() > 0 && !e.ready[0].st.NextAt.After(now) {
 					en := heap.Pop(&e.ready).(*entry)
+					// claimed and sending change together, under the lock,
+					// so that a claim given back (releaseLocked) always
+					// undoes exactly one counted attempt
 					en.claimed = true
+					en.st.Status = stSending
+					en.st.Attempts++
+					en.st.Updated = now
 					group = append(group, en)
 				}
 				e.attempts.Add(len(group))

@@ -619,3 +619,71 @@ func TestStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 		t.Errorf("after the stop: %d sending (want the 2 attempts in flight), %d queued (want %d); %d were claimed", sending, queued, n-2, claimed)
 	}
 }
+
+// TestStopBetweenClaimAndClaimWrite: a worker took a group from the
+// ready queue (claimed, counted as an attempt) and has not written the
+// claims yet when a stop begins. The stop gives the claims back (queued,
+// the attempt count undone), and the worker's claim write then writes
+// nothing and returns at once: before, it could mark the given-back
+// messages "sending" (unknown at the next start) or wait forever for a
+// state writer that had exited.
+func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	hang := make(chan struct{})
+	var mails atomic.Int32
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { mails.Add(1); <-hang; return nil }})
+	defer close(hang)
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, withDelivery(func(d *Delivery) {
+		d.DrainTimeout = caddy.Duration(200 * time.Millisecond)
+	}))
+	e := h.engine
+	send := func(i int) string {
+		rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", fmt.Sprintf(`{"to":"c%d@example.org","code":"1"}`, i), "Prefer: respond-async")
+		if rec.Code != http.StatusAccepted {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		return out["id"].(string)
+	}
+	// both workers hang in MAIL
+	send(-1)
+	send(-2)
+	for deadline := time.Now().Add(5 * time.Second); mails.Load() < 2; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the workers never reached MAIL")
+		}
+	}
+	ids := []string{send(0), send(1), send(2)}
+	group := e.nextReady() // a third worker, between nextReady and its claim write
+	if len(group) == 0 {
+		t.Fatal("nothing to claim")
+	}
+	e.shutdown()
+	done := make(chan error, 1)
+	go func() { done <- e.writeClaims(group) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errShuttingDown) {
+			t.Fatalf("claim write after the stop: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the claim write after the stop never returned")
+	}
+	e.mu.Lock()
+	for _, en := range group {
+		if en.claimed || en.st.Status != stQueued || en.st.Attempts != 0 {
+			t.Errorf("%s after the stop: claimed %v, %s, %d attempts", en.st.ID, en.claimed, en.st.Status, en.st.Attempts)
+		}
+	}
+	e.mu.Unlock()
+	for _, id := range ids {
+		bs, err := e.st.loadState(context.Background(), batchOf(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range bs.Messages {
+			if m.ID == id && (m.Status != stQueued || m.Attempts != 0) {
+				t.Errorf("%s in storage: %s with %d attempts, want queued with 0", id, m.Status, m.Attempts)
+			}
+		}
+	}
+}
