@@ -665,9 +665,9 @@ func (h *Handler) Cleanup() error {
 	return errors.Join(errs...)
 }
 
-// placeholderPattern matches a Caddy placeholder such as {env.API_KEY}
-// or {file./run/secrets/key}.
-var placeholderPattern = regexp.MustCompile(`\{[A-Za-z0-9_.\-/]+\}`)
+// placeholderPattern matches a Caddy placeholder such as {env.API_KEY},
+// {file./run/secrets/key} or {file.C:/keys/app}.
+var placeholderPattern = regexp.MustCompile(`\{[^{}\s]+\}`)
 
 // hasPlaceholder reports whether a secret is (or holds) a placeholder,
 // expanded at provision time, rather than a literal value: a literal may

@@ -163,8 +163,16 @@ func (e *engine) parkIdle(now time.Time) int {
 		}
 	}
 	e.mu.Unlock()
-	for _, x := range erase {
-		e.eraseFinalBodies(x.pb, x.final)
+	if len(erase) > 0 {
+		// in the background, so that slow storage does not hold up the
+		// batches due to be loaded back; an erasing batch waits for it
+		e.loops.Add(1)
+		go func() {
+			defer e.loops.Done()
+			for _, x := range erase {
+				e.eraseFinalBodies(x.pb, x.final)
+			}
+		}()
 	}
 	return n
 }

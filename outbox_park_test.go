@@ -340,6 +340,18 @@ func TestParkedBatchLosesItsFinalBodies(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	// the erasure runs in the background; the batch stays parked meanwhile
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		e.mu.Lock()
+		erasing := e.parked[bid] != nil && e.parked[bid].erasing
+		e.mu.Unlock()
+		if !erasing {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the erasure never finished")
+		}
+	}
 	seg, err := e.st.loadSegment(context.Background(), bid)
 	if err != nil {
 		t.Fatal(err)

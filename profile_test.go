@@ -58,20 +58,28 @@ func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
 	e := newEngine("k", nil, "iid")
 	alice1, alice2, bob := &captureTransport{dir: "a1"}, &captureTransport{dir: "a2"}, &captureTransport{dir: "b"}
 	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
-	e.configure(&engineConfig{}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
-	e.configure(&engineConfig{}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
+	e.configure(&engineConfig{webhookSecret: "alice-2"}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
+	e.configure(&engineConfig{webhookSecret: "bob"}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
+	hash := &captureTransport{dir: "h"}
+	e.configure(&engineConfig{webhookSecret: "hash-site"}, nil, senderProfile("a#b@example.com", "capture h"), hash, 1)
 	for _, c := range []struct {
 		profile string
 		want    transport
+		secret  string // of the webhook settings that follow the same fallback
 	}{
-		{senderProfile("alice@example.com", "capture a1"), alice1},
-		{senderProfile("alice@example.com", "capture a2"), alice2},
-		{senderProfile("alice@example.com", "smtp old.example.com 587 0:"), alice2},
-		{"alice@example.com", alice2}, // a profile written before routes were part of it
-		{senderProfile("carol@example.com", "capture c"), bob},
+		{senderProfile("alice@example.com", "capture a1"), alice1, ""},
+		{senderProfile("alice@example.com", "capture a2"), alice2, "alice-2"},
+		{senderProfile("alice@example.com", "smtp old.example.com 587 0:"), alice2, "alice-2"},
+		{"alice@example.com", alice2, "alice-2"},                            // a profile written before routes were part of it
+		{senderProfile("a#b@example.com", "smtp other"), hash, "hash-site"}, // a local part may hold a "#"
+		{"a#b@example.com", hash, "hash-site"},
+		{senderProfile("carol@example.com", "capture c"), hash, "hash-site"}, // nobody sends as carol: the newest handler
 	} {
 		if got := e.transportFor(c.profile); got != c.want {
 			t.Errorf("transportFor(%q) = %v, want %v", c.profile, got, c.want)
+		}
+		if got := e.hookConfigFor(&entry{st: msgState{Profile: c.profile}}); got.webhookSecret != c.secret {
+			t.Errorf("hookConfigFor(%q) has secret %q, want %q", c.profile, got.webhookSecret, c.secret)
 		}
 	}
 	if p := senderProfile("alice@example.com", "smtp mail.example.com 587 4:user"); strings.Contains(p, "mail.example.com") || strings.Contains(p, "user") {

@@ -184,16 +184,20 @@ func signWebhook(h http.Header, secret, msgID string, ts int64, body []byte) {
 
 // webhookWorker delivers due webhooks.
 func (e *engine) webhookWorker() {
-	var client *http.Client
-	var clientFor string
+	// one client per allow list, so that sites with different lists keep
+	// their connections alive
+	clients := map[string]*http.Client{}
 	for {
 		en := e.nextHook()
 		if en == nil {
 			return
 		}
 		cfg := e.hookConfigFor(en)
-		if key := strings.Join(cfg.webhookAllow, ","); client == nil || key != clientFor {
-			client, clientFor = webhookClient(cfg.webhookAllow, e.tun.hookTimeout), key
+		key := strings.Join(cfg.webhookAllow, ",")
+		client := clients[key]
+		if client == nil {
+			client = webhookClient(cfg.webhookAllow, e.tun.hookTimeout)
+			clients[key] = client
 		}
 		e.deliverHook(client, cfg, en)
 	}
@@ -209,6 +213,14 @@ func (e *engine) hookConfigFor(en *entry) *engineConfig {
 	profile := en.st.Profile
 	for i := len(e.regs) - 1; i >= 0; i-- {
 		if e.regs[i].profile == profile {
+			return e.regs[i].cfg
+		}
+	}
+	// the route changed since the message was queued: the newest handler
+	// with its From address, as for the transport
+	from := profileFrom(profile)
+	for i := len(e.regs) - 1; i >= 0; i-- {
+		if profileFrom(e.regs[i].profile) == from {
 			return e.regs[i].cfg
 		}
 	}
