@@ -15,7 +15,8 @@ func htmlToText(src string) string {
 	z := html.NewTokenizer(strings.NewReader(src))
 	var (
 		w     textWriter
-		skip  int      // depth inside script, style, head…
+		skip  int      // depth inside script, style, svg…
+		head  bool     // inside <head>, which ends without </head> too
 		pre   int      // depth inside <pre>
 		hrefs []string // targets of the open <a> elements
 		marks []int    // output length when each <a> opened
@@ -26,7 +27,7 @@ func htmlToText(src string) string {
 		case html.ErrorToken:
 			return finishText(w.b.String())
 		case html.TextToken:
-			if skip > 0 {
+			if skip > 0 || head {
 				continue
 			}
 			if pre > 0 {
@@ -48,11 +49,20 @@ func htmlToText(src string) string {
 					alt = string(v)
 				}
 			}
+			if a == atom.Head {
+				head = tt == html.StartTagToken
+				continue
+			}
+			if head && !inHead(a) {
+				head = false // <body>, or body content: the head ended without </head>
+			}
 			switch {
 			case skipped(a):
 				if tt == html.StartTagToken {
 					skip++
 				}
+			case skip > 0 || head:
+				// nothing inside a skipped element is output
 			case a == atom.Br:
 				w.newline()
 			case a == atom.Li:
@@ -87,10 +97,13 @@ func htmlToText(src string) string {
 			name, _ := z.TagName()
 			a := atom.Lookup(name)
 			switch {
+			case a == atom.Head:
+				head = false
 			case skipped(a):
 				if skip > 0 {
 					skip--
 				}
+			case skip > 0 || head:
 			case a == atom.Li:
 				w.brk(1)
 			case a == atom.Pre:
@@ -108,8 +121,11 @@ func htmlToText(src string) string {
 				if !linkWorthShowing(href) {
 					continue
 				}
+				// the link text is compared with the target only when it
+				// can be as short as the target: scanning back over long
+				// text for every </a> of nested links would be quadratic
 				shown := ""
-				if mark <= w.b.Len() {
+				if mark <= w.b.Len() && w.b.Len()-mark <= 2*len(href)+16 {
 					shown = strings.TrimSpace(w.b.String()[mark:])
 				}
 				if shown != href && shown != strings.TrimPrefix(href, "mailto:") {
@@ -198,10 +214,21 @@ func (w *textWriter) newline() {
 }
 
 // skipped reports whether an element's content is not readable text.
+// <head> is handled apart: its end tag may be left out.
 func skipped(a atom.Atom) bool {
 	switch a {
-	case atom.Script, atom.Style, atom.Head, atom.Title, atom.Noscript, atom.Template,
+	case atom.Script, atom.Style, atom.Title, atom.Noscript, atom.Template,
 		atom.Svg, atom.Object, atom.Iframe, atom.Select, atom.Textarea:
+		return true
+	}
+	return false
+}
+
+// inHead reports whether an element may appear in <head>; any other
+// start tag (<body> included) ends a head whose </head> was left out.
+func inHead(a atom.Atom) bool {
+	switch a {
+	case atom.Meta, atom.Link, atom.Title, atom.Style, atom.Script, atom.Base, atom.Noscript, atom.Template, atom.Html:
 		return true
 	}
 	return false

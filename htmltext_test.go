@@ -27,6 +27,12 @@ func TestHTMLToText(t *testing.T) {
 		"<div><p></p><p></p><p>x</p></div>":                                         "x\n",
 		"<p>a</p><hr><p>b</p>":                                                      "a\n\n----\n\nb\n",
 		"unclosed <b>tag <p>para":                                                   "unclosed tag\n\npara\n",
+		// a head without </head> ends at <body> or at body content
+		`<html><head><meta charset="utf-8"><body><p>Your receipt #1042</p><a href="https://shop.example/r/1">View</a></body></html>`: "Your receipt #1042\n\nView (https://shop.example/r/1)\n",
+		"<head><title>T</title><p>Hello": "Hello\n",
+		// nothing inside a skipped element reaches the text
+		`<svg><a href="https://evil.example/">x</a><li>y</svg>ok`: "ok\n",
+		`<select><option>a<br>b</select>ok`:                       "ok\n",
 	}
 	for in, want := range cases {
 		if got := htmlToText(in); got != want {
@@ -44,5 +50,19 @@ func TestHTMLToTextIsLinear(t *testing.T) {
 	out := htmlToText(b.String())
 	if strings.Count(out, "(https://x.example/a)") != 100000 {
 		t.Fatal("lost links")
+	}
+}
+
+// BenchmarkHTMLToTextNestedLinks: 25,000 nested links around 130,000
+// line breaks (1 MB). Each </a> compared the whole text written since its
+// <a> with the target, which took over a second; the comparison is now
+// bounded by the target's length. Run with -bench to see the time.
+func BenchmarkHTMLToTextNestedLinks(b *testing.B) {
+	src := strings.Repeat(`<a href="http://a">`, 25000) + strings.Repeat("<br>", 131000) + strings.Repeat("</a>", 25000)
+	b.SetBytes(int64(len(src)))
+	for b.Loop() {
+		if out := htmlToText(src); strings.Count(out, "(http://a)") != 25000 {
+			b.Fatalf("%d links kept", strings.Count(out, "(http://a)"))
+		}
 	}
 }
