@@ -383,8 +383,10 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	}
 	msgs := []*outMessage{m}
 	if old.Addr != "" {
-		if old.Name == "" {
-			old.Name = strings.TrimSpace(req.UserName)
+		// as for the main recipient: the name becomes the display name
+		// only if it can be encoded in the header
+		if name := strings.TrimSpace(req.UserName); old.Name == "" && displayNameProblem(name) == "" {
+			old.Name = name
 		}
 		nd := h.newData("email-change-notice", old, req.UserName, exp)
 		nd.NewEmail, nd.NewEmailMasked = to.Addr, maskAddress(to.Addr)
@@ -483,9 +485,11 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 	d.ExpiresIn = ""
 	d.Event, d.EventTitle = req.Event, ev.title
 	if req.IP != "" {
+		// no zone: "fe80::1%<anything>" would carry arbitrary text (line
+		// breaks included) into a trusted security alert
 		ip, perr := netip.ParseAddr(req.IP)
-		if perr != nil {
-			return nil, "", invalid("ip", "must be an IPv4 or IPv6 address")
+		if perr != nil || ip.Zone() != "" {
+			return nil, "", invalid("ip", "must be an IPv4 or IPv6 address without a zone")
 		}
 		d.IP = ip.String()
 	}
@@ -497,7 +501,8 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 	}
 	d.UserAgent, d.Location = strings.TrimSpace(req.UserAgent), strings.TrimSpace(req.Location)
 	if req.OccurredAt != "" {
-		t, perr := time.Parse(time.RFC3339, req.OccurredAt)
+		// RFC 3339 (5.6) allows a lower-case "t" and "z"; Go's layout does not
+		t, perr := time.Parse(time.RFC3339, strings.ToUpper(req.OccurredAt))
 		if perr != nil {
 			return nil, "", invalid("occurred_at", "must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z")
 		}

@@ -241,3 +241,31 @@ func TestParsePrefer(t *testing.T) {
 		}
 	}
 }
+
+// TestUserNameThatCannotBeADisplayNameInEmailChange: a user_name that
+// cannot be encoded as a display name (a backslash with non-ASCII) still
+// greets the user, but neither the confirmation nor the notice to the
+// old address carries it in To.
+func TestUserNameThatCannotBeADisplayNameInEmailChange(t *testing.T) {
+	h := provisionedHandler(t)
+	msgs, _, aerr := h.prepare(endpoints["/send/email-change"], []byte(`{"to":"new@example.com","old_email":"old@example.com","user_name":"CORP\\Jürgen","token":"abc"}`))
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	if len(msgs) != 2 {
+		t.Fatalf("%d messages", len(msgs))
+	}
+	for _, m := range msgs {
+		if m.to[0].Name != "" {
+			t.Errorf("%s: display name %q", m.to[0].Addr, m.to[0].Name)
+		}
+		env, err := h.buildEnvelope(m, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		hdr, _, _ := strings.Cut(string(env.Data), "\r\n\r\n")
+		if !strings.Contains(hdr, "\r\nTo: <"+m.to[0].Addr+">\r\n") {
+			t.Errorf("To header of %s:\n%s", m.to[0].Addr, hdr)
+		}
+	}
+}

@@ -198,6 +198,7 @@ func TestValidationErrors(t *testing.T) {
 		{"missing event", "/send/security-alert", `{"to":"a@example.org"}`, "invalid_request", "event"},
 		{"unknown event", "/send/security-alert", `{"to":"a@example.org","event":"coffee_spilled"}`, "invalid_request", "event"},
 		{"bad ip", "/send/security-alert", `{"to":"a@example.org","event":"password_changed","ip":"300.1.1.1"}`, "invalid_request", "ip"},
+		{"ip with a zone", "/send/security-alert", `{"to":"a@example.org","event":"password_changed","ip":"fe80::1%eth0\r\n\r\nURGENT: verify at https://evil.example/"}`, "invalid_request", "ip"},
 		{"bad occurred_at", "/send/security-alert", `{"to":"a@example.org","event":"password_changed","occurred_at":"yesterday"}`, "invalid_request", "occurred_at"},
 		{"crlf in user_agent", "/send/security-alert", `{"to":"a@example.org","event":"password_changed","user_agent":"x\r\ny"}`, "invalid_request", "user_agent"},
 		// validation runs before the disabled-event shortcut

@@ -267,6 +267,12 @@ func TestSecurityAlerts(t *testing.T) {
 		t.Error("user agent not escaped in HTML")
 	}
 
+	// RFC 3339 allows a lower-case t and z
+	r = post(t, "/authmail/send/security-alert", `{"to":"a@example.org","event":"new_login","occurred_at":"2026-11-21t10:30:00z"}`)
+	if p := parseMail(t, expectSent(t, r).Data); !strings.Contains(p.Text, "When:       21 November 2026, 10:30 UTC") {
+		t.Errorf("lower-case RFC 3339 time:\n%s", p.Text)
+	}
+
 	// on by default
 	r = post(t, "/authmail/send/security-alert", `{"to":"a@example.org","event":"password_changed"}`)
 	p = parseMail(t, expectSent(t, r).Data)
