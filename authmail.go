@@ -388,9 +388,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	seen := map[[sha256.Size]byte]string{}
 	h.keys = make([]apiKey, 0, len(h.Keys))
 	for _, k := range h.Keys {
-		secret, err := repl.ReplaceOrErr(k.Secret, true, true)
+		secret, err := expandSecret(repl, "key '"+k.ID+"': secret", k.Secret)
 		if err != nil {
-			return fmt.Errorf("key '%s': expanding secret: %v", k.ID, err)
+			return err
 		}
 		var sum [sha256.Size]byte
 		if hexHash, hashed := strings.CutPrefix(secret, "sha256:"); hashed {
@@ -551,9 +551,9 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		cfg.wait = 0
 	}
 	if h.WebhookSecret != "" {
-		secret, err := repl.ReplaceOrErr(h.WebhookSecret, true, true)
+		secret, err := expandSecret(repl, "webhook_secret", h.WebhookSecret)
 		if err != nil {
-			return nil, fmt.Errorf("expanding webhook_secret (redacted): %v", err)
+			return nil, err
 		}
 		cfg.webhookSecret = secret
 		if !hasPlaceholder(h.WebhookSecret) {
@@ -599,8 +599,8 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		if out.username, err = repl.ReplaceOrErr(s.Username, true, true); err != nil {
 			return out, fmt.Errorf("smtp: expanding username: %v", err)
 		}
-		if out.password, err = repl.ReplaceOrErr(s.Password, true, true); err != nil {
-			return out, fmt.Errorf("smtp: expanding password (redacted): %v", err)
+		if out.password, err = expandSecret(repl, "smtp password", s.Password); err != nil {
+			return out, err
 		}
 		if !hasPlaceholder(s.Password) {
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
@@ -665,14 +665,29 @@ func (h *Handler) Cleanup() error {
 	return errors.Join(errs...)
 }
 
-// placeholderPattern matches a Caddy placeholder such as {env.API_KEY},
-// {file./run/secrets/key} or {file.C:/keys/app}.
-var placeholderPattern = regexp.MustCompile(`\{[^{}\s]+\}`)
+// placeholderPattern matches the placeholders a secret may use, expanded
+// at provision time: {env.API_KEY}, {file./run/secrets/key},
+// {file.C:/keys/app}.
+var placeholderPattern = regexp.MustCompile(`\{(?:env|file)\.[^{}\s]+\}`)
 
-// hasPlaceholder reports whether a secret is (or holds) a placeholder,
-// expanded at provision time, rather than a literal value: a literal may
-// contain braces too ("ab{cd" is a literal).
+// hasPlaceholder reports whether a secret is (or holds) an {env.*} or
+// {file.*} placeholder rather than being a literal value: a literal may
+// contain braces too ("ab{cd", "S3cr3t{Pa55}").
 func hasPlaceholder(s string) bool { return placeholderPattern.MatchString(s) }
+
+// expandSecret expands the {env.*} and {file.*} placeholders of a secret;
+// a secret without any is literal and used as written, braces and all.
+// An error names the placeholders, never the secret's literal text.
+func expandSecret(repl *caddy.Replacer, what, s string) (string, error) {
+	if !hasPlaceholder(s) {
+		return s, nil
+	}
+	out, err := repl.ReplaceOrErr(s, true, true)
+	if err != nil {
+		return "", fmt.Errorf("%s: %s is empty or cannot be read", what, strings.Join(placeholderPattern.FindAllString(s, -1), ", "))
+	}
+	return out, nil
+}
 
 var keyIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 

@@ -1,9 +1,11 @@
 package authmail
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"net/http"
 	"reflect"
 	"strings"
 	"testing"
@@ -13,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+	"github.com/caddyserver/certmagic"
 )
 
 // hashedUnitKey is how the adapter writes the literal key of the test
@@ -241,7 +244,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 // sha256:<hex>; placeholders stay as written; the hashed key still
 // authenticates the original bearer secret.
 func TestCaddyfileHashesLiteralKeys(t *testing.T) {
-	const literal, fromEnv, braced = "literal-key-0123456789", "env-substituted-key-0123456789", "braced{literal-key-0123"
+	const literal, fromEnv, braced, braced2 = "literal-key-0123456789", "env-substituted-key-0123456789", "braced{literal-key-0123", "S3cr3t{Pa55w0rd}tail"
 	t.Setenv("AUTHMAIL_TEST_ADAPT_KEY", fromEnv)
 	src := `:8080 {
 	authmail {
@@ -252,19 +255,20 @@ func TestCaddyfileHashesLiteralKeys(t *testing.T) {
 		key ph {env.AUTHMAIL_UNIT_KEY}
 		key pre sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
 		key brace ` + braced + `
+		key brace2 ` + braced2 + `
 	}
 }`
 	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, secret := range []string{literal, fromEnv, braced} {
+	for _, secret := range []string{literal, fromEnv, braced, braced2} {
 		if strings.Contains(string(adapted), secret) {
 			t.Fatalf("the adapted JSON holds the key secret %q:\n%s", secret, adapted)
 		}
 	}
 	sum := func(s string) string { b := sha256.Sum256([]byte(s)); return "sha256:" + hex.EncodeToString(b[:]) }
-	for _, want := range []string{sum(literal), sum(fromEnv), sum(braced), "{env.AUTHMAIL_UNIT_KEY}", "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"} {
+	for _, want := range []string{sum(literal), sum(fromEnv), sum(braced), sum(braced2), "{env.AUTHMAIL_UNIT_KEY}", "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"} {
 		if !strings.Contains(string(adapted), `"secret":"`+want+`"`) {
 			t.Fatalf("the adapted JSON lacks secret %q:\n%s", want, adapted)
 		}
@@ -280,5 +284,31 @@ func TestCaddyfileHashesLiteralKeys(t *testing.T) {
 	}
 	if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Authorization: Bearer "+sum(literal), "X-Dry-Run: true"); rec.Code != 401 {
 		t.Fatalf("the hash itself authenticated: %d", rec.Code)
+	}
+}
+
+// TestSecretsWithBraces: a secret is expanded only for its {env.*} and
+// {file.*} placeholders; other braces are literal text, and an error
+// about a placeholder never quotes the secret's literal part.
+func TestSecretsWithBraces(t *testing.T) {
+	const braced = "S3cr3t{Pa55w0rd}tail-0123"
+	h := provisionedHandler(t, func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: braced}} })
+	if rec, _ := call(t, h, http.MethodPost, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`, "Authorization: Bearer "+braced); rec.Code != http.StatusOK {
+		t.Fatalf("a literal secret with braces: %d %s", rec.Code, rec.Body)
+	}
+	for _, mod := range []func(*Handler){
+		func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "lit{eral}-{env.AUTHMAIL_UNSET_FOR_TEST}"}} },
+		func(h *Handler) { h.WebhookSecret = "lit{eral}-{env.AUTHMAIL_UNSET_FOR_TEST}" },
+	} {
+		h := &Handler{Capture: t.TempDir(), From: "no-reply@example.com", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+			storageOverride: &certmagic.FileStorage{Path: t.TempDir()}}
+		mod(h)
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		err := h.Provision(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "{env.AUTHMAIL_UNSET_FOR_TEST}") || strings.Contains(err.Error(), "eral") {
+			t.Errorf("provision error %v", err)
+		}
+		_ = h.Cleanup()
 	}
 }
