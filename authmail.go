@@ -555,6 +555,9 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		if err != nil {
 			return nil, err
 		}
+		if _, err := webhookKey(secret); err != nil {
+			return nil, fmt.Errorf("webhook_secret: %v", err)
+		}
 		cfg.webhookSecret = secret
 		if !hasPlaceholder(h.WebhookSecret) {
 			h.logger.Warn("webhook_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
@@ -804,8 +807,18 @@ func (h *Handler) checkConfig() error {
 		if d.MaxQueued < 0 {
 			return errors.New("delivery max_queued must not be negative")
 		}
-		if d.RetryBackoff > 0 && d.MaxBackoff > 0 && d.MaxBackoff < d.RetryBackoff {
-			return errors.New("delivery max_backoff must not be shorter than retry_backoff")
+		// with the defaults filled in: "max_backoff 1s" alone is below the
+		// default retry_backoff (30s), "retry_backoff 1h" alone above the
+		// default max_backoff (30m)
+		retry, maxB := time.Duration(d.RetryBackoff), time.Duration(d.MaxBackoff)
+		if retry == 0 {
+			retry = defaultRetryBackoff
+		}
+		if maxB == 0 {
+			maxB = defaultMaxBackoff
+		}
+		if maxB < retry {
+			return fmt.Errorf("delivery max_backoff (%s) must not be shorter than retry_backoff (%s); set both", maxB, retry)
 		}
 	}
 	for _, host := range h.WebhookAllowHosts {
@@ -820,8 +833,10 @@ func (s *SMTP) check() error {
 	if s.Host == "" {
 		return errors.New("smtp: host is required")
 	}
-	if strings.ContainsAny(s.Host, " /\\@\r\n\t") {
-		return fmt.Errorf("smtp: invalid host '%s'", s.Host)
+	if strings.ContainsAny(s.Host, " /\\@\r\n\t{}") {
+		// braces: a placeholder ({env.SMTP_HOST}) is not expanded in the
+		// host; use {$SMTP_HOST} in the Caddyfile
+		return fmt.Errorf("smtp: invalid host '%s' (placeholders are not expanded here; in a Caddyfile use {$VAR})", s.Host)
 	}
 	if s.Port < 0 || s.Port > 65535 {
 		return fmt.Errorf("smtp: invalid port %d", s.Port)

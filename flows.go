@@ -170,6 +170,9 @@ func (h *Handler) checkWebhook(f deliveryFields) (webhookState, *apiError) {
 	if err := checkText("webhook_secret", f.WebhookSecret, 256); err != nil {
 		return webhookState{}, err
 	}
+	if _, err := webhookKey(f.WebhookSecret); err != nil {
+		return webhookState{}, invalid("webhook_secret", "must be base64 after whsec_ (a Standard Webhooks secret)")
+	}
 	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") {
 		return webhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
 	}

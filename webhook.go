@@ -160,11 +160,9 @@ func webhookClient(allow []string, timeout time.Duration) *http.Client {
 // starts with "whsec_" is base64 after the prefix, as Standard Webhooks
 // secrets are; any other secret is used as is.
 func signWebhook(h http.Header, secret, msgID string, ts int64, body []byte) {
-	key := []byte(secret)
-	if rest, ok := strings.CutPrefix(secret, "whsec_"); ok {
-		if dec, err := base64.StdEncoding.DecodeString(rest); err == nil {
-			key = dec
-		}
+	key, err := webhookKey(secret)
+	if err != nil {
+		key = []byte(secret) // refused when configured or requested; kept for old records
 	}
 	tsStr := strconv.FormatInt(ts, 10)
 	mac := func(parts ...[]byte) []byte {
@@ -180,6 +178,22 @@ func signWebhook(h http.Header, secret, msgID string, ts int64, body []byte) {
 	h.Set("X-Email-Service-Timestamp", tsStr)
 	h.Set("X-Email-Service-Signature", "sha256="+hex.EncodeToString(mac(body)))
 	h.Set("X-Email-Service-Signature-V2", "sha256="+hex.EncodeToString(mac([]byte(tsStr+"."), body)))
+}
+
+// webhookKey returns the HMAC key of a webhook secret: the base64 after
+// "whsec_" for a Standard Webhooks secret, else the secret's bytes. A
+// "whsec_" secret that is not valid base64 is an error, since every
+// signature made with it would fail verification.
+func webhookKey(secret string) ([]byte, error) {
+	rest, ok := strings.CutPrefix(secret, "whsec_")
+	if !ok {
+		return []byte(secret), nil
+	}
+	key, err := base64.StdEncoding.DecodeString(rest)
+	if err != nil || len(key) == 0 {
+		return nil, errors.New("must be base64 after whsec_ (a Standard Webhooks secret)")
+	}
+	return key, nil
 }
 
 // webhookWorker delivers due webhooks.

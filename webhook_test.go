@@ -2,6 +2,7 @@ package authmail
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
@@ -18,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -328,5 +331,27 @@ func TestQueueFiguresAndWebhookMetric(t *testing.T) {
 	}
 	if depth, age := h.engine.queueStats(); depth != 0 || age != 0 {
 		t.Errorf("after delivery: depth %d, oldest age %s", depth, age)
+	}
+}
+
+// TestWhsecSecretsMustBeBase64: a Standard Webhooks secret ("whsec_"
+// followed by base64) that does not decode would make every signature
+// fail verification; it is refused in the request and in the config.
+func TestWhsecSecretsMustBeBase64(t *testing.T) {
+	h := newInstance(t, "").handler(func(h *Handler) { h.WebhookAllowHosts = []string{"hooks.example.com"} })
+	rec, out := call(t, h, "POST", "/authmail/send/otp", `{"to":"a@example.org","code":"1","webhook_url":"https://hooks.example.com/x","webhook_secret":"whsec_not*base64!"}`)
+	if rec.Code != 422 || out["field"] != "webhook_secret" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	bad := &Handler{Capture: t.TempDir(), From: "no-reply@example.com", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+		WebhookSecret: "whsec_%%%", storageOverride: &certmagic.FileStorage{Path: t.TempDir()}}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := bad.Provision(ctx); err == nil || !strings.Contains(err.Error(), "webhook_secret") {
+		t.Errorf("provision with an invalid whsec_ secret: %v", err)
+	}
+	_ = bad.Cleanup()
+	if k, err := webhookKey("whsec_" + base64.StdEncoding.EncodeToString([]byte("key"))); err != nil || string(k) != "key" {
+		t.Errorf("valid whsec_: %q %v", k, err)
 	}
 }
