@@ -263,6 +263,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if err != nil {
 					return err
 				}
+				if d.NextBlock(d.Nesting()) {
+					return d.Errf("security alert %s takes no block", ev)
+				}
 				switch v {
 				case "on":
 					h.SecurityAlerts[ev] = true

@@ -223,6 +223,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"unencodable from name":           {"authmail {\n from a@example.com \"CORP\\\\Jürgen\"\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "from display name has a backslash together with non-ASCII"},
 		"max_backoff below default retry": {"authmail {" + minimalBlock + "\n delivery {\n max_backoff 1s\n }\n}", "max_backoff (1s) must not be shorter than retry_backoff (30s)"},
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
+		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
 		"placeholder in smtp host":        {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp {env.SMTP_HOST}\n}", "placeholders are not expanded here"},
 	}
 	for name, tc := range cases {
