@@ -396,3 +396,48 @@ func TestSIGTERMDrainsForABoundedTime(t *testing.T) {
 	}
 	t.Logf("30 accepted; after SIGTERM and a restart %d sent, %d unknown (hung in DATA at the stop)", 30-unknown, unknown)
 }
+
+// TestRecipientLimitSharedAcrossProcesses: two Caddy processes sharing a
+// storage share the per-recipient limit (5 per 15 minutes by default).
+// Sharing is approximate: each instance publishes its counts and reads
+// the others' every 5 seconds, so within that lag each instance counts
+// only what it saw; once the counts are exchanged (at most two rounds),
+// the limit holds for the cluster as a whole.
+func TestRecipientLimitSharedAcrossProcesses(t *testing.T) {
+	srv := smtptest.Start(t, smtptest.Options{Username: "mailer", Password: smtpPassword})
+	storage := t.TempDir()
+	a := startCaddy(t, "a", t.TempDir(), storage, srv)
+	b := startCaddy(t, "b", t.TempDir(), storage, srv)
+	send := func(p *caddyProc) int {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, p.url("/authmail/send/otp"), strings.NewReader(`{"to":"shared-rcpt@example.org","code":"1"}`))
+		req.Header.Set("Authorization", "Bearer "+keyApp)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Prefer", "respond-async")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	for range 3 {
+		if code := send(a); code != 202 {
+			t.Fatalf("a: %d", code)
+		}
+	}
+	for range 2 {
+		if code := send(b); code != 202 {
+			t.Fatalf("b: %d", code)
+		}
+	}
+	time.Sleep(12 * time.Second) // each publishes, then reads the other's (2 rounds of 5s, with margin)
+	for _, p := range []*caddyProc{a, b} {
+		if code := send(p); code != 429 {
+			t.Errorf("6th message through %s: %d, want 429 (5 sent across the cluster)", p.name, code)
+		}
+	}
+	if got := srv.WaitMessages(5, 5*time.Second); len(got) != 5 {
+		t.Errorf("%d messages delivered, want 5", len(got))
+	}
+}
