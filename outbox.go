@@ -1331,12 +1331,8 @@ func (e *engine) lookup(ctx context.Context, id string) (msgState, bool, error) 
 		}
 		return msgState{}, false, err
 	}
-	for _, m := range bs.Messages {
-		if m.ID == id {
-			return m, true, nil
-		}
-	}
-	return msgState{}, false, nil
+	m, ok := bs.message(id)
+	return m, ok, nil
 }
 
 // states snapshots the state of accepted entries.

@@ -123,6 +123,16 @@ type batchState struct {
 	Messages []msgState `json:"messages"`
 }
 
+// message returns the state of the batch's message id.
+func (bs *batchState) message(id string) (msgState, bool) {
+	for _, m := range bs.Messages {
+		if m.ID == id {
+			return m, true
+		}
+	}
+	return msgState{}, false
+}
+
 // store wraps the Caddy storage with the outbox's encodings.
 type store struct {
 	s certmagic.Storage

@@ -524,6 +524,30 @@ func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
 	}
 }
 
+// sendAsync sends an OTP to `to` with Prefer: respond-async and returns
+// the message id of the 202.
+func sendAsync(t *testing.T, h *Handler, to string) string {
+	t.Helper()
+	rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", fmt.Sprintf(`{"to":%q,"code":"1"}`, to), "Prefer: respond-async")
+	if rec.Code != http.StatusAccepted {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	return out["id"].(string)
+}
+
+// waitCount waits until a counter (MAIL commands a hook saw, say)
+// reaches n.
+func waitCount(t *testing.T, c *atomic.Int32, n int32, what string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for c.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d %s, want %d", c.Load(), what, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // TestStopGivesBackClaimsNotYetAttempted: a worker claims a group of
 // queued messages with one write and then attempts them one by one. When
 // Caddy stops while attempts hang (here: the server never answers MAIL),
@@ -546,36 +570,18 @@ func TestStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, withDelivery(func(d *Delivery) {
 		d.DrainTimeout = caddy.Duration(300 * time.Millisecond)
 	}))
-	send := func(i int) string {
-		rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", fmt.Sprintf(`{"to":"u%d@example.org","code":"1"}`, i), "Prefer: respond-async")
-		if rec.Code != http.StatusAccepted {
-			t.Errorf("%d %s", rec.Code, rec.Body)
-			return ""
-		}
-		return out["id"].(string)
-	}
-	waitMails := func(n int32) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for mails.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d MAIL commands, want %d", mails.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
-	send(-1)
-	send(-2)
-	waitMails(2)
+	sendAsync(t, h, "blocker1@example.org")
+	sendAsync(t, h, "blocker2@example.org")
+	waitCount(t, &mails, 2, "MAIL commands")
 	const n = 24
 	ids := make([]string, n)
 	for i := range n {
-		ids[i] = send(i)
+		ids[i] = sendAsync(t, h, fmt.Sprintf("u%d@example.org", i))
 	}
 	close(blockers)
 	// each worker claims a group of the backlog with one write, then
 	// hangs in the first message's MAIL
-	waitMails(4)
+	waitCount(t, &mails, 4, "MAIL commands")
 	time.Sleep(50 * time.Millisecond)
 	h.engine.mu.Lock()
 	claimed := 0
@@ -591,28 +597,22 @@ func TestStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 	h.engine.shutdown()
 	// what the next start finds: the two attempts in flight stay sending
 	// (they may have reached the server), every other message is queued
-	st := store{s: h.engine.st.s}
 	sending, queued := 0, 0
 	for _, id := range ids {
-		bs, err := st.loadState(context.Background(), batchOf(id))
-		if err != nil {
-			t.Fatal(err)
+		m, ok := storedState(h, id)
+		if !ok {
+			t.Fatalf("%s: no state in storage", id)
 		}
-		for _, m := range bs.Messages {
-			if m.ID != id {
-				continue
+		switch m.Status {
+		case stSending:
+			sending++
+		case stQueued:
+			queued++
+			if m.Attempts != 0 {
+				t.Errorf("%s: queued with %d attempts; it was never attempted", id, m.Attempts)
 			}
-			switch m.Status {
-			case stSending:
-				sending++
-			case stQueued:
-				queued++
-				if m.Attempts != 0 {
-					t.Errorf("%s: queued with %d attempts; it was never attempted", id, m.Attempts)
-				}
-			default:
-				t.Errorf("%s: %s", id, m.Status)
-			}
+		default:
+			t.Errorf("%s: %s", id, m.Status)
 		}
 	}
 	if sending != 2 || queued != n-2 {
@@ -637,22 +637,11 @@ func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
 		d.DrainTimeout = caddy.Duration(200 * time.Millisecond)
 	}))
 	e := h.engine
-	send := func(i int) string {
-		rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", fmt.Sprintf(`{"to":"c%d@example.org","code":"1"}`, i), "Prefer: respond-async")
-		if rec.Code != http.StatusAccepted {
-			t.Fatalf("%d %s", rec.Code, rec.Body)
-		}
-		return out["id"].(string)
-	}
 	// both workers hang in MAIL
-	send(-1)
-	send(-2)
-	for deadline := time.Now().Add(5 * time.Second); mails.Load() < 2; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the workers never reached MAIL")
-		}
-	}
-	ids := []string{send(0), send(1), send(2)}
+	sendAsync(t, h, "blocker1@example.org")
+	sendAsync(t, h, "blocker2@example.org")
+	waitCount(t, &mails, 2, "MAIL commands")
+	ids := []string{sendAsync(t, h, "c0@example.org"), sendAsync(t, h, "c1@example.org"), sendAsync(t, h, "c2@example.org")}
 	group := e.nextReady() // a third worker, between nextReady and its claim write
 	if len(group) == 0 {
 		t.Fatal("nothing to claim")
@@ -676,14 +665,8 @@ func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
 	}
 	e.mu.Unlock()
 	for _, id := range ids {
-		bs, err := e.st.loadState(context.Background(), batchOf(id))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, m := range bs.Messages {
-			if m.ID == id && (m.Status != stQueued || m.Attempts != 0) {
-				t.Errorf("%s in storage: %s with %d attempts, want queued with 0", id, m.Status, m.Attempts)
-			}
+		if m, ok := storedState(h, id); !ok || m.Status != stQueued || m.Attempts != 0 {
+			t.Errorf("%s in storage: %s with %d attempts (found: %v), want queued with 0", id, m.Status, m.Attempts, ok)
 		}
 	}
 }

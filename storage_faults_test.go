@@ -232,19 +232,21 @@ func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
 	}
 }
 
-// storedStatus reads a message's state from storage, not from memory.
-func storedStatus(t *testing.T, h *Handler, id string) string {
-	t.Helper()
+// storedState reads a message's state from storage, not from memory; ok
+// is false when it cannot be read or is not there.
+func storedState(h *Handler, id string) (msgState, bool) {
 	bs, err := h.engine.st.loadState(context.Background(), batchOf(id))
 	if err != nil {
-		return ""
+		return msgState{}, false
 	}
-	for _, m := range bs.Messages {
-		if m.ID == id {
-			return m.Status
-		}
-	}
-	return ""
+	return bs.message(id)
+}
+
+// storedStatus is the status of storedState, "" when there is none.
+func storedStatus(t *testing.T, h *Handler, id string) string {
+	t.Helper()
+	m, _ := storedState(h, id)
+	return m.Status
 }
 
 // TestClaimThatCannotBeWrittenSendsNothing: a worker must make its claim
