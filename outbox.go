@@ -154,7 +154,6 @@ type batch struct {
 // its messages go out through.
 type profileRef struct {
 	t     transport
-	refs  int
 	conns int
 	seq   uint64 // when it was last configured
 }
@@ -256,7 +255,6 @@ func (e *engine) applyRegsLocked() {
 			e.profiles[r.profile] = p
 		}
 		p.t, p.conns, p.seq = r.t, r.conns, r.seq
-		p.refs++
 		e.cfg.Store(r.cfg)
 		if r.logger != nil {
 			e.logger.Store(r.logger)
@@ -729,16 +727,8 @@ func (e *engine) claimGroup() []*entry {
 func (e *engine) writeClaims(group []*entry) error {
 	e.mu.Lock()
 	if e.closing {
-		n := 0
-		for _, en := range group {
-			if e.releaseLocked(en) {
-				n++
-			}
-		}
 		e.mu.Unlock()
-		for range n {
-			e.attempts.Done()
-		}
+		e.releaseClaims(group)
 		return errShuttingDown
 	}
 	var pending sync.WaitGroup
@@ -810,10 +800,7 @@ func (e *engine) releaseLocked(en *entry) bool {
 	if !en.claimed || en.attempting {
 		return false
 	}
-	en.st.Status = stQueued
-	en.st.Attempts--
-	en.claimed = false
-	heap.Push(&e.ready, en)
+	e.unclaimLocked(en, en.st.NextAt) // due as before
 	e.markDirtyLocked(en.b, nil, true)
 	return true
 }
@@ -930,8 +917,8 @@ func (e *engine) deliver(en *entry) {
 	e.recordOutcome(en, d, derr, took)
 }
 
-// unclaim undoes a claim in memory without sending. With a zero retry
-// time the message is not queued again (its batch is no longer ours).
+// unclaim undoes a claim in memory without sending; the message is due
+// again at retry.
 func (e *engine) unclaim(en *entry, retry time.Time) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -942,10 +929,8 @@ func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 	en.st.Status = stQueued
 	en.st.Attempts--
 	en.claimed, en.attempting = false, false
-	if !retry.IsZero() {
-		en.st.NextAt = retry
-		heap.Push(&e.ready, en)
-	}
+	en.st.NextAt = retry
+	heap.Push(&e.ready, en)
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
