@@ -282,12 +282,17 @@ func recipient(to addressList, userName string) (mailAddr, *apiError) {
 	if err := checkText("user_name", userName, maxUserNameRunes); err != nil {
 		return a, err
 	}
-	// the name greets the user in the templates in any case; it becomes
-	// the display name only if it can be encoded in the header
+	return withUserName(a, userName), nil
+}
+
+// withUserName gives an address without a display name the user's name
+// as one, if it can be encoded in the header. The name greets the user in
+// the templates in any case.
+func withUserName(a mailAddr, userName string) mailAddr {
 	if name := strings.TrimSpace(userName); a.Name == "" && displayNameProblem(name) == "" {
 		a.Name = name
 	}
-	return a, nil
+	return a
 }
 
 func (h *Handler) newData(flow string, to mailAddr, userName string, expiry int) *templateData {
@@ -386,11 +391,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	}
 	msgs := []*outMessage{m}
 	if old.Addr != "" {
-		// as for the main recipient: the name becomes the display name
-		// only if it can be encoded in the header
-		if name := strings.TrimSpace(req.UserName); old.Name == "" && displayNameProblem(name) == "" {
-			old.Name = name
-		}
+		old = withUserName(old, req.UserName)
 		nd := h.newData("email-change-notice", old, req.UserName, exp)
 		nd.NewEmail, nd.NewEmailMasked = to.Addr, maskAddress(to.Addr)
 		notice, err := h.compose("email-change-notice", old, nd)
