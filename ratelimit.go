@@ -137,16 +137,8 @@ func retryAfter(oldest int64, spec rateSpec, now time.Time) time.Duration {
 // take records an event for key if the limit allows it; otherwise it
 // returns how long to wait.
 func (l *limiter) take(key string, spec rateSpec, now time.Time) (bool, time.Duration) {
-	if spec.n == 0 {
-		return true, 0
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if n, oldest := l.countLocked(key, spec, now); n >= spec.n {
-		return false, retryAfter(oldest, spec, now)
-	}
-	l.recordLocked(key, spec, now)
-	return true, 0
+	i, wait := l.takeAll([]string{key}, spec, now)
+	return i < 0, wait
 }
 
 // takeAll is take for several keys at once: it records an event for
