@@ -519,27 +519,29 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// durOr is a configured duration, or def when it is not set.
+func durOr(v caddy.Duration, def time.Duration) time.Duration {
+	if v > 0 {
+		return time.Duration(v)
+	}
+	return def
+}
+
 // deliveryConfig resolves the delivery settings with their defaults.
 func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 	d := h.Delivery
 	if d == nil {
 		d = &Delivery{}
 	}
-	dur := func(v caddy.Duration, def time.Duration) time.Duration {
-		if v > 0 {
-			return time.Duration(v)
-		}
-		return def
-	}
 	cfg := &engineConfig{
-		wait:           dur(d.Wait, defaultWait),
-		retryBackoff:   dur(d.RetryBackoff, defaultRetryBackoff),
-		maxBackoff:     dur(d.MaxBackoff, defaultMaxBackoff),
-		maxAge:         dur(d.MaxAge, defaultMaxAge),
-		retention:      dur(d.Retention, defaultRetention),
-		idemTTL:        dur(d.IdempotencyTTL, defaultIdempotencyTTL),
-		lease:          dur(d.Lease, defaultLease),
-		drain:          dur(d.DrainTimeout, defaultDrainTimeout),
+		wait:           durOr(d.Wait, defaultWait),
+		retryBackoff:   durOr(d.RetryBackoff, defaultRetryBackoff),
+		maxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
+		maxAge:         durOr(d.MaxAge, defaultMaxAge),
+		retention:      durOr(d.Retention, defaultRetention),
+		idemTTL:        durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
+		lease:          durOr(d.Lease, defaultLease),
+		drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
 		maxQueued:      d.MaxQueued,
 		retryUncertain: d.RetryUncertain,
 		webhookAllow:   h.WebhookAllowHosts,
@@ -810,13 +812,7 @@ func (h *Handler) checkConfig() error {
 		// with the defaults filled in: "max_backoff 1s" alone is below the
 		// default retry_backoff (30s), "retry_backoff 1h" alone above the
 		// default max_backoff (30m)
-		retry, maxB := time.Duration(d.RetryBackoff), time.Duration(d.MaxBackoff)
-		if retry == 0 {
-			retry = defaultRetryBackoff
-		}
-		if maxB == 0 {
-			maxB = defaultMaxBackoff
-		}
+		retry, maxB := durOr(d.RetryBackoff, defaultRetryBackoff), durOr(d.MaxBackoff, defaultMaxBackoff)
 		if maxB < retry {
 			return fmt.Errorf("delivery max_backoff (%s) must not be shorter than retry_backoff (%s); set both", maxB, retry)
 		}
