@@ -7,7 +7,9 @@
 #      same Caddy binary and process, same wrk settings;
 #   2. end-to-end delivery on loopback: N messages submitted to authmail
 #      until postfix's smtp-sink has received all of them, next to raw
-#      go-mail sending as many same-size messages over as many connections;
+#      go-mail sending as many same-size messages over as many connections,
+#      and the CPU time each process (client, Caddy, smtp-sink) spends per
+#      delivered message;
 #   3. the same through a TCP proxy that adds DELAY each way;
 #   1b. async accept again on an instance whose SMTP server is unreachable
 #      (no delivery work competing for the CPU);
@@ -234,6 +236,15 @@ kv() { tr ' ' '\n' | sed -n "s/^$1=//p" | head -1; }
 fmt_num() { awk -v x="$1" -v d="${2:-0}" 'BEGIN { printf "%.*f", d, x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f%%", 100 * a / b; else print "n/a" }'; }
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }'; }
+# cpu_ticks PID [user]: the CPU time a process has used (user+system, or
+# user only), in clock ticks
+cpu_ticks() {
+	awk -v only="${2:-}" '{ print (only == "user") ? $14 : $14 + $15 }' "/proc/$1/stat"
+}
+CLK_TCK=$(getconf CLK_TCK)
+# us_per_msg SECONDS: microseconds per message of phase 2's N*REPS
+us_per_msg() { awk -v s="$1" -v n="$((N * REPS))" 'BEGIN { printf "%.0f", s * 1e6 / n }'; }
+ticks_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { print t / hz }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # authmail_block SMTP_PORT STORAGE [delivery options...]: the handler config
@@ -512,14 +523,22 @@ GM_RATES=()
 AM_RATES=()
 AM_SUBMIT=()
 GM_SIZE=
+# CPU time per process over the runs, in clock ticks (Caddy and smtp-sink,
+# from /proc) and seconds (the clients report their own)
+GM_CLIENT_S=0 GM_SINK_T=0 AM_CLIENT_S=0 AM_CADDY_T=0 AM_CADDY_UT=0 AM_SINK_T=0
 for rep in $(seq 1 "$REPS"); do
+	s0=$(cpu_ticks "$SINK_PID")
 	line=$("$BIN/gomailbench" -addr "127.0.0.1:$SINK_PORT" -n "$N" -conns "$SMTP_CONNS" -sample "$SAMPLE" "${GM_FLAGS[@]}" -sink-counter "$SINK_OUT")
+	s1=$(cpu_ticks "$SINK_PID")
 	log "run $rep go-mail:  $line"
 	[ "$(kv failed <<<"$line")" = 0 ] || log "WARNING: go-mail send failures"
 	GM_RATES+=("$(kv e2e_rate <<<"$line")")
 	GM_SIZE=$(kv size <<<"$line")
 	MSG_SIZE=$(kv target_size <<<"$line")
+	GM_CLIENT_S=$(awk -v a="$GM_CLIENT_S" -v b="$(kv cpu_s <<<"$line")" 'BEGIN { print a + b }')
+	GM_SINK_T=$((GM_SINK_T + s1 - s0))
 
+	s0=$(cpu_ticks "$SINK_PID") c0=$(cpu_ticks "$CADDY_PID") cu0=$(cpu_ticks "$CADDY_PID" user)
 	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 180s)
 	log "run $rep authmail: $line"
 	[ "$(kv accepted <<<"$line")" = "$N" ] || P2_BAD=1
@@ -529,10 +548,27 @@ for rep in $(seq 1 "$REPS"); do
 	AM_RATES+=("$(kv e2e_rate <<<"$line")")
 	AM_SUBMIT+=("$(kv submit_rps <<<"$line")")
 	wait_queue_empty 120 || true
+	# Caddy's work on these messages ends with their last state writes
+	# and the removal of their batches, shortly after the last delivery
+	sleep 1
+	s1=$(cpu_ticks "$SINK_PID") c1=$(cpu_ticks "$CADDY_PID") cu1=$(cpu_ticks "$CADDY_PID" user)
+	AM_CLIENT_S=$(awk -v a="$AM_CLIENT_S" -v b="$(kv cpu_s <<<"$line")" 'BEGIN { print a + b }')
+	AM_SINK_T=$((AM_SINK_T + s1 - s0)) AM_CADDY_T=$((AM_CADDY_T + c1 - c0)) AM_CADDY_UT=$((AM_CADDY_UT + cu1 - cu0))
 done
 GM_RATE=$(median "${GM_RATES[@]}")
 AM_RATE=$(median "${AM_RATES[@]}")
 AM_SUBMIT_RATE=$(median "${AM_SUBMIT[@]}")
+GM_CLIENT_US=$(us_per_msg "$GM_CLIENT_S")
+GM_SINK_US=$(us_per_msg "$(ticks_s "$GM_SINK_T")")
+AM_CLIENT_US=$(us_per_msg "$AM_CLIENT_S")
+AM_CADDY_US=$(us_per_msg "$(ticks_s "$AM_CADDY_T")")
+AM_CADDY_USER_US=$(us_per_msg "$(ticks_s "$AM_CADDY_UT")")
+AM_SINK_US=$(us_per_msg "$(ticks_s "$AM_SINK_T")")
+GM_ALL_US=$((GM_CLIENT_US + GM_SINK_US))
+AM_ALL_US=$((AM_CLIENT_US + AM_CADDY_US + AM_SINK_US))
+# the CPU all processes may spend per message for authmail to deliver at
+# 80% of go-mail's median rate, if the machine's cores were the only limit
+CPU_BUDGET_US=$(awk -v c="$(nproc)" -v r="$GM_RATE" 'BEGIN { printf "%.0f", c * 1e6 / (0.8 * r) }')
 P2_ERRORS=$(caddy_errors)
 P2_ERROR_SUMMARY=$(error_summary)
 stop "$CADDY_PID"
@@ -688,6 +724,17 @@ Messages accepted in the measured authmail run: $P1_ACCEPTED, delivered to smtp-
 | +$DELAY each way (delay proxy) | $N_DELAY | $(fmt_num "$GMD_RATE") | $(fmt_num "$AMD_RATE")$(bad "$P3_BAD") | **$(ratio "$AMD_RATE" "$GMD_RATE")** |
 
 Loopback runs: go-mail $(printf '%s ' "${GM_RATES[@]}")msgs/s; authmail $(printf '%s ' "${AM_RATES[@]}")msgs/s (submission alone: $(printf '%s ' "${AM_SUBMIT[@]}")requests/s with $SUBMIT_CONC concurrent requests).
+
+CPU time per delivered message on loopback, over all $REPS runs of each (Caddy and smtp-sink from \`/proc/<pid>/stat\`, user plus system time; the two clients from \`getrusage\`, counted until their last message was handed over):
+
+| Process | go-mail runs | authmail runs |
+| --- | ---: | ---: |
+| sender: go-mail's client / the HTTP load generator | ${GM_CLIENT_US} µs | ${AM_CLIENT_US} µs |
+| Caddy with authmail (of which user time) | | ${AM_CADDY_US} µs (${AM_CADDY_USER_US} µs) |
+| smtp-sink | ${GM_SINK_US} µs | ${AM_SINK_US} µs |
+| **all processes** | **${GM_ALL_US} µs** | **${AM_ALL_US} µs** |
+
+Delivering at 80% of go-mail's median rate on these $(nproc) cores leaves at most $(nproc) × 1 s ÷ (0.8 × $(fmt_num "$GM_RATE") msgs/s) = **${CPU_BUDGET_US} µs** of CPU per message for all processes together, if the cores were the only limit; authmail's runs used ${AM_ALL_US} µs.
 
 ### 4. Memory with $N_QUEUE messages queued
 

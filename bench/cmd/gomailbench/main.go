@@ -27,6 +27,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-authmail/authmail/bench/internal/cpu"
 	"github.com/caddy-authmail/authmail/bench/internal/sinkcount"
 	"github.com/wneessen/go-mail"
 )
@@ -117,8 +118,9 @@ func main() {
 	if e := firstErr.Load(); e != nil {
 		fmt.Fprintln(os.Stderr, "gomailbench: first error:", e)
 	}
-	out := fmt.Sprintf("GOMAIL n=%d conns=%d target_size=%d size=%d without_noop=%t sent=%d failed=%d send_s=%.3f",
-		*n, *conns, *size, rendered, *withoutNoop, sent.Load(), failed.Load(), end.Sub(start).Seconds())
+	// the client's CPU time, before waiting for the sink
+	out := fmt.Sprintf("GOMAIL n=%d conns=%d target_size=%d size=%d without_noop=%t sent=%d failed=%d send_s=%.3f cpu_s=%.3f",
+		*n, *conns, *size, rendered, *withoutNoop, sent.Load(), failed.Load(), end.Sub(start).Seconds(), cpu.Seconds())
 	delivered := int(sent.Load())
 	if *sinkFile != "" {
 		var got int
