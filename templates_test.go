@@ -1,10 +1,15 @@
 package authmail
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 func TestDefaultTemplatesRenderEveryFlow(t *testing.T) {
@@ -177,5 +182,54 @@ func TestHumanMinutesAndMask(t *testing.T) {
 		if got := maskAddress(in); got != want {
 			t.Errorf("maskAddress(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestTemplateThatFailsAtRuntime: a custom template can pass the
+// provision-time self-test and still fail for some request's data (here
+// a user name shorter than the template slices). The request gets a 500
+// internal_error, nothing is accepted or sent, and the log line names the
+// flow and the template error without the code.
+func TestTemplateThatFailsAtRuntime(t *testing.T) {
+	dir := t.TempDir()
+	writeTemplate(t, dir, "otp.txt", `{{define "content"}}Hello {{slice .UserName 0 5}}, your code is {{.Code}}{{end}}`)
+	var capture string
+	h := provisionedHandler(t, func(h *Handler) { h.Templates = dir; capture = h.Capture })
+	core, logs := observer.New(zap.DebugLevel)
+	h.logger = zap.New(core)
+	auth := []string{"Authorization: Bearer 0123456789abcdef0123", "Content-Type: application/json"}
+
+	rec, _ := serve(t, h, "POST", "/authmail/send/otp", `{"to":"a@example.com","user_name":"Jonathan","code":"RUNTIME-OK-1"}`, auth...)
+	if rec.Code != 200 {
+		t.Fatalf("a name the template can slice: %d %s", rec.Code, rec.Body)
+	}
+	rec, _ = serve(t, h, "POST", "/authmail/send/otp", `{"to":"b@example.com","user_name":"Al","code":"RUNTIME-SECRET-2"}`, auth...)
+	var resp map[string]any
+	if err := json.Unmarshal(rec.Body.Bytes(), &resp); err != nil {
+		t.Fatalf("not JSON: %q", rec.Body)
+	}
+	if rec.Code != 500 || resp["error_code"] != "internal_error" || resp["message"] != "the message could not be rendered; see the server log" {
+		t.Errorf("a name the template cannot slice: %d %v", rec.Code, resp)
+	}
+	if _, ok := resp["id"]; ok {
+		t.Errorf("the failed request got a message id: %v", resp)
+	}
+	files, _ := os.ReadDir(capture)
+	if len(files) != 1 {
+		t.Errorf("capture holds %d messages, want only the first request's", len(files))
+	}
+	var found bool
+	for _, e := range logs.All() {
+		line, _ := json.Marshal(e.ContextMap())
+		if strings.Contains(e.Message+string(line), "RUNTIME-SECRET-2") {
+			t.Errorf("the code is in the log: %s %s", e.Message, line)
+		}
+		if e.Message == "rendering template failed" && e.ContextMap()["flow"] == "otp" &&
+			strings.Contains(fmt.Sprint(e.ContextMap()["error"]), "slice") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no log line names the flow and the template error: %v", logs.All())
 	}
 }
