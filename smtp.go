@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -49,6 +50,9 @@ type smtpSettings struct {
 	helo        string
 	timeout     time.Duration
 	connections int
+	// noPipelining sends MAIL, each RCPT and DATA one at a time even when
+	// the server offers PIPELINING (tests use it to cover that path)
+	noPipelining bool
 }
 
 // poolKey identifies the sender for these settings. Every field that
@@ -57,7 +61,7 @@ func (s *smtpSettings) poolKey() string {
 	h := sha256.New()
 	for _, v := range []string{
 		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
-		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections),
+		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections), strconv.FormatBool(s.noPipelining),
 	} {
 		// length-prefix each field so that no two configs collide
 		fmt.Fprintf(h, "%d:%s|", len(v), v)
@@ -211,8 +215,10 @@ func (s *smtpSender) closeConn(c *smtpConn) {
 		return
 	}
 	c.closed = true
-	_ = c.raw.SetDeadline(time.Now().Add(smtpQuitTimeout))
-	_ = c.client.Quit()
+	if !c.inData {
+		_ = c.raw.SetDeadline(time.Now().Add(smtpQuitTimeout))
+		_ = c.client.Quit()
+	}
 	_ = c.raw.Close()
 	s.open.Add(-1)
 }
@@ -325,7 +331,14 @@ func (s *smtpSender) dial(ctx context.Context) (*smtpConn, *deliveryError) {
 	ok = true
 	s.open.Add(1)
 	s.dials.Add(1)
-	return &smtpConn{raw: raw, client: client}, nil
+	c := &smtpConn{raw: raw, client: client}
+	if has, _ := client.Extension("PIPELINING"); has && !s.cfg.noPipelining {
+		c.pipelining = true
+	}
+	if has, _ := client.Extension("8BITMIME"); has {
+		c.mailParams = " BODY=8BITMIME" // what go-mail's Mail adds
+	}
+	return c, nil
 }
 
 // unwrapHello returns the EHLO error when both EHLO and HELO failed, so
@@ -380,6 +393,15 @@ type smtpConn struct {
 	client   *smtp.Client
 	lastUsed time.Time
 	closed   bool
+	// pipelining: the server announced PIPELINING (RFC 2920), so MAIL,
+	// the RCPTs and DATA go out in one write
+	pipelining bool
+	mailParams string // appended to MAIL FROM, e.g. " BODY=8BITMIME"
+	// inData: the server is reading a message whose final dot was not
+	// sent. Such a connection is only ever closed, never written to: any
+	// command (QUIT included) would first end the open message with a dot
+	// (textproto closes an open DotWriter) and deliver it, truncated.
+	inData bool
 }
 
 // transact runs one mail transaction. healthy reports whether the
@@ -404,62 +426,178 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 		return delivery{}, de, c.reset(deadline)
 	}
 
-	deadline()
-	if err := c.client.Mail("<" + env.From + ">"); err != nil {
-		return fail(phaseMail, err)
-	}
+	// refusals collects RCPT refusals; the first permanent one decides
+	// the outcome
 	var firstRefusal *deliveryError
 	refused, permanent := 0, false
-	for _, rcpt := range env.To {
-		deadline()
-		err := c.client.Rcpt("<" + rcpt + ">")
-		if err == nil {
-			continue
-		}
-		r := replyFrom(err)
-		if r == nil || r.Code == 421 {
-			return fail(phaseRcpt, err)
-		}
+	refuse := func(r *smtpReply, err error) {
 		refused++
 		if r.Code >= 500 && !permanent {
-			// report the first permanent refusal: it decides the outcome
 			permanent = true
 			firstRefusal = &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Reply: r, Err: err}
 		} else if firstRefusal == nil {
 			firstRefusal = &deliveryError{Code: codeSMTPTransient, Phase: phaseRcpt, Reply: r, Err: err}
 		}
 	}
-	if refused > 0 {
-		// never deliver to a subset of the recipients
+	refusal := func() *deliveryError {
 		firstRefusal.Refused = refused
 		firstRefusal.Recipients = len(env.To)
-		return delivery{}, firstRefusal, c.reset(deadline)
+		return firstRefusal
+	}
+
+	var body io.WriteCloser
+	if c.pipelining {
+		// MAIL, every RCPT and DATA in one write, then their replies in
+		// order: one round trip where there were 2 + recipients
+		dataOpen, de, healthy := c.pipeline(env, deadline, refuse)
+		if de != nil {
+			return delivery{}, de, healthy
+		}
+		if refused > 0 {
+			if dataOpen {
+				// DATA was accepted although a recipient was refused: the
+				// only way out that delivers to nobody is to hang up
+				// before the final dot
+				return delivery{}, refusal(), false
+			}
+			return delivery{}, refusal(), c.reset(deadline)
+		}
+		if !dataOpen {
+			// cannot happen: pipeline opens DATA, fails or reports refusals
+			return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
+				Err: errors.New("the server did not open DATA")}, false
+		}
+		body = c.client.Text.DotWriter()
+	} else {
+		deadline()
+		if err := c.client.Mail("<" + env.From + ">"); err != nil {
+			return fail(phaseMail, err)
+		}
+		for _, rcpt := range env.To {
+			deadline()
+			err := c.client.Rcpt("<" + rcpt + ">")
+			if err == nil {
+				continue
+			}
+			r := replyFrom(err)
+			if r == nil || r.Code == 421 {
+				return fail(phaseRcpt, err)
+			}
+			refuse(r, err)
+		}
+		if refused > 0 {
+			// never deliver to a subset of the recipients
+			return delivery{}, refusal(), c.reset(deadline)
+		}
+		deadline()
+		w, err := c.client.Data()
+		if err != nil {
+			return fail(phaseData, err)
+		}
+		c.inData = true
+		dc, ok := w.(*smtp.DataCloser)
+		if !ok {
+			// cannot happen with go-mail v0.8; refuse rather than guess
+			return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
+				Err: errors.New("unexpected SMTP data writer")}, false
+		}
+		body = dc.WriteCloser
 	}
 	deadline()
-	w, err := c.client.Data()
-	if err != nil {
-		return fail(phaseData, err)
-	}
-	dc, ok := w.(*smtp.DataCloser)
-	if !ok {
-		// cannot happen with go-mail v0.8; refuse rather than guess
-		return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
-			Err: errors.New("unexpected SMTP data writer")}, false
-	}
-	deadline()
-	if _, err := dc.WriteCloser.Write(env.Data); err != nil {
+	if _, err := body.Write(env.Data); err != nil {
 		return fail(phaseBody, err)
 	}
 	// Close writes and flushes the final dot. If that fails, the server
 	// has not received the end of the message and cannot accept it.
-	if err := dc.WriteCloser.Close(); err != nil {
+	if err := body.Close(); err != nil {
 		return fail(phaseBody, err)
 	}
+	c.inData = false
 	_, msg, err := c.client.Text.ReadResponse(250)
 	if err != nil {
 		return fail(phaseEnd, err)
 	}
 	return delivery{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
+}
+
+// pipeline sends MAIL, the RCPTs and DATA in one write (RFC 2920) and
+// reads their replies in order. dataOpen reports that the server accepted
+// DATA and now reads the message, and RCPT refusals go to refuse. Any other
+// failure is returned classified; when it was a plain reply, the rest of
+// the replies have been read and the transaction reset, so healthy says
+// whether the connection can be reused.
+func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpReply, error)) (dataOpen bool, de *deliveryError, healthy bool) {
+	if strings.ContainsAny(env.From, "\r\n") {
+		return false, &deliveryError{Code: codeSMTPRejected, Phase: phaseMail, Err: errors.New("sender address contains a line break")}, true
+	}
+	for _, rcpt := range env.To {
+		if strings.ContainsAny(rcpt, "\r\n") {
+			return false, &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Err: errors.New("recipient address contains a line break")}, true
+		}
+	}
+	// broken ends the transaction on a connection failure or a 421, which
+	// leave the connection unusable; nothing was accepted, so a reused
+	// connection may be replaced by a fresh one and the message retried
+	broken := func(phase string, err error) (bool, *deliveryError, bool) {
+		de := classify(phase, err)
+		de.fresh = true
+		return false, de, false
+	}
+	t := c.client.Text
+	deadline()
+	_, _ = t.W.WriteString("MAIL FROM:<" + env.From + ">" + c.mailParams + "\r\n")
+	for _, rcpt := range env.To {
+		_, _ = t.W.WriteString("RCPT TO:<" + rcpt + ">\r\n")
+	}
+	_, _ = t.W.WriteString("DATA\r\n")
+	if err := t.W.Flush(); err != nil {
+		return broken(phaseMail, err)
+	}
+	deadline()
+	_, _, mailErr := t.ReadResponse(250)
+	if mailErr != nil {
+		if r := replyFrom(mailErr); r == nil || r.Code == 421 {
+			return broken(phaseMail, mailErr)
+		}
+	}
+	accepted := 0
+	for range env.To {
+		_, _, err := t.ReadResponse(25)
+		if err == nil {
+			accepted++
+			continue
+		}
+		r := replyFrom(err)
+		if r == nil || r.Code == 421 {
+			return broken(phaseRcpt, err)
+		}
+		if mailErr == nil {
+			refuse(r, err)
+		}
+	}
+	_, _, dataErr := t.ReadResponse(354)
+	if dataErr != nil {
+		if r := replyFrom(dataErr); r == nil || r.Code == 421 {
+			return broken(phaseData, dataErr)
+		}
+	}
+	switch {
+	case mailErr != nil && dataErr == nil:
+		// DATA accepted after a refused MAIL: hang up before the dot
+		c.inData = true
+		return true, classify(phaseMail, mailErr), false
+	case mailErr != nil:
+		return false, classify(phaseMail, mailErr), c.reset(deadline)
+	case dataErr == nil:
+		c.inData = true
+		return true, nil, true
+	case accepted < len(env.To):
+		// DATA fails when no recipient was accepted; the caller reports
+		// the refusals and resets
+		return false, nil, true
+	default:
+		return false, classify(phaseData, dataErr), c.reset(deadline)
+	}
 }
 
 // reset aborts the current transaction; the connection is reusable only

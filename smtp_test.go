@@ -27,7 +27,35 @@ func testSettings(srv *smtptest.Server) smtpSettings {
 		host: "127.0.0.1", port: srv.Port, tlsMode: tlsStartTLS,
 		tlsConfig: &tls.Config{ServerName: "127.0.0.1", RootCAs: pool, MinVersion: tls.VersionTLS12},
 		username:  "user", password: "s3cret-pass", helo: "test.local",
-		timeout: 2 * time.Second, connections: 2,
+		timeout: 2 * time.Second, connections: 2, noPipelining: testNoPipelining,
+	}
+}
+
+// testNoPipelining makes testSettings' senders send MAIL, each RCPT and
+// DATA one at a time. The test server offers PIPELINING, so the tests
+// cover the pipelined transaction by default, and
+// TestSMTPTransactionsWithoutPipelining runs them again without.
+var testNoPipelining bool
+
+// TestSMTPTransactionsWithoutPipelining runs the transaction tests with
+// a sender that does not pipeline, as with a server that does not offer
+// PIPELINING.
+func TestSMTPTransactionsWithoutPipelining(t *testing.T) {
+	testNoPipelining = true
+	defer func() { testNoPipelining = false }()
+	for name, test := range map[string]func(*testing.T){
+		"ExactBytes":             TestSMTPStartTLSAuthDeliversExactBytes,
+		"ImplicitTLS":            TestSMTPImplicitTLS,
+		"ReplyClassification":    TestSMTPReplyClassification,
+		"PartialRefusal":         TestSMTPPartialRecipientRefusalSendsNothing,
+		"DropAfterFinalDot":      TestSMTPDropAfterFinalDotIsUncertain,
+		"SlowReplyAfterFinalDot": TestSMTPSlowReplyAfterDotIsUncertain,
+		"DropBeforeData":         TestSMTPDropBeforeDataOnFreshConnectionIsNotRetried,
+		"ReuseAndRedial":         TestSMTPReusesConnectionsAndRedialsDeadOnes,
+		"ParallelWithinLimit":    TestSMTPParallelSendsStayWithinConnectionLimit,
+		"SetupRejectionsRetried": TestSenderSetupRejectionsAreRetried,
+	} {
+		t.Run(name, test)
 	}
 }
 
@@ -108,6 +136,44 @@ func TestSMTPNoTLSToLoopbackRelay(t *testing.T) {
 	}
 	if m := srv.Messages(); len(m) != 1 || m[0].TLS || m[0].AuthUser != "user" {
 		t.Fatalf("want one plaintext authenticated message, got %+v", m)
+	}
+}
+
+// TestSMTPBodyCutOffIsNeverCompleted: when writing the message times out
+// (the server stopped reading), the sender must hang up without a final
+// dot: a server that got the end of a cut-off message would accept it,
+// and the outbox would retry it, so the reader would get a cut-off copy
+// and then a whole one. Any command written to such a connection would
+// first end the open message (textproto completes an open DotWriter
+// before a command, QUIT included); the sender writes nothing more to it.
+// Without TLS the socket still takes writes after the timeout, so this is
+// where a dot could get through.
+func TestSMTPBodyCutOffIsNeverCompleted(t *testing.T) {
+	srv := authServer(t, smtptest.None)
+	release := make(chan struct{})
+	srv.SetHooks(smtptest.Hooks{DataStart: func() { <-release }})
+	cfg := testSettings(srv)
+	cfg.tlsMode = tlsNone
+	cfg.timeout = 500 * time.Millisecond
+	s := newTestSender(t, cfg)
+	env := testEnvelope("a@example.org")
+	// far more than the loopback socket buffers hold
+	line := strings.Repeat("x", 998) + "\r\n"
+	env.Data = []byte("Subject: big\r\n\r\n" + strings.Repeat(line, 24<<10))
+	_, err := s.send(context.Background(), env)
+	expectCode(t, err, codeSMTPTimeout, phaseBody)
+	close(release) // the server reads what arrived, up to the hang-up
+	for deadline := time.Now().Add(10 * time.Second); srv.OpenConnections() > 0 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if srv.OpenConnections() != 0 {
+		t.Fatal("the server still holds the connection")
+	}
+	if a := srv.Attempts(); len(a) != 0 {
+		t.Fatalf("the server completed a message of %d of %d bytes", len(a[0].Data), len(env.Data))
+	}
+	if a := srv.Aborted(); len(a) != 1 || len(a[0]) == 0 || len(a[0]) >= len(env.Data) {
+		t.Errorf("want one message cut off after part of its bytes, got %d", len(a))
 	}
 }
 
@@ -288,10 +354,53 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 		t.Errorf("message = %s", de.Error())
 	}
 	if len(srv.Attempts()) != 0 {
-		t.Fatal("DATA must not run when any recipient was refused")
+		t.Fatalf("no message may arrive when any recipient was refused: %+v", srv.Attempts()[0])
 	}
 	if !de.permanent() {
 		t.Error("a 550 recipient refusal is permanent")
+	}
+	// Pipelined, the server has already accepted DATA for the other two
+	// recipients: the sender hangs up before the final dot without
+	// writing anything more (a QUIT would only become message text), and
+	// the next message goes out on a new connection. One at a time, DATA
+	// is never sent and the transaction is reset on the same connection.
+	if _, err := s.send(context.Background(), testEnvelope("good@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	wantConns, wantAborted := 2, 1
+	if testNoPipelining {
+		wantConns, wantAborted = 1, 0
+	}
+	if a := srv.Aborted(); len(a) != wantAborted || (len(a) == 1 && len(a[0]) != 0) {
+		t.Errorf("DATA ended without a dot %d times (want %d), with %q", len(a), wantAborted, a)
+	}
+	if got := srv.Connections(); got != wantConns {
+		t.Errorf("connections = %d, want %d", got, wantConns)
+	}
+	if msgs := srv.Messages(); len(msgs) != 1 || len(msgs[0].To) != 1 || msgs[0].To[0] != "good@example.org" || string(msgs[0].Data) != testBody {
+		t.Errorf("after the refusal, the server got %+v", msgs)
+	}
+}
+
+// TestSMTPPipeliningWhenOffered: the test server offers PIPELINING and
+// 8BITMIME, and the sender uses both.
+func TestSMTPPipeliningWhenOffered(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	s := newTestSender(t, testSettings(srv))
+	if _, err := s.send(context.Background(), testEnvelope("a@example.org", "b@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	c := s.takeIdle()
+	if c == nil {
+		t.Fatal("no idle connection after a send")
+	}
+	defer s.putIdle(c)
+	if c.pipelining == testNoPipelining || c.mailParams != " BODY=8BITMIME" || c.inData {
+		t.Errorf("pipelining %v, MAIL parameters %q, inData %v", c.pipelining, c.mailParams, c.inData)
+	}
+	msgs := srv.Messages()
+	if len(msgs) != 1 || strings.Join(msgs[0].To, ",") != "a@example.org,b@example.org" || msgs[0].From != "from@example.com" {
+		t.Errorf("the server got %+v", msgs)
 	}
 }
 

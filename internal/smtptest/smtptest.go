@@ -75,6 +75,10 @@ type Options struct {
 type Hooks struct {
 	Mail func(from string) error
 	Rcpt func(to string) error
+	// DataStart runs when the server has answered DATA with 354, before
+	// it reads the message; blocking in it stalls the reading, so that a
+	// large message fills the socket buffers and the client's writes block.
+	DataStart func()
 	// Data runs after the whole message, before the reply to the final
 	// dot. Sleeping in it simulates a slow server.
 	Data func(m *Message) error
@@ -108,14 +112,17 @@ type Server struct {
 	srv  *smtp.Server
 	ln   net.Listener
 
-	mu     sync.Mutex
-	hooks  Hooks
-	msgs   []*Message
-	conns  int
-	open   int
-	auths  int
-	live   map[*trackedConn]bool
-	notify chan struct{}
+	mu    sync.Mutex
+	hooks Hooks
+	msgs  []*Message
+	// aborted holds what arrived of each message whose DATA ended
+	// without the final dot (the client hung up)
+	aborted [][]byte
+	conns   int
+	open    int
+	auths   int
+	live    map[*trackedConn]bool
+	notify  chan struct{}
 }
 
 // Start starts a server for the test and stops it at the end of the test.
@@ -231,6 +238,14 @@ func (s *Server) Messages() []*Message {
 	return out
 }
 
+// Aborted returns, for every DATA that ended without the final dot (the
+// client hung up), the bytes that arrived of the message.
+func (s *Server) Aborted() [][]byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([][]byte(nil), s.aborted...)
+}
+
 // Attempts returns every message that went through DATA, accepted or not.
 func (s *Server) Attempts() []*Message {
 	s.mu.Lock()
@@ -255,7 +270,7 @@ func (s *Server) WaitMessages(n int, timeout time.Duration) []*Message {
 // Reset forgets the recorded messages and counters (not open connections).
 func (s *Server) Reset() {
 	s.mu.Lock()
-	s.msgs, s.conns, s.auths = nil, 0, 0
+	s.msgs, s.aborted, s.conns, s.auths = nil, nil, 0, 0
 	s.mu.Unlock()
 }
 
@@ -591,8 +606,14 @@ func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 }
 
 func (ss *session) Data(r io.Reader) error {
+	if h := ss.hooks().DataStart; h != nil {
+		h()
+	}
 	b, err := io.ReadAll(r)
 	if err != nil {
+		ss.s.mu.Lock()
+		ss.s.aborted = append(ss.s.aborted, b)
+		ss.s.mu.Unlock()
 		return err
 	}
 	_, isTLS := ss.c.TLSConnectionState()
