@@ -277,7 +277,7 @@ func (s *Server) Reset() {
 // ClearMessages forgets the recorded messages but keeps the counters.
 func (s *Server) ClearMessages() {
 	s.mu.Lock()
-	s.msgs = nil
+	s.msgs, s.aborted = nil, nil
 	s.mu.Unlock()
 }
 
