@@ -57,27 +57,24 @@ type engine struct {
 	cfg    atomic.Pointer[engineConfig]
 	logger atomic.Pointer[zap.Logger]
 
-	mu            sync.Mutex
-	entries       map[string]*entry
-	batches       map[string]*batch
-	ready         entryHeap // queued messages by next attempt time
-	hooks         hookHeap  // pending webhooks by next attempt time
-	parked        map[string]*parkedBatch
-	parkHeap      parkHeap // parked batches by wake time
-	nonFinal      int      // messages not in a final state
-	reserved      int      // messages being written
-	profiles      map[string]*profileRef
-	latestProfile string
-	profileSeq    uint64
-	regs          []*registration // provisioned handlers, oldest first
-	dirty         map[*batch][]func(error)
-	urgent        map[*batch]struct{} // dirty batches with a waiter
-	dirtySince    time.Time           // when the oldest unwritten change was made
-	closing       bool
-	workers       int // running delivery workers
-	wantWorkers   int
-	adopted       bool            // another instance took over our work
-	suspects      map[string]bool // instances that looked stale in the last scan
+	mu          sync.Mutex
+	entries     map[string]*entry
+	batches     map[string]*batch
+	ready       entryHeap // queued messages by next attempt time
+	hooks       hookHeap  // pending webhooks by next attempt time
+	parked      map[string]*parkedBatch
+	parkHeap    parkHeap        // parked batches by wake time
+	nonFinal    int             // messages not in a final state
+	reserved    int             // messages being written
+	regs        []*registration // provisioned handlers, oldest first
+	dirty       map[*batch][]func(error)
+	urgent      map[*batch]struct{} // dirty batches with a waiter
+	dirtySince  time.Time           // when the oldest unwritten change was made
+	closing     bool
+	workers     int // running delivery workers
+	wantWorkers int
+	adopted     bool            // another instance took over our work
+	suspects    map[string]bool // instances that looked stale in the last scan
 
 	wakeCh   chan struct{} // closed and replaced to wake every waiter
 	flushCh  chan struct{} // wakes the state writer
@@ -149,15 +146,6 @@ type batch struct {
 	registered time.Time // when this engine took the batch on
 }
 
-// profileRef is a sender profile registered by handlers: the From
-// address and the route (SMTP server and account, or capture directory)
-// its messages go out through.
-type profileRef struct {
-	t     transport
-	conns int
-	seq   uint64 // when it was last configured
-}
-
 // senderProfile names what a message is sent as and through: the From
 // address, and a hash of the route (SMTP host, port and user, or the
 // capture directory; never the password). Two handlers with the same
@@ -187,7 +175,6 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		entries:  map[string]*entry{},
 		batches:  map[string]*batch{},
 		parked:   map[string]*parkedBatch{},
-		profiles: map[string]*profileRef{},
 		dirty:    map[*batch][]func(error){},
 		urgent:   map[*batch]struct{}{},
 		wakeCh:   make(chan struct{}),
@@ -209,7 +196,6 @@ func (e *engine) log() *zap.Logger      { return e.logger.Load() }
 // registration is one provisioned handler's hold on the engine: its
 // delivery settings, logger, and transport for its sender profile.
 type registration struct {
-	seq     uint64
 	cfg     *engineConfig
 	logger  *zap.Logger
 	profile string
@@ -223,8 +209,7 @@ type registration struct {
 func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t transport, conns int) *registration {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.profileSeq++
-	r := &registration{seq: e.profileSeq, cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
+	r := &registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
 	e.regs = append(e.regs, r)
 	e.applyRegsLocked()
 	return r
@@ -243,61 +228,69 @@ func (e *engine) release(r *registration) {
 	}
 }
 
-// applyRegsLocked derives the settings and the profiles from the
-// registrations, oldest first, so that the newest wins. With none left
-// (the engine is being destroyed) the last settings stay.
+// applyRegsLocked applies the newest registration's settings (and the
+// newest logger) and sizes the workers for the registrations. With none left (the engine is being
+// destroyed) the last settings stay.
 func (e *engine) applyRegsLocked() {
-	e.profiles = map[string]*profileRef{}
-	for _, r := range e.regs {
-		p := e.profiles[r.profile]
-		if p == nil {
-			p = &profileRef{}
-			e.profiles[r.profile] = p
+	if n := len(e.regs); n > 0 {
+		e.cfg.Store(e.regs[n-1].cfg)
+	}
+	for i := len(e.regs) - 1; i >= 0; i-- {
+		if e.regs[i].logger != nil {
+			e.logger.Store(e.regs[i].logger)
+			break
 		}
-		p.t, p.conns, p.seq = r.t, r.conns, r.seq
-		e.cfg.Store(r.cfg)
-		if r.logger != nil {
-			e.logger.Store(r.logger)
-		}
-		e.latestProfile = r.profile
 	}
 	e.updateWorkersLocked()
 }
 
-// transportFor returns the transport for a message's profile: the
-// handler with that From address and route; else the most recently
-// configured one with that From address (the route changed, or the
-// message was queued by a version whose profile was the address alone);
-// else the most recent handler.
-func (e *engine) transportFor(profile string) transport {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if p := e.profiles[profile]; p != nil {
-		return p.t
-	}
+// regForLocked returns the registration whose transport and webhook
+// settings serve a message's sender profile: the newest with that From
+// address and route; else the newest with that From address (the route
+// changed, or the message was queued by a version whose profile was the
+// address alone); else the newest registration; nil when there is none.
+func (e *engine) regForLocked(profile string) *registration {
 	from := profileFrom(profile)
-	var best *profileRef
-	for name, p := range e.profiles {
-		if profileFrom(name) == from && (best == nil || p.seq > best.seq) {
-			best = p
+	var sameFrom *registration
+	for i := len(e.regs) - 1; i >= 0; i-- {
+		r := e.regs[i]
+		if r.profile == profile {
+			return r
+		}
+		if sameFrom == nil && profileFrom(r.profile) == from {
+			sameFrom = r
 		}
 	}
-	if best != nil {
-		return best.t
+	if sameFrom != nil {
+		return sameFrom
 	}
-	if p := e.profiles[e.latestProfile]; p != nil {
-		return p.t
-	}
-	for _, p := range e.profiles {
-		return p.t
+	if n := len(e.regs); n > 0 {
+		return e.regs[n-1]
 	}
 	return nil
 }
 
+// transportFor returns the transport for a message's profile (see
+// regForLocked), or nil when no handler is registered.
+func (e *engine) transportFor(profile string) transport {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if r := e.regForLocked(profile); r != nil {
+		return r.t
+	}
+	return nil
+}
+
+// updateWorkersLocked runs one worker per SMTP connection of the sender
+// profiles (the newest registration's count for each), 2 to 64 in all.
 func (e *engine) updateWorkersLocked() {
+	conns := map[string]int{}
+	for _, r := range e.regs {
+		conns[r.profile] = r.conns
+	}
 	n := 0
-	for _, p := range e.profiles {
-		n += p.conns
+	for _, c := range conns {
+		n += c
 	}
 	n = min(max(n, 2), 64)
 	e.wantWorkers = n

@@ -218,25 +218,14 @@ func (e *engine) webhookWorker() {
 }
 
 // hookConfigFor returns the settings that sign and route a message's
-// webhook (webhook_secret, webhook_allow_hosts): those of the most recent
-// handler that sends as the message's profile, so that two sites sharing
-// a storage keep their own secrets; else the most recent handler's.
+// webhook (webhook_secret, webhook_allow_hosts): those of the handler
+// that sends it (regForLocked), so that two sites sharing a storage keep
+// their own secrets; else the engine's last settings.
 func (e *engine) hookConfigFor(en *entry) *engineConfig {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	profile := en.st.Profile
-	for i := len(e.regs) - 1; i >= 0; i-- {
-		if e.regs[i].profile == profile {
-			return e.regs[i].cfg
-		}
-	}
-	// the route changed since the message was queued: the newest handler
-	// with its From address, as for the transport
-	from := profileFrom(profile)
-	for i := len(e.regs) - 1; i >= 0; i-- {
-		if profileFrom(e.regs[i].profile) == from {
-			return e.regs[i].cfg
-		}
+	if r := e.regForLocked(en.st.Profile); r != nil {
+		return r.cfg
 	}
 	return e.config()
 }
