@@ -161,7 +161,7 @@ func TestJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
 	if err := e.st.putJSON(ctx, keySeg+live, segment{Batch: live, Owner: e.iid}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.st.s.Store(ctx, keyOwn+e.iid+"/"+live, []byte("x")); err != nil {
+	if err := e.st.s.Store(ctx, ownKey(e.iid, live), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	// and a true orphan: a segment nobody owns

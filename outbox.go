@@ -587,7 +587,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	// when both are durable (a marker without a segment is ignored)
 	ownErr := make(chan error, 1)
 	go func() {
-		ownErr <- e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano)))
+		ownErr <- e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano)))
 	}()
 	err := e.st.putJSON(ctx, keySeg+bid, seg)
 	if oerr := <-ownErr; err == nil {
@@ -597,7 +597,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 		// the request is told that nothing was accepted: take back
 		// whatever half of the pair was written (the segment holds codes
 		// and links; the janitor would otherwise keep it for an hour)
-		_ = e.st.s.Delete(ctx, keyOwn+e.iid+"/"+bid)
+		_ = e.st.s.Delete(ctx, ownKey(e.iid, bid))
 		_ = e.st.s.Delete(ctx, keySeg+bid)
 		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
 		for _, en := range b.entries {
@@ -881,7 +881,7 @@ func (e *engine) deliver(en *entry) {
 	// queued again a lease later: by then the heartbeat has dropped an
 	// adopted batch, and one that is still ours is attempted again.
 	octx, ocancel := context.WithTimeout(context.Background(), 30*time.Second)
-	owned := e.st.s.Exists(octx, keyOwn+e.iid+"/"+en.b.id)
+	owned := e.st.s.Exists(octx, ownKey(e.iid, en.b.id))
 	ocancel()
 	if !owned {
 		e.log().Warn("not sending: this message's batch is no longer marked as this instance's (another instance took it over, or the storage failed)", zap.String("id", en.st.ID))
@@ -1274,7 +1274,7 @@ func (e *engine) retire(ctx context.Context, b *batch) {
 	if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !isNotExist(err) {
 		e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
 	}
-	if err := e.st.s.Delete(ctx, keyOwn+e.iid+"/"+b.id); err != nil && !isNotExist(err) {
+	if err := e.st.s.Delete(ctx, ownKey(e.iid, b.id)); err != nil && !isNotExist(err) {
 		e.log().Warn("deleting a batch marker failed", zap.String("batch", b.id), zap.Error(err))
 	}
 	e.segCache.drop(b.id)

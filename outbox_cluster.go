@@ -249,7 +249,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		bs, err := e.st.loadState(ctx, bid)
 		if isNotExist(err) {
 			// neither state nor segment: a stale marker
-			_ = e.st.s.Delete(ctx, keyOwn+instance+"/"+bid)
+			_ = e.st.s.Delete(ctx, ownKey(instance, bid))
 			continue
 		}
 		if err != nil {
@@ -268,10 +268,10 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			if err := e.st.putJSON(ctx, keySt+bid, bs); err != nil {
 				return total, err
 			}
-			if err := e.st.s.Store(ctx, keyOwn+e.iid+"/"+bid, []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
+			if err := e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
 				return total, err
 			}
-			if err := e.st.s.Delete(ctx, keyOwn+instance+"/"+bid); err != nil && !isNotExist(err) {
+			if err := e.st.s.Delete(ctx, ownKey(instance, bid)); err != nil && !isNotExist(err) {
 				return total, err
 			}
 			changed = false

@@ -45,7 +45,7 @@ func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Dur
 	}
 	must(st.putJSON(ctx, keySeg+bid, seg))
 	must(st.putJSON(ctx, keySt+bid, bs))
-	must(st.s.Store(ctx, keyOwn+instance+"/"+bid, nil))
+	must(st.s.Store(ctx, ownKey(instance, bid), nil))
 	must(st.putJSON(ctx, keyInst+instance, heartbeat{Instance: instance, Updated: now.Add(-heartbeatAge)}))
 	return ids
 }
@@ -221,10 +221,10 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 	ctx := context.Background()
 	st := h.engine.st
 	other := uuid.NewString()
-	if err := st.s.Store(ctx, keyOwn+other+"/"+bid, nil); err != nil {
+	if err := st.s.Store(ctx, ownKey(other, bid), nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.s.Delete(ctx, keyOwn+h.engine.iid+"/"+bid); err != nil {
+	if err := st.s.Delete(ctx, ownKey(h.engine.iid, bid)); err != nil {
 		t.Fatal(err)
 	}
 	deadline = time.Now().Add(5 * time.Second)

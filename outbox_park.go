@@ -208,7 +208,7 @@ func (e *engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 	if !changed {
 		return
 	}
-	if !e.st.s.Exists(ctx, keyOwn+e.iid+"/"+pb.id) || !e.st.s.Exists(ctx, keySeg+pb.id) {
+	if !e.st.s.Exists(ctx, ownKey(e.iid, pb.id)) || !e.st.s.Exists(ctx, keySeg+pb.id) {
 		return // adopted or retired elsewhere meanwhile: never write it back
 	}
 	if err := e.st.putJSON(ctx, keySeg+pb.id, seg); err != nil {

@@ -38,6 +38,9 @@ const (
 	maxBatch   = 256 // messages per batch; the index needs 2 base32 chars (1024)
 )
 
+// ownKey is the key of the marker that says instance works on batch.
+func ownKey(instance, batch string) string { return keyOwn + instance + "/" + batch }
+
 // Message states.
 const (
 	stQueued  = "queued"

@@ -117,7 +117,7 @@ func TestOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
 	// the batch retires: body and marker deleted, the status record stays
 	deadline := time.Now().Add(5 * time.Second)
 	st := h.engine.st
-	for (st.s.Exists(context.Background(), keySeg+bid) || st.s.Exists(context.Background(), keyOwn+h.engine.iid+"/"+bid)) && time.Now().Before(deadline) {
+	for (st.s.Exists(context.Background(), keySeg+bid) || st.s.Exists(context.Background(), ownKey(h.engine.iid, bid))) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if st.s.Exists(context.Background(), keySeg+bid) {
