@@ -471,19 +471,10 @@ func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
 	e.closing = false // as seen by the request before the shutdown
 	e.mu.Unlock()
 	msg := &newMessage{keyID: "app", flow: "otp", env: &envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
-	done := make(chan error, 1)
-	go func() {
+	expectShuttingDown(t, "accept after the engine stopped", func() error {
 		_, err := e.accept([]*newMessage{msg}, "", false)
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if !errors.Is(err, errShuttingDown) {
-			t.Fatalf("accept after the engine stopped: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("accept hung after the engine stopped")
-	}
+		return err
+	})
 	e.mu.Lock()
 	e.closing = true
 	reserved := e.reserved
@@ -647,16 +638,7 @@ func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
 		t.Fatal("nothing to claim")
 	}
 	e.shutdown()
-	done := make(chan error, 1)
-	go func() { done <- e.writeClaims(group) }()
-	select {
-	case err := <-done:
-		if !errors.Is(err, errShuttingDown) {
-			t.Fatalf("claim write after the stop: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the claim write after the stop never returned")
-	}
+	expectShuttingDown(t, "the claim write after the stop", func() error { return e.writeClaims(group) })
 	e.mu.Lock()
 	for _, en := range group {
 		if en.claimed || en.st.Status != stQueued || en.st.Attempts != 0 {
@@ -668,5 +650,21 @@ func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
 		if m, ok := storedState(h, id); !ok || m.Status != stQueued || m.Attempts != 0 {
 			t.Errorf("%s in storage: %s with %d attempts (found: %v), want queued with 0", id, m.Status, m.Attempts, ok)
 		}
+	}
+}
+
+// expectShuttingDown runs f, which must return errShuttingDown within
+// 5 seconds instead of waiting for an engine that stopped.
+func expectShuttingDown(t *testing.T, what string, f func() error) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errShuttingDown) {
+			t.Fatalf("%s: %v, want errShuttingDown", what, err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s never returned", what)
 	}
 }
