@@ -409,21 +409,9 @@ type smtpConn struct {
 func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, derr *deliveryError, healthy bool) {
 	deadline := func() { _ = c.raw.SetDeadline(time.Now().Add(timeout)) }
 
-	// fail classifies err in phase. A failure before the final dot that is
-	// not a plain reply leaves the connection unusable; on a reused
-	// connection it is worth one retry on a fresh connection.
 	fail := func(phase string, err error) (delivery, *deliveryError, bool) {
-		de := classify(phase, err)
-		if de.Reply == nil {
-			de.fresh = phase != phaseEnd
-			return delivery{}, de, false
-		}
-		if de.Reply.Code == 421 {
-			// the server is closing the session
-			de.fresh = phase == phaseMail || phase == phaseRcpt || phase == phaseData
-			return delivery{}, de, false
-		}
-		return delivery{}, de, c.reset(deadline)
+		de, healthy := c.failed(phase, err, deadline)
+		return delivery{}, de, healthy
 	}
 
 	// refusals collects RCPT refusals; the first permanent one decides
@@ -479,11 +467,10 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 			if err == nil {
 				continue
 			}
-			r := replyFrom(err)
-			if r == nil || r.Code == 421 {
+			if endsSession(err) {
 				return fail(phaseRcpt, err)
 			}
-			refuse(r, err)
+			refuse(replyFrom(err), err)
 		}
 		if refused > 0 {
 			// never deliver to a subset of the recipients
@@ -520,6 +507,31 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 	return delivery{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
 }
 
+// endsSession reports whether a command's error leaves the session
+// unusable: no reply (the connection failed) or a 421.
+func endsSession(err error) bool {
+	r := replyFrom(err)
+	return r == nil || r.Code == 421
+}
+
+// failed classifies err in phase. A failure that is not a plain reply,
+// or a 421 (the server is closing the session), leaves the connection
+// unusable; before the final dot it is worth one retry on a fresh
+// connection when this one was reused. After a plain reply the
+// transaction is reset, and healthy says whether that worked.
+func (c *smtpConn) failed(phase string, err error, deadline func()) (de *deliveryError, healthy bool) {
+	de = classify(phase, err)
+	if de.Reply == nil {
+		de.fresh = phase != phaseEnd
+		return de, false
+	}
+	if de.Reply.Code == 421 {
+		de.fresh = phase == phaseMail || phase == phaseRcpt || phase == phaseData
+		return de, false
+	}
+	return de, c.reset(deadline)
+}
+
 // pipeline sends MAIL, the RCPTs and DATA in one write (RFC 2920) and
 // reads their replies in order. dataOpen reports that the server accepted
 // DATA and now reads the message, and RCPT refusals go to refuse. Any other
@@ -535,13 +547,9 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 			return false, &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Err: errors.New("recipient address contains a line break")}, true
 		}
 	}
-	// broken ends the transaction on a connection failure or a 421, which
-	// leave the connection unusable; nothing was accepted, so a reused
-	// connection may be replaced by a fresh one and the message retried
-	broken := func(phase string, err error) (bool, *deliveryError, bool) {
-		de := classify(phase, err)
-		de.fresh = true
-		return false, de, false
+	fail := func(phase string, err error) (bool, *deliveryError, bool) {
+		de, healthy := c.failed(phase, err, deadline)
+		return false, de, healthy
 	}
 	t := c.client.Text
 	deadline()
@@ -551,14 +559,15 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 	}
 	_, _ = t.W.WriteString("DATA\r\n")
 	if err := t.W.Flush(); err != nil {
-		return broken(phaseMail, err)
+		return fail(phaseMail, err)
 	}
+	// a connection failure or a 421 ends the exchange at once; after a
+	// plain refusal the remaining replies are read first, so that the
+	// connection can be reset and reused
 	deadline()
 	_, _, mailErr := t.ReadResponse(250)
-	if mailErr != nil {
-		if r := replyFrom(mailErr); r == nil || r.Code == 421 {
-			return broken(phaseMail, mailErr)
-		}
+	if mailErr != nil && endsSession(mailErr) {
+		return fail(phaseMail, mailErr)
 	}
 	accepted := 0
 	for range env.To {
@@ -567,19 +576,16 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 			accepted++
 			continue
 		}
-		r := replyFrom(err)
-		if r == nil || r.Code == 421 {
-			return broken(phaseRcpt, err)
+		if endsSession(err) {
+			return fail(phaseRcpt, err)
 		}
 		if mailErr == nil {
-			refuse(r, err)
+			refuse(replyFrom(err), err)
 		}
 	}
 	_, _, dataErr := t.ReadResponse(354)
-	if dataErr != nil {
-		if r := replyFrom(dataErr); r == nil || r.Code == 421 {
-			return broken(phaseData, dataErr)
-		}
+	if dataErr != nil && endsSession(dataErr) {
+		return fail(phaseData, dataErr)
 	}
 	switch {
 	case mailErr != nil && dataErr == nil:
@@ -587,7 +593,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 		c.inData = true
 		return true, classify(phaseMail, mailErr), false
 	case mailErr != nil:
-		return false, classify(phaseMail, mailErr), c.reset(deadline)
+		return fail(phaseMail, mailErr)
 	case dataErr == nil:
 		c.inData = true
 		return true, nil, true
@@ -596,7 +602,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 		// the refusals and resets
 		return false, nil, true
 	default:
-		return false, classify(phaseData, dataErr), c.reset(deadline)
+		return fail(phaseData, dataErr)
 	}
 }
 
