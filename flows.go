@@ -171,7 +171,7 @@ func (h *Handler) checkWebhook(f deliveryFields) (webhookState, *apiError) {
 		return webhookState{}, err
 	}
 	if _, err := webhookKey(f.WebhookSecret); err != nil {
-		return webhookState{}, invalid("webhook_secret", "must be base64 after whsec_ (a Standard Webhooks secret)")
+		return webhookState{}, invalid("webhook_secret", "%s", err)
 	}
 	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") {
 		return webhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
