@@ -790,10 +790,9 @@ func (e *engine) releaseClaims(group []*entry) {
 // releaseLocked gives one claim back if its attempt has not started; the
 // caller then calls attempts.Done for it.
 func (e *engine) releaseLocked(en *entry) bool {
-	if !en.claimed || en.attempting {
+	if !e.unclaimOpenLocked(en, en.st.NextAt) { // due as before
 		return false
 	}
-	e.unclaimLocked(en, en.st.NextAt) // due as before
 	e.markDirtyLocked(en.b, nil, true)
 	return true
 }
@@ -952,6 +951,12 @@ func (e *engine) envelopeOf(en *entry) (*envelope, error) {
 func (e *engine) unclaimIfClaimed(en *entry, retry time.Time) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.unclaimOpenLocked(en, retry)
+}
+
+// unclaimOpenLocked undoes a claim whose attempt has not started; it
+// reports false when there is none (given back already, or attempted).
+func (e *engine) unclaimOpenLocked(en *entry, retry time.Time) bool {
 	if !en.claimed || en.attempting {
 		return false
 	}
