@@ -126,7 +126,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	depth, age := h.engine.queueStats()
 	cfg := h.dcfg
 	inMemory, parked := h.engine.residency()
-	st.Queue = adminQueue{Instance: h.engine.iid, Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
+	st.Queue = adminQueue{Instance: h.engine.instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
 		InMemory: inMemory, ParkedBatches: parked}
 	st.Settings = map[string]any{
 		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),

@@ -38,6 +38,13 @@ func (c *captureTransport) send(_ context.Context, env *envelope) (delivery, err
 	if err := tmp.Close(); err != nil {
 		return fail(err)
 	}
+	// the rename is the capture's final dot (see envelope.BeforeDot)
+	if env.BeforeDot != nil {
+		if err := env.BeforeDot(); err != nil {
+			_ = os.Remove(tmp.Name())
+			return delivery{}, &deliveryError{Code: codeOutboxUnavailable, Phase: phaseBody, Err: err}
+		}
+	}
 	if err := os.Rename(tmp.Name(), filepath.Join(c.dir, name)); err != nil {
 		_ = os.Remove(tmp.Name())
 		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseEnd, Err: err}

@@ -52,7 +52,12 @@ var errQueueFull = errors.New("the outbox is full")
 type engine struct {
 	poolKey string
 	st      store
-	iid     string
+	// iid is the instance id the engine runs as: Caddy's, unless another
+	// live process runs as that one (claimIdentity sets it at start,
+	// before any loop reads it; instance() reads it from elsewhere)
+	iid   string
+	nonce string      // random per engine: this process's dot record, heartbeats
+	proc  hostProcess // this process, for heartbeats
 
 	cfg    atomic.Pointer[engineConfig]
 	logger atomic.Pointer[zap.Logger]
@@ -88,6 +93,7 @@ type engine struct {
 	attempts  sync.WaitGroup // deliveries and webhooks in flight
 	segCache  segmentCache
 	bodyBytes atomic.Int64 // bytes of bodies cached in entries
+	dots      dotMarks     // attempts whose final dot may be in flight
 
 	limits          *limiter
 	saltTemporary   atomic.Bool // the salt is this process's own until storage answers
@@ -172,6 +178,8 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		poolKey:  key,
 		st:       store{s: s},
 		iid:      iid,
+		nonce:    randomHex(8),
+		proc:     thisProcess(),
 		entries:  map[string]*entry{},
 		batches:  map[string]*batch{},
 		parked:   map[string]*parkedBatch{},
@@ -184,6 +192,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 		doneCh:   make(chan struct{}),
 	}
 	e.segCache.max = 8
+	e.dots.marks = map[string]int{}
 	e.limits = newLimiter()
 	e.tun = currentTunables()
 	e.logger.Store(zap.NewNop())
@@ -323,8 +332,9 @@ func (e *engine) start() {
 			_, _ = crand.Read(e.limits.salt)
 			e.limits.mu.Unlock()
 		}
-		if err := e.writeHeartbeat(ctx); err != nil {
-			e.log().Error("writing the outbox heartbeat failed", zap.Error(err))
+		e.claimIdentity(ctx)
+		if err := e.startDots(ctx); err != nil {
+			e.log().Error("writing the outbox's dot record failed; a crash before the first delivery records its claimed messages as unknown", zap.Error(err))
 		}
 		if n, err := e.recoverOwn(ctx); err != nil {
 			e.log().Error("recovering the outbox failed", zap.Error(err))
@@ -888,6 +898,16 @@ func (e *engine) deliver(en *entry) {
 		return
 	}
 	env, err := e.envelopeOf(en)
+	e.mu.Lock()
+	attempt := en.st.Attempts
+	e.mu.Unlock()
+	if env != nil {
+		env.BeforeDot = func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			return e.markDot(ctx, en.st.ID, attempt)
+		}
+	}
 	var d delivery
 	var derr *deliveryError
 	var took time.Duration
@@ -1015,7 +1035,12 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 	e.markDirtyLocked(en.b, func(err error) {
 		// the outcome is durable (or could not be made so): tell the
 		// request that waits for the first attempt, then schedule the
-		// webhook and retire the batch when it is complete
+		// webhook and retire the batch when it is complete. Only a durable
+		// outcome retires the attempt's dot mark: until then a crash must
+		// still find the attempt in doubt.
+		if err == nil {
+			e.dropDot(st.ID, st.Attempts)
+		}
 		e.mu.Lock()
 		if !en.firstDone {
 			en.firstDone = true

@@ -26,7 +26,7 @@ var (
 
 // interruptedError is recorded for a message whose delivery attempt was
 // cut short by a crash: it may or may not have reached the server.
-const interruptedError = "the instance stopped during a delivery attempt; the message may or may not have been sent, so it is not resent automatically"
+const interruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
 
 func (e *engine) leaseDuration() time.Duration {
 	if c := e.config(); c != nil && c.lease > 0 {
@@ -36,7 +36,7 @@ func (e *engine) leaseDuration() time.Duration {
 }
 
 func (e *engine) writeHeartbeat(ctx context.Context) error {
-	return e.st.putJSON(ctx, keyInst+e.iid, heartbeat{Instance: e.iid, Updated: time.Now()})
+	return e.st.putJSON(ctx, keyInst+e.iid, heartbeat{Instance: e.iid, Updated: time.Now(), Process: e.nonce, Proc: e.proc})
 }
 
 // heartbeatLoop tells the cluster this instance is alive. It also
@@ -46,7 +46,7 @@ func (e *engine) writeHeartbeat(ctx context.Context) error {
 func (e *engine) heartbeatLoop() {
 	defer e.loops.Done()
 	for {
-		every := max(e.leaseDuration()/4, 200*time.Millisecond)
+		every := e.heartbeatEvery()
 		if !e.wait(every) {
 			return
 		}
@@ -206,11 +206,21 @@ func (e *engine) adoptStale(ctx context.Context) {
 
 // takeOver loads an instance's unfinished batches into this engine. For
 // another instance it moves their ownership to this one first. Messages
-// that were being delivered when that instance stopped become "unknown"
-// (or queued again with retry_uncertain). It returns the number of
-// messages that still need work.
+// that instance had claimed are queued again, except those whose final
+// dot may have reached the server (its dot marks name them): they become
+// "unknown" (or are queued again with retry_uncertain). It returns the
+// number of messages that still need work.
+//
+// Every batch whose state changes is written before the next one is read
+// and before this instance marks any dot of its own: the marks read here
+// are the only record of what was in doubt, and the record is replaced
+// once this instance starts delivering.
 func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 	bids, err := e.st.ownedBatches(ctx, instance)
+	if err != nil {
+		return 0, err
+	}
+	dots, err := e.loadDots(ctx, instance)
 	if err != nil {
 		return 0, err
 	}
@@ -256,11 +266,10 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			return total, err
 		}
 		now := time.Now()
-		b, interrupted, changed := rebuildBatch(bid, bs, retryUncertain, now)
-		changed = changed || instance != e.iid
-		if instance != e.iid {
-			// write our ownership before the old marker goes, so that a
-			// crash in between leaves the batch owned by someone
+		b, interrupted, changed := rebuildBatch(bid, bs, recoveryRule{dots: dots, retryUncertain: retryUncertain}, now)
+		if changed || instance != e.iid {
+			// the recovered states are durable before anything else
+			// happens to the batch (see above)
 			bs.Owner, bs.Updated = e.iid, now
 			for i := range bs.Messages {
 				bs.Messages[i] = b.entries[i].st
@@ -268,13 +277,17 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			if err := e.st.putJSON(ctx, keySt+bid, bs); err != nil {
 				return total, err
 			}
+			changed = false
+		}
+		if instance != e.iid {
+			// write our ownership before the old marker goes, so that a
+			// crash in between leaves the batch owned by someone
 			if err := e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
 				return total, err
 			}
 			if err := e.st.s.Delete(ctx, ownKey(instance, bid)); err != nil && !isNotExist(err) {
 				return total, err
 			}
-			changed = false
 		}
 		e.mu.Lock()
 		b.registered = time.Now()
@@ -287,26 +300,43 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		}
 		e.mu.Unlock()
 		for _, m := range interrupted {
-			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseEnd}, true, 0)
+			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseStopped}, true, 0)
 			metricFinal(m.Flow, m.Status)
 		}
 	}
 	e.notify()
+	// every batch those marks speak for is recovered and written
+	e.forgetDots(ctx, dots.keys)
 	return total, nil
 }
 
+// recoveryRule decides what a message found "sending" after its instance
+// stopped becomes.
+type recoveryRule struct {
+	dots           dotSet // the stopped instance's dot marks
+	retryUncertain bool
+}
+
+// inDoubt reports whether the message's final dot may have reached the
+// server: its current attempt is marked, or the instance kept no marks.
+func (r recoveryRule) inDoubt(m msgState) bool {
+	return !r.dots.kept || r.dots.marks[dotMark{m.ID, m.Attempts}]
+}
+
 // rebuildBatch turns a stored batch state into a batch in memory.
-// Messages found in the sending state were interrupted by a crash: they
-// become unknown (or queued again with retry_uncertain) and are returned,
-// and changed reports that the state must be written again.
-func rebuildBatch(bid string, bs *batchState, retryUncertain bool, now time.Time) (b *batch, interrupted []msgState, changed bool) {
+// Messages found in the sending state were interrupted by a stop. Those
+// whose dot may have been sent become unknown (or queued again with
+// retry_uncertain) and are returned; the others never reached the server
+// and are queued again, due at once. changed reports that the state must
+// be written again.
+func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) (b *batch, interrupted []msgState, changed bool) {
 	b = &batch{id: bid}
 	b.entries = make([]*entry, 0, len(bs.Messages))
 	for i, m := range bs.Messages {
 		if m.Status == stSending {
 			changed = true
 			m.Updated = now
-			if retryUncertain {
+			if !rule.inDoubt(m) || rule.retryUncertain {
 				m.Status, m.NextAt = stQueued, now
 			} else {
 				m.Status, m.NextAt = stUnknown, time.Time{}
@@ -454,6 +484,13 @@ func (e *engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 			continue
 		}
 		if err := e.st.s.Delete(ctx, keyRL+id); err != nil && !isNotExist(err) {
+			continue
+		}
+		// its dot marks speak for batches it no longer owns
+		if keys, err := e.st.s.List(ctx, dotDir(id), false); err == nil || isNotExist(err) {
+			e.forgetDots(ctx, keys)
+			_ = e.st.s.Delete(ctx, dotDir(id))
+		} else {
 			continue
 		}
 		if err := e.st.s.Delete(ctx, keyInst+id); err != nil && !isNotExist(err) {

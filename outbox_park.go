@@ -289,7 +289,7 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	delete(e.parked, pb.id)
 	e.nonFinal -= pb.queued
 	cfg := e.config()
-	b, interrupted, changed := rebuildBatch(pb.id, bs, cfg != nil && cfg.retryUncertain, time.Now())
+	b, interrupted, changed := rebuildBatch(pb.id, bs, recoveryRule{retryUncertain: cfg != nil && cfg.retryUncertain}, time.Now())
 	if len(interrupted) > 0 {
 		// cannot happen: a batch with an attempt in flight is never parked
 		e.log().Error("a parked batch had messages in the sending state", zap.String("batch", pb.id), zap.Int("messages", len(interrupted)))

@@ -22,6 +22,8 @@ import (
 //	                                 status record, kept for `retention`
 //	authmail/own/<instance>/<batch>  marks a batch with work left for an instance
 //	authmail/inst/<instance>         an instance's heartbeat
+//	authmail/dot/<instance>          the instance's dot marks: the attempts whose
+//	                                 final dot may be in flight (outbox_dots.go)
 //	authmail/idem/<key id>/<hash>    idempotency records, kept for idempotency_ttl
 //
 // A message id is its batch id followed by two characters of index, so
@@ -31,6 +33,7 @@ const (
 	keySt   = "authmail/st/"
 	keyOwn  = "authmail/own/"
 	keyInst = "authmail/inst/"
+	keyDot  = "authmail/dot/"
 	keyIdem = "authmail/idem/"
 
 	batchIDLen = 26
@@ -242,6 +245,11 @@ type heartbeat struct {
 	Updated  time.Time `json:"updated"`
 	// AdoptedBy is set when another instance took over this one's work.
 	AdoptedBy string `json:"adopted_by,omitempty"`
+	// Process is the writing engine's nonce, and Proc where it runs: a
+	// second process with the same instance id tells them apart (see
+	// outbox_identity.go).
+	Process string      `json:"process,omitempty"`
+	Proc    hostProcess `json:"proc,omitzero"`
 }
 
 func (st store) instances(ctx context.Context) ([]string, error) {

@@ -494,6 +494,15 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 	if _, err := body.Write(env.Data); err != nil {
 		return fail(phaseBody, err)
 	}
+	// The dot commits the message: the outbox records that it may be on
+	// its way first, so that a crash from here on leaves it unknown and
+	// before here leaves it to be retried. Without that record the dot
+	// never goes out: the connection is closed inside DATA.
+	if env.BeforeDot != nil {
+		if err := env.BeforeDot(); err != nil {
+			return delivery{}, &deliveryError{Code: codeOutboxUnavailable, Phase: phaseBody, Err: err}, false
+		}
+	}
 	// Close writes and flushes the final dot. If that fails, the server
 	// has not received the end of the message and cannot accept it.
 	if err := body.Close(); err != nil {

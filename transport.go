@@ -26,6 +26,12 @@ type envelope struct {
 	To []string
 	// Data is the RFC 5322 message with CRLF line endings.
 	Data []byte
+	// BeforeDot, when set, is called right before the transport commits
+	// the message: before the final dot of SMTP's DATA, before a capture
+	// file gets its name. If it fails, the transport does not commit (it
+	// closes the connection inside DATA, which the server discards) and
+	// fails with outbox_unavailable: nothing was delivered.
+	BeforeDot func() error
 }
 
 // transport delivers rendered messages. Implementations are safe for
@@ -55,7 +61,8 @@ const (
 	codeUncertain           = "smtp_disconnect_uncertain"
 	codeCaptureFailed       = "capture_failed"
 	// codeOutboxUnavailable: the message's body could not be read back
-	// from storage for a retry; nothing reached the SMTP server.
+	// from storage for a retry, or its attempt could not be recorded
+	// before the final dot; nothing was delivered.
 	codeOutboxUnavailable = "outbox_unavailable"
 )
 
@@ -73,6 +80,9 @@ const (
 	phaseData     = "data"
 	phaseBody     = "body"
 	phaseEnd      = "end_of_data"
+	// phaseStopped: the instance stopped (crash, kill, lost lease) with
+	// the final dot possibly sent and no reply recorded
+	phaseStopped = "instance_stopped"
 )
 
 // smtpReply is a server reply, sanitised for logs and API messages.
@@ -145,10 +155,16 @@ func (e *deliveryError) Error() string {
 	case codeSMTPTimeout:
 		return fmt.Sprintf("timed out talking to the SMTP server (%s); nothing was sent", e.Phase)
 	case codeUncertain:
+		if e.Phase == phaseStopped {
+			return interruptedError
+		}
 		return "the connection to the SMTP server was lost after the whole message was transmitted; the server may or may not have accepted it, so it was not resent"
 	case codeCaptureFailed:
 		return "could not write the message to the capture directory: " + errText(e.Err)
 	case codeOutboxUnavailable:
+		if e.Phase == phaseBody {
+			return "could not record the delivery attempt in storage before the end of the message, so the message was not completed; nothing was sent: " + errText(e.Err)
+		}
 		return "could not read the message from storage; nothing was sent: " + errText(e.Err)
 	default:
 		if e.Reply != nil {
