@@ -14,7 +14,17 @@
 #   1b. async accept again on an instance whose SMTP server is unreachable
 #      (no delivery work competing for the CPU);
 #   4. the Caddy process's RSS with N_QUEUE messages queued (SMTP server
-#      unreachable, retries an hour away), and the storage's disk usage.
+#      unreachable, retries an hour away), and the storage's disk usage;
+#   5. phases 1 and 2 again with the outbox on Redis (redis-server with
+#      appendonly yes, appendfsync always, through caddy.storage.redis);
+#   6. the baseline an operator would pick instead of a gateway: Postfix
+#      as a local durable relay (smtp-source, 32 sessions -> postfix smtpd,
+#      its queue on the same disk -> smtp-sink through relayhost, 4
+#      delivery connections), accepted and end-to-end rates;
+#   7. the default synchronous mode (wait for the first attempt) through
+#      the delay proxy to an SMTP server that requires STARTTLS and AUTH,
+#      on a pooled connection: p50/p99 time to the 200, next to the floor
+#      of two round trips plus one durable write.
 #
 # It also checks that every accepted message reached smtp-sink (phases 1-3)
 # and that the queue still holds every message in phase 4, and reports
@@ -23,7 +33,7 @@
 # rate limits get them turned off in the generated Caddyfile.
 #
 # Needs root for apt-get (wrk, postfix's smtp-sink) and for smtp-sink -u.
-# Takes about 5 minutes with the defaults on 2 cores.
+# Takes about 8 minutes with the defaults on 2 cores.
 #
 # Usage (from the repository root):  bash bench/run.sh
 #
@@ -39,6 +49,8 @@
 #   N_QUEUE [100000]   messages queued for the RSS measurement
 #   SUBMIT_CONC [32]   concurrent HTTP requests of the Go load generator
 #   SMTP_CONNS [4]     authmail `connections` and go-mail goroutines
+#   N_POSTFIX [10000]  messages through the Postfix relay (phase 6)
+#   N_SYNC [300]       synchronous requests, one at a time (phase 7)
 #   GOMAIL_WITHOUT_NOOP [0]  1 gives the go-mail baseline mail.WithoutNoop()
 #                      (default options send NOOP and RSET with every message;
 #                      authmail sends neither)
@@ -64,6 +76,8 @@ N_QUEUE=${N_QUEUE:-100000}
 SUBMIT_CONC=${SUBMIT_CONC:-32}
 SMTP_CONNS=${SMTP_CONNS:-4}
 GOMAIL_WITHOUT_NOOP=${GOMAIL_WITHOUT_NOOP:-0}
+N_POSTFIX=${N_POSTFIX:-10000}
+N_SYNC=${N_SYNC:-300}
 KEEP=${KEEP:-0}
 REV=${REV:-}
 RESULTS_FILE=${RESULTS_FILE:-}
@@ -108,6 +122,11 @@ if [ ! -x "$SMTP_SINK" ]; then
 fi
 [ -x "$SMTP_SINK" ] || die "smtp-sink not found after installing postfix"
 command -v wrk >/dev/null || die "wrk not found after installing it"
+if ! command -v redis-server >/dev/null; then
+	log "installing redis-server (the daemon is started only for phase 5)"
+	apt_install redis-server
+	systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
 id postfix >/dev/null 2>&1 || die "user postfix missing (smtp-sink -u postfix)"
 
 # --- work directory, process bookkeeping, cleanup ---------------------------
@@ -202,6 +221,9 @@ HTTPS_PORT=$(free_port 18443)
 SINK_PORT=$(free_port 12525)
 PROXY_PORT=$(free_port 12526)
 CLOSED_PORT=$(free_port 12527) # nothing ever listens here
+REDIS_PORT=$(free_port 16379)
+PF_PORT=$(free_port 12528)
+TLS_SINK_PORT=$(free_port 12529)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "ports: admin $ADMIN_PORT, http $HTTP_PORT, smtp-sink $SINK_PORT, delay proxy $PROXY_PORT, closed $CLOSED_PORT"
 log "work directory: $WORK"
@@ -226,7 +248,7 @@ else
 	log "building caddy (with authmail) from $BUILT_FROM, and the bench tools"
 	(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
 fi
-(cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy)
+(cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy ./bench/cmd/tlssink ./bench/cmd/storeprobe)
 
 # --- helpers ---------------------------------------------------------------
 
@@ -247,10 +269,13 @@ us_per_msg() { awk -v s="$1" -v n="$((N * REPS))" 'BEGIN { printf "%.0f", s * 1e
 ticks_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { print t / hz }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# authmail_block SMTP_PORT STORAGE [delivery options...]: the handler config
+# authmail_block SMTP_PORT STORAGE [delivery options...]: the handler config.
+# STORAGE is a directory for file_system, or "redis" for the Redis server of
+# phase 5; SMTP_OPTS holds the lines of the smtp block.
 RATE_OFF=0
+SMTP_OPTS=$'\t\t\t\ttls none'
 authmail_block() {
-	local smtp_port=$1 storage=$2 key_block="" limits="" delivery=""
+	local smtp_port=$1 storage=$2 key_block="" limits="" delivery="" storage_line
 	shift 2
 	for opt in "$@"; do
 		delivery+=$'\t\t\t\t'"$opt"$'\n'
@@ -259,15 +284,20 @@ authmail_block() {
 		key_block=$' {\n\t\t\t\trate off\n\t\t\t}'
 		limits=$'\t\t\trecipient_rate off\n'
 	fi
+	if [ "$storage" = redis ]; then
+		storage_line=$'storage redis {\n\t\t\t\taddress 127.0.0.1:'"$REDIS_PORT"$'\n\t\t\t\tkey_prefix bench\n\t\t\t}'
+	else
+		storage_line="storage file_system $storage"
+	fi
 	cat <<EOF
 		authmail {
 			smtp 127.0.0.1:$smtp_port {
-				tls none
+$SMTP_OPTS
 				connections $SMTP_CONNS
 			}
 			from bench@example.com "Bench"
 			key bench $KEY$key_block
-$limits			storage file_system $storage
+$limits			$storage_line
 			delivery {
 $delivery			}
 		}
@@ -307,6 +337,7 @@ start_caddy() {
 	shift 2
 	local dir=$WORK/$name
 	local storage=$STORAGE_BASE/$name/storage
+	[ "${STORAGE_KIND:-file}" = redis ] && storage=redis
 	mkdir -p "$dir/data" "$dir/config"
 	cat >"$dir/Caddyfile" <<EOF
 {
@@ -666,6 +697,172 @@ log "phase 4: queue_depth $Q_DEPTH, VmRSS $RSS_KB kB, VmHWM $HWM_KB kB, storage 
 stop "$CADDY_PID"
 
 # ============================================================================
+# Phase 5: phases 1 and 2 with the outbox on Redis
+# ============================================================================
+
+start_sink -c # phases 5 and 6 deliver to it
+P5_BAD=0 P5_ERRORS=- P5_ERROR_SUMMARY="" RD_RPS=n/a RD_P50=n/a RD_P99=n/a RD_ERR=n/a RD_E2E=0
+if ! "$BIN/caddy" list-modules 2>/dev/null | grep -qx caddy.storage.redis; then
+	log "phase 5 skipped: this build has no caddy.storage.redis module"
+else
+log "phase 5: the outbox on Redis (appendonly yes, appendfsync always): async accept and end-to-end"
+mkdir -p "$WORK/redis"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly yes --appendfsync always \
+	--dir "$WORK/redis" --daemonize no >"$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+wait_port "$REDIS_PORT" redis-server
+STORAGE_KIND=redis start_caddy caddy-redis "$SINK_PORT"
+P5_SINK0=$(sink_count)
+P5_ACC0=$(metric caddy_authmail_messages_accepted_total)
+run_wrk /authmail/send/otp "$WARMUP" >/dev/null
+wait_queue_empty 300 || true
+RD_LINE=$(run_wrk /authmail/send/otp "$DURATION")
+log "authmail on Redis: $RD_LINE"
+wait_queue_empty 600 || true
+RD_RPS=$(rps "$RD_LINE")
+RD_P50=$(ms "$(kv p50_us <<<"$RD_LINE")")
+RD_P99=$(ms "$(kv p99_us <<<"$RD_LINE")")
+RD_ERR=$(($(kv status_errors <<<"$RD_LINE") + $(kv connect_errors <<<"$RD_LINE") + $(kv read_errors <<<"$RD_LINE") + $(kv timeouts <<<"$RD_LINE")))
+line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$SINK_OUT" -sink-timeout 300s)
+log "authmail on Redis, end to end: $line"
+RD_E2E=$(kv e2e_rate <<<"$line")
+wait_queue_empty 120 || true
+P5_ALL=$(($(metric caddy_authmail_messages_accepted_total) - P5_ACC0))
+P5_DELIVERED=$(($(sink_count) - P5_SINK0))
+if [ "$P5_DELIVERED" != "$P5_ALL" ]; then
+	P5_BAD=1
+	problem "phase 5: authmail on Redis accepted $P5_ALL messages but smtp-sink received $P5_DELIVERED; Caddy errors: $(error_summary)"
+fi
+P5_ERRORS=$(caddy_errors)
+P5_ERROR_SUMMARY=$(error_summary)
+stop "$CADDY_PID"
+stop "$REDIS_PID"
+fi
+
+# ============================================================================
+# Phase 6: Postfix as a local durable relay
+# ============================================================================
+
+log "phase 6: Postfix relay (smtp-source -s 32 -> postfix smtpd -> smtp-sink via relayhost), $N_POSTFIX messages"
+PF=$WORK/postfix
+mkdir -p "$PF/etc" "$PF/queue" "$PF/data"
+chown postfix "$PF/data"
+cat >"$PF/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PF/queue
+data_directory = $PF/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench.localdomain
+mydestination =
+local_recipient_maps =
+relayhost = [127.0.0.1]:$SINK_PORT
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtp_destination_concurrency_limit = $SMTP_CONNS
+smtp_initial_destination_concurrency = $SMTP_CONNS
+smtp_connection_cache_destinations = [127.0.0.1]:$SINK_PORT
+smtp_tls_security_level = none
+maillog_file_prefixes = $PF
+maillog_file = $PF/maillog
+default_process_limit = 100
+smtpd_client_connection_count_limit = 0
+EOF
+# no chroot, only the services a relay needs
+cat >"$PF/etc/master.cf" <<EOF
+127.0.0.1:$PF_PORT inet n - n - - smtpd
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+local unix - n n - - local
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+EOF
+postfix -c "$PF/etc" check >"$PF/check.log" 2>&1 || die "postfix check failed (see $PF/maillog)"
+postfix -c "$PF/etc" start >"$PF/start.log" 2>&1 || die "postfix did not start (see $PF/maillog)"
+wait_port "$PF_PORT" "postfix smtpd"
+PF_BODY=$((${MSG_SIZE:-3000} > 300 ? ${MSG_SIZE:-3000} - 200 : 100))
+wait_sink() { # wait_sink COUNT TIMEOUT_S: until smtp-sink counted COUNT
+	local t0=$SECONDS
+	while [ "$(sink_count)" -lt "$1" ]; do
+		[ $((SECONDS - t0)) -ge "$2" ] && return 1
+		sleep 0.05
+	done
+}
+PF_W0=$(sink_count)
+smtp-source -s 8 -m 200 -l "$PF_BODY" -f bench@example.com -t user@example.com "127.0.0.1:$PF_PORT" # warm-up
+wait_sink "$((PF_W0 + 200))" 60 || problem "phase 6: the Postfix warm-up did not arrive"
+PF_SINK0=$(sink_count)
+t0=$(date +%s.%N)
+smtp-source -s 32 -m "$N_POSTFIX" -l "$PF_BODY" -f bench@example.com -t user@example.com "127.0.0.1:$PF_PORT"
+t1=$(date +%s.%N)
+P6_BAD=0
+wait_sink "$((PF_SINK0 + N_POSTFIX))" 600 || {
+	P6_BAD=1
+	problem "phase 6: smtp-sink received $(($(sink_count) - PF_SINK0)) of $N_POSTFIX messages through Postfix"
+}
+t2=$(date +%s.%N)
+PF_ACCEPT=$(awk -v n="$N_POSTFIX" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+PF_E2E=$(awk -v n="$N_POSTFIX" -v a="$t0" -v b="$t2" 'BEGIN { printf "%.0f", n / (b - a) }')
+log "postfix: accepted $PF_ACCEPT msgs/s, end to end $PF_E2E msgs/s"
+postfix -c "$PF/etc" stop >/dev/null 2>&1 || true
+stop "$SINK_PID"
+
+# ============================================================================
+# Phase 7: synchronous sends through the delay proxy, STARTTLS and AUTH
+# ============================================================================
+
+log "phase 7: synchronous /send/otp through a $DELAY-each-way proxy to a STARTTLS+AUTH server, $N_SYNC requests one at a time"
+TLS_PASS=bench-smtp-pass-$RANDOM$RANDOM
+"$BIN/tlssink" -addr "127.0.0.1:$TLS_SINK_PORT" -ca "$WORK/tlssink-ca.pem" -user bench -pass "$TLS_PASS" >"$WORK/tlssink.log" 2>&1 &
+PIDS+=("$!")
+TLS_SINK_PID=$!
+wait_port "$TLS_SINK_PORT" tlssink
+"$BIN/delayproxy" -listen "127.0.0.1:$PROXY_PORT" -target "127.0.0.1:$TLS_SINK_PORT" -delay "$DELAY" 2>"$WORK/delayproxy7.log" &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+wait_port "$PROXY_PORT" delayproxy
+SMTP_OPTS=$'\t\t\t\tusername bench\n\t\t\t\tpassword '"$TLS_PASS"$'\n\t\t\t\tca '"$WORK/tlssink-ca.pem"
+start_caddy caddy-sync "$PROXY_PORT"
+SMTP_OPTS=$'\t\t\t\ttls none'
+# warm-up: the first request dials, STARTTLS and AUTH; then the connection is pooled
+"$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n 5 -c 1 -key "$KEY" -async=false >/dev/null
+line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_SYNC" -c 1 -key "$KEY" -async=false)
+log "authmail sync: $line"
+SY_P50=$(kv p50_ms <<<"$line")
+SY_P99=$(kv p99_ms <<<"$line")
+SY_OK=$(kv accepted <<<"$line")
+[ "$SY_OK" = "$N_SYNC" ] || problem "phase 7: only $SY_OK of $N_SYNC synchronous sends answered 200"
+P7_ERRORS=$(caddy_errors)
+P7_ERROR_SUMMARY=$(error_summary)
+stop "$CADDY_PID"
+stop "$PROXY_PID"
+stop "$TLS_SINK_PID"
+probe=$("$BIN/storeprobe" -dir "$STORAGE_BASE/storeprobe" -n 200 -size 3000)
+STORE_P50=$(kv p50_ms <<<"$probe")
+DELAY_MS=$(awk -v d="$DELAY" 'BEGIN { sub(/ms$/, "", d); print d + 0 }')
+SY_FLOOR=$(awk -v d="$DELAY_MS" -v s="$STORE_P50" 'BEGIN { printf "%.2f", 4 * d + s }')
+log "phase 7: p50 $SY_P50 ms, p99 $SY_P99 ms; floor $SY_FLOOR ms (2 round trips of $((2 * ${DELAY_MS%.*})) ms + one durable write, p50 $STORE_P50 ms)"
+
+# ============================================================================
 # Results
 # ============================================================================
 
@@ -749,6 +946,29 @@ Delivering at 80% of go-mail's median rate on these $(nproc) cores leaves at mos
 | Go heap in use | $(awk -v b="$HEAP_INUSE" 'BEGIN { printf "%.1f", b / 1048576 }') MB |
 | storage on disk (du) | $(mb "$STORAGE_KB") MB ($(mb "$STORAGE_APPARENT_KB") MB apparent) in $STORAGE_FILES files |
 
+### 5. The outbox on Redis (redis-server $(redis-server --version | awk '{ print $3 }' | sed 's/v=//'), appendonly yes, appendfsync always)
+
+| Measure | file_system (phases 1–2) | Redis | Redis / file_system |
+| --- | ---: | ---: | ---: |
+| async accept, requests/s (p50, p99) | $A_RPS ($A_P50 ms, $A_P99 ms) | $RD_RPS ($RD_P50 ms, $RD_P99 ms; $RD_ERR errors) | $(ratio "$RD_RPS" "$A_RPS") |
+| end-to-end on loopback, msgs/s | $(fmt_num "$AM_RATE") | $(fmt_num "$RD_E2E")$(bad "$P5_BAD") | **$(ratio "$RD_E2E" "$AM_RATE")** |
+
+### 6. Postfix as a local durable relay ($N_POSTFIX messages of $PF_BODY bytes, smtp-source -s 32 → smtpd → queue on the same disk → smtp-sink through relayhost, $SMTP_CONNS delivery connections)
+
+| Measure | Postfix relay | authmail (phase 2) | authmail / Postfix |
+| --- | ---: | ---: | ---: |
+| accepted, msgs/s | $PF_ACCEPT | $(fmt_num "$AM_SUBMIT_RATE") (submission, while delivering) | $(ratio "$AM_SUBMIT_RATE" "$PF_ACCEPT") |
+| end to end, msgs/s | $PF_E2E$(bad "$P6_BAD") | $(fmt_num "$AM_RATE") | **$(ratio "$AM_RATE" "$PF_E2E")** |
+
+### 7. Synchronous sends (default mode) through +$DELAY each way, STARTTLS and AUTH PLAIN, pooled connection, one request at a time
+
+| Measure | Value |
+| --- | ---: |
+| p50 time to the 200 | **$SY_P50 ms** |
+| p99 | $SY_P99 ms |
+| floor: two round trips (4 × $DELAY) + one durable write (file storage Store p50 $STORE_P50 ms) | $SY_FLOOR ms |
+| p50 / floor | $(ratio "$SY_P50" "$SY_FLOOR") |
+
 Error lines in Caddy's logs (level ERROR; transient delivery failures log at WARN and are not counted):
 
 | Instance | Error lines | Messages |
@@ -757,6 +977,8 @@ Error lines in Caddy's logs (level ERROR; transient delivery failures log at WAR
 | delay proxy (phase 3) | $P3_ERRORS | ${P3_ERROR_SUMMARY:-} |
 | SMTP unreachable, accept (phase 1b) | $P1B_ERRORS | ${P1B_ERROR_SUMMARY:-} |
 | SMTP unreachable, $N_QUEUE queued (phase 4) | $P4_ERRORS | ${P4_ERROR_SUMMARY:-} |
+| Redis (phase 5) | $P5_ERRORS | ${P5_ERROR_SUMMARY:-} |
+| synchronous, STARTTLS+AUTH (phase 7) | $P7_ERRORS | ${P7_ERROR_SUMMARY:-} |
 
 Integrity problems: $(if [ ${#PROBLEMS[@]} = 0 ]; then echo "none (every accepted message reached smtp-sink; the queue held every message in phase 4)."; else printf '\n\n'; printf -- '- %s\n' "${PROBLEMS[@]}"; fi)
 
@@ -768,6 +990,9 @@ Integrity problems: $(if [ ${#PROBLEMS[@]} = 0 ]; then echo "none (every accepte
 | end-to-end delivery >= 80% of raw go-mail (loopback) | $(ratio "$AM_RATE" "$GM_RATE") | $(verdict "$E2E_RATIO" 0.80 "$P2_BAD") |
 | end-to-end delivery >= 80% of raw go-mail (10 ms RTT) | $(ratio "$AMD_RATE" "$GMD_RATE") | $(verdict "$DLY_RATIO" 0.80 "$P3_BAD") |
 | RSS < 150 MB with $N_QUEUE queued | $RSS_MB MB | $RSS_VERDICT |
+| end-to-end on Redis >= 50% of file_system | $(ratio "$RD_E2E" "$AM_RATE") | $(verdict "$(awk -v a="$RD_E2E" -v b="$AM_RATE" 'BEGIN { print (b > 0 ? a / b : 0) }')" 0.50 "$P5_BAD") |
+| end-to-end >= 4× the Postfix relay | $(awk -v a="$AM_RATE" -v b="$PF_E2E" 'BEGIN { printf "%.2f×", (b > 0 ? a / b : 0) }') | $(verdict "$(awk -v a="$AM_RATE" -v b="$PF_E2E" 'BEGIN { print (b > 0 ? a / b : 0) }')" 4 "$P2_BAD") |
+| synchronous p50 within 25% of its floor | $(ratio "$SY_P50" "$SY_FLOOR") | $(verdict "$(awk -v a="$SY_P50" -v b="$SY_FLOOR" 'BEGIN { print (a > 0 ? 1.25 * b / a : 0) }')" 1) |
 EOF
 )
 
