@@ -426,6 +426,7 @@ type newMessage struct {
 	env                             *envelope
 	webhook                         webhookState
 	rcpts                           []string // recipients as logged
+	tenant                          string   // the key's tenantOf
 }
 
 type acceptReq struct {
@@ -558,7 +559,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 			m.env.ID = id
 			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.env.From, To: m.env.To, Data: m.env.Data})
 			st := msgState{
-				ID: id, KeyID: m.keyID, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
+				ID: id, KeyID: m.keyID, Tenant: m.tenant, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
 				Recipients: len(m.env.To), Rcpts: m.rcpts,
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
 			}
