@@ -84,31 +84,153 @@ func hostAllowed(host string, allow []string) bool {
 	return slices.ContainsFunc(allow, func(a string) bool { return strings.EqualFold(strings.Trim(a, "[]"), host) })
 }
 
-// blockedIP reports whether webhooks may not reach ip: loopback, private,
-// link-local (which includes cloud metadata at 169.254.169.254),
-// unspecified, multicast, carrier-grade NAT and other reserved ranges.
+// blockedIP reports whether webhooks may not reach ip: any address of
+// the IANA special-purpose address registries (reservedRanges), multicast,
+// and IPv6 outside global unicast space. An address that embeds an IPv4
+// address (IPv4-mapped, NAT64, 6to4, Teredo) is refused when the embedded
+// address is, so that [::ffff:127.0.0.1], [64:ff9b::a00:1] or
+// [2002:7f00:1::1] cannot reach what 127.0.0.1 or 10.0.0.1 would. The
+// request check (checkWebhookURL, for IP literals) and the dial check
+// (webhookClient, for every address a host name resolves to) both use it.
 func blockedIP(ip netip.Addr) bool {
-	ip = ip.Unmap()
-	if ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() ||
-		ip.IsInterfaceLocalMulticast() || ip.IsMulticast() || ip.IsUnspecified() {
+	if !ip.IsValid() {
 		return true
 	}
-	for _, p := range blockedPrefixes {
-		if p.Contains(ip) {
+	// a zone (fe80::1%eth0) would make every prefix miss
+	ip = ip.Unmap().WithZone("")
+	r := reservedRangeOf(ip)
+	if r.embeds == nil {
+		return r.refuse
+	}
+	for _, v4 := range r.embeds(ip) {
+		if blockedIP(v4) {
 			return true
 		}
 	}
 	return false
 }
 
-var blockedPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("100.64.0.0/10"),
-	netip.MustParsePrefix("192.0.0.0/24"),
-	netip.MustParsePrefix("198.18.0.0/15"),
-	netip.MustParsePrefix("240.0.0.0/4"),
-	netip.MustParsePrefix("64:ff9b::/96"),
-	netip.MustParsePrefix("2001:db8::/32"),
+// reservedRange is an entry of the webhook block list. With embeds set,
+// the range is refused only where the IPv4 addresses it returns are.
+type reservedRange struct {
+	prefix netip.Prefix
+	name   string // the registry's name and RFC
+	refuse bool
+	embeds func(netip.Addr) []netip.Addr
+}
+
+// reservedRangeOf returns the most specific entry of reservedRanges that
+// holds ip (an IPv4 address is never IPv4-mapped here).
+func reservedRangeOf(ip netip.Addr) reservedRange {
+	best := -1
+	for i, r := range reservedRanges {
+		if r.prefix.Contains(ip) && (best < 0 || r.prefix.Bits() > reservedRanges[best].prefix.Bits()) {
+			best = i
+		}
+	}
+	return reservedRanges[best]
+}
+
+// v4At returns the IPv4 address in bytes i..i+3 of ip, XORed with x.
+func v4At(ip netip.Addr, i int, x byte) netip.Addr {
+	b := ip.As16()
+	return netip.AddrFrom4([4]byte{b[i] ^ x, b[i+1] ^ x, b[i+2] ^ x, b[i+3] ^ x})
+}
+
+func reserved(prefix, name string) reservedRange {
+	return reservedRange{prefix: netip.MustParsePrefix(prefix), name: name, refuse: true}
+}
+
+// reservedRanges is the webhook block list: every entry of the IANA IPv4
+// and IPv6 Special-Purpose Address Registries (as of 2025), whatever its
+// "globally reachable" column says (the reachable ones are anycast
+// services such as PCP, TURN and AS112, which no webhook receiver runs
+// on, and the PCP anycast reaches the local gateway), plus multicast and,
+// for IPv6, everything outside global unicast space 2000::/3 (from the
+// IPv6 Address Space registry: reserved, site-local, multicast). The
+// ranges that embed an IPv4 address are checked by that address instead:
+// refusing them whole would cut off IPv6-only hosts that reach IPv4
+// receivers through NAT64. The most specific entry decides.
+var reservedRanges = []reservedRange{
+	// the rest of IPv4 is reachable; the rest of IPv6 is not
+	{prefix: netip.MustParsePrefix("0.0.0.0/0"), name: "IPv4 unicast"},
+	reserved("::/0", "IPv6 outside global unicast, RFC 4291"),
+	{prefix: netip.MustParsePrefix("2000::/3"), name: "IPv6 global unicast, RFC 4291"},
+
+	// IANA IPv4 Special-Purpose Address Registry
+	reserved("0.0.0.0/8", `"This network", RFC 791 section 3.2`),
+	reserved("0.0.0.0/32", `"This host on this network", RFC 1122 section 3.2.1.3`),
+	reserved("10.0.0.0/8", "Private-Use, RFC 1918"),
+	reserved("100.64.0.0/10", "Shared Address Space, RFC 6598"),
+	reserved("127.0.0.0/8", "Loopback, RFC 1122 section 3.2.1.3"),
+	reserved("169.254.0.0/16", "Link Local (cloud metadata at 169.254.169.254), RFC 3927"),
+	reserved("172.16.0.0/12", "Private-Use, RFC 1918"),
+	reserved("192.0.0.0/24", "IETF Protocol Assignments, RFC 6890 section 2.1"),
+	reserved("192.0.0.0/29", "IPv4 Service Continuity Prefix, RFC 7335"),
+	reserved("192.0.0.8/32", "IPv4 dummy address, RFC 7600"),
+	reserved("192.0.0.9/32", "Port Control Protocol Anycast, RFC 7723"),
+	reserved("192.0.0.10/32", "Traversal Using Relays around NAT Anycast, RFC 8155"),
+	reserved("192.0.0.170/32", "NAT64/DNS64 Discovery, RFC 8880 and RFC 7050 section 2.2"),
+	reserved("192.0.0.171/32", "NAT64/DNS64 Discovery, RFC 8880 and RFC 7050 section 2.2"),
+	reserved("192.0.2.0/24", "Documentation (TEST-NET-1), RFC 5737"),
+	reserved("192.31.196.0/24", "AS112-v4, RFC 7535"),
+	reserved("192.52.193.0/24", "AMT, RFC 7450"),
+	reserved("192.88.99.0/24", "Deprecated (6to4 Relay Anycast), RFC 7526"),
+	reserved("192.88.99.2/32", "6a44-relay anycast address, RFC 6751"),
+	reserved("192.168.0.0/16", "Private-Use, RFC 1918"),
+	reserved("192.175.48.0/24", "Direct Delegation AS112 Service, RFC 7534"),
+	reserved("198.18.0.0/15", "Benchmarking, RFC 2544"),
+	reserved("198.51.100.0/24", "Documentation (TEST-NET-2), RFC 5737"),
+	reserved("203.0.113.0/24", "Documentation (TEST-NET-3), RFC 5737"),
+	reserved("240.0.0.0/4", "Reserved, RFC 1112 section 4"),
+	reserved("255.255.255.255/32", "Limited Broadcast, RFC 8190 and RFC 919 section 7"),
+	// IANA Multicast Address Space Registry
+	reserved("224.0.0.0/4", "Multicast, RFC 5771"),
+
+	// IANA IPv6 Special-Purpose Address Registry
+	reserved("::1/128", "Loopback Address, RFC 4291"),
+	reserved("::/128", "Unspecified Address, RFC 4291"),
+	// IPv4-mapped addresses are unmapped before the lookup; the entry
+	// documents it and checks the embedded address if one ever arrives
+	{prefix: netip.MustParsePrefix("::ffff:0:0/96"), name: "IPv4-mapped Address, RFC 4291",
+		embeds: func(ip netip.Addr) []netip.Addr { return []netip.Addr{v4At(ip, 12, 0)} }},
+	{prefix: netip.MustParsePrefix("64:ff9b::/96"), name: "IPv4-IPv6 Translat. (NAT64 well-known prefix), RFC 6052",
+		embeds: func(ip netip.Addr) []netip.Addr { return []netip.Addr{v4At(ip, 12, 0)} }},
+	// local-use NAT64 prefixes may embed the IPv4 address at several
+	// offsets (RFC 6052 section 2.2); the range is not globally reachable,
+	// so it is refused whole (list a host in webhook_allow_hosts to use one)
+	reserved("64:ff9b:1::/48", "IPv4-IPv6 Translat. (local-use), RFC 8215"),
+	reserved("100::/64", "Discard-Only Address Block, RFC 6666"),
+	reserved("100:0:0:1::/64", "Dummy IPv6 Prefix, RFC 9780"),
+	reserved("2001::/23", "IETF Protocol Assignments, RFC 2928"),
+	// Teredo: the server's IPv4 address in bits 32-63, the client's,
+	// inverted, in bits 96-127 (RFC 4380 section 4)
+	{prefix: netip.MustParsePrefix("2001::/32"), name: "TEREDO, RFC 4380 and RFC 8190",
+		embeds: func(ip netip.Addr) []netip.Addr { return []netip.Addr{v4At(ip, 4, 0), v4At(ip, 12, 0xff)} }},
+	reserved("2001:1::1/128", "Port Control Protocol Anycast, RFC 7723"),
+	reserved("2001:1::2/128", "Traversal Using Relays around NAT Anycast, RFC 8155"),
+	reserved("2001:1::3/128", "DNS-SD Service Registration Protocol Anycast, RFC 9665"),
+	reserved("2001:2::/48", "Benchmarking, RFC 5180"),
+	reserved("2001:3::/32", "AMT, RFC 7450"),
+	reserved("2001:4:112::/48", "AS112-v6, RFC 7535"),
+	reserved("2001:10::/28", "Deprecated (previously ORCHID), RFC 4843"),
+	reserved("2001:20::/28", "ORCHIDv2, RFC 7343"),
+	reserved("2001:30::/28", "Drone Remote ID Protocol Entity Tags (DETs) Prefix, RFC 9374"),
+	reserved("2001:db8::/32", "Documentation, RFC 3849"),
+	// 6to4: the router's IPv4 address in bits 16-47 (RFC 3056 section 2)
+	{prefix: netip.MustParsePrefix("2002::/16"), name: "6to4, RFC 3056",
+		embeds: func(ip netip.Addr) []netip.Addr { return []netip.Addr{v4At(ip, 2, 0)} }},
+	reserved("2620:4f:8000::/48", "Direct Delegation AS112 Service, RFC 7534"),
+	reserved("3fff::/20", "Documentation, RFC 9637"),
+	reserved("5f00::/16", "Segment Routing (SRv6) SIDs, RFC 9602"),
+	reserved("fc00::/7", "Unique-Local, RFC 4193 and RFC 8190"),
+	reserved("fe80::/10", "Link-Local Unicast, RFC 4291"),
+	// outside 2000::/3, listed for clarity: IPv4-compatible addresses
+	// (::/96, deprecated, RFC 4291 section 2.5.5.1) are refused whole, as
+	// are site-local (fec0::/10, RFC 3879) and multicast (ff00::/8)
+	reserved("::/96", "IPv4-compatible Address (deprecated), RFC 4291 section 2.5.5.1"),
+	reserved("fec0::/10", "Site-Local (deprecated), RFC 3879"),
+	reserved("ff00::/8", "Multicast, RFC 4291"),
 }
 
 var errWebhookBlocked = errors.New("the webhook address is loopback, private, link-local or metadata, and its host is not in webhook_allow_hosts")

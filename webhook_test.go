@@ -8,8 +8,10 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -195,7 +197,8 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	recv := newHookReceiver(t, func(int) int { return 200 })
 	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) { h.WebhookSecret = "s" })
 	// an IP literal is refused when the request arrives
-	for _, u := range []string{recv.srv.URL, "http://10.0.0.1/x", "http://169.254.169.254/latest", "http://[::1]:80/", "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/"} {
+	for _, u := range []string{recv.srv.URL, "http://10.0.0.1/x", "http://169.254.169.254/latest", "http://[::1]:80/", "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/",
+		"http://[::7f00:1]/", "http://[::a00:1]/", "http://[64:ff9b:1::7f00:1]/", "http://[2002:7f00:1::1]/", "http://192.0.2.1/", "http://198.51.100.1/", "http://203.0.113.1/"} {
 		rec, out := call(t, h, "POST", "/authmail/send/otp", fmt.Sprintf(`{"to":"a@example.org","code":"1","webhook_url":%q}`, u))
 		if rec.Code != 422 || out["field"] != "webhook_url" {
 			t.Errorf("%s: %d %s", u, rec.Code, rec.Body)
@@ -232,14 +235,93 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	}
 }
 
+// TestBlockedIP: every entry of the block list refuses its first and last
+// address; the ranges that embed an IPv4 address refuse exactly when the
+// embedded address is refused; global unicast passes.
 func TestBlockedIP(t *testing.T) {
+	last := func(p netip.Prefix) netip.Addr {
+		b := p.Addr().As16()
+		bits, total := p.Bits(), 128
+		if p.Addr().Is4() {
+			bits += 96
+		}
+		for i := bits; i < total; i++ {
+			b[i/8] |= 1 << (7 - i%8)
+		}
+		a := netip.AddrFrom16(b)
+		if p.Addr().Is4() {
+			a = a.Unmap()
+		}
+		return a
+	}
+	for _, r := range reservedRanges {
+		if !r.refuse {
+			continue
+		}
+		for _, a := range []netip.Addr{r.prefix.Addr(), last(r.prefix)} {
+			if !blockedIP(a) {
+				t.Errorf("%s (%s, in %s) is not blocked", a, r.name, r.prefix)
+			}
+		}
+	}
 	for s, want := range map[string]bool{
+		// the reported holes
+		"::7f00:1": true, "::a00:1": true, "64:ff9b:1::7f00:1": true, "2002:7f00:1::1": true,
+		"192.0.2.1": true, "198.51.100.7": true, "203.0.113.255": true,
+		// IPv4-mapped: the embedded address decides
+		"::ffff:10.0.0.1": true, "::ffff:127.0.0.1": true, "::ffff:8.8.8.8": false,
+		// IPv4-compatible: refused whole
+		"::808:808": true,
+		// NAT64 well-known prefix: the embedded address decides
+		"64:ff9b::808:808": false, "64:ff9b::7f00:1": true, "64:ff9b::a9fe:a9fe": true, "64:ff9b::c000:201": true,
+		// local-use NAT64: refused whole
+		"64:ff9b:1::808:808": true, "64:ff9b:1:ffff::808:808": true,
+		// 6to4: the router's address decides
+		"2002:808:808::1": false, "2002:c0a8:101::1": true, "2002:a9fe:a9fe:1::1": true, "2002:c633:6401::1": true,
+		// Teredo: server 65.54.227.120 with client 8.8.8.8 (inverted
+		// f7f7:f7f7) passes; a private client or server is refused
+		"2001:0:4136:e378:8000:63bf:f7f7:f7f7": false, "2001:0:4136:e378:8000:63bf:f5ff:fffe": true,
+		"2001:0:4136:e378:8000:63bf:80ff:fffe": true, "2001:0:a00:1:8000:63bf:f7f7:f7f7": true,
+		// the rest of 2001::/23 and anycast services
+		"2001:1::1": true, "2001:4:112::1": true, "192.0.0.9": true, "192.31.196.1": true,
+		// classic ranges
 		"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true, "169.254.169.254": true,
-		"::1": true, "fe80::1": true, "fd00:ec2::254": true, "0.0.0.0": true, "100.64.1.1": true, "::ffff:10.0.0.1": true,
-		"224.0.0.1": true, "8.8.8.8": false, "1.1.1.1": false, "2606:4700::1111": false, "93.184.216.34": false,
+		"::1": true, "::": true, "fe80::1": true, "fe80::1%eth0": true, "fd00:ec2::254": true, "fec0::1": true,
+		"0.0.0.0": true, "100.64.1.1": true, "224.0.0.1": true, "239.255.255.250": true, "255.255.255.255": true,
+		"ff02::1": true, "4000::1": true, "3fff::1": true, "5f00::1": true,
+		// global unicast
+		"8.8.8.8": false, "1.1.1.1": false, "93.184.216.34": false, "192.0.1.1": false, "198.20.0.1": false,
+		"2606:4700::1111": false, "2a00:1450:4001:81c::200e": false, "2001:200::1": false, "3ffe::1": false,
 	} {
 		if got := blockedIP(netip.MustParseAddr(s)); got != want {
 			t.Errorf("blockedIP(%s) = %v, want %v", s, got, want)
+		}
+	}
+	if !blockedIP(netip.Addr{}) {
+		t.Error("the zero address is not blocked")
+	}
+}
+
+// TestWebhookDialRefusesReservedAddresses: the check when connecting
+// (after DNS) is blockedIP too, and a webhook_url with such an IP
+// literal is refused when the request arrives.
+func TestWebhookDialRefusesReservedAddresses(t *testing.T) {
+	client := webhookClient(nil, 2*time.Second)
+	_, v6err := net.ListenPacket("udp6", "[::1]:0")
+	for _, host := range []string{"192.0.2.1", "198.51.100.1", "203.0.113.1", "127.0.0.1", "[::7f00:1]", "[::a00:1]", "[64:ff9b:1::7f00:1]", "[2002:7f00:1::1]", "[64:ff9b::a00:1]"} {
+		u := "http://" + host + ":9/hook"
+		if aerr := checkWebhookURL(u, nil); aerr == nil || aerr.Status != 422 || aerr.Field != "webhook_url" {
+			t.Errorf("request check of %s: %+v", u, aerr)
+		}
+		if strings.HasPrefix(host, "[") && v6err != nil {
+			continue // no IPv6 sockets here: the dial fails before the check
+		}
+		res, err := client.Post(u, "application/json", strings.NewReader("{}"))
+		if err == nil {
+			res.Body.Close()
+		}
+		if !errors.Is(err, errWebhookBlocked) {
+			t.Errorf("dial %s: %v, want the block error", u, err)
 		}
 	}
 }
