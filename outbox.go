@@ -62,6 +62,7 @@ type engine struct {
 	batches     map[string]*batch
 	ready       entryHeap // queued messages by next attempt time
 	hooks       hookHeap  // pending webhooks by next attempt time
+	hookSlots   hookSlots // webhooks being posted, by host
 	parked      map[string]*parkedBatch
 	parkHeap    parkHeap        // parked batches by wake time
 	nonFinal    int             // messages not in a final state

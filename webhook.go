@@ -318,13 +318,40 @@ func webhookKey(secret string) ([]byte, error) {
 	return key, nil
 }
 
-// webhookWorker delivers due webhooks.
+// Webhook concurrency. Not part of the public config.
+const (
+	// webhookPerHost is how many webhooks to one host (host and port of
+	// the URL) are posted at once.
+	webhookPerHost = 2
+	// webhookMaxInFlight bounds the webhooks posted at once, over all
+	// hosts: it takes this many / webhookPerHost receivers that never
+	// answer to hold every slot.
+	webhookMaxInFlight = 64
+)
+
+// hookSlots counts the webhooks being posted; the engine's mu guards it.
+// The zero value is ready.
+type hookSlots struct {
+	byHost map[string]int
+	n      int
+	// freed wakes a dispatcher waiting for a slot (buffered, 1)
+	freed chan struct{}
+}
+
+// webhookWorker dispatches due webhooks, each posted by a goroutine of its
+// own, so that a receiver that accepts and never answers holds only its
+// own host's slots: at most webhookPerHost webhooks to one host are in
+// flight, a host that has as many waits while the next due webhook of
+// another host goes out, and up to webhookMaxInFlight are posted at once.
+// (With two workers of one or two slots, eight webhooks to such a
+// receiver delayed every other app's webhooks by 40 s per round.)
+// start runs two; either may dispatch any webhook, the counts are shared.
 func (e *engine) webhookWorker() {
 	// one client per allow list, so that sites with different lists keep
 	// their connections alive
 	clients := map[string]*http.Client{}
 	for {
-		en := e.nextHook()
+		en, host := e.nextHook()
 		if en == nil {
 			return
 		}
@@ -335,7 +362,10 @@ func (e *engine) webhookWorker() {
 			client = webhookClient(cfg.webhookAllow, e.tun.hookTimeout)
 			clients[key] = client
 		}
-		e.deliverHook(client, cfg, en)
+		go func() {
+			e.deliverHook(client, cfg, en)
+			e.releaseHookSlot(host)
+		}()
 	}
 }
 
@@ -352,26 +382,71 @@ func (e *engine) hookConfigFor(en *entry) *engineConfig {
 	return e.config()
 }
 
-func (e *engine) nextHook() *entry {
+// hookHost is the host (and port) a webhook URL posts to, lowercased: the
+// unit of webhookPerHost. The URL was checked when the request arrived
+// (parseHTTPURL refuses user info), so the host is what follows "//" up
+// to the path, query or fragment.
+func hookHost(rawURL string) string {
+	_, rest, _ := strings.Cut(rawURL, "//")
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		rest = rest[:i]
+	}
+	return strings.ToLower(rest)
+}
+
+// nextHook waits for a webhook that is due and whose host has a free
+// slot, takes it off the heap and takes its slot; nil when the engine
+// stops. The heap orders by due time, so the earliest due webhook of every
+// host with a free slot is found without looking past due ones: a
+// subtree is skipped once its root is not due or is taken.
+func (e *engine) nextHook() (*entry, string) {
 	for {
 		e.mu.Lock()
 		if e.closing {
 			e.mu.Unlock()
-			return nil
+			return nil, ""
 		}
+		slots := &e.hookSlots
+		if slots.freed == nil {
+			slots.freed = make(chan struct{}, 1)
+			slots.byHost = map[string]int{}
+		}
+		now := time.Now()
 		wait := time.Duration(-1)
-		if e.hooks.Len() > 0 {
-			top := e.hooks[0]
-			if d := time.Until(top.st.Webhook.NextAt); d <= 0 {
-				heap.Pop(&e.hooks)
-				e.attempts.Add(1)
-				e.mu.Unlock()
-				return top
-			} else {
-				wait = d
+		best, bestHost := -1, ""
+		if slots.n < webhookMaxInFlight {
+			stack := []int{0}
+			for len(stack) > 0 {
+				i := stack[len(stack)-1]
+				stack = stack[:len(stack)-1]
+				if i >= e.hooks.Len() {
+					continue
+				}
+				en := e.hooks[i]
+				if d := en.st.Webhook.NextAt.Sub(now); d > 0 {
+					if wait < 0 || d < wait {
+						wait = d
+					}
+					continue
+				}
+				if host := hookHost(en.st.Webhook.URL); slots.byHost[host] < webhookPerHost {
+					if best < 0 || en.st.Webhook.NextAt.Before(e.hooks[best].st.Webhook.NextAt) {
+						best, bestHost = i, host
+					}
+					continue
+				}
+				stack = append(stack, 2*i+1, 2*i+2)
 			}
 		}
-		wake := e.wakeCh
+		if best >= 0 {
+			en := heap.Remove(&e.hooks, best).(*entry)
+			slots.byHost[bestHost]++
+			slots.n++
+			e.attempts.Add(1)
+			e.mu.Unlock()
+			return en, bestHost
+		}
+		wake, freed := e.wakeCh, slots.freed
 		e.mu.Unlock()
 		if wait < 0 {
 			wait = time.Hour
@@ -379,12 +454,29 @@ func (e *engine) nextHook() *entry {
 		t := time.NewTimer(wait)
 		select {
 		case <-wake:
+		case <-freed:
 		case <-t.C:
 		case <-e.stopCh:
 			t.Stop()
-			return nil
+			return nil, ""
 		}
 		t.Stop()
+	}
+}
+
+// releaseHookSlot gives back the slot nextHook took for a webhook to host,
+// after deliverHook put the webhook back on the heap or finished it.
+func (e *engine) releaseHookSlot(host string) {
+	e.mu.Lock()
+	slots := &e.hookSlots
+	slots.n--
+	if slots.byHost[host]--; slots.byHost[host] <= 0 {
+		delete(slots.byHost, host)
+	}
+	e.mu.Unlock()
+	select {
+	case slots.freed <- struct{}{}:
+	default:
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -435,5 +436,123 @@ func TestWhsecSecretsMustBeBase64(t *testing.T) {
 	_ = bad.Cleanup()
 	if k, err := webhookKey("whsec_" + base64.StdEncoding.EncodeToString([]byte("key"))); err != nil || string(k) != "key" {
 		t.Errorf("valid whsec_: %q %v", k, err)
+	}
+}
+
+// hangingReceiver accepts connections, reads them and never answers; it
+// counts the connections it got. Its connections close at the end of the
+// test.
+func hangingReceiver(t *testing.T) (string, *atomic.Int32) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns atomic.Int32
+	var mu sync.Mutex
+	var open []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			mu.Lock()
+			open = append(open, c)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(io.Discard, c) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range open {
+			c.Close()
+		}
+	})
+	return "http://" + ln.Addr().String() + "/hook", &conns
+}
+
+// TestWebhookToAHangingHostDelaysNoOtherHost: fifty webhooks go to a
+// receiver that accepts and never answers (each post waits the whole
+// 10 s timeout); a webhook to a healthy receiver arrives at once
+// all the same, and the hanging host never gets more than
+// webhookPerHost posts at a time.
+func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "fairness-hook-secret-0123"
+	})
+	// registered after the handler, so that it runs before the engine
+	// stops: the posts in flight fail at once instead of timing out
+	hanging, conns := hangingReceiver(t)
+	if h.engine.tun.hookTimeout < 10*time.Second {
+		t.Fatalf("webhook timeout %s; the test needs posts that hang for long", h.engine.tun.hookTimeout)
+	}
+	ids := make([]string, 50)
+	for i := range ids {
+		body := fmt.Sprintf(`{"to":"hang%d@example.org","code":"1","webhook_url":%q}`, i, hanging)
+		rec, out := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async")
+		if rec.Code != 202 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		ids[i] = out["id"].(string)
+	}
+	for _, id := range ids {
+		waitState(t, h, id, status(stSent))
+	}
+	// the hanging host holds its posts
+	deadline := time.Now().Add(5 * time.Second)
+	for conns.Load() < webhookPerHost && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	rec, out := call(t, h, "POST", "/authmail/send/otp", body)
+	if rec.Code != 200 || out["status"] != "sent" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	final := time.Now()
+	calls := recv.wait(t, 1)
+	if len(calls) != 1 {
+		t.Fatalf("%d calls to the healthy receiver", len(calls))
+	}
+	if d := time.Since(final); d > 2*time.Second {
+		t.Errorf("the healthy webhook arrived %s after its message was sent, behind the hanging host's", d)
+	}
+	var p map[string]any
+	if err := json.Unmarshal(calls[0].body, &p); err != nil || p["id"] != out["id"] {
+		t.Fatalf("payload %s", calls[0].body)
+	}
+	// more webhooks than slots to the healthy host: each freed slot
+	// takes the next
+	for i := range 3 * webhookPerHost {
+		body := fmt.Sprintf(`{"to":"healthy%d@example.org","code":"1","webhook_url":%q}`, i, recv.srv.URL+"/hook")
+		if rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async"); rec.Code != 202 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+	}
+	if calls := recv.wait(t, 1+3*webhookPerHost); len(calls) != 1+3*webhookPerHost {
+		t.Fatalf("%d calls to the healthy receiver, want %d", len(calls), 1+3*webhookPerHost)
+	}
+	if n := conns.Load(); n != webhookPerHost {
+		t.Errorf("the hanging host got %d connections at once, want %d", n, webhookPerHost)
+	}
+}
+
+// TestHookHost: webhooks are limited per host and port, whatever the
+// case, path, query or fragment.
+func TestHookHost(t *testing.T) {
+	for u, want := range map[string]string{
+		"https://Hooks.Example.COM/a/b?c=d": "hooks.example.com",
+		"http://127.0.0.1:8080?x":           "127.0.0.1:8080",
+		"http://[::1]:80/#f":                "[::1]:80",
+		"https://example.com":               "example.com",
+	} {
+		if got := hookHost(u); got != want {
+			t.Errorf("hookHost(%s) = %q, want %q", u, got, want)
+		}
 	}
 }
