@@ -323,26 +323,45 @@ const (
 	// webhookPerHost is how many webhooks to one host (host and port of
 	// the URL) are posted at once.
 	webhookPerHost = 2
-	// webhookMaxInFlight bounds the webhooks posted at once, over all
-	// hosts: it takes this many / webhookPerHost receivers that never
-	// answer to hold every slot.
+	// webhookPerTenant is how many webhooks of messages of one key
+	// (tenant) are posted at once, over all hosts: a key cannot take every
+	// slot by spreading its webhooks over many hanging hosts or ports.
+	webhookPerTenant = 16
+	// webhookMaxInFlight bounds the webhooks posted at once: it takes
+	// webhookMaxInFlight / webhookPerTenant keys whose webhooks go to
+	// receivers that never answer to hold every slot.
 	webhookMaxInFlight = 64
 )
 
 // hookSlots counts the webhooks being posted; the engine's mu guards it.
 // The zero value is ready.
 type hookSlots struct {
-	byHost map[string]int
-	n      int
+	byHost   map[string]int
+	byTenant map[string]int
+	n        int
 	// freed wakes a dispatcher waiting for a slot (buffered, 1)
 	freed chan struct{}
 }
 
+// hookSlot is what a webhook being posted holds a slot of.
+type hookSlot struct{ host, tenant string }
+
+// hookSlotOf names the host and tenant of a pending webhook; a message
+// from before tenants counts against its key id.
+func hookSlotOf(en *entry) hookSlot {
+	tenant := en.st.Tenant
+	if tenant == "" {
+		tenant = "key " + en.st.KeyID
+	}
+	return hookSlot{host: hookHost(en.st.Webhook.URL), tenant: tenant}
+}
+
 // webhookWorker dispatches due webhooks, each posted by a goroutine of its
 // own, so that a receiver that accepts and never answers holds only its
-// own host's slots: at most webhookPerHost webhooks to one host are in
-// flight, a host that has as many waits while the next due webhook of
-// another host goes out, and up to webhookMaxInFlight are posted at once.
+// own host's slots: at most webhookPerHost webhooks to one host and
+// webhookPerTenant of one key are in flight, a host or key that has as
+// many waits while the next due webhook of another goes out, and up to
+// webhookMaxInFlight are posted at once.
 // (With two workers of one or two slots, eight webhooks to such a
 // receiver delayed every other app's webhooks by 40 s per round.)
 // start runs two; either may dispatch any webhook, the counts are shared.
@@ -351,7 +370,7 @@ func (e *engine) webhookWorker() {
 	// their connections alive
 	clients := map[string]*http.Client{}
 	for {
-		en, host := e.nextHook()
+		en, slot := e.nextHook()
 		if en == nil {
 			return
 		}
@@ -364,7 +383,7 @@ func (e *engine) webhookWorker() {
 		}
 		go func() {
 			e.deliverHook(client, cfg, en)
-			e.releaseHookSlot(host)
+			e.releaseHookSlot(slot)
 		}()
 	}
 }
@@ -394,26 +413,26 @@ func hookHost(rawURL string) string {
 	return strings.ToLower(rest)
 }
 
-// nextHook waits for a webhook that is due and whose host has a free
-// slot, takes it off the heap and takes its slot; nil when the engine
-// stops. The heap orders by due time, so the earliest due webhook of every
-// host with a free slot is found without looking past due ones: a
-// subtree is skipped once its root is not due or is taken.
-func (e *engine) nextHook() (*entry, string) {
+// nextHook waits for a webhook that is due and whose host and key have a
+// free slot, takes it off the heap and takes its slot; nil when the engine
+// stops. The heap orders by due time, so the earliest due webhook with a
+// free slot is found without looking past due ones: a subtree is skipped
+// once its root is not due or can be taken.
+func (e *engine) nextHook() (*entry, hookSlot) {
 	for {
 		e.mu.Lock()
 		if e.closing {
 			e.mu.Unlock()
-			return nil, ""
+			return nil, hookSlot{}
 		}
 		slots := &e.hookSlots
 		if slots.freed == nil {
 			slots.freed = make(chan struct{}, 1)
-			slots.byHost = map[string]int{}
+			slots.byHost, slots.byTenant = map[string]int{}, map[string]int{}
 		}
 		now := time.Now()
 		wait := time.Duration(-1)
-		best, bestHost := -1, ""
+		best, bestSlot := -1, hookSlot{}
 		if slots.n < webhookMaxInFlight {
 			stack := []int{0}
 			for len(stack) > 0 {
@@ -429,9 +448,9 @@ func (e *engine) nextHook() (*entry, string) {
 					}
 					continue
 				}
-				if host := hookHost(en.st.Webhook.URL); slots.byHost[host] < webhookPerHost {
+				if slot := hookSlotOf(en); slots.byHost[slot.host] < webhookPerHost && slots.byTenant[slot.tenant] < webhookPerTenant {
 					if best < 0 || en.st.Webhook.NextAt.Before(e.hooks[best].st.Webhook.NextAt) {
-						best, bestHost = i, host
+						best, bestSlot = i, slot
 					}
 					continue
 				}
@@ -440,11 +459,12 @@ func (e *engine) nextHook() (*entry, string) {
 		}
 		if best >= 0 {
 			en := heap.Remove(&e.hooks, best).(*entry)
-			slots.byHost[bestHost]++
+			slots.byHost[bestSlot.host]++
+			slots.byTenant[bestSlot.tenant]++
 			slots.n++
 			e.attempts.Add(1)
 			e.mu.Unlock()
-			return en, bestHost
+			return en, bestSlot
 		}
 		wake, freed := e.wakeCh, slots.freed
 		e.mu.Unlock()
@@ -458,20 +478,23 @@ func (e *engine) nextHook() (*entry, string) {
 		case <-t.C:
 		case <-e.stopCh:
 			t.Stop()
-			return nil, ""
+			return nil, hookSlot{}
 		}
 		t.Stop()
 	}
 }
 
-// releaseHookSlot gives back the slot nextHook took for a webhook to host,
-// after deliverHook put the webhook back on the heap or finished it.
-func (e *engine) releaseHookSlot(host string) {
+// releaseHookSlot gives back the slot nextHook took for a webhook, after
+// deliverHook put the webhook back on the heap or finished it.
+func (e *engine) releaseHookSlot(slot hookSlot) {
 	e.mu.Lock()
 	slots := &e.hookSlots
 	slots.n--
-	if slots.byHost[host]--; slots.byHost[host] <= 0 {
-		delete(slots.byHost, host)
+	if slots.byHost[slot.host]--; slots.byHost[slot.host] <= 0 {
+		delete(slots.byHost, slot.host)
+	}
+	if slots.byTenant[slot.tenant]--; slots.byTenant[slot.tenant] <= 0 {
+		delete(slots.byTenant, slot.tenant)
 	}
 	e.mu.Unlock()
 	select {

@@ -556,3 +556,61 @@ func TestHookHost(t *testing.T) {
 		}
 	}
 }
+
+// TestWebhooksOfOneKeyHoldAtMostItsShare: a key that spreads its webhooks
+// over many receivers that never answer (here twenty ports, two webhooks
+// each) has at most webhookPerTenant posts in flight, so it cannot take
+// every slot; another key's webhook goes out at once.
+func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	const otherKey = "other-key-of-this-site-0123"
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "share-hook-secret-0123"
+		h.Keys = append(h.Keys, Key{ID: "other", Secret: otherKey})
+	})
+	var all []*atomic.Int32
+	var ids []string
+	for r := range 20 {
+		url, conns := hangingReceiver(t)
+		all = append(all, conns)
+		for i := range 2 {
+			body := fmt.Sprintf(`{"to":"hang%d-%d@example.org","code":"1","webhook_url":%q}`, r, i, url)
+			rec, out := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async")
+			if rec.Code != 202 {
+				t.Fatalf("%d %s", rec.Code, rec.Body)
+			}
+			ids = append(ids, out["id"].(string))
+		}
+	}
+	for _, id := range ids {
+		waitState(t, h, id, status(stSent))
+	}
+	total := func() int {
+		n := 0
+		for _, c := range all {
+			n += int(c.Load())
+		}
+		return n
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for total() < webhookPerTenant && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Authorization: Bearer "+otherKey)
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	final := time.Now()
+	if calls := recv.wait(t, 1); len(calls) != 1 {
+		t.Fatalf("%d calls to the healthy receiver", len(calls))
+	}
+	if d := time.Since(final); d > 2*time.Second {
+		t.Errorf("the other key's webhook arrived %s after its message was sent", d)
+	}
+	if n := total(); n != webhookPerTenant {
+		t.Errorf("the key's hanging receivers got %d connections at once, want %d", n, webhookPerTenant)
+	}
+}
