@@ -157,8 +157,9 @@ type Handler struct {
 	WebhookSecret string `json:"webhook_secret,omitempty"`
 
 	// WebhookAllowHosts lists webhook hosts that may resolve to loopback,
-	// private, link-local or metadata addresses, which are refused
-	// otherwise (checked when connecting, after DNS). Default: none.
+	// private, link-local, metadata or other reserved addresses (the IANA
+	// special-purpose registries), which are refused otherwise (checked
+	// when connecting, after DNS). Default: none.
 	WebhookAllowHosts []string `json:"webhook_allow_hosts,omitempty"`
 
 	// AllowOrigins are origins, besides base_url's, that callers may use

@@ -74,7 +74,7 @@ func checkWebhookURL(raw string, allow []string) *apiError {
 	}
 	if ip, err := netip.ParseAddr(host); err == nil && blockedIP(ip) {
 		return &apiError{Status: http.StatusUnprocessableEntity, Code: "invalid_request", Field: "webhook_url",
-			Message: "webhook_url points to a loopback, private, link-local or metadata address; list the host in webhook_allow_hosts to allow it"}
+			Message: "webhook_url points to a loopback, private, link-local, metadata or other reserved address; list the host in webhook_allow_hosts to allow it"}
 	}
 	return nil
 }
@@ -233,7 +233,7 @@ var reservedRanges = []reservedRange{
 	reserved("ff00::/8", "Multicast, RFC 4291"),
 }
 
-var errWebhookBlocked = errors.New("the webhook address is loopback, private, link-local or metadata, and its host is not in webhook_allow_hosts")
+var errWebhookBlocked = errors.New("the webhook address is loopback, private, link-local, metadata or otherwise reserved, and its host is not in webhook_allow_hosts")
 
 // webhookClient returns an HTTP client that never follows redirects and
 // checks every address it connects to, after DNS resolution, unless the
