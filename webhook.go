@@ -361,10 +361,10 @@ func hookSlotOf(en *entry) hookSlot {
 // own host's slots: at most webhookPerHost webhooks to one host and
 // webhookPerTenant of one key are in flight, a host or key that has as
 // many waits while the next due webhook of another goes out, and up to
-// webhookMaxInFlight are posted at once.
-// (With two workers of one or two slots, eight webhooks to such a
-// receiver delayed every other app's webhooks by 40 s per round.)
-// start runs two; either may dispatch any webhook, the counts are shared.
+// webhookMaxInFlight are posted at once. (Two workers that each waited
+// out their post let eight webhooks to such a receiver delay every other
+// webhook by 40 s.) start runs two dispatchers; either may dispatch any
+// webhook, and the slots are shared.
 func (e *engine) webhookWorker() {
 	// one client per allow list, so that sites with different lists keep
 	// their connections alive
