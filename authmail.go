@@ -157,8 +157,9 @@ type Handler struct {
 	WebhookSecret string `json:"webhook_secret,omitempty"`
 
 	// WebhookAllowHosts lists webhook hosts that may resolve to loopback,
-	// private, link-local or metadata addresses, which are refused
-	// otherwise (checked when connecting, after DNS). Default: none.
+	// private, link-local, metadata or other reserved addresses (the IANA
+	// special-purpose registries), which are refused otherwise (checked
+	// when connecting, after DNS). Default: none.
 	WebhookAllowHosts []string `json:"webhook_allow_hosts,omitempty"`
 
 	// AllowOrigins are origins, besides base_url's, that callers may use
@@ -330,10 +331,32 @@ type Key struct {
 
 // apiKey is a provisioned key: only the hash of the secret is kept.
 type apiKey struct {
-	id    string
-	hash  [sha256.Size]byte
-	allow map[string]bool
-	rate  rateSpec
+	id     string
+	hash   [sha256.Size]byte
+	tenant string // tenantOf(hash): the owner of the key's records
+	allow  map[string]bool
+	rate   rateSpec
+}
+
+// tenantOf names the owner of everything a key leaves behind: the
+// messages whose status it may read, its idempotency records and its
+// rate-limit window. A key id cannot serve: it is not secret, and two
+// site blocks sharing a storage may both name a key "app" with different
+// secrets, so scoping by id let one read, replay and throttle the
+// other's requests. The tenant is derived from the secret's SHA-256 hash
+// alone, so it is the same across reloads and on every instance sharing
+// the storage, whatever the key is called there, and two different
+// secrets never share one (128 bits). Keys have one secret each: a new
+// secret is a new tenant, whether it replaces the old one under the same
+// id or comes as a new key (the documented rotation), and the old
+// secret's messages are then "not found" for it; their delivery and
+// webhooks do not depend on any key. The name is stored in clear (state
+// records, authmail/idem/<tenant>, authmail/rl); it is a hash of the
+// hash, so it lets a storage reader test guesses of a secret exactly as a
+// sha256: value in the config would, and nothing more.
+func tenantOf(hash [sha256.Size]byte) string {
+	sum := sha256.Sum256(append([]byte("authmail tenant\x00"), hash[:]...))
+	return hex.EncodeToString(sum[:16])
 }
 
 // Endpoint permissions of keys.
@@ -413,7 +436,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("keys '%s' and '%s' have the same secret", other, k.ID)
 		}
 		seen[sum] = k.ID
-		ak := apiKey{id: k.ID, hash: sum, allow: map[string]bool{}}
+		ak := apiKey{id: k.ID, hash: sum, tenant: tenantOf(sum), allow: map[string]bool{}}
 		allow := k.Allow
 		if len(allow) == 0 {
 			allow = sendPerms

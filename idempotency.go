@@ -11,7 +11,16 @@ import (
 	"go.uber.org/zap"
 )
 
-// idemRecord is stored at authmail/idem/<key id>/<sha256 of the key>.
+// idemRecord is stored at authmail/idem/<tenant>/<sha256 of the key>,
+// the tenant being the API key's tenantOf.
+//
+// Records written before tenants existed sit under the key id instead
+// (authmail/idem/<key id>/…) and are not read: reading them would let any
+// key of the same id replay them, which is the hole tenants close. They
+// expire with idempotency_ttl (the janitor deletes them like any other);
+// meanwhile a retry that crosses the upgrade with a pre-upgrade
+// Idempotency-Key is accepted as a new request, so it may send a second
+// message.
 type idemRecord struct {
 	RequestHash string    `json:"request_hash"`
 	ID          string    `json:"id"`    // the message id reserved for the request
@@ -92,23 +101,23 @@ type apiResponse struct {
 	prefer     string
 }
 
-// idempotent runs submit at most once per (API key, Idempotency-Key)
+// idempotent runs submit at most once per (tenant, Idempotency-Key)
 // across instances and restarts: same key and body replay the stored
 // answer, a different body is a 409, and a request that creates no
 // message does not consume the key. submit gets the batch id reserved
 // for the message, which makes a crash between acceptance and the
 // stored answer recoverable without sending twice.
-func (h *Handler) idempotent(ctx context.Context, keyID, idemKey, endpointPath string, body []byte, submit func(batch string) apiResponse) apiResponse {
+func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath string, body []byte, submit func(batch string) apiResponse) apiResponse {
 	sum := sha256.Sum256([]byte(idemKey))
 	hash := hex.EncodeToString(sum[:])
 	reqSum := sha256.Sum256(append([]byte(endpointPath+"\x00"), body...))
 	reqHash := hex.EncodeToString(reqSum[:])
-	key := keyIdem + keyID + "/" + hash
+	key := keyIdem + tenant + "/" + hash
 
 	unlock := idemLocks.lock(key)
 	defer unlock()
 	st := h.engine.st
-	lockName := "authmail_idem_" + keyID + "_" + hash
+	lockName := "authmail_idem_" + tenant + "_" + hash
 	// a concurrent duplicate waits for the first request, which may wait
 	// up to the longest Prefer: wait for its first attempt
 	lctx, cancel := context.WithTimeout(ctx, maxPreferWait+30*time.Second)

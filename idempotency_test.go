@@ -161,7 +161,7 @@ func TestIdempotencyRecoversAPendingRecord(t *testing.T) {
 		if rec.Code != 200 {
 			t.Fatalf("%d", rec.Code)
 		}
-		keys, _ := h.engine.st.s.List(ctx, keyIdem+"app", false)
+		keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false)
 		for _, key := range keys {
 			var r idemRecord
 			if h.engine.st.getJSON(ctx, key, &r) == nil && r.State == "done" {
@@ -216,7 +216,7 @@ func TestIdempotencyDoesNotConsumeTheKeyOnQueueFull(t *testing.T) {
 	if rec.Code != 503 {
 		t.Fatalf("%d", rec.Code)
 	}
-	keys, _ := h.engine.st.s.List(context.Background(), keyIdem+"app", false)
+	keys, _ := h.engine.st.s.List(context.Background(), keyIdem+h.keys[0].tenant, false)
 	if len(keys) != 0 {
 		t.Fatalf("a 503 consumed the key: %v", keys)
 	}

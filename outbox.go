@@ -67,6 +67,7 @@ type engine struct {
 	batches     map[string]*batch
 	ready       entryHeap // queued messages by next attempt time
 	hooks       hookHeap  // pending webhooks by next attempt time
+	hookSlots   hookSlots // webhooks being posted, by host
 	parked      map[string]*parkedBatch
 	parkHeap    parkHeap        // parked batches by wake time
 	nonFinal    int             // messages not in a final state
@@ -436,6 +437,7 @@ type newMessage struct {
 	env                             *envelope
 	webhook                         webhookState
 	rcpts                           []string // recipients as logged
+	tenant                          string   // the key's tenantOf
 }
 
 type acceptReq struct {
@@ -568,7 +570,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 			m.env.ID = id
 			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.env.From, To: m.env.To, Data: m.env.Data})
 			st := msgState{
-				ID: id, KeyID: m.keyID, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
+				ID: id, KeyID: m.keyID, Tenant: m.tenant, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
 				Recipients: len(m.env.To), Rcpts: m.rcpts,
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
 			}

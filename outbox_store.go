@@ -22,9 +22,9 @@ import (
 //	                                 status record, kept for `retention`
 //	authmail/own/<instance>/<batch>  marks a batch with work left for an instance
 //	authmail/inst/<instance>         an instance's heartbeat
-//	authmail/dot/<instance>          the instance's dot marks: the attempts whose
+//	authmail/dot/<instance>/<process> an engine's dot marks: the attempts whose
 //	                                 final dot may be in flight (outbox_dots.go)
-//	authmail/idem/<key id>/<hash>    idempotency records, kept for idempotency_ttl
+//	authmail/idem/<tenant>/<hash>    idempotency records, kept for idempotency_ttl
 //
 // A message id is its batch id followed by two characters of index, so
 // every instance finds a message's state from its id alone.
@@ -103,6 +103,10 @@ type msgState struct {
 	Profile    string `json:"profile"`
 	MessageID  string `json:"message_id"`
 	Recipients int    `json:"recipients"`
+	// Tenant is the tenantOf of the key that created the message: only
+	// that key may read its status. Empty in records written before
+	// tenants existed.
+	Tenant string `json:"tenant,omitempty"`
 	// Rcpts are the recipients as logged: a salted hash and the domain
 	// ("3f2a…@example.com"), or the addresses with log_recipients.
 	Rcpts        []string  `json:"rcpts,omitempty"`
@@ -118,6 +122,19 @@ type msgState struct {
 	// Webhook is set (URL not empty) when the caller asked for a webhook.
 	// It is a value, so that copies of a msgState are snapshots.
 	Webhook webhookState `json:"webhook,omitzero"`
+}
+
+// ownedBy reports whether the key with this id and tenant created the
+// message. A record without a tenant was written by a version that
+// scoped by key id only; it is matched by key id, as it was then: such
+// records are kept at most `retention` (7 days) after their batch is
+// final, and refusing them would answer "not found" for messages still in
+// flight across an upgrade. Every record written since names its tenant.
+func (m msgState) ownedBy(keyID, tenant string) bool {
+	if m.Tenant == "" {
+		return m.KeyID == keyID
+	}
+	return m.Tenant == tenant
 }
 
 // batchState is the content of authmail/st/<batch>.

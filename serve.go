@@ -69,12 +69,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
 	}
 	keyID := key.id
-	rc.keyID = keyID
+	rc.keyID, rc.tenant = keyID, key.tenant
 	if ep.perm != "" && !key.allow[ep.perm] {
 		return h.reject(w, rc, &apiError{Status: http.StatusForbidden, Code: "forbidden",
 			Message: "this API key may not use " + rest})
 	}
-	if ok, wait := lim.take("k:"+keyID, key.rate, now); !ok {
+	// by tenant, not key id: another site's key of the same name must not
+	// spend this key's allowance
+	if ok, wait := lim.take("k:"+key.tenant, key.rate, now); !ok {
 		return h.rateLimited(w, rc, "rate_limited", "this API key sent too many requests; retry later", wait)
 	}
 	switch ep.kind {
@@ -160,7 +162,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	var resp apiResponse
 	if hasIdem {
-		resp = h.idempotent(r.Context(), keyID, idemKey[0], rest, body, submit)
+		resp = h.idempotent(r.Context(), key.tenant, idemKey[0], rest, body, submit)
 	} else {
 		resp = submit("")
 	}
@@ -208,7 +210,7 @@ func parsePrefer(values []string) preference {
 func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
 	news := make([]*newMessage, len(msgs))
 	for i, m := range msgs {
-		news[i] = &newMessage{keyID: rc.keyID, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
+		news[i] = &newMessage{keyID: rc.keyID, tenant: rc.tenant, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
 			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To)}
 	}
 	wait := h.dcfg.wait
@@ -358,7 +360,8 @@ func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiRes
 }
 
 // serveStatus answers GET /messages/{id}; a message created with another
-// key is "not found".
+// key (another tenant, even under the same key id) is "not found", with
+// the same answer as an id that does not exist.
 func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, id string) error {
 	notFound := &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"}
 	st, ok, err := h.engine.lookup(r.Context(), id)
@@ -367,7 +370,7 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *reques
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
 			Message: "the message state could not be read; retry later"})
 	}
-	if !ok || st.KeyID != rc.keyID {
+	if !ok || !st.ownedBy(rc.keyID, rc.tenant) {
 		return h.reject(w, rc, notFound)
 	}
 	rc.id, rc.messageID = st.ID, st.MessageID
@@ -585,6 +588,7 @@ type requestCtx struct {
 	started   time.Time
 	flow      string
 	keyID     string
+	tenant    string // the key's tenantOf
 	id        string
 	messageID string
 }

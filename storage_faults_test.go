@@ -129,7 +129,7 @@ func TestAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 			if keys, _ := h.engine.st.list(ctx, strings.TrimSuffix(keySeg, "/")); len(keys) != 0 {
 				t.Errorf("segments of failed accepts stayed in storage: %v", keys)
 			}
-			if keys, _ := h.engine.st.s.List(ctx, keyIdem+"app", false); len(keys) != 0 {
+			if keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false); len(keys) != 0 {
 				t.Errorf("a failed accept consumed its Idempotency-Key: %v", keys)
 			}
 
@@ -448,7 +448,7 @@ func TestPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
 		t.Fatalf("%d %s", r.Code, r.Body)
 	}
 	id := out["id"].(string)
-	keys, _ := h.engine.st.s.List(ctx, keyIdem+"app", false)
+	keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false)
 	if len(keys) != 1 {
 		t.Fatalf("idempotency records: %v", keys)
 	}

@@ -8,14 +8,17 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -195,7 +198,8 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	recv := newHookReceiver(t, func(int) int { return 200 })
 	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) { h.WebhookSecret = "s" })
 	// an IP literal is refused when the request arrives
-	for _, u := range []string{recv.srv.URL, "http://10.0.0.1/x", "http://169.254.169.254/latest", "http://[::1]:80/", "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/"} {
+	for _, u := range []string{recv.srv.URL, "http://10.0.0.1/x", "http://169.254.169.254/latest", "http://[::1]:80/", "http://[::ffff:127.0.0.1]/", "http://100.64.0.1/",
+		"http://[::7f00:1]/", "http://[::a00:1]/", "http://[64:ff9b:1::7f00:1]/", "http://[2002:7f00:1::1]/", "http://192.0.2.1/", "http://198.51.100.1/", "http://203.0.113.1/"} {
 		rec, out := call(t, h, "POST", "/authmail/send/otp", fmt.Sprintf(`{"to":"a@example.org","code":"1","webhook_url":%q}`, u))
 		if rec.Code != 422 || out["field"] != "webhook_url" {
 			t.Errorf("%s: %d %s", u, rec.Code, rec.Body)
@@ -232,14 +236,93 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	}
 }
 
+// TestBlockedIP: every entry of the block list refuses its first and last
+// address; the ranges that embed an IPv4 address refuse exactly when the
+// embedded address is refused; global unicast passes.
 func TestBlockedIP(t *testing.T) {
+	last := func(p netip.Prefix) netip.Addr {
+		b := p.Addr().As16()
+		bits, total := p.Bits(), 128
+		if p.Addr().Is4() {
+			bits += 96
+		}
+		for i := bits; i < total; i++ {
+			b[i/8] |= 1 << (7 - i%8)
+		}
+		a := netip.AddrFrom16(b)
+		if p.Addr().Is4() {
+			a = a.Unmap()
+		}
+		return a
+	}
+	for _, r := range reservedRanges {
+		if !r.refuse {
+			continue
+		}
+		for _, a := range []netip.Addr{r.prefix.Addr(), last(r.prefix)} {
+			if !blockedIP(a) {
+				t.Errorf("%s (%s, in %s) is not blocked", a, r.name, r.prefix)
+			}
+		}
+	}
 	for s, want := range map[string]bool{
+		// the reported holes
+		"::7f00:1": true, "::a00:1": true, "64:ff9b:1::7f00:1": true, "2002:7f00:1::1": true,
+		"192.0.2.1": true, "198.51.100.7": true, "203.0.113.255": true,
+		// IPv4-mapped: the embedded address decides
+		"::ffff:10.0.0.1": true, "::ffff:127.0.0.1": true, "::ffff:8.8.8.8": false,
+		// IPv4-compatible: refused whole
+		"::808:808": true,
+		// NAT64 well-known prefix: the embedded address decides
+		"64:ff9b::808:808": false, "64:ff9b::7f00:1": true, "64:ff9b::a9fe:a9fe": true, "64:ff9b::c000:201": true,
+		// local-use NAT64: refused whole
+		"64:ff9b:1::808:808": true, "64:ff9b:1:ffff::808:808": true,
+		// 6to4: the router's address decides
+		"2002:808:808::1": false, "2002:c0a8:101::1": true, "2002:a9fe:a9fe:1::1": true, "2002:c633:6401::1": true,
+		// Teredo: server 65.54.227.120 with client 8.8.8.8 (inverted
+		// f7f7:f7f7) passes; a private client or server is refused
+		"2001:0:4136:e378:8000:63bf:f7f7:f7f7": false, "2001:0:4136:e378:8000:63bf:f5ff:fffe": true,
+		"2001:0:4136:e378:8000:63bf:80ff:fffe": true, "2001:0:a00:1:8000:63bf:f7f7:f7f7": true,
+		// the rest of 2001::/23 and anycast services
+		"2001:1::1": true, "2001:4:112::1": true, "192.0.0.9": true, "192.31.196.1": true,
+		// classic ranges
 		"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true, "169.254.169.254": true,
-		"::1": true, "fe80::1": true, "fd00:ec2::254": true, "0.0.0.0": true, "100.64.1.1": true, "::ffff:10.0.0.1": true,
-		"224.0.0.1": true, "8.8.8.8": false, "1.1.1.1": false, "2606:4700::1111": false, "93.184.216.34": false,
+		"::1": true, "::": true, "fe80::1": true, "fe80::1%eth0": true, "fd00:ec2::254": true, "fec0::1": true,
+		"0.0.0.0": true, "100.64.1.1": true, "224.0.0.1": true, "239.255.255.250": true, "255.255.255.255": true,
+		"ff02::1": true, "4000::1": true, "3fff::1": true, "5f00::1": true,
+		// global unicast
+		"8.8.8.8": false, "1.1.1.1": false, "93.184.216.34": false, "192.0.1.1": false, "198.20.0.1": false,
+		"2606:4700::1111": false, "2a00:1450:4001:81c::200e": false, "2001:200::1": false, "3ffe::1": false,
 	} {
 		if got := blockedIP(netip.MustParseAddr(s)); got != want {
 			t.Errorf("blockedIP(%s) = %v, want %v", s, got, want)
+		}
+	}
+	if !blockedIP(netip.Addr{}) {
+		t.Error("the zero address is not blocked")
+	}
+}
+
+// TestWebhookDialRefusesReservedAddresses: the check when connecting
+// (after DNS) is blockedIP too, and a webhook_url with such an IP
+// literal is refused when the request arrives.
+func TestWebhookDialRefusesReservedAddresses(t *testing.T) {
+	client := webhookClient(nil, 2*time.Second)
+	_, v6err := net.ListenPacket("udp6", "[::1]:0")
+	for _, host := range []string{"192.0.2.1", "198.51.100.1", "203.0.113.1", "127.0.0.1", "[::7f00:1]", "[::a00:1]", "[64:ff9b:1::7f00:1]", "[2002:7f00:1::1]", "[64:ff9b::a00:1]"} {
+		u := "http://" + host + ":9/hook"
+		if aerr := checkWebhookURL(u, nil); aerr == nil || aerr.Status != 422 || aerr.Field != "webhook_url" {
+			t.Errorf("request check of %s: %+v", u, aerr)
+		}
+		if strings.HasPrefix(host, "[") && v6err != nil {
+			continue // no IPv6 sockets here: the dial fails before the check
+		}
+		res, err := client.Post(u, "application/json", strings.NewReader("{}"))
+		if err == nil {
+			res.Body.Close()
+		}
+		if !errors.Is(err, errWebhookBlocked) {
+			t.Errorf("dial %s: %v, want the block error", u, err)
 		}
 	}
 }
@@ -353,5 +436,181 @@ func TestWhsecSecretsMustBeBase64(t *testing.T) {
 	_ = bad.Cleanup()
 	if k, err := webhookKey("whsec_" + base64.StdEncoding.EncodeToString([]byte("key"))); err != nil || string(k) != "key" {
 		t.Errorf("valid whsec_: %q %v", k, err)
+	}
+}
+
+// hangingReceiver accepts connections, reads them and never answers; it
+// counts the connections it got. Its connections close at the end of the
+// test.
+func hangingReceiver(t *testing.T) (string, *atomic.Int32) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns atomic.Int32
+	var mu sync.Mutex
+	var open []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			mu.Lock()
+			open = append(open, c)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(io.Discard, c) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range open {
+			c.Close()
+		}
+	})
+	return "http://" + ln.Addr().String() + "/hook", &conns
+}
+
+// TestWebhookToAHangingHostDelaysNoOtherHost: fifty webhooks go to a
+// receiver that accepts and never answers (each post waits the whole
+// 10 s timeout); a webhook to a healthy receiver arrives at once
+// all the same, and the hanging host never gets more than
+// webhookPerHost posts at a time.
+func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "fairness-hook-secret-0123"
+	})
+	// registered after the handler, so that it runs before the engine
+	// stops: the posts in flight fail at once instead of timing out
+	hanging, conns := hangingReceiver(t)
+	if h.engine.tun.hookTimeout < 10*time.Second {
+		t.Fatalf("webhook timeout %s; the test needs posts that hang for long", h.engine.tun.hookTimeout)
+	}
+	ids := make([]string, 50)
+	for i := range ids {
+		body := fmt.Sprintf(`{"to":"hang%d@example.org","code":"1","webhook_url":%q}`, i, hanging)
+		rec, out := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async")
+		if rec.Code != 202 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		ids[i] = out["id"].(string)
+	}
+	for _, id := range ids {
+		waitState(t, h, id, status(stSent))
+	}
+	// the hanging host holds its posts
+	deadline := time.Now().Add(5 * time.Second)
+	for conns.Load() < webhookPerHost && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	rec, out := call(t, h, "POST", "/authmail/send/otp", body)
+	if rec.Code != 200 || out["status"] != "sent" {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	final := time.Now()
+	calls := recv.wait(t, 1)
+	if len(calls) != 1 {
+		t.Fatalf("%d calls to the healthy receiver", len(calls))
+	}
+	if d := time.Since(final); d > 2*time.Second {
+		t.Errorf("the healthy webhook arrived %s after its message was sent, behind the hanging host's", d)
+	}
+	var p map[string]any
+	if err := json.Unmarshal(calls[0].body, &p); err != nil || p["id"] != out["id"] {
+		t.Fatalf("payload %s", calls[0].body)
+	}
+	// more webhooks than slots to the healthy host: each freed slot
+	// takes the next
+	for i := range 3 * webhookPerHost {
+		body := fmt.Sprintf(`{"to":"healthy%d@example.org","code":"1","webhook_url":%q}`, i, recv.srv.URL+"/hook")
+		if rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async"); rec.Code != 202 {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+	}
+	if calls := recv.wait(t, 1+3*webhookPerHost); len(calls) != 1+3*webhookPerHost {
+		t.Fatalf("%d calls to the healthy receiver, want %d", len(calls), 1+3*webhookPerHost)
+	}
+	if n := conns.Load(); n != webhookPerHost {
+		t.Errorf("the hanging host got %d connections at once, want %d", n, webhookPerHost)
+	}
+}
+
+// TestHookHost: webhooks are limited per host and port, whatever the
+// case, path, query or fragment.
+func TestHookHost(t *testing.T) {
+	for u, want := range map[string]string{
+		"https://Hooks.Example.COM/a/b?c=d": "hooks.example.com",
+		"http://127.0.0.1:8080?x":           "127.0.0.1:8080",
+		"http://[::1]:80/#f":                "[::1]:80",
+		"https://example.com":               "example.com",
+	} {
+		if got := hookHost(u); got != want {
+			t.Errorf("hookHost(%s) = %q, want %q", u, got, want)
+		}
+	}
+}
+
+// TestWebhooksOfOneKeyHoldAtMostItsShare: a key that spreads its webhooks
+// over many receivers that never answer (here twenty ports, two webhooks
+// each) has at most webhookPerTenant posts in flight, so it cannot take
+// every slot; another key's webhook goes out at once.
+func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	recv := newHookReceiver(t, func(int) int { return 204 })
+	const otherKey = "other-key-of-this-site-0123"
+	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
+		h.WebhookAllowHosts = []string{"127.0.0.1"}
+		h.WebhookSecret = "share-hook-secret-0123"
+		h.Keys = append(h.Keys, Key{ID: "other", Secret: otherKey})
+	})
+	var all []*atomic.Int32
+	var ids []string
+	for r := range 20 {
+		url, conns := hangingReceiver(t)
+		all = append(all, conns)
+		for i := range 2 {
+			body := fmt.Sprintf(`{"to":"hang%d-%d@example.org","code":"1","webhook_url":%q}`, r, i, url)
+			rec, out := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async")
+			if rec.Code != 202 {
+				t.Fatalf("%d %s", rec.Code, rec.Body)
+			}
+			ids = append(ids, out["id"].(string))
+		}
+	}
+	for _, id := range ids {
+		waitState(t, h, id, status(stSent))
+	}
+	total := func() int {
+		n := 0
+		for _, c := range all {
+			n += int(c.Load())
+		}
+		return n
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for total() < webhookPerTenant && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
+	rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Authorization: Bearer "+otherKey)
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	final := time.Now()
+	if calls := recv.wait(t, 1); len(calls) != 1 {
+		t.Fatalf("%d calls to the healthy receiver", len(calls))
+	}
+	if d := time.Since(final); d > 2*time.Second {
+		t.Errorf("the other key's webhook arrived %s after its message was sent", d)
+	}
+	if n := total(); n != webhookPerTenant {
+		t.Errorf("the key's hanging receivers got %d connections at once, want %d", n, webhookPerTenant)
 	}
 }
