@@ -108,6 +108,10 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"=?utf-8?q?a=0D=0AB?= <a@example.com>","user_name":"a\u2028b","code":"1"}`,
 		`{"to":"a@example.com","user_name":"CORP\\Jürgen","code":"1"}`,
 		`[]`, `null`, `{"to":1}`, ``,
+		`{"to":"checked@example.com","to":"other@evil.example","code":"1"}`,
+		`{"to":"checked@example.com","TO":"other@evil.example","subject":"s","text_body":"b"}`,
+		`{"to":"a@example.com","code":"1","c\u006fde":"2","\u017fubject":"s"}`,
+		`{"to":["a@example.com",{"x":1,"x":2}],"code":"1"}`,
 	} {
 		f.Add(s)
 	}

@@ -118,6 +118,9 @@ func decodeJSON(body []byte, v any) *apiError {
 		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json",
 			Message: "the request body must be a JSON object"}
 	}
+	if err := ambiguousKey(body, v); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -128,6 +131,97 @@ func decodeJSON(body []byte, v any) *apiError {
 			Message: "the request body holds data after the JSON object"}
 	}
 	return nil
+}
+
+// ambiguousKey refuses what encoding/json would silently resolve: a key
+// given twice in one object (at any depth; encoding/json keeps the last,
+// so a checked "to" could be followed by another), and a top-level key
+// that names a field of v only case-insensitively ("TO", "ſubject"),
+// which encoding/json would accept as that field. A body that is not
+// well-formed JSON passes here and is reported by the decoder.
+func ambiguousKey(body []byte, v any) *apiError {
+	known := jsonFieldNames(reflect.TypeOf(v))
+	dec := json.NewDecoder(bytes.NewReader(body))
+	type object struct{ keys map[string]bool }
+	var stack []*object // nil entries are arrays
+	expectKey := false
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		top := (*object)(nil)
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		switch t := tok.(type) {
+		case json.Delim:
+			switch t {
+			case '{':
+				stack = append(stack, &object{keys: map[string]bool{}})
+				expectKey = true
+				continue
+			case '[':
+				stack = append(stack, nil)
+			case '}', ']':
+				stack = stack[:len(stack)-1]
+				if len(stack) == 0 {
+					return nil
+				}
+			}
+			// after a closed value (or an opened array) a key follows
+			// only in an object
+			expectKey = len(stack) > 0 && stack[len(stack)-1] != nil
+			continue
+		case string:
+			if top != nil && expectKey {
+				if top.keys[t] {
+					return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Field: t,
+						Message: fmt.Sprintf("duplicate field %q: each field may appear only once", t)}
+				}
+				top.keys[t] = true
+				if len(stack) == 1 && !known[t] {
+					for name := range known {
+						if strings.EqualFold(name, t) {
+							return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Field: t,
+								Message: fmt.Sprintf("field %q must be written %q: field names are case-sensitive", t, name)}
+						}
+					}
+				}
+				expectKey = false
+				continue
+			}
+		}
+		expectKey = top != nil
+	}
+}
+
+// jsonFieldNames returns the JSON names of the fields of the struct t
+// points to, those of embedded structs included.
+func jsonFieldNames(t reflect.Type) map[string]bool {
+	names := map[string]bool{}
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil || t.Kind() != reflect.Struct {
+		return names
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch {
+		case tag == "-":
+		case f.Anonymous && tag == "":
+			for n := range jsonFieldNames(f.Type) {
+				names[n] = true
+			}
+		case tag != "":
+			names[tag] = true
+		case f.IsExported():
+			names[f.Name] = true
+		}
+	}
+	return names
 }
 
 // invalidUTF8Field returns the top-level field whose key or value holds

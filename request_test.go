@@ -88,11 +88,27 @@ func TestDecodeJSONErrors(t *testing.T) {
 		"wrong to type":  {`{"to":{"a":1}}`, 422, "invalid_request", "to"},
 		"float expiry":   {`{"expires_in_minutes":1.5}`, 422, "invalid_request", "expires_in_minutes"},
 		"list of number": {`{"to":["a@x.com",1]}`, 422, "invalid_request", "to"},
+		// encoding/json keeps the last of duplicate keys and matches
+		// field names case-insensitively
+		"duplicate key":      {`{"to":"a@x.com","to":"b@evil.example"}`, 400, "invalid_json", "to"},
+		"escaped duplicate":  {`{"to":"a@x.com","\u0074o":"b@evil.example"}`, 400, "invalid_json", "to"},
+		"case variant":       {`{"to":"a@x.com","TO":"b@evil.example"}`, 400, "invalid_json", "TO"},
+		"lone case variant":  {`{"Code":"1"}`, 400, "invalid_json", "Code"},
+		"kelvin sign":        {`{"to":"a@x.com","code":"1","webhoo\u212a_url":"https://h.example/"}`, 400, "invalid_json", "webhoo\u212a_url"},
+		"embedded field":     {`{"webhook_secret":"a","WEBHOOK_SECRET":"b"}`, 400, "invalid_json", "WEBHOOK_SECRET"},
+		"nested duplicate":   {`{"to":["a@x.com",{"k":1,"k":2}]}`, 400, "invalid_json", "k"},
+		"duplicate value ok": {`{"to":"to","code":"to"}`, 0, "", ""},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			var r req
 			err := decodeJSON([]byte(tc.body), &r)
+			if tc.status == 0 {
+				if err != nil {
+					t.Fatalf("refused: %+v", err)
+				}
+				return
+			}
 			if err == nil {
 				t.Fatal("expected an error")
 			}
