@@ -896,6 +896,10 @@ func checkConfigText(what, v string) error {
 	if p := headerProblem(v); p != "" {
 		return fmt.Errorf("%s %s", what, p)
 	}
+	// from_name and app_name go into From and subjects
+	if p := encodedWordProblem(v); p != "" {
+		return fmt.Errorf("%s %s", what, p)
+	}
 	if utf8.RuneCountInString(v) > 200 {
 		return fmt.Errorf("%s is longer than 200 characters", what)
 	}

@@ -239,7 +239,7 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	if strings.TrimSpace(req.Subject) == "" {
 		return nil, "", invalid("subject", "is required")
 	}
-	if err := checkText("subject", req.Subject, maxSubjectRunes); err != nil {
+	if err := checkHeaderText("subject", req.Subject, maxSubjectRunes); err != nil {
 		return nil, "", err
 	}
 	if req.HTMLBody == "" && req.TextBody == "" {
@@ -279,7 +279,8 @@ func recipient(to addressList, userName string) (mailAddr, *apiError) {
 	if err != nil {
 		return a, err
 	}
-	if err := checkText("user_name", userName, maxUserNameRunes); err != nil {
+	// user_name becomes the display name and may be in a template's subject
+	if err := checkHeaderText("user_name", userName, maxUserNameRunes); err != nil {
 		return a, err
 	}
 	return withUserName(a, userName), nil

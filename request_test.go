@@ -61,6 +61,11 @@ func TestParseAddress(t *testing.T) {
 		`"CORP\\Jürgen" <j@example.com>`:           "backslash together with non-ASCII",
 		"=?utf-8?q?CORP=5CJ=C3=BCrgen?= <j@x.com>": "backslash together with non-ASCII",
 		"a@" + strings.Repeat("b", 250) + ".com":   "",
+		// encoded words net/mail leaves as they are, which clients decode
+		`"=?UTF-8?B?SGkNCkJjYzogZXZpbA==?=" <a@x.com>`:           "encoded word (=?…?=) that decodes to line breaks",
+		"=?UTF-8?B?SGkNCkJjYzogZXZpbA?= <a@x.com>":               "encoded word (=?…?=) that decodes to line breaks",
+		"=?UTF-8?B?PT9VVEYtOD9RP0hpPTBEPTBBQmM/PQ==?= <a@x.com>": "encoded word",
+		"Jane\u2028Doe <a@x.com>":                                "line or paragraph separators",
 	}
 	for in, want := range bad {
 		_, problem := parseAddress(in)
@@ -282,6 +287,31 @@ func TestUserNameThatCannotBeADisplayNameInEmailChange(t *testing.T) {
 		hdr, _, _ := strings.Cut(string(env.Data), "\r\n\r\n")
 		if !strings.Contains(hdr, "\r\nTo: <"+m.to[0].Addr+">\r\n") {
 			t.Errorf("To header of %s:\n%s", m.to[0].Addr, hdr)
+		}
+	}
+}
+
+func TestEncodedWordProblem(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain text":                   "",
+		"=?UTF-8?B?SGk=?= there":       "",
+		"=?utf-8?q?J=C3=B6rg?=":        "",
+		"=?ISO-8859-1?Q?J=F6rg?=":      "",
+		"a=?b":                         "",
+		"=?UTF-8?B?SGkNCkJjYzogeA==?=": "decodes to line breaks",
+		"=?UTF-8?Q?Hi=0ABcc:_x?=":      "decodes to line breaks",
+		"=?UTF-8?Q?a=7Fb?=":            "decodes to line breaks or control characters",
+		"=?iso-8859-1?q?a=85b?=":       "decodes to line breaks or control characters", // C1
+		"=?UTF-8?B?4oCp?=":             "decodes to line breaks or control characters", // U+2029
+		"=?UTF-8?Q?a=0?=":              "does not decode",
+		"=?UTF-8?B?@@@@?=":             "does not decode",
+		"=?UTF-8?B?/w==?=":             "not valid UTF-8",
+		"=?UTF-7?Q?a+AA0ACg-b?=":       `charset "UTF-7"`,
+		"=?windows-1252?Q?caf=E9?=":    `charset "windows-1252"`,
+	} {
+		got := encodedWordProblem(in)
+		if want == "" && got != "" || want != "" && !strings.Contains(got, want) {
+			t.Errorf("%q: %q, want %q", in, got, want)
 		}
 	}
 }

@@ -1,10 +1,90 @@
 package integration
 
 import (
+	"bytes"
 	"fmt"
 	"strings"
 	"testing"
 )
+
+// TestEncodedWordsThatHideLineBreaksAreRefused: caller text bound for a
+// header may not carry an RFC 2047 encoded word that decodes to a line
+// break or a control character, in any place a mail client decodes one
+// (the subject, user_name as display name and in subjects, display
+// names of addresses, quoted or not), nor one that authmail cannot
+// decode or whose charset it cannot check.
+func TestEncodedWordsThatHideLineBreaksAreRefused(t *testing.T) {
+	load(t, config{})
+	const crlfBcc = "=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=" // "Hi\r\nBcc: evil@evil.example"
+	send := func(subject string) response {
+		return post(t, "/authmail/send", mustJSON(map[string]string{"to": "a@example.org", "subject": subject, "text_body": "b"}))
+	}
+	for _, subject := range []string{
+		crlfBcc,
+		"Invoice " + crlfBcc + " attached",
+		"x" + crlfBcc, // glued to other text
+		"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU?=",  // no padding: lenient clients decode it
+		"=?utf-8?q?Hi=0d=0aBcc:_evil@evil.example?=",       // Q, lower-case hex
+		"=?UTF-8*en?Q?Hi=0D=0ABcc:_evil@evil.example?=",    // RFC 2231 language
+		"=?ISO-8859-1?Q?Hi=85Bcc:_evil@evil.example?=",     // NEL, a C1 control
+		"=?UTF-8?B?SGnigKhCY2M6IGV2aWw=?=",                 // U+2028
+		"=?UTF-8?B?PT9VVEYtOD9RP0hpPTBEPTBBQmNjOl94Pz0=?=", // decodes to another encoded word with CR LF
+		"=?UTF-7?Q?Hi+AA0ACg-Bcc:_evil@evil.example?=",     // UTF-7 spells CR LF in ASCII
+		"=?UTF-8?B?#not-base64#?=",                         // does not decode
+		"Line\u2028separator",                              // raw U+2028
+	} {
+		expectError(t, send(subject), 422, "invalid_request", "subject")
+	}
+	otp := func(fields map[string]string) response {
+		fields["code"] = "123456"
+		return post(t, "/authmail/send/otp", mustJSON(fields))
+	}
+	expectError(t, otp(map[string]string{"to": "jane@example.org", "user_name": crlfBcc}), 422, "invalid_request", "user_name")
+	expectError(t, otp(map[string]string{"to": `"` + crlfBcc + `" <jane@example.org>`}), 422, "invalid_request", "to")
+	expectError(t, otp(map[string]string{"to": "=?UTF-8?B?SGkNCkJjYzogZXZpbA?= <jane@example.org>"}), 422, "invalid_request", "to")
+	r := post(t, "/authmail/send", mustJSON(map[string]any{"to": "a@example.org", "cc": []string{"c@example.org", crlfBcc + " <d@example.org>"}, "subject": "s", "text_body": "b"}))
+	expectError(t, r, 422, "invalid_request", "cc")
+	if !strings.Contains(r.str("message"), "encoded word") && !strings.Contains(r.str("message"), "line breaks") {
+		t.Errorf("message %q does not say why", r.str("message"))
+	}
+
+	// encoded words that decode to plain text still pass
+	m := expectSent(t, send("=?UTF-8?B?SGk=?= there"))
+	if got := parseMail(t, m.Data).Subject; got != "Hi there" {
+		t.Errorf("subject %q", got)
+	}
+	m = expectSent(t, otp(map[string]string{"to": "=?utf-8?q?J=C3=B6rg?= <jane@example.org>"}))
+	if got := headerOf(t, m.Data, "To"); !strings.Contains(got, "<jane@example.org>") {
+		t.Errorf("To %q", got)
+	}
+}
+
+// TestHeaderLinesStayWithinTheLimit: a subject of 998 characters without
+// a space (the longest accepted) goes out folded into lines of at most
+// 78 octets and decodes to exactly the subject; before, go-mail wrote it
+// on one 999-octet line, beyond RFC 5322's and SMTP's limit.
+func TestHeaderLinesStayWithinTheLimit(t *testing.T) {
+	load(t, config{})
+	for _, subject := range []string{
+		strings.Repeat("a", 998),
+		strings.Repeat("=?", 499),
+		"Receipt " + strings.Repeat("x", 200) + "  two  spaces " + strings.Repeat("y", 100),
+		strings.Repeat("ü", 998),
+	} {
+		m := expectSent(t, post(t, "/authmail/send", mustJSON(map[string]string{"to": "a@example.org", "subject": subject, "text_body": "b"})))
+		head, _, _ := bytes.Cut(m.Data, []byte("\r\n\r\n"))
+		for i, line := range bytes.Split(head, []byte("\r\n")) {
+			if len(line) > 78 && !bytes.HasPrefix(line, []byte("To:")) {
+				t.Errorf("header line %d is %d octets long: %.80q…", i, len(line), line)
+			}
+		}
+		if got := parseMail(t, m.Data).Subject; got != subject {
+			t.Errorf("subject decodes to %q…, want %q…", got[:min(len(got), 40)], subject[:40])
+		}
+	}
+	// 999 characters are refused with the field named
+	expectError(t, post(t, "/authmail/send", mustJSON(map[string]string{"to": "a@example.org", "subject": strings.Repeat("a", 999), "text_body": "b"})), 422, "invalid_request", "subject")
+}
 
 // TestAmbiguousJSONIsRefused: a key given twice, or written in another
 // case than the field's name, is refused before anything is checked or
@@ -33,4 +113,3 @@ func TestAmbiguousJSONIsRefused(t *testing.T) {
 	expectError(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1","colour":"red"}`), 422, "invalid_request", "colour")
 	expectSent(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`))
 }
-
