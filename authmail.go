@@ -190,6 +190,15 @@ type Handler struct {
 	// logs a salted hash of each address plus its domain.
 	LogRecipients bool `json:"log_recipients,omitempty"`
 
+	// AllowLocalRecipients accepts recipients (to, cc, bcc, old_email,
+	// and the address of POST /test) at domain literals
+	// (user@[192.0.2.1]), single-label domains (user@localhost) and IP
+	// addresses written as domains (user@127.0.0.1), which are refused
+	// with 422 otherwise: the SMTP relay would deliver to whatever host
+	// they name, internal ones included. Turn it on only when the relay
+	// must deliver to such hosts. Default: false.
+	AllowLocalRecipients bool `json:"allow_local_recipients,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup

@@ -76,6 +76,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures <n>/<duration>|off
 //		recipient_rate [<flow>] <n>/<duration>|off
 //		log_recipients on|off
+//		allow_local_recipients on|off
 //	}
 //
 // Exactly one of smtp and capture is required, as are from and at least
@@ -392,6 +393,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.LogRecipients = false
 			default:
 				return d.Errf("log_recipients must be on or off, not '%s'", v)
+			}
+
+		case "allow_local_recipients":
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			switch v {
+			case "on":
+				h.AllowLocalRecipients = true
+			case "off":
+				h.AllowLocalRecipients = false
+			default:
+				return d.Errf("allow_local_recipients must be on or off, not '%s'", v)
 			}
 
 		default:

@@ -147,6 +147,12 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				RecipientRate: map[string]string{"default": "2/1m", "security-alert": "off"}},
 		},
 		{
+			name:  "allow_local_recipients",
+			input: "authmail {" + minimalBlock + "\n allow_local_recipients on\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
+				AllowLocalRecipients: true},
+		},
+		{
 			name:  "wait 0 answers at once",
 			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
@@ -224,6 +230,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"max_backoff below default retry": {"authmail {" + minimalBlock + "\n delivery {\n max_backoff 1s\n }\n}", "max_backoff (1s) must not be shorter than retry_backoff (30s)"},
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
 		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
+		"bad allow_local_recipients":      {"authmail {" + minimalBlock + "\n allow_local_recipients yes\n}", "allow_local_recipients must be on or off, not 'yes'"},
 		"placeholder in smtp host":        {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp {env.SMTP_HOST}\n}", "placeholders are not expanded here"},
 	}
 	for name, tc := range cases {

@@ -604,6 +604,31 @@ func (l addressList) single(field string) (mailAddr, *apiError) {
 	return as[0], nil
 }
 
+// localRecipientProblem reports why a recipient is not an address on the
+// internet's mail system, or "". The SMTP relay delivers a domain literal
+// (user@[127.0.0.1]) to that address, a single-label domain
+// (user@localhost, user@intranet) to whatever the relay's resolver makes
+// of it, and an IP address written as a domain (user@127.0.0.1) through
+// resolvers that accept it as an address: each can make the relay
+// connect to internal hosts. The problem string completes "<field> …".
+func localRecipientProblem(a mailAddr) string {
+	const how = ", which authmail refuses unless allow_local_recipients is on"
+	d := a.domain()
+	if strings.HasPrefix(d, "[") {
+		return "is at a domain literal (an IP address in brackets)" + how
+	}
+	i := strings.LastIndexByte(d, '.')
+	if i < 0 {
+		return "has a single-label domain such as localhost" + how
+	}
+	// top-level domains start with a letter (RFC 1123 2.1); "127.0.0.1",
+	// "127.1" and "0x7f.1" are addresses to getaddrinfo
+	if tld := d[i+1:]; tld == "" || tld[0] < 'a' || tld[0] > 'z' {
+		return "has a domain whose last label does not start with a letter (an IP address written without brackets)" + how
+	}
+	return ""
+}
+
 // checkText validates an optional header-safe text value.
 func checkText(field, v string, maxRunes int) *apiError {
 	if p := headerProblem(v); p != "" {

@@ -315,3 +315,38 @@ func TestEncodedWordProblem(t *testing.T) {
 		}
 	}
 }
+
+func TestLocalRecipientProblem(t *testing.T) {
+	for in, want := range map[string]string{
+		"a@example.com":           "",
+		"a@xn--bcher-kva.example": "",
+		"a@[127.0.0.1]":           "domain literal",
+		"a@[192.0.2.1]":           "domain literal",
+		"a@localhost":             "single-label domain",
+		"a@LOCALHOST":             "single-label domain",
+		"a@intranet":              "single-label domain",
+		"a@127.0.0.1":             "does not start with a letter",
+		"a@127.1":                 "does not start with a letter",
+		"a@0x7f.0x1":              "does not start with a letter",
+		"a@example.123":           "does not start with a letter",
+	} {
+		a, p := parseAddress(in)
+		if p != "" {
+			t.Fatalf("%s: %s", in, p)
+		}
+		got := localRecipientProblem(a)
+		if want == "" && got != "" || want != "" && (!strings.Contains(got, want) || !strings.Contains(got, "allow_local_recipients")) {
+			t.Errorf("%s: %q, want %q", in, got, want)
+		}
+	}
+	// the setting lets them through; the field and entry are named otherwise
+	h := &Handler{}
+	err := h.checkRecipients("cc", []mailAddr{{Addr: "a@example.com"}, {Addr: "b@localhost"}})
+	if err == nil || err.Field != "cc" || !strings.HasPrefix(err.Message, "cc entry 2 has a single-label domain") {
+		t.Fatalf("%+v", err)
+	}
+	h.AllowLocalRecipients = true
+	if err := h.checkRecipients("cc", []mailAddr{{Addr: "b@localhost"}, {Addr: "c@[127.0.0.1]"}}); err != nil {
+		t.Fatal(err)
+	}
+}

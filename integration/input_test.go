@@ -113,3 +113,42 @@ func TestAmbiguousJSONIsRefused(t *testing.T) {
 	expectError(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1","colour":"red"}`), 422, "invalid_request", "colour")
 	expectSent(t, post(t, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`))
 }
+
+// TestLocalRecipientsAreRefusedByDefault: domain literals, single-label
+// domains and IP addresses written as domains would make the SMTP relay
+// deliver to internal hosts; every recipient field refuses them unless
+// allow_local_recipients is on.
+func TestLocalRecipientsAreRefusedByDefault(t *testing.T) {
+	load(t, config{Keys: "key app {env.AUTHMAIL_IT_KEY} {\n\t\t\tallow send otp verify-email email-change security-alert test\n\t\t\trate off\n\t\t}"})
+	for _, addr := range []string{"user@[127.0.0.1]", "user@[192.168.1.1]", "user@localhost", "Ops <root@intranet>", "user@127.0.0.1", "user@10.0.0.1", "user@0x7f.1"} {
+		send := func(field string) response {
+			req := map[string]any{"to": "a@example.org", "subject": "s", "text_body": "b"}
+			req[field] = []string{"ok@example.org", addr}
+			return post(t, "/authmail/send", mustJSON(req))
+		}
+		for _, field := range []string{"to", "cc", "bcc"} {
+			r := send(field)
+			expectError(t, r, 422, "invalid_request", field)
+			if !strings.Contains(r.str("message"), "allow_local_recipients") {
+				t.Errorf("%s %s: message %q does not name the setting", field, addr, r.str("message"))
+			}
+		}
+		expectError(t, post(t, "/authmail/send/otp", mustJSON(map[string]string{"to": addr, "code": "1"})), 422, "invalid_request", "to")
+		expectError(t, post(t, "/authmail/send/verify-email", mustJSON(map[string]string{"to": addr, "token": "t"})), 422, "invalid_request", "to")
+		expectError(t, post(t, "/authmail/send/email-change", mustJSON(map[string]string{"to": "new@example.org", "old_email": addr, "token": "t"})), 422, "invalid_request", "old_email")
+		expectError(t, post(t, "/authmail/send/security-alert", mustJSON(map[string]string{"to": addr, "event": "password_changed"})), 422, "invalid_request", "to")
+		expectError(t, post(t, "/authmail/test", mustJSON(map[string]string{"to": addr})), 422, "invalid_request", "to")
+	}
+	// reply_to is no recipient: the relay never connects to it
+	expectSent(t, post(t, "/authmail/send", `{"to":"a@example.org","reply_to":"desk@helpdesk","subject":"s","text_body":"b"}`))
+
+	load(t, config{Extra: "allow_local_recipients on"})
+	m := expectSent(t, post(t, "/authmail/send/otp", `{"to":"root@localhost","code":"1"}`))
+	if m.To[0] != "root@localhost" {
+		t.Errorf("RCPT %v", m.To)
+	}
+	m = expectSent(t, post(t, "/authmail/send", `{"to":"a@example.org","bcc":"user@[127.0.0.1]","subject":"s","text_body":"b"}`))
+	if len(m.To) != 2 || m.To[1] != "user@[127.0.0.1]" {
+		t.Errorf("RCPT %v", m.To)
+	}
+}
