@@ -941,7 +941,8 @@ func checkLinkTemplate(flow, tpl string) error {
 
 func checkKey(id, secret string) error {
 	if !keyIDPattern.MatchString(id) {
-		return fmt.Errorf("invalid key id '%s': use letters, digits, '.', '_' and '-' (at most 64)", id)
+		// not quoted: a secret given where the id belongs would be
+		return errors.New("invalid key id: use up to 64 letters, digits, '.', '_' and '-', starting with a letter or digit, and give the id before the secret")
 	}
 	if secret == "" {
 		return fmt.Errorf("key '%s': secret is required", id)

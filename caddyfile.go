@@ -102,6 +102,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		return v, nil
 	}
+	// secretArgErr reports a wrong argument count on a line that holds a
+	// secret without quoting any token: Caddy's ArgErr names the last one
+	// read ("after 'ZQsecond'"), a fragment of a secret that holds a
+	// space. The directive, file and line say where.
+	secretArgErr := func(what, usage string) error {
+		return d.Errf("%s: wrong argument count; expected %s (quote a secret that holds spaces)", what, usage)
+	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		if seen[sub] && !repeatable[sub] {
@@ -196,7 +203,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "key":
 			var id, secret string
 			if !d.Args(&id, &secret) || d.NextArg() {
-				return d.ArgErr()
+				return secretArgErr("key", "key <id> <secret> [{ … }]")
 			}
 			if err := checkKey(id, secret); err != nil {
 				return d.WrapErr(err)
@@ -311,9 +318,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.StorageRaw = caddyconfig.JSONModuleObject(sc, "module", name, nil)
 
 		case "webhook_secret":
-			v, err := oneArg()
-			if err != nil {
-				return err
+			if !d.NextArg() {
+				return secretArgErr("webhook_secret", "webhook_secret <secret>")
+			}
+			v := d.Val()
+			if d.NextArg() {
+				return secretArgErr("webhook_secret", "webhook_secret <secret>")
 			}
 			h.WebhookSecret = v
 
@@ -489,7 +499,10 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 }
 
 // eachOption walks the options of a block where each option appears at
-// most once and takes exactly one value, and calls set for each.
+// most once and takes exactly one value, and calls set for each. A wrong
+// argument count names the option, never a value: smtp's password and
+// username are options here, and Caddy's ArgErr would quote the last
+// token read, a fragment of a password that holds a space.
 func eachOption(d *caddyfile.Dispenser, block string, set func(sub, v string) error) error {
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -498,12 +511,15 @@ func eachOption(d *caddyfile.Dispenser, block string, set func(sub, v string) er
 			return d.Errf("%s %s already specified", block, sub)
 		}
 		seen[sub] = true
+		argErr := func() error {
+			return d.Errf("%s %s: wrong argument count; expected one value (quote a value that holds spaces)", block, sub)
+		}
 		if !d.NextArg() {
-			return d.ArgErr()
+			return argErr()
 		}
 		v := d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return argErr()
 		}
 		if err := set(sub, v); err != nil {
 			return err
