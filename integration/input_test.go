@@ -3,8 +3,11 @@ package integration
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // TestEncodedWordsThatHideLineBreaksAreRefused: caller text bound for a
@@ -150,5 +153,35 @@ func TestLocalRecipientsAreRefusedByDefault(t *testing.T) {
 	m = expectSent(t, post(t, "/authmail/send", `{"to":"a@example.org","bcc":"user@[127.0.0.1]","subject":"s","text_body":"b"}`))
 	if len(m.To) != 2 || m.To[1] != "user@[127.0.0.1]" {
 		t.Errorf("RCPT %v", m.To)
+	}
+}
+
+// TestSecurityGlobalOptionsAdapt keeps the global-option snippets of
+// SECURITY.md (trusted_proxies_strict, the body read timeout) valid
+// Caddyfile that does what the text says.
+func TestSecurityGlobalOptionsAdapt(t *testing.T) {
+	doc, err := os.ReadFile("../SECURITY.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []string
+	for _, block := range strings.Split(string(doc), "```caddyfile\n")[1:] {
+		block, _, _ = strings.Cut(block, "```")
+		if strings.HasPrefix(strings.TrimSpace(block), "{") {
+			found = append(found, block)
+		}
+	}
+	want := []string{`"trusted_proxies_strict":1`, `"read_timeout":10000000000`}
+	if len(found) != len(want) {
+		t.Fatalf("SECURITY.md has %d global-option snippets, want %d", len(found), len(want))
+	}
+	for i, block := range found {
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(block+"\n:8080 {\n\trespond ok\n}\n"), nil)
+		if err != nil {
+			t.Fatalf("snippet %d does not adapt: %v\n%s", i, err, block)
+		}
+		if !strings.Contains(string(out), want[i]) {
+			t.Errorf("snippet %d adapts without %s: %s", i, want[i], out)
+		}
 	}
 }
