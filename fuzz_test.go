@@ -113,6 +113,10 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"checked@example.com","TO":"other@evil.example","subject":"s","text_body":"b"}`,
 		`{"to":"a@example.com","code":"1","c\u006fde":"2","\u017fubject":"s"}`,
 		`{"to":["a@example.com",{"x":1,"x":2}],"code":"1"}`,
+		`{"to":"a@example.com","subject":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","text_body":"b"}`,
+		`{"to":"a@example.com","user_name":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","code":"1"}`,
+		`{"to":"a@example.com","subject":"` + strings.Repeat("a", 998) + `","text_body":"b"}`,
+		`{"to":"user@[127.0.0.1]","cc":"b@localhost","code":"1"}`,
 	} {
 		f.Add(s)
 	}
@@ -142,6 +146,7 @@ func FuzzRequests(f *testing.F) {
 				if err != nil {
 					t.Fatalf("%s: %v", ep.path, err)
 				}
+				checkHeaderLines(t, env.Data, 998)
 				msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
 				if err != nil {
 					t.Fatalf("%s: rendered message does not parse: %v", ep.path, err)
