@@ -172,6 +172,9 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 		return h.reject(w, rc, aerr)
 	}
 	to, aerr := req.To.single("to")
+	if aerr == nil {
+		aerr = h.checkRecipients("to", []mailAddr{to})
+	}
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}

@@ -191,6 +191,15 @@ type Handler struct {
 	// logs a salted hash of each address plus its domain.
 	LogRecipients bool `json:"log_recipients,omitempty"`
 
+	// AllowLocalRecipients accepts recipients (to, cc, bcc, old_email,
+	// and the address of POST /test) at domain literals
+	// (user@[192.0.2.1]), single-label domains (user@localhost) and IP
+	// addresses written as domains (user@127.0.0.1), which are refused
+	// with 422 otherwise: the SMTP relay would deliver to whatever host
+	// they name, internal ones included. Turn it on only when the relay
+	// must deliver to such hosts. Default: false.
+	AllowLocalRecipients bool `json:"allow_local_recipients,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup
@@ -919,6 +928,10 @@ func checkConfigText(what, v string) error {
 	if p := headerProblem(v); p != "" {
 		return fmt.Errorf("%s %s", what, p)
 	}
+	// from_name and app_name go into From and subjects
+	if p := encodedWordProblem(v); p != "" {
+		return fmt.Errorf("%s %s", what, p)
+	}
 	if utf8.RuneCountInString(v) > 200 {
 		return fmt.Errorf("%s is longer than 200 characters", what)
 	}
@@ -951,7 +964,8 @@ func checkLinkTemplate(flow, tpl string) error {
 
 func checkKey(id, secret string) error {
 	if !keyIDPattern.MatchString(id) {
-		return fmt.Errorf("invalid key id '%s': use letters, digits, '.', '_' and '-' (at most 64)", id)
+		// not quoted: a secret given where the id belongs would be
+		return errors.New("invalid key id: use up to 64 letters, digits, '.', '_' and '-', starting with a letter or digit, and give the id before the secret")
 	}
 	if secret == "" {
 		return fmt.Errorf("key '%s': secret is required", id)

@@ -76,6 +76,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures <n>/<duration>|off
 //		recipient_rate [<flow>] <n>/<duration>|off
 //		log_recipients on|off
+//		allow_local_recipients on|off
 //	}
 //
 // Exactly one of smtp and capture is required, as are from and at least
@@ -100,6 +101,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return "", d.ArgErr()
 		}
 		return v, nil
+	}
+	// secretArgErr reports a wrong argument count on a line that holds a
+	// secret without quoting any token: Caddy's ArgErr names the last one
+	// read ("after 'ZQsecond'"), a fragment of a secret that holds a
+	// space. The directive, file and line say where.
+	secretArgErr := func(what, usage string) error {
+		return d.Errf("%s: wrong argument count; expected %s (quote a secret that holds spaces)", what, usage)
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -195,7 +203,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "key":
 			var id, secret string
 			if !d.Args(&id, &secret) || d.NextArg() {
-				return d.ArgErr()
+				return secretArgErr("key", "key <id> <secret> [{ … }]")
 			}
 			if err := checkKey(id, secret); err != nil {
 				return d.WrapErr(err)
@@ -310,9 +318,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.StorageRaw = caddyconfig.JSONModuleObject(sc, "module", name, nil)
 
 		case "webhook_secret":
-			v, err := oneArg()
-			if err != nil {
-				return err
+			if !d.NextArg() {
+				return secretArgErr("webhook_secret", "webhook_secret <secret>")
+			}
+			v := d.Val()
+			if d.NextArg() {
+				return secretArgErr("webhook_secret", "webhook_secret <secret>")
 			}
 			h.WebhookSecret = v
 
@@ -392,6 +403,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.LogRecipients = false
 			default:
 				return d.Errf("log_recipients must be on or off, not '%s'", v)
+			}
+
+		case "allow_local_recipients":
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			switch v {
+			case "on":
+				h.AllowLocalRecipients = true
+			case "off":
+				h.AllowLocalRecipients = false
+			default:
+				return d.Errf("allow_local_recipients must be on or off, not '%s'", v)
 			}
 
 		default:
@@ -474,7 +499,10 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 }
 
 // eachOption walks the options of a block where each option appears at
-// most once and takes exactly one value, and calls set for each.
+// most once and takes exactly one value, and calls set for each. A wrong
+// argument count names the option, never a value: smtp's password and
+// username are options here, and Caddy's ArgErr would quote the last
+// token read, a fragment of a password that holds a space.
 func eachOption(d *caddyfile.Dispenser, block string, set func(sub, v string) error) error {
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -483,12 +511,15 @@ func eachOption(d *caddyfile.Dispenser, block string, set func(sub, v string) er
 			return d.Errf("%s %s already specified", block, sub)
 		}
 		seen[sub] = true
+		argErr := func() error {
+			return d.Errf("%s %s: wrong argument count; expected one value (quote a value that holds spaces)", block, sub)
+		}
 		if !d.NextArg() {
-			return d.ArgErr()
+			return argErr()
 		}
 		v := d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return argErr()
 		}
 		if err := set(sub, v); err != nil {
 			return err

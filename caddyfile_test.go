@@ -147,6 +147,12 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				RecipientRate: map[string]string{"default": "2/1m", "security-alert": "off"}},
 		},
 		{
+			name:  "allow_local_recipients",
+			input: "authmail {" + minimalBlock + "\n allow_local_recipients on\n}",
+			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
+				AllowLocalRecipients: true},
+		},
+		{
 			name:  "wait 0 answers at once",
 			input: "authmail {" + minimalBlock + "\n delivery {\n wait 0\n }\n}",
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
@@ -224,6 +230,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"max_backoff below default retry": {"authmail {" + minimalBlock + "\n delivery {\n max_backoff 1s\n }\n}", "max_backoff (1s) must not be shorter than retry_backoff (30s)"},
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
 		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
+		"bad allow_local_recipients":      {"authmail {" + minimalBlock + "\n allow_local_recipients yes\n}", "allow_local_recipients must be on or off, not 'yes'"},
 		"placeholder in smtp host":        {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp {env.SMTP_HOST}\n}", "placeholders are not expanded here"},
 	}
 	for name, tc := range cases {
@@ -314,5 +321,67 @@ func TestSecretsWithBraces(t *testing.T) {
 			t.Errorf("provision error %v", err)
 		}
 		_ = h.Cleanup()
+	}
+}
+
+// TestConfigErrorsHoldNoSecrets: a wrong argument count on a line that
+// holds a secret (a password, key secret or webhook_secret with an
+// unquoted space) named the last token read, a piece of the secret:
+// "wrong argument count … after 'ZQsecond'". Errors from the real
+// Caddyfile adapter name the directive and file:line, never a value; the
+// JSON config checks never quote a secret either.
+func TestConfigErrorsHoldNoSecrets(t *testing.T) {
+	site := func(lines string) string {
+		return ":8080 {\n\tauthmail {\n\t\tfrom no-reply@example.com\n" + lines + "\n\t}\n}\n"
+	}
+	smtp := func(opt string) string {
+		return "\t\tkey app {env.K}\n\t\tsmtp mail.example.com {\n\t\t\tusername u\n\t\t\tpassword p\n" + opt + "\n\t\t}"
+	}
+	for name, tc := range map[string]struct{ src, want string }{
+		"password with a space": {site(strings.Replace(smtp(""), "password p", "password ZQfirst ZQsecond", 1)), "smtp password: wrong argument count, at Caddyfile:7"},
+		"username with a space": {site(strings.Replace(smtp(""), "username u", "username ZQfirst ZQsecond", 1)), "smtp username: wrong argument count, at Caddyfile:6"},
+		"key with a space":      {site("\t\tcapture /tmp/x\n\t\tkey app ZQfirst-0123456789 ZQsecond"), "key: wrong argument count, at Caddyfile:5"},
+		"key without an id":     {site("\t\tcapture /tmp/x\n\t\tkey ZQlonesecret-0123456789"), "key: wrong argument count, at Caddyfile:5"},
+		"secret as the id":      {site("\t\tcapture /tmp/x\n\t\tkey ZQ+secret/0123456789= app"), "invalid key id"},
+		"key with a block arg":  {site("\t\tcapture /tmp/x\n\t\tkey app ZQfirst-0123456789 ZQsecond {\n\t\t\trate off\n\t\t}"), "key: wrong argument count, at Caddyfile:5"},
+		"webhook_secret":        {site("\t\tcapture /tmp/x\n\t\tkey app {env.K}\n\t\twebhook_secret ZQfirst ZQsecond"), "webhook_secret: wrong argument count, at Caddyfile:6"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(tc.src), nil)
+			if err == nil {
+				t.Fatalf("adapted:\n%s", tc.src)
+			}
+			if strings.Contains(err.Error(), "ZQ") {
+				t.Fatalf("the error quotes the secret: %v", err)
+			}
+			if head, _, _ := strings.Cut(tc.want, ", at "); !strings.Contains(err.Error(), head) {
+				t.Fatalf("error %q lacks %q", err, head)
+			}
+			if _, place, ok := strings.Cut(tc.want, ", at "); ok && !strings.Contains(err.Error(), "at "+place) {
+				t.Fatalf("error %q does not name %s", err, place)
+			}
+		})
+	}
+	// JSON configs: the checks at provision name fields, not values
+	for name, mod := range map[string]func(*Handler){
+		"secret as key id": func(h *Handler) { h.Keys = []Key{{ID: "ZQ secret 0123456789", Secret: "0123456789abcdef0123"}} },
+		"bad sha256 key":   func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "sha256:ZQnothex"}} },
+		"short key":        func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "ZQshort"}} },
+		"bad whsec_":       func(h *Handler) { h.WebhookSecret = "whsec_ZQ%%%" },
+		"unset password": func(h *Handler) {
+			h.Capture = ""
+			h.SMTP = &SMTP{Host: "mail.example.com", Username: "u", Password: "ZQ{env.AUTHMAIL_UNSET_FOR_TEST}"}
+		},
+	} {
+		h := &Handler{Capture: t.TempDir(), From: "no-reply@example.com", Keys: []Key{{ID: "app", Secret: "0123456789abcdef0123"}},
+			storageOverride: &certmagic.FileStorage{Path: t.TempDir()}}
+		mod(h)
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		err := h.Provision(ctx)
+		cancel()
+		_ = h.Cleanup()
+		if err == nil || strings.Contains(err.Error(), "ZQ") {
+			t.Errorf("%s: provision error %v", name, err)
+		}
 	}
 }

@@ -233,13 +233,21 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	if m.bcc, err = req.Bcc.addresses("bcc", false); err != nil {
 		return nil, "", err
 	}
+	for _, f := range []struct {
+		name string
+		as   []mailAddr
+	}{{"to", m.to}, {"cc", m.cc}, {"bcc", m.bcc}} {
+		if err := h.checkRecipients(f.name, f.as); err != nil {
+			return nil, "", err
+		}
+	}
 	if m.replyTo, err = req.ReplyTo.addresses("reply_to", false); err != nil {
 		return nil, "", err
 	}
 	if strings.TrimSpace(req.Subject) == "" {
 		return nil, "", invalid("subject", "is required")
 	}
-	if err := checkText("subject", req.Subject, maxSubjectRunes); err != nil {
+	if err := checkHeaderText("subject", req.Subject, maxSubjectRunes); err != nil {
 		return nil, "", err
 	}
 	if req.HTMLBody == "" && req.TextBody == "" {
@@ -274,15 +282,37 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 
 // recipient validates the single "to" of a flow and applies user_name as
 // its display name.
-func recipient(to addressList, userName string) (mailAddr, *apiError) {
+func (h *Handler) recipient(to addressList, userName string) (mailAddr, *apiError) {
 	a, err := to.single("to")
 	if err != nil {
 		return a, err
 	}
-	if err := checkText("user_name", userName, maxUserNameRunes); err != nil {
+	if err := h.checkRecipients("to", []mailAddr{a}); err != nil {
+		return a, err
+	}
+	// user_name becomes the display name and may be in a template's subject
+	if err := checkHeaderText("user_name", userName, maxUserNameRunes); err != nil {
 		return a, err
 	}
 	return withUserName(a, userName), nil
+}
+
+// checkRecipients refuses recipients outside the internet's mail system
+// (localRecipientProblem) unless allow_local_recipients is on. Reply-To
+// is not checked: the relay never connects to it.
+func (h *Handler) checkRecipients(field string, as []mailAddr) *apiError {
+	if h.AllowLocalRecipients {
+		return nil
+	}
+	for i, a := range as {
+		if p := localRecipientProblem(a); p != "" {
+			if len(as) == 1 {
+				return invalid(field, "%s", p)
+			}
+			return invalid(field, "entry %d %s", i+1, p)
+		}
+	}
+	return nil
 }
 
 // withUserName gives an address without a display name the user's name
@@ -325,7 +355,7 @@ func (h *Handler) prepareOTP(ep *endpoint, body []byte) ([]*outMessage, string, 
 }
 
 func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, string, *apiError) {
-	to, err := recipient(req.To, req.UserName)
+	to, err := h.recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err
 	}
@@ -361,7 +391,7 @@ func (h *Handler) prepareLink(ep *endpoint, body []byte) ([]*outMessage, string,
 }
 
 func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMessage, string, *apiError) {
-	to, err := recipient(req.To, req.UserName)
+	to, err := h.recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err
 	}
@@ -378,6 +408,9 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 		var p string
 		if old, p = parseAddress(req.OldEmail); p != "" {
 			return nil, "", invalid("old_email", "%s", p)
+		}
+		if err := h.checkRecipients("old_email", []mailAddr{old}); err != nil {
+			return nil, "", err
 		}
 		if strings.EqualFold(old.Addr, to.Addr) {
 			return nil, "", invalid("old_email", "must differ from to")
@@ -474,7 +507,7 @@ func (h *Handler) prepareAlert(body []byte) ([]*outMessage, string, *apiError) {
 }
 
 func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string, *apiError) {
-	to, err := recipient(req.To, req.UserName)
+	to, err := h.recipient(req.To, req.UserName)
 	if err != nil {
 		return nil, "", err
 	}

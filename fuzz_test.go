@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"mime"
 	"net/http"
 	"net/http/httptest"
 	"net/mail"
@@ -108,6 +109,14 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"=?utf-8?q?a=0D=0AB?= <a@example.com>","user_name":"a\u2028b","code":"1"}`,
 		`{"to":"a@example.com","user_name":"CORP\\Jürgen","code":"1"}`,
 		`[]`, `null`, `{"to":1}`, ``,
+		`{"to":"checked@example.com","to":"other@evil.example","code":"1"}`,
+		`{"to":"checked@example.com","TO":"other@evil.example","subject":"s","text_body":"b"}`,
+		`{"to":"a@example.com","code":"1","c\u006fde":"2","\u017fubject":"s"}`,
+		`{"to":["a@example.com",{"x":1,"x":2}],"code":"1"}`,
+		`{"to":"a@example.com","subject":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","text_body":"b"}`,
+		`{"to":"a@example.com","user_name":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","code":"1"}`,
+		`{"to":"a@example.com","subject":"` + strings.Repeat("a", 998) + `","text_body":"b"}`,
+		`{"to":"user@[127.0.0.1]","cc":"b@localhost","code":"1"}`,
 	} {
 		f.Add(s)
 	}
@@ -137,6 +146,7 @@ func FuzzRequests(f *testing.F) {
 				if err != nil {
 					t.Fatalf("%s: %v", ep.path, err)
 				}
+				checkHeaderLines(t, env.Data, 998)
 				msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
 				if err != nil {
 					t.Fatalf("%s: rendered message does not parse: %v", ep.path, err)
@@ -160,6 +170,55 @@ func FuzzRequests(f *testing.F) {
 					t.Fatalf("%s: no recipients", ep.path)
 				}
 			}
+		}
+	})
+}
+
+// FuzzHeaderLines builds messages from arbitrary subjects, user names
+// and display names, through the same checks as a request: whatever is
+// accepted yields header lines of at most 998 octets without a bare CR
+// or LF, and a subject and display name that decode to what was given.
+func FuzzHeaderLines(f *testing.F) {
+	for _, s := range [][3]string{
+		{strings.Repeat("a", 998), "Jane", "Jane Doe"},
+		{"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=", "=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=", "=?utf-8?q?a=0D=0AB?="},
+		{"a  b   c", strings.Repeat("n", 200), strings.Repeat("x", 900)},
+		{strings.Repeat("ü", 998), strings.Repeat("名", 200), strings.Repeat("\\\"", 300)},
+		{"tab\tin subject", "a\u2028b", "  spaced   name  "},
+	} {
+		f.Add(s[0], s[1], s[2])
+	}
+	h := provisionedHandler(f)
+	f.Fuzz(func(t *testing.T, subject, userName, name string) {
+		if strings.TrimSpace(subject) == "" || checkHeaderText("subject", subject, maxSubjectRunes) != nil {
+			return
+		}
+		if checkHeaderText("user_name", userName, maxUserNameRunes) != nil {
+			return
+		}
+		to := withUserName(mailAddr{Addr: "a@example.com"}, userName)
+		cc, p := parseAddress((&mail.Address{Name: name, Address: "c@example.com"}).String())
+		if p != "" {
+			return
+		}
+		m := &outMessage{flow: "send", to: []mailAddr{to, {Addr: "b@example.com"}}, cc: []mailAddr{cc}, replyTo: []mailAddr{cc},
+			subject: strings.TrimSpace(subject), text: "x"}
+		env, err := h.buildEnvelope(m, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkHeaderLines(t, env.Data, 998)
+		msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
+		if err != nil {
+			t.Fatalf("does not parse: %v", err)
+		}
+		got, err := new(mime.WordDecoder).DecodeHeader(msg.Header.Get("Subject"))
+		if err != nil || got != m.subject {
+			t.Fatalf("subject %q decodes to %q (%v)", m.subject, got, err)
+		}
+		list, err := msg.Header.AddressList("Cc")
+		if err != nil || len(list) != 1 || list[0].Address != "c@example.com" {
+			t.Fatalf("Cc %q: %v %v", msg.Header.Get("Cc"), list, err)
 		}
 	})
 }

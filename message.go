@@ -9,6 +9,7 @@ import (
 	"net/mail"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	gomail "github.com/wneessen/go-mail"
 )
@@ -60,7 +61,7 @@ func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error)
 	if len(replyTo) > 0 {
 		msg.SetAddrHeaderFromMailAddress(gomail.HeaderReplyTo, mailAddresses(replyTo)...)
 	}
-	msg.Subject(m.subject)
+	msg.Subject(foldableSubject(m.subject))
 	msg.SetDateWithValue(now)
 	msg.SetMessageIDWithValue(strings.TrimSuffix(strings.TrimPrefix(env.MessageID, "<"), ">"))
 	if m.text != "" {
@@ -105,4 +106,57 @@ func envelopeRecipients(lists ...[]mailAddr) []string {
 		}
 	}
 	return out
+}
+
+// maxFoldedWord is the longest space-separated word go-mail may put on
+// a header line of its own: go-mail folds header values only at spaces
+// and writes a longer word on one line, so a 998-character subject
+// without spaces became a 999-octet line, beyond the 998 octets RFC 5322
+// (2.1.1) and SMTP allow. 76 keeps such a line within the recommended 78.
+const maxFoldedWord = 76
+
+// foldableSubject returns the subject as go-mail can fold it within the
+// line limits: unchanged when it is not ASCII (go-mail encodes it as
+// encoded words of at most 75 characters) or when every word is short
+// and single spaces separate them; otherwise as Q-encoded words of at
+// most 75 characters that decode to exactly the subject.
+func foldableSubject(subject string) string {
+	plain := !strings.Contains(subject, "  ") && !strings.HasPrefix(subject, " ") && !strings.HasSuffix(subject, " ")
+	for _, w := range strings.Split(subject, " ") {
+		if len(w) > maxFoldedWord {
+			plain = false
+		}
+	}
+	for i := 0; i < len(subject); i++ {
+		if c := subject[i]; c >= utf8.RuneSelf {
+			return subject
+		} else if c < ' ' || c == 0x7f {
+			plain = false
+		}
+	}
+	if plain {
+		return subject
+	}
+	const prefix, suffix = "=?UTF-8?q?", "?="
+	var words []string
+	var b strings.Builder
+	for i := 0; i < len(subject); i++ {
+		var enc string
+		switch c := subject[i]; {
+		case c == ' ':
+			enc = "_"
+		case c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!*+-/", c) >= 0:
+			enc = string(c)
+		default:
+			enc = fmt.Sprintf("=%02X", c)
+		}
+		if len(prefix)+b.Len()+len(enc)+len(suffix) > 75 {
+			words = append(words, prefix+b.String()+suffix)
+			b.Reset()
+		}
+		b.WriteString(enc)
+	}
+	words = append(words, prefix+b.String()+suffix)
+	// white space between adjacent encoded words is not part of the text
+	return strings.Join(words, " ")
 }

@@ -117,3 +117,48 @@ func TestIDsAreUniqueAndOrdered(t *testing.T) {
 		prev = id
 	}
 }
+
+// TestLongSubjectsFoldWithinTheLineLimit: the longest accepted subject,
+// 998 characters without a space, was written on one 999-octet line;
+// every header line now stays within 78 octets and the subject decodes
+// to exactly what was given.
+func TestLongSubjectsFoldWithinTheLineLimit(t *testing.T) {
+	h := &Handler{from: mailAddr{Addr: "no-reply@acme.example"}}
+	for _, subject := range []string{strings.Repeat("a", maxSubjectRunes), "a " + strings.Repeat("b", 77) + " c", "two  spaces", "tab\there", "=?not?an?encoded?word?="} {
+		env, err := h.buildEnvelope(&outMessage{to: []mailAddr{{Addr: "jane@example.org"}}, subject: subject, text: "x"}, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkHeaderLines(t, env.Data, 78)
+		if m, _ := parseMessage(t, env.Data); m.Subject != subject {
+			t.Errorf("subject %q decodes to %q", subject, m.Subject)
+		}
+	}
+	// short ASCII subjects are written as they are
+	env, _ := h.buildEnvelope(&outMessage{to: []mailAddr{{Addr: "jane@example.org"}}, subject: "Your receipt", text: "x"}, time.Now())
+	if !bytes.Contains(env.Data, []byte("\r\nSubject: Your receipt\r\n")) {
+		t.Errorf("plain subject not written as is:\n%s", env.Data)
+	}
+}
+
+// checkHeaderLines asserts that every header line ends in CR LF, holds
+// no other CR or LF, is at most limit octets long, and, when it is a
+// continuation line, holds more than white space.
+func checkHeaderLines(t testing.TB, data []byte, limit int) {
+	t.Helper()
+	head, _, ok := bytes.Cut(data, []byte("\r\n\r\n"))
+	if !ok {
+		t.Fatalf("no end of header in %q", data)
+	}
+	for i, line := range bytes.Split(head, []byte("\r\n")) {
+		if bytes.ContainsAny(line, "\r\n") {
+			t.Fatalf("header line %d holds a bare CR or LF: %q", i, line)
+		}
+		if len(line) > limit {
+			t.Fatalf("header line %d is %d octets long: %q", i, len(line), line)
+		}
+		if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') && len(bytes.TrimLeft(line, " \t")) == 0 {
+			t.Fatalf("header line %d is white space only", i)
+		}
+	}
+}

@@ -2,6 +2,8 @@ package authmail
 
 import (
 	"bytes"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +13,7 @@ import (
 	"net/netip"
 	"net/url"
 	"reflect"
+	"regexp"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -118,6 +121,9 @@ func decodeJSON(body []byte, v any) *apiError {
 		return &apiError{Status: http.StatusBadRequest, Code: "invalid_json",
 			Message: "the request body must be a JSON object"}
 	}
+	if err := ambiguousKey(body, v); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -128,6 +134,97 @@ func decodeJSON(body []byte, v any) *apiError {
 			Message: "the request body holds data after the JSON object"}
 	}
 	return nil
+}
+
+// ambiguousKey refuses what encoding/json would silently resolve: a key
+// given twice in one object (at any depth; encoding/json keeps the last,
+// so a checked "to" could be followed by another), and a top-level key
+// that names a field of v only case-insensitively ("TO", "ſubject"),
+// which encoding/json would accept as that field. A body that is not
+// well-formed JSON passes here and is reported by the decoder.
+func ambiguousKey(body []byte, v any) *apiError {
+	known := jsonFieldNames(reflect.TypeOf(v))
+	dec := json.NewDecoder(bytes.NewReader(body))
+	type object struct{ keys map[string]bool }
+	var stack []*object // nil entries are arrays
+	expectKey := false
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		top := (*object)(nil)
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		switch t := tok.(type) {
+		case json.Delim:
+			switch t {
+			case '{':
+				stack = append(stack, &object{keys: map[string]bool{}})
+				expectKey = true
+				continue
+			case '[':
+				stack = append(stack, nil)
+			case '}', ']':
+				stack = stack[:len(stack)-1]
+				if len(stack) == 0 {
+					return nil
+				}
+			}
+			// after a closed value (or an opened array) a key follows
+			// only in an object
+			expectKey = len(stack) > 0 && stack[len(stack)-1] != nil
+			continue
+		case string:
+			if top != nil && expectKey {
+				if top.keys[t] {
+					return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Field: t,
+						Message: fmt.Sprintf("duplicate field %q: each field may appear only once", t)}
+				}
+				top.keys[t] = true
+				if len(stack) == 1 && !known[t] {
+					for name := range known {
+						if strings.EqualFold(name, t) {
+							return &apiError{Status: http.StatusBadRequest, Code: "invalid_json", Field: t,
+								Message: fmt.Sprintf("field %q must be written %q: field names are case-sensitive", t, name)}
+						}
+					}
+				}
+				expectKey = false
+				continue
+			}
+		}
+		expectKey = top != nil
+	}
+}
+
+// jsonFieldNames returns the JSON names of the fields of the struct t
+// points to, those of embedded structs included.
+func jsonFieldNames(t reflect.Type) map[string]bool {
+	names := map[string]bool{}
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil || t.Kind() != reflect.Struct {
+		return names
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch {
+		case tag == "-":
+		case f.Anonymous && tag == "":
+			for n := range jsonFieldNames(f.Type) {
+				names[n] = true
+			}
+		case tag != "":
+			names[tag] = true
+		case f.IsExported():
+			names[f.Name] = true
+		}
+	}
+	return names
 }
 
 // invalidUTF8Field returns the top-level field whose key or value holds
@@ -254,8 +351,92 @@ func headerProblem(v string) string {
 		if unicode.IsControl(r) && r != '\t' {
 			return "must not contain control characters"
 		}
+		if r == '\u2028' || r == '\u2029' {
+			// mail clients and the JavaScript that shows mail may break
+			// lines at them
+			return "must not contain line or paragraph separators (U+2028, U+2029)"
+		}
 	}
 	return ""
+}
+
+// encodedWordPattern finds RFC 2047 encoded words (=?charset?b|q?text?=)
+// anywhere in a value: mail clients decode them leniently, also inside
+// quoted strings, glued to other text, or with missing base64 padding.
+var encodedWordPattern = regexp.MustCompile(`=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=`)
+
+// encodedWordProblem reports why v, bound for a mail header, cannot go
+// there because of an encoded word in it, or "". authmail encodes
+// caller text itself; an encoded word in it is decoded by the
+// recipient's client, so it is refused when its decoded text holds a
+// line break or control character (it would show as, or be re-serialised
+// as, an injected header line), when it does not decode (a lenient client
+// may still decode it), or when its charset is not UTF-8, US-ASCII or
+// ISO-8859-1 (authmail cannot tell what other charsets hide: UTF-7 writes
+// CR LF as "+AA0ACg-"). The problem string completes "<field> …".
+func encodedWordProblem(v string) string {
+	for _, m := range encodedWordPattern.FindAllStringSubmatch(v, -1) {
+		charset, _, _ := strings.Cut(strings.ToLower(m[1]), "*") // RFC 2231 language suffix
+		var raw []byte
+		var err error
+		if m[2] == "b" || m[2] == "B" {
+			raw, err = base64.RawStdEncoding.DecodeString(strings.TrimRight(m[3], "="))
+		} else {
+			raw, err = qDecode(m[3])
+		}
+		if err != nil {
+			return "has an encoded word (=?…?=) that does not decode; send the text as plain UTF-8"
+		}
+		var text string
+		switch charset {
+		case "utf-8", "utf8", "us-ascii":
+			if !utf8.Valid(raw) {
+				return "has an encoded word (=?…?=) that is not valid UTF-8"
+			}
+			text = string(raw)
+		case "iso-8859-1", "latin1":
+			rs := make([]rune, len(raw))
+			for i, b := range raw {
+				rs[i] = rune(b)
+			}
+			text = string(rs)
+		default:
+			return fmt.Sprintf("has an encoded word (=?…?=) in charset %q, which authmail does not accept; send the text as plain UTF-8", m[1])
+		}
+		if headerProblem(text) != "" {
+			return "has an encoded word (=?…?=) that decodes to line breaks or control characters"
+		}
+		// the decoded text is shorter than the word: this ends
+		if p := encodedWordProblem(text); p != "" {
+			return p
+		}
+	}
+	return ""
+}
+
+// qDecode decodes the text of a Q-encoded word: "_" is a space, "=XX"
+// a byte in hex (either case).
+func qDecode(s string) ([]byte, error) {
+	out := make([]byte, 0, len(s))
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; c {
+		case '_':
+			out = append(out, ' ')
+		case '=':
+			if i+3 > len(s) {
+				return nil, errors.New("truncated escape")
+			}
+			b, err := hex.DecodeString(s[i+1 : i+3])
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, b[0])
+			i += 2
+		default:
+			out = append(out, c)
+		}
+	}
+	return out, nil
 }
 
 // displayNameProblem reports why name cannot be a display name in an
@@ -318,6 +499,14 @@ func parseAddress(s string) (mailAddr, string) {
 		return mailAddr{}, "has a display name with line breaks or control characters"
 	}
 	if p := displayNameProblem(a.Name); p != "" {
+		return mailAddr{}, "has a display name that " + p
+	}
+	// net/mail leaves quoted and malformed encoded words as they are, and
+	// a decoded name may hold another; clients decode them all
+	if p := encodedWordProblem(s); p != "" {
+		return mailAddr{}, p
+	}
+	if p := encodedWordProblem(a.Name); p != "" {
 		return mailAddr{}, "has a display name that " + p
 	}
 	local, dom, ok := cutLast(a.Address, "@")
@@ -415,6 +604,31 @@ func (l addressList) single(field string) (mailAddr, *apiError) {
 	return as[0], nil
 }
 
+// localRecipientProblem reports why a recipient is not an address on the
+// internet's mail system, or "". The SMTP relay delivers a domain literal
+// (user@[127.0.0.1]) to that address, a single-label domain
+// (user@localhost, user@intranet) to whatever the relay's resolver makes
+// of it, and an IP address written as a domain (user@127.0.0.1) through
+// resolvers that accept it as an address: each can make the relay
+// connect to internal hosts. The problem string completes "<field> …".
+func localRecipientProblem(a mailAddr) string {
+	const how = ", which authmail refuses unless allow_local_recipients is on"
+	d := a.domain()
+	if strings.HasPrefix(d, "[") {
+		return "is at a domain literal (an IP address in brackets)" + how
+	}
+	i := strings.LastIndexByte(d, '.')
+	if i < 0 {
+		return "has a single-label domain such as localhost" + how
+	}
+	// top-level domains start with a letter (RFC 1123 2.1); "127.0.0.1",
+	// "127.1" and "0x7f.1" are addresses to getaddrinfo
+	if tld := d[i+1:]; tld == "" || tld[0] < 'a' || tld[0] > 'z' {
+		return "has a domain whose last label does not start with a letter (an IP address written without brackets)" + how
+	}
+	return ""
+}
+
 // checkText validates an optional header-safe text value.
 func checkText(field, v string, maxRunes int) *apiError {
 	if p := headerProblem(v); p != "" {
@@ -422,6 +636,19 @@ func checkText(field, v string, maxRunes int) *apiError {
 	}
 	if n := utf8.RuneCountInString(v); n > maxRunes {
 		return invalid(field, "is %d characters long; at most %d are allowed", n, maxRunes)
+	}
+	return nil
+}
+
+// checkHeaderText validates an optional text value that goes into a
+// mail header (a subject, a display name): checkText, and no encoded
+// word that decodes to what the header must not hold.
+func checkHeaderText(field, v string, maxRunes int) *apiError {
+	if err := checkText(field, v, maxRunes); err != nil {
+		return err
+	}
+	if p := encodedWordProblem(v); p != "" {
+		return invalid(field, "%s", p)
 	}
 	return nil
 }

@@ -61,6 +61,11 @@ func TestParseAddress(t *testing.T) {
 		`"CORP\\Jürgen" <j@example.com>`:           "backslash together with non-ASCII",
 		"=?utf-8?q?CORP=5CJ=C3=BCrgen?= <j@x.com>": "backslash together with non-ASCII",
 		"a@" + strings.Repeat("b", 250) + ".com":   "",
+		// encoded words net/mail leaves as they are, which clients decode
+		`"=?UTF-8?B?SGkNCkJjYzogZXZpbA==?=" <a@x.com>`:           "encoded word (=?…?=) that decodes to line breaks",
+		"=?UTF-8?B?SGkNCkJjYzogZXZpbA?= <a@x.com>":               "encoded word (=?…?=) that decodes to line breaks",
+		"=?UTF-8?B?PT9VVEYtOD9RP0hpPTBEPTBBQmM/PQ==?= <a@x.com>": "encoded word",
+		"Jane\u2028Doe <a@x.com>":                                "line or paragraph separators",
 	}
 	for in, want := range bad {
 		_, problem := parseAddress(in)
@@ -88,11 +93,27 @@ func TestDecodeJSONErrors(t *testing.T) {
 		"wrong to type":  {`{"to":{"a":1}}`, 422, "invalid_request", "to"},
 		"float expiry":   {`{"expires_in_minutes":1.5}`, 422, "invalid_request", "expires_in_minutes"},
 		"list of number": {`{"to":["a@x.com",1]}`, 422, "invalid_request", "to"},
+		// encoding/json keeps the last of duplicate keys and matches
+		// field names case-insensitively
+		"duplicate key":      {`{"to":"a@x.com","to":"b@evil.example"}`, 400, "invalid_json", "to"},
+		"escaped duplicate":  {`{"to":"a@x.com","\u0074o":"b@evil.example"}`, 400, "invalid_json", "to"},
+		"case variant":       {`{"to":"a@x.com","TO":"b@evil.example"}`, 400, "invalid_json", "TO"},
+		"lone case variant":  {`{"Code":"1"}`, 400, "invalid_json", "Code"},
+		"kelvin sign":        {`{"to":"a@x.com","code":"1","webhoo\u212a_url":"https://h.example/"}`, 400, "invalid_json", "webhoo\u212a_url"},
+		"embedded field":     {`{"webhook_secret":"a","WEBHOOK_SECRET":"b"}`, 400, "invalid_json", "WEBHOOK_SECRET"},
+		"nested duplicate":   {`{"to":["a@x.com",{"k":1,"k":2}]}`, 400, "invalid_json", "k"},
+		"duplicate value ok": {`{"to":"to","code":"to"}`, 0, "", ""},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			var r req
 			err := decodeJSON([]byte(tc.body), &r)
+			if tc.status == 0 {
+				if err != nil {
+					t.Fatalf("refused: %+v", err)
+				}
+				return
+			}
 			if err == nil {
 				t.Fatal("expected an error")
 			}
@@ -267,5 +288,65 @@ func TestUserNameThatCannotBeADisplayNameInEmailChange(t *testing.T) {
 		if !strings.Contains(hdr, "\r\nTo: <"+m.to[0].Addr+">\r\n") {
 			t.Errorf("To header of %s:\n%s", m.to[0].Addr, hdr)
 		}
+	}
+}
+
+func TestEncodedWordProblem(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain text":                   "",
+		"=?UTF-8?B?SGk=?= there":       "",
+		"=?utf-8?q?J=C3=B6rg?=":        "",
+		"=?ISO-8859-1?Q?J=F6rg?=":      "",
+		"a=?b":                         "",
+		"=?UTF-8?B?SGkNCkJjYzogeA==?=": "decodes to line breaks",
+		"=?UTF-8?Q?Hi=0ABcc:_x?=":      "decodes to line breaks",
+		"=?UTF-8?Q?a=7Fb?=":            "decodes to line breaks or control characters",
+		"=?iso-8859-1?q?a=85b?=":       "decodes to line breaks or control characters", // C1
+		"=?UTF-8?B?4oCp?=":             "decodes to line breaks or control characters", // U+2029
+		"=?UTF-8?Q?a=0?=":              "does not decode",
+		"=?UTF-8?B?@@@@?=":             "does not decode",
+		"=?UTF-8?B?/w==?=":             "not valid UTF-8",
+		"=?UTF-7?Q?a+AA0ACg-b?=":       `charset "UTF-7"`,
+		"=?windows-1252?Q?caf=E9?=":    `charset "windows-1252"`,
+	} {
+		got := encodedWordProblem(in)
+		if want == "" && got != "" || want != "" && !strings.Contains(got, want) {
+			t.Errorf("%q: %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestLocalRecipientProblem(t *testing.T) {
+	for in, want := range map[string]string{
+		"a@example.com":           "",
+		"a@xn--bcher-kva.example": "",
+		"a@[127.0.0.1]":           "domain literal",
+		"a@[192.0.2.1]":           "domain literal",
+		"a@localhost":             "single-label domain",
+		"a@LOCALHOST":             "single-label domain",
+		"a@intranet":              "single-label domain",
+		"a@127.0.0.1":             "does not start with a letter",
+		"a@127.1":                 "does not start with a letter",
+		"a@0x7f.0x1":              "does not start with a letter",
+		"a@example.123":           "does not start with a letter",
+	} {
+		a, p := parseAddress(in)
+		if p != "" {
+			t.Fatalf("%s: %s", in, p)
+		}
+		got := localRecipientProblem(a)
+		if want == "" && got != "" || want != "" && (!strings.Contains(got, want) || !strings.Contains(got, "allow_local_recipients")) {
+			t.Errorf("%s: %q, want %q", in, got, want)
+		}
+	}
+	// the setting lets them through; the field and entry are named otherwise
+	h := &Handler{}
+	err := h.checkRecipients("cc", []mailAddr{{Addr: "a@example.com"}, {Addr: "b@localhost"}})
+	if err == nil || err.Field != "cc" || !strings.HasPrefix(err.Message, "cc entry 2 has a single-label domain") {
+		t.Fatalf("%+v", err)
+	}
+	h.AllowLocalRecipients = true
+	if err := h.checkRecipients("cc", []mailAddr{{Addr: "b@localhost"}, {Addr: "c@[127.0.0.1]"}}); err != nil {
+		t.Fatal(err)
 	}
 }
