@@ -311,6 +311,39 @@ func FuzzLinkPolicy(f *testing.F) {
 	})
 }
 
+// FuzzCallerLink checks that a caller's link or base_url that is
+// accepted reads as one link on the allowed origin wherever a mail
+// client scans text for links: nothing in it ends the link early and
+// leaves a second one to another host.
+func FuzzCallerLink(f *testing.F) {
+	for _, s := range []string{"https://app.example.com/x?y=1", "https://app.example.com/x\u2028https://evil.example/steal",
+		"https://app.example.com/r\u3000https://evil.example/", "https://app.example.com/r\u00a0//evil.example/", "https://app.example.com/r\u2003x",
+		"https://app.example.com/r\u200bhttps://evil.example/", "https://app.example.com/a'https://evil.example/", "https://app.example.com/a\"//evil.example",
+		"https://app.example.com/a%E3%80%80b", "https://app.example.com/réinitialiser", "https://app.example.com/a>https:evil.example"} {
+		f.Add(s)
+	}
+	allowed := []string{"https://app.example.com"}
+	h := &Handler{baseURL: "https://app.example.com", baseOrigin: "https://app.example.com", origins: allowed}
+	f.Fuzz(func(t *testing.T, s string) {
+		var built []string
+		if l, err := h.buildLink("magic-link", "", s, ""); err == nil {
+			built = append(built, l)
+		}
+		if l, err := h.buildLink("magic-link", "SECRET-TOKEN-42", "", s); err == nil {
+			built = append(built, l)
+		}
+		for _, l := range built {
+			if strings.ContainsFunc(l, urlBreak) {
+				t.Fatalf("%q accepted with a space, separator, control or format character", l)
+			}
+			links := textLinks("Open " + l + " now")
+			if len(links) != 1 || !strings.HasPrefix(l, links[0]) || linkVerdict(links[0], allowed) != "" {
+				t.Fatalf("%q accepted, but text shows it as %q", l, links)
+			}
+		}
+	})
+}
+
 // treeLinks returns the URL attributes' values and the CSS links of the
 // document an HTML parser without scripting builds from s.
 func treeLinks(t *testing.T, s string) []string {
