@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
 	"github.com/caddyserver/certmagic"
+	"golang.org/x/net/html"
 	"golang.org/x/net/idna"
 )
 
@@ -316,8 +317,27 @@ func FuzzLinkPolicy(f *testing.F) {
 		"https://ａpp.example.com/", "https://app.exam\u00adple.com/x", "https://app.example.com./", "https://evil.ｅxample/"} {
 		f.Add(s)
 	}
+	// the bypasses the checker once missed, and the clean bodies it must
+	// keep accepting
+	for _, tc := range smuggledLinks {
+		f.Add(strings.ReplaceAll(tc.html+tc.text, "app.example.test", "app.example.com"))
+	}
+	for _, tc := range cleanLinks {
+		f.Add(strings.ReplaceAll(tc.html+tc.text, "app.example.test", "app.example.com"))
+	}
 	allowed := []string{"https://app.example.com"}
+	h := &Handler{LinkPolicy: "enforce", origins: allowed}
 	f.Fuzz(func(t *testing.T, s string) {
+		// what the tokenizer-based checker accepts, a tree builder that
+		// renders like a mail client (no scripts: noscript is markup;
+		// foreign content) must find no foreign URL attribute or CSS in
+		if utf8.ValidString(s) && h.checkLinkPolicy(s, "") == nil {
+			for _, l := range treeLinks(t, s) {
+				if v := linkVerdict(l, allowed); v != "" {
+					t.Fatalf("%q accepted, but a mail client's parse holds %q (%s)", s, l, v)
+				}
+			}
+		}
 		links := append(htmlLinks(s), textLinks(s)...)
 		for _, l := range links {
 			if linkVerdict(l, allowed) != "" {
@@ -326,7 +346,7 @@ func FuzzLinkPolicy(f *testing.F) {
 			if strings.HasPrefix(strings.TrimSpace(l), "#") {
 				continue // a place in the same message, whatever follows the #
 			}
-			u, err := url.Parse(strings.TrimSpace(l))
+			u, err := url.Parse(browserForm(strings.TrimSpace(l)))
 			if err != nil {
 				t.Fatalf("%q accepted but does not parse", l)
 			}
@@ -348,6 +368,79 @@ func FuzzLinkPolicy(f *testing.F) {
 			}
 		}
 	})
+}
+
+// FuzzCallerLink checks that a caller's link or base_url that is
+// accepted reads as one link on the allowed origin wherever a mail
+// client scans text for links: nothing in it ends the link early and
+// leaves a second one to another host.
+func FuzzCallerLink(f *testing.F) {
+	for _, s := range []string{"https://app.example.com/x?y=1", "https://app.example.com/x\u2028https://evil.example/steal",
+		"https://app.example.com/r\u3000https://evil.example/", "https://app.example.com/r\u00a0//evil.example/", "https://app.example.com/r\u2003x",
+		"https://app.example.com/r\u200bhttps://evil.example/", "https://app.example.com/a'https://evil.example/", "https://app.example.com/a\"//evil.example",
+		"https://app.example.com/a%E3%80%80b", "https://app.example.com/réinitialiser", "https://app.example.com/a>https:evil.example"} {
+		f.Add(s)
+	}
+	allowed := []string{"https://app.example.com"}
+	h := &Handler{baseURL: "https://app.example.com", baseOrigin: "https://app.example.com", origins: allowed}
+	f.Fuzz(func(t *testing.T, s string) {
+		var built []string
+		if l, err := h.buildLink("magic-link", "", s, ""); err == nil {
+			built = append(built, l)
+		}
+		if l, err := h.buildLink("magic-link", "SECRET-TOKEN-42", "", s); err == nil {
+			built = append(built, l)
+		}
+		for _, l := range built {
+			if strings.ContainsFunc(l, urlBreak) {
+				t.Fatalf("%q accepted with a space, separator, control or format character", l)
+			}
+			links := textLinks("Open " + l + " now")
+			if len(links) != 1 || !strings.HasPrefix(l, links[0]) || linkVerdict(links[0], allowed) != "" {
+				t.Fatalf("%q accepted, but text shows it as %q", l, links)
+			}
+		}
+	})
+}
+
+// treeLinks returns the URL attributes' values and the CSS links of the
+// document an HTML parser without scripting builds from s.
+func treeLinks(t *testing.T, s string) []string {
+	doc, err := html.ParseWithOptions(strings.NewReader(s), html.ParseOptionEnableScripting(false))
+	if err != nil {
+		t.Fatalf("parse %q: %v", s, err)
+	}
+	var out []string
+	var walk func(n *html.Node)
+	walk = func(n *html.Node) {
+		switch n.Type {
+		case html.ElementNode:
+			for _, a := range n.Attr {
+				k := a.Key
+				if a.Namespace == "xlink" {
+					k = "xlink:" + k
+				}
+				switch {
+				case urlAttrs[k]:
+					out = append(out, strings.TrimSpace(a.Val))
+					if f := strings.FieldsFunc(a.Val, urlBreak); len(f) > 0 {
+						out = append(out, f[0])
+					}
+				case cssAttrs[k]:
+					out = append(out, cssLinks(a.Val)...)
+				}
+			}
+		case html.TextNode:
+			if n.Parent != nil && n.Parent.Type == html.ElementNode && n.Parent.Data == "style" {
+				out = append(out, cssLinks(n.Data)...)
+			}
+		}
+		for c := n.FirstChild; c != nil; c = c.NextSibling {
+			walk(c)
+		}
+	}
+	walk(doc)
+	return out
 }
 
 // FuzzTemplates renders every flow with hostile values: rendering never

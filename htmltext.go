@@ -1,7 +1,9 @@
 package authmail
 
 import (
+	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	"golang.org/x/net/html"
 	"golang.org/x/net/html/atom"
@@ -130,7 +132,7 @@ func htmlToText(src string) string {
 				}
 				if shown != href && shown != strings.TrimPrefix(href, "mailto:") {
 					w.space = true
-					w.text("(" + href + ")")
+					w.text("(" + shownHref(href) + ")")
 				}
 			default:
 				if n := blockBreaks(a); n > 0 {
@@ -251,6 +253,32 @@ func blockBreaks(a atom.Atom) int {
 func linkWorthShowing(href string) bool {
 	l := strings.ToLower(href)
 	return strings.HasPrefix(l, "http://") || strings.HasPrefix(l, "https://") || strings.HasPrefix(l, "mailto:")
+}
+
+// shownHref is an href as the text part shows it: as the link a browser
+// opens, with tabs and line breaks removed and spaces, separators,
+// controls, format characters and quotes or angle brackets
+// percent-encoded. Shown raw, "https://app.example/x\u3000https://
+// evil.example/" would read as a second link, to a host the HTML link
+// never opens.
+func shownHref(href string) string {
+	if !strings.ContainsFunc(href, func(r rune) bool { return urlBreak(r) || strings.ContainsRune("\"<>`", r) }) {
+		return href
+	}
+	var b strings.Builder
+	for _, r := range href {
+		switch {
+		case r == '\t' || r == '\n' || r == '\r':
+		case urlBreak(r) || strings.ContainsRune("\"<>`", r):
+			var buf [utf8.UTFMax]byte
+			for _, c := range buf[:utf8.EncodeRune(buf[:], r)] {
+				fmt.Fprintf(&b, "%%%02X", c)
+			}
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 // collapseSpace turns every run of whitespace into one space.

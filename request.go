@@ -718,7 +718,39 @@ func parseHTTPURL(s string) (*url.URL, string) {
 	if strings.ContainsAny(s, " \t\\") {
 		return nil, "must not contain spaces or backslashes"
 	}
+	if p := urlCharProblem(s, u); p != "" {
+		return nil, p
+	}
 	return u, ""
+}
+
+// urlCharProblem reports a character that a URL cannot carry raw, or "".
+// Such a URL is refused, not percent-encoded: a mail client (and the
+// link scanner of link_policy) ends a link at a Unicode space, separator,
+// control or format character and at the ASCII characters a URL may not
+// hold raw, so "https://app.example/x\u2028https://evil.example/" passes
+// the origin check as one URL on app.example yet shows the reader a second
+// link to evil.example. Letters and symbols beyond ASCII (an IDN host, a
+// path in another script) stay allowed. The message names the character
+// by its code point only: the URL itself may hold a secret token.
+func urlCharProblem(s string, u *url.URL) string {
+	for _, r := range s {
+		bad := false
+		switch {
+		case r < utf8.RuneSelf:
+			bad = strings.ContainsRune("\"<>^`{|}'", r)
+		default:
+			bad = unicode.IsSpace(r) || unicode.In(r, unicode.Z, unicode.C) || r == utf8.RuneError
+		}
+		if bad {
+			return fmt.Sprintf("must not contain %U (a space, separator, control, format or other character that a URL cannot carry raw); percent-encode it", r)
+		}
+	}
+	// square brackets belong around an IPv6 host, nowhere else
+	if n := strings.Count(s, "[") + strings.Count(s, "]"); n > strings.Count(u.Host, "[")+strings.Count(u.Host, "]") {
+		return "must not contain [ or ] outside an IPv6 host; percent-encode them"
+	}
+	return ""
 }
 
 // origin returns scheme://host[:port] in canonical form: lowercase, IDN

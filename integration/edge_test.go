@@ -308,3 +308,61 @@ func TestLogRecipients(t *testing.T) {
 		t.Fatal("default: the address must be logged as a hash plus domain")
 	}
 }
+
+// TestSmuggledLinksRefused drives link and base_url values and /send
+// bodies that smuggle a foreign URL past the origin check through a real
+// Caddy: each is answered 422 naming its field, and nothing reaches the
+// SMTP server.
+func TestSmuggledLinksRefused(t *testing.T) {
+	load(t, config{Extra: "link_policy enforce"})
+	// a Unicode space in a caller's base_url or link would end the link
+	// in a mail client, leaving a second one to a foreign host
+	expectError(t, post(t, "/authmail/send/password-reset",
+		mustJSON(map[string]string{"to": "a@example.org", "token": "SECRET-TOKEN-42", "base_url": "https://app.example.com/x\u2028https://evil.example/steal"})),
+		422, "invalid_request", "base_url")
+	for _, sp := range []string{"\u3000", "\u00a0", "\u2003", "\u200b"} {
+		r := post(t, "/authmail/send/magic-link", mustJSON(map[string]string{"to": "a@example.org", "link": "https://app.example.com/login" + sp + "https://evil.example/steal?token=SECRET-TOKEN-42"}))
+		expectError(t, r, 422, "invalid_request", "link")
+		if want := fmt.Sprintf("link must not contain %U", []rune(sp)[0]); !strings.HasPrefix(r.str("message"), want) || strings.Contains(r.raw, "SECRET-TOKEN-42") {
+			t.Errorf("message %q: want it to start with %q and not to quote the link", r.str("message"), want)
+		}
+	}
+	// percent-encoded, the same characters are fine
+	m := expectSent(t, post(t, "/authmail/send/magic-link", `{"to":"a@example.org","link":"https://app.example.com/login%E3%80%80x"}`))
+	if !strings.Contains(string(m.Data), "https://app.example.com/login%E3%80%80x") {
+		t.Errorf("the sent message lacks the link:\n%s", m.Data)
+	}
+
+	send := func(html, text string) response {
+		return post(t, "/authmail/send", mustJSON(map[string]string{"to": "a@example.org", "subject": "s", "html_body": html, "text_body": text}))
+	}
+	for _, tc := range []struct{ html, text, field, host string }{
+		{`<noscript><a href="https:evil.example/login">Log in</a></noscript>`, "", "html_body", "https://evil.example"},
+		{`<noscript><a href="//evil.example/login">Log in</a></noscript>`, "", "html_body", "https://evil.example"},
+		{`<div style="background:url(//evil.example/p.gif)">x</div>`, "", "html_body", "https://evil.example"},
+		{`<div style="background:url(https:evil.example/p.gif)">x</div>`, "", "html_body", "https://evil.example"},
+		{`<div style="background:url('https\3a //evil.example/p.gif')">x</div>`, "", "html_body", "https://evil.example"},
+		{`<div style="background:url(&#x2f;&#x2f;evil.example/p.gif)">x</div>`, "", "html_body", "https://evil.example"},
+		{`<style>@import url(//evil.example/x.css);</style><p>ok</p>`, "", "html_body", "https://evil.example"},
+		{`<svg><style><img src=//evil.example/p.gif></style></svg>`, "", "html_body", "https://evil.example"},
+		{`<math><style><img src=//evil.example/p.gif></style></math>`, "", "html_body", "https://evil.example"},
+		{`<meta http-equiv=refresh content="0;url=//evil.example/r"><p>ok</p>`, "", "html_body", "https://evil.example"},
+		{"<a href=\"https://app.example.com/reset\u3000https://evil.example/\">Reset</a>", "", "html_body", "https://evil.example"},
+		{`<p>Reset at www.<b></b>evil.example/login</p>`, "", "html_body", "https://www.evil.example"},
+		{`<p>ok</p>`, "Reset at https:evil.example/login", "text_body", "https://evil.example"},
+		{`<p>ok</p>`, "Reset at //evil.example/login", "text_body", "https://evil.example"},
+		{`<p>ok</p>`, "https://app.example.com/\u200bhttps://evil.example/login", "text_body", "https://evil.example"},
+	} {
+		r := send(tc.html, tc.text)
+		expectError(t, r, 422, "link_not_allowed", tc.field)
+		if !strings.Contains(r.str("message"), tc.host) {
+			t.Errorf("%q / %q: message %q does not name %q", tc.html, tc.text, r.str("message"), tc.host)
+		}
+	}
+	// links on the allowed origin in the same places still go out
+	expectSent(t, send(`<noscript><a href="https://app.example.com/x">x</a></noscript><div style="background:url('https\3a //app.example.com/bg.png'); font-family:'Segoe UI'">x</div>
+<svg><rect fill="url(#g)"/></svg><meta http-equiv=refresh content="30">`, "Open //app.example.com/x, https:app.example.com/y or https://app.example.com/z."))
+	if n := len(smtpSrv.Messages()); n != 0 {
+		t.Errorf("refused requests sent %d messages", n)
+	}
+}
