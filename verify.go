@@ -67,7 +67,8 @@ var (
 	}
 )
 
-// parseVerify decodes and validates a verification body.
+// parseVerifyOTP decodes and validates the body of /verify/otp; a
+// well-formed body still needs its challenge to be found.
 func parseVerifyOTP(body []byte) (*verifyOTPRequest, *apiError) {
 	var req verifyOTPRequest
 	if err := decodeJSON(body, &req); err != nil {
@@ -91,6 +92,7 @@ func parseVerifyOTP(body []byte) (*verifyOTPRequest, *apiError) {
 	return &req, nil
 }
 
+// parseVerifyToken decodes and validates the body of /verify/token.
 func parseVerifyToken(body []byte) (*verifyTokenRequest, *apiError) {
 	var req verifyTokenRequest
 	if err := decodeJSON(body, &req); err != nil {
@@ -182,9 +184,15 @@ func (h *Handler) serveVerify(w http.ResponseWriter, r *http.Request, rc *reques
 		return writeJSON(w, out.status, out.body)
 	}
 	rc.setStatus("verified", "")
+	// the purpose is a validated label, never the code; no address is logged
 	v := out.body.(verifiedResponse)
-	h.logger.Info("verified", zap.String("flow", rc.flow), zap.String("purpose", v.Purpose), zap.String("link_flow", v.Flow),
-		zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID))
+	fields := []zap.Field{zap.String("flow", rc.flow), zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID)}
+	if v.Purpose != "" {
+		fields = append(fields, zap.String("purpose", v.Purpose))
+	} else {
+		fields = append(fields, zap.String("link_flow", v.Flow))
+	}
+	h.logger.Info("verified", fields...)
 	return writeJSON(w, http.StatusOK, out.body)
 }
 
