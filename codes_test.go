@@ -481,18 +481,7 @@ func TestIssuedRecordsSurviveARestartAndExpireInTheJanitor(t *testing.T) {
 	st, body := verifyOTP(t, h2, challenge, code)
 	expectVerify(t, st, body, 200, `{"valid":true,"to":"jane@example.org","purpose":"login"}`)
 	ctx := context.Background()
-	count := func() int {
-		n := 0
-		for _, dir := range []string{"authmail/codes", "authmail/tokens"} {
-			keys, _ := h.engine.st.s.List(ctx, dir, true)
-			for _, k := range keys {
-				if info, err := h.engine.st.s.Stat(ctx, k); err == nil && info.IsTerminal {
-					n++
-				}
-			}
-		}
-		return n
-	}
+	count := func() int { return issuedRecords(t, h) }
 	if n := count(); n != 2 {
 		t.Fatalf("%d records, want 2", n)
 	}
@@ -624,5 +613,69 @@ func TestIssuedCodeIsUniform(t *testing.T) {
 	}
 	if tok := newToken(); len(tok) != 43 || strings.ContainsAny(tok, "+/=") {
 		t.Errorf("token %q", tok)
+	}
+}
+
+// issuedRecords counts the issued records in h's storage.
+func issuedRecords(t *testing.T, h *Handler) int {
+	ctx := context.Background()
+	n := 0
+	for _, dir := range []string{"authmail/codes", "authmail/tokens"} {
+		keys, _ := h.engine.st.s.List(ctx, dir, true)
+		for _, k := range keys {
+			if info, err := h.engine.st.s.Stat(ctx, k); err == nil && info.IsTerminal {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// TestIssuedValueIsWithdrawnWhenTheMessageIsNot checks that a send
+// refused with queue_full leaves no verifiable code or token behind.
+func TestIssuedValueIsWithdrawnWhenTheMessageIsNot(t *testing.T) {
+	port := smtptest.Silent(t)
+	srv := authServer(t, smtptest.StartTLS)
+	h := codesHandler(t, srv, func(h *Handler) {
+		h.SMTP.Port = port
+		h.Delivery.MaxQueued = 1
+	})
+	if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("u@example.org"), "Prefer: respond-async"); rec.Code != 202 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	for _, c := range []struct{ path, body string }{
+		{"/send/otp", `{"to":"jane@example.org","code":"auto"}`},
+		{"/send/magic-link", `{"to":"jane@example.org","token":"auto"}`},
+	} {
+		rec, out := call(t, h, "POST", "/authmail"+c.path, c.body, "Prefer: respond-async")
+		if rec.Code != 503 || out["error_code"] != "queue_full" || out["challenge_id"] != nil {
+			t.Fatalf("%s: %d %s", c.path, rec.Code, rec.Body)
+		}
+		if n := issuedRecords(t, h); n != 0 {
+			t.Fatalf("%s: %d issued records left after a refused send", c.path, n)
+		}
+	}
+}
+
+// TestIssuedCodeWithIdempotencyKey: a retry with the same key replays
+// the answer, challenge_id included, and sends no second code.
+func TestIssuedCodeWithIdempotencyKey(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := codesHandler(t, srv)
+	challenge, code := issueCode(t, h, srv, `{"to":"jane@example.org","code":"auto"}`, "Idempotency-Key: login-7")
+	rec, out := call(t, h, "POST", "/authmail/send/otp", `{"to":"jane@example.org","code":"auto"}`, "Idempotency-Key: login-7")
+	if rec.Code != 200 || rec.Header().Get("Idempotent-Replayed") != "true" || out["challenge_id"] != challenge {
+		t.Fatalf("replay: %d %s", rec.Code, rec.Body)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := len(srv.Messages()); n != 0 {
+		t.Fatalf("the replay sent %d messages", n)
+	}
+	st, body := verifyOTP(t, h, challenge, code)
+	expectVerify(t, st, body, 200, `{"valid":true,"to":"jane@example.org","purpose":"login"}`)
+	// a dry run issues nothing
+	rec, out = call(t, h, "POST", "/authmail/send/otp", `{"to":"jane@example.org","code":"auto"}`, "X-Dry-Run: 1")
+	if rec.Code != 200 || out["challenge_id"] != nil || issuedRecords(t, h) != 0 {
+		t.Fatalf("dry run: %d %s, %d records", rec.Code, rec.Body, issuedRecords(t, h))
 	}
 }
