@@ -679,3 +679,21 @@ func TestIssuedCodeWithIdempotencyKey(t *testing.T) {
 		t.Fatalf("dry run: %d %s, %d records", rec.Code, rec.Body, issuedRecords(t, h))
 	}
 }
+
+func TestStatusShowsCodesWithoutTheSecret(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	h := codesHandler(t, srv, func(h *Handler) { h.Keys[0].Allow = append(h.Keys[0].Allow, "status") })
+	rec, out := call(t, h, "GET", "/authmail/status", "")
+	if rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	if b, _ := json.Marshal(out["settings"].(map[string]any)["codes"]); string(b) != `{"alphabet":"0123456789","issue":false,"length":6}` {
+		t.Errorf("codes settings %s", b)
+	}
+	if !strings.Contains(rec.Body.String(), `"allow":["send","otp","magic-link","password-reset","verify-email","email-change","security-alert","verify","status"]`) {
+		t.Errorf("the verify permission is not shown: %s", rec.Body)
+	}
+	if strings.Contains(rec.Body.String(), unitCodesSecret) {
+		t.Errorf("/status shows the codes secret")
+	}
+}
