@@ -112,7 +112,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	for _, k := range h.keys {
 		ak := adminKey{ID: k.id, Rate: k.rate.String()}
-		for _, p := range append(slices.Clone(sendPerms), adminPerms...) {
+		for _, p := range slices.Concat(sendPerms, verifyPerms, adminPerms) {
 			if k.allow[p] {
 				ak.Allow = append(ak.Allow, p)
 			}
@@ -136,6 +136,11 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}
+	// issued codes: the settings, never the secret
+	st.Settings["codes"] = nil
+	if is := h.codes; is != nil {
+		st.Settings["codes"] = map[string]any{"issue": is.issue, "length": is.length, "alphabet": is.alphabet}
+	}
 	rc.setStatus("ok", "")
 	return writeJSON(w, http.StatusOK, st)
 }

@@ -63,8 +63,9 @@ const (
 // `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
 // `POST /send/password-reset`, `POST /send/verify-email`,
 // `POST /send/email-change`, `POST /send/security-alert`,
-// `GET /messages/{id}`, and for keys allowed to use them the admin
-// endpoints `GET /status` and `POST /test`.
+// `GET /messages/{id}`, for keys allowed to use them `POST /verify/otp`
+// and `POST /verify/token`, and the admin endpoints `GET /status` and
+// `POST /test`.
 //
 // Every accepted message is written to Caddy's storage before the answer,
 // delivered by a per-storage outbox engine with retries, and its state is
@@ -200,6 +201,11 @@ type Handler struct {
 	// must deliver to such hosts. Default: false.
 	AllowLocalRecipients bool `json:"allow_local_recipients,omitempty"`
 
+	// Codes lets authmail issue OTP codes and link tokens and check them
+	// at /verify/otp and /verify/token (see Codes). Default: unset, so
+	// callers supply every code and token.
+	Codes *Codes `json:"codes,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup
@@ -219,6 +225,7 @@ type Handler struct {
 	engine     *engine             // the outbox for this handler's storage
 	engineKey  string              // acquired enginePool key, released in Cleanup
 	dcfg       *engineConfig       // resolved delivery settings
+	codes      *issuer             // resolved codes; nil when not configured
 	// storageOverride replaces the storage in unit tests.
 	storageOverride certmagic.Storage
 }
@@ -328,9 +335,10 @@ type Key struct {
 	Secret string `json:"secret,omitempty"`
 
 	// Allow lists the endpoints the key may call: send, otp, magic-link,
-	// password-reset, verify-email, email-change, security-alert, and the
-	// admin endpoints status and test. Default: every send endpoint, no
-	// admin endpoint. Any key may read the status of its own messages.
+	// password-reset, verify-email, email-change, security-alert, verify
+	// (/verify/otp and /verify/token), and the admin endpoints status and
+	// test. Default: every send endpoint, neither verify nor an admin
+	// endpoint. Any key may read the status of its own messages.
 	Allow []string `json:"allow,omitempty"`
 
 	// Rate limits the key's requests, as "<n>/<duration>" or "off".
@@ -370,8 +378,9 @@ func tenantOf(hash [sha256.Size]byte) string {
 
 // Endpoint permissions of keys.
 var (
-	sendPerms  = []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
-	adminPerms = []string{"status", "test"}
+	sendPerms   = []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
+	verifyPerms = []string{"verify"}
+	adminPerms  = []string{"status", "test"}
 )
 
 // Rate defaults.
@@ -508,6 +517,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
+		return err
+	}
+	if h.codes, err = h.Codes.resolve(repl, h.logger); err != nil {
 		return err
 	}
 	storage := h.storageOverride
@@ -849,6 +861,11 @@ func (h *Handler) checkConfig() error {
 			return fmt.Errorf("delivery max_backoff (%s) must not be shorter than retry_backoff (%s); set both", maxB, retry)
 		}
 	}
+	if h.Codes != nil {
+		if err := h.Codes.check(); err != nil {
+			return err
+		}
+	}
 	for _, host := range h.WebhookAllowHosts {
 		if host == "" || strings.ContainsAny(host, "/ :@?#") && !strings.HasPrefix(host, "[") {
 			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give a host name or IP address", host)
@@ -986,10 +1003,10 @@ func checkKey(id, secret string) error {
 var recipientRateFlows = []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
 
 func checkPermission(p string) error {
-	if slices.Contains(sendPerms, p) || slices.Contains(adminPerms, p) {
+	if slices.Contains(sendPerms, p) || slices.Contains(verifyPerms, p) || slices.Contains(adminPerms, p) {
 		return nil
 	}
-	return fmt.Errorf("unknown endpoint '%s' in allow (expected %s)", p, strings.Join(append(slices.Clone(sendPerms), adminPerms...), ", "))
+	return fmt.Errorf("unknown endpoint '%s' in allow (expected %s)", p, strings.Join(slices.Concat(sendPerms, verifyPerms, adminPerms), ", "))
 }
 
 // checkOrigin validates an allow_origins entry: an https origin, or http

@@ -77,6 +77,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		recipient_rate [<flow>] <n>/<duration>|off
 //		log_recipients on|off
 //		allow_local_recipients on|off
+//		codes [issue] {
+//			secret <secret>
+//			length <n>
+//			alphabet <characters>
+//		}
 //	}
 //
 // Exactly one of smtp and capture is required, as are from and at least
@@ -390,6 +395,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.RecipientRate = map[string]string{}
 			}
 			h.RecipientRate[flow] = v
+
+		case "codes":
+			c, err := unmarshalCodes(d)
+			if err != nil {
+				return err
+			}
+			h.Codes = c
 
 		case "log_recipients":
 			v, err := oneArg()

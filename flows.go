@@ -44,6 +44,8 @@ const (
 	kindStatus
 	kindAdminStatus
 	kindTest
+	kindVerifyOTP
+	kindVerifyToken
 )
 
 // endpoint is one path of the API, relative to path_prefix.
@@ -91,6 +93,8 @@ func init() {
 		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert, perm: "security-alert"},
 		{path: "/status", flow: "status", kind: kindAdminStatus, perm: "status"},
 		{path: "/test", flow: "test", kind: kindTest, perm: "test"},
+		{path: "/verify/otp", flow: "verify-otp", kind: kindVerifyOTP, perm: "verify"},
+		{path: "/verify/token", flow: "verify-token", kind: kindVerifyToken, perm: "verify"},
 	} {
 		endpoints[e.path] = e
 	}
@@ -119,6 +123,7 @@ type otpRequest struct {
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	Code             string      `json:"code"`
+	Purpose          string      `json:"purpose"`
 	ExpiresInMinutes *int        `json:"expires_in_minutes"`
 }
 
@@ -154,6 +159,7 @@ type outMessage struct {
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
 	webhook              webhookState
+	issued               *issuedValue // a code or token authmail issued, stored on accept
 }
 
 // checkWebhook validates a request's webhook fields.
@@ -359,7 +365,14 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	if err != nil {
 		return nil, "", err
 	}
-	if err := checkCode(req.Code); err != nil {
+	auto, purpose, err := h.issueCode(req.Code, req.Purpose)
+	if err != nil {
+		return nil, "", err
+	}
+	code := req.Code
+	if auto {
+		code = h.codes.newCode()
+	} else if err := checkCode(req.Code); err != nil {
 		return nil, "", err
 	}
 	exp, err := checkExpiry(req.ExpiresInMinutes, ep.expiry)
@@ -367,10 +380,13 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 		return nil, "", err
 	}
 	d := h.newData(ep.flow, to, req.UserName, exp)
-	d.Code = req.Code
+	d.Code = code
 	m, err := h.compose(ep.flow, to, d)
 	if err != nil {
 		return nil, "", err
+	}
+	if auto {
+		m.issued = &issuedValue{otp: true, value: code, purpose: purpose, to: to.Addr, expiry: time.Duration(exp) * time.Minute}
 	}
 	return []*outMessage{m}, "", nil
 }
@@ -399,7 +415,15 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	if err != nil {
 		return nil, "", err
 	}
-	link, err := h.buildLink(ep.flow, req.Token, req.Link, req.BaseURL)
+	auto, err := h.issueToken(req.Token)
+	if err != nil {
+		return nil, "", err
+	}
+	token := req.Token
+	if auto {
+		token = newToken()
+	}
+	link, err := h.buildLink(ep.flow, token, req.Link, req.BaseURL)
 	if err != nil {
 		return nil, "", err
 	}
@@ -421,6 +445,9 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	m, err := h.compose(ep.flow, to, d)
 	if err != nil {
 		return nil, "", err
+	}
+	if auto {
+		m.issued = &issuedValue{value: token, flow: ep.flow, to: to.Addr, oldEmail: old.Addr, expiry: time.Duration(exp) * time.Minute}
 	}
 	msgs := []*outMessage{m}
 	if old.Addr != "" {

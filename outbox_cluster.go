@@ -429,6 +429,7 @@ func (e *engine) janitor(ctx context.Context) {
 			}
 		}
 	}
+	e.sweepIssued(ctx)
 	e.forgetStoppedInstances(ctx, now)
 	// segments that no instance owns and that have no state were written
 	// by a request that never got its answer (crash mid-accept). Any

@@ -25,6 +25,14 @@ import (
 //	authmail/dot/<instance>/<process> an engine's dot marks: the attempts whose
 //	                                 final dot may be in flight (outbox_dots.go)
 //	authmail/idem/<tenant>/<hash>    idempotency records, kept for idempotency_ttl
+//	authmail/codes/<tenant>/<slot>   an issued OTP code: its keyed hash, recipient,
+//	                                 purpose, expiry and wrong attempts; the slot is
+//	                                 a keyed hash of recipient and purpose, so a new
+//	                                 code replaces the old one; deleted when used,
+//	                                 or by the janitor an hour after it expired
+//	authmail/tokens/<tenant>/<hash>  an issued link token, under its keyed hash:
+//	                                 flow, recipient (and old address), expiry;
+//	                                 deleted like codes
 //
 // A message id is its batch id followed by two characters of index, so
 // every instance finds a message's state from its id alone.

@@ -107,6 +107,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindTest {
 		return h.serveTest(w, r, rc, body, dryRun)
 	}
+	if ep.kind == kindVerifyOTP || ep.kind == kindVerifyToken {
+		return h.serveVerify(w, r, rc, ep, key, body, dryRun)
+	}
 	msgs, skip, aerr := h.prepare(ep, body)
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
@@ -158,7 +161,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 				return resp
 			}
 		}
-		return h.submit(rc, msgs, envs, batch, pref)
+		return h.submitIssued(rc, key, msgs, envs, batch, pref)
 	}
 	var resp apiResponse
 	if hasIdem {
