@@ -491,6 +491,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if storage == nil {
 		storage = ctx.Storage()
 	}
+	if err := checkStorageOnce(storage); err != nil {
+		return err
+	}
 	iid, err := caddy.InstanceID()
 	if err != nil {
 		return fmt.Errorf("reading the instance id: %v", err)
