@@ -67,6 +67,13 @@ type caddyProc struct {
 // directory (so its own instance id), sharing the outbox storage given.
 func startCaddy(t *testing.T, name, dataDir, storage string, smtp *smtptest.Server) *caddyProc {
 	t.Helper()
+	return startCaddyOn(t, name, dataDir, "file_system "+storage, "4s", smtp)
+}
+
+// startCaddyOn is startCaddy with the authmail block's storage given as a
+// Caddyfile snippet ("file_system /dir", "redis { … }") and a lease.
+func startCaddyOn(t *testing.T, name, dataDir, storage, lease string, smtp *smtptest.Server) *caddyProc {
+	t.Helper()
 	bin := caddyBinary(t)
 	dir := filepath.Join(tmpDir, "procs", name+"-"+fmt.Sprint(time.Now().UnixNano()))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -95,16 +102,16 @@ http://127.0.0.1:%d {
 		key app {env.AUTHMAIL_IT_KEY} {
 			rate off
 		}
-		storage file_system %s
+		storage %s
 		delivery {
-			lease 4s
+			lease %s
 			retry_backoff 200ms
 			max_backoff 1s
 			drain_timeout 2s
 		}
 	}
 }
-`, freePort(t), p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage)
+`, freePort(t), p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage, lease)
 	cfgFile := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
