@@ -57,10 +57,13 @@ func freePort(t *testing.T) int {
 // caddyProc is a Caddy process running authmail.
 type caddyProc struct {
 	name string
-	cmd  *exec.Cmd
-	http int
-	log  string
-	done chan struct{}
+	// admin is the admin API's port, cfgFile the Caddyfile it runs
+	admin   int
+	cfgFile string
+	cmd     *exec.Cmd
+	http    int
+	log     string
+	done    chan struct{}
 }
 
 // startCaddy runs the built binary as an instance with its own data
@@ -79,7 +82,7 @@ func startCaddyOn(t *testing.T, name, dataDir, storage, lease string, smtp *smtp
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	p := &caddyProc{name: name, http: freePort(t), log: filepath.Join(dir, "caddy.log"), done: make(chan struct{})}
+	p := &caddyProc{name: name, admin: freePort(t), http: freePort(t), log: filepath.Join(dir, "caddy.log"), done: make(chan struct{})}
 	cfg := fmt.Sprintf(`{
 	admin localhost:%d
 	http_port %d
@@ -111,8 +114,9 @@ http://127.0.0.1:%d {
 		}
 	}
 }
-`, freePort(t), p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage, lease)
+`, p.admin, p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage, lease)
 	cfgFile := filepath.Join(dir, "Caddyfile")
+	p.cfgFile = cfgFile
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

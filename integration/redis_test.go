@@ -161,6 +161,41 @@ func TestRedisClusterDeliversOnceAndAnswersAlike(t *testing.T) {
 		t.Fatalf("30 identical idempotent requests over 3 instances made %d messages, want 1", n)
 	}
 	t.Logf("60 messages round robin delivered once each; 30 concurrent identical idempotent requests over 3 instances: one message, all answered in %s", took.Round(time.Millisecond))
+
+	// a reload loads the storage module anew and cleans up the old one
+	// (which closes its Redis client); the outbox goes on on the new one
+	reloadProc(t, procs[0])
+	srv.Reset()
+	after := sendQueued(t, procs[:1], "after-reload", 10)
+	states = finalStates(t, procs[0], after)
+	if unknown := deliveredOnce(t, srv, after, states); unknown != 0 {
+		t.Errorf("%d messages unknown after a reload", unknown)
+	}
+}
+
+// reloadProc makes p load its Caddyfile again through the admin API, forced
+// (Caddy skips a reload of an unchanged config otherwise).
+func reloadProc(t *testing.T, p *caddyProc) {
+	t.Helper()
+	cfg, err := os.ReadFile(p.cfgFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/load", p.admin), strings.NewReader(string(cfg)))
+	req.Header.Set("Content-Type", "text/caddyfile")
+	req.Header.Set("Cache-Control", "must-revalidate")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("reloading %s: %d %s", p.name, res.StatusCode, b)
+	}
+	// the reload closes the old server's keep-alive connections; a
+	// request written onto one of them at that moment is never read
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 }
 
 // TestRedisClusterAdoptsTheQueueOfAKilledInstance: an instance with
