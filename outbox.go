@@ -151,6 +151,9 @@ type batch struct {
 	writing    int // state writes in flight (a failed one until it is redone)
 	retired    bool
 	registered time.Time // when this engine took the batch on
+	// rewrite is set while the batch's last state write failed: the next
+	// one first checks that the batch is still this instance's
+	rewrite bool
 }
 
 // senderProfile names what a message is sent as and through: the From
@@ -1226,9 +1229,10 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		return false
 	}
 	type job struct {
-		b   *batch
-		bs  batchState
-		cbs []func(error)
+		b       *batch
+		bs      batchState
+		cbs     []func(error)
+		recheck bool
 	}
 	set := e.dirty
 	if urgentOnly {
@@ -1253,7 +1257,7 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		}
 		bs.Done = b.retired
 		b.writing++
-		jobs = append(jobs, job{b, bs, cbs})
+		jobs = append(jobs, job{b, bs, cbs, b.rewrite})
 	}
 	for _, j := range jobs {
 		delete(e.dirty, j.b)
@@ -1272,7 +1276,26 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
+			if j.recheck && e.lostToAdoption(ctx, j.b.id) {
+				// Why: a storage outage longer than the lease (every write
+				// failing meanwhile) lets another instance adopt the batch;
+				// it may already have delivered the messages and written
+				// their outcome, which this stale state would overwrite
+				// (a sent message shown as queued forever). The next
+				// heartbeat drops the batch here.
+				e.log().Warn("not writing a batch's state: another instance took the batch over while its writes failed", zap.String("batch", j.b.id))
+				e.mu.Lock()
+				j.b.writing--
+				e.mu.Unlock()
+				for _, cb := range j.cbs {
+					cb(errBatchAdopted)
+				}
+				return
+			}
 			err := e.st.putJSON(ctx, keySt+j.b.id, j.bs)
+			e.mu.Lock()
+			j.b.rewrite = err != nil
+			e.mu.Unlock()
 			if err != nil {
 				e.log().Error("writing message state to storage failed; retrying", zap.String("batch", j.b.id), zap.Error(err))
 				time.AfterFunc(time.Second, func() {
@@ -1298,6 +1321,18 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 	}
 	wg.Wait()
 	return true
+}
+
+// errBatchAdopted fails the waiters of a state write that was not made
+// because another instance adopted the batch.
+var errBatchAdopted = errors.New("another instance took the batch over")
+
+// lostToAdoption reports whether this instance's ownership marker of a
+// batch is gone (another instance moved it to itself). A storage error is
+// not an answer: the write is tried, and fails or succeeds on its own.
+func (e *engine) lostToAdoption(ctx context.Context, bid string) bool {
+	_, err := e.st.s.Stat(ctx, ownKey(e.iid, bid))
+	return isNotExist(err)
 }
 
 // retire deletes a finished batch's bodies and ownership marker and

@@ -436,7 +436,11 @@ func (e *engine) janitor(ctx context.Context) {
 	// listing error skips this pass: an incomplete view of the ownership
 	// markers would make live batches look orphaned.
 	owned := map[string]bool{}
-	owners, err := e.st.list(ctx, strings.TrimSuffix(keyOwn, "/"))
+	// the owners are the instances with a heartbeat or a marker directory,
+	// not the listing of authmail/own alone: the Redis module's directory
+	// index is not transactional and can lose an instance's directory
+	// from it while its markers remain
+	owners, err := e.st.instances(ctx)
 	if err != nil {
 		return
 	}

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/certmagic"
 	"github.com/google/uuid"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -24,7 +23,7 @@ import (
 // ahead and never reached their dot.
 func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 	t.Helper()
-	st := store{s: &certmagic.FileStorage{Path: storageDir}}
+	st := store{s: openStorage(t, storageDir)}
 	ctx := context.Background()
 	now := time.Now()
 	bid := newID(now.Add(-time.Minute))
@@ -93,6 +92,10 @@ func checkClaimedAheadOutcome(t *testing.T, h *Handler, srv *smtptest.Server, id
 }
 
 func TestRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
+	forEachStorage(t, testRestartRetriesClaimsWhoseDotWasNotSent)
+}
+
+func testRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	iid := instanceID(t, in)
@@ -103,6 +106,10 @@ func TestRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 }
 
 func TestAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
+	forEachStorage(t, testAdoptionRetriesClaimsWhoseDotWasNotSent)
+}
+
+func testAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	shared := t.TempDir()
 	dead := uuid.NewString()
@@ -118,7 +125,9 @@ func TestAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 // TestDotMarkIsDurableBeforeTheDot: when the server has the whole
 // message (its final dot included), the attempt's mark is already in
 // storage, under this process's record.
-func TestDotMarkIsDurableBeforeTheDot(t *testing.T) {
+func TestDotMarkIsDurableBeforeTheDot(t *testing.T) { forEachStorage(t, testDotMarkIsDurableBeforeTheDot) }
+
+func testDotMarkIsDurableBeforeTheDot(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	h := in.handler(withSMTP(t, srv))
