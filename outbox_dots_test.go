@@ -125,7 +125,9 @@ func testAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 // TestDotMarkIsDurableBeforeTheDot: when the server has the whole
 // message (its final dot included), the attempt's mark is already in
 // storage, under this process's record.
-func TestDotMarkIsDurableBeforeTheDot(t *testing.T) { forEachStorage(t, testDotMarkIsDurableBeforeTheDot) }
+func TestDotMarkIsDurableBeforeTheDot(t *testing.T) {
+	forEachStorage(t, testDotMarkIsDurableBeforeTheDot)
+}
 
 func testDotMarkIsDurableBeforeTheDot(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
