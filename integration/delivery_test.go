@@ -240,7 +240,7 @@ func TestBadConfigIsRefusedAndOldConfigKeepsRunning(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			c.StorageDir = storageFor(t)
-			res, err := http.Post(adminURL + "/load", "text/caddyfile", strings.NewReader(c.render()))
+			res, err := http.Post(adminURL+"/load", "text/caddyfile", strings.NewReader(c.render()))
 			if err != nil {
 				t.Fatal(err)
 			}
