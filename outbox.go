@@ -408,6 +408,7 @@ func (e *engine) shutdown() {
 	// recorded before it exits
 	close(e.stopCh)
 	e.loops.Wait()
+	e.dots.stop()
 	close(e.doneCh)
 }
 

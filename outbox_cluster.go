@@ -324,7 +324,7 @@ type recoveryRule struct {
 // A mark of an earlier attempt is stale: that attempt's outcome is
 // recorded.
 func (r recoveryRule) inDoubt(m msgState) bool {
-	if !r.dots.kept {
+	if !r.dots.kept || r.dots.broken {
 		return m.Status == stSending
 	}
 	attempt := m.Attempts

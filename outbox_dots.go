@@ -1,12 +1,16 @@
 package authmail
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"os"
 	"path"
 	"sync"
 	"time"
 
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -40,6 +44,16 @@ import (
 // Failure semantics: if the mark cannot be written, the dot is never
 // sent (the connection is closed inside DATA, which the server
 // discards), and the message is retried like any transient failure.
+//
+// The record is a log of snapshots, one JSON line each; the last complete
+// line is the record. On certmagic's file storage (Caddy's default) a
+// write appends a line to the record's file and syncs it, instead of
+// Store's new temporary file and rename per write: creating a file is
+// most of a durable write's cost there, and a mark is written for every
+// message. A torn last line (a crash inside the append) was never
+// acknowledged, so no dot depends on it and the line before it holds. The
+// file is rewritten with Store, as one line, once it grows past
+// dotLogMax. On every other storage a write Stores the one line.
 
 // dotRecord is the content of authmail/dot/<instance>/<process>. Each
 // start of an engine writes a record of its own (process is a nonce),
@@ -70,7 +84,20 @@ type dotMarks struct {
 	marks   map[string]int // written, or in the write in progress
 	pending []*dotReq
 	writing bool
+	log     *dotLog // the open record file on file storage; writeDots only
+	closed  bool    // the engine stopped: the last writeDots closes log
 }
+
+// dotLog is the record's file on certmagic's file storage, open for
+// appending.
+type dotLog struct {
+	path string
+	f    *os.File
+	size int64
+}
+
+// dotLogMax is the size past which the record's file is rewritten.
+const dotLogMax = 256 << 10
 
 func dotDir(instance string) string          { return keyDot + instance }
 func dotKey(instance, process string) string { return keyDot + instance + "/" + process }
@@ -108,6 +135,9 @@ func (e *engine) writeDots() {
 		d.pending = nil
 		if len(reqs) == 0 {
 			d.writing = false
+			if d.closed {
+				d.closeLog()
+			}
 			d.mu.Unlock()
 			return
 		}
@@ -119,9 +149,7 @@ func (e *engine) writeDots() {
 			rec.Marks[id] = a
 		}
 		d.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := e.st.putJSON(ctx, dotKey(e.iid, e.nonce), rec)
-		cancel()
+		err := e.writeDotRecord(rec)
 		if err != nil {
 			d.mu.Lock()
 			for _, r := range reqs {
@@ -138,6 +166,92 @@ func (e *engine) writeDots() {
 			r.done <- err
 		}
 	}
+}
+
+// writeDotRecord makes rec the record: appended to the record's file on
+// file storage, else Stored.
+func (e *engine) writeDotRecord(rec dotRecord) error {
+	line, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
+	key := dotKey(e.iid, e.nonce)
+	d := &e.dots
+	if fs := fileStorageOf(e.st.s); fs != nil {
+		path := fs.Filename(key)
+		if d.log != nil && (d.log.path != path || d.log.size+int64(len(line)) > dotLogMax) {
+			d.closeLog() // another storage after a reload, or time to rewrite
+		}
+		if d.log == nil {
+			// the one-line rewrite doubles as the file's creation
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			err := fs.Store(ctx, key, line)
+			cancel()
+			if err != nil {
+				return err
+			}
+			f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
+			if err != nil {
+				return nil // written; the next write tries to open it again
+			}
+			d.log = &dotLog{path: path, f: f, size: int64(len(line))}
+			return nil
+		}
+		if _, err := d.log.f.Write(line); err != nil {
+			d.closeLog()
+			return err
+		}
+		if err := d.log.f.Sync(); err != nil {
+			d.closeLog()
+			return err
+		}
+		d.log.size += int64(len(line))
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return e.st.s.Store(ctx, key, line)
+}
+
+// stop closes the record's file once no write is in progress.
+func (d *dotMarks) stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closed = true
+	if !d.writing {
+		d.closeLog()
+	}
+}
+
+func (d *dotMarks) closeLog() {
+	if d.log != nil {
+		_ = d.log.f.Close()
+		d.log = nil
+	}
+}
+
+// fileStorageOf returns the certmagic file storage under s, if that is
+// what it is.
+func fileStorageOf(s certmagic.Storage) *certmagic.FileStorage {
+	if l, ok := s.(*liveStorage); ok {
+		s = l.get()
+	}
+	fs, _ := s.(*certmagic.FileStorage)
+	return fs
+}
+
+// parseDotRecord reads a record: its last complete line.
+func parseDotRecord(b []byte) (dotRecord, error) {
+	var rec dotRecord
+	lines := bytes.Split(bytes.TrimRight(b, "\n"), []byte("\n"))
+	var err error
+	for i := len(lines) - 1; i >= 0; i-- {
+		if err = json.Unmarshal(lines[i], &rec); err == nil {
+			return rec, nil
+		}
+	}
+	return rec, fmt.Errorf("no complete dot record: %w", err)
 }
 
 // dropDot forgets a message's mark once its outcome is durable. The
@@ -158,14 +272,19 @@ func (e *engine) dropDot(id string, attempt int) {
 // claim: from then on an instance without any record is one that never
 // marked its dots (a version before marks).
 func (e *engine) startDots(ctx context.Context) error {
-	return e.st.putJSON(ctx, dotKey(e.iid, e.nonce), dotRecord{Instance: e.iid, Updated: time.Now(), Marks: map[string]int{}})
+	line, err := json.Marshal(dotRecord{Instance: e.iid, Updated: time.Now(), Marks: map[string]int{}})
+	if err != nil {
+		return err
+	}
+	return e.st.s.Store(ctx, dotKey(e.iid, e.nonce), append(line, '\n'))
 }
 
 // dotSet is what a recovery knows about an instance's dots.
 type dotSet struct {
 	marks map[dotMark]bool
-	// kept is false when the instance never wrote a record
-	kept bool
+	// kept is false when the instance never wrote a record; broken, when
+	// one of them cannot be read
+	kept, broken bool
 	// keys are the records read, other than this process's own
 	keys []string
 }
@@ -186,12 +305,21 @@ func (e *engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 			continue
 		}
 		set.kept = true
-		var rec dotRecord
-		if err := e.st.getJSON(ctx, k, &rec); err != nil {
+		b, err := e.st.s.Load(ctx, k)
+		if err != nil {
 			if isNotExist(err) {
 				continue
 			}
 			return set, err
+		}
+		rec, err := parseDotRecord(b)
+		if err != nil {
+			// a record's first line is written whole (Store) before any
+			// dot depends on it, so this is damage from outside: decide
+			// as for an instance that kept no marks
+			e.log().Error("an unreadable dot record; every message the instance was sending is taken to be in doubt", zap.String("key", k), zap.Error(err))
+			set.broken = true
+			continue
 		}
 		for id, a := range rec.Marks {
 			set.marks[dotMark{id, a}] = true

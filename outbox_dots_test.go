@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"github.com/google/uuid"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -136,8 +137,7 @@ func testDotMarkIsDurableBeforeTheDot(t *testing.T) {
 	var mu sync.Mutex
 	var seen []map[string]int
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error {
-		var rec dotRecord
-		err := h.engine.st.getJSON(context.Background(), dotKey(h.engine.instance(), h.engine.nonce), &rec)
+		rec, err := ownDotRecord(h.engine)
 		mu.Lock()
 		defer mu.Unlock()
 		if err != nil {
@@ -251,5 +251,75 @@ func TestRecoveryRule(t *testing.T) {
 		if (c.want == stUnknown) != (len(interrupted) == 1) {
 			t.Errorf("%s: %d interrupted", c.name, len(interrupted))
 		}
+	}
+}
+
+// ownDotRecord reads the engine's own dot record from storage.
+func ownDotRecord(e *engine) (dotRecord, error) {
+	b, err := e.st.s.Load(context.Background(), dotKey(e.instance(), e.nonce))
+	if err != nil {
+		return dotRecord{}, err
+	}
+	return parseDotRecord(b)
+}
+
+// TestDotRecordIsALog: on file storage the record's file grows by one
+// synced line per write and is rewritten as one line past dotLogMax; a
+// torn last line leaves the line before it as the record, and a file
+// nobody can read makes every message its instance was sending in doubt.
+func TestDotRecordIsALog(t *testing.T) {
+	dir := t.TempDir()
+	fs := &certmagic.FileStorage{Path: dir}
+	e := newEngine("test", newLiveStorage(fs), "inst")
+	for i := range 3 {
+		if err := e.writeDotRecord(dotRecord{Instance: "inst", Marks: map[string]int{fmt.Sprint("m", i): 1}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := fs.Filename(dotKey("inst", e.nonce))
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(b), "\n"); n != 3 {
+		t.Fatalf("%d lines after 3 writes:\n%s", n, b)
+	}
+	rec, err := ownDotRecord(e)
+	if err != nil || len(rec.Marks) != 1 || rec.Marks["m2"] != 1 {
+		t.Fatalf("record %+v %v, want the last write's", rec, err)
+	}
+	// a torn append: the line before it is the record
+	if err := os.WriteFile(path, append(b, []byte(`{"instance":"inst","marks":{"m9`)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if rec, err := parseDotRecord(append(b, []byte(`{"instance":"inst","marks":{"m9`)...)); err != nil || rec.Marks["m2"] != 1 {
+		t.Fatalf("after a torn line: %+v %v", rec, err)
+	}
+	// past dotLogMax the file is rewritten as one line
+	e.dots.closeLog()
+	big := map[string]int{}
+	for i := range 2000 {
+		big[fmt.Sprintf("%028d", i)] = 1
+	}
+	for range (dotLogMax / 60000) + 2 {
+		if err := e.writeDotRecord(dotRecord{Instance: "inst", Marks: big}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if info, err := os.Stat(path); err != nil || info.Size() > dotLogMax {
+		t.Fatalf("the record file is %d bytes (max %d): %v", info.Size(), dotLogMax, err)
+	}
+	// unreadable: in doubt like an instance that kept no marks
+	if err := os.WriteFile(path, []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := newEngine("test", newLiveStorage(fs), "other")
+	set, err := other.loadDots(context.Background(), "inst")
+	if err != nil || !set.broken {
+		t.Fatalf("%+v %v", set, err)
+	}
+	rule := recoveryRule{dots: set}
+	if !rule.inDoubt(msgState{ID: "x", Status: stSending, Attempts: 1}) || rule.inDoubt(msgState{ID: "x", Status: stQueued}) {
+		t.Error("a broken record must leave sending messages in doubt and queued ones not")
 	}
 }

@@ -648,8 +648,8 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 			t.Errorf("%s: %s", id, m.Status)
 		}
 	}
-	var rec dotRecord
-	if err := h.engine.st.getJSON(context.Background(), dotKey(h.engine.instance(), h.engine.nonce), &rec); err != nil {
+	rec, err := ownDotRecord(h.engine)
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range ids {
