@@ -96,7 +96,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 		st.ReplyTo = h.replyTo[0].Addr
 	}
 	for _, e := range endpointsInOrder() {
-		if e.perm != "" && !slices.Contains(adminPerms, e.perm) {
+		if listedFlow(flowNamed(e.flow)) {
 			st.Flows = append(st.Flows, e.flow)
 		}
 	}

@@ -378,9 +378,9 @@ func tenantOf(hash [sha256.Size]byte) string {
 
 // Endpoint permissions of keys.
 var (
-	sendPerms   = []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
-	verifyPerms = []string{"verify"}
-	adminPerms  = []string{"status", "test"}
+	sendPerms   = permsOf(permSend)
+	verifyPerms = permsOf(permVerify)
+	adminPerms  = permsOf(permAdmin)
 )
 
 // Rate defaults.
@@ -1000,7 +1000,7 @@ func checkKey(id, secret string) error {
 }
 
 // recipientRateFlows are the flows limited per recipient.
-var recipientRateFlows = []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
+var recipientRateFlows = flowNames(func(f *flowDef) bool { return f.recipientLimit })
 
 func checkPermission(p string) error {
 	if slices.Contains(sendPerms, p) || slices.Contains(verifyPerms, p) || slices.Contains(adminPerms, p) {

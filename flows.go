@@ -72,30 +72,119 @@ func (e *endpoint) allow() string {
 	return "POST"
 }
 
+// permGroup is the list of key permissions a flow's permission is in.
+type permGroup int
+
+const (
+	permNone   permGroup = iota // any key
+	permSend                    // the default of a key without allow
+	permVerify                  // /verify/*, only when allowed
+	permAdmin                   // /status and /test, only when allowed
+)
+
+// flowDef is one row of flowTable.
+type flowDef struct {
+	name  string // flow name: templates, logs, placeholders, recipient_rate and link keys
+	path  string // endpoint path relative to path_prefix
+	kind  endpointKind
+	perm  string // permission a key needs; "" for any key
+	group permGroup
+	// expiry is the default validity in minutes of the code or link; 0
+	// for flows without one.
+	expiry int
+	// link flows carry a link: `link <flow> <url>` and /verify/token
+	// accept their names, and a token becomes
+	// <base_url>/<linkPath>?token=<token> without a link template.
+	link     bool
+	linkPath string
+	// recipientLimit flows are limited per recipient (recipient_rate).
+	recipientLimit bool
+	// templates are the template names the flow renders, its own first
+	// (email-change also sends the notice to the old address).
+	templates []string
+}
+
+// flowTable is the one list of flows. The endpoints, the key
+// permissions (sendPerms, verifyPerms, adminPerms), the flows with a
+// recipient limit, the link flows, the templates and the flows of
+// /status all derive from it, so a new flow is one row here plus its
+// template files. The order is the documented order of permissions and
+// flows in error messages and /status.
+var flowTable = []*flowDef{
+	{name: "health", path: "/health", kind: kindHealth},
+	{name: "send", path: "/send", kind: kindSend, perm: "send", group: permSend},
+	{name: "otp", path: "/send/otp", kind: kindOTP, perm: "otp", group: permSend, expiry: 10,
+		recipientLimit: true, templates: []string{"otp"}},
+	{name: "magic-link", path: "/send/magic-link", kind: kindLink, perm: "magic-link", group: permSend, expiry: 15,
+		link: true, linkPath: "magic-link", recipientLimit: true, templates: []string{"magic-link"}},
+	{name: "password-reset", path: "/send/password-reset", kind: kindLink, perm: "password-reset", group: permSend, expiry: 60,
+		link: true, linkPath: "password-reset", recipientLimit: true, templates: []string{"password-reset"}},
+	{name: "verify-email", path: "/send/verify-email", kind: kindLink, perm: "verify-email", group: permSend, expiry: 1440,
+		link: true, linkPath: "verify-email", recipientLimit: true, templates: []string{"verify-email"}},
+	{name: "email-change", path: "/send/email-change", kind: kindLink, perm: "email-change", group: permSend, expiry: 1440,
+		link: true, linkPath: "email-change", recipientLimit: true, templates: []string{"email-change", "email-change-notice"}},
+	{name: "security-alert", path: "/send/security-alert", kind: kindAlert, perm: "security-alert", group: permSend,
+		recipientLimit: true, templates: []string{"security-alert"}},
+	{name: "status", path: "/status", kind: kindAdminStatus, perm: "status", group: permAdmin},
+	{name: "test", path: "/test", kind: kindTest, perm: "test", group: permAdmin},
+	{name: "verify-otp", path: "/verify/otp", kind: kindVerifyOTP, perm: "verify", group: permVerify},
+	{name: "verify-token", path: "/verify/token", kind: kindVerifyToken, perm: "verify", group: permVerify},
+	{name: "message-status", path: "/messages/", kind: kindStatus},
+}
+
+// flowNamed returns the row of a flow, or nil.
+func flowNamed(name string) *flowDef {
+	for _, f := range flowTable {
+		if f.name == name {
+			return f
+		}
+	}
+	return nil
+}
+
+// flowNames returns the names of the flows for which keep is true, in
+// table order.
+func flowNames(keep func(*flowDef) bool) []string {
+	var out []string
+	for _, f := range flowTable {
+		if keep(f) {
+			out = append(out, f.name)
+		}
+	}
+	return out
+}
+
+// permsOf returns the distinct permissions of a group, in table order.
+func permsOf(g permGroup) []string {
+	var out []string
+	for _, f := range flowTable {
+		if f.group == g && f.perm != "" && !slices.Contains(out, f.perm) {
+			out = append(out, f.perm)
+		}
+	}
+	return out
+}
+
+// listedFlow tells whether /status lists a flow: the endpoints a key
+// needs a permission for, except the admin ones.
+func listedFlow(f *flowDef) bool { return f.perm != "" && f.group != permAdmin }
+
 var endpoints = map[string]*endpoint{}
 
 // statusEndpoint serves GET /messages/{id}.
-var statusEndpoint = &endpoint{path: "/messages/", flow: "message-status", kind: kindStatus}
+var statusEndpoint *endpoint
 
 // linkFlows are the flows that carry a link; `link <flow> <url>` accepts
 // these names.
-var linkFlows = []string{"magic-link", "password-reset", "verify-email", "email-change"}
+var linkFlows = flowNames(func(f *flowDef) bool { return f.link })
 
 func init() {
-	for _, e := range []*endpoint{
-		{path: "/health", flow: "health", kind: kindHealth},
-		{path: "/send", flow: "send", kind: kindSend, perm: "send"},
-		{path: "/send/otp", flow: "otp", kind: kindOTP, expiry: 10, perm: "otp"},
-		{path: "/send/magic-link", flow: "magic-link", kind: kindLink, expiry: 15, perm: "magic-link"},
-		{path: "/send/password-reset", flow: "password-reset", kind: kindLink, expiry: 60, perm: "password-reset"},
-		{path: "/send/verify-email", flow: "verify-email", kind: kindLink, expiry: 1440, perm: "verify-email"},
-		{path: "/send/email-change", flow: "email-change", kind: kindLink, expiry: 1440, perm: "email-change"},
-		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert, perm: "security-alert"},
-		{path: "/status", flow: "status", kind: kindAdminStatus, perm: "status"},
-		{path: "/test", flow: "test", kind: kindTest, perm: "test"},
-		{path: "/verify/otp", flow: "verify-otp", kind: kindVerifyOTP, perm: "verify"},
-		{path: "/verify/token", flow: "verify-token", kind: kindVerifyToken, perm: "verify"},
-	} {
+	for _, f := range flowTable {
+		e := &endpoint{path: f.path, flow: f.name, kind: f.kind, expiry: f.expiry, perm: f.perm}
+		if f.kind == kindStatus {
+			statusEndpoint = e
+			continue
+		}
 		endpoints[e.path] = e
 	}
 }
@@ -501,15 +590,23 @@ func (h *Handler) buildLink(flow, token, link, baseURL string) (string, *apiErro
 		if err := h.checkOrigin("base_url", u); err != nil {
 			return "", err
 		}
-		return strings.TrimRight(baseURL, "/") + "/" + flow + "?token=" + esc, nil
+		return strings.TrimRight(baseURL, "/") + "/" + linkPathOf(flow) + "?token=" + esc, nil
 	}
 	if tpl := h.Links[flow]; tpl != "" {
 		return strings.ReplaceAll(tpl, "{token}", esc), nil
 	}
 	if h.baseURL != "" {
-		return h.baseURL + "/" + flow + "?token=" + esc, nil
+		return h.baseURL + "/" + linkPathOf(flow) + "?token=" + esc, nil
 	}
 	return "", invalid("token", "cannot be turned into a link: this server has no base_url and no link template for %s; configure `base_url <url>` or `link %s <url with {token}>`", flow, flow)
+}
+
+// linkPathOf is a link flow's default path below a base URL.
+func linkPathOf(flow string) string {
+	if f := flowNamed(flow); f != nil && f.linkPath != "" {
+		return f.linkPath
+	}
+	return flow
 }
 
 // checkOrigin accepts a caller-supplied URL only on an allowed origin:

@@ -23,10 +23,13 @@ var defaultTemplates embed.FS
 
 // templateFlows are the flows that have templates: the auth flows plus
 // the notice that email-change sends to the old address.
-var templateFlows = []string{
-	"otp", "magic-link", "password-reset", "verify-email",
-	"email-change", "email-change-notice", "security-alert",
-}
+var templateFlows = func() []string {
+	var out []string
+	for _, f := range flowTable {
+		out = append(out, f.templates...)
+	}
+	return out
+}()
 
 // templateFiles lists every file name a templates directory may hold.
 func templateFiles() []string {
