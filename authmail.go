@@ -131,6 +131,13 @@ type Handler struct {
 	// template fails the load. Default: the built-in templates only.
 	Templates string `json:"templates,omitempty"`
 
+	// Locale is the BCP 47 language tag (e.g. "ko", "de-AT") of templated
+	// messages whose request gives no locale, and the fallback of a
+	// requested locale without templates. Requested locales resolve as
+	// the tag, its parents (de-AT → de), this locale, en. Built in: en
+	// and ko. Default: "en".
+	Locale string `json:"locale,omitempty"`
+
 	// SecurityAlerts turns security-alert events on or off by name
 	// (password_changed, two_factor_enabled, two_factor_disabled,
 	// account_locked, new_login). Default: all on except new_login.
@@ -214,6 +221,7 @@ type Handler struct {
 	from       mailAddr
 	replyTo    []mailAddr
 	appName    string
+	locale     string // resolved default locale (canonical Locale, or en)
 	baseURL    string
 	baseOrigin string
 	prefix     string
@@ -487,6 +495,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	var err error
 	if h.tmpl, err = loadTemplates(h.Templates); err != nil {
+		return err
+	}
+	if err := h.provisionLocale(); err != nil {
 		return err
 	}
 
@@ -777,6 +788,9 @@ func (h *Handler) checkConfig() error {
 		}
 	}
 	if err := checkConfigText("app_name", h.AppName); err != nil {
+		return err
+	}
+	if err := checkConfigLocale(h.Locale); err != nil {
 		return err
 	}
 	if h.BaseURL != "" {

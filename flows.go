@@ -207,8 +207,14 @@ type sendRequest struct {
 	TextBody string      `json:"text_body"`
 }
 
+// localeField is accepted by every templated flow.
+type localeField struct {
+	Locale string `json:"locale"`
+}
+
 type otpRequest struct {
 	deliveryFields
+	localeField
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	Code             string      `json:"code"`
@@ -218,6 +224,7 @@ type otpRequest struct {
 
 type linkRequest struct {
 	deliveryFields
+	localeField
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	ExpiresInMinutes *int        `json:"expires_in_minutes"`
@@ -233,6 +240,7 @@ type emailChangeRequest struct {
 
 type securityAlertRequest struct {
 	deliveryFields
+	localeField
 	To         addressList `json:"to"`
 	UserName   string      `json:"user_name"`
 	Event      string      `json:"event"`
@@ -245,6 +253,7 @@ type securityAlertRequest struct {
 // outMessage is one message to render and deliver.
 type outMessage struct {
 	flow                 string
+	locale               string // the locale it was rendered in; "" for /send
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
 	webhook              webhookState
@@ -427,16 +436,17 @@ func (h *Handler) newData(flow string, to mailAddr, userName string, expiry int)
 	}
 }
 
-// compose renders a flow's templates into a message for one recipient.
-func (h *Handler) compose(flow string, to mailAddr, d *templateData) (*outMessage, *apiError) {
-	out, err := h.tmpl.render(flow, d)
+// compose renders a flow's templates into a message for one recipient,
+// in the locale resolved for the requested tag (canonical, "" for none).
+func (h *Handler) compose(flow, tag string, to mailAddr, d *templateData) (*outMessage, *apiError) {
+	out, loc, err := h.renderFlow(flow, tag, d)
 	if err != nil {
 		// templates passed the self-test at provision; a failure here is a bug
 		h.logger.Error("rendering template failed", zap.String("flow", flow), zap.Error(err))
 		return nil, &apiError{Status: http.StatusInternalServerError, Code: "internal_error",
 			Message: "the message could not be rendered; see the server log"}
 	}
-	return &outMessage{flow: flow, to: []mailAddr{to}, replyTo: h.replyTo,
+	return &outMessage{flow: flow, locale: loc, to: []mailAddr{to}, replyTo: h.replyTo,
 		subject: out.subject, text: out.text, html: out.html}, nil
 }
 
@@ -451,6 +461,10 @@ func (h *Handler) prepareOTP(ep *endpoint, body []byte) ([]*outMessage, string, 
 
 func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, string, *apiError) {
 	to, err := h.recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	tag, err := checkLocale(req.Locale)
 	if err != nil {
 		return nil, "", err
 	}
@@ -470,7 +484,7 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	}
 	d := h.newData(ep.flow, to, req.UserName, exp)
 	d.Code = code
-	m, err := h.compose(ep.flow, to, d)
+	m, err := h.compose(ep.flow, tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}
@@ -497,6 +511,10 @@ func (h *Handler) prepareLink(ep *endpoint, body []byte) ([]*outMessage, string,
 
 func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMessage, string, *apiError) {
 	to, err := h.recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	tag, err := checkLocale(req.Locale)
 	if err != nil {
 		return nil, "", err
 	}
@@ -531,7 +549,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	}
 	d := h.newData(ep.flow, to, req.UserName, exp)
 	d.Link = link
-	m, err := h.compose(ep.flow, to, d)
+	m, err := h.compose(ep.flow, tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}
@@ -543,7 +561,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 		old = withUserName(old, req.UserName)
 		nd := h.newData("email-change-notice", old, req.UserName, exp)
 		nd.NewEmail, nd.NewEmailMasked = to.Addr, maskAddress(to.Addr)
-		notice, err := h.compose("email-change-notice", old, nd)
+		notice, err := h.compose("email-change-notice", tag, old, nd)
 		if err != nil {
 			return nil, "", err
 		}
@@ -635,6 +653,10 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 	if err != nil {
 		return nil, "", err
 	}
+	tag, err := checkLocale(req.Locale)
+	if err != nil {
+		return nil, "", err
+	}
 	if req.Event == "" {
 		return nil, "", invalid("event", "is required")
 	}
@@ -668,11 +690,12 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 			return nil, "", invalid("occurred_at", "must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z")
 		}
 		d.OccurredAt = t.UTC().Format("2 January 2006, 15:04 UTC")
+		d.occurredAt = t.UTC() // OccurredAt in the message's locale
 	}
 	if !h.alertEnabled(req.Event) {
 		return nil, "event_disabled", nil
 	}
-	m, err := h.compose("security-alert", to, d)
+	m, err := h.compose("security-alert", tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}
