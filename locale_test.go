@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestParseLocale(t *testing.T) {
@@ -318,6 +320,28 @@ func TestRequestLocale(t *testing.T) {
 		h := &Handler{Locale: bad}
 		if err := checkConfigLocale(h.Locale); err == nil || !strings.HasPrefix(err.Error(), "locale ") {
 			t.Errorf("config locale %q: %v", bad, err)
+		}
+	}
+}
+
+func TestCaddyfileLocale(t *testing.T) {
+	base := "authmail {\n\tcapture /tmp/x\n\tfrom a@example.com\n\tkey app 0123456789abcdef0123\n"
+	h := &Handler{}
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(base + "\tlocale de-at\n}")); err != nil || h.Locale != "de-at" {
+		t.Fatalf("locale de-at: %v %q", err, h.Locale)
+	}
+	for in, want := range map[string]string{
+		"\tlocale\n":                 "wrong argument count",
+		"\tlocale ko de\n":           "wrong argument count",
+		"\tlocale ko_KR\n":           "locale must be a BCP 47 language tag such as ko or de-AT (subtags are separated by '-', not '_')",
+		"\tlocale xx\n":              "locale 'xx' is not a known language tag",
+		"\tlocale und\n":             "locale must name a language",
+		"\tlocale ko\n\tlocale en\n": "locale",
+	} {
+		h := &Handler{}
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(base + in + "}"))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: error %v, want one containing %q", in, err, want)
 		}
 	}
 }
