@@ -126,9 +126,11 @@ type Handler struct {
 
 	// Templates is a directory whose files override the built-in
 	// templates one by one (layout.html, layout.txt, and for each flow
-	// `<flow>.subject`, `<flow>.txt`, `<flow>.html`). Templates are parsed
-	// and rendered against sample data when the config loads, so a broken
-	// template fails the load. Default: the built-in templates only.
+	// `<flow>.subject`, `<flow>.txt`, `<flow>.html`), each also per
+	// language as `<name>.<locale>.<ext>` (otp.ko.subject). Templates are
+	// parsed and rendered against sample data, in every locale they are
+	// given in, when the config loads, so a broken template fails the
+	// load. Default: the built-in templates only (English and Korean).
 	Templates string `json:"templates,omitempty"`
 
 	// Locale is the BCP 47 language tag (e.g. "ko", "de-AT") of templated

@@ -608,18 +608,23 @@ func (h *Handler) buildLink(flow, token, link, baseURL string) (string, *apiErro
 		if err := h.checkOrigin("base_url", u); err != nil {
 			return "", err
 		}
-		return strings.TrimRight(baseURL, "/") + "/" + linkPathOf(flow) + "?token=" + esc, nil
+		return strings.TrimRight(baseURL, "/") + "/" + h.linkPath(flow) + "?token=" + esc, nil
 	}
 	if tpl := h.Links[flow]; tpl != "" {
 		return strings.ReplaceAll(tpl, "{token}", esc), nil
 	}
 	if h.baseURL != "" {
-		return h.baseURL + "/" + linkPathOf(flow) + "?token=" + esc, nil
+		return h.baseURL + "/" + h.linkPath(flow) + "?token=" + esc, nil
 	}
 	return "", invalid("token", "cannot be turned into a link: this server has no base_url and no link template for %s; configure `base_url <url>` or `link %s <url with {token}>`", flow, flow)
 }
 
-// linkPathOf is a link flow's default path below a base URL.
+// linkPath is a link flow's path below a base URL when a token becomes
+// a link without a link template.
+func (h *Handler) linkPath(flow string) string { return linkPathOf(flow) }
+
+// linkPathOf is a link flow's default path below a base URL (its
+// flowTable linkPath).
 func linkPathOf(flow string) string {
 	if f := flowNamed(flow); f != nil && f.linkPath != "" {
 		return f.linkPath
@@ -660,13 +665,13 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 	if req.Event == "" {
 		return nil, "", invalid("event", "is required")
 	}
-	ev, known := securityEvents[req.Event]
-	if !known {
+	if _, known := securityEvents[req.Event]; !known {
 		return nil, "", invalid("event", "must be one of %s", strings.Join(securityEventNames(), ", "))
 	}
 	d := h.newData("security-alert", to, req.UserName, 0)
 	d.ExpiresIn = ""
-	d.Event, d.EventTitle = req.Event, ev.title
+	// the title is the message locale's, filled when it is rendered
+	d.Event = req.Event
 	if req.IP != "" {
 		// no zone: "fe80::1%<anything>" would carry arbitrary text (line
 		// breaks included) into a trusted security alert

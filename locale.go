@@ -184,16 +184,16 @@ func koreanDate(t time.Time) string {
 }
 
 // localize fills the locale-dependent fields of d for loc: the validity
-// period from ExpiresInMinutes, the event title from Event and the date
-// from the time the alert gave. Fields without their source are left as
-// the caller set them.
+// period from ExpiresInMinutes, an empty event title from Event, and the
+// date from the time the alert gave. Fields without their source are
+// left as the caller set them.
 func localize(d *templateData, loc string) {
 	t := textFor(loc)
 	d.Locale = loc
 	if d.ExpiresInMinutes > 0 {
 		d.ExpiresIn = t.minutes(d.ExpiresInMinutes)
 	}
-	if _, known := securityEvents[d.Event]; known {
+	if _, known := securityEvents[d.Event]; known && d.EventTitle == "" {
 		d.EventTitle = t.eventTitle(d.Event)
 	}
 	if !d.occurredAt.IsZero() {

@@ -88,7 +88,7 @@ func sampleData(flow, event string) *templateData {
 		d.Code = "CODE-7731"
 	case "security-alert":
 		d.ExpiresInMinutes, d.ExpiresIn = 0, ""
-		d.Event, d.EventTitle = event, securityEvents[event].title
+		d.Event = event
 		d.IP, d.Location, d.UserAgent = "203.0.113.7", "서울 <KR>", "Firefox"
 		d.occurredAt = time.Date(2026, 12, 3, 15, 4, 0, 0, time.UTC)
 		d.OccurredAt = d.occurredAt.Format("2 January 2006, 15:04 UTC")
@@ -316,6 +316,15 @@ func TestRequestLocale(t *testing.T) {
 	if !strings.Contains(rec.Body.String(), `"locale":"ko"`) {
 		t.Errorf("default ko-KR: %s", rec.Body)
 	}
+	// /status shows the resolved default
+	h = provisionedHandler(t, func(h *Handler) { h.Locale = "KO-kr"; h.Keys[0].Allow = []string{"status"} })
+	rec, _ = serve(t, h, "GET", "/authmail/status", "", auth[0])
+	var st struct {
+		Settings map[string]any `json:"settings"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &st); err != nil || rec.Code != 200 || st.Settings["locale"] != "ko-KR" {
+		t.Errorf("/status locale: %d %v %s", rec.Code, err, rec.Body)
+	}
 	for _, bad := range []string{"ko_KR", "xx", "und", "x-private"} {
 		h := &Handler{Locale: bad}
 		if err := checkConfigLocale(h.Locale); err == nil || !strings.HasPrefix(err.Error(), "locale ") {
@@ -344,4 +353,45 @@ func TestCaddyfileLocale(t *testing.T) {
 			t.Errorf("%q: error %v, want one containing %q", in, err, want)
 		}
 	}
+}
+
+// FuzzLocales feeds arbitrary locale tags and hostile values through
+// resolution and the built-in templates of every locale: a tag is either
+// refused or resolves to a locale that has the flow, rendering never
+// fails, values never become markup, and the subject never depends on
+// the code or the link.
+func FuzzLocales(f *testing.F) {
+	for _, s := range []string{"ko", "KO-kr", "de-AT", "zh-Hant-TW", "en-US-u-co-phonebk-x-y", "ko_KR", "und", "x-foo", "i-klingon", "-", "ko-", "\u202eko"} {
+		f.Add(s, `<script>alert(1)</script>`, "SECRET-CODE-123", "https://app.example.com/x?t=SECRET-TOKEN")
+	}
+	set, err := loadTemplates("")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, tag, name, code, link string) {
+		loc, aerr := checkLocale(tag)
+		if aerr != nil {
+			if aerr.Field != "locale" || aerr.Status != 422 {
+				t.Fatalf("%q: %+v", tag, aerr)
+			}
+			return
+		}
+		for _, flow := range templateFlows {
+			d := &templateData{Flow: flow, AppName: name, UserName: name, Email: "a@example.com", Code: code, Link: link,
+				ExpiresInMinutes: 10, Event: "new_login", IP: name, UserAgent: name, Location: name,
+				NewEmail: name, NewEmailMasked: name, occurredAt: time.Unix(1, 0)}
+			out, used, err := set.renderIn(flow, loc, "ko", d)
+			if err != nil || (used != "en" && used != "ko") {
+				t.Fatalf("%s %q: locale %q, %v", flow, tag, used, err)
+			}
+			if strings.Contains(strings.ToLower(out.html), "<script") {
+				t.Fatalf("%s: markup from a value reached the HTML part", flow)
+			}
+			other := *d
+			other.Code, other.Link = "OTHER-CODE-7", "https://app.example.com/other?t=OTHER-TOKEN"
+			if out2, _, _ := set.renderIn(flow, loc, "ko", &other); out.subject != out2.subject {
+				t.Fatalf("%s: the code or the link reached the subject", flow)
+			}
+		}
+	})
 }
