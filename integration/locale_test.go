@@ -117,7 +117,7 @@ func TestKoreanMailThroughCaddy(t *testing.T) {
 				t.Errorf("answer locale %q", r.str("locale"))
 			}
 			checkKoreanMail(t, p, "[Example App] 보안 알림: "+want[0], "안녕하세요.", want[1], "2026년 12월 3일 오전 6:04 (UTC)",
-				"본인의 활동이 아니라면 즉시 비밀번호를 재설정하고 계정의 보안 설정을 확인해 주세요.")
+				"본인이 하신 것이 아니라면 즉시 비밀번호를 재설정하고 계정의 보안 설정을 확인해 주세요.")
 			if !strings.Contains(p.Text, "일시: 2026년 12월 3일 오전 6:04 (UTC)\nIP 주소: 203.0.113.9\n위치: 서울\n기기: Safari\n") {
 				t.Errorf("details:\n%s", p.Text)
 			}
