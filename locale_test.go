@@ -395,3 +395,58 @@ func FuzzLocales(f *testing.F) {
 		}
 	})
 }
+
+// TestFlowTable: the lists derived from flowTable are the ones the code
+// had before it (order included, which error messages and /status
+// show), and every templated flow has built-in English and Korean files.
+func TestFlowTable(t *testing.T) {
+	for name, tc := range map[string]struct{ got, want []string }{
+		"sendPerms":          {sendPerms, []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}},
+		"verifyPerms":        {verifyPerms, []string{"verify"}},
+		"adminPerms":         {adminPerms, []string{"status", "test"}},
+		"recipientRateFlows": {recipientRateFlows, []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}},
+		"linkFlows":          {linkFlows, []string{"magic-link", "password-reset", "verify-email", "email-change"}},
+		"templateFlows":      {templateFlows, []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "email-change-notice", "security-alert"}},
+	} {
+		if strings.Join(tc.got, " ") != strings.Join(tc.want, " ") {
+			t.Errorf("%s = %v, want %v", name, tc.got, tc.want)
+		}
+	}
+	want := map[string]struct {
+		kind   endpointKind
+		expiry int
+		perm   string
+	}{
+		"/health": {kindHealth, 0, ""}, "/send": {kindSend, 0, "send"}, "/send/otp": {kindOTP, 10, "otp"},
+		"/send/magic-link": {kindLink, 15, "magic-link"}, "/send/password-reset": {kindLink, 60, "password-reset"},
+		"/send/verify-email": {kindLink, 1440, "verify-email"}, "/send/email-change": {kindLink, 1440, "email-change"},
+		"/send/security-alert": {kindAlert, 0, "security-alert"}, "/status": {kindAdminStatus, 0, "status"},
+		"/test": {kindTest, 0, "test"}, "/verify/otp": {kindVerifyOTP, 0, "verify"}, "/verify/token": {kindVerifyToken, 0, "verify"},
+	}
+	if len(endpoints) != len(want) {
+		t.Errorf("%d endpoints, want %d", len(endpoints), len(want))
+	}
+	for path, w := range want {
+		e := endpoints[path]
+		if e == nil || e.kind != w.kind || e.expiry != w.expiry || e.perm != w.perm || e.flow != strings.TrimPrefix(strings.TrimPrefix(path, "/send/"), "/") && path != "/verify/otp" && path != "/verify/token" {
+			t.Errorf("endpoint %s = %+v, want %+v", path, e, w)
+		}
+	}
+	if statusEndpoint == nil || statusEndpoint.path != "/messages/" || statusEndpoint.kind != kindStatus || statusEndpoint.perm != "" {
+		t.Errorf("statusEndpoint = %+v", statusEndpoint)
+	}
+	for _, flow := range linkFlows {
+		if linkPathOf(flow) != flow {
+			t.Errorf("default link path of %s = %q", flow, linkPathOf(flow))
+		}
+	}
+	for _, flow := range templateFlows {
+		for _, loc := range []string{"", ".ko"} {
+			for _, ext := range []string{".subject", ".txt", ".html"} {
+				if _, err := defaultTemplates.ReadFile("templates/" + flow + loc + ext); err != nil {
+					t.Errorf("no built-in %s%s%s", flow, loc, ext)
+				}
+			}
+		}
+	}
+}
