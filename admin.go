@@ -96,7 +96,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 		st.ReplyTo = h.replyTo[0].Addr
 	}
 	for _, e := range endpointsInOrder() {
-		if e.perm != "" && !slices.Contains(adminPerms, e.perm) {
+		if listedFlow(flowNamed(e.flow)) {
 			st.Flows = append(st.Flows, e.flow)
 		}
 	}
@@ -136,6 +136,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}
+	st.Settings["locale"] = h.locale // the default locale of templated messages
 	// issued codes: the settings, never the secret
 	st.Settings["codes"] = nil
 	if is := h.codes; is != nil {

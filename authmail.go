@@ -126,10 +126,19 @@ type Handler struct {
 
 	// Templates is a directory whose files override the built-in
 	// templates one by one (layout.html, layout.txt, and for each flow
-	// `<flow>.subject`, `<flow>.txt`, `<flow>.html`). Templates are parsed
-	// and rendered against sample data when the config loads, so a broken
-	// template fails the load. Default: the built-in templates only.
+	// `<flow>.subject`, `<flow>.txt`, `<flow>.html`), each also per
+	// language as `<name>.<locale>.<ext>` (otp.ko.subject). Templates are
+	// parsed and rendered against sample data, in every locale they are
+	// given in, when the config loads, so a broken template fails the
+	// load. Default: the built-in templates only (English and Korean).
 	Templates string `json:"templates,omitempty"`
+
+	// Locale is the BCP 47 language tag (e.g. "ko", "de-AT") of templated
+	// messages whose request gives no locale, and the fallback of a
+	// requested locale without templates. Requested locales resolve as
+	// the tag, its parents (de-AT → de), this locale, en. Built in: en
+	// and ko. Default: "en".
+	Locale string `json:"locale,omitempty"`
 
 	// SecurityAlerts turns security-alert events on or off by name
 	// (password_changed, two_factor_enabled, two_factor_disabled,
@@ -214,6 +223,7 @@ type Handler struct {
 	from       mailAddr
 	replyTo    []mailAddr
 	appName    string
+	locale     string // resolved default locale (canonical Locale, or en)
 	baseURL    string
 	baseOrigin string
 	prefix     string
@@ -378,9 +388,9 @@ func tenantOf(hash [sha256.Size]byte) string {
 
 // Endpoint permissions of keys.
 var (
-	sendPerms   = []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
-	verifyPerms = []string{"verify"}
-	adminPerms  = []string{"status", "test"}
+	sendPerms   = permsOf(permSend)
+	verifyPerms = permsOf(permVerify)
+	adminPerms  = permsOf(permAdmin)
 )
 
 // Rate defaults.
@@ -487,6 +497,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	var err error
 	if h.tmpl, err = loadTemplates(h.Templates); err != nil {
+		return err
+	}
+	if err := h.provisionLocale(); err != nil {
 		return err
 	}
 
@@ -790,6 +803,9 @@ func (h *Handler) checkConfig() error {
 	if err := checkConfigText("app_name", h.AppName); err != nil {
 		return err
 	}
+	if err := checkConfigLocale(h.Locale); err != nil {
+		return err
+	}
 	if h.BaseURL != "" {
 		if err := checkBaseURL(h.BaseURL); err != nil {
 			return err
@@ -1011,7 +1027,7 @@ func checkKey(id, secret string) error {
 }
 
 // recipientRateFlows are the flows limited per recipient.
-var recipientRateFlows = []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
+var recipientRateFlows = flowNames(func(f *flowDef) bool { return f.recipientLimit })
 
 func checkPermission(p string) error {
 	if slices.Contains(sendPerms, p) || slices.Contains(verifyPerms, p) || slices.Contains(adminPerms, p) {

@@ -45,6 +45,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		from <address> [<display name>]
 //		reply_to <address>
 //		app_name <name>
+//		locale <BCP 47 tag>
 //		base_url <url>
 //		link <flow> <url template with {token}>
 //		key <id> <secret|sha256:<hex>> [{
@@ -178,6 +179,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := checkConfigText("app_name", h.AppName); err != nil {
 				return d.WrapErr(err)
 			}
+
+		case "locale":
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if err := checkConfigLocale(v); err != nil {
+				return d.WrapErr(err)
+			}
+			h.Locale = v
 
 		case "base_url":
 			v, err := oneArg()

@@ -339,14 +339,14 @@ func issuedOf(msgs []*outMessage) *issuedValue {
 func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
 	v := issuedOf(msgs)
 	if v == nil {
-		return h.submit(rc, msgs, envs, batch, pref)
+		return withLocale(h.submit(rc, msgs, envs, batch, pref), msgs)
 	}
 	challenge, withdraw, err := h.storeIssued(context.Background(), key.tenant, v)
 	if err != nil {
 		h.logger.Error("storing an issued code or token failed", zap.String("flow", msgs[0].flow), zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the code or token could not be written to storage; nothing was sent, retry later")
 	}
-	resp := h.submit(rc, msgs, envs, batch, pref)
+	resp := withLocale(h.submit(rc, msgs, envs, batch, pref), msgs)
 	if !resp.created {
 		withdraw()
 		return resp

@@ -72,30 +72,119 @@ func (e *endpoint) allow() string {
 	return "POST"
 }
 
+// permGroup is the list of key permissions a flow's permission is in.
+type permGroup int
+
+const (
+	permNone   permGroup = iota // any key
+	permSend                    // the default of a key without allow
+	permVerify                  // /verify/*, only when allowed
+	permAdmin                   // /status and /test, only when allowed
+)
+
+// flowDef is one row of flowTable.
+type flowDef struct {
+	name  string // flow name: templates, logs, placeholders, recipient_rate and link keys
+	path  string // endpoint path relative to path_prefix
+	kind  endpointKind
+	perm  string // permission a key needs; "" for any key
+	group permGroup
+	// expiry is the default validity in minutes of the code or link; 0
+	// for flows without one.
+	expiry int
+	// link flows carry a link: `link <flow> <url>` and /verify/token
+	// accept their names, and a token becomes
+	// <base_url>/<linkPath>?token=<token> without a link template.
+	link     bool
+	linkPath string
+	// recipientLimit flows are limited per recipient (recipient_rate).
+	recipientLimit bool
+	// templates are the template names the flow renders, its own first
+	// (email-change also sends the notice to the old address).
+	templates []string
+}
+
+// flowTable is the one list of flows. The endpoints, the key
+// permissions (sendPerms, verifyPerms, adminPerms), the flows with a
+// recipient limit, the link flows, the templates and the flows of
+// /status all derive from it, so a new flow is one row here plus its
+// template files. The order is the documented order of permissions and
+// flows in error messages and /status.
+var flowTable = []*flowDef{
+	{name: "health", path: "/health", kind: kindHealth},
+	{name: "send", path: "/send", kind: kindSend, perm: "send", group: permSend},
+	{name: "otp", path: "/send/otp", kind: kindOTP, perm: "otp", group: permSend, expiry: 10,
+		recipientLimit: true, templates: []string{"otp"}},
+	{name: "magic-link", path: "/send/magic-link", kind: kindLink, perm: "magic-link", group: permSend, expiry: 15,
+		link: true, linkPath: "magic-link", recipientLimit: true, templates: []string{"magic-link"}},
+	{name: "password-reset", path: "/send/password-reset", kind: kindLink, perm: "password-reset", group: permSend, expiry: 60,
+		link: true, linkPath: "password-reset", recipientLimit: true, templates: []string{"password-reset"}},
+	{name: "verify-email", path: "/send/verify-email", kind: kindLink, perm: "verify-email", group: permSend, expiry: 1440,
+		link: true, linkPath: "verify-email", recipientLimit: true, templates: []string{"verify-email"}},
+	{name: "email-change", path: "/send/email-change", kind: kindLink, perm: "email-change", group: permSend, expiry: 1440,
+		link: true, linkPath: "email-change", recipientLimit: true, templates: []string{"email-change", "email-change-notice"}},
+	{name: "security-alert", path: "/send/security-alert", kind: kindAlert, perm: "security-alert", group: permSend,
+		recipientLimit: true, templates: []string{"security-alert"}},
+	{name: "status", path: "/status", kind: kindAdminStatus, perm: "status", group: permAdmin},
+	{name: "test", path: "/test", kind: kindTest, perm: "test", group: permAdmin},
+	{name: "verify-otp", path: "/verify/otp", kind: kindVerifyOTP, perm: "verify", group: permVerify},
+	{name: "verify-token", path: "/verify/token", kind: kindVerifyToken, perm: "verify", group: permVerify},
+	{name: "message-status", path: "/messages/", kind: kindStatus},
+}
+
+// flowNamed returns the row of a flow, or nil.
+func flowNamed(name string) *flowDef {
+	for _, f := range flowTable {
+		if f.name == name {
+			return f
+		}
+	}
+	return nil
+}
+
+// flowNames returns the names of the flows for which keep is true, in
+// table order.
+func flowNames(keep func(*flowDef) bool) []string {
+	var out []string
+	for _, f := range flowTable {
+		if keep(f) {
+			out = append(out, f.name)
+		}
+	}
+	return out
+}
+
+// permsOf returns the distinct permissions of a group, in table order.
+func permsOf(g permGroup) []string {
+	var out []string
+	for _, f := range flowTable {
+		if f.group == g && f.perm != "" && !slices.Contains(out, f.perm) {
+			out = append(out, f.perm)
+		}
+	}
+	return out
+}
+
+// listedFlow tells whether /status lists a flow: the endpoints a key
+// needs a permission for, except the admin ones.
+func listedFlow(f *flowDef) bool { return f.perm != "" && f.group != permAdmin }
+
 var endpoints = map[string]*endpoint{}
 
 // statusEndpoint serves GET /messages/{id}.
-var statusEndpoint = &endpoint{path: "/messages/", flow: "message-status", kind: kindStatus}
+var statusEndpoint *endpoint
 
 // linkFlows are the flows that carry a link; `link <flow> <url>` accepts
 // these names.
-var linkFlows = []string{"magic-link", "password-reset", "verify-email", "email-change"}
+var linkFlows = flowNames(func(f *flowDef) bool { return f.link })
 
 func init() {
-	for _, e := range []*endpoint{
-		{path: "/health", flow: "health", kind: kindHealth},
-		{path: "/send", flow: "send", kind: kindSend, perm: "send"},
-		{path: "/send/otp", flow: "otp", kind: kindOTP, expiry: 10, perm: "otp"},
-		{path: "/send/magic-link", flow: "magic-link", kind: kindLink, expiry: 15, perm: "magic-link"},
-		{path: "/send/password-reset", flow: "password-reset", kind: kindLink, expiry: 60, perm: "password-reset"},
-		{path: "/send/verify-email", flow: "verify-email", kind: kindLink, expiry: 1440, perm: "verify-email"},
-		{path: "/send/email-change", flow: "email-change", kind: kindLink, expiry: 1440, perm: "email-change"},
-		{path: "/send/security-alert", flow: "security-alert", kind: kindAlert, perm: "security-alert"},
-		{path: "/status", flow: "status", kind: kindAdminStatus, perm: "status"},
-		{path: "/test", flow: "test", kind: kindTest, perm: "test"},
-		{path: "/verify/otp", flow: "verify-otp", kind: kindVerifyOTP, perm: "verify"},
-		{path: "/verify/token", flow: "verify-token", kind: kindVerifyToken, perm: "verify"},
-	} {
+	for _, f := range flowTable {
+		e := &endpoint{path: f.path, flow: f.name, kind: f.kind, expiry: f.expiry, perm: f.perm}
+		if f.kind == kindStatus {
+			statusEndpoint = e
+			continue
+		}
 		endpoints[e.path] = e
 	}
 }
@@ -118,8 +207,14 @@ type sendRequest struct {
 	TextBody string      `json:"text_body"`
 }
 
+// localeField is accepted by every templated flow.
+type localeField struct {
+	Locale string `json:"locale"`
+}
+
 type otpRequest struct {
 	deliveryFields
+	localeField
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	Code             string      `json:"code"`
@@ -129,6 +224,7 @@ type otpRequest struct {
 
 type linkRequest struct {
 	deliveryFields
+	localeField
 	To               addressList `json:"to"`
 	UserName         string      `json:"user_name"`
 	ExpiresInMinutes *int        `json:"expires_in_minutes"`
@@ -144,6 +240,7 @@ type emailChangeRequest struct {
 
 type securityAlertRequest struct {
 	deliveryFields
+	localeField
 	To         addressList `json:"to"`
 	UserName   string      `json:"user_name"`
 	Event      string      `json:"event"`
@@ -156,6 +253,7 @@ type securityAlertRequest struct {
 // outMessage is one message to render and deliver.
 type outMessage struct {
 	flow                 string
+	locale               string // the locale it was rendered in; "" for /send
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
 	webhook              webhookState
@@ -338,16 +436,17 @@ func (h *Handler) newData(flow string, to mailAddr, userName string, expiry int)
 	}
 }
 
-// compose renders a flow's templates into a message for one recipient.
-func (h *Handler) compose(flow string, to mailAddr, d *templateData) (*outMessage, *apiError) {
-	out, err := h.tmpl.render(flow, d)
+// compose renders a flow's templates into a message for one recipient,
+// in the locale resolved for the requested tag (canonical, "" for none).
+func (h *Handler) compose(flow, tag string, to mailAddr, d *templateData) (*outMessage, *apiError) {
+	out, loc, err := h.renderFlow(flow, tag, d)
 	if err != nil {
 		// templates passed the self-test at provision; a failure here is a bug
 		h.logger.Error("rendering template failed", zap.String("flow", flow), zap.Error(err))
 		return nil, &apiError{Status: http.StatusInternalServerError, Code: "internal_error",
 			Message: "the message could not be rendered; see the server log"}
 	}
-	return &outMessage{flow: flow, to: []mailAddr{to}, replyTo: h.replyTo,
+	return &outMessage{flow: flow, locale: loc, to: []mailAddr{to}, replyTo: h.replyTo,
 		subject: out.subject, text: out.text, html: out.html}, nil
 }
 
@@ -362,6 +461,10 @@ func (h *Handler) prepareOTP(ep *endpoint, body []byte) ([]*outMessage, string, 
 
 func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, string, *apiError) {
 	to, err := h.recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	tag, err := checkLocale(req.Locale)
 	if err != nil {
 		return nil, "", err
 	}
@@ -381,7 +484,7 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	}
 	d := h.newData(ep.flow, to, req.UserName, exp)
 	d.Code = code
-	m, err := h.compose(ep.flow, to, d)
+	m, err := h.compose(ep.flow, tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}
@@ -408,6 +511,10 @@ func (h *Handler) prepareLink(ep *endpoint, body []byte) ([]*outMessage, string,
 
 func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMessage, string, *apiError) {
 	to, err := h.recipient(req.To, req.UserName)
+	if err != nil {
+		return nil, "", err
+	}
+	tag, err := checkLocale(req.Locale)
 	if err != nil {
 		return nil, "", err
 	}
@@ -442,7 +549,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	}
 	d := h.newData(ep.flow, to, req.UserName, exp)
 	d.Link = link
-	m, err := h.compose(ep.flow, to, d)
+	m, err := h.compose(ep.flow, tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}
@@ -454,7 +561,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 		old = withUserName(old, req.UserName)
 		nd := h.newData("email-change-notice", old, req.UserName, exp)
 		nd.NewEmail, nd.NewEmailMasked = to.Addr, maskAddress(to.Addr)
-		notice, err := h.compose("email-change-notice", old, nd)
+		notice, err := h.compose("email-change-notice", tag, old, nd)
 		if err != nil {
 			return nil, "", err
 		}
@@ -501,15 +608,28 @@ func (h *Handler) buildLink(flow, token, link, baseURL string) (string, *apiErro
 		if err := h.checkOrigin("base_url", u); err != nil {
 			return "", err
 		}
-		return strings.TrimRight(baseURL, "/") + "/" + flow + "?token=" + esc, nil
+		return strings.TrimRight(baseURL, "/") + "/" + h.linkPath(flow) + "?token=" + esc, nil
 	}
 	if tpl := h.Links[flow]; tpl != "" {
 		return strings.ReplaceAll(tpl, "{token}", esc), nil
 	}
 	if h.baseURL != "" {
-		return h.baseURL + "/" + flow + "?token=" + esc, nil
+		return h.baseURL + "/" + h.linkPath(flow) + "?token=" + esc, nil
 	}
 	return "", invalid("token", "cannot be turned into a link: this server has no base_url and no link template for %s; configure `base_url <url>` or `link %s <url with {token}>`", flow, flow)
+}
+
+// linkPath is a link flow's path below a base URL when a token becomes
+// a link without a link template.
+func (h *Handler) linkPath(flow string) string { return linkPathOf(flow) }
+
+// linkPathOf is a link flow's default path below a base URL (its
+// flowTable linkPath).
+func linkPathOf(flow string) string {
+	if f := flowNamed(flow); f != nil && f.linkPath != "" {
+		return f.linkPath
+	}
+	return flow
 }
 
 // checkOrigin accepts a caller-supplied URL only on an allowed origin:
@@ -538,16 +658,20 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 	if err != nil {
 		return nil, "", err
 	}
+	tag, err := checkLocale(req.Locale)
+	if err != nil {
+		return nil, "", err
+	}
 	if req.Event == "" {
 		return nil, "", invalid("event", "is required")
 	}
-	ev, known := securityEvents[req.Event]
-	if !known {
+	if _, known := securityEvents[req.Event]; !known {
 		return nil, "", invalid("event", "must be one of %s", strings.Join(securityEventNames(), ", "))
 	}
 	d := h.newData("security-alert", to, req.UserName, 0)
 	d.ExpiresIn = ""
-	d.Event, d.EventTitle = req.Event, ev.title
+	// the title is the message locale's, filled when it is rendered
+	d.Event = req.Event
 	if req.IP != "" {
 		// no zone: "fe80::1%<anything>" would carry arbitrary text (line
 		// breaks included) into a trusted security alert
@@ -571,11 +695,12 @@ func (h *Handler) composeAlert(req *securityAlertRequest) ([]*outMessage, string
 			return nil, "", invalid("occurred_at", "must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z")
 		}
 		d.OccurredAt = t.UTC().Format("2 January 2006, 15:04 UTC")
+		d.occurredAt = t.UTC() // OccurredAt in the message's locale
 	}
 	if !h.alertEnabled(req.Event) {
 		return nil, "event_disabled", nil
 	}
-	m, err := h.compose("security-alert", to, d)
+	m, err := h.compose("security-alert", tag, to, d)
 	if err != nil {
 		return nil, "", err
 	}

@@ -117,6 +117,15 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"a@example.com","user_name":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","code":"1"}`,
 		`{"to":"a@example.com","subject":"` + strings.Repeat("a", 998) + `","text_body":"b"}`,
 		`{"to":"user@[127.0.0.1]","cc":"b@localhost","code":"1"}`,
+		`{"to":"a@example.com","code":"1","user_name":"홍길동","locale":"ko"}`,
+		`{"to":"a@example.com","token":"t0k","old_email":"old@example.com","locale":"de-AT"}`,
+		`{"to":"a@example.com","event":"account_locked","occurred_at":"2026-12-03T15:04:05Z","locale":"KO-kr"}`,
+		`{"to":"a@example.com","link":"https://app.example.com/x","locale":"ko_KR"}`,
+		`{"to":"a@example.com","code":"1","locale":"en-US-u-co-phonebk-x-\r\nBcc"}`,
+		`{"to":"a@example.com","code":"1","locale":"xx-YY"}`,
+		`{"to":"a@example.com","code":"1","locale":"i-klingon"}`,
+		`{"to":"a@example.com","code":"1","locale":"` + strings.Repeat("a-", 40) + `"}`,
+		`{"to":"a@example.com","subject":"s","text_body":"b","locale":"ko"}`,
 	} {
 		f.Add(s)
 	}
