@@ -201,6 +201,17 @@ type Handler struct {
 	// must deliver to such hosts. Default: false.
 	AllowLocalRecipients bool `json:"allow_local_recipients,omitempty"`
 
+	// Compat "authmail-relay" makes the handler answer as authmail-relay
+	// did wherever the two differ: a send with a webhook_url is answered
+	// at once with 200 {"sent":false,"status":"accepted"} and reported by
+	// webhook (which needs no secret); webhooks carry the relay's payload
+	// (status "delivered", refused, error_code null, sent_at with
+	// +00:00); magic links built from base_url go to
+	// <base_url>/set-password?token=; templated mail defaults to Korean;
+	// error answers add FastAPI's "detail". Default: none, authmail's own
+	// behaviour.
+	Compat string `json:"compat,omitempty"`
+
 	// Codes lets authmail issue OTP codes and link tokens and check them
 	// at /verify/otp and /verify/token (see Codes). Default: unset, so
 	// callers supply every code and token.
@@ -424,6 +435,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		u, _ := url.Parse(h.baseURL)
 		h.baseOrigin = origin(u)
 	}
+	if h.relayCompat() {
+		h.Links = relayLinks(h.Links, h.baseURL)
+	}
 
 	repl := caddy.NewReplacer()
 	seen := map[[sha256.Size]byte]string{}
@@ -589,6 +603,12 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		maxQueued:      d.MaxQueued,
 		retryUncertain: d.RetryUncertain,
 		webhookAllow:   h.WebhookAllowHosts,
+	}
+	if h.relayCompat() {
+		cfg.relaySent = "delivered"
+		if h.Capture != "" {
+			cfg.relaySent = "captured"
+		}
 	}
 	if cfg.maxQueued == 0 {
 		cfg.maxQueued = defaultMaxQueued
@@ -830,6 +850,11 @@ func (h *Handler) checkConfig() error {
 			return err
 		}
 	}
+	switch h.Compat {
+	case "", compatRelay:
+	default:
+		return fmt.Errorf("compat must be %s, not '%s'", compatRelay, h.Compat)
+	}
 	switch h.LinkPolicy {
 	case "", "off", "enforce":
 	default:
@@ -867,6 +892,10 @@ func (h *Handler) checkConfig() error {
 		}
 	}
 	for _, host := range h.WebhookAllowHosts {
+		if strings.Contains(host, ",") {
+			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give one host per entry, not a comma-joined list (JSON: [\"%s\"]; Caddyfile: webhook_allow_hosts %s)",
+				host, strings.Join(strings.Split(host, ","), `", "`), strings.Join(strings.Split(host, ","), " "))
+		}
 		if host == "" || strings.ContainsAny(host, "/ :@?#") && !strings.HasPrefix(host, "[") {
 			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give a host name or IP address", host)
 		}
@@ -1003,6 +1032,9 @@ func checkKey(id, secret string) error {
 var recipientRateFlows = []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}
 
 func checkPermission(p string) error {
+	if strings.Contains(p, ",") {
+		return commaList("allow", []string{p})
+	}
 	if slices.Contains(sendPerms, p) || slices.Contains(verifyPerms, p) || slices.Contains(adminPerms, p) {
 		return nil
 	}
@@ -1012,6 +1044,9 @@ func checkPermission(p string) error {
 // checkOrigin validates an allow_origins entry: an https origin, or http
 // for localhost, without path, query or user info.
 func checkOrigin(o string) error {
+	if strings.Contains(o, ",") {
+		return commaList("allow_origin", []string{o})
+	}
 	u, p := parseHTTPURL(o)
 	if p != "" {
 		return fmt.Errorf("allow_origin '%s' %s", o, p)

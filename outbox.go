@@ -42,6 +42,10 @@ type engineConfig struct {
 	webhookSecret  string
 	webhookAllow   []string
 	logRecipients  bool
+	// relaySent, in compat authmail-relay mode, makes webhooks carry the
+	// relay's payload and names a delivered message in it ("delivered",
+	// or "captured" in capture mode); empty otherwise.
+	relaySent string
 }
 
 // errQueueFull is returned by accept when max_queued messages wait.

@@ -519,12 +519,18 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	if secret == "" {
 		secret = cfg.webhookSecret
 	}
-	p := webhookPayload{ID: st.ID, MessageID: st.MessageID, Status: st.Status, Attempts: st.Attempts}
-	if st.Status != stSent {
-		p.ErrorCode = st.LastCode
-	}
-	if !st.SentAt.IsZero() {
-		p.SentAt = st.SentAt.UTC().Format(time.RFC3339)
+	var p any
+	if cfg.relaySent != "" {
+		p = relayPayloadOf(st, cfg.relaySent)
+	} else {
+		ap := webhookPayload{ID: st.ID, MessageID: st.MessageID, Status: st.Status, Attempts: st.Attempts}
+		if st.Status != stSent {
+			ap.ErrorCode = st.LastCode
+		}
+		if !st.SentAt.IsZero() {
+			ap.SentAt = st.SentAt.UTC().Format(time.RFC3339)
+		}
+		p = ap
 	}
 	// the same encoding as the API's answers ("<…@example.com>", not
 	// "\u003c…"), without the trailing newline
@@ -596,6 +602,10 @@ func (e *engine) postHook(client *http.Client, target, secret, id string, body [
 	req.Header.Set("User-Agent", "authmail-webhook")
 	if secret != "" {
 		signWebhook(req.Header, secret, id, time.Now().Unix(), body)
+	} else {
+		// unsigned (compat authmail-relay only): the relay still sent its
+		// timestamp
+		req.Header.Set("X-Email-Service-Timestamp", strconv.FormatInt(time.Now().Unix(), 10))
 	}
 	res, err := client.Do(req)
 	if err != nil {
