@@ -42,7 +42,11 @@ const (
 	defaultConnections = 4
 	minSecretLength    = 16
 
-	defaultWait           = 10 * time.Second
+	// defaultWait stays below common HTTP client timeouts (10 s in
+	// authmail-relay's client and many SDKs), so that with a slow SMTP
+	// server the client gets 202 queued for mail that will be sent,
+	// instead of a read timeout it may answer with a second send
+	defaultWait           = 8 * time.Second
 	defaultRetryBackoff   = 30 * time.Second
 	defaultMaxBackoff     = 30 * time.Minute
 	defaultMaxAge         = 24 * time.Hour
@@ -185,7 +189,10 @@ type Handler struct {
 	// password-reset, verify-email, email-change, security-alert) per
 	// recipient and flow, as "<n>/<duration>" or "off". The key "default"
 	// applies to every flow without its own entry. /send is not limited.
-	// Default: {"default": "5/15m"}.
+	// It is there to stop a mail bomb (a public "resend" or "forgot
+	// password" form driven at one address) and to bound fresh codes per
+	// recipient, not to pace users: ten in a quarter hour lets a user press
+	// "resend" many times. Default: {"default": "10/15m"}.
 	RecipientRate map[string]string `json:"recipient_rate,omitempty"`
 
 	// LogRecipients logs full recipient addresses. Default: false, which
@@ -247,7 +254,8 @@ type Delivery struct {
 	// before answering 202 queued. "Prefer: respond-async" answers at once,
 	// "Prefer: wait=N" waits N seconds (at most 300). In JSON, 0 means the
 	// default and a negative value answers right after the durable write.
-	// Default: 10s.
+	// Default: 8s, below the 10 s timeout of common HTTP clients, so that
+	// a slow SMTP server yields 202 queued before the client gives up.
 	Wait caddy.Duration `json:"wait,omitempty"`
 
 	// RetryBackoff is the delay before the second attempt; it doubles with
@@ -398,7 +406,7 @@ var (
 const (
 	defaultKeyRate       = "600/1m"
 	defaultAuthFailures  = "10/1m"
-	defaultRecipientRate = "5/15m"
+	defaultRecipientRate = "10/15m"
 )
 
 // CaddyModule returns the Caddy module information.

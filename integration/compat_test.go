@@ -310,3 +310,53 @@ func expectSentRaw(t *testing.T, messageID string) *smtptest.Message {
 	smtpSrv.ClearMessages()
 	return msgs[0]
 }
+
+// TestDefaultsASwitchDoesNotTripOver: with the default delivery wait a
+// slow SMTP server (9 s to accept the message) gets the client a 202
+// queued answer before a 10 s client timeout (authmail-relay's), and the
+// message is still sent, once; with the default recipient limit ten OTPs
+// to one address within the window go out, and the eleventh is refused.
+func TestDefaultsASwitchDoesNotTripOver(t *testing.T) {
+	slow := fmt.Sprintf(`smtp 127.0.0.1:%d {
+			username mailer
+			password {env.AUTHMAIL_IT_SMTP_PASSWORD}
+			ca %s
+			helo it.example
+			timeout 20s
+		}`, smtpSrv.Port, smtpSrv.CAFile)
+	load(t, config{Delivery: slow, Limits: "auth_failures 1000/1m"})
+	t.Run("wait", func(t *testing.T) {
+		smtpSrv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(9 * time.Second); return nil }})
+		defer smtpSrv.SetHooks(smtptest.Hooks{})
+		c := &http.Client{Timeout: 10 * time.Second}
+		req, _ := http.NewRequest("POST", baseURL+"/authmail/send", strings.NewReader(`{"to":"slow@example.org","subject":"s","html_body":"<p>b</p>"}`))
+		req.Header.Set("Authorization", "Bearer "+keyApp)
+		req.Header.Set("Content-Type", "application/json")
+		start := time.Now()
+		res, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("the client gave up: %v", err)
+		}
+		res.Body.Close()
+		if d := time.Since(start); res.StatusCode != http.StatusAccepted || d < 7900*time.Millisecond || d > 9500*time.Millisecond {
+			t.Fatalf("%d after %s, want 202 after the 8 s default wait", res.StatusCode, d)
+		}
+		if got := smtpSrv.WaitMessages(1, 5*time.Second); len(got) != 1 {
+			t.Fatalf("%d messages, want the queued one sent once", len(got))
+		}
+		smtpSrv.ClearMessages()
+	})
+	t.Run("recipient limit", func(t *testing.T) {
+		for i := range 10 {
+			r := post(t, "/authmail/send/otp", `{"to":"resend@example.org","code":"1"}`)
+			if r.status != 200 {
+				t.Fatalf("OTP %d: %d %s", i+1, r.status, r.raw)
+			}
+		}
+		expectRaw := post(t, "/authmail/send/otp", `{"to":"resend@example.org","code":"1"}`)
+		if expectRaw.status != 429 || expectRaw.str("error_code") != "recipient_rate_limited" {
+			t.Fatalf("11th OTP: %d %s", expectRaw.status, expectRaw.raw)
+		}
+		smtpSrv.ClearMessages()
+	})
+}
