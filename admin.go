@@ -208,7 +208,7 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	if serr == nil {
 		resp.Sent, resp.Status, resp.SMTPResponse = true, d.Status, d.Response
 		rc.setStatus(d.Status, "")
-		h.logger.Info("test message sent", fields...)
+		h.logger.Info("test message "+d.Status, fields...)
 		return writeJSON(w, http.StatusOK, resp)
 	}
 	de, _ := serr.(*deliveryError)

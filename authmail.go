@@ -513,13 +513,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	conns := 4
-	var route string
+	var route, transportDesc string
 	if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
 			route = "capture " + abs
 		}
+		transportDesc = route
 	} else {
 		settings, err := h.SMTP.resolve(repl, h.logger)
 		if err != nil {
@@ -536,6 +537,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.transport = val.(*smtpSender)
 		conns = settings.connections
 		route = settings.route()
+		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
 	}
 
 	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
@@ -582,6 +584,24 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		h.logger.Warn("registering metrics failed; metrics disabled", zap.Error(err))
 	}
+	// one line per handler, so that a newcomer sees where mail goes; no
+	// secrets: keys by id, the SMTP host without credentials, the storage
+	// by kind (and path for file storage, whose other kinds may hold
+	// credentials in their settings)
+	keyIDs := make([]string, len(h.keys))
+	for i, k := range h.keys {
+		keyIDs[i] = k.id
+	}
+	storageDesc := fmt.Sprintf("%T", storage)
+	if fs, ok := storage.(*certmagic.FileStorage); ok {
+		storageDesc = "file_system " + fs.Path
+	}
+	fields := []zap.Field{zap.String("path_prefix", firstNonEmpty(h.PathPrefix, defaultPathPrefix)),
+		zap.String("transport", transportDesc), zap.Strings("keys", keyIDs), zap.String("storage", storageDesc)}
+	if h.Compat != "" {
+		fields = append(fields, zap.String("compat", h.Compat))
+	}
+	h.logger.Info("authmail handler ready", fields...)
 	return nil
 }
 

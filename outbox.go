@@ -1126,6 +1126,10 @@ func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool, took t
 	case !final:
 		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
 		e.log().Warn("delivery attempt failed; will retry", fields...)
+	case st.Status == stSent && st.SMTPResponse == "captured":
+		// capture mode: written to the capture directory, not sent
+		fields[3] = zap.String("status", "captured")
+		e.log().Info("message captured", fields...)
 	case st.Status == stSent:
 		e.log().Info("message sent", fields...)
 	default:

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -359,4 +360,34 @@ func TestDefaultsASwitchDoesNotTripOver(t *testing.T) {
 		}
 		smtpSrv.ClearMessages()
 	})
+}
+
+// TestStartupLogLine: every handler logs one line when its config loads:
+// path, transport (SMTP host or capture directory), keys by id and
+// storage, and no secret.
+func TestStartupLogLine(t *testing.T) {
+	dir := t.TempDir()
+	before, _ := os.ReadFile(logFile)
+	c := config{PathPrefix: "/mail", Delivery: "capture " + dir}
+	load(t, c)
+	logs, _ := os.ReadFile(logFile)
+	var lines []map[string]any
+	for _, line := range strings.Split(string(logs[len(before):]), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == "authmail handler ready" {
+			lines = append(lines, m)
+		}
+	}
+	if len(lines) != 1 {
+		t.Fatalf("%d ready lines, want 1", len(lines))
+	}
+	l := lines[0]
+	if l["path_prefix"] != "/mail" || l["transport"] != "capture "+dir || mustJSON(l["keys"]) != `["app","other"]` || l["storage"] != "file_system "+storageFor(t) {
+		t.Fatalf("ready line %v", l)
+	}
+	load(t, config{})
+	logs2, _ := os.ReadFile(logFile)
+	if !regexp.MustCompile(`"msg":"authmail handler ready","path_prefix":"/authmail","transport":"smtp 127\.0\.0\.1:\d+ \(starttls\)"`).Match(logs2[len(logs):]) {
+		t.Fatalf("no ready line for the SMTP handler:\n%s", logs2[len(logs):])
+	}
 }
