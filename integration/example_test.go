@@ -2,7 +2,7 @@ package integration
 
 import (
 	"context"
-	"net"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -13,20 +13,29 @@ import (
 )
 
 // TestReadmeQuickStart does what the README tells a newcomer: build Caddy
-// with authmail from cmd/caddy, run it on examples/Caddyfile as is, send
-// every kind of mail with scripts/try-it.sh, and find the .eml files.
+// with authmail from cmd/caddy, run it on examples/Caddyfile, send every
+// kind of mail with scripts/try-it.sh, and find the .eml files. The
+// example's ports (8080, admin 2019) are replaced by free ones, so that
+// the suite runs while the newcomer's gateway from the quick start still
+// runs on them.
 func TestReadmeQuickStart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the Caddy binary")
 	}
-	for _, addr := range []string{"localhost:8080", "localhost:2019"} {
-		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
-			c.Close()
-			t.Fatalf("%s is in use; the example needs it (stop the other server)", addr)
-		}
-	}
 	repo, _ := filepath.Abs("..")
 	work := t.TempDir()
+	example, err := os.ReadFile(filepath.Join(repo, "examples", "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpPort, adminPort := freePort(t), freePort(t)
+	origin := fmt.Sprintf("http://localhost:%d", httpPort)
+	cfg := strings.ReplaceAll(string(example), "localhost:2019", fmt.Sprintf("localhost:%d", adminPort))
+	cfg = strings.ReplaceAll(cfg, "8080", fmt.Sprint(httpPort))
+	cfgFile := filepath.Join(work, "Caddyfile")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	bin := filepath.Join(work, "caddy")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
 	build.Dir = repo
@@ -36,7 +45,7 @@ func TestReadmeQuickStart(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	caddy := exec.CommandContext(ctx, bin, "run", "--config", filepath.Join(repo, "examples", "Caddyfile"))
+	caddy := exec.CommandContext(ctx, bin, "run", "--config", cfgFile)
 	caddy.Dir = work // captured-mail is relative to the working directory
 	caddy.Env = append(os.Environ(), "XDG_CONFIG_HOME="+filepath.Join(work, "config"), "XDG_DATA_HOME="+filepath.Join(work, "data"))
 	logs, _ := os.Create(filepath.Join(work, "caddy.log"))
@@ -46,7 +55,7 @@ func TestReadmeQuickStart(t *testing.T) {
 	}
 	defer func() {
 		// a clean stop through the admin API, as a user would do it
-		if res, err := http.Post("http://localhost:2019/stop", "", nil); err == nil {
+		if res, err := http.Post(fmt.Sprintf("http://localhost:%d/stop", adminPort), "", nil); err == nil {
 			res.Body.Close()
 		}
 		done := make(chan struct{})
@@ -63,7 +72,7 @@ func TestReadmeQuickStart(t *testing.T) {
 	}()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		res, err := http.Get("http://localhost:8080/authmail/health")
+		res, err := http.Get(origin + "/authmail/health")
 		if err == nil {
 			res.Body.Close()
 			break
@@ -75,6 +84,7 @@ func TestReadmeQuickStart(t *testing.T) {
 	}
 
 	script := exec.Command(filepath.Join(repo, "scripts", "try-it.sh"))
+	script.Env = append(os.Environ(), "AUTHMAIL_URL="+origin+"/authmail")
 	out, err := script.CombinedOutput()
 	if err != nil {
 		t.Fatalf("try-it.sh: %v\n%s", err, out)
@@ -98,8 +108,8 @@ func TestReadmeQuickStart(t *testing.T) {
 		p := parseMail(t, b)
 		all.WriteString(p.Subject + "\n" + p.Text)
 	}
-	for _, want := range []string{"482913", "http://localhost:8080/magic-link?token=magic-token-123",
-		"http://localhost:8080/account/reset?token=reset-token-456", "http://localhost:8080/verify?code=789",
+	for _, want := range []string{"482913", origin + "/magic-link?token=magic-token-123",
+		origin + "/account/reset?token=reset-token-456", origin + "/verify?code=789",
 		"Example App security alert: New sign-in to your account", "Order #1042 is paid.", "Your Example App email address is being changed"} {
 		if !strings.Contains(all.String(), want) {
 			t.Errorf("no captured message contains %q", want)
