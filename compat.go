@@ -37,6 +37,21 @@ func (h *Handler) defaultLocaleCompat() string {
 	return ""
 }
 
+// compatRelayExpiry is the validity in minutes that the relay's mail
+// named for codes and links alike.
+const compatRelayExpiry = 15
+
+// expiryCompat is the default validity of an OTP code: the relay's 15
+// minutes in compat authmail-relay mode (its client cannot pass
+// expires_in_minutes, and its users' codes were announced as valid for
+// 15 minutes), else the flow's own default.
+func (h *Handler) expiryCompat(def int) int {
+	if h.relayCompat() {
+		return compatRelayExpiry
+	}
+	return def
+}
+
 // relayLinks returns the link templates in compat authmail-relay mode:
 // the configured ones, plus magic links on the relay's path below
 // base_url unless a link template for magic-link is configured.

@@ -19,6 +19,12 @@ func TestCompatDefaults(t *testing.T) {
 	if got := h.defaultLocaleCompat(); got != "ko" {
 		t.Errorf("default locale in compat: %q", got)
 	}
+	if got := h.expiryCompat(10); got != 15 {
+		t.Errorf("OTP validity in compat: %d", got)
+	}
+	if got := (&Handler{}).expiryCompat(10); got != 10 {
+		t.Errorf("OTP validity without compat: %d", got)
+	}
 	if got := relayLinks(nil, "https://app.example.com")["magic-link"]; got != "https://app.example.com/set-password?token={token}" {
 		t.Errorf("magic link template %q", got)
 	}

@@ -377,7 +377,7 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	} else if err := checkCode(req.Code); err != nil {
 		return nil, "", err
 	}
-	exp, err := checkExpiry(req.ExpiresInMinutes, ep.expiry)
+	exp, err := checkExpiry(req.ExpiresInMinutes, h.expiryCompat(ep.expiry))
 	if err != nil {
 		return nil, "", err
 	}

@@ -148,7 +148,11 @@ func TestRelayClientInBothModes(t *testing.T) {
 			if r.status != 200 || r.json["sent"] != true {
 				t.Fatalf("send_otp: %d %s", r.status, r.raw)
 			}
-			expectSentRaw(t, r.json["message_id"].(string))
+			// the relay's mail named 15 minutes for codes
+			wantExpiry := map[bool]string{false: "10 minutes", true: "15 minutes"}[compat]
+			if text := parseMail(t, expectSentRaw(t, r.json["message_id"].(string)).Data).Text; !strings.Contains(text, wantExpiry) {
+				t.Errorf("OTP mail lacks %q:\n%s", wantExpiry, text)
+			}
 			tok := secret("relay-token-abc+/=")
 			r = c.do("POST", "/send/magic-link", map[string]any{"to": "jane@example.org", "user_name": "홍길동", "token": tok}, false)
 			if r.status != 200 || r.json["sent"] != true {
