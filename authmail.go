@@ -63,7 +63,8 @@ const (
 // operator's SMTP server (or, for development, into a capture directory).
 //
 // Requests whose path is outside `path_prefix` are passed to the next
-// handler. The endpoints, relative to the prefix, are `GET /health`,
+// handler; with `path_prefix /`, so is every path that is no endpoint
+// (except a misspelt flow below /send/ or /verify/). The endpoints, relative to the prefix, are `GET /health`,
 // `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
 // `POST /send/password-reset`, `POST /send/verify-email`,
 // `POST /send/email-change`, `POST /send/security-alert`,
@@ -156,9 +157,12 @@ type Handler struct {
 
 	// WebhookSecret signs webhooks of requests that give no
 	// webhook_secret of their own. Accepts {env.*} and {file.*}
-	// placeholders. A secret starting with "whsec_" is base64 after the
-	// prefix (Standard Webhooks). Default: none, so requests that ask for a
-	// webhook must give a webhook_secret.
+	// placeholders. A secret starting with "whsec_" must be base64 after
+	// the prefix: the Standard Webhooks signature uses the decoded key,
+	// the authmail-relay signatures the secret as written (any other
+	// secret: both use its bytes). Default: none, so requests that ask for
+	// a webhook must give a webhook_secret (except in compat
+	// authmail-relay mode, where such a webhook goes unsigned).
 	WebhookSecret string `json:"webhook_secret,omitempty"`
 
 	// WebhookAllowHosts lists webhook hosts that may resolve to loopback,
