@@ -563,6 +563,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if storage == nil {
 		storage = ctx.Storage()
 	}
+	if err := checkStorageOnce(storage); err != nil {
+		return err
+	}
 	iid, err := caddy.InstanceID()
 	if err != nil {
 		return fmt.Errorf("reading the instance id: %v", err)
@@ -571,7 +574,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// tests simulate several
 	ekey := "authmail.outbox." + iid.String() + "." + storageIdentity(storage)
 	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
-		return newEngine(ekey, storage, iid.String()), nil
+		return newEngine(ekey, newLiveStorage(storage), iid.String()), nil
 	})
 	if err != nil {
 		return err
@@ -580,6 +583,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.engine = val.(*engine)
 	h.profile = senderProfile(h.from.Addr, route)
 	h.reg = h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
+	// the engine uses this config's storage value from now on: the one it
+	// was created with may be closed when its config is unloaded
+	if ls, ok := h.engine.st.s.(*liveStorage); ok {
+		ls.attach(h.reg, storage)
+	}
 	app, err := ctx.App("authmail")
 	if err != nil {
 		return err
@@ -751,6 +759,9 @@ func (h *Handler) Cleanup() error {
 	var errs []error
 	if h.engineKey != "" {
 		h.engine.release(h.reg)
+		if ls, ok := h.engine.st.s.(*liveStorage); ok {
+			ls.detach(h.reg)
+		}
 		h.reg = nil
 		if _, err := enginePool.Delete(h.engineKey); err != nil {
 			errs = append(errs, err)

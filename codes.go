@@ -74,7 +74,6 @@ var purposePattern = regexp.MustCompile(`^[a-z0-9_-]{1,32}$`)
 // issuedNow is the clock of issued values; tests move it.
 var issuedNow = time.Now
 
-
 func (c *Codes) check() error {
 	if c.Secret == "" {
 		return errors.New("codes: secret is required; give it as {env.*} or {file.*}")

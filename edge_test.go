@@ -86,6 +86,10 @@ func TestLimiterSlidingWindow(t *testing.T) {
 // TestLimitsAreSharedAcrossInstances: two instances sharing a storage
 // publish their events, so a recipient limit holds across the cluster.
 func TestLimitsAreSharedAcrossInstances(t *testing.T) {
+	forEachStorage(t, testLimitsAreSharedAcrossInstances)
+}
+
+func testLimitsAreSharedAcrossInstances(t *testing.T) {
 	old := limitSyncInterval
 	limitSyncInterval = 30 * time.Millisecond
 	t.Cleanup(func() { limitSyncInterval = old })
@@ -212,6 +216,10 @@ func sha256Sum(s string) [32]byte { return sha256.Sum256([]byte(s)) }
 // twice, and a recipient got 429 one message early. Such names, and
 // states stored under a name that is not theirs, are not peers.
 func TestLimitSyncIgnoresWritesInProgress(t *testing.T) {
+	forEachStorage(t, testLimitSyncIgnoresWritesInProgress)
+}
+
+func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 	h := provisionedHandler(t, func(h *Handler) { h.RecipientRate = map[string]string{"otp": "2/1m"} })
 	e := h.engine
 	e.start() // loads the cluster's hashing salt

@@ -17,7 +17,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
-	"github.com/caddyserver/certmagic"
 	"golang.org/x/net/html"
 	"golang.org/x/net/idna"
 )
@@ -56,7 +55,7 @@ func (in *testInstance) handler(mods ...func(*Handler)) *Handler {
 		BaseURL: "https://app.example.com", Keys: []Key{{ID: "app", Secret: "{env.AUTHMAIL_UNIT_KEY}"}},
 		Links:           map[string]string{"password-reset": "https://app.example.com/reset?t={token}"},
 		SecurityAlerts:  map[string]bool{"new_login": true},
-		storageOverride: &certmagic.FileStorage{Path: in.storageDir},
+		storageOverride: openStorage(t, in.storageDir),
 	}
 	for _, m := range mods {
 		m(h)

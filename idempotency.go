@@ -117,6 +117,9 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 	unlock := idemLocks.lock(key)
 	defer unlock()
 	st := h.engine.st
+	if resp, ok := h.replayDone(ctx, key, reqHash); ok {
+		return resp
+	}
 	lockName := "authmail_idem_" + tenant + "_" + hash
 	// a concurrent duplicate waits for the first request, which may wait
 	// up to the longest Prefer: wait for its first attempt

@@ -12,6 +12,10 @@ import (
 )
 
 func TestIdempotencyConcurrentDuplicatesSendOnce(t *testing.T) {
+	forEachStorage(t, testIdempotencyConcurrentDuplicatesSendOnce)
+}
+
+func testIdempotencyConcurrentDuplicatesSendOnce(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(50 * time.Millisecond); return nil }})
 	h := newInstance(t, "").handler(withSMTP(t, srv))
@@ -51,6 +55,10 @@ func TestIdempotencyConcurrentDuplicatesSendOnce(t *testing.T) {
 // retrying through a load balancer); the storage lock and record make one
 // message, whichever instance answers.
 func TestIdempotencyDuplicatesAcrossInstancesSendOnce(t *testing.T) {
+	forEachStorage(t, testIdempotencyDuplicatesAcrossInstancesSendOnce)
+}
+
+func testIdempotencyDuplicatesAcrossInstancesSendOnce(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(50 * time.Millisecond); return nil }})
 	shared := t.TempDir()
@@ -86,7 +94,9 @@ func TestIdempotencyDuplicatesAcrossInstancesSendOnce(t *testing.T) {
 	}
 }
 
-func TestIdempotencyRules(t *testing.T) {
+func TestIdempotencyRules(t *testing.T) { forEachStorage(t, testIdempotencyRules) }
+
+func testIdempotencyRules(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
 		h.Keys = append(h.Keys, Key{ID: "other", Secret: "another-key-0123456789"})
@@ -149,6 +159,10 @@ func TestIdempotencyRules(t *testing.T) {
 }
 
 func TestIdempotencyRecoversAPendingRecord(t *testing.T) {
+	forEachStorage(t, testIdempotencyRecoversAPendingRecord)
+}
+
+func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv))
 	body := otp("jane@example.org")
@@ -203,6 +217,10 @@ func TestIdempotencyRecoversAPendingRecord(t *testing.T) {
 }
 
 func TestIdempotencyDoesNotConsumeTheKeyOnQueueFull(t *testing.T) {
+	forEachStorage(t, testIdempotencyDoesNotConsumeTheKeyOnQueueFull)
+}
+
+func testIdempotencyDoesNotConsumeTheKeyOnQueueFull(t *testing.T) {
 	port := smtptest.Silent(t)
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {

@@ -16,7 +16,9 @@ import (
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
-func TestJanitorExpiresRecords(t *testing.T) {
+func TestJanitorExpiresRecords(t *testing.T) { forEachStorage(t, testJanitorExpiresRecords) }
+
+func testJanitorExpiresRecords(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), withDelivery(func(d *Delivery) {
 		d.Retention = caddy.Duration(50 * time.Millisecond)
@@ -150,8 +152,12 @@ func (f *flakyListing) List(ctx context.Context, prefix string, recursive bool) 
 }
 
 func TestJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
+	forEachStorage(t, testJanitorKeepsSegmentsWhenOwnershipCannotBeListed)
+}
+
+func testJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
 	in := newInstance(t, "")
-	flaky := &flakyListing{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	flaky := &flakyListing{Storage: openStorage(t, in.storageDir)}
 	h := in.handler(func(h *Handler) { h.storageOverride = flaky })
 	e := h.engine
 	e.tun.orphanAge = time.Millisecond
@@ -186,6 +192,10 @@ func TestJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
 }
 
 func TestJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
+	forEachStorage(t, testJanitorForgetsInstancesThatStoppedLongAgo)
+}
+
+func testJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv))
 	ctx := context.Background()

@@ -155,6 +155,9 @@ type batch struct {
 	writing    int // state writes in flight (a failed one until it is redone)
 	retired    bool
 	registered time.Time // when this engine took the batch on
+	// rewrite is set while the batch's last state write failed: the next
+	// one first checks that the batch is still this instance's
+	rewrite bool
 }
 
 // senderProfile names what a message is sent as and through: the From
@@ -660,11 +663,11 @@ const maxCachedBodyBytes = 16 << 20
 
 // --- delivering --------------------------------------------------------
 
-// maxClaimAhead is the most messages a worker claims with one state
-// write. Claiming ahead shares the storage's per-write cost between
-// messages when a backlog waits; under light load a worker claims one
-// message at a time. A crash turns the claimed messages that were not yet
-// attempted into "unknown", so the group stays small.
+// maxClaimAhead is the most messages a worker takes from the ready queue
+// at once, in due order; under light load a worker claims one message at
+// a time. Claims live in memory only (see claimGroup), so claiming ahead
+// costs nothing after a crash: the messages not yet attempted are
+// attempted again.
 const maxClaimAhead = 16
 
 // stateLinger is how long a state change nobody waits for (the outcome
@@ -673,11 +676,11 @@ const maxClaimAhead = 16
 // message as "unknown", never sends it twice.
 const stateLinger = 50 * time.Millisecond
 
-// worker delivers queued messages. It claims a group of due messages
-// with one durable write, then attempts them one by one. Workers are not
-// waited for at shutdown beyond drain_timeout: an attempt cut short
-// leaves its message "sending" in storage, which the next start records
-// as unknown; claimed messages not yet attempted are released first.
+// worker delivers queued messages. It claims a group of due messages,
+// then attempts them one by one. Workers are not waited for at shutdown
+// beyond drain_timeout: an attempt cut short is recorded unknown by the
+// next start only if its dot was marked (outbox_dots.go), else attempted
+// again; claimed messages not yet attempted are given back first.
 func (e *engine) worker() {
 	for {
 		group := e.claimGroup()
@@ -710,67 +713,40 @@ func (e *engine) stopping() bool {
 }
 
 // claimGroup blocks until messages are due, claims up to maxClaimAhead
-// of them (fewer under light load), and returns once the claims are
-// durable. It returns nil when the engine stops.
+// of them (fewer under light load) and returns them, or nil when the
+// engine stops.
+//
+// A claim is not written to storage before the attempt: what a crash
+// must know is whether a message's final dot may have gone out, and the
+// dot mark (outbox_dots.go) records exactly that, right before the dot.
+// A claim that a crash cuts short leaves the message "queued" in storage
+// (or "sending", when another change of its batch was written meanwhile),
+// and without a mark for that attempt it is simply attempted again.
 func (e *engine) claimGroup() []*entry {
 	for {
 		group := e.nextReady()
 		if group == nil {
 			return nil
 		}
-		switch err := e.writeClaims(group); {
-		case err == nil:
+		if err := e.holdClaims(group); err == nil {
 			return group
-		case errors.Is(err, errShuttingDown):
-			return nil
 		}
-		// the claims were not durable and are undone: try again later
+		return nil
 	}
 }
 
-// writeClaims makes the claims of a group that nextReady took durable
-// with one write per batch. When a stop began in between, it gives the
-// claims back instead (some may be given back already by the stop) and
-// writes nothing, since the state writer may be gone; when the write
-// fails, it undoes the claims, due again a second later.
-func (e *engine) writeClaims(group []*entry) error {
+// holdClaims keeps the claims of a group that nextReady took, unless a
+// stop began in between: then it gives them back (some may be given back
+// already by the stop) and reports errShuttingDown.
+func (e *engine) holdClaims(group []*entry) error {
 	e.mu.Lock()
-	if e.closing {
-		e.mu.Unlock()
+	closing := e.closing
+	e.mu.Unlock()
+	if closing {
 		e.releaseClaims(group)
 		return errShuttingDown
 	}
-	var pending sync.WaitGroup
-	var firstErr atomic.Pointer[error]
-	seen := map[*batch]bool{}
-	for _, en := range group {
-		if !seen[en.b] {
-			seen[en.b] = true
-			pending.Add(1)
-			e.markDirtyLocked(en.b, func(err error) {
-				if err != nil {
-					firstErr.CompareAndSwap(nil, &err)
-				}
-				pending.Done()
-			}, true)
-		}
-	}
-	e.mu.Unlock()
-	pending.Wait()
-	p := firstErr.Load()
-	if p == nil {
-		return nil
-	}
-	err := *p
-	e.log().Error("recording delivery attempts failed; retrying later", zap.Int("messages", len(group)), zap.Error(err))
-	retry := time.Now().Add(time.Second)
-	for _, en := range group {
-		// a stop may have given the claim back meanwhile
-		if e.unclaimIfClaimed(en, retry) {
-			e.attempts.Done()
-		}
-	}
-	return err
+	return nil
 }
 
 // beginAttempt marks a claimed message's attempt as started, unless the
@@ -1234,9 +1210,10 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		return false
 	}
 	type job struct {
-		b   *batch
-		bs  batchState
-		cbs []func(error)
+		b       *batch
+		bs      batchState
+		cbs     []func(error)
+		recheck bool
 	}
 	set := e.dirty
 	if urgentOnly {
@@ -1261,7 +1238,7 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		}
 		bs.Done = b.retired
 		b.writing++
-		jobs = append(jobs, job{b, bs, cbs})
+		jobs = append(jobs, job{b, bs, cbs, b.rewrite})
 	}
 	for _, j := range jobs {
 		delete(e.dirty, j.b)
@@ -1280,7 +1257,26 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
+			if j.recheck && e.lostToAdoption(ctx, j.b.id) {
+				// Why: a storage outage longer than the lease (every write
+				// failing meanwhile) lets another instance adopt the batch;
+				// it may already have delivered the messages and written
+				// their outcome, which this stale state would overwrite
+				// (a sent message shown as queued forever). The next
+				// heartbeat drops the batch here.
+				e.log().Warn("not writing a batch's state: another instance took the batch over while its writes failed", zap.String("batch", j.b.id))
+				e.mu.Lock()
+				j.b.writing--
+				e.mu.Unlock()
+				for _, cb := range j.cbs {
+					cb(errBatchAdopted)
+				}
+				return
+			}
 			err := e.st.putJSON(ctx, keySt+j.b.id, j.bs)
+			e.mu.Lock()
+			j.b.rewrite = err != nil
+			e.mu.Unlock()
 			if err != nil {
 				e.log().Error("writing message state to storage failed; retrying", zap.String("batch", j.b.id), zap.Error(err))
 				time.AfterFunc(time.Second, func() {
@@ -1306,6 +1302,18 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 	}
 	wg.Wait()
 	return true
+}
+
+// errBatchAdopted fails the waiters of a state write that was not made
+// because another instance adopted the batch.
+var errBatchAdopted = errors.New("another instance took the batch over")
+
+// lostToAdoption reports whether this instance's ownership marker of a
+// batch is gone (another instance moved it to itself). A storage error is
+// not an answer: the write is tried, and fails or succeeds on its own.
+func (e *engine) lostToAdoption(ctx context.Context, bid string) bool {
+	_, err := e.st.s.Stat(ctx, ownKey(e.iid, bid))
+	return isNotExist(err)
 }
 
 // retire deletes a finished batch's bodies and ownership marker and

@@ -319,24 +319,39 @@ type recoveryRule struct {
 
 // inDoubt reports whether the message's final dot may have reached the
 // server: its current attempt is marked, or the instance kept no marks.
+// The current attempt is the one a "sending" state counts; a message
+// stored "queued" (its claim was never written) was in its next one.
+// A mark of an earlier attempt is stale: that attempt's outcome is
+// recorded.
 func (r recoveryRule) inDoubt(m msgState) bool {
-	return !r.dots.kept || r.dots.marks[dotMark{m.ID, m.Attempts}]
+	if !r.dots.kept {
+		return m.Status == stSending
+	}
+	attempt := m.Attempts
+	if m.Status == stQueued {
+		attempt++
+	}
+	return r.dots.marks[dotMark{m.ID, attempt}]
 }
 
 // rebuildBatch turns a stored batch state into a batch in memory.
-// Messages found in the sending state were interrupted by a stop. Those
-// whose dot may have been sent become unknown (or queued again with
-// retry_uncertain) and are returned; the others never reached the server
-// and are queued again, due at once. changed reports that the state must
-// be written again.
+// Messages found "sending", or "queued" with a dot mark for their next
+// attempt, were interrupted by a stop. Those whose dot may have been sent
+// become unknown (or queued again with retry_uncertain) and are
+// returned; the others never reached the server and are queued again,
+// due at once. changed reports that the state must be written again.
 func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) (b *batch, interrupted []msgState, changed bool) {
 	b = &batch{id: bid}
 	b.entries = make([]*entry, 0, len(bs.Messages))
 	for i, m := range bs.Messages {
-		if m.Status == stSending {
+		if m.Status == stSending || m.Status == stQueued && rule.inDoubt(m) {
 			changed = true
 			m.Updated = now
-			if !rule.inDoubt(m) || rule.retryUncertain {
+			doubt := rule.inDoubt(m)
+			if doubt && m.Status == stQueued {
+				m.Attempts++ // the marked attempt, whose claim was not written
+			}
+			if !doubt || rule.retryUncertain {
 				m.Status, m.NextAt = stQueued, now
 			} else {
 				m.Status, m.NextAt = stUnknown, time.Time{}
@@ -436,7 +451,11 @@ func (e *engine) janitor(ctx context.Context) {
 	// listing error skips this pass: an incomplete view of the ownership
 	// markers would make live batches look orphaned.
 	owned := map[string]bool{}
-	owners, err := e.st.list(ctx, strings.TrimSuffix(keyOwn, "/"))
+	// the owners are the instances with a heartbeat or a marker directory,
+	// not the listing of authmail/own alone: the Redis module's directory
+	// index is not transactional and can lose an instance's directory
+	// from it while its markers remain
+	owners, err := e.st.instances(ctx)
 	if err != nil {
 		return
 	}

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/certmagic"
 	"github.com/google/uuid"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -17,7 +16,7 @@ import (
 // storage: a batch with one message being sent, two queued and one sent.
 func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Duration) (ids []string) {
 	t.Helper()
-	st := store{s: &certmagic.FileStorage{Path: storageDir}}
+	st := store{s: openStorage(t, storageDir)}
 	ctx := context.Background()
 	now := time.Now()
 	bid := newID(now.Add(-time.Minute))
@@ -83,7 +82,9 @@ func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids 
 	}
 }
 
-func TestOutboxRecoversAfterCrash(t *testing.T) {
+func TestOutboxRecoversAfterCrash(t *testing.T) { forEachStorage(t, testOutboxRecoversAfterCrash) }
+
+func testOutboxRecoversAfterCrash(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	ids := leftBehind(t, in.storageDir, instanceID(t, in), time.Hour)
@@ -93,6 +94,10 @@ func TestOutboxRecoversAfterCrash(t *testing.T) {
 }
 
 func TestOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
+	forEachStorage(t, testOutboxAdoptsTheWorkOfADeadInstance)
+}
+
+func testOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	shared := t.TempDir()
 	dead := uuid.NewString()
@@ -116,6 +121,10 @@ func TestOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
 }
 
 func TestOutboxLeavesLiveInstancesAlone(t *testing.T) {
+	forEachStorage(t, testOutboxLeavesLiveInstancesAlone)
+}
+
+func testOutboxLeavesLiveInstancesAlone(t *testing.T) {
 	port := smtptest.Silent(t) // nothing gets delivered: A keeps its queue
 	srv := authServer(t, smtptest.StartTLS)
 	shared := t.TempDir()
@@ -140,6 +149,10 @@ func TestOutboxLeavesLiveInstancesAlone(t *testing.T) {
 }
 
 func TestOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
+	forEachStorage(t, testOutboxGracefulStopKeepsQueuedMessages)
+}
+
+func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	addr, certPEM, keyPEM := srv.Addr, srv.CAPEM, srv.KeyPEM
 	in := newInstance(t, "")
@@ -183,6 +196,10 @@ func holds(e *engine, bid string) (resident, parked bool) {
 }
 
 func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
+	forEachStorage(t, testOutboxDropsWorkAdoptedWhilePaused)
+}
+
+func testOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
 	for _, park := range []bool{false, true} {
 		t.Run(map[bool]string{false: "resident", true: "parked"}[park], func(t *testing.T) {
 			testDropsWorkAdoptedWhilePaused(t, park)
@@ -254,7 +271,11 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 // the walk, which once made an instance believe it owned nothing and
 // drop its own batches.
 func TestListingSurvivesConcurrentDeletes(t *testing.T) {
-	st := store{s: &certmagic.FileStorage{Path: t.TempDir()}}
+	forEachStorage(t, testListingSurvivesConcurrentDeletes)
+}
+
+func testListingSurvivesConcurrentDeletes(t *testing.T) {
+	st := store{s: openStorage(t, t.TempDir())}
 	ctx := context.Background()
 	const keep = 50
 	for i := range keep {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/certmagic"
 	"github.com/google/uuid"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
@@ -24,7 +23,7 @@ import (
 // ahead and never reached their dot.
 func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 	t.Helper()
-	st := store{s: &certmagic.FileStorage{Path: storageDir}}
+	st := store{s: openStorage(t, storageDir)}
 	ctx := context.Background()
 	now := time.Now()
 	bid := newID(now.Add(-time.Minute))
@@ -93,6 +92,10 @@ func checkClaimedAheadOutcome(t *testing.T, h *Handler, srv *smtptest.Server, id
 }
 
 func TestRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
+	forEachStorage(t, testRestartRetriesClaimsWhoseDotWasNotSent)
+}
+
+func testRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	iid := instanceID(t, in)
@@ -103,6 +106,10 @@ func TestRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 }
 
 func TestAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
+	forEachStorage(t, testAdoptionRetriesClaimsWhoseDotWasNotSent)
+}
+
+func testAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	shared := t.TempDir()
 	dead := uuid.NewString()
@@ -119,6 +126,10 @@ func TestAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 // message (its final dot included), the attempt's mark is already in
 // storage, under this process's record.
 func TestDotMarkIsDurableBeforeTheDot(t *testing.T) {
+	forEachStorage(t, testDotMarkIsDurableBeforeTheDot)
+}
+
+func testDotMarkIsDurableBeforeTheDot(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	h := in.handler(withSMTP(t, srv))
@@ -205,5 +216,40 @@ func TestCaptureMarksBeforeRename(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 		t.Fatalf("files left: %v", entries)
+	}
+}
+
+// TestRecoveryRule: which stored states a dot mark puts in doubt. A
+// claim is not written before its attempt, so a message whose marked
+// attempt was its next one may be stored "queued"; a mark of an attempt
+// whose outcome is stored is stale.
+func TestRecoveryRule(t *testing.T) {
+	marked := dotSet{kept: true, marks: map[dotMark]bool{{"m", 3}: true}}
+	cases := []struct {
+		name     string
+		rule     recoveryRule
+		st       msgState
+		want     string
+		attempts int
+	}{
+		{"queued, its next attempt marked", recoveryRule{dots: marked}, msgState{ID: "m", Status: stQueued, Attempts: 2}, stUnknown, 3},
+		{"sending, this attempt marked", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSending, Attempts: 3}, stUnknown, 3},
+		{"queued, the mark is of the attempt it records", recoveryRule{dots: marked}, msgState{ID: "m", Status: stQueued, Attempts: 3}, stQueued, 3},
+		{"sending, the mark is of an earlier attempt", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSending, Attempts: 4}, stQueued, 4},
+		{"sending, no mark", recoveryRule{dots: dotSet{kept: true}}, msgState{ID: "m", Status: stSending, Attempts: 1}, stQueued, 1},
+		{"queued, marked, retry_uncertain", recoveryRule{dots: marked, retryUncertain: true}, msgState{ID: "m", Status: stQueued, Attempts: 2}, stQueued, 3},
+		{"sending, no record at all (an older version)", recoveryRule{}, msgState{ID: "m", Status: stSending, Attempts: 1}, stUnknown, 1},
+		{"queued, no record at all", recoveryRule{}, msgState{ID: "m", Status: stQueued, Attempts: 1}, stQueued, 1},
+		{"sent stays sent", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSent, Attempts: 3}, stSent, 3},
+	}
+	for _, c := range cases {
+		b, interrupted, _ := rebuildBatch("b", &batchState{Messages: []msgState{c.st}}, c.rule, time.Now())
+		got := b.entries[0].st
+		if got.Status != c.want || got.Attempts != c.attempts {
+			t.Errorf("%s: %s with %d attempts, want %s with %d", c.name, got.Status, got.Attempts, c.want, c.attempts)
+		}
+		if (c.want == stUnknown) != (len(interrupted) == 1) {
+			t.Errorf("%s: %d interrupted", c.name, len(interrupted))
+		}
 	}
 }

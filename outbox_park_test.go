@@ -84,6 +84,10 @@ func waitParked(t *testing.T, h *Handler, ids []string) int {
 }
 
 func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
+	forEachStorage(t, testOutboxParksDeferredBatchesAndDeliversThemLater)
+}
+
+func testOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(900*time.Millisecond))
 	fastParking(h.engine)
@@ -136,6 +140,10 @@ func TestOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 }
 
 func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
+	forEachStorage(t, testOutboxUnparksNoMoreThanWorkersCanTake)
+}
+
+func testOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(time.Hour))
 	e := h.engine
@@ -186,6 +194,10 @@ func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
 }
 
 func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
+	forEachStorage(t, testOutboxParksBatchesWaitingForAWebhookRetry)
+}
+
+func testOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	recv := newHookReceiver(t, func(n int) int {
 		if n == 1 {
@@ -240,6 +252,10 @@ func TestOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 }
 
 func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
+	forEachStorage(t, testOutboxParkedBatchesSurviveARestart)
+}
+
+func testOutboxParkedBatchesSurviveARestart(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	in := newInstance(t, "")
 	defer1h := fixedBackoff(time.Hour)
@@ -311,6 +327,10 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 // and recipients are erased from it when the batch parks, and the
 // deferred message's stay, so its retry still sends it.
 func TestParkedBatchLosesItsFinalBodies(t *testing.T) {
+	forEachStorage(t, testParkedBatchLosesItsFinalBodies)
+}
+
+func testParkedBatchLosesItsFinalBodies(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv), fixedBackoff(time.Hour))
 	e := h.engine

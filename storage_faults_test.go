@@ -84,7 +84,7 @@ func (f *faultyStorage) Lock(ctx context.Context, name string) error {
 func faultyHandler(t *testing.T, srv *smtptest.Server, mods ...func(*Handler)) (*Handler, *faultyStorage) {
 	t.Helper()
 	in := newInstance(t, "")
-	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: in.storageDir}}
+	fs := &faultyStorage{Storage: openStorage(t, in.storageDir)}
 	h := in.handler(append([]func(*Handler){withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }}, mods...)...)
 	return h, fs
 }
@@ -94,6 +94,10 @@ func faultyHandler(t *testing.T, srv *smtptest.Server, mods ...func(*Handler)) (
 // the queue figures, and does not consume its Idempotency-Key; once the
 // storage works again the same request goes through.
 func TestAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
+	forEachStorage(t, testAcceptFailsCleanlyWhenStorageFails)
+}
+
+func testAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 	for _, failing := range []string{keySeg, keyOwn} {
 		t.Run(strings.TrimSuffix(strings.TrimPrefix(failing, "authmail/"), "/"), func(t *testing.T) {
 			srv := authServer(t, smtptest.StartTLS)
@@ -149,6 +153,10 @@ func TestAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 // cannot serve are a retryable 503, never a 404 or a 500, and a send that
 // cannot lock or read its idempotency record sends nothing.
 func TestStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
+	forEachStorage(t, testStatusAndIdempotencyAnswer503WhenStorageFails)
+}
+
+func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
 	ctx := context.Background()
@@ -253,6 +261,10 @@ func storedStatus(t *testing.T, h *Handler, id string) string {
 // durable before it talks to the SMTP server. While state writes fail,
 // nothing is sent; once they work, the message goes out once.
 func TestClaimThatCannotBeWrittenSendsNothing(t *testing.T) {
+	forEachStorage(t, testClaimThatCannotBeWrittenSendsNothing)
+}
+
+func testClaimThatCannotBeWrittenSendsNothing(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
 	fs.set(func(f *faultyStorage) { f.store = keySt })
@@ -283,6 +295,10 @@ func TestClaimThatCannotBeWrittenSendsNothing(t *testing.T) {
 // "sent" fails, the outcome is written again later; the message is not
 // sent a second time meanwhile.
 func TestOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
+	forEachStorage(t, testOutcomeThatCannotBeWrittenIsRetried)
+}
+
+func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
 	fs.set(func(f *faultyStorage) {
@@ -323,6 +339,10 @@ func TestOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 // A storage that wrongly answers "no" for a while delays the message; it
 // must not strand it.
 func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
+	forEachStorage(t, testOwnershipCheckThatFailsDelaysTheMessage)
+}
+
+func testOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
 		d.Lease = caddy.Duration(time.Second)
@@ -350,6 +370,10 @@ func TestOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 // read fails, the batch stays parked and the read is tried again; the
 // message is neither lost nor sent twice.
 func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
+	forEachStorage(t, testParkedBatchThatCannotBeReadIsRetried)
+}
+
+func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv, fixedBackoff(900*time.Millisecond))
 	fastParking(h.engine)
@@ -400,6 +424,10 @@ func TestParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 // attempt is recorded as outbox_unavailable (not as an SMTP failure), and
 // the message goes out once the storage answers again.
 func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
+	forEachStorage(t, testRetryThatCannotReadItsBodyIsRetried)
+}
+
+func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv, fixedBackoff(200*time.Millisecond))
 	gate := refuseMail(srv)
@@ -439,6 +467,10 @@ func TestRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 // same id (which could send it twice). Once storage reads again, the
 // retry answers for the accepted message.
 func TestPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
+	forEachStorage(t, testPendingIdempotencyRecordWithUnreadableMessage)
+}
+
+func testPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
 	ctx := context.Background()
@@ -503,6 +535,10 @@ func waitRetired(t *testing.T, h *Handler, id string) {
 // limits match no peer's; it reads the salt on a later sync round and
 // then agrees with the other instances again.
 func TestSaltIsReadOnceStorageAnswers(t *testing.T) {
+	forEachStorage(t, testSaltIsReadOnceStorageAnswers)
+}
+
+func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 	old := limitSyncInterval
 	limitSyncInterval = 30 * time.Millisecond
 	t.Cleanup(func() { limitSyncInterval = old })
@@ -510,7 +546,7 @@ func TestSaltIsReadOnceStorageAnswers(t *testing.T) {
 	a := newInstance(t, shared).handler()
 	a.engine.start()
 	in := newInstance(t, shared)
-	fs := &faultyStorage{Storage: &certmagic.FileStorage{Path: shared}}
+	fs := &faultyStorage{Storage: openStorage(t, shared)}
 	fs.set(func(f *faultyStorage) { f.load = "authmail/salt" })
 	b := in.handler(func(h *Handler) { h.storageOverride = fs })
 	b.engine.start()

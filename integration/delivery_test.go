@@ -242,7 +242,7 @@ func TestCaptureMode(t *testing.T) {
 
 func TestSecretsStayOutOfTheConfig(t *testing.T) {
 	load(t, config{})
-	res, err := http.Get("http://localhost:2999/config/")
+	res, err := http.Get(adminURL + "/config/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,7 +281,7 @@ func TestBadConfigIsRefusedAndOldConfigKeepsRunning(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			c.StorageDir = storageFor(t)
-			res, err := http.Post("http://localhost:2999/load", "text/caddyfile", strings.NewReader(c.render()))
+			res, err := http.Post(adminURL+"/load", "text/caddyfile", strings.NewReader(c.render()))
 			if err != nil {
 				t.Fatal(err)
 			}

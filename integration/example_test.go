@@ -13,35 +13,38 @@ import (
 )
 
 // TestReadmeQuickStart does what the README tells a newcomer: build Caddy
-// with authmail from cmd/caddy, run it on examples/Caddyfile, send every
-// kind of mail with scripts/try-it.sh, and find the .eml files. The
-// example's ports (8080, admin 2019) are replaced by free ones, so that
-// the suite runs while the newcomer's gateway from the quick start still
-// runs on them.
+// with authmail from cmd/caddy, run it on examples/Caddyfile as is, send
+// every kind of mail with scripts/try-it.sh, and find the .eml files.
 func TestReadmeQuickStart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the Caddy binary")
 	}
 	repo, _ := filepath.Abs("..")
 	work := t.TempDir()
-	example, err := os.ReadFile(filepath.Join(repo, "examples", "Caddyfile"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpPort, adminPort := freePort(t), freePort(t)
-	origin := fmt.Sprintf("http://localhost:%d", httpPort)
-	cfg := strings.ReplaceAll(string(example), "localhost:2019", fmt.Sprintf("localhost:%d", adminPort))
-	cfg = strings.ReplaceAll(cfg, "8080", fmt.Sprint(httpPort))
-	cfgFile := filepath.Join(work, "Caddyfile")
-	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	bin := filepath.Join(work, "caddy")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
 	build.Dir = repo
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/caddy: %v\n%s", err, out)
 	}
+
+	// the example as is, on free ports, so that a gateway a developer
+	// runs from it (on 2019 and 8080) does not get in the way
+	example, err := os.ReadFile(filepath.Join(repo, "examples", "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, web := freePort(t), freePort(t)
+	cfg := strings.ReplaceAll(string(example), "localhost:2019", fmt.Sprintf("localhost:%d", admin))
+	cfg = strings.ReplaceAll(cfg, "8080", fmt.Sprint(web))
+	if !strings.Contains(string(example), "admin localhost:2019") || !strings.Contains(string(example), "http_port 8080") {
+		t.Fatalf("examples/Caddyfile no longer has the admin and HTTP ports this test moves:\n%s", example)
+	}
+	cfgFile := filepath.Join(work, "Caddyfile")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	origin := fmt.Sprintf("http://localhost:%d", web)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -55,7 +58,7 @@ func TestReadmeQuickStart(t *testing.T) {
 	}
 	defer func() {
 		// a clean stop through the admin API, as a user would do it
-		if res, err := http.Post(fmt.Sprintf("http://localhost:%d/stop", adminPort), "", nil); err == nil {
+		if res, err := http.Post(fmt.Sprintf("http://localhost:%d/stop", admin), "", nil); err == nil {
 			res.Body.Close()
 		}
 		done := make(chan struct{})

@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -35,8 +36,46 @@ const (
 	keyApp       = "it-app-key-0123456789abcdef"
 	keyOther     = "it-other-key-0123456789abcdef"
 	smtpPassword = "smtp-s3cret-Pa55word!"
-	baseURL      = "http://localhost:9080"
 )
+
+// The shared Caddy's ports. Test configs are written with Caddy's test
+// ports (admin localhost:2999, HTTP 9080, HTTPS 9443), and withPorts moves
+// them to free ports that TestMain picks, so that another Caddy on this
+// machine (a gateway run from examples/Caddyfile, another test run) never
+// meets this one.
+var (
+	adminPort, httpPort, httpsPort int
+	baseURL                        string // http://localhost:<httpPort>
+	adminURL                       string // http://localhost:<adminPort>
+)
+
+// withPorts moves a test config's canonical ports to the run's own.
+func withPorts(caddyfile string) string {
+	return strings.NewReplacer(
+		"localhost:2999", fmt.Sprintf("localhost:%d", adminPort),
+		":9080", fmt.Sprintf(":%d", httpPort),
+		"http_port 9080", fmt.Sprintf("http_port %d", httpPort),
+		"https_port 9443", fmt.Sprintf("https_port %d", httpsPort),
+	).Replace(caddyfile)
+}
+
+// freePorts returns n distinct free loopback ports.
+func freePorts(n int) []int {
+	var lns []net.Listener
+	var ports []int
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			panic(err)
+		}
+		lns = append(lns, ln)
+		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+	}
+	for _, ln := range lns {
+		ln.Close()
+	}
+	return ports
+}
 
 var (
 	smtpSrv *smtptest.Server
@@ -70,6 +109,12 @@ func TestMain(m *testing.M) {
 	os.Setenv("XDG_DATA_HOME", filepath.Join(tmpDir, "data"))
 	caddy.ConfigAutosavePath = filepath.Join(caddy.AppConfigDir(), "autosave.json")
 	caddy.DefaultStorage = &certmagic.FileStorage{Path: caddy.AppDataDir()}
+
+	ports := freePorts(3)
+	adminPort, httpPort, httpsPort = ports[0], ports[1], ports[2]
+	baseURL = fmt.Sprintf("http://localhost:%d", httpPort)
+	adminURL = fmt.Sprintf("http://localhost:%d", adminPort)
+	caddytest.Default.AdminPort = adminPort
 
 	os.Setenv("AUTHMAIL_IT_KEY", keyApp)
 	os.Setenv("AUTHMAIL_IT_KEY2", keyOther)
@@ -233,7 +278,7 @@ func (c config) render() string {
 	if err := caddyfileTemplate.Execute(&b, c); err != nil {
 		panic(err)
 	}
-	return b.String()
+	return withPorts(b.String())
 }
 
 // load (re)configures the shared Caddy through the admin API and resets
@@ -247,7 +292,7 @@ func load(t *testing.T, c config) {
 	if t.Failed() {
 		t.FailNow()
 	}
-	waitOneListener(t, 9080)
+	waitOneListener(t, httpPort)
 	// the reload closed the old server's idle keep-alive connections
 	client.CloseIdleConnections()
 	smtpSrv.SetHooks(smtptest.Hooks{})
@@ -392,7 +437,7 @@ func fmtJSON(format string, args ...any) string { return fmt.Sprintf(format, arg
 // loadRaw loads a Caddyfile as is.
 func loadRaw(t *testing.T, caddyfile string) {
 	t.Helper()
-	caddytest.NewTester(t).InitServer(caddyfile, "caddyfile")
+	caddytest.NewTester(t).InitServer(withPorts(caddyfile), "caddyfile")
 	if t.Failed() {
 		t.FailNow()
 	}

@@ -156,7 +156,7 @@ func TestWebhookThroughCaddy(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	// the configured secret stays out of the running config
-	res, _ := http.Get("http://localhost:2999/config/")
+	res, _ := http.Get(adminURL + "/config/")
 	cfg, _ := io.ReadAll(res.Body)
 	res.Body.Close()
 	if strings.Contains(string(cfg), "it-hook-secret-123") {
@@ -169,7 +169,7 @@ func TestMetricsOnTheAdminEndpoint(t *testing.T) {
 	expectSent(t, post(t, "/authmail/send/otp", `{"to":"jane@example.org","code":"1"}`))
 	reloadNow(t, config{HELO: "reloaded.example"}) // a new config has a new registry
 	expectSent(t, post(t, "/authmail/send/otp", `{"to":"jane@example.org","code":"2"}`))
-	res, err := http.Get("http://localhost:2999/metrics")
+	res, err := http.Get(adminURL + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -57,22 +57,32 @@ func freePort(t *testing.T) int {
 // caddyProc is a Caddy process running authmail.
 type caddyProc struct {
 	name string
-	cmd  *exec.Cmd
-	http int
-	log  string
-	done chan struct{}
+	// admin is the admin API's port, cfgFile the Caddyfile it runs
+	admin   int
+	cfgFile string
+	cmd     *exec.Cmd
+	http    int
+	log     string
+	done    chan struct{}
 }
 
 // startCaddy runs the built binary as an instance with its own data
 // directory (so its own instance id), sharing the outbox storage given.
 func startCaddy(t *testing.T, name, dataDir, storage string, smtp *smtptest.Server) *caddyProc {
 	t.Helper()
+	return startCaddyOn(t, name, dataDir, "file_system "+storage, "4s", smtp)
+}
+
+// startCaddyOn is startCaddy with the authmail block's storage given as a
+// Caddyfile snippet ("file_system /dir", "redis { … }") and a lease.
+func startCaddyOn(t *testing.T, name, dataDir, storage, lease string, smtp *smtptest.Server) *caddyProc {
+	t.Helper()
 	bin := caddyBinary(t)
 	dir := filepath.Join(tmpDir, "procs", name+"-"+fmt.Sprint(time.Now().UnixNano()))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	p := &caddyProc{name: name, http: freePort(t), log: filepath.Join(dir, "caddy.log"), done: make(chan struct{})}
+	p := &caddyProc{name: name, admin: freePort(t), http: freePort(t), log: filepath.Join(dir, "caddy.log"), done: make(chan struct{})}
 	cfg := fmt.Sprintf(`{
 	admin localhost:%d
 	http_port %d
@@ -95,17 +105,18 @@ http://127.0.0.1:%d {
 		key app {env.AUTHMAIL_IT_KEY} {
 			rate off
 		}
-		storage file_system %s
+		storage %s
 		delivery {
-			lease 4s
+			lease %s
 			retry_backoff 200ms
 			max_backoff 1s
 			drain_timeout 2s
 		}
 	}
 }
-`, freePort(t), p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage)
+`, p.admin, p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage, lease)
 	cfgFile := filepath.Join(dir, "Caddyfile")
+	p.cfgFile = cfgFile
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

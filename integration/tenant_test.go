@@ -89,7 +89,7 @@ func callSite(t *testing.T, origin, key, method, path, body string, headers ...s
 // they share is not an identity. After a reload, each still reads its own
 // messages.
 func TestKeysOfTheSameIDOnTwoSitesAreSeparateTenants(t *testing.T) {
-	const siteA, siteB = "http://localhost:9080", "http://127.0.0.1:9080"
+	siteA, siteB := baseURL, fmt.Sprintf("http://127.0.0.1:%d", httpPort)
 	loadRaw(t, twoSites("AUTHMAIL_IT_KEY", "AUTHMAIL_IT_KEY2", "off"))
 
 	// 1. status: B's key gets exactly the answer of an id that does not exist

@@ -10,7 +10,7 @@ set -euo pipefail
 
 base=${AUTHMAIL_URL:-http://localhost:8080/authmail}
 key=${AUTHMAIL_KEY:-dev-key-change-me-0123456789}
-origin=${base%/authmail} # the example's base_url: links must be on it
+origin=${base%/authmail*} # links must be on the gateway's base_url origin
 
 send() {
 	printf '%-22s ' "$1"

@@ -10,6 +10,10 @@ import (
 
 	// plug in authmail
 	_ "github.com/caddy-authmail/authmail"
+
+	// Redis storage (caddy.storage.redis), so that the repository's own
+	// binary can run a cluster on Redis, as the integration tests do
+	_ "github.com/pberkel/caddy-storage-redis"
 )
 
 func main() {
