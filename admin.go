@@ -170,6 +170,13 @@ type testResponse struct {
 	DurationMS   int64  `json:"duration_ms"`
 }
 
+// testMessage is the short message of POST /test and caddy authmail test.
+func (h *Handler) testMessage(to mailAddr) *outMessage {
+	text := "This is a test message from " + h.appName + ", sent through authmail to check the mail setup.\n\nNo action is needed.\n"
+	return &outMessage{flow: "test", to: []mailAddr{to}, replyTo: h.replyTo, subject: h.appName + " test message",
+		text: text, html: "<p>" + strings.ReplaceAll(html.EscapeString(text), "\n\n", "</p><p>") + "</p>"}
+}
+
 // serveTest sends a short test message synchronously, outside the outbox,
 // and reports what the SMTP server answered.
 func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestCtx, body []byte, dryRun bool) error {
@@ -184,10 +191,7 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
-	text := "This is a test message from " + h.appName + ", sent through authmail to check the mail setup.\n\nNo action is needed.\n"
-	m := &outMessage{flow: "test", to: []mailAddr{to}, replyTo: h.replyTo, subject: h.appName + " test message",
-		text: text, html: "<p>" + strings.ReplaceAll(html.EscapeString(text), "\n\n", "</p><p>") + "</p>"}
-	env, err := h.buildEnvelope(m, time.Now())
+	env, err := h.buildEnvelope(h.testMessage(to), time.Now())
 	if err != nil {
 		return h.reject(w, rc, &apiError{Status: http.StatusInternalServerError, Code: "internal_error", Message: "the test message could not be rendered"})
 	}
@@ -205,7 +209,7 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	if serr == nil {
 		resp.Sent, resp.Status, resp.SMTPResponse = true, d.Status, d.Response
 		rc.setStatus(d.Status, "")
-		h.logger.Info("test message sent", fields...)
+		h.logger.Info("test message "+d.Status, fields...)
 		return writeJSON(w, http.StatusOK, resp)
 	}
 	de, _ := serr.(*deliveryError)

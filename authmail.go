@@ -42,7 +42,11 @@ const (
 	defaultConnections = 4
 	minSecretLength    = 16
 
-	defaultWait           = 10 * time.Second
+	// defaultWait stays below common HTTP client timeouts (10 s in
+	// authmail-relay's client and many SDKs), so that with a slow SMTP
+	// server the client gets 202 queued for mail that will be sent,
+	// instead of a read timeout it may answer with a second send
+	defaultWait           = 8 * time.Second
 	defaultRetryBackoff   = 30 * time.Second
 	defaultMaxBackoff     = 30 * time.Minute
 	defaultMaxAge         = 24 * time.Hour
@@ -59,7 +63,8 @@ const (
 // operator's SMTP server (or, for development, into a capture directory).
 //
 // Requests whose path is outside `path_prefix` are passed to the next
-// handler. The endpoints, relative to the prefix, are `GET /health`,
+// handler; with `path_prefix /`, so is every path that is no endpoint
+// (except a misspelt flow below /send/ or /verify/). The endpoints, relative to the prefix, are `GET /health`,
 // `POST /send`, `POST /send/otp`, `POST /send/magic-link`,
 // `POST /send/password-reset`, `POST /send/verify-email`,
 // `POST /send/email-change`, `POST /send/security-alert`,
@@ -161,9 +166,12 @@ type Handler struct {
 
 	// WebhookSecret signs webhooks of requests that give no
 	// webhook_secret of their own. Accepts {env.*} and {file.*}
-	// placeholders. A secret starting with "whsec_" is base64 after the
-	// prefix (Standard Webhooks). Default: none, so requests that ask for a
-	// webhook must give a webhook_secret.
+	// placeholders. A secret starting with "whsec_" must be base64 after
+	// the prefix: the Standard Webhooks signature uses the decoded key,
+	// the authmail-relay signatures the secret as written (any other
+	// secret: both use its bytes). Default: none, so requests that ask for
+	// a webhook must give a webhook_secret (except in compat
+	// authmail-relay mode, where such a webhook goes unsigned).
 	WebhookSecret string `json:"webhook_secret,omitempty"`
 
 	// WebhookAllowHosts lists webhook hosts that may resolve to loopback,
@@ -194,7 +202,10 @@ type Handler struct {
 	// password-reset, verify-email, email-change, security-alert) per
 	// recipient and flow, as "<n>/<duration>" or "off". The key "default"
 	// applies to every flow without its own entry. /send is not limited.
-	// Default: {"default": "5/15m"}.
+	// It is there to stop a mail bomb (a public "resend" or "forgot
+	// password" form driven at one address) and to bound fresh codes per
+	// recipient, not to pace users: ten in a quarter hour lets a user press
+	// "resend" many times. Default: {"default": "10/15m"}.
 	RecipientRate map[string]string `json:"recipient_rate,omitempty"`
 
 	// LogRecipients logs full recipient addresses. Default: false, which
@@ -209,6 +220,17 @@ type Handler struct {
 	// they name, internal ones included. Turn it on only when the relay
 	// must deliver to such hosts. Default: false.
 	AllowLocalRecipients bool `json:"allow_local_recipients,omitempty"`
+
+	// Compat "authmail-relay" makes the handler answer as authmail-relay
+	// did wherever the two differ: a send with a webhook_url is answered
+	// at once with 200 {"sent":false,"status":"accepted"} and reported by
+	// webhook (which needs no secret); webhooks carry the relay's payload
+	// (status "delivered", refused, error_code null, sent_at with
+	// +00:00); magic links built from base_url go to
+	// <base_url>/set-password?token=; templated mail defaults to Korean;
+	// error answers add FastAPI's "detail". Default: none, authmail's own
+	// behaviour.
+	Compat string `json:"compat,omitempty"`
 
 	// Codes lets authmail issue OTP codes and link tokens and check them
 	// at /verify/otp and /verify/token (see Codes). Default: unset, so
@@ -246,7 +268,8 @@ type Delivery struct {
 	// before answering 202 queued. "Prefer: respond-async" answers at once,
 	// "Prefer: wait=N" waits N seconds (at most 300). In JSON, 0 means the
 	// default and a negative value answers right after the durable write.
-	// Default: 10s.
+	// Default: 8s, below the 10 s timeout of common HTTP clients, so that
+	// a slow SMTP server yields 202 queued before the client gives up.
 	Wait caddy.Duration `json:"wait,omitempty"`
 
 	// RetryBackoff is the delay before the second attempt; it doubles with
@@ -397,7 +420,7 @@ var (
 const (
 	defaultKeyRate       = "600/1m"
 	defaultAuthFailures  = "10/1m"
-	defaultRecipientRate = "5/15m"
+	defaultRecipientRate = "10/15m"
 )
 
 // CaddyModule returns the Caddy module information.
@@ -433,6 +456,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.baseURL = strings.TrimRight(h.BaseURL, "/")
 		u, _ := url.Parse(h.baseURL)
 		h.baseOrigin = origin(u)
+	}
+	if h.relayCompat() {
+		h.Links = relayLinks(h.Links, h.baseURL)
 	}
 
 	repl := caddy.NewReplacer()
@@ -504,13 +530,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	conns := 4
-	var route string
+	var route, transportDesc string
 	if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
 			route = "capture " + abs
 		}
+		transportDesc = route
 	} else {
 		settings, err := h.SMTP.resolve(repl, h.logger)
 		if err != nil {
@@ -527,6 +554,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.transport = val.(*smtpSender)
 		conns = settings.connections
 		route = settings.route()
+		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
 	}
 
 	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
@@ -581,6 +609,24 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		h.logger.Warn("registering metrics failed; metrics disabled", zap.Error(err))
 	}
+	// one line per handler, so that a newcomer sees where mail goes; no
+	// secrets: keys by id, the SMTP host without credentials, the storage
+	// by kind (and path for file storage, whose other kinds may hold
+	// credentials in their settings)
+	keyIDs := make([]string, len(h.keys))
+	for i, k := range h.keys {
+		keyIDs[i] = k.id
+	}
+	storageDesc := fmt.Sprintf("%T", storage)
+	if fs, ok := storage.(*certmagic.FileStorage); ok {
+		storageDesc = "file_system " + fs.Path
+	}
+	fields := []zap.Field{zap.String("path_prefix", firstNonEmpty(h.PathPrefix, defaultPathPrefix)),
+		zap.String("transport", transportDesc), zap.Strings("keys", keyIDs), zap.String("storage", storageDesc)}
+	if h.Compat != "" {
+		fields = append(fields, zap.String("compat", h.Compat))
+	}
+	h.logger.Info("authmail handler ready", fields...)
 	return nil
 }
 
@@ -610,6 +656,12 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		maxQueued:      d.MaxQueued,
 		retryUncertain: d.RetryUncertain,
 		webhookAllow:   h.WebhookAllowHosts,
+	}
+	if h.relayCompat() {
+		cfg.relaySent = "delivered"
+		if h.Capture != "" {
+			cfg.relaySent = "captured"
+		}
 	}
 	if cfg.maxQueued == 0 {
 		cfg.maxQueued = defaultMaxQueued
@@ -857,6 +909,11 @@ func (h *Handler) checkConfig() error {
 			return err
 		}
 	}
+	switch h.Compat {
+	case "", compatRelay:
+	default:
+		return fmt.Errorf("compat must be %s, not '%s'", compatRelay, h.Compat)
+	}
 	switch h.LinkPolicy {
 	case "", "off", "enforce":
 	default:
@@ -894,6 +951,10 @@ func (h *Handler) checkConfig() error {
 		}
 	}
 	for _, host := range h.WebhookAllowHosts {
+		if strings.Contains(host, ",") {
+			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give one host per entry, not a comma-joined list (JSON: [\"%s\"]; Caddyfile: webhook_allow_hosts %s)",
+				host, strings.Join(strings.Split(host, ","), `", "`), strings.Join(strings.Split(host, ","), " "))
+		}
 		if host == "" || strings.ContainsAny(host, "/ :@?#") && !strings.HasPrefix(host, "[") {
 			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give a host name or IP address", host)
 		}
@@ -1030,6 +1091,9 @@ func checkKey(id, secret string) error {
 var recipientRateFlows = flowNames(func(f *flowDef) bool { return f.recipientLimit })
 
 func checkPermission(p string) error {
+	if strings.Contains(p, ",") {
+		return commaList("allow", []string{p})
+	}
 	if slices.Contains(sendPerms, p) || slices.Contains(verifyPerms, p) || slices.Contains(adminPerms, p) {
 		return nil
 	}
@@ -1039,6 +1103,9 @@ func checkPermission(p string) error {
 // checkOrigin validates an allow_origins entry: an https origin, or http
 // for localhost, without path, query or user info.
 func checkOrigin(o string) error {
+	if strings.Contains(o, ",") {
+		return commaList("allow_origin", []string{o})
+	}
 	u, p := parseHTTPURL(o)
 	if p != "" {
 		return fmt.Errorf("allow_origin '%s' %s", o, p)

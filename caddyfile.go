@@ -78,6 +78,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		recipient_rate [<flow>] <n>/<duration>|off
 //		log_recipients on|off
 //		allow_local_recipients on|off
+//		compat authmail-relay
 //		codes [issue] {
 //			secret <secret>
 //			length <n>
@@ -243,6 +244,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					if len(k.Allow) == 0 {
 						return d.ArgErr()
 					}
+					if err := commaList("allow", k.Allow); err != nil {
+						return d.Errf("key %s: %v", id, err)
+					}
 					for _, p := range k.Allow {
 						if err := checkPermission(p); err != nil {
 							return d.Errf("key %s: %v", id, err)
@@ -348,12 +352,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(args) == 0 {
 				return d.ArgErr()
 			}
+			if err := commaList("webhook_allow_hosts", args); err != nil {
+				return d.WrapErr(err)
+			}
 			h.WebhookAllowHosts = append(h.WebhookAllowHosts, args...)
 
 		case "allow_origin":
 			args := d.RemainingArgs()
 			if len(args) == 0 {
 				return d.ArgErr()
+			}
+			if err := commaList("allow_origin", args); err != nil {
+				return d.WrapErr(err)
 			}
 			for _, o := range args {
 				if err := checkOrigin(o); err != nil {
@@ -406,6 +416,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.RecipientRate = map[string]string{}
 			}
 			h.RecipientRate[flow] = v
+
+		case "compat":
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if v != compatRelay {
+				return d.Errf("compat must be %s, not '%s'", compatRelay, v)
+			}
+			h.Compat = v
 
 		case "codes":
 			c, err := unmarshalCodes(d)
@@ -610,6 +630,21 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 		return nil, err
 	}
 	return dl, nil
+}
+
+// commaList refuses a list setting given as one comma-joined value
+// ("webhook_allow_hosts 127.0.0.1,localhost", as authmail-relay's
+// WEBHOOK_ALLOW_HOSTS was written), which would otherwise be taken as one
+// bogus entry and silently match nothing; the error shows the syntax that
+// works.
+func commaList(directive string, args []string) error {
+	for _, a := range args {
+		if strings.Contains(a, ",") {
+			parts := strings.FieldsFunc(a, func(r rune) bool { return r == ',' || r == ' ' })
+			return fmt.Errorf("%s '%s': give one value per argument, separated by spaces, not commas: %s %s", directive, a, directive, strings.Join(parts, " "))
+		}
+	}
+	return nil
 }
 
 // literalKeyHash turns a key secret written literally in the Caddyfile

@@ -231,6 +231,10 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
 		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
 		"bad allow_local_recipients":      {"authmail {" + minimalBlock + "\n allow_local_recipients yes\n}", "allow_local_recipients must be on or off, not 'yes'"},
+		"comma-joined webhook hosts":      {"authmail {" + minimalBlock + "\n webhook_allow_hosts 127.0.0.1,localhost\n}", "webhook_allow_hosts '127.0.0.1,localhost': give one value per argument, separated by spaces, not commas: webhook_allow_hosts 127.0.0.1 localhost"},
+		"comma-joined origins":            {"authmail {" + minimalBlock + "\n allow_origin https://a.example.com,https://b.example.com\n}", "allow_origin 'https://a.example.com,https://b.example.com': give one value per argument, separated by spaces, not commas: allow_origin https://a.example.com https://b.example.com"},
+		"comma-joined allow":              {"authmail {" + minimalBlock + "\n key web 0123456789abcdef9999 {\n allow otp,magic-link\n }\n}", "key web: allow 'otp,magic-link': give one value per argument, separated by spaces, not commas: allow otp magic-link"},
+		"bad compat":                      {"authmail {" + minimalBlock + "\n compat relay\n}", "compat must be authmail-relay, not 'relay'"},
 		"placeholder in smtp host":        {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp {env.SMTP_HOST}\n}", "placeholders are not expanded here"},
 	}
 	for name, tc := range cases {

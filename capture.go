@@ -15,6 +15,22 @@ type captureTransport struct {
 	dir string
 }
 
+// captureTrace is what a capture file holds before the message: its
+// envelope, written as a local delivery agent writes it into a mailbox
+// (Postfix's local, Dovecot's LDA), so that mail tools read it as
+// ordinary trace headers: "Return-Path: <sender>" (RFC 5321 section
+// 4.4) and one "Delivered-To: <recipient>" per envelope recipient, Bcc
+// included. Only capture files get them; sent mail never does (the Bcc
+// recipients would show).
+func captureTrace(env *envelope) []byte {
+	b := make([]byte, 0, 64+32*len(env.To))
+	b = append(b, "Return-Path: <"+env.From+">\r\n"...)
+	for _, to := range env.To {
+		b = append(b, "Delivered-To: "+to+"\r\n"...)
+	}
+	return b
+}
+
 // send writes env.Data atomically (temporary file, then rename), so a
 // watcher never sees a partial file. Files are readable by the owner only:
 // they contain codes and links.
@@ -31,6 +47,9 @@ func (c *captureTransport) send(_ context.Context, env *envelope) (delivery, err
 		_ = tmp.Close()
 		_ = os.Remove(tmp.Name())
 		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseBody, Err: err}
+	}
+	if _, err := tmp.Write(captureTrace(env)); err != nil {
+		return fail(err)
 	}
 	if _, err := tmp.Write(env.Data); err != nil {
 		return fail(err)

@@ -277,7 +277,9 @@ func (h *Handler) checkWebhook(f deliveryFields) (webhookState, *apiError) {
 	if _, err := webhookKey(f.WebhookSecret); err != nil {
 		return webhookState{}, invalid("webhook_secret", "%s", err)
 	}
-	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") {
+	// the relay posted unsigned webhooks when no secret was given; compat
+	// authmail-relay keeps that, everything else refuses
+	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.webhookSecret == "") && !h.relayCompat() {
 		return webhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
 	}
 	return webhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
@@ -478,7 +480,7 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	} else if err := checkCode(req.Code); err != nil {
 		return nil, "", err
 	}
-	exp, err := checkExpiry(req.ExpiresInMinutes, ep.expiry)
+	exp, err := checkExpiry(req.ExpiresInMinutes, h.expiryCompat(ep.expiry))
 	if err != nil {
 		return nil, "", err
 	}

@@ -301,6 +301,7 @@ func FuzzCaddyfile(f *testing.F) {
 		"authmail {\n security_alerts {\n new_login on\n }\n}",
 		"authmail /x {\n link magic-link https://a/{token}\n}",
 		"authmail {\n from a@example.com\n key k 0123456789abcdef0123 {\n allow otp verify\n }\n capture /tmp/x\n codes issue {\n secret {env.S}\n length 8\n alphabet ABC\n }\n}",
+		"authmail {\n from a@example.com\n key k 0123456789abcdef0123\n capture /tmp/x\n compat authmail-relay\n webhook_allow_hosts 127.0.0.1,localhost\n}",
 	} {
 		f.Add(s)
 	}

@@ -240,6 +240,9 @@ func checkConfigLocale(loc string) error {
 // template is in its language: the messages then fall back to en.
 func (h *Handler) provisionLocale() error {
 	h.locale = defaultLocale
+	if l := h.defaultLocaleCompat(); l != "" {
+		h.locale = l // the relay's wording, unless the config names a locale
+	}
 	if h.Locale != "" {
 		l, err := parseLocale(h.Locale, true)
 		if err != nil {

@@ -42,6 +42,10 @@ type engineConfig struct {
 	webhookSecret  string
 	webhookAllow   []string
 	logRecipients  bool
+	// relaySent, in compat authmail-relay mode, makes webhooks carry the
+	// relay's payload and names a delivered message in it ("delivered",
+	// or "captured" in capture mode); empty otherwise.
+	relaySent string
 }
 
 // errQueueFull is returned by accept when max_queued messages wait.
@@ -1099,6 +1103,10 @@ func (e *engine) logOutcome(st msgState, derr *deliveryError, final bool, took t
 	case !final:
 		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
 		e.log().Warn("delivery attempt failed; will retry", fields...)
+	case st.Status == stSent && st.SMTPResponse == "captured":
+		// capture mode: written to the capture directory, not sent
+		fields[3] = zap.String("status", "captured")
+		e.log().Info("message captured", fields...)
 	case st.Status == stSent:
 		e.log().Info("message sent", fields...)
 	default:

@@ -31,11 +31,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !ok {
 		return next.ServeHTTP(w, r)
 	}
+	ep, msgID := lookupEndpoint(rest)
+	if ep == nil && h.prefix == "" && !nearMiss(rest) {
+		// path_prefix / shares the site with the app: a path that is not
+		// one of authmail's goes on to the next handler
+		return next.ServeHTTP(w, r)
+	}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	rc := &requestCtx{repl: repl, requestID: requestID(r, repl), started: time.Now()}
 	w.Header().Set("X-Request-ID", rc.requestID)
 
-	ep, msgID := lookupEndpoint(rest)
 	if ep == nil {
 		return h.reject(w, rc, &apiError{Status: http.StatusNotFound, Code: "not_found",
 			Message: "no such endpoint: " + rest})
@@ -181,6 +186,13 @@ func lookupEndpoint(rest string) (*endpoint, string) {
 	return endpoints[rest], ""
 }
 
+// nearMiss reports whether a path that is no endpoint is still meant for
+// authmail under path_prefix /: one below /send/ or /verify/ (a misspelt
+// flow), which gets authmail's JSON 404 rather than the app's answer.
+func nearMiss(rest string) bool {
+	return strings.HasPrefix(rest, "/send/") || strings.HasPrefix(rest, "/verify/")
+}
+
 // preference is what the Prefer header (RFC 7240) asks for.
 type preference struct {
 	async   bool
@@ -217,8 +229,11 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To)}
 	}
 	wait := h.dcfg.wait
+	// the relay answered a send with a webhook_url at once and reported
+	// the result by webhook
+	relayAsync := h.relayCompat() && msgs[0].webhook.URL != ""
 	switch {
-	case pref.async:
+	case pref.async || relayAsync:
 		wait = 0
 	case pref.hasWait:
 		wait = pref.wait
@@ -251,6 +266,9 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 			break
 		}
 		timer.Stop()
+	}
+	if relayAsync {
+		return relayAccepted(msgs[0].flow, entries[0].st.ID, entries[0].st.MessageID)
 	}
 	states := h.engine.states(entries)
 	if wait <= 0 {
@@ -358,6 +376,9 @@ func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiRes
 	}
 	if resp.replayed {
 		hdr.Set("Idempotent-Replayed", "true")
+	}
+	if h.relayCompat() && resp.status >= 400 {
+		return writeRaw(w, resp.status, relayErrorBody(resp.status, resp.body))
 	}
 	return writeRaw(w, resp.status, resp.body)
 }
@@ -619,7 +640,11 @@ func (h *Handler) reject(w http.ResponseWriter, rc *requestCtx, e *apiError) err
 			zap.String("flow", rc.flow), zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID))
 	}
 	metricRejected(e.Code)
-	return writeJSON(w, e.Status, errorResponse{ErrorCode: e.Code, Message: e.Message, Field: e.Field})
+	out := errorResponse{ErrorCode: e.Code, Message: e.Message, Field: e.Field}
+	if h.relayCompat() {
+		return writeJSON(w, e.Status, relayError(e.Status, out))
+	}
+	return writeJSON(w, e.Status, out)
 }
 
 // Response bodies; field order is the documented one.

@@ -278,16 +278,21 @@ func webhookClient(allow []string, timeout time.Duration) *http.Client {
 // signWebhook sets the signature headers: Standard Webhooks
 // (webhook-id, webhook-timestamp, webhook-signature "v1,<base64>") and
 // authmail-relay's (X-Email-Service-Timestamp, X-Email-Service-Signature
-// "sha256=<hex>" over the body, -V2 over "timestamp.body"). A secret that
-// starts with "whsec_" is base64 after the prefix, as Standard Webhooks
-// secrets are; any other secret is used as is.
+// "sha256=<hex>" over the body, -V2 over "timestamp.body"). The two use
+// different keys from the one secret, each as its receivers derive it, so
+// that one secret serves both kinds: Standard Webhooks receivers decode a
+// "whsec_" secret's base64 (webhookKey), and take any other secret as raw
+// bytes in their libraries' raw mode; authmail-relay receivers (hmac.new(
+// secret.encode(), …)) use the secret's bytes as written, "whsec_" and
+// all. (Signing the relay headers with the decoded key made every relay
+// receiver given a whsec_ secret fail verification.)
 func signWebhook(h http.Header, secret, msgID string, ts int64, body []byte) {
 	key, err := webhookKey(secret)
 	if err != nil {
 		key = []byte(secret) // refused when configured or requested; kept for old records
 	}
 	tsStr := strconv.FormatInt(ts, 10)
-	mac := func(parts ...[]byte) []byte {
+	mac := func(key []byte, parts ...[]byte) []byte {
 		m := hmac.New(sha256.New, key)
 		for _, p := range parts {
 			m.Write(p)
@@ -296,10 +301,11 @@ func signWebhook(h http.Header, secret, msgID string, ts int64, body []byte) {
 	}
 	h.Set("webhook-id", msgID)
 	h.Set("webhook-timestamp", tsStr)
-	h.Set("webhook-signature", "v1,"+base64.StdEncoding.EncodeToString(mac([]byte(msgID+"."+tsStr+"."), body)))
+	h.Set("webhook-signature", "v1,"+base64.StdEncoding.EncodeToString(mac(key, []byte(msgID+"."+tsStr+"."), body)))
+	relayKey := []byte(secret)
 	h.Set("X-Email-Service-Timestamp", tsStr)
-	h.Set("X-Email-Service-Signature", "sha256="+hex.EncodeToString(mac(body)))
-	h.Set("X-Email-Service-Signature-V2", "sha256="+hex.EncodeToString(mac([]byte(tsStr+"."), body)))
+	h.Set("X-Email-Service-Signature", "sha256="+hex.EncodeToString(mac(relayKey, body)))
+	h.Set("X-Email-Service-Signature-V2", "sha256="+hex.EncodeToString(mac(relayKey, []byte(tsStr+"."), body)))
 }
 
 // webhookKey returns the HMAC key of a webhook secret: the base64 after
@@ -513,12 +519,18 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	if secret == "" {
 		secret = cfg.webhookSecret
 	}
-	p := webhookPayload{ID: st.ID, MessageID: st.MessageID, Status: st.Status, Attempts: st.Attempts}
-	if st.Status != stSent {
-		p.ErrorCode = st.LastCode
-	}
-	if !st.SentAt.IsZero() {
-		p.SentAt = st.SentAt.UTC().Format(time.RFC3339)
+	var p any
+	if cfg.relaySent != "" {
+		p = relayPayloadOf(st, cfg.relaySent)
+	} else {
+		ap := webhookPayload{ID: st.ID, MessageID: st.MessageID, Status: st.Status, Attempts: st.Attempts}
+		if st.Status != stSent {
+			ap.ErrorCode = st.LastCode
+		}
+		if !st.SentAt.IsZero() {
+			ap.SentAt = st.SentAt.UTC().Format(time.RFC3339)
+		}
+		p = ap
 	}
 	// the same encoding as the API's answers ("<…@example.com>", not
 	// "\u003c…"), without the trailing newline
@@ -590,6 +602,10 @@ func (e *engine) postHook(client *http.Client, target, secret, id string, body [
 	req.Header.Set("User-Agent", "authmail-webhook")
 	if secret != "" {
 		signWebhook(req.Header, secret, id, time.Now().Unix(), body)
+	} else {
+		// unsigned (compat authmail-relay only): the relay still sent its
+		// timestamp
+		req.Header.Set("X-Email-Service-Timestamp", strconv.FormatInt(time.Now().Unix(), 10))
 	}
 	res, err := client.Do(req)
 	if err != nil {

@@ -174,11 +174,14 @@ func TestWebhookPerRequestSecretRetriesAndFailures(t *testing.T) {
 	if p["status"] != "failed" || p["error_code"] != "recipient_refused" || p["sent_at"] != nil {
 		t.Fatalf("payload %s", calls[2].body)
 	}
-	// whsec_ secrets are base64 keys
-	m := hmac.New(sha256.New, []byte("raw-key-bytes"))
+	// relay signatures use the secret as given, whsec_ and all
+	m := hmac.New(sha256.New, []byte(secret))
 	m.Write(calls[2].body)
 	if got := calls[2].header.Get("X-Email-Service-Signature"); got != "sha256="+hex.EncodeToString(m.Sum(nil)) {
-		t.Errorf("signature with a whsec_ secret: %s", got)
+		t.Errorf("relay signature with a whsec_ secret: %s", got)
+	}
+	if err := verifyStandardWebhook(secret, false, calls[2].header, calls[2].body, time.Now()); err != nil {
+		t.Errorf("Standard Webhooks signature with a whsec_ secret: %v", err)
 	}
 	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookDelivered })
 	if st.Webhook.Attempts != 3 {
@@ -612,5 +615,117 @@ func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 	}
 	if n := total(); n != webhookPerTenant {
 		t.Errorf("the key's hanging receivers got %d connections at once, want %d", n, webhookPerTenant)
+	}
+}
+
+// verifyStandardWebhook verifies a webhook as the Standard Webhooks
+// specification and its reference libraries do, written here from the
+// spec rather than from signWebhook: the key is the base64 after an
+// optional "whsec_" prefix (raw: the secret's bytes, the libraries' raw
+// mode, NewWebhookRaw / {format: "raw"}), the signed content is
+// "webhook-id.webhook-timestamp.body", the timestamp must be within five
+// minutes, and webhook-signature is a space-separated list of
+// "v1,<base64>" of which one must match.
+func verifyStandardWebhook(secret string, raw bool, h http.Header, body []byte, now time.Time) error {
+	var key []byte
+	if raw {
+		key = []byte(secret)
+	} else {
+		var err error
+		if key, err = base64.StdEncoding.DecodeString(strings.TrimPrefix(secret, "whsec_")); err != nil {
+			return fmt.Errorf("secret is not base64: %v", err)
+		}
+	}
+	id, ts, sigs := h.Get("webhook-id"), h.Get("webhook-timestamp"), h.Get("webhook-signature")
+	if id == "" || ts == "" || sigs == "" {
+		return errors.New("missing required headers")
+	}
+	n, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return errors.New("invalid timestamp")
+	}
+	if d := now.Sub(time.Unix(n, 0)); d > 5*time.Minute || d < -5*time.Minute {
+		return errors.New("timestamp outside the tolerance")
+	}
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(id + "." + ts + "."))
+	m.Write(body)
+	want := m.Sum(nil)
+	for _, s := range strings.Split(sigs, " ") {
+		version, sig, ok := strings.Cut(s, ",")
+		if !ok || version != "v1" {
+			continue
+		}
+		got, err := base64.StdEncoding.DecodeString(sig)
+		if err == nil && hmac.Equal(got, want) {
+			return nil
+		}
+	}
+	return errors.New("no matching signature")
+}
+
+// verifyRelayWebhook verifies a webhook as authmail-relay's webhook
+// documentation tells receivers to: V2 over "timestamp.body" with
+// hmac.new(SECRET.encode(), …) and a five-minute window, and the legacy
+// V1 over the body.
+func verifyRelayWebhook(secret string, h http.Header, body []byte, now time.Time) error {
+	ts := h.Get("X-Email-Service-Timestamp")
+	n, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return errors.New("invalid timestamp")
+	}
+	if d := now.Unix() - n; d > 300 || d < -300 {
+		return errors.New("stale webhook timestamp")
+	}
+	v2 := hmac.New(sha256.New, []byte(secret))
+	v2.Write([]byte(ts + "."))
+	v2.Write(body)
+	if !hmac.Equal([]byte(h.Get("X-Email-Service-Signature-V2")), []byte("sha256="+hex.EncodeToString(v2.Sum(nil)))) {
+		return errors.New("bad V2 signature")
+	}
+	v1 := hmac.New(sha256.New, []byte(secret))
+	v1.Write(body)
+	if !hmac.Equal([]byte(h.Get("X-Email-Service-Signature")), []byte("sha256="+hex.EncodeToString(v1.Sum(nil)))) {
+		return errors.New("bad V1 signature")
+	}
+	return nil
+}
+
+// TestOneSecretServesBothReceivers: with a whsec_ secret, a Standard
+// Webhooks receiver (default key handling) and an authmail-relay receiver
+// (the secret as written) both verify the same webhook; with a plain
+// (hex) secret the relay receiver verifies it as is and a Standard
+// Webhooks receiver in its libraries' raw mode, while the default mode,
+// which base64-decodes the hex, does not (as the README says).
+func TestOneSecretServesBothReceivers(t *testing.T) {
+	body := []byte(`{"id":"x","message_id":"<a@example.com>","status":"sent","attempts":1}`)
+	now := time.Now()
+	whsec := "whsec_" + base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))
+	hexSecret := "5f4dcc3b5aa765d61d8327deb882cf995f4dcc3b5aa765d61d8327deb882cf99"
+	for _, c := range []struct {
+		secret           string
+		standard, stdRaw bool
+	}{
+		{whsec, true, false},
+		{hexSecret, false, true},
+	} {
+		h := http.Header{}
+		signWebhook(h, c.secret, "06gzsmsg", now.Unix(), body)
+		if err := verifyRelayWebhook(c.secret, h, body, now); err != nil {
+			t.Errorf("%s: relay receiver: %v", c.secret[:8], err)
+		}
+		err := verifyStandardWebhook(c.secret, false, h, body, now)
+		if c.standard != (err == nil) {
+			t.Errorf("%s: Standard Webhooks receiver, default key handling: %v", c.secret[:8], err)
+		}
+		err = verifyStandardWebhook(c.secret, true, h, body, now)
+		if c.stdRaw != (err == nil) {
+			t.Errorf("%s: Standard Webhooks receiver, raw key: %v", c.secret[:8], err)
+		}
+		// a stale timestamp is refused by both
+		if verifyRelayWebhook(c.secret, h, body, now.Add(10*time.Minute)) == nil ||
+			verifyStandardWebhook(c.secret, !c.standard, h, body, now.Add(10*time.Minute)) == nil {
+			t.Errorf("%s: a stale webhook verified", c.secret[:8])
+		}
 	}
 }

@@ -58,7 +58,19 @@ func TestRootPathPrefix(t *testing.T) {
 	}
 	r := post(t, "/send/otp", `{"to":"jane@example.org","code":"424242"}`)
 	expectSent(t, r)
-	expectError(t, post(t, "/authmail/send/otp", `{}`), 404, "not_found", "")
+	// the app's paths (the respond after authmail in the same site block)
+	for _, p := range []string{"/", "/app/page", "/authmail/send/otp", "/healthz", "/sender"} {
+		for _, m := range []string{http.MethodGet, http.MethodPost} {
+			if r := call(t, m, p, nil); r.status != 200 || r.raw != "next handler" || r.header.Get("X-Request-ID") != "" {
+				t.Fatalf("%s %s: %d %s, want the next handler's answer", m, p, r.status, r.raw)
+			}
+		}
+	}
+	// near misses: a wrong method on an endpoint, a misspelt flow
+	expectError(t, call(t, http.MethodGet, "/send/otp", nil), 405, "method_not_allowed", "")
+	expectError(t, call(t, http.MethodPost, "/health", nil), 405, "method_not_allowed", "")
+	expectError(t, post(t, "/send/opt", `{}`), 404, "not_found", "")
+	expectError(t, post(t, "/verify/code", `{}`), 404, "not_found", "")
 }
 
 func TestCustomPathPrefixAndMatcher(t *testing.T) {

@@ -191,6 +191,47 @@ func TestCaptureMode(t *testing.T) {
 	if smtpSrv.Connections() != 0 {
 		t.Fatal("capture mode contacted SMTP")
 	}
+	// the file starts with the envelope, Bcc included, as a local delivery
+	// agent writes it; the headers of the message follow
+	os.RemoveAll(dir)
+	r = post(t, "/authmail/send", `{"to":"jane@example.org","cc":["cc@example.org"],"bcc":["hidden@example.org"],"subject":"s","text_body":"only text"}`)
+	if r.status != 200 || r.str("status") != "captured" {
+		t.Fatalf("%d %s", r.status, r.raw)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "*.eml"))
+	if len(files) != 1 {
+		t.Fatalf("%d capture files", len(files))
+	}
+	data, _ = os.ReadFile(files[0])
+	if want := "Return-Path: <no-reply@example.com>\r\nDelivered-To: jane@example.org\r\nDelivered-To: cc@example.org\r\nDelivered-To: hidden@example.org\r\n"; !strings.HasPrefix(string(data), want) {
+		t.Fatalf("capture file starts with\n%q\nwant\n%q", data[:min(len(data), len(want)+40)], want)
+	}
+	p = parseMail(t, data)
+	if p.Header.Get("Return-Path") != "<no-reply@example.com>" || len(p.Header["Delivered-To"]) != 3 || p.Header.Get("Bcc") != "" {
+		t.Errorf("mail tools read the envelope as %v", p.Header)
+	}
+	// a text-only /send is a single text/plain part, not multipart
+	if ct := p.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain") {
+		t.Errorf("text-only /send: Content-Type %q", ct)
+	}
+	// the log says captured, never sent, for a captured message
+	logs, _ := os.ReadFile(logFile)
+	var captured, sent bool
+	for _, line := range strings.Split(string(logs), "\n") {
+		if strings.Contains(line, `"id":"`+r.str("id")+`"`) {
+			captured = captured || strings.Contains(line, `"msg":"message captured"`) && strings.Contains(line, `"status":"captured"`)
+			sent = sent || strings.Contains(line, `"msg":"message sent"`)
+		}
+	}
+	if !captured || sent {
+		t.Errorf("log: captured %v, sent %v", captured, sent)
+	}
+	// sent mail never carries the capture's envelope headers
+	load(t, config{})
+	m := expectSent(t, post(t, "/authmail/send", `{"to":"jane@example.org","bcc":["hidden@example.org"],"subject":"s","text_body":"b"}`))
+	if sp := parseMail(t, m.Data); sp.Header.Get("Return-Path") != "" || sp.Header.Get("Delivered-To") != "" || strings.Contains(string(m.Data), "hidden@example.org") {
+		t.Errorf("sent mail holds envelope headers: %s", m.Data)
+	}
 	// an unwritable capture directory is a clear 500, nothing half-written
 	blocker := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(blocker, []byte("x"), 0o600)

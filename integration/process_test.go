@@ -409,7 +409,7 @@ func TestSIGTERMDrainsForABoundedTime(t *testing.T) {
 }
 
 // TestRecipientLimitSharedAcrossProcesses: two Caddy processes sharing a
-// storage share the per-recipient limit (5 per 15 minutes by default).
+// storage share the per-recipient limit (10 per 15 minutes by default).
 // Sharing is approximate: each instance publishes its counts and reads
 // the others' every 5 seconds, so within that lag each instance counts
 // only what it saw; once the counts are exchanged (at most two rounds),
@@ -432,12 +432,12 @@ func TestRecipientLimitSharedAcrossProcesses(t *testing.T) {
 		res.Body.Close()
 		return res.StatusCode
 	}
-	for range 3 {
+	for range 6 {
 		if code := send(a); code != 202 {
 			t.Fatalf("a: %d", code)
 		}
 	}
-	for range 2 {
+	for range 4 {
 		if code := send(b); code != 202 {
 			t.Fatalf("b: %d", code)
 		}
@@ -445,10 +445,10 @@ func TestRecipientLimitSharedAcrossProcesses(t *testing.T) {
 	time.Sleep(12 * time.Second) // each publishes, then reads the other's (2 rounds of 5s, with margin)
 	for _, p := range []*caddyProc{a, b} {
 		if code := send(p); code != 429 {
-			t.Errorf("6th message through %s: %d, want 429 (5 sent across the cluster)", p.name, code)
+			t.Errorf("11th message through %s: %d, want 429 (10 sent across the cluster)", p.name, code)
 		}
 	}
-	if got := srv.WaitMessages(5, 5*time.Second); len(got) != 5 {
-		t.Errorf("%d messages delivered, want 5", len(got))
+	if got := srv.WaitMessages(10, 5*time.Second); len(got) != 10 {
+		t.Errorf("%d messages delivered, want 10", len(got))
 	}
 }

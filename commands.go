@@ -1,0 +1,322 @@
+package authmail
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+)
+
+// The `caddy authmail` commands, registered with Caddy's command
+// framework so that every Caddy binary built with the module has them.
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "authmail",
+		Usage: "test|hash-key",
+		Short: "Commands of the authmail email gateway",
+		Long: `
+Commands of the authmail handler (http.handlers.authmail):
+
+  caddy authmail test --config <file> [--adapter <name>] --to <address>
+      Sends a test message with the SMTP settings (or capture directory)
+      of the config's authmail handler, without starting a server or
+      touching the outbox, and prints what the SMTP server answered.
+      Exits 0 when the message was accepted, 1 with the error code.
+
+  caddy authmail hash-key
+      Reads an API key secret on stdin and prints its sha256: form, to
+      write in the config instead of the secret.
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			test := &cobra.Command{
+				Use:   "test --config <file> [--adapter <name>] --to <address> [--path-prefix <path>] [--site <host>]",
+				Short: "Sends a test message through the configured SMTP server",
+				Long: `
+Loads the config, finds its authmail handler and sends a short test
+message to --to with that handler's SMTP settings (or writes it into its
+capture directory), without starting a server or touching the outbox.
+{env.*} and {file.*} placeholders are read from this command's
+environment, as the running Caddy would read them from its own.
+
+If the config has several authmail handlers, pick one with --path-prefix
+(its path_prefix, default /authmail) and/or --site (a host its site
+matches).
+
+Prints the SMTP server's answer and exits 0, or prints the error code and
+exits 1. Secrets are never printed.
+`,
+				Args: cobra.NoArgs,
+				RunE: caddycmd.WrapCommandFuncForCobra(cmdAuthmailTest),
+			}
+			test.Flags().StringP("config", "c", "", "Configuration file (default: ./Caddyfile)")
+			test.Flags().StringP("adapter", "a", "", "Name of config adapter to apply")
+			test.Flags().String("to", "", "Recipient of the test message (required)")
+			test.Flags().String("path-prefix", "", "Pick the authmail handler with this path_prefix")
+			test.Flags().String("site", "", "Pick the authmail handler of the site that matches this host")
+			hashKey := &cobra.Command{
+				Use:   "hash-key",
+				Short: "Prints the sha256: form of an API key secret read on stdin",
+				Long: `
+Reads one API key secret from stdin (a trailing newline is ignored) and
+prints sha256:<hex>, which a key line accepts instead of the secret:
+
+    openssl rand -hex 32 | tee key.txt | caddy authmail hash-key
+`,
+				Args: cobra.NoArgs,
+				RunE: caddycmd.WrapCommandFuncForCobra(func(caddycmd.Flags) (int, error) {
+					return cmdAuthmailHashKey(os.Stdin, os.Stdout)
+				}),
+			}
+			cmd.AddCommand(test, hashKey)
+		},
+	})
+}
+
+// cmdAuthmailHashKey prints the sha256: form of the secret on in.
+func cmdAuthmailHashKey(in io.Reader, out io.Writer) (int, error) {
+	line, err := bufio.NewReader(io.LimitReader(in, 64<<10)).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return 1, fmt.Errorf("reading the secret from stdin: %v", err)
+	}
+	secret := strings.TrimRight(line, "\r\n")
+	if len(secret) < minSecretLength {
+		return 1, fmt.Errorf("the secret on stdin is shorter than %d characters", minSecretLength)
+	}
+	sum := sha256.Sum256([]byte(secret))
+	fmt.Fprintln(out, "sha256:"+hex.EncodeToString(sum[:]))
+	return 0, nil
+}
+
+// foundHandler is an authmail handler found in a JSON config.
+type foundHandler struct {
+	raw   map[string]any
+	hosts []string // the host matchers of its site, if any
+}
+
+func (f foundHandler) prefix() string {
+	if p, _ := f.raw["path_prefix"].(string); p != "" {
+		return p
+	}
+	return defaultPathPrefix
+}
+
+func (f foundHandler) String() string {
+	site := "any host"
+	if len(f.hosts) > 0 {
+		site = strings.Join(f.hosts, " ")
+	}
+	return fmt.Sprintf("path_prefix %s on %s", f.prefix(), site)
+}
+
+// findHandlers walks a JSON config for authmail handlers, noting the
+// host matchers of the routes that enclose each.
+func findHandlers(v any, hosts []string, out *[]foundHandler) {
+	switch x := v.(type) {
+	case map[string]any:
+		if sets, ok := x["match"].([]any); ok {
+			var hs []string
+			for _, s := range sets {
+				if m, ok := s.(map[string]any); ok {
+					for _, h := range asStrings(m["host"]) {
+						hs = append(hs, h)
+					}
+				}
+			}
+			if len(hs) > 0 {
+				hosts = hs
+			}
+		}
+		if x["handler"] == "authmail" {
+			*out = append(*out, foundHandler{raw: x, hosts: hosts})
+			return
+		}
+		keys := make([]string, 0, len(x))
+		for k := range x {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys) // a stable order for the candidates list
+		for _, k := range keys {
+			findHandlers(x[k], hosts, out)
+		}
+	case []any:
+		for _, e := range x {
+			findHandlers(e, hosts, out)
+		}
+	}
+}
+
+func asStrings(v any) []string {
+	l, _ := v.([]any)
+	out := make([]string, 0, len(l))
+	for _, e := range l {
+		if s, ok := e.(string); ok {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// pickHandler returns the one handler that the flags select.
+func pickHandler(all []foundHandler, prefix, site string) (foundHandler, error) {
+	var picked []foundHandler
+	for _, f := range all {
+		if prefix != "" && strings.TrimSuffix(f.prefix(), "/") != strings.TrimSuffix(prefix, "/") {
+			continue
+		}
+		if site != "" && !slices.ContainsFunc(f.hosts, func(h string) bool { return strings.EqualFold(h, site) }) {
+			continue
+		}
+		picked = append(picked, f)
+	}
+	names := func(fs []foundHandler) string {
+		s := make([]string, len(fs))
+		for i, f := range fs {
+			s[i] = f.String()
+		}
+		return strings.Join(s, "; ")
+	}
+	switch {
+	case len(all) == 0:
+		return foundHandler{}, errors.New("the config has no authmail handler")
+	case len(picked) == 0:
+		return foundHandler{}, fmt.Errorf("no authmail handler matches --path-prefix/--site; the config has: %s", names(all))
+	case len(picked) > 1:
+		return foundHandler{}, fmt.Errorf("the config has %d authmail handlers (%s); pick one with --path-prefix and/or --site", len(picked), names(picked))
+	}
+	return picked[0], nil
+}
+
+// cmdAuthmailTest implements caddy authmail test.
+func cmdAuthmailTest(fl caddycmd.Flags) (int, error) {
+	to := fl.String("to")
+	if to == "" {
+		return caddy.ExitCodeFailedStartup, errors.New("--to <address> is required")
+	}
+	cfgJSON, _, _, err := caddycmd.LoadConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if len(cfgJSON) == 0 {
+		return caddy.ExitCodeFailedStartup, errors.New("no config: give --config <file> (or run where a Caddyfile is)")
+	}
+	var cfg any
+	if err := json.Unmarshal(cfgJSON, &cfg); err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("decoding the config: %v", err)
+	}
+	var all []foundHandler
+	findHandlers(cfg, nil, &all)
+	f, err := pickHandler(all, fl.String("path-prefix"), fl.String("site"))
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	raw, _ := json.Marshal(f.raw)
+	h := new(Handler)
+	if err := json.Unmarshal(raw, h); err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("authmail handler (%s): %v", f, err)
+	}
+	res, err := h.sendTestMessage(context.Background(), to)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("authmail handler (%s): %v", f, err)
+	}
+	fmt.Printf("handler:       %s\n", f)
+	fmt.Printf("transport:     %s\n", res.transport)
+	fmt.Printf("message_id:    %s\n", res.MessageID)
+	fmt.Printf("status:        %s\n", res.Status)
+	if res.SMTPResponse != "" {
+		fmt.Printf("smtp_response: %s\n", res.SMTPResponse)
+	}
+	fmt.Printf("duration_ms:   %d\n", res.DurationMS)
+	if res.ErrorCode != "" {
+		fmt.Printf("error_code:    %s\n", res.ErrorCode)
+		fmt.Printf("message:       %s\n", res.Message)
+		return 1, errors.New(res.ErrorCode)
+	}
+	return 0, nil
+}
+
+// cliTestResult is the outcome of sendTestMessage.
+type cliTestResult struct {
+	testResponse
+	transport string
+}
+
+// sendTestMessage sends the /test message to one address with the
+// handler's configuration, as checked by Provision, but without
+// provisioning: no server, no storage, no outbox, no engine. The SMTP
+// sender is its own (not the pooled one a running Caddy uses) and closed
+// afterwards. An error is a configuration or address problem; a delivery
+// failure is in the result.
+func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResult, error) {
+	if err := h.checkConfig(); err != nil {
+		return cliTestResult{}, err
+	}
+	h.logger = zap.NewNop()
+	h.from, _ = parseAddress(h.From)
+	h.from.Name = h.FromName
+	if h.ReplyTo != "" {
+		rt, _ := parseAddress(h.ReplyTo)
+		h.replyTo = []mailAddr{rt}
+	}
+	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
+	to, p := parseAddress(addr)
+	if p != "" {
+		return cliTestResult{}, fmt.Errorf("--to '%s' %s", addr, p)
+	}
+	if aerr := h.checkRecipients("to", []mailAddr{to}); aerr != nil {
+		return cliTestResult{}, fmt.Errorf("--to: %s", aerr.Message)
+	}
+	var res cliTestResult
+	if h.Capture != "" {
+		dir := h.Capture
+		if abs, err := filepath.Abs(dir); err == nil {
+			dir = abs
+		}
+		h.transport = &captureTransport{dir: h.Capture}
+		res.transport = "capture " + dir
+	} else {
+		settings, err := h.SMTP.resolve(caddy.NewReplacer(), h.logger)
+		if err != nil {
+			return cliTestResult{}, err
+		}
+		s := newSMTPSender(settings)
+		defer s.Destruct()
+		h.transport = s
+		res.transport = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
+	}
+	env, err := h.buildEnvelope(h.testMessage(to), time.Now())
+	if err != nil {
+		return cliTestResult{}, fmt.Errorf("rendering the test message: %v", err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	d, serr := h.transport.send(ctx, env)
+	res.MessageID, res.DurationMS = env.MessageID, time.Since(start).Milliseconds()
+	if serr == nil {
+		res.Sent, res.Status, res.SMTPResponse = true, d.Status, d.Response
+		return res, nil
+	}
+	de, _ := serr.(*deliveryError)
+	if de == nil {
+		de = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: serr}
+	}
+	res.Status, res.ErrorCode, res.Message = "failed", de.Code, de.Error()
+	if de.Reply != nil {
+		res.SMTPResponse = de.Reply.String()
+	}
+	return res, nil
+}
