@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,19 +28,20 @@ import (
 // So right before a transport writes a message's final dot (the SMTP
 // end of data, the rename of a captured file) the engine makes a durable
 // mark that names the message and its attempt number, and only then lets
-// the dot go. The marks of all connections of an instance live in one
-// record, authmail/dot/<instance>, rewritten with every change: a mark
-// waits for the record write in progress and goes into the next, so one
-// write serves every connection that reached its dot meanwhile (group
-// commit). A mark leaves the record once the message's outcome is
-// durable (the next write drops it).
+// the dot go. A write holds every mark the engine holds at that moment,
+// so marks of connections that reached their dots together share one
+// write (group commit); up to dotWriters writes run at once, each to a
+// record of its own (authmail/dot/<instance>/<process>[.<writer>]), so a
+// mark never queues behind a write it is not part of. A mark leaves the
+// records once the message's outcome is durable (later writes drop it).
 //
-// After a crash or a takeover, a message found "sending" is in doubt,
-// and becomes "unknown", only if the record marks it for the same
-// attempt; every other "sending" message is queued again and delivered
-// once. A record that does not exist at all (an instance of a version
-// without marks, which always wrote one at start) leaves every "sending"
-// message unknown, as that version did.
+// After a crash or a takeover, a message is in doubt, and becomes
+// "unknown", only if a record marks its current attempt: the one a
+// "sending" state counts, or for a "queued" one the next (claims are not
+// written before their attempt). Every other message is queued again and
+// delivered once; a mark of an attempt whose outcome is stored is stale.
+// An instance without any record (a version without marks) leaves every
+// "sending" message unknown, as that version did.
 //
 // Failure semantics: if the mark cannot be written, the dot is never
 // sent (the connection is closed inside DATA, which the server
@@ -78,14 +80,20 @@ type dotReq struct {
 	done chan error
 }
 
+// dotWriters is how many record writes may be in flight at once. Each
+// writer has a record of its own (a process's record is the union of
+// its writers'), so a mark never waits for a write it is not part of:
+// it goes into the next free writer's write, with every mark held then.
+const dotWriters = 4
+
 // dotMarks is the engine's in-memory side of its record.
 type dotMarks struct {
 	mu      sync.Mutex
-	marks   map[string]int // written, or in the write in progress
+	marks   map[string]int // written, or in a write in progress
 	pending []*dotReq
-	writing bool
-	log     *dotLog // the open record file on file storage; writeDots only
-	closed  bool    // the engine stopped: the last writeDots closes log
+	busy    [dotWriters]bool    // a writeDots runs for the writer
+	logs    [dotWriters]*dotLog // open record files on file storage; their writeDots only
+	closed  bool                // the engine stopped: writers close their files when idle
 }
 
 // dotLog is the record's file on certmagic's file storage, open for
@@ -102,6 +110,20 @@ const dotLogMax = 256 << 10
 func dotDir(instance string) string          { return keyDot + instance }
 func dotKey(instance, process string) string { return keyDot + instance + "/" + process }
 
+// dotWriterKey is the record of one of this engine's writers.
+func (e *engine) dotWriterKey(w int) string {
+	if w == 0 {
+		return dotKey(e.iid, e.nonce)
+	}
+	return dotKey(e.iid, fmt.Sprintf("%s.%d", e.nonce, w))
+}
+
+// ownDotRecord reports whether a record key belongs to this engine.
+func (e *engine) ownDotRecord(key string) bool {
+	base := path.Base(key)
+	return base == e.nonce || strings.HasPrefix(base, e.nonce+".")
+}
+
 // markDot makes the mark for one attempt durable; the caller sends the
 // final dot only when it returns nil.
 func (e *engine) markDot(ctx context.Context, id string, attempt int) error {
@@ -109,12 +131,15 @@ func (e *engine) markDot(ctx context.Context, id string, attempt int) error {
 	d := &e.dots
 	d.mu.Lock()
 	d.pending = append(d.pending, req)
-	lead := !d.writing
-	d.writing = true
-	d.mu.Unlock()
-	if lead {
-		go e.writeDots()
+	for w := range d.busy {
+		if !d.busy[w] {
+			d.busy[w] = true
+			go e.writeDots(w)
+			break
+		}
 	}
+	// with every writer busy, the first to finish takes it
+	d.mu.Unlock()
 	select {
 	case err := <-req.done:
 		return err
@@ -125,18 +150,18 @@ func (e *engine) markDot(ctx context.Context, id string, attempt int) error {
 	}
 }
 
-// writeDots writes the record until no mark waits. One goroutine at a
-// time runs it (dotMarks.writing).
-func (e *engine) writeDots() {
+// writeDots writes writer w's record until no mark waits; one goroutine
+// at a time runs it for each writer (dotMarks.busy).
+func (e *engine) writeDots(w int) {
 	d := &e.dots
 	for {
 		d.mu.Lock()
 		reqs := d.pending
 		d.pending = nil
 		if len(reqs) == 0 {
-			d.writing = false
+			d.busy[w] = false
 			if d.closed {
-				d.closeLog()
+				d.closeLog(w)
 			}
 			d.mu.Unlock()
 			return
@@ -149,12 +174,14 @@ func (e *engine) writeDots() {
 			rec.Marks[id] = a
 		}
 		d.mu.Unlock()
-		err := e.writeDotRecord(rec)
+		err := e.writeDotRecord(w, rec)
 		if err != nil {
 			d.mu.Lock()
 			for _, r := range reqs {
-				// no dot goes out for these; an earlier write cannot hold
-				// a mark for the same attempt (one attempt, one mark)
+				// no dot goes out for these. Another writer's write may
+				// hold the mark all the same: then a crash before the
+				// attempt's outcome is stored calls it unknown, the
+				// cautious side
 				if d.marks[r.id] == r.attempt {
 					delete(d.marks, r.id)
 				}
@@ -168,22 +195,22 @@ func (e *engine) writeDots() {
 	}
 }
 
-// writeDotRecord makes rec the record: appended to the record's file on
-// file storage, else Stored.
-func (e *engine) writeDotRecord(rec dotRecord) error {
+// writeDotRecord makes rec writer w's record: appended to the record's
+// file on file storage, else Stored.
+func (e *engine) writeDotRecord(w int, rec dotRecord) error {
 	line, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
 	line = append(line, '\n')
-	key := dotKey(e.iid, e.nonce)
+	key := e.dotWriterKey(w)
 	d := &e.dots
 	if fs := fileStorageOf(e.st.s); fs != nil {
 		path := fs.Filename(key)
-		if d.log != nil && (d.log.path != path || d.log.size+int64(len(line)) > dotLogMax) {
-			d.closeLog() // another storage after a reload, or time to rewrite
+		if l := d.logs[w]; l != nil && (l.path != path || l.size+int64(len(line)) > dotLogMax) {
+			d.closeLog(w) // another storage after a reload, or time to rewrite
 		}
-		if d.log == nil {
+		if d.logs[w] == nil {
 			// the one-line rewrite doubles as the file's creation
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			err := fs.Store(ctx, key, line)
@@ -195,18 +222,19 @@ func (e *engine) writeDotRecord(rec dotRecord) error {
 			if err != nil {
 				return nil // written; the next write tries to open it again
 			}
-			d.log = &dotLog{path: path, f: f, size: int64(len(line))}
+			d.logs[w] = &dotLog{path: path, f: f, size: int64(len(line))}
 			return nil
 		}
-		if _, err := d.log.f.Write(line); err != nil {
-			d.closeLog()
+		l := d.logs[w]
+		if _, err := l.f.Write(line); err != nil {
+			d.closeLog(w)
 			return err
 		}
-		if err := d.log.f.Sync(); err != nil {
-			d.closeLog()
+		if err := l.f.Sync(); err != nil {
+			d.closeLog(w)
 			return err
 		}
-		d.log.size += int64(len(line))
+		l.size += int64(len(line))
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -214,20 +242,22 @@ func (e *engine) writeDotRecord(rec dotRecord) error {
 	return e.st.s.Store(ctx, key, line)
 }
 
-// stop closes the record's file once no write is in progress.
+// stop closes the records' files once no write is in progress.
 func (d *dotMarks) stop() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.closed = true
-	if !d.writing {
-		d.closeLog()
+	for w := range d.busy {
+		if !d.busy[w] {
+			d.closeLog(w)
+		}
 	}
 }
 
-func (d *dotMarks) closeLog() {
-	if d.log != nil {
-		_ = d.log.f.Close()
-		d.log = nil
+func (d *dotMarks) closeLog(w int) {
+	if d.logs[w] != nil {
+		_ = d.logs[w].f.Close()
+		d.logs[w] = nil
 	}
 }
 
@@ -296,12 +326,11 @@ func (e *engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 	if err != nil && !isNotExist(err) {
 		return set, err
 	}
-	own := dotKey(e.iid, e.nonce)
 	for _, k := range keys {
 		if storageTempName(path.Base(k)) {
 			continue
 		}
-		if k == own {
+		if e.ownDotRecord(k) {
 			continue
 		}
 		set.kept = true

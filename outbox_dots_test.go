@@ -254,13 +254,27 @@ func TestRecoveryRule(t *testing.T) {
 	}
 }
 
-// ownDotRecord reads the engine's own dot record from storage.
+// ownDotRecord reads the engine's own dot records from storage, every
+// writer's, and merges their marks.
 func ownDotRecord(e *engine) (dotRecord, error) {
-	b, err := e.st.s.Load(context.Background(), dotKey(e.instance(), e.nonce))
-	if err != nil {
-		return dotRecord{}, err
+	out := dotRecord{Marks: map[string]int{}}
+	for w := range dotWriters {
+		b, err := e.st.s.Load(context.Background(), e.dotWriterKey(w))
+		if isNotExist(err) && w > 0 {
+			continue
+		}
+		if err != nil {
+			return out, err
+		}
+		rec, err := parseDotRecord(b)
+		if err != nil {
+			return out, err
+		}
+		for id, a := range rec.Marks {
+			out.Marks[id] = max(out.Marks[id], a)
+		}
 	}
-	return parseDotRecord(b)
+	return out, nil
 }
 
 // TestDotRecordIsALog: on file storage the record's file grows by one
@@ -272,7 +286,7 @@ func TestDotRecordIsALog(t *testing.T) {
 	fs := &certmagic.FileStorage{Path: dir}
 	e := newEngine("test", newLiveStorage(fs), "inst")
 	for i := range 3 {
-		if err := e.writeDotRecord(dotRecord{Instance: "inst", Marks: map[string]int{fmt.Sprint("m", i): 1}}); err != nil {
+		if err := e.writeDotRecord(0, dotRecord{Instance: "inst", Marks: map[string]int{fmt.Sprint("m", i): 1}}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -296,13 +310,13 @@ func TestDotRecordIsALog(t *testing.T) {
 		t.Fatalf("after a torn line: %+v %v", rec, err)
 	}
 	// past dotLogMax the file is rewritten as one line
-	e.dots.closeLog()
+	e.dots.closeLog(0)
 	big := map[string]int{}
 	for i := range 2000 {
 		big[fmt.Sprintf("%028d", i)] = 1
 	}
 	for range (dotLogMax / 60000) + 2 {
-		if err := e.writeDotRecord(dotRecord{Instance: "inst", Marks: big}); err != nil {
+		if err := e.writeDotRecord(0, dotRecord{Instance: "inst", Marks: big}); err != nil {
 			t.Fatal(err)
 		}
 	}
