@@ -141,6 +141,11 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	if is := h.codes; is != nil {
 		st.Settings["codes"] = map[string]any{"issue": is.issue, "length": is.length, "alphabet": is.alphabet}
 	}
+	// dkim: where the key is published, never the key
+	st.Settings["dkim"] = nil
+	if k := h.dkim; k != nil {
+		st.Settings["dkim"] = map[string]any{"domain": k.domain, "selector": k.selector, "algorithm": k.algorithm(), "record": k.recordName()}
+	}
 	rc.setStatus("ok", "")
 	return writeJSON(w, http.StatusOK, st)
 }

@@ -206,6 +206,10 @@ type Handler struct {
 	// callers supply every code and token.
 	Codes *Codes `json:"codes,omitempty"`
 
+	// DKIM signs every message with the operator's domain key (see DKIM).
+	// Default: unset, so messages are not signed.
+	DKIM *DKIM `json:"dkim,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
 	poolKey    string // acquired smtpPool key, released in Cleanup
@@ -226,6 +230,7 @@ type Handler struct {
 	engineKey  string              // acquired enginePool key, released in Cleanup
 	dcfg       *engineConfig       // resolved delivery settings
 	codes      *issuer             // resolved codes; nil when not configured
+	dkim       *dkimKey            // resolved dkim; nil when not configured
 	// storageOverride replaces the storage in unit tests.
 	storageOverride certmagic.Storage
 }
@@ -520,6 +525,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.codes, err = h.Codes.resolve(repl, h.logger); err != nil {
+		return err
+	}
+	if h.dkim, err = h.DKIM.resolve(repl, h.logger, h.from.domain()); err != nil {
 		return err
 	}
 	storage := h.storageOverride
@@ -863,6 +871,11 @@ func (h *Handler) checkConfig() error {
 	}
 	if h.Codes != nil {
 		if err := h.Codes.check(); err != nil {
+			return err
+		}
+	}
+	if h.DKIM != nil {
+		if err := h.DKIM.check(); err != nil {
 			return err
 		}
 	}

@@ -42,6 +42,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			connections <n>
 //		}
 //		capture <dir>
+//		dkim {
+//			domain <domain>
+//			selector <selector>
+//			key <pem file|{file.*}|{env.*}>
+//			headers <field>...
+//		}
 //		from <address> [<display name>]
 //		reply_to <address>
 //		app_name <name>
@@ -137,6 +143,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.SMTP = s
+
+		case "dkim":
+			k, err := unmarshalDKIM(d)
+			if err != nil {
+				return err
+			}
+			h.DKIM = k
 
 		case "capture":
 			v, err := oneArg()
