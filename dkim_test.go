@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/caddyserver/certmagic"
 )
 
@@ -195,3 +196,42 @@ func mustJSONString2(v any) string {
 }
 
 func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
+
+// TestDKIMRecordCommand adapts a Caddyfile as `caddy authmail-dkim-record
+// --config` does and prints the record of its key: the public key only.
+func TestDKIMRecordCommand(t *testing.T) {
+	rk, _ := rsa.GenerateKey(rand.Reader, 2048)
+	path, text := pemFile(t, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(rk))
+	cf := filepath.Join(t.TempDir(), "Caddyfile")
+	_ = os.WriteFile(cf, []byte(`example.com {
+	authmail {
+		from no-reply@example.com
+		key app 0123456789abcdef0123
+		capture /tmp/mail
+		dkim {
+			domain example.com
+			selector s1
+			key `+path+`
+		}
+	}
+}
+`), 0o600)
+	body, _, _, err := caddycmd.LoadConfig(cf, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	n, err := printDKIMRecords(&out, body)
+	if err != nil || n != 1 {
+		t.Fatalf("%d records, %v", n, err)
+	}
+	der, _ := x509.MarshalPKIXPublicKey(&rk.PublicKey)
+	want := "v=DKIM1; k=rsa; p=" + b64(der)
+	want = `s1._domainkey.example.com. IN TXT ( "` + want[:255] + `" "` + want[255:] + `" )` + "\n"
+	if out.String() != want {
+		t.Fatalf("got %s\nwant %s", out.String(), want)
+	}
+	if strings.Contains(out.String(), strings.Split(text, "\n")[1]) {
+		t.Fatal("printed the private key")
+	}
+}
