@@ -44,6 +44,10 @@ type adminDelivery struct {
 	Connections     int    `json:"connections,omitempty"`
 	OpenConnections int64  `json:"open_connections"`
 	CaptureDir      string `json:"capture_dir,omitempty"`
+	// Auth is xoauth2 or oauthbearer with OAuth2 tokens, from
+	// TokenSource "refresh_token" (authmail refreshes) or "access_token"
+	Auth        string `json:"auth,omitempty"`
+	TokenSource string `json:"token_source,omitempty"`
 }
 
 type adminKey struct {
@@ -109,6 +113,12 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 		c := s.cfg
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
 			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections()}
+		if c.oauth != nil {
+			st.Delivery.Auth, st.Delivery.TokenSource = c.oauth.mech, "access_token"
+			if c.oauth.tokenURL != "" {
+				st.Delivery.TokenSource = "refresh_token"
+			}
+		}
 	}
 	for _, k := range h.keys {
 		ak := adminKey{ID: k.id, Rate: k.rate.String()}

@@ -323,6 +323,23 @@ type SMTP struct {
 	// from 1 to 100. They stay open, are reused across requests and config
 	// reloads, and close after a minute of idleness. Default: 4.
 	Connections int `json:"connections,omitempty"`
+
+	// Auth "xoauth2" or "oauthbearer" authenticates username with an
+	// OAuth2 access token (Microsoft 365, Google Workspace) from oauth2 or
+	// access_token instead of a password. Default: unset, so a password
+	// with the best mechanism the server offers (PLAIN, LOGIN, SCRAM,
+	// CRAM-MD5).
+	Auth string `json:"auth,omitempty"`
+
+	// OAuth2 lets authmail fetch and refresh the access tokens itself with
+	// the refresh-token grant (see OAuth2). Default: unset.
+	OAuth2 *OAuth2 `json:"oauth2,omitempty"`
+
+	// AccessToken, instead of oauth2, is a {file.*} (or {env.*})
+	// placeholder whose value is the access token, read again each time
+	// a connection authenticates, for setups where another agent keeps
+	// the file fresh. Default: unset.
+	AccessToken string `json:"access_token,omitempty"`
 }
 
 // Key is an API key.
@@ -659,7 +676,14 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		if out.password, err = expandSecret(repl, "smtp password", s.Password); err != nil {
 			return out, err
 		}
-		if !hasPlaceholder(s.Password) {
+		if out.oauth, err = s.resolveOAuth(repl); err != nil {
+			return out, err
+		}
+		if out.oauth != nil {
+			if o := s.OAuth2; o != nil && (!hasPlaceholder(o.RefreshToken) || (o.ClientSecret != "" && !hasPlaceholder(o.ClientSecret))) {
+				logger.Warn("SMTP OAuth2 refresh_token or client_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
+			}
+		} else if !hasPlaceholder(s.Password) {
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
@@ -907,7 +931,10 @@ func (s *SMTP) check() error {
 	if s.Password != "" && s.Username == "" {
 		return errors.New("smtp: password is set but username is not")
 	}
-	if s.Username != "" && s.Password == "" {
+	if err := s.checkOAuth(); err != nil {
+		return err
+	}
+	if s.Username != "" && s.Password == "" && s.Auth == "" {
 		return errors.New("smtp: username is set but password is not")
 	}
 	if s.TLS == tlsNone && s.Username != "" && !isLoopbackHost(s.Host) {

@@ -40,6 +40,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			helo <name>
 //			timeout <duration>
 //			connections <n>
+//			auth xoauth2|oauthbearer
+//			oauth2 {
+//				token_url <url>
+//				client_id <id>
+//				client_secret <secret>
+//				refresh_token <token>
+//				scopes <scope>...
+//			}
+//			access_token <{file.*}|{env.*}>
 //		}
 //		capture <dir>
 //		dkim {
@@ -480,8 +489,13 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	err = eachOption(d, "smtp", func(sub, v string) error {
+	blocks := map[string]func() error{"oauth2": func() (err error) { s.OAuth2, err = unmarshalOAuth2(d); return err }}
+	err = eachOptionOrBlock(d, "smtp", blocks, func(sub, v string) error {
 		switch sub {
+		case "auth":
+			s.Auth = v
+		case "access_token":
+			s.AccessToken = v
 		case "username":
 			s.Username = v
 		case "password":
