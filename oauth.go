@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -207,7 +208,7 @@ func (ts *tokenSource) token(ctx context.Context, rejected string) (string, erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, ts.timeout)
 	defer cancel()
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, &http.Client{Timeout: ts.timeout})
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, &http.Client{Timeout: ts.timeout, Transport: scopeAdder{ts.cfg.scopes}})
 	// an expired token with the current refresh token makes the source
 	// refresh at once
 	nt, err := conf.TokenSource(ctx, &oauth2.Token{RefreshToken: ts.refresh, Expiry: time.Unix(1, 0)}).Token()
@@ -223,6 +224,35 @@ func (ts *tokenSource) token(ctx context.Context, rejected string) (string, erro
 	}
 	ts.refreshes.Add(1)
 	return nt.AccessToken, nil
+}
+
+// scopeAdder adds the scope parameter to refresh requests: x/oauth2
+// sends none when refreshing, and Microsoft's v2.0 endpoint requires it
+// (the scopes of the original grant apply elsewhere when it is absent).
+type scopeAdder struct{ scopes []string }
+
+func (a scopeAdder) RoundTrip(r *http.Request) (*http.Response, error) {
+	if len(a.scopes) == 0 || r.Body == nil || r.Method != http.MethodPost {
+		return http.DefaultTransport.RoundTrip(r)
+	}
+	body, err := io.ReadAll(r.Body)
+	_ = r.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		return nil, err
+	}
+	if form.Get("scope") == "" {
+		form.Set("scope", strings.Join(a.scopes, " "))
+	}
+	enc := form.Encode()
+	r = r.Clone(r.Context())
+	r.Body = io.NopCloser(strings.NewReader(enc))
+	r.ContentLength = int64(len(enc))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(enc)), nil }
+	return http.DefaultTransport.RoundTrip(r)
 }
 
 // tokenError describes a failed refresh without the response body (it

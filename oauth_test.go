@@ -45,7 +45,8 @@ func newTokenServer(t *testing.T) *tokenServer {
 		defer ts.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		if ts.fail || r.Form.Get("grant_type") != "refresh_token" || r.Form.Get("client_id") != testClientID ||
-			r.Form.Get("client_secret") != testClientSecret || r.Form.Get("refresh_token") != ts.refresh {
+			r.Form.Get("client_secret") != testClientSecret || r.Form.Get("refresh_token") != ts.refresh ||
+			r.Form.Get("scope") != "https://outlook.office365.com/SMTP.Send" {
 			w.WriteHeader(http.StatusBadRequest)
 			// echoes what it got, as some servers do: authmail must not repeat it
 			fmt.Fprintf(w, `{"error":"invalid_grant","error_description":"refresh token %s is not valid"}`, r.Form.Get("refresh_token"))
