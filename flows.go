@@ -116,6 +116,10 @@ type sendRequest struct {
 	Subject  string      `json:"subject"`
 	HTMLBody string      `json:"html_body"`
 	TextBody string      `json:"text_body"`
+	// ListUnsubscribe and ListUnsubscribePost become the RFC 2369 and
+	// RFC 8058 header fields; only /send takes them
+	ListUnsubscribe     string `json:"list_unsubscribe"`
+	ListUnsubscribePost string `json:"list_unsubscribe_post"`
 }
 
 type otpRequest struct {
@@ -158,6 +162,8 @@ type outMessage struct {
 	flow                 string
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
+	// listUnsub and listUnsubPost are /send's List-Unsubscribe fields
+	listUnsub, listUnsubPost string
 	webhook              webhookState
 	issued               *issuedValue // a code or token authmail issued, stored on accept
 }
@@ -272,6 +278,9 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 		return nil, "", invalid("bcc", "brings the message to %d recipients; at most %d are allowed per message", n, maxAddressesPerField)
 	}
 	if err := h.checkLinkPolicy(req.HTMLBody, req.TextBody); err != nil {
+		return nil, "", err
+	}
+	if m.listUnsub, m.listUnsubPost, err = checkUnsubscribe(req.ListUnsubscribe, req.ListUnsubscribePost); err != nil {
 		return nil, "", err
 	}
 	m.subject = strings.TrimSpace(req.Subject)

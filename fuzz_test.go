@@ -118,6 +118,8 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"a@example.com","user_name":"=?UTF-8?B?SGkNCkJjYzogZXZpbEBldmlsLmV4YW1wbGU=?=","code":"1"}`,
 		`{"to":"a@example.com","subject":"` + strings.Repeat("a", 998) + `","text_body":"b"}`,
 		`{"to":"user@[127.0.0.1]","cc":"b@localhost","code":"1"}`,
+		`{"to":"a@example.com","subject":"s","text_body":"b","list_unsubscribe":"<https://a.example/u?x=1>, <mailto:u@a.example>","list_unsubscribe_post":"List-Unsubscribe=One-Click"}`,
+		`{"to":"a@example.com","subject":"s","text_body":"b","list_unsubscribe":"<https://a.example/u>\r\nBcc: e@evil.example"}`,
 	} {
 		f.Add(s)
 	}

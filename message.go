@@ -62,6 +62,13 @@ func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error)
 		msg.SetAddrHeaderFromMailAddress(gomail.HeaderReplyTo, mailAddresses(replyTo)...)
 	}
 	msg.Subject(foldableSubject(m.subject))
+	if m.listUnsub != "" {
+		// validated ASCII URIs (checkUnsubscribe), so go-mail writes them as is
+		msg.SetGenHeader(gomail.HeaderListUnsubscribe, m.listUnsub)
+		if m.listUnsubPost != "" {
+			msg.SetGenHeader(gomail.HeaderListUnsubscribePost, m.listUnsubPost)
+		}
+	}
 	msg.SetDateWithValue(now)
 	msg.SetMessageIDWithValue(strings.TrimSuffix(strings.TrimPrefix(env.MessageID, "<"), ">"))
 	if m.text != "" {
