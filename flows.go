@@ -162,10 +162,11 @@ type outMessage struct {
 	flow                 string
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
-	// listUnsub and listUnsubPost are /send's List-Unsubscribe fields
-	listUnsub, listUnsubPost string
 	webhook              webhookState
 	issued               *issuedValue // a code or token authmail issued, stored on accept
+
+	// listUnsub and listUnsubPost are /send's List-Unsubscribe fields
+	listUnsub, listUnsubPost string
 }
 
 // checkWebhook validates a request's webhook fields.

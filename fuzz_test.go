@@ -165,6 +165,14 @@ func FuzzRequests(f *testing.F) {
 				for name := range msg.Header {
 					switch name {
 					case "Date", "Mime-Version", "Message-Id", "Subject", "From", "To", "Cc", "Reply-To", "Content-Type", "Content-Transfer-Encoding":
+					case "List-Unsubscribe", "List-Unsubscribe-Post":
+						// only /send sets them, only from validated fields
+						if ep.path != "/send" {
+							t.Fatalf("%s: %s on an auth flow", ep.path, name)
+						}
+						if name == "List-Unsubscribe-Post" && msg.Header.Get(name) != "List-Unsubscribe=One-Click" {
+							t.Fatalf("%s: %s %q", ep.path, name, msg.Header.Get(name))
+						}
 					default:
 						t.Fatalf("%s: unexpected header %q (injection?)", ep.path, name)
 					}
