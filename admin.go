@@ -48,6 +48,9 @@ type adminDelivery struct {
 	// TokenSource "refresh_token" (authmail refreshes) or "access_token"
 	Auth        string `json:"auth,omitempty"`
 	TokenSource string `json:"token_source,omitempty"`
+	// Servers lists smtp_servers in priority order with their state;
+	// the fields above describe the first
+	Servers []adminServer `json:"servers,omitempty"`
 }
 
 type adminKey struct {
@@ -107,9 +110,14 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	for _, ev := range securityEventNames() {
 		st.SecurityAlerts[ev] = h.alertEnabled(ev)
 	}
+	var servers []adminServer
+	smtpTransport := h.transport
+	if f, ok := h.transport.(*failoverTransport); ok {
+		servers, smtpTransport = f.status(), f.senders[0]
+	}
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
-	} else if s, ok := h.transport.(*smtpSender); ok {
+	} else if s, ok := smtpTransport.(*smtpSender); ok {
 		c := s.cfg
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
 			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections()}
@@ -119,6 +127,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 				st.Delivery.TokenSource = "refresh_token"
 			}
 		}
+		st.Delivery.Servers = servers
 	}
 	for _, k := range h.keys {
 		ak := adminKey{ID: k.id, Rate: k.rate.String()}

@@ -86,6 +86,12 @@ type Handler struct {
 	// smtp and capture must be set. Default: unset.
 	SMTP *SMTP `json:"smtp,omitempty"`
 
+	// SMTPServers, instead of smtp, lists several SMTP servers in
+	// priority order: each message goes to the first healthy one, and
+	// one that cannot take it (connection, TLS, authentication, timeout,
+	// 4xx) passes it to the next at once. Default: unset.
+	SMTPServers []SMTP `json:"smtp_servers,omitempty"`
+
 	// Capture, instead of smtp, writes every message as an .eml file into
 	// this directory (created on first use, mode 0700; files 0600). Meant
 	// for development. Default: unset.
@@ -212,7 +218,9 @@ type Handler struct {
 
 	logger     *zap.Logger
 	transport  transport
-	poolKey    string // acquired smtpPool key, released in Cleanup
+	poolKey    string   // acquired smtpPool key, released in Cleanup
+	poolKeys   []string // smtpPool keys of the smtp_servers senders
+	failKey    string   // acquired failoverPool key
 	keys       []apiKey
 	tmpl       *templateSet
 	from       mailAddr
@@ -514,7 +522,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	conns := 4
 	var route string
-	if h.Capture != "" {
+	if len(h.SMTPServers) > 0 {
+		if route, conns, err = h.provisionFailover(repl); err != nil {
+			return err
+		}
+	} else if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
@@ -737,6 +749,7 @@ func (h *Handler) Cleanup() error {
 		}
 		h.engineKey = ""
 	}
+	errs = append(errs, h.cleanupFailover()...)
 	if h.poolKey != "" {
 		if _, err := smtpPool.Delete(h.poolKey); err != nil {
 			errs = append(errs, err)
@@ -782,6 +795,10 @@ func (h *Handler) checkConfig() error {
 		}
 	}
 	switch {
+	case len(h.SMTPServers) > 0:
+		if err := h.checkSMTPServers(); err != nil {
+			return err
+		}
 	case h.SMTP != nil && h.Capture != "":
 		return errors.New("smtp and capture are mutually exclusive; configure exactly one")
 	case h.SMTP == nil && h.Capture == "":

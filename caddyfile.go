@@ -110,7 +110,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	// every subdirective but these may appear once
-	repeatable := map[string]bool{"link": true, "key": true, "webhook_allow_hosts": true, "allow_origin": true, "recipient_rate": true}
+	repeatable := map[string]bool{"smtp": true, "link": true, "key": true, "webhook_allow_hosts": true, "allow_origin": true, "recipient_rate": true}
 	seen := map[string]bool{}
 	oneArg := func() (string, error) {
 		if !d.NextArg() {
@@ -151,7 +151,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			h.SMTP = s
+			// one smtp block stays the smtp object; several, in the order
+			// written, become smtp_servers
+			switch {
+			case h.SMTP == nil && h.SMTPServers == nil:
+				h.SMTP = s
+			case h.SMTP != nil:
+				h.SMTPServers = []SMTP{*h.SMTP, *s}
+				h.SMTP = nil
+			default:
+				h.SMTPServers = append(h.SMTPServers, *s)
+			}
 
 		case "dkim":
 			k, err := unmarshalDKIM(d)
