@@ -69,6 +69,9 @@ type serverHealth struct {
 // offered to a second server once a first one may have it.
 type failoverTransport struct {
 	senders []*smtpSender
+	// the tunables, read once at construction
+	probeBase, probeMax time.Duration
+	transientLimit      int
 
 	mu     sync.Mutex
 	health []serverHealth
@@ -78,7 +81,8 @@ type failoverTransport struct {
 }
 
 func newFailoverTransport(senders []*smtpSender) *failoverTransport {
-	f := &failoverTransport{senders: senders, health: make([]serverHealth, len(senders)), done: make(chan struct{})}
+	f := &failoverTransport{senders: senders, health: make([]serverHealth, len(senders)), done: make(chan struct{}),
+		probeBase: failoverProbeBase, probeMax: failoverProbeMax, transientLimit: failoverTransientLimit}
 	now := time.Now()
 	for i := range f.health {
 		f.health[i].since = now
@@ -213,7 +217,7 @@ func (f *failoverTransport) failed(i int, de *deliveryError) {
 	h := &f.health[i]
 	if de.Code == codeSMTPTransient {
 		h.transients++
-		if h.transients < failoverTransientLimit {
+		if h.transients < f.transientLimit {
 			return
 		}
 	}
@@ -221,7 +225,7 @@ func (f *failoverTransport) failed(i int, de *deliveryError) {
 		return
 	}
 	h.down, h.since, h.lastError = true, time.Now(), de.Code
-	h.backoff = failoverProbeBase
+	h.backoff = f.probeBase
 	h.nextProbe = time.Now().Add(h.backoff)
 	f.setGauge(i)
 }
@@ -230,7 +234,7 @@ func (f *failoverTransport) failed(i int, de *deliveryError) {
 // that completes the greeting, EHLO, TLS and AUTH brings it back; a
 // failure doubles the delay.
 func (f *failoverTransport) prober() {
-	every := failoverProbeBase / 4
+	every := f.probeBase / 4
 	if every < 10*time.Millisecond {
 		every = 10 * time.Millisecond
 	}
@@ -266,7 +270,7 @@ func (f *failoverTransport) prober() {
 				if err == nil {
 					f.markUp(i)
 				} else {
-					h.backoff = min(2*h.backoff, failoverProbeMax)
+					h.backoff = min(2*h.backoff, f.probeMax)
 					h.nextProbe = time.Now().Add(h.backoff)
 				}
 			}

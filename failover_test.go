@@ -8,6 +8,7 @@ import (
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/emersion/go-smtp"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // failoverPair starts a primary and a secondary server and a failover
@@ -170,5 +171,26 @@ func TestFailoverCaddyfileAndConfig(t *testing.T) {
 		if err := tc.h.checkConfig(); err == nil || err.Error() != tc.want {
 			t.Errorf("got %v, want %s", err, tc.want)
 		}
+	}
+}
+
+// TestFailoverGauge: smtp_server_up follows each server's state.
+func TestFailoverGauge(t *testing.T) {
+	primary, _, f := failoverPair(t)
+	label := f.label(0)
+	gauge := func() float64 {
+		var m dto.Metric
+		_ = mServerUp.WithLabelValues(label).Write(&m)
+		return m.GetGauge().GetValue()
+	}
+	if v := gauge(); v != 1 {
+		t.Fatalf("gauge %v before", v)
+	}
+	_ = primary.Close()
+	if _, err := f.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	if v := gauge(); v != 0 {
+		t.Fatalf("gauge %v with the primary down", v)
 	}
 }

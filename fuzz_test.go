@@ -303,6 +303,7 @@ func FuzzCaddyfile(f *testing.F) {
 		"authmail {\n security_alerts {\n new_login on\n }\n}",
 		"authmail /x {\n link magic-link https://a/{token}\n}",
 		"authmail {\n from a@example.com\n key k 0123456789abcdef0123 {\n allow otp verify\n }\n capture /tmp/x\n codes issue {\n secret {env.S}\n length 8\n alphabet ABC\n }\n}",
+		"authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp a.example.com {\n username u@example.com\n auth xoauth2\n oauth2 {\n token_url https://t.example/token\n client_id c\n client_secret {env.CS}\n refresh_token {env.RT}\n scopes s1 s2\n }\n }\n smtp b.example.com:465 {\n username u\n password p\n }\n dkim {\n domain example.com\n selector s1\n key /k.pem\n headers From To\n }\n}",
 	} {
 		f.Add(s)
 	}
