@@ -44,6 +44,13 @@ type adminDelivery struct {
 	Connections     int    `json:"connections,omitempty"`
 	OpenConnections int64  `json:"open_connections"`
 	CaptureDir      string `json:"capture_dir,omitempty"`
+	// Auth is xoauth2 or oauthbearer with OAuth2 tokens, from
+	// TokenSource "refresh_token" (authmail refreshes) or "access_token"
+	Auth        string `json:"auth,omitempty"`
+	TokenSource string `json:"token_source,omitempty"`
+	// Servers lists smtp_servers in priority order with their state;
+	// the fields above describe the first
+	Servers []adminServer `json:"servers,omitempty"`
 }
 
 type adminKey struct {
@@ -103,12 +110,24 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	for _, ev := range securityEventNames() {
 		st.SecurityAlerts[ev] = h.alertEnabled(ev)
 	}
+	var servers []adminServer
+	smtpTransport := h.transport
+	if f, ok := h.transport.(*failoverTransport); ok {
+		servers, smtpTransport = f.status(), f.senders[0]
+	}
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
-	} else if s, ok := h.transport.(*smtpSender); ok {
+	} else if s, ok := smtpTransport.(*smtpSender); ok {
 		c := s.cfg
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
 			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections()}
+		if c.oauth != nil {
+			st.Delivery.Auth, st.Delivery.TokenSource = c.oauth.mech, "access_token"
+			if c.oauth.tokenURL != "" {
+				st.Delivery.TokenSource = "refresh_token"
+			}
+		}
+		st.Delivery.Servers = servers
 	}
 	for _, k := range h.keys {
 		ak := adminKey{ID: k.id, Rate: k.rate.String()}
@@ -141,6 +160,11 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	st.Settings["codes"] = nil
 	if is := h.codes; is != nil {
 		st.Settings["codes"] = map[string]any{"issue": is.issue, "length": is.length, "alphabet": is.alphabet}
+	}
+	// dkim: where the key is published, never the key
+	st.Settings["dkim"] = nil
+	if k := h.dkim; k != nil {
+		st.Settings["dkim"] = map[string]any{"domain": k.domain, "selector": k.selector, "algorithm": k.algorithm(), "record": k.recordName()}
 	}
 	rc.setStatus("ok", "")
 	return writeJSON(w, http.StatusOK, st)

@@ -91,6 +91,12 @@ type Handler struct {
 	// smtp and capture must be set. Default: unset.
 	SMTP *SMTP `json:"smtp,omitempty"`
 
+	// SMTPServers, instead of smtp, lists several SMTP servers in
+	// priority order: each message goes to the first healthy one, and
+	// one that cannot take it (connection, TLS, authentication, timeout,
+	// 4xx) passes it to the next at once. Default: unset.
+	SMTPServers []SMTP `json:"smtp_servers,omitempty"`
+
 	// Capture, instead of smtp, writes every message as an .eml file into
 	// this directory (created on first use, mode 0700; files 0600). Meant
 	// for development. Default: unset.
@@ -237,9 +243,15 @@ type Handler struct {
 	// callers supply every code and token.
 	Codes *Codes `json:"codes,omitempty"`
 
+	// DKIM signs every message with the operator's domain key (see DKIM).
+	// Default: unset, so messages are not signed.
+	DKIM *DKIM `json:"dkim,omitempty"`
+
 	logger     *zap.Logger
 	transport  transport
-	poolKey    string // acquired smtpPool key, released in Cleanup
+	poolKey    string   // acquired smtpPool key, released in Cleanup
+	poolKeys   []string // smtpPool keys of the smtp_servers senders
+	failKey    string   // acquired failoverPool key
 	keys       []apiKey
 	tmpl       *templateSet
 	from       mailAddr
@@ -258,6 +270,7 @@ type Handler struct {
 	engineKey  string              // acquired enginePool key, released in Cleanup
 	dcfg       *engineConfig       // resolved delivery settings
 	codes      *issuer             // resolved codes; nil when not configured
+	dkim       *dkimKey            // resolved dkim; nil when not configured
 	// storageOverride replaces the storage in unit tests.
 	storageOverride certmagic.Storage
 }
@@ -351,6 +364,23 @@ type SMTP struct {
 	// from 1 to 100. They stay open, are reused across requests and config
 	// reloads, and close after a minute of idleness. Default: 4.
 	Connections int `json:"connections,omitempty"`
+
+	// Auth "xoauth2" or "oauthbearer" authenticates username with an
+	// OAuth2 access token (Microsoft 365, Google Workspace) from oauth2 or
+	// access_token instead of a password. Default: unset, so a password
+	// with the best mechanism the server offers (PLAIN, LOGIN, SCRAM,
+	// CRAM-MD5).
+	Auth string `json:"auth,omitempty"`
+
+	// OAuth2 lets authmail fetch and refresh the access tokens itself with
+	// the refresh-token grant (see OAuth2). Default: unset.
+	OAuth2 *OAuth2 `json:"oauth2,omitempty"`
+
+	// AccessToken, instead of oauth2, is a {file.*} (or {env.*})
+	// placeholder whose value is the access token, read again each time
+	// a connection authenticates, for setups where another agent keeps
+	// the file fresh. Default: unset.
+	AccessToken string `json:"access_token,omitempty"`
 }
 
 // Key is an API key.
@@ -531,7 +561,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	conns := 4
 	var route, transportDesc string
-	if h.Capture != "" {
+	if len(h.SMTPServers) > 0 {
+		if route, conns, err = h.provisionFailover(repl); err != nil {
+			return err
+		}
+		hosts := make([]string, len(h.SMTPServers))
+		for i, s := range h.SMTPServers {
+			port := s.Port
+			if port == 0 {
+				port = 587
+			}
+			hosts[i] = fmt.Sprintf("%s:%d", s.Host, port)
+		}
+		transportDesc = "smtp failover " + strings.Join(hosts, ", ")
+	} else if h.Capture != "" {
 		h.transport = &captureTransport{dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
@@ -561,6 +604,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.codes, err = h.Codes.resolve(repl, h.logger); err != nil {
+		return err
+	}
+	if h.dkim, err = h.DKIM.resolve(repl, h.logger, h.from.domain()); err != nil {
 		return err
 	}
 	storage := h.storageOverride
@@ -724,7 +770,14 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		if out.password, err = expandSecret(repl, "smtp password", s.Password); err != nil {
 			return out, err
 		}
-		if !hasPlaceholder(s.Password) {
+		if out.oauth, err = s.resolveOAuth(repl); err != nil {
+			return out, err
+		}
+		if out.oauth != nil {
+			if o := s.OAuth2; o != nil && (!hasPlaceholder(o.RefreshToken) || (o.ClientSecret != "" && !hasPlaceholder(o.ClientSecret))) {
+				logger.Warn("SMTP OAuth2 refresh_token or client_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
+			}
+		} else if !hasPlaceholder(s.Password) {
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
@@ -781,6 +834,7 @@ func (h *Handler) Cleanup() error {
 		}
 		h.engineKey = ""
 	}
+	errs = append(errs, h.cleanupFailover()...)
 	if h.poolKey != "" {
 		if _, err := smtpPool.Delete(h.poolKey); err != nil {
 			errs = append(errs, err)
@@ -826,6 +880,10 @@ func (h *Handler) checkConfig() error {
 		}
 	}
 	switch {
+	case len(h.SMTPServers) > 0:
+		if err := h.checkSMTPServers(); err != nil {
+			return err
+		}
 	case h.SMTP != nil && h.Capture != "":
 		return errors.New("smtp and capture are mutually exclusive; configure exactly one")
 	case h.SMTP == nil && h.Capture == "":
@@ -950,6 +1008,11 @@ func (h *Handler) checkConfig() error {
 			return err
 		}
 	}
+	if h.DKIM != nil {
+		if err := h.DKIM.check(); err != nil {
+			return err
+		}
+	}
 	for _, host := range h.WebhookAllowHosts {
 		if strings.Contains(host, ",") {
 			return fmt.Errorf("invalid webhook_allow_hosts entry '%s': give one host per entry, not a comma-joined list (JSON: [\"%s\"]; Caddyfile: webhook_allow_hosts %s)",
@@ -982,7 +1045,10 @@ func (s *SMTP) check() error {
 	if s.Password != "" && s.Username == "" {
 		return errors.New("smtp: password is set but username is not")
 	}
-	if s.Username != "" && s.Password == "" {
+	if err := s.checkOAuth(); err != nil {
+		return err
+	}
+	if s.Username != "" && s.Password == "" && s.Auth == "" {
 		return errors.New("smtp: username is set but password is not")
 	}
 	if s.TLS == tlsNone && s.Username != "" && !isLoopbackHost(s.Host) {

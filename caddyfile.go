@@ -40,8 +40,23 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			helo <name>
 //			timeout <duration>
 //			connections <n>
+//			auth xoauth2|oauthbearer
+//			oauth2 {
+//				token_url <url>
+//				client_id <id>
+//				client_secret <secret>
+//				refresh_token <token>
+//				scopes <scope>...
+//			}
+//			access_token <{file.*}|{env.*}>
 //		}
 //		capture <dir>
+//		dkim {
+//			domain <domain>
+//			selector <selector>
+//			key <pem file|{file.*}|{env.*}>
+//			headers <field>...
+//		}
 //		from <address> [<display name>]
 //		reply_to <address>
 //		app_name <name>
@@ -97,7 +112,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.ArgErr()
 	}
 	// every subdirective but these may appear once
-	repeatable := map[string]bool{"link": true, "key": true, "webhook_allow_hosts": true, "allow_origin": true, "recipient_rate": true}
+	repeatable := map[string]bool{"smtp": true, "link": true, "key": true, "webhook_allow_hosts": true, "allow_origin": true, "recipient_rate": true}
 	seen := map[string]bool{}
 	oneArg := func() (string, error) {
 		if !d.NextArg() {
@@ -138,7 +153,24 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			h.SMTP = s
+			// one smtp block stays the smtp object; several, in the order
+			// written, become smtp_servers
+			switch {
+			case h.SMTP == nil && h.SMTPServers == nil:
+				h.SMTP = s
+			case h.SMTP != nil:
+				h.SMTPServers = []SMTP{*h.SMTP, *s}
+				h.SMTP = nil
+			default:
+				h.SMTPServers = append(h.SMTPServers, *s)
+			}
+
+		case "dkim":
+			k, err := unmarshalDKIM(d)
+			if err != nil {
+				return err
+			}
+			h.DKIM = k
 
 		case "capture":
 			v, err := oneArg()
@@ -498,8 +530,13 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	err = eachOption(d, "smtp", func(sub, v string) error {
+	blocks := map[string]func() error{"oauth2": func() (err error) { s.OAuth2, err = unmarshalOAuth2(d); return err }}
+	err = eachOptionOrBlock(d, "smtp", blocks, func(sub, v string) error {
 		switch sub {
+		case "auth":
+			s.Auth = v
+		case "access_token":
+			s.AccessToken = v
 		case "username":
 			s.Username = v
 		case "password":

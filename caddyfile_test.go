@@ -205,7 +205,6 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"key missing secret":              {"authmail {\n from a@example.com\n capture /tmp/x\n key app\n}", "wrong argument count"},
 		"neither smtp nor capture":        {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n}", "configure smtp or capture"},
 		"both smtp and capture":           {"authmail {" + minimalBlock + "\n smtp localhost\n}", "mutually exclusive"},
-		"duplicate smtp":                  {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp a\n smtp b\n}", "smtp already specified"},
 		"bad smtp port":                   {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h:99999\n}", "invalid smtp port"},
 		"bad tls":                         {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n tls maybe\n }\n}", "must be starttls, implicit or none"},
 		"plaintext credentials":           {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp mail.example.com {\n tls none\n username u\n password p\n }\n}", "refusing to send credentials without TLS"},

@@ -205,6 +205,10 @@ type sendRequest struct {
 	Subject  string      `json:"subject"`
 	HTMLBody string      `json:"html_body"`
 	TextBody string      `json:"text_body"`
+	// ListUnsubscribe and ListUnsubscribePost become the RFC 2369 and
+	// RFC 8058 header fields; only /send takes them
+	ListUnsubscribe     string `json:"list_unsubscribe"`
+	ListUnsubscribePost string `json:"list_unsubscribe_post"`
 }
 
 // localeField is accepted by every templated flow.
@@ -258,6 +262,9 @@ type outMessage struct {
 	subject, text, html  string
 	webhook              webhookState
 	issued               *issuedValue // a code or token authmail issued, stored on accept
+
+	// listUnsub and listUnsubPost are /send's List-Unsubscribe fields
+	listUnsub, listUnsubPost string
 }
 
 // checkWebhook validates a request's webhook fields.
@@ -372,6 +379,9 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 		return nil, "", invalid("bcc", "brings the message to %d recipients; at most %d are allowed per message", n, maxAddressesPerField)
 	}
 	if err := h.checkLinkPolicy(req.HTMLBody, req.TextBody); err != nil {
+		return nil, "", err
+	}
+	if m.listUnsub, m.listUnsubPost, err = checkUnsubscribe(req.ListUnsubscribe, req.ListUnsubscribePost); err != nil {
 		return nil, "", err
 	}
 	m.subject = strings.TrimSpace(req.Subject)

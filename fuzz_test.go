@@ -126,6 +126,8 @@ func FuzzRequests(f *testing.F) {
 		`{"to":"a@example.com","code":"1","locale":"i-klingon"}`,
 		`{"to":"a@example.com","code":"1","locale":"` + strings.Repeat("a-", 40) + `"}`,
 		`{"to":"a@example.com","subject":"s","text_body":"b","locale":"ko"}`,
+		`{"to":"a@example.com","subject":"s","text_body":"b","list_unsubscribe":"<https://a.example/u?x=1>, <mailto:u@a.example>","list_unsubscribe_post":"List-Unsubscribe=One-Click"}`,
+		`{"to":"a@example.com","subject":"s","text_body":"b","list_unsubscribe":"<https://a.example/u>\r\nBcc: e@evil.example"}`,
 	} {
 		f.Add(s)
 	}
@@ -171,6 +173,14 @@ func FuzzRequests(f *testing.F) {
 				for name := range msg.Header {
 					switch name {
 					case "Date", "Mime-Version", "Message-Id", "Subject", "From", "To", "Cc", "Reply-To", "Content-Type", "Content-Transfer-Encoding":
+					case "List-Unsubscribe", "List-Unsubscribe-Post":
+						// only /send sets them, only from validated fields
+						if ep.path != "/send" {
+							t.Fatalf("%s: %s on an auth flow", ep.path, name)
+						}
+						if name == "List-Unsubscribe-Post" && msg.Header.Get(name) != "List-Unsubscribe=One-Click" {
+							t.Fatalf("%s: %s %q", ep.path, name, msg.Header.Get(name))
+						}
 					default:
 						t.Fatalf("%s: unexpected header %q (injection?)", ep.path, name)
 					}
@@ -302,6 +312,7 @@ func FuzzCaddyfile(f *testing.F) {
 		"authmail /x {\n link magic-link https://a/{token}\n}",
 		"authmail {\n from a@example.com\n key k 0123456789abcdef0123 {\n allow otp verify\n }\n capture /tmp/x\n codes issue {\n secret {env.S}\n length 8\n alphabet ABC\n }\n}",
 		"authmail {\n from a@example.com\n key k 0123456789abcdef0123\n capture /tmp/x\n compat authmail-relay\n webhook_allow_hosts 127.0.0.1,localhost\n}",
+		"authmail {\n from a@example.com\n key k 0123456789abcdef0123\n smtp a.example.com {\n username u@example.com\n auth xoauth2\n oauth2 {\n token_url https://t.example/token\n client_id c\n client_secret {env.CS}\n refresh_token {env.RT}\n scopes s1 s2\n }\n }\n smtp b.example.com:465 {\n username u\n password p\n }\n dkim {\n domain example.com\n selector s1\n key /k.pem\n headers From To\n }\n}",
 	} {
 		f.Add(s)
 	}

@@ -62,6 +62,13 @@ func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error)
 		msg.SetAddrHeaderFromMailAddress(gomail.HeaderReplyTo, mailAddresses(replyTo)...)
 	}
 	msg.Subject(foldableSubject(m.subject))
+	if m.listUnsub != "" {
+		// validated ASCII URIs (checkUnsubscribe), so go-mail writes them as is
+		msg.SetGenHeader(gomail.HeaderListUnsubscribe, m.listUnsub)
+		if m.listUnsubPost != "" {
+			msg.SetGenHeader(gomail.HeaderListUnsubscribePost, m.listUnsubPost)
+		}
+	}
 	msg.SetDateWithValue(now)
 	msg.SetMessageIDWithValue(strings.TrimSuffix(strings.TrimPrefix(env.MessageID, "<"), ">"))
 	if m.text != "" {
@@ -78,6 +85,16 @@ func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error)
 		return nil, fmt.Errorf("rendering message: %w", err)
 	}
 	env.Data = buf.Bytes()
+	if h.dkim != nil {
+		// signed once, here: the outbox stores and every retry resends
+		// exactly these bytes. A signing failure fails the request before
+		// anything is stored.
+		sig, err := h.dkim.sign(env.Data)
+		if err != nil {
+			return nil, fmt.Errorf("dkim signing: %w", err)
+		}
+		env.Data = append([]byte(sig), env.Data...)
+	}
 	env.To = envelopeRecipients(m.to, m.cc, m.bcc)
 	return env, nil
 }

@@ -53,6 +53,7 @@ func initMetrics() {
 				return float64(n)
 			})
 		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns}
+		collectors = append(collectors, failoverCollectors()...)
 	})
 }
 

@@ -50,6 +50,9 @@ type smtpSettings struct {
 	helo        string
 	timeout     time.Duration
 	connections int
+	// oauth, when set, authenticates with OAuth2 access tokens instead of
+	// the password
+	oauth *oauthSettings
 	// noPipelining sends MAIL, each RCPT and DATA one at a time even when
 	// the server offers PIPELINING (tests use it to cover that path)
 	noPipelining bool
@@ -59,10 +62,10 @@ type smtpSettings struct {
 // changes a connection is part of it; the password only as a hash.
 func (s *smtpSettings) poolKey() string {
 	h := sha256.New()
-	for _, v := range []string{
+	for _, v := range append([]string{
 		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
 		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections), strconv.FormatBool(s.noPipelining),
-	} {
+	}, s.oauth.key()...) {
 		// length-prefix each field so that no two configs collide
 		fmt.Fprintf(h, "%d:%s|", len(v), v)
 	}
@@ -89,6 +92,8 @@ type smtpSender struct {
 
 	done chan struct{} // closed by Destruct; stops the janitor
 
+	tokens *tokenSource // OAuth2 access tokens; nil with a password
+
 	open  atomic.Int64 // currently open connections
 	dials atomic.Int64 // successful dials since creation
 }
@@ -99,6 +104,9 @@ func newSMTPSender(cfg smtpSettings) *smtpSender {
 		slots:       make(chan struct{}, cfg.connections),
 		idleTimeout: smtpIdleTimeout,
 		done:        make(chan struct{}),
+	}
+	if cfg.oauth != nil {
+		s.tokens = newTokenSource(cfg.oauth, cfg.timeout)
 	}
 	go s.janitor()
 	return s
@@ -244,7 +252,12 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 		reused := conn != nil
 		if conn == nil {
 			var err *deliveryError
-			conn, err = s.dial(ctx)
+			conn, err = s.dial(ctx, "")
+			if err != nil && err.rejectedToken != "" && s.tokens.canRenew() {
+				// the server refused an access token it should have taken
+				// (revoked, or expired early): one more try with a fresh one
+				conn, err = s.dial(ctx, err.rejectedToken)
+			}
 			if err != nil {
 				return delivery{}, err
 			}
@@ -270,7 +283,10 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 
 // dial opens, secures and authenticates a new connection. It never
 // leaves a socket open on failure.
-func (s *smtpSender) dial(ctx context.Context) (*smtpConn, *deliveryError) {
+//
+// rejected is an access token the server refused on the previous dial;
+// the token source then fetches a new one.
+func (s *smtpSender) dial(ctx context.Context, rejected string) (*smtpConn, *deliveryError) {
 	cfg := &s.cfg
 	d := net.Dialer{Timeout: cfg.timeout}
 	raw, err := d.DialContext(ctx, "tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
@@ -312,7 +328,11 @@ func (s *smtpSender) dial(ctx context.Context) (*smtpConn, *deliveryError) {
 			return nil, classify(phaseStartTLS, err)
 		}
 	}
-	if cfg.username != "" {
+	if s.tokens != nil {
+		if de := s.authToken(ctx, client, rejected, deadline); de != nil {
+			return nil, de
+		}
+	} else if cfg.username != "" {
 		deadline()
 		auth, err := s.pickAuth(client)
 		if err != nil {

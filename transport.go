@@ -121,6 +121,9 @@ type deliveryError struct {
 	// Err is the underlying error, if any. It never holds a secret:
 	// authentication data is never part of an error.
 	Err error
+	// rejectedToken is the OAuth2 access token the server refused (auth
+	// failures only); never shown
+	rejectedToken string
 	// fresh marks a failure on a reused connection that a new
 	// connection may not have (dead idle connection, 421 before DATA).
 	fresh bool

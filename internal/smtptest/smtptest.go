@@ -1,7 +1,7 @@
 // Package smtptest runs a real SMTP server in-process for tests: go-smtp
 // with STARTTLS or implicit TLS on a freshly generated self-signed
 // certificate, AUTH (PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 or
-// SCRAM-SHA-256), a record of every transaction, and hooks to inject
+// SCRAM-SHA-256, XOAUTH2 or OAUTHBEARER), a record of every transaction, and hooks to inject
 // faults (replies, dropped connections, slow replies).
 package smtptest
 
@@ -65,6 +65,11 @@ type Options struct {
 	// Restarting a server on the Addr of a closed one simulates an SMTP
 	// server that was down and comes back.
 	Addr string
+	// CheckToken, when set, checks the OAuth2 bearer token of AUTH
+	// XOAUTH2 and OAUTHBEARER (offered when listed in Mechanisms) for
+	// Username; a refused token gets the mechanism's JSON error challenge
+	// and then 535 5.7.8, as Gmail and Microsoft 365 answer.
+	CheckToken func(username, token string) bool
 	// CertPEM and KeyPEM reuse a certificate (e.g. across a restart);
 	// default: a new self-signed one.
 	CertPEM, KeyPEM []byte
@@ -434,8 +439,71 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		return &scramServer{h: sha256.New, password: ss.s.opts.Password, check: check}, nil
 	case "SCRAM-SHA-1":
 		return &scramServer{h: sha1.New, password: ss.s.opts.Password, check: check}, nil
+	case "XOAUTH2":
+		return &xoauth2Server{check: func(u, tok string) error { return check(u, ss.tokenOK(u, tok)) }}, nil
+	case sasl.OAuthBearer:
+		return &fail535{sasl.NewOAuthBearerServer(func(o sasl.OAuthBearerOptions) *sasl.OAuthBearerError {
+			if check(o.Username, ss.tokenOK(o.Username, o.Token)) != nil {
+				return &sasl.OAuthBearerError{Status: "invalid_token", Schemes: "bearer"}
+			}
+			return nil
+		})}, nil
 	}
 	return nil, errors.New("unsupported mechanism")
+}
+
+func (ss *session) tokenOK(user, token string) bool {
+	return ss.s.opts.CheckToken != nil && user == ss.s.opts.Username && ss.s.opts.CheckToken(user, token)
+}
+
+// invalidCredentials is the final reply to a refused AUTH.
+var invalidCredentials = &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
+
+// fail535 turns the final error of a SASL exchange into 535 5.7.8 (go-smtp
+// answers 454 to errors that are not an *smtp.SMTPError).
+type fail535 struct{ sasl.Server }
+
+func (f *fail535) Next(response []byte) ([]byte, bool, error) {
+	c, done, err := f.Server.Next(response)
+	if err != nil {
+		if _, ok := err.(*smtp.SMTPError); !ok {
+			err = invalidCredentials
+		}
+	}
+	return c, done, err
+}
+
+// xoauth2Server is the server side of AUTH XOAUTH2 (Google's and
+// Microsoft's): "user=<u>\x01auth=Bearer <token>\x01\x01"; a refused token
+// gets a base64 JSON error as a 334 challenge, the client answers with
+// an empty line, and the server ends with 535.
+type xoauth2Server struct {
+	failed bool
+	check  func(username, token string) error
+}
+
+func (x *xoauth2Server) Next(response []byte) ([]byte, bool, error) {
+	if x.failed {
+		return nil, true, invalidCredentials
+	}
+	if response == nil {
+		return []byte{}, false, nil
+	}
+	var user, token string
+	for _, f := range strings.Split(string(response), "\x01") {
+		if v, ok := strings.CutPrefix(f, "user="); ok {
+			user = v
+		} else if v, ok := strings.CutPrefix(f, "auth="); ok {
+			if len(v) > 7 && strings.EqualFold(v[:7], "Bearer ") {
+				token = v[7:]
+			}
+		}
+	}
+	if token == "" || x.check(user, token) != nil {
+		x.failed = true
+		return []byte(`{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}`), false, nil
+	}
+	return nil, true, nil
 }
 
 // loginServer is the server side of AUTH LOGIN (draft-murchison-sasl-login):

@@ -1,0 +1,384 @@
+package authmail
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// failoverPool holds one failover transport per list of senders, so that
+// the servers' health survives config reloads like the senders do.
+var failoverPool = caddy.NewUsagePool()
+
+// Tunables; tests shorten them.
+var (
+	// failoverProbeBase is the first delay before a failing server is
+	// probed again; it doubles per failed probe up to failoverProbeMax
+	failoverProbeBase = 5 * time.Second
+	failoverProbeMax  = 5 * time.Minute
+	// failoverTransientLimit is how many 4xx answers in a row mark a
+	// server down: one 4xx moves only that message on, since a temporary
+	// refusal can be about the message (a recipient's full mailbox)
+	failoverTransientLimit = 3
+)
+
+// Server states in /status and the metrics.
+const (
+	serverUp   = "up"
+	serverDown = "down"
+)
+
+var (
+	mServerUp     *prometheus.GaugeVec
+	mServerUpOnce sync.Once
+)
+
+// failoverCollectors returns the per-server gauge, 1 while a server is
+// up and 0 while it is down, labelled host:port.
+func failoverCollectors() []prometheus.Collector {
+	mServerUpOnce.Do(func() {
+		mServerUp = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "caddy", Subsystem: "authmail",
+			Name: "smtp_server_up", Help: "1 while an SMTP server of a failover list is healthy, 0 while it is down and probed."}, []string{"server"})
+	})
+	return []prometheus.Collector{mServerUp}
+}
+
+// serverHealth is the failover state of one SMTP server.
+type serverHealth struct {
+	down       bool
+	since      time.Time // when the current state began
+	transients int       // 4xx answers in a row
+	lastError  string    // the error code that took it down
+	nextProbe  time.Time
+	backoff    time.Duration
+}
+
+// failoverTransport delivers through the first healthy server of a list
+// in priority order. A server that cannot take the message (connection,
+// TLS, authentication, timeout, a 4xx) passes it on to the next one at
+// once; a 5xx refusal of the message itself, and any outcome after the
+// message may have been accepted, end the attempt: a message is never
+// offered to a second server once a first one may have it.
+type failoverTransport struct {
+	senders []*smtpSender
+	// the tunables, read once at construction
+	probeBase, probeMax time.Duration
+	transientLimit      int
+
+	mu     sync.Mutex
+	health []serverHealth
+
+	done chan struct{}
+	once sync.Once
+}
+
+func newFailoverTransport(senders []*smtpSender) *failoverTransport {
+	f := &failoverTransport{senders: senders, health: make([]serverHealth, len(senders)), done: make(chan struct{}),
+		probeBase: failoverProbeBase, probeMax: failoverProbeMax, transientLimit: failoverTransientLimit}
+	now := time.Now()
+	for i := range f.health {
+		f.health[i].since = now
+		f.setGauge(i)
+	}
+	go f.prober()
+	return f
+}
+
+// failoverKey names the transport of a list of sender pool keys.
+func failoverKey(keys []string) string {
+	h := sha256.New()
+	for _, k := range keys {
+		fmt.Fprintf(h, "%d:%s|", len(k), k)
+	}
+	return "authmail.failover." + hex.EncodeToString(h.Sum(nil))
+}
+
+// Destruct stops the prober; the senders are released by their own pool
+// keys.
+func (f *failoverTransport) Destruct() error {
+	f.once.Do(func() { close(f.done) })
+	return nil
+}
+
+func (f *failoverTransport) label(i int) string {
+	c := &f.senders[i].cfg
+	return fmt.Sprintf("%s:%d", c.host, c.port)
+}
+
+func (f *failoverTransport) setGauge(i int) {
+	failoverCollectors()
+	v := 1.0
+	if f.health[i].down {
+		v = 0
+	}
+	mServerUp.WithLabelValues(f.label(i)).Set(v)
+}
+
+// order returns the servers to try: the healthy ones in priority order,
+// then, as a last resort when none is healthy, the down ones.
+func (f *failoverTransport) order() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var up, down []int
+	for i, h := range f.health {
+		if h.down {
+			down = append(down, i)
+		} else {
+			up = append(up, i)
+		}
+	}
+	if len(up) > 0 {
+		return up
+	}
+	return down
+}
+
+// passesOn reports whether a failure of one server should move the
+// message to the next: the message was certainly not accepted, and the
+// failure is about the server (not a 5xx refusal of the message).
+func passesOn(de *deliveryError) bool {
+	switch de.Code {
+	case codeSMTPConnection, codeSMTPTimeout, codeSMTPAuthFailed, codeStartTLSUnsupported, codeSMTPTransient:
+		return true
+	}
+	// codeUncertain: the server may have it; codeSMTPRejected and
+	// codeRecipientRefused: the message is refused, not the server;
+	// codeOutboxUnavailable: storage, not the server
+	return false
+}
+
+func (f *failoverTransport) send(ctx context.Context, env *envelope) (delivery, error) {
+	var last error
+	for _, i := range f.order() {
+		// BeforeDot runs right before the final dot; once it has run the
+		// message may be on its way, so whatever happens next it goes to
+		// no other server
+		committed := false
+		e := *env
+		e.BeforeDot = func() error {
+			committed = true
+			if env.BeforeDot != nil {
+				return env.BeforeDot()
+			}
+			return nil
+		}
+		d, err := f.senders[i].send(ctx, &e)
+		if err == nil {
+			f.succeeded(i)
+			return d, nil
+		}
+		de, _ := err.(*deliveryError)
+		if ctx.Err() != nil && !committed {
+			// the attempt's time ran out (waiting for a free connection,
+			// or dialing): says nothing about the server, and there is no
+			// time left for the next one
+			return delivery{}, err
+		}
+		if de == nil || committed || !passesOn(de) {
+			if de != nil && !de.permanent() && de.Code != codeOutboxUnavailable {
+				f.failed(i, de)
+			}
+			return delivery{}, err
+		}
+		f.failed(i, de)
+		last = err
+	}
+	return delivery{}, last
+}
+
+func (f *failoverTransport) succeeded(i int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	h := &f.health[i]
+	h.transients = 0
+	if h.down {
+		f.markUp(i)
+	}
+}
+
+// markUp brings server i back; f.mu is held.
+func (f *failoverTransport) markUp(i int) {
+	h := &f.health[i]
+	*h = serverHealth{since: time.Now()}
+	f.setGauge(i)
+}
+
+func (f *failoverTransport) failed(i int, de *deliveryError) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	h := &f.health[i]
+	if de.Code == codeSMTPTransient {
+		h.transients++
+		if h.transients < f.transientLimit {
+			return
+		}
+	}
+	if h.down {
+		return
+	}
+	h.down, h.since, h.lastError = true, time.Now(), de.Code
+	h.backoff = f.probeBase
+	h.nextProbe = time.Now().Add(h.backoff)
+	f.setGauge(i)
+}
+
+// prober dials each down server when its probe is due: a connection
+// that completes the greeting, EHLO, TLS and AUTH brings it back; a
+// failure doubles the delay.
+func (f *failoverTransport) prober() {
+	every := f.probeBase / 4
+	if every < 10*time.Millisecond {
+		every = 10 * time.Millisecond
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-f.done:
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		var due []int
+		f.mu.Lock()
+		for i, h := range f.health {
+			if h.down && !now.Before(h.nextProbe) {
+				due = append(due, i)
+			}
+		}
+		f.mu.Unlock()
+		for _, i := range due {
+			s := f.senders[i]
+			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.timeout)
+			c, err := s.dial(ctx, "")
+			cancel()
+			if err == nil {
+				// a working connection: keep it for the next message
+				s.putIdle(c)
+			}
+			f.mu.Lock()
+			h := &f.health[i]
+			if h.down {
+				if err == nil {
+					f.markUp(i)
+				} else {
+					h.backoff = min(2*h.backoff, f.probeMax)
+					h.nextProbe = time.Now().Add(h.backoff)
+				}
+			}
+			f.mu.Unlock()
+		}
+	}
+}
+
+// adminServer is one server of a failover list in /status.
+type adminServer struct {
+	Host      string `json:"host"`
+	Port      int    `json:"port"`
+	Username  string `json:"username,omitempty"`
+	State     string `json:"state"`
+	Since     string `json:"since"`
+	LastError string `json:"last_error_code,omitempty"`
+}
+
+// status lists the servers in priority order with their state.
+func (f *failoverTransport) status() []adminServer {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]adminServer, len(f.senders))
+	for i, s := range f.senders {
+		h := f.health[i]
+		st := serverUp
+		if h.down {
+			st = serverDown
+		}
+		out[i] = adminServer{Host: s.cfg.host, Port: s.cfg.port, Username: maskUser(s.cfg.username), State: st,
+			Since: h.since.UTC().Format(time.RFC3339), LastError: h.lastError}
+	}
+	return out
+}
+
+// route names the list for the sender profile: the servers' routes in
+// order.
+func failoverRoute(settings []smtpSettings) string {
+	var rs []string
+	for i := range settings {
+		rs = append(rs, settings[i].route())
+	}
+	return "failover " + strings.Join(rs, " | ")
+}
+
+// checkSMTPServers validates smtp_servers.
+func (h *Handler) checkSMTPServers() error {
+	if h.SMTP != nil {
+		return errors.New("smtp and smtp_servers are mutually exclusive; list every server in smtp_servers, in priority order")
+	}
+	if h.Capture != "" {
+		return errors.New("smtp_servers and capture are mutually exclusive; configure exactly one")
+	}
+	if len(h.SMTPServers) > 10 {
+		return fmt.Errorf("smtp_servers: at most 10 servers, not %d", len(h.SMTPServers))
+	}
+	for i := range h.SMTPServers {
+		if err := h.SMTPServers[i].check(); err != nil {
+			return fmt.Errorf("smtp_servers[%d]: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// provisionFailover resolves every server of smtp_servers, takes a
+// reference on each sender and on the failover transport over them.
+func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns int, err error) {
+	var settings []smtpSettings
+	var senders []*smtpSender
+	for i := range h.SMTPServers {
+		st, err := h.SMTPServers[i].resolve(repl, h.logger)
+		if err != nil {
+			return "", 0, fmt.Errorf("smtp_servers[%d]: %w", i, err)
+		}
+		key := st.poolKey()
+		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return newSMTPSender(st), nil })
+		if err != nil {
+			return "", 0, err
+		}
+		h.poolKeys = append(h.poolKeys, key)
+		settings = append(settings, st)
+		senders = append(senders, val.(*smtpSender))
+		conns = max(conns, st.connections)
+	}
+	fkey := failoverKey(h.poolKeys)
+	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return newFailoverTransport(senders), nil })
+	if err != nil {
+		return "", 0, err
+	}
+	h.failKey = fkey
+	h.transport = val.(*failoverTransport)
+	return failoverRoute(settings), conns, nil
+}
+
+// cleanupFailover releases what provisionFailover took.
+func (h *Handler) cleanupFailover() []error {
+	var errs []error
+	if h.failKey != "" {
+		if _, err := failoverPool.Delete(h.failKey); err != nil {
+			errs = append(errs, err)
+		}
+		h.failKey = ""
+	}
+	for _, k := range h.poolKeys {
+		if _, err := smtpPool.Delete(k); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	h.poolKeys = nil
+	return errs
+}
