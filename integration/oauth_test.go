@@ -85,7 +85,7 @@ func TestOAuth2SMTPThroughCaddy(t *testing.T) {
 		}
 	}
 	// the adapted JSON keeps the placeholders
-	res, err := http.Get("http://localhost:2999/config/")
+	res, err := http.Get(adminURL + "/config/")
 	if err != nil {
 		t.Fatal(err)
 	}
