@@ -59,7 +59,7 @@ type endpoint struct {
 
 func (e *endpoint) method() string {
 	switch e.kind {
-	case kindHealth, kindStatus, kindAdminStatus:
+	case kindHealth, kindStatus, kindAdminStatus, kindOpenAPI:
 		return http.MethodGet
 	}
 	return http.MethodPost

@@ -48,6 +48,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindHealth {
 		return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	}
+	if ep.kind == kindOpenAPI {
+		return h.serveOpenAPI(w, rc)
+	}
 	h.engine.start() // loads the hashing salt; a no-op once running
 	lim := h.engine.limits
 	now := time.Now()
