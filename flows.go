@@ -62,6 +62,9 @@ func (e *endpoint) method() string {
 	case kindHealth, kindStatus, kindAdminStatus, kindOpenAPI:
 		return http.MethodGet
 	}
+	if consoleGET(e.kind) {
+		return http.MethodGet
+	}
 	return http.MethodPost
 }
 

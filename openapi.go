@@ -321,9 +321,30 @@ func components() oaJ {
 		"ip":    oaStr("the end user's IP address"),
 	})
 	schemas["TestRequest"] = oaObject([]string{"to"}, oaJ{"to": oaAddresses("where to send the test message")})
-	for name, s := range consoleSchemas() {
-		schemas[name] = s
-	}
+	nullStr := oaJ{"type": []string{"string", "null"}}
+	schemas["MessageList"] = oaJ{"type": "object", "required": []string{"messages", "next_cursor"}, "properties": oaJ{
+		"messages": oaJ{"type": "array", "items": oaJ{"type": "object",
+			"required": []string{"id", "status", "flow", "attempts", "created_at", "updated_at", "message_id", "recipients", "rcpts", "last_error_code", "last_error"},
+			"properties": oaJ{
+				"id":              oaJ{"type": "string"},
+				"status":          oaJ{"type": "string", "enum": []string{stQueued, stSending, stSent, stFailed, stUnknown}},
+				"flow":            oaJ{"type": "string"},
+				"attempts":        oaJ{"type": "integer", "minimum": 0},
+				"created_at":      oaJ{"type": "string", "format": "date-time"},
+				"updated_at":      oaJ{"type": "string", "format": "date-time"},
+				"message_id":      oaJ{"type": "string"},
+				"recipients":      oaJ{"type": "integer", "minimum": 0},
+				"rcpts":           oaJ{"type": "array", "items": oaJ{"type": "string"}, "description": "recipients as logged: a salted hash and the domain, or the addresses with log_recipients"},
+				"last_error_code": nullStr,
+				"last_error":      nullStr,
+				"key_id":          oaStr("the key that created it; for keys with allow admin only"),
+			}}},
+		"next_cursor": oaJ{"type": []string{"string", "null"}, "description": "pass as cursor for the next page; null at the end"},
+	}}
+	retried := oaJ{"allOf": []any{oaRef("MessageStatus"), oaJ{"properties": oaJ{
+		"warning": oaStr("set when the message's outcome was unknown: the recipient may get it twice"),
+	}}}}
+	schemas["Retried"] = retried
 	return oaJ{
 		"securitySchemes": oaJ{"bearer": oaJ{"type": "http", "scheme": "bearer", "description": "an API key's secret"}},
 		"schemas":         schemas,
@@ -457,10 +478,34 @@ func operationFor(e *endpoint) (oaJ, error) {
 		errs.add(http.StatusNotFound, "not_found")
 		errs.add(http.StatusGone, "token_expired")
 		errs.add(http.StatusServiceUnavailable, "outbox_unavailable")
-	default:
-		if !consoleOperation(e, op, ok, errs, &params) {
+	case kindMessages:
+		op["summary"] = "The calling key's messages, newest first, without bodies (every key's with allow admin)"
+		q := func(name, desc string, schema oaJ) oaJ {
+			return oaJ{"name": name, "in": "query", "description": desc, "schema": schema}
+		}
+		params = append(params,
+			q("status", "only messages in this state", oaJ{"type": "string", "enum": []string{stQueued, stSending, stSent, stFailed, stUnknown}}),
+			q("flow", "only this flow (otp, magic-link, send, …)", oaJ{"type": "string", "maxLength": 64}),
+			q("since", "only messages created at or after this RFC 3339 time", oaJ{"type": "string", "format": "date-time"}),
+			q("limit", "page size", oaJ{"type": "integer", "minimum": 1, "maximum": maxListLimit, "default": defaultListLimit}),
+			q("cursor", "next_cursor of the previous page", oaJ{"type": "string"}))
+		ok["200"] = oaResponse("a page of messages; it may hold fewer than limit (each page reads at most 2×limit batch states) while next_cursor is not null", oaRef("MessageList"))
+		errs.add(http.StatusUnprocessableEntity, "invalid_request")
+		errs.add(http.StatusServiceUnavailable, "outbox_unavailable")
+	case kindRetry:
+		op["summary"] = "Put a failed or unknown message back in the queue (an unknown one may then arrive twice)"
+		params = append(params, oaJ{"name": "id", "in": "path", "required": true, "schema": oaJ{"type": "string"}})
+		ok["202"] = oaResponse("queued again", oaRef("Retried"), "Location")
+		errs.add(http.StatusNotFound, "not_found")
+		errs.add(http.StatusConflict, "not_retryable", "retry_later")
+		errs.add(http.StatusGone, "body_gone")
+		errs.add(http.StatusServiceUnavailable, "outbox_unavailable")
+	case kindPreview, kindPreviewFile:
+		if !previewOperation(e, op, ok, errs, &params) {
 			return nil, fmt.Errorf("openapi: endpoint %s (kind %d) has no document", e.path, e.kind)
 		}
+	default:
+		return nil, fmt.Errorf("openapi: endpoint %s (kind %d) has no document", e.path, e.kind)
 	}
 	op["parameters"] = params
 	resps := oaJ{}

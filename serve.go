@@ -87,6 +87,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.serveStatus(w, r, rc, msgID)
 	case kindAdminStatus:
 		return h.serveAdminStatus(w, rc)
+	case kindMessages, kindRetry, kindPreview, kindPreviewFile:
+		return h.serveConsole(w, r, rc, ep, key, msgID)
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		return h.reject(w, rc, &apiError{Status: http.StatusUnsupportedMediaType, Code: "unsupported_media_type",
@@ -178,6 +180,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // lookupEndpoint finds the endpoint for a path below the prefix; for
 // /messages/{id} it also returns the id.
 func lookupEndpoint(rest string) (*endpoint, string) {
+	if ep, arg := lookupConsole(rest); ep != nil {
+		return ep, arg
+	}
 	if id, ok := strings.CutPrefix(rest, "/messages/"); ok && id != "" && !strings.Contains(id, "/") {
 		return statusEndpoint, id
 	}

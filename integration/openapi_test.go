@@ -154,6 +154,9 @@ func TestOpenAPIConformance(t *testing.T) {
 			secret {env.AUTHMAIL_IT_CODES_SECRET}
 			length 8
 			alphabet ABCDEFGHJKMNPQRSTVWXYZ
+		}
+		delivery {
+			replay_window 10m
 		}`,
 	})
 	doc, v := liveDoc(t)
@@ -173,6 +176,7 @@ func TestOpenAPIConformance(t *testing.T) {
 		http.StatusGone:                "code_expired, code_burned, token_expired: codes_test.go moves the clock, which a live Caddy cannot",
 	}
 	idRe := regexp.MustCompile(`^[0-9a-z]{28}$`)
+
 	covered := map[string]map[int]bool{}
 	check := func(opKey string, r response, want int) {
 		t.Helper()
@@ -187,6 +191,8 @@ func TestOpenAPIConformance(t *testing.T) {
 		}
 		covered[opKey][r.status] = true
 	}
+	// /messages: 422 for a bad query parameter
+	check("GET /messages", conform(t, v, http.MethodGet, "/authmail/messages?status=lost", "", app...), http.StatusUnprocessableEntity)
 	var keys []string
 	for k := range ops {
 		keys = append(keys, k)
@@ -241,6 +247,28 @@ func TestOpenAPIConformance(t *testing.T) {
 				check(opKey, r, http.StatusOK)
 				r = conform(t, v, method, path, body, app...)
 				check(opKey, r, http.StatusNotFound)
+			case "/messages/{id}/retry":
+				smtpSrv.SetHooks(smtptest.Hooks{Rcpt: func(string) error { return smtpErr(550, [3]int{5, 1, 1}, "no such user") }})
+				r := conform(t, v, http.MethodPost, "/authmail/send/otp", `{"to":"jane@example.org","code":"12345678"}`, app...)
+				smtpSrv.SetHooks(smtptest.Hooks{})
+				if r.status != http.StatusBadGateway {
+					t.Fatalf("refused send: %d %s", r.status, r.raw)
+				}
+				failed := r.str("id")
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					r = conform(t, v, method, "/authmail/messages/"+failed+"/retry", "", app...)
+					if r.status != http.StatusConflict || time.Now().After(deadline) {
+						break
+					}
+					check(opKey, r, http.StatusConflict) // retry_later: the batch is retiring
+					time.Sleep(20 * time.Millisecond)
+				}
+				check(opKey, r, http.StatusAccepted)
+				smtpSrv.WaitMessages(1, 10*time.Second)
+				smtpSrv.ClearMessages()
+				check(opKey, conform(t, v, method, "/authmail/messages/"+sentID+"/retry", "", app...), http.StatusConflict)
+				check(opKey, conform(t, v, method, path, "", app...), http.StatusNotFound)
 			case "/messages/{id}":
 				r := conform(t, v, method, "/authmail/messages/"+sentID, "", app...)
 				check(opKey, r, http.StatusOK)
@@ -264,7 +292,7 @@ func TestOpenAPIConformance(t *testing.T) {
 					check(opKey, r, http.StatusOK)
 				}
 			}
-			if slices.Contains(statuses, http.StatusAccepted) {
+			if slices.Contains(statuses, http.StatusAccepted) && body != "" {
 				r := conform(t, v, method, path, body, append(app, "Prefer: respond-async")...)
 				check(opKey, r, http.StatusAccepted)
 				smtpSrv.WaitMessages(1, 10*time.Second)
