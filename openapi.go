@@ -346,7 +346,8 @@ func components() oaJ {
 	}}}}
 	schemas["Retried"] = retried
 	return oaJ{
-		"securitySchemes": oaJ{"bearer": oaJ{"type": "http", "scheme": "bearer", "description": "an API key's secret"}},
+		"securitySchemes": oaJ{"bearer": oaJ{"type": "http", "scheme": "bearer", "description": "an API key's secret"},
+			"basic": oaJ{"type": "http", "scheme": "basic", "description": "the preview endpoints only: an API key's secret as the password, any user name"}},
 		"schemas":         schemas,
 		"parameters": oaJ{
 			"Prefer": oaJ{"name": "Prefer", "in": "header", "schema": oaJ{"type": "string"},

@@ -64,10 +64,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	// Authentication comes next: nothing else is looked at, and the body
 	// is not read, for an unauthenticated request.
-	key := h.authenticate(r)
+	key := h.authenticate(previewAuth(ep, r))
 	if key == nil {
 		lim.record(ipKey, h.authFail, now)
-		w.Header().Set("WWW-Authenticate", "Bearer")
+		w.Header().Set("WWW-Authenticate", wwwAuthenticate(ep))
 		return h.reject(w, rc, &apiError{Status: http.StatusUnauthorized, Code: "unauthorized",
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
 	}
