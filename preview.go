@@ -5,9 +5,14 @@ import (
 	"html/template"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/caddy-authmail/authmail/internal/mailtest"
 )
 
 // The preview page: GET {path_prefix}/preview renders every flow's
@@ -115,6 +120,7 @@ func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 // previewEntry is one rendered flow of the page.
 type previewEntry struct {
 	Flow, Subject, Text, HTML, Headers, Error string
+	Links                                     []string // captured messages: the links of the text part
 }
 
 // previewFlow renders one flow with the sample data, as the send path
@@ -198,7 +204,19 @@ details{margin-top:8px}h3{font-size:13px;margin:6px 0}
 <div><h3>Text</h3><pre data-text>{{.Text}}</pre></div></div>
 <details><summary>Headers</summary><pre data-headers>{{.Headers}}</pre></details>{{end}}
 </section>
-{{end}}</main></body></html>
+{{end}}
+{{if .Mailbox}}<h2 id="mailbox">Mailbox <small>({{.CaptureDir}}, newest first)</small></h2>
+{{range .Mailbox}}<section class="flow captured" data-captured="{{.Flow}}">
+<h2>{{.Flow}}</h2>
+{{if .Error}}<div class="error">{{.Error}}</div>{{else}}
+<p class="subject">Subject: <span data-subject>{{.Subject}}</span></p>
+{{if .Links}}<p>Links: {{range .Links}}<a data-link href="{{.}}" rel="noreferrer noopener" target="_blank">{{.}}</a> {{end}}</p>{{end}}
+<div class="parts"><div><h3>HTML</h3><iframe sandbox title="{{.Flow}} HTML part" srcdoc="{{.HTML}}"></iframe></div>
+<div><h3>Text</h3><pre data-text>{{.Text}}</pre></div></div>
+<details><summary>Headers</summary><pre data-headers>{{.Headers}}</pre></details>{{end}}
+</section>
+{{end}}{{else if .CaptureDir}}<h2 id="mailbox">Mailbox</h2><p data-mailbox-empty>No captured messages in {{.CaptureDir}} yet.</p>{{end}}
+</main></body></html>
 `))
 
 func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *requestCtx, ep *endpoint, key *apiKey, arg string) error {
@@ -233,9 +251,11 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 		return h.reject(w, rc, aerr)
 	}
 	view := struct {
-		AppName, Prefix, Query string
-		Entries                []previewEntry
-	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/")}
+		AppName, Prefix, Query, CaptureDir string
+		Entries                            []previewEntry
+		Mailbox                            []previewEntry
+	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture}
+	view.Mailbox = captured(h.Capture, maxMailbox)
 	q.Del("flow")
 	if len(q) > 0 {
 		view.Query = "?" + q.Encode()
@@ -259,6 +279,52 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	w.WriteHeader(http.StatusOK)
 	_, err := w.Write(b.Bytes())
 	return err
+}
+
+// maxMailbox is the number of captured messages the page shows.
+const maxMailbox = 20
+
+var linkInText = regexp.MustCompile(`https?://[^\s<>"]+`)
+
+// captured reads the newest captured messages of a capture directory
+// (names start with the capture time, so they sort by it). Each is shown
+// like a preview, with its links listed so that a developer can follow
+// them; a file that does not parse shows its error.
+func captured(dir string, n int) []previewEntry {
+	if dir == "" {
+		return nil
+	}
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	var names []string
+	for _, de := range des {
+		if de.Type().IsRegular() && strings.HasSuffix(de.Name(), ".eml") {
+			names = append(names, de.Name())
+		}
+	}
+	slices.Sort(names)
+	slices.Reverse(names)
+	var out []previewEntry
+	for _, name := range names[:min(n, len(names))] {
+		pe := previewEntry{Flow: name}
+		raw, err := os.ReadFile(filepath.Join(dir, name))
+		if err == nil {
+			var m *mailtest.Message
+			if m, err = mailtest.Parse(raw); err == nil {
+				pe.Subject, pe.Text, pe.HTML = m.Subject, m.Text, m.HTML
+				head, _, _ := bytes.Cut(raw, []byte("\r\n\r\n"))
+				pe.Headers = strings.ReplaceAll(string(head), "\r\n", "\n")
+				pe.Links = slices.Compact(linkInText.FindAllString(m.Text, 10))
+			}
+		}
+		if err != nil {
+			pe.Error = "reading " + name + ": " + err.Error()
+		}
+		out = append(out, pe)
+	}
+	return out
 }
 
 // previewOperation documents the preview endpoints.
@@ -293,4 +359,3 @@ func previewOperation(e *endpoint, op, ok oaJ, errs errorCodes, params *[]any) b
 	}
 	return true
 }
-

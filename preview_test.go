@@ -129,3 +129,31 @@ func TestPreviewShowsTemplateErrors(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 }
+
+// TestPreviewMailbox: in capture mode the page lists the captured
+// messages, newest first, each rendered like a preview with its links.
+func TestPreviewMailbox(t *testing.T) {
+	h := provisionedHandler(t, withPreviewKey(t), withoutLimits)
+	rec, _ := call(t, h, "GET", "/authmail/preview", "", "Authorization: Bearer "+previewKey)
+	if !strings.Contains(rec.Body.String(), "data-mailbox-empty") {
+		t.Fatal("no empty mailbox note")
+	}
+	if rec, _ := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org")); rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	if rec, _ := call(t, h, "POST", "/authmail/send/magic-link", `{"to":"jane@example.org","token":"tok-<b>-1"}`); rec.Code != 200 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	rec, _ = call(t, h, "GET", "/authmail/preview?flow=otp", "", "Authorization: Bearer "+previewKey)
+	page := rec.Body.String()
+	if n := strings.Count(page, "data-captured="); n != 2 {
+		t.Fatalf("%d captured messages on the page", n)
+	}
+	first := page[strings.Index(page, "data-captured="):]
+	if !strings.Contains(first, `<a data-link href="https://app.example.com/magic-link?token=tok-%3Cb%3E-1"`) {
+		t.Fatalf("the newest captured message (the magic link) comes first with its link: %s", first[:min(len(first), 1500)])
+	}
+	if !strings.Contains(page, "123456") {
+		t.Fatal("the captured OTP message is not shown")
+	}
+}
