@@ -348,7 +348,7 @@ func components() oaJ {
 	return oaJ{
 		"securitySchemes": oaJ{"bearer": oaJ{"type": "http", "scheme": "bearer", "description": "an API key's secret"},
 			"basic": oaJ{"type": "http", "scheme": "basic", "description": "the preview endpoints only: an API key's secret as the password, any user name"}},
-		"schemas":         schemas,
+		"schemas": schemas,
 		"parameters": oaJ{
 			"Prefer": oaJ{"name": "Prefer", "in": "header", "schema": oaJ{"type": "string"},
 				"description": "RFC 7240: `respond-async` answers 202 right after the durable write; `wait=<seconds>` (at most 300) waits that long for the first attempt"},
