@@ -312,6 +312,12 @@ func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *request
 	if prev.Status == stUnknown {
 		resp.Warning = "the last attempt's outcome was unknown: the server may have accepted it, so the recipient may get this message twice"
 	}
+	if viaBrowserForm(r) {
+		// the preview page's retry button: back to the page
+		w.Header().Set("Location", strings.TrimSuffix(h.prefix, "/")+"/preview#outbox")
+		w.WriteHeader(http.StatusSeeOther)
+		return nil
+	}
 	w.Header().Set("Location", h.statusPath(st.ID))
 	return writeJSON(w, http.StatusAccepted, resp)
 }

@@ -235,6 +235,44 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	}
 }
 
+// TestRetryFromPreviewForm: the preview page's retry button posts with
+// Basic credentials; they count only from a same-origin form, so another
+// site cannot make a browser retry messages.
+func TestRetryFromPreviewForm(t *testing.T) {
+	srv := authServer(t, smtptest.StartTLS)
+	srv.SetHooks(smtptest.Hooks{Rcpt: func(string) error { return smtpRefusal(550) }})
+	h := provisionedHandler(t, withSMTP(t, srv), withoutLimits, withAdminKey(t),
+		withDelivery(func(d *Delivery) { d.ReplayWindow = caddy.Duration(time.Hour) }))
+	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+	if rec.Code != 502 {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	id := out["id"].(string)
+	waitState(t, h, id, status(stFailed))
+	srv.SetHooks(smtptest.Hooks{})
+	form := func(site string) *http.Request {
+		req := apiRequest("POST", "/authmail/messages/"+id+"/retry", nil, "Content-Type: application/x-www-form-urlencoded", "Sec-Fetch-Site: "+site)
+		req.Header.Del("Authorization")
+		req.SetBasicAuth("", opsKey)
+		return req
+	}
+	if rec, _ := serveRequest(t, h, form("cross-site")); rec.Code != 401 {
+		t.Fatalf("cross-site form: %d %s", rec.Code, rec.Body)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		rec, _ = serveRequest(t, h, form("same-origin"))
+		if rec.Code != 409 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if rec.Code != 303 || rec.Header().Get("Location") != "/authmail/preview#outbox" {
+		t.Fatalf("same-origin form: %d %v %s", rec.Code, rec.Header(), rec.Body)
+	}
+	waitState(t, h, id, status(stSent))
+}
+
 // TestRetryOtherTenant: another key's message is not found; an admin
 // key may retry it.
 func TestRetryOtherTenant(t *testing.T) {

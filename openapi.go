@@ -497,6 +497,9 @@ func operationFor(e *endpoint) (oaJ, error) {
 		op["summary"] = "Put a failed or unknown message back in the queue (an unknown one may then arrive twice)"
 		params = append(params, oaJ{"name": "id", "in": "path", "required": true, "schema": oaJ{"type": "string"}})
 		ok["202"] = oaResponse("queued again", oaRef("Retried"), "Location")
+		ok["303"] = oaJ{"description": "queued again, from the preview page's retry button (HTTP Basic credentials from a same-origin form): back to the page",
+			"headers": oaJ{"X-Request-ID": oaJ{"$ref": "#/components/headers/RequestID"}, "Location": oaJ{"$ref": "#/components/headers/Location"}}}
+		op["security"] = []any{oaJ{"bearer": []any{}}, oaJ{"basic": []any{}}}
 		errs.add(http.StatusNotFound, "not_found")
 		errs.add(http.StatusConflict, "not_retryable", "retry_later")
 		errs.add(http.StatusGone, "body_gone")

@@ -46,13 +46,21 @@ func init() {
 }
 
 // previewCSP is the page's Content-Security-Policy.
-const previewCSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+const previewCSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 
 // previewAuth lets a browser authenticate to the preview endpoints with
 // HTTP Basic: the password is the key's secret. It returns r with the
 // secret as a bearer token; other requests are returned as they are.
+//
+// The outbox tab's retry buttons post to POST /messages/{id}/retry with
+// the same Basic credentials, which the browser sends by itself: that
+// one takes them only from a same-origin form (Sec-Fetch-Site or Origin
+// say so), so that another site cannot make the browser retry messages.
 func previewAuth(ep *endpoint, r *http.Request) *http.Request {
-	if ep.kind != kindPreview && ep.kind != kindPreviewFile {
+	if ep.kind == kindRetry && !sameOrigin(r) {
+		return r
+	}
+	if ep.kind != kindPreview && ep.kind != kindPreviewFile && ep.kind != kindRetry {
 		return r
 	}
 	if _, secret, ok := r.BasicAuth(); ok && secret != "" {
@@ -60,6 +68,23 @@ func previewAuth(ep *endpoint, r *http.Request) *http.Request {
 		r.Header.Set("Authorization", "Bearer "+secret)
 	}
 	return r
+}
+
+// sameOrigin reports whether a browser says the request comes from a
+// page of the same origin.
+func sameOrigin(r *http.Request) bool {
+	if s := r.Header.Get("Sec-Fetch-Site"); s != "" {
+		return s == "same-origin"
+	}
+	o, err := url.Parse(r.Header.Get("Origin"))
+	return err == nil && o.Host != "" && o.Host == r.Host
+}
+
+// viaBrowserForm reports whether a retry came from the preview page's
+// form (Basic credentials) rather than from the API.
+func viaBrowserForm(r *http.Request) bool {
+	_, _, ok := r.BasicAuth()
+	return ok
 }
 
 // wwwAuthenticate is the challenge of a 401 for ep.
@@ -192,9 +217,10 @@ iframe{width:100%;height:420px;border:1px solid #d9dde5;background:#fff}
 pre{white-space:pre-wrap;word-break:break-word;background:#f8f9fb;border:1px solid #e3e6ec;padding:8px;margin:0;max-height:420px;overflow:auto}
 .error{color:#a30000;background:#fff0f0;border:1px solid #e8b4b4;padding:8px;white-space:pre-wrap}
 details{margin-top:8px}h3{font-size:13px;margin:6px 0}
+table.outbox{border-collapse:collapse;background:#fff;width:100%}table.outbox td,table.outbox th{border:1px solid #d9dde5;padding:4px 8px;text-align:left;vertical-align:top}
 </style></head><body>
 <header><h1>authmail preview — {{.AppName}}</h1>
-<nav>{{range .Entries}}<a href="#{{.Flow}}">{{.Flow}}</a>{{end}}</nav></header>
+<nav>{{range .Entries}}<a href="#{{.Flow}}">{{.Flow}}</a>{{end}}<a href="#outbox">outbox</a>{{if .CaptureDir}}<a href="#mailbox">mailbox</a>{{end}}</nav></header>
 <main>
 {{range .Entries}}<section class="flow" id="{{.Flow}}" data-flow="{{.Flow}}">
 <h2>{{.Flow}} <a href="{{$.Prefix}}/preview/{{.Flow}}.eml{{$.Query}}">.eml</a></h2>
@@ -205,6 +231,11 @@ details{margin-top:8px}h3{font-size:13px;margin:6px 0}
 <details><summary>Headers</summary><pre data-headers>{{.Headers}}</pre></details>{{end}}
 </section>
 {{end}}
+<h2 id="outbox">Outbox <small>({{if .Admin}}every key's messages{{else}}this key's messages{{end}}, newest first)</small></h2>
+{{if .OutboxError}}<div class="error">{{.OutboxError}}</div>{{else if .Outbox}}<table class="outbox"><tr><th>Created</th><th>Flow</th><th>Status</th><th>Attempts</th><th>Last error</th>{{if .Admin}}<th>Key</th>{{end}}<th></th></tr>
+{{range .Outbox}}<tr data-id="{{.ID}}" data-status="{{.Status}}"><td>{{.Created}}</td><td>{{.Flow}}</td><td>{{.Status}}</td><td>{{.Attempts}}</td><td>{{.LastError}}</td>{{if $.Admin}}<td>{{.KeyID}}</td>{{end}}
+<td>{{if .Retryable}}<form method="post" action="{{$.Prefix}}/messages/{{.ID}}/retry"><button type="submit" data-retry="{{.ID}}">Retry</button></form>{{end}}</td></tr>
+{{end}}</table>{{else}}<p data-outbox-empty>No messages.</p>{{end}}
 {{if .Mailbox}}<h2 id="mailbox">Mailbox <small>({{.CaptureDir}}, newest first)</small></h2>
 {{range .Mailbox}}<section class="flow captured" data-captured="{{.Flow}}">
 <h2>{{.Flow}}</h2>
@@ -254,8 +285,21 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 		AppName, Prefix, Query, CaptureDir string
 		Entries                            []previewEntry
 		Mailbox                            []previewEntry
-	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture}
+		Admin                              bool
+		Outbox                             []outboxRow
+		OutboxError                        string
+	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture, Admin: key.allow["admin"]}
 	view.Mailbox = captured(h.Capture, maxMailbox)
+	// the outbox tab: the same list as GET /messages, first page
+	states, _, err := h.engine.listMessages(r.Context(), listQuery{limit: maxMailbox, all: view.Admin, keyID: key.id, tenant: key.tenant})
+	if err != nil {
+		view.OutboxError = "the outbox could not be read; retry later"
+	}
+	for _, st := range states {
+		view.Outbox = append(view.Outbox, outboxRow{ID: st.ID, Flow: st.Flow, Status: st.Status, Attempts: st.Attempts,
+			Created: st.Created.UTC().Format("2006-01-02 15:04:05"), LastError: st.LastError, KeyID: st.KeyID,
+			Retryable: st.Status == stFailed || st.Status == stUnknown})
+	}
 	q.Del("flow")
 	if len(q) > 0 {
 		view.Query = "?" + q.Encode()
@@ -277,8 +321,15 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	hdr.Set("X-Frame-Options", "DENY")
 	hdr.Set("Referrer-Policy", "no-referrer")
 	w.WriteHeader(http.StatusOK)
-	_, err := w.Write(b.Bytes())
+	_, err = w.Write(b.Bytes())
 	return err
+}
+
+// outboxRow is one message of the outbox tab.
+type outboxRow struct {
+	ID, Flow, Status, Created, LastError, KeyID string
+	Attempts                                    int
+	Retryable                                   bool
 }
 
 // maxMailbox is the number of captured messages the page shows.

@@ -2,6 +2,8 @@ package integration
 
 import (
 	"context"
+	"encoding/base64"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -14,6 +16,8 @@ import (
 
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
 // chromiumPath finds Debian's chromium. Without it the browser tests
@@ -165,5 +169,82 @@ func TestPreviewPageInChromium(t *testing.T) {
 		if err := os.WriteFile(filepath.Join("..", "docs", "preview.png"), top, 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestPreviewOutboxInChromium: the outbox tab of the preview page shows
+// a failed message, and its retry button (a same-origin form posting
+// with the browser's Basic credentials) puts it back in the queue, from
+// where it is delivered.
+func TestPreviewOutboxInChromium(t *testing.T) {
+	exe := chromiumPath(t)
+	previewSecret := secret("it-preview-key-0123456789abcdef")
+	t.Setenv("AUTHMAIL_IT_PREVIEW_KEY", previewSecret)
+	load(t, config{Keys: `key app {env.AUTHMAIL_IT_KEY} {
+			rate off
+		}
+		key dev {env.AUTHMAIL_IT_PREVIEW_KEY} {
+			allow preview admin
+			rate off
+		}`, Extra: `delivery {
+			replay_window 10m
+		}`})
+	smtpSrv.SetHooks(smtptest.Hooks{Rcpt: func(string) error { return smtpErr(550, [3]int{5, 1, 1}, "no such user") }})
+	r := post(t, "/authmail/send/otp", `{"to":"jane@example.org","code":"24682468"}`)
+	smtpSrv.SetHooks(smtptest.Hooks{})
+	if r.status != http.StatusBadGateway {
+		t.Fatalf("%d %s", r.status, r.raw)
+	}
+	id := r.str("id")
+
+	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(exe), chromedp.NoSandbox,
+		chromedp.DisableGPU, chromedp.WindowSize(1280, 900), chromedp.Flag("no-proxy-server", true))
+	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	defer cancel()
+	ctx, cancel := chromedp.NewContext(actx)
+	defer cancel()
+	ctx, cancel = context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	basic := "Basic " + base64.StdEncoding.EncodeToString([]byte("dev:"+previewSecret))
+	if _, err := chromedp.Call(ctx, network.SetExtraHTTPHeaders, network.SetExtraHTTPHeadersParams{
+		Headers: network.Headers{"Authorization": basic}}); err != nil {
+		t.Fatal(err)
+	}
+	row := `tr[data-id="` + id + `"]`
+	var status any
+	for _, a := range []chromedp.Action[chromedp.Void]{
+		chromedp.Navigate(baseURL + "/authmail/preview?flow=otp"),
+		chromedp.WaitVisible(row + `[data-status="failed"]`),
+	} {
+		if err := chromedp.Do(ctx, a); err != nil {
+			t.Fatalf("the outbox tab does not show the failed message: %v", err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		// a retry right after the failure may find its batch retiring
+		// (409 retry_later, shown as JSON): load the page again
+		if err := chromedp.Do(ctx, chromedp.Click(`button[data-retry="`+id+`"]`), chromedp.Sleep(300*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		loc, _ := chromedp.Run(ctx, chromedp.Location())
+		if strings.HasSuffix(loc, "/authmail/preview#outbox") || time.Now().After(deadline) {
+			break
+		}
+		if err := chromedp.Do(ctx, chromedp.Navigate(baseURL+"/authmail/preview?flow=otp"), chromedp.WaitVisible(row)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if msgs := smtpSrv.WaitMessages(1, 10*time.Second); len(msgs) != 1 {
+		t.Fatalf("the retried message was not delivered (%d messages)", len(msgs))
+	}
+	smtpSrv.ClearMessages()
+	st := call(t, http.MethodGet, "/authmail/messages/"+id, nil, "Authorization: Bearer "+keyApp)
+	if st.str("status") != "sent" || st.json["attempts"] != 2.0 {
+		t.Fatalf("after the retry: %s", st.raw)
+	}
+	status, _ = chromedp.Run(ctx, chromedp.Evaluate[any](`document.querySelector('`+row+`').dataset.status`))
+	if status != "queued" && status != "sending" && status != "sent" {
+		t.Fatalf("the page shows %v after the retry", status)
 	}
 }

@@ -135,11 +135,11 @@ func TestOpenAPIConformance(t *testing.T) {
 	t.Setenv("AUTHMAIL_IT_NARROW_KEY", secret("it-narrow-key-0123456789abcdef"))
 	load(t, config{
 		Keys: `key app {env.AUTHMAIL_IT_KEY} {
-			allow send otp magic-link password-reset verify-email email-change security-alert verify status test
+			allow send otp magic-link password-reset verify-email email-change security-alert verify status test preview
 			rate off
 		}
 		key slow {env.AUTHMAIL_IT_SLOW_KEY} {
-			allow send otp magic-link password-reset verify-email email-change security-alert verify status test
+			allow send otp magic-link password-reset verify-email email-change security-alert verify status test preview
 			rate 1/1h
 		}
 		key narrow {env.AUTHMAIL_IT_NARROW_KEY} {
@@ -174,6 +174,7 @@ func TestOpenAPIConformance(t *testing.T) {
 		http.StatusInternalServerError: "internal_error means a template failed at request time: templates are checked at load",
 		http.StatusServiceUnavailable:  "outbox_unavailable and queue_full need a failing storage or a full queue (storage_faults_test.go, outbox_test.go)",
 		http.StatusGone:                "code_expired, code_burned, token_expired: codes_test.go moves the clock, which a live Caddy cannot",
+		http.StatusSeeOther:            "the retry button's redirect: TestRetryFromPreviewForm and TestPreviewOutboxInChromium (this client follows redirects)",
 	}
 	idRe := regexp.MustCompile(`^[0-9a-z]{28}$`)
 
@@ -209,13 +210,13 @@ func TestOpenAPIConformance(t *testing.T) {
 	for _, opKey := range keys {
 		op := ops[opKey]
 		method, tmpl, _ := strings.Cut(opKey, " ")
-		path := "/authmail" + strings.ReplaceAll(tmpl, "{id}", "0000000000000000000000000000")
+		path := "/authmail" + strings.ReplaceAll(strings.ReplaceAll(tmpl, "{id}", "0000000000000000000000000000"), "{flow}", "otp")
 		body := example(op)
 		statuses := documentedStatuses(op)
 		smtpSrv.SetHooks(smtptest.Hooks{})
 		t.Run(opKey, func(t *testing.T) {
-			_, needsKey := op["security"]
-			needsKey = !needsKey
+			sec, explicit := op["security"].([]any)
+			needsKey := !explicit || len(sec) > 0
 			// the documented example succeeds
 			switch tmpl {
 			case "/verify/otp":
@@ -269,6 +270,12 @@ func TestOpenAPIConformance(t *testing.T) {
 				smtpSrv.ClearMessages()
 				check(opKey, conform(t, v, method, "/authmail/messages/"+sentID+"/retry", "", app...), http.StatusConflict)
 				check(opKey, conform(t, v, method, path, "", app...), http.StatusNotFound)
+			case "/preview", "/preview/{flow}.eml":
+				check(opKey, conform(t, v, method, path+"?user_name=Jane", "", app...), http.StatusOK)
+				check(opKey, conform(t, v, method, path+"?colour=red", "", app...), http.StatusUnprocessableEntity)
+				if tmpl != "/preview" {
+					check(opKey, conform(t, v, method, "/authmail/preview/nope.eml", "", app...), http.StatusNotFound)
+				}
 			case "/messages/{id}":
 				r := conform(t, v, method, "/authmail/messages/"+sentID, "", app...)
 				check(opKey, r, http.StatusOK)
