@@ -30,24 +30,36 @@ takes its first authmail handler, renders the flow's templates (custom
 ones included) with the preview page's sample data, and writes
 <flow>.eml, <flow>.html and <flow>.txt into --out (default: the current
 directory). No server is started and no storage is touched.`,
-		CobraFunc: func(cmd *cobra.Command) {
-			cmd.Flags().StringP("config", "c", "", "Configuration file (required)")
-			cmd.Flags().StringP("adapter", "a", "", "Name of config adapter (default: caddyfile, or none for .json)")
-			cmd.Flags().String("flow", "", "Flow to render: "+strings.Join(templateFlows, ", ")+" (required)")
-			cmd.Flags().String("locale", "", "Locale of the templates (this build has none)")
-			cmd.Flags().StringP("out", "o", ".", "Directory to write the files into")
-			cmd.RunE = caddycmd.WrapCommandFuncForCobra(func(fl caddycmd.Flags) (int, error) {
-				files, err := previewToDir(fl.String("config"), fl.String("adapter"), fl.String("flow"), fl.String("locale"), fl.String("out"))
-				if err != nil {
-					return 1, err
-				}
-				for _, f := range files {
-					fmt.Println(f)
-				}
-				return 0, nil
-			})
-		},
+		CobraFunc: previewFlags,
 	})
+}
+
+// previewFlags sets up the command's flags and run function.
+func previewFlags(cmd *cobra.Command) {
+	cmd.Flags().StringP("config", "c", "", "Configuration file (required)")
+	cmd.Flags().StringP("adapter", "a", "", "Name of config adapter (default: caddyfile, or none for .json)")
+	cmd.Flags().String("flow", "", "Flow to render: "+strings.Join(templateFlows, ", ")+" (required)")
+	cmd.Flags().String("locale", "", "Locale of the templates (this build has none)")
+	cmd.Flags().StringP("out", "o", ".", "Directory to write the files into")
+	cmd.RunE = caddycmd.WrapCommandFuncForCobra(func(fl caddycmd.Flags) (int, error) {
+		files, err := previewToDir(fl.String("config"), fl.String("adapter"), fl.String("flow"), fl.String("locale"), fl.String("out"))
+		if err != nil {
+			return 1, err
+		}
+		for _, f := range files {
+			fmt.Println(f)
+		}
+		return 0, nil
+	})
+}
+
+// previewSubcommand is the same command as a subcommand, for a `caddy
+// authmail` command group to add with cmd.AddCommand(previewSubcommand()).
+func previewSubcommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "preview --config <file> --flow <flow> [--locale <locale>] [--out <dir>]",
+		Short: "Writes a flow rendered with sample data as .eml, .html and .txt"}
+	previewFlags(cmd)
+	return cmd
 }
 
 // previewToDir renders flow from the config file and writes its files.

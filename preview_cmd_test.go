@@ -69,3 +69,13 @@ func TestPreviewCommand(t *testing.T) {
 		t.Error("a missing config was accepted")
 	}
 }
+
+// TestPreviewSubcommand: the subcommand form runs the same code.
+func TestPreviewSubcommand(t *testing.T) {
+	cmd := previewSubcommand()
+	cmd.SetArgs([]string{"--config", filepath.Join(t.TempDir(), "missing"), "--flow", "otp"})
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	if err := cmd.Execute(); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("%v", err)
+	}
+}
