@@ -300,6 +300,13 @@ type Delivery struct {
 	// kept after its body was deleted. Default: 7d.
 	Retention caddy.Duration `json:"retention,omitempty"`
 
+	// ReplayWindow is how long the body of a finished message is kept so
+	// that POST /messages/{id}/retry can put a failed or unknown message
+	// back in the queue; bodies hold codes and links, so keep it short.
+	// At most retention. Default: 0, bodies are deleted at once and a
+	// retry of a finished message answers 410 body_gone.
+	ReplayWindow caddy.Duration `json:"replay_window,omitempty"`
+
 	// MaxQueued is the number of unfinished messages above which new sends
 	// get 503 queue_full. Default: 100000.
 	MaxQueued int `json:"max_queued,omitempty"`
@@ -443,7 +450,10 @@ func tenantOf(hash [sha256.Size]byte) string {
 var (
 	sendPerms   = permsOf(permSend)
 	verifyPerms = permsOf(permVerify)
-	adminPerms  = permsOf(permAdmin)
+	// admin (every key's messages in /messages, retry) and preview (the
+	// preview page) are the console's permissions: its endpoints
+	// register themselves (console.go, preview.go) and are not flows
+	adminPerms = append(permsOf(permAdmin), "admin", "preview")
 )
 
 // Rate defaults.
@@ -696,6 +706,7 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		maxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
 		maxAge:         durOr(d.MaxAge, defaultMaxAge),
 		retention:      durOr(d.Retention, defaultRetention),
+		replayWindow:   time.Duration(d.ReplayWindow),
 		idemTTL:        durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
 		lease:          durOr(d.Lease, defaultLease),
 		drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
@@ -987,13 +998,16 @@ func (h *Handler) checkConfig() error {
 	}
 	if d := h.Delivery; d != nil {
 		for name, v := range map[string]caddy.Duration{"retry_backoff": d.RetryBackoff, "max_backoff": d.MaxBackoff,
-			"max_age": d.MaxAge, "retention": d.Retention, "idempotency_ttl": d.IdempotencyTTL, "lease": d.Lease, "drain_timeout": d.DrainTimeout} {
+			"max_age": d.MaxAge, "retention": d.Retention, "idempotency_ttl": d.IdempotencyTTL, "lease": d.Lease, "drain_timeout": d.DrainTimeout, "replay_window": d.ReplayWindow} {
 			if v < 0 {
 				return fmt.Errorf("delivery %s must not be negative", name)
 			}
 		}
 		if d.MaxQueued < 0 {
 			return errors.New("delivery max_queued must not be negative")
+		}
+		if d.ReplayWindow > 0 && time.Duration(d.ReplayWindow) > durOr(d.Retention, defaultRetention) {
+			return errors.New("delivery replay_window must not be longer than retention: a body outliving its status record could not be retried")
 		}
 		// with the defaults filled in: "max_backoff 1s" alone is below the
 		// default retry_backoff (30s), "retry_backoff 1h" alone above the

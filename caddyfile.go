@@ -78,6 +78,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			max_backoff <duration>
 //			max_age <duration>
 //			retention <duration>
+//			replay_window <duration>
 //			max_queued <n>
 //			retry_uncertain on|off
 //			idempotency_ttl <duration>
@@ -637,6 +638,8 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 			dl.MaxAge, err = dur(false)
 		case "retention":
 			dl.Retention, err = dur(false)
+		case "replay_window":
+			dl.ReplayWindow, err = dur(true)
 		case "idempotency_ttl":
 			dl.IdempotencyTTL, err = dur(false)
 		case "lease":

@@ -89,6 +89,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					max_backoff 1h
 					max_age 48h
 					retention 30d
+					replay_window 15m
 					max_queued 5000
 					retry_uncertain on
 					idempotency_ttl 12h
@@ -102,7 +103,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				Delivery: &Delivery{Wait: caddy.Duration(5 * time.Second), RetryBackoff: caddy.Duration(time.Minute), MaxBackoff: caddy.Duration(time.Hour),
-					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), MaxQueued: 5000, RetryUncertain: true,
+					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), ReplayWindow: caddy.Duration(15 * time.Minute), MaxQueued: 5000, RetryUncertain: true,
 					IdempotencyTTL: caddy.Duration(12 * time.Hour), Lease: caddy.Duration(45 * time.Second), DrainTimeout: caddy.Duration(20 * time.Second)},
 				StorageRaw:        json.RawMessage(`{"module":"file_system","root":"/var/lib/authmail"}`),
 				WebhookSecret:     "{env.HOOK_SECRET}",
@@ -119,7 +120,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					rate 100/1m
 				}
 				key ops sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8 {
-					allow status test
+					allow status test admin preview
 				}
 				key batch {env.BATCH_KEY}
 				base_url https://app.example.com
@@ -133,7 +134,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", BaseURL: "https://app.example.com",
 				Keys: []Key{
 					{ID: "web", Secret: "{env.WEB_KEY}", Allow: []string{"otp", "magic-link", "password-reset"}, Rate: "100/1m"},
-					{ID: "ops", Secret: "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", Allow: []string{"status", "test"}},
+					{ID: "ops", Secret: "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", Allow: []string{"status", "test", "admin", "preview"}},
 					{ID: "batch", Secret: "{env.BATCH_KEY}"},
 				},
 				AllowOrigins: []string{"https://accounts.example.com", "http://localhost:3000"}, LinkPolicy: "enforce",

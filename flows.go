@@ -59,7 +59,10 @@ type endpoint struct {
 
 func (e *endpoint) method() string {
 	switch e.kind {
-	case kindHealth, kindStatus, kindAdminStatus:
+	case kindHealth, kindStatus, kindAdminStatus, kindOpenAPI:
+		return http.MethodGet
+	}
+	if consoleGET(e.kind) {
 		return http.MethodGet
 	}
 	return http.MethodPost

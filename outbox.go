@@ -34,6 +34,7 @@ type engineConfig struct {
 	maxBackoff     time.Duration
 	maxAge         time.Duration
 	retention      time.Duration
+	replayWindow   time.Duration // bodies kept after final, for retries
 	idemTTL        time.Duration
 	lease          time.Duration
 	drain          time.Duration
@@ -1320,8 +1321,12 @@ func (e *engine) lostToAdoption(ctx context.Context, bid string) bool {
 // retire deletes a finished batch's bodies and ownership marker and
 // forgets it; its st object stays for the retention period.
 func (e *engine) retire(ctx context.Context, b *batch) {
-	if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !isNotExist(err) {
-		e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
+	// with a replay window the bodies stay for POST /messages/{id}/retry;
+	// the janitor deletes them when it passed (outbox_replay.go)
+	if !e.keepsBodies() {
+		if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !isNotExist(err) {
+			e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
+		}
 	}
 	if err := e.st.s.Delete(ctx, ownKey(e.iid, b.id)); err != nil && !isNotExist(err) {
 		e.log().Warn("deleting a batch marker failed", zap.String("batch", b.id), zap.Error(err))

@@ -469,6 +469,7 @@ func (e *engine) janitor(ctx context.Context) {
 		}
 	}
 	if keys, err := e.st.list(ctx, strings.TrimSuffix(keySeg, "/")); err == nil {
+		e.sweepReplayable(ctx, owned, keys)
 		for _, k := range keys {
 			bid := path.Base(k)
 			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, keySt+bid) {

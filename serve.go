@@ -53,6 +53,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindHealth {
 		return writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	}
+	if ep.kind == kindOpenAPI {
+		return h.serveOpenAPI(w, rc)
+	}
 	h.engine.start() // loads the hashing salt; a no-op once running
 	lim := h.engine.limits
 	now := time.Now()
@@ -66,10 +69,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	// Authentication comes next: nothing else is looked at, and the body
 	// is not read, for an unauthenticated request.
-	key := h.authenticate(r)
+	key := h.authenticate(previewAuth(ep, r))
 	if key == nil {
 		lim.record(ipKey, h.authFail, now)
-		w.Header().Set("WWW-Authenticate", "Bearer")
+		w.Header().Set("WWW-Authenticate", wwwAuthenticate(ep))
 		return h.reject(w, rc, &apiError{Status: http.StatusUnauthorized, Code: "unauthorized",
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
 	}
@@ -89,6 +92,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.serveStatus(w, r, rc, msgID)
 	case kindAdminStatus:
 		return h.serveAdminStatus(w, rc)
+	case kindMessages, kindRetry, kindPreview, kindPreviewFile:
+		return h.serveConsole(w, r, rc, ep, key, msgID)
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		return h.reject(w, rc, &apiError{Status: http.StatusUnsupportedMediaType, Code: "unsupported_media_type",
@@ -180,6 +185,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // lookupEndpoint finds the endpoint for a path below the prefix; for
 // /messages/{id} it also returns the id.
 func lookupEndpoint(rest string) (*endpoint, string) {
+	if ep, arg := lookupConsole(rest); ep != nil {
+		return ep, arg
+	}
 	if id, ok := strings.CutPrefix(rest, "/messages/"); ok && id != "" && !strings.Contains(id, "/") {
 		return statusEndpoint, id
 	}

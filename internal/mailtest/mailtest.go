@@ -1,4 +1,5 @@
-// Package mailtest parses RFC 5322 messages for tests: headers, the
+// Package mailtest parses RFC 5322 messages for tests and for the preview
+// page's dev mailbox (captured .eml files): headers, the
 // decoded subject, and every MIME part decoded from quoted-printable.
 package mailtest
 
