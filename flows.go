@@ -169,8 +169,9 @@ func permsOf(g permGroup) []string {
 }
 
 // listedFlow tells whether /status lists a flow: the endpoints a key
-// needs a permission for, except the admin ones.
-func listedFlow(f *flowDef) bool { return f.perm != "" && f.group != permAdmin }
+// needs a permission for, except the admin ones. Endpoints outside the
+// table (the console's: openapi.json, messages, preview) are not flows.
+func listedFlow(f *flowDef) bool { return f != nil && f.perm != "" && f.group != permAdmin }
 
 var endpoints = map[string]*endpoint{}
 

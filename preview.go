@@ -98,9 +98,12 @@ func wwwAuthenticate(ep *endpoint) string {
 // previewSample is the sample data of the page, changed by the query.
 type previewSample struct {
 	UserName, Email, Code, Token, Event, IP, UserAgent, Location string
+	// Locale, when set, is the one locale shown (else every locale the
+	// templates have)
+	Locale string
 }
 
-var previewParams = []string{"flow", "user_name", "email", "code", "token", "event", "ip", "user_agent", "location"}
+var previewParams = []string{"flow", "locale", "user_name", "email", "code", "token", "event", "ip", "user_agent", "location"}
 
 func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 	s := previewSample{UserName: "Jane Doe", Email: "jane@example.com", Code: "482913", Token: "sample-token-5Yq8",
@@ -132,6 +135,13 @@ func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 		}
 		s.Event = v
 	}
+	if v := q.Get("locale"); v != "" {
+		l, err := parseLocale(v, false)
+		if err != nil {
+			return s, nil, invalid("locale", "%v", err)
+		}
+		s.Locale = l
+	}
 	flows := templateFlows
 	if v := q.Get("flow"); v != "" {
 		if !slices.Contains(templateFlows, v) {
@@ -145,7 +155,10 @@ func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 // previewEntry is one rendered flow of the page.
 type previewEntry struct {
 	Flow, Subject, Text, HTML, Headers, Error string
-	Links                                     []string // captured messages: the links of the text part
+	// Locale is the locale the flow was rendered in; Anchor is the
+	// section's id (the flow's name for the first locale shown)
+	Locale, Anchor string
+	Links          []string // captured messages: the links of the text part
 }
 
 // previewFlow renders one flow with the sample data, as the send path
@@ -186,7 +199,8 @@ func (h *Handler) previewFlow(flow string, s previewSample) (previewEntry, []byt
 			d.Link = "https://app.example.com/" + flow + "?token=" + url.QueryEscape(s.Token)
 		}
 	}
-	out, err := h.tmpl.render(flow, d)
+	out, loc, err := h.renderFlow(flow, s.Locale, d)
+	pe.Locale = loc
 	if err != nil {
 		pe.Error = err.Error()
 		return pe, nil
@@ -220,10 +234,10 @@ details{margin-top:8px}h3{font-size:13px;margin:6px 0}
 table.outbox{border-collapse:collapse;background:#fff;width:100%}table.outbox td,table.outbox th{border:1px solid #d9dde5;padding:4px 8px;text-align:left;vertical-align:top}
 </style></head><body>
 <header><h1>authmail preview — {{.AppName}}</h1>
-<nav>{{range .Entries}}<a href="#{{.Flow}}">{{.Flow}}</a>{{end}}<a href="#outbox">outbox</a>{{if .CaptureDir}}<a href="#mailbox">mailbox</a>{{end}}</nav></header>
+<nav>{{range .Entries}}<a href="#{{.Anchor}}">{{.Flow}} ({{.Locale}})</a>{{end}}<a href="#outbox">outbox</a>{{if .CaptureDir}}<a href="#mailbox">mailbox</a>{{end}}</nav></header>
 <main>
-{{range .Entries}}<section class="flow" id="{{.Flow}}" data-flow="{{.Flow}}">
-<h2>{{.Flow}} <a href="{{$.Prefix}}/preview/{{.Flow}}.eml{{$.Query}}">.eml</a></h2>
+{{range .Entries}}<section class="flow" id="{{.Anchor}}" data-flow="{{.Flow}}" data-locale="{{.Locale}}" lang="{{.Locale}}">
+<h2>{{.Flow}} <small>{{.Locale}}</small> <a href="{{$.Prefix}}/preview/{{.Flow}}.eml?locale={{.Locale}}{{$.QueryRest}}">.eml</a></h2>
 {{if .Error}}<div class="error" data-error="{{.Flow}}">{{.Error}}</div>{{else}}
 <p class="subject">Subject: <span data-subject>{{.Subject}}</span></p>
 <div class="parts"><div><h3>HTML</h3><iframe sandbox title="{{.Flow}} HTML part" srcdoc="{{.HTML}}"></iframe></div>
@@ -283,6 +297,7 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	}
 	view := struct {
 		AppName, Prefix, Query, CaptureDir string
+		QueryRest                          string // the query without flow and locale, as "&…"
 		Entries                            []previewEntry
 		Mailbox                            []previewEntry
 		Admin                              bool
@@ -304,9 +319,30 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	if len(q) > 0 {
 		view.Query = "?" + q.Encode()
 	}
+	q.Del("locale")
+	if len(q) > 0 {
+		view.QueryRest = "&" + q.Encode()
+	}
+	locales := h.tmpl.localeNames()
+	if s.Locale != "" {
+		locales = []string{s.Locale}
+	}
 	for _, f := range flows {
-		pe, _ := h.previewFlow(f, s)
-		view.Entries = append(view.Entries, pe)
+		shown := map[string]bool{}
+		for _, l := range locales {
+			sl := s
+			sl.Locale = l
+			pe, _ := h.previewFlow(f, sl)
+			if shown[pe.Locale] {
+				continue // a locale without templates of its own for this flow
+			}
+			shown[pe.Locale] = true
+			pe.Anchor = f
+			if len(shown) > 1 {
+				pe.Anchor = f + "-" + pe.Locale
+			}
+			view.Entries = append(view.Entries, pe)
+		}
 	}
 	var b bytes.Buffer
 	if err := previewPage.Execute(&b, view); err != nil {

@@ -39,7 +39,7 @@ func previewFlags(cmd *cobra.Command) {
 	cmd.Flags().StringP("config", "c", "", "Configuration file (required)")
 	cmd.Flags().StringP("adapter", "a", "", "Name of config adapter (default: caddyfile, or none for .json)")
 	cmd.Flags().String("flow", "", "Flow to render: "+strings.Join(templateFlows, ", ")+" (required)")
-	cmd.Flags().String("locale", "", "Locale of the templates (this build has none)")
+	cmd.Flags().String("locale", "", "Locale of the templates, e.g. ko or de-AT (default: the config's)")
 	cmd.Flags().StringP("out", "o", ".", "Directory to write the files into")
 	cmd.RunE = caddycmd.WrapCommandFuncForCobra(func(fl caddycmd.Flags) (int, error) {
 		files, err := previewToDir(fl.String("config"), fl.String("adapter"), fl.String("flow"), fl.String("locale"), fl.String("out"))
@@ -70,9 +70,6 @@ func previewToDir(configFile, adapter, flow, locale, out string) ([]string, erro
 	if !slices.Contains(templateFlows, flow) {
 		return nil, fmt.Errorf("--flow must be one of %s", strings.Join(templateFlows, ", "))
 	}
-	if locale != "" {
-		return nil, fmt.Errorf("--locale %q: this build of authmail has no locales", locale)
-	}
 	h, err := handlerFromConfig(configFile, adapter)
 	if err != nil {
 		return nil, err
@@ -80,7 +77,11 @@ func previewToDir(configFile, adapter, flow, locale, out string) ([]string, erro
 	if err := h.provisionTemplatesOnly(); err != nil {
 		return nil, err
 	}
-	s, _, aerr := parsePreviewQuery(url.Values{})
+	q := url.Values{}
+	if locale != "" {
+		q.Set("locale", locale)
+	}
+	s, _, aerr := parsePreviewQuery(q)
 	if aerr != nil {
 		return nil, errors.New(aerr.Message)
 	}

@@ -59,8 +59,17 @@ func TestPreviewCommand(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "mail")); !os.IsNotExist(err) {
 		t.Fatal("the command touched the capture directory")
 	}
+	// --locale renders the flow in that locale (ko is built in)
+	koDir := filepath.Join(dir, "ko")
+	if _, err := previewToDir(cfg, "", "otp", "ko", koDir); err != nil {
+		t.Fatal(err)
+	}
+	koTxt, _ := os.ReadFile(filepath.Join(koDir, "otp.txt"))
+	if !strings.Contains(string(koTxt), "482913") || !strings.Contains(string(koTxt), "분") {
+		t.Fatalf("the ko text part is not Korean:\n%s", koTxt)
+	}
 	for _, c := range []struct{ flow, locale, want string }{
-		{"nope", "", "--flow must be one of"}, {"otp", "ko", "no locales"}} {
+		{"nope", "", "--flow must be one of"}, {"otp", "ko_KR", "locale"}} {
 		if _, err := previewToDir(cfg, "", c.flow, c.locale, out); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%v: %v", c, err)
 		}

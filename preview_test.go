@@ -33,10 +33,18 @@ func TestPreviewPage(t *testing.T) {
 		t.Fatalf("CSP %q", csp)
 	}
 	page := rec.Body.String()
+	// every flow in every locale the templates have (en and ko built in)
 	for _, f := range templateFlows {
-		if !strings.Contains(page, `data-flow="`+f+`"`) {
-			t.Errorf("flow %s is not on the page", f)
+		for _, l := range []string{"en", "ko"} {
+			if !strings.Contains(page, `data-flow="`+f+`" data-locale="`+l+`"`) {
+				t.Errorf("flow %s in %s is not on the page", f, l)
+			}
 		}
+	}
+	ko := page[strings.Index(page, `data-flow="otp" data-locale="ko"`):]
+	ko = ko[:strings.Index(ko, "</section>")]
+	if !strings.Contains(ko, "인증 코드 안내") || !strings.Contains(ko, `lang="ko"`) {
+		t.Errorf("the Korean OTP section does not show the Korean template: %s", ko)
 	}
 	if strings.Contains(page, "<script") || strings.Contains(page, "http://") || strings.Contains(page, "src=\"http") {
 		t.Fatal("the page holds a script or an external resource")
@@ -44,7 +52,7 @@ func TestPreviewPage(t *testing.T) {
 	if !strings.Contains(page, "&lt;script&gt;alert(1)&lt;/script&gt;") {
 		t.Fatal("the injected user_name is not shown escaped")
 	}
-	if n := strings.Count(page, "<iframe sandbox "); n != len(templateFlows) {
+	if n := strings.Count(page, "<iframe sandbox "); n != 2*len(templateFlows) {
 		t.Fatalf("%d sandboxed iframes", n)
 	}
 	// the srcdoc holds the rendered HTML part, with the code
@@ -57,7 +65,7 @@ func TestPreviewPage(t *testing.T) {
 	}
 
 	// Basic authentication with the key as the password
-	req := apiRequest("GET", "/authmail/preview?flow=magic-link", nil)
+	req := apiRequest("GET", "/authmail/preview?flow=magic-link&locale=en", nil)
 	req.Header.Del("Authorization")
 	req.SetBasicAuth("anyone", previewKey)
 	rec, _ = serveRequest(t, h, req)

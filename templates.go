@@ -339,6 +339,18 @@ func (s *templateSet) hasLocale(loc string) bool {
 	return false
 }
 
+// localeNames lists the locales any template file is given in, en
+// first (the field holds it as "").
+func (s *templateSet) localeNames() []string {
+	out := []string{defaultLocale}
+	for _, l := range s.locales {
+		if l != "" && l != defaultLocale {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // render executes the flow's templates in the default locale (en).
 func (s *templateSet) render(flow string, d *templateData) (rendered, error) {
 	out, _, err := s.renderIn(flow, "", defaultLocale, d)

@@ -112,7 +112,7 @@ func TestPreviewPageInChromium(t *testing.T) {
 	}
 	run(chromedp.Navigate(page))
 	run(chromedp.WaitVisible(`section[data-flow="security-alert"]`))
-	flows := strs(eval(`[...document.querySelectorAll("section[data-flow]")].map(s => s.dataset.flow)`))
+	flows := strs(eval(`[...document.querySelectorAll("section[data-flow]")].map(s => s.dataset.flow + "/" + s.dataset.locale)`))
 	otpSrcdoc, _ := eval(`document.querySelector('section[data-flow="otp"] iframe').srcdoc`).(string)
 	pwned, _ := eval(`window.__pwned === 1`).(bool)
 	links := strs(eval(`[...document.querySelectorAll("a[data-link]")].map(a => a.href)`))
@@ -123,7 +123,11 @@ func TestPreviewPageInChromium(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "email-change-notice", "security-alert"}
+	// every flow, in each locale the templates have (en and ko built in)
+	var want []string
+	for _, f := range []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "email-change-notice", "security-alert"} {
+		want = append(want, f+"/en", f+"/ko")
+	}
 	if !slices.Equal(flows, want) {
 		t.Errorf("flows on the page %v, want %v", flows, want)
 	}
