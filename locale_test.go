@@ -403,7 +403,7 @@ func TestFlowTable(t *testing.T) {
 	for name, tc := range map[string]struct{ got, want []string }{
 		"sendPerms":          {sendPerms, []string{"send", "otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}},
 		"verifyPerms":        {verifyPerms, []string{"verify"}},
-		"adminPerms":         {adminPerms, []string{"status", "test"}},
+		"adminPerms":         {adminPerms, []string{"status", "test", "admin", "preview"}},
 		"recipientRateFlows": {recipientRateFlows, []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "security-alert"}},
 		"linkFlows":          {linkFlows, []string{"magic-link", "password-reset", "verify-email", "email-change"}},
 		"templateFlows":      {templateFlows, []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "email-change-notice", "security-alert"}},
@@ -423,8 +423,15 @@ func TestFlowTable(t *testing.T) {
 		"/send/security-alert": {kindAlert, 0, "security-alert"}, "/status": {kindAdminStatus, 0, "status"},
 		"/test": {kindTest, 0, "test"}, "/verify/otp": {kindVerifyOTP, 0, "verify"}, "/verify/token": {kindVerifyToken, 0, "verify"},
 	}
-	if len(endpoints) != len(want) {
-		t.Errorf("%d endpoints, want %d", len(endpoints), len(want))
+	// the console's endpoints register themselves beside the flows
+	console := map[string]endpointKind{"/openapi.json": kindOpenAPI, "/messages": kindMessages, "/preview": kindPreview}
+	for path, k := range console {
+		if e := endpoints[path]; e == nil || e.kind != k {
+			t.Errorf("console endpoint %s = %+v", path, e)
+		}
+	}
+	if len(endpoints) != len(want)+len(console) {
+		t.Errorf("%d endpoints, want %d", len(endpoints), len(want)+len(console))
 	}
 	for path, w := range want {
 		e := endpoints[path]
