@@ -87,6 +87,9 @@ func parseListQuery(q url.Values) (listQuery, *apiError) {
 	lq := listQuery{limit: defaultListLimit}
 	for k := range q {
 		if !slices.Contains([]string{"status", "flow", "since", "limit", "cursor"}, k) {
+			if k == "" {
+				return lq, invalid("query", "holds a parameter without a name")
+			}
 			return lq, invalid(k, "is not a parameter of /messages (status, flow, since, limit, cursor)")
 		}
 	}

@@ -109,6 +109,9 @@ func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 	s := previewSample{UserName: "Jane Doe", Email: "jane@example.com", Code: "482913", Token: "sample-token-5Yq8",
 		Event: "new_login", IP: "192.0.2.7", UserAgent: "Firefox on Linux", Location: "Berlin, Germany"}
 	for k, v := range q {
+		if k == "" {
+			return s, nil, invalid("query", "holds a parameter without a name")
+		}
 		if !slices.Contains(previewParams, k) {
 			return s, nil, invalid(k, "is not a parameter of /preview (%s)", strings.Join(previewParams, ", "))
 		}
