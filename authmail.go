@@ -485,18 +485,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBodySize == 0 {
 		h.MaxBodySize = defaultMaxBodySize
 	}
-	h.from, _ = parseAddress(h.From)
-	h.from.Name = h.FromName
-	if h.ReplyTo != "" {
-		rt, _ := parseAddress(h.ReplyTo)
-		h.replyTo = []mailAddr{rt}
-	}
-	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
-	if h.BaseURL != "" {
-		h.baseURL = strings.TrimRight(h.BaseURL, "/")
-		u, _ := url.Parse(h.baseURL)
-		h.baseOrigin = origin(u)
-	}
+	h.provisionAddresses()
 	if h.relayCompat() {
 		h.Links = relayLinks(h.Links, h.baseURL)
 	}
@@ -1225,3 +1214,21 @@ var (
 	_ caddy.Destructor            = (*smtpSender)(nil)
 	_ caddy.Destructor            = (*engine)(nil)
 )
+
+// provisionAddresses resolves the sender, the reply-to address, the app
+// name and the base URL, which checkConfig has validated: Provision and
+// the commands that render mail without a server share it.
+func (h *Handler) provisionAddresses() {
+	h.from, _ = parseAddress(h.From)
+	h.from.Name = h.FromName
+	if h.ReplyTo != "" {
+		rt, _ := parseAddress(h.ReplyTo)
+		h.replyTo = []mailAddr{rt}
+	}
+	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
+	if h.BaseURL != "" {
+		h.baseURL = strings.TrimRight(h.BaseURL, "/")
+		u, _ := url.Parse(h.baseURL)
+		h.baseOrigin = origin(u)
+	}
+}

@@ -265,13 +265,7 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		return cliTestResult{}, err
 	}
 	h.logger = zap.NewNop()
-	h.from, _ = parseAddress(h.From)
-	h.from.Name = h.FromName
-	if h.ReplyTo != "" {
-		rt, _ := parseAddress(h.ReplyTo)
-		h.replyTo = []mailAddr{rt}
-	}
-	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
+	h.provisionAddresses()
 	to, p := parseAddress(addr)
 	if p != "" {
 		return cliTestResult{}, fmt.Errorf("--to '%s' %s", addr, p)

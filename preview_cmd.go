@@ -174,17 +174,8 @@ func (h *Handler) provisionTemplatesOnly() error {
 		return err
 	}
 	h.prefix = strings.TrimSuffix(firstNonEmpty(h.PathPrefix, defaultPathPrefix), "/")
-	h.from, _ = parseAddress(h.From)
-	h.from.Name = h.FromName
-	if h.ReplyTo != "" {
-		rt, _ := parseAddress(h.ReplyTo)
-		h.replyTo = []mailAddr{rt}
-	}
-	h.appName = firstNonEmpty(h.AppName, h.FromName, h.from.domain())
-	if h.BaseURL != "" {
-		h.baseURL = strings.TrimRight(h.BaseURL, "/")
-		u, _ := url.Parse(h.baseURL)
-		h.baseOrigin = origin(u)
+	h.provisionAddresses()
+	if h.baseOrigin != "" {
 		h.origins = []string{h.baseOrigin}
 	}
 	var err error
