@@ -364,8 +364,10 @@ func (p *Pacer) decreaseLocked(now time.Time) bool {
 	p.decreases++
 	p.lastDecrease = now
 	p.lastIncrease = now
-	// the next message leaves one lowered interval from now
-	if next := now.Add(p.intervalLocked()); p.tat.Before(next) {
+	// the bucket is emptied: the next message leaves one lowered
+	// interval from now
+	iv := p.intervalLocked()
+	if next := now.Add(time.Duration(p.burstLocked() * float64(iv))); p.tat.Before(next) {
 		p.tat = next
 	}
 	return true
