@@ -48,9 +48,44 @@ type adminDelivery struct {
 	// TokenSource "refresh_token" (authmail refreshes) or "access_token"
 	Auth        string `json:"auth,omitempty"`
 	TokenSource string `json:"token_source,omitempty"`
+	// Rate is the server's sending rate (the first server's with
+	// smtp_servers; each server's own is in Servers)
+	Rate *adminRate `json:"rate,omitempty"`
 	// Servers lists smtp_servers in priority order with their state;
 	// the fields above describe the first
 	Servers []adminServer `json:"servers,omitempty"`
+}
+
+// adminRate is one SMTP server's sending rate: the configured cap and
+// what the throttling replies left of it.
+type adminRate struct {
+	// Configured is the smtp rate setting ("14/1s"), "off" without one.
+	Configured string `json:"configured"`
+	// ConfiguredPerSecond and CurrentPerSecond are messages per second;
+	// 0 means unlimited. Current is below the configured rate after the
+	// server throttled, and climbs back as sends succeed.
+	ConfiguredPerSecond float64 `json:"configured_per_second"`
+	CurrentPerSecond    float64 `json:"current_per_second"`
+	Burst               int     `json:"burst,omitempty"`
+	// Throttles counts the replies that meant "slow down" since the
+	// sender started; Decreases how often they lowered the rate.
+	Throttles uint64 `json:"throttles"`
+	Decreases uint64 `json:"decreases"`
+	// PausedUntil is set while a used-up quota stops the server.
+	PausedUntil string `json:"paused_until,omitempty"`
+}
+
+func rateOf(s *smtpSender) *adminRate {
+	snap := s.pacer.Snapshot(time.Now())
+	r := &adminRate{Configured: "off", ConfiguredPerSecond: snap.Configured, CurrentPerSecond: snap.Current,
+		Throttles: snap.Throttles, Decreases: snap.Decreases}
+	if s.cfg.rate.n > 0 {
+		r.Configured, r.Burst = s.cfg.rate.String(), snap.Burst
+	}
+	if !snap.PausedUntil.IsZero() {
+		r.PausedUntil = snap.PausedUntil.UTC().Format(time.RFC3339)
+	}
+	return r
 }
 
 type adminKey struct {
@@ -120,7 +155,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	} else if s, ok := smtpTransport.(*smtpSender); ok {
 		c := s.cfg
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
-			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections()}
+			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections(), Rate: rateOf(s)}
 		if c.oauth != nil {
 			st.Delivery.Auth, st.Delivery.TokenSource = c.oauth.mech, "access_token"
 			if c.oauth.tokenURL != "" {

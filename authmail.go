@@ -372,6 +372,23 @@ type SMTP struct {
 	// reloads, and close after a minute of idleness. Default: 4.
 	Connections int `json:"connections,omitempty"`
 
+	// Rate caps how fast messages leave for this server, as
+	// "<n>/<window>" ("14/1s" for Amazon SES's starting quota, "30/1m"
+	// for a Microsoft 365 mailbox). Messages over the cap wait in the
+	// queue; the wait is not an attempt. Replies that mean "slow down"
+	// (454 4.7.0 Throttling failure, 421 4.7.0 … rate, 4.7.x, 4.3.2 and
+	// the providers' own texts) lower the current rate at once and
+	// successful sends raise it back slowly; the throttled message is
+	// retried as soon as the lowered rate allows, not after
+	// retry_backoff. Default: no cap; throttling replies still slow the
+	// sending down the same way.
+	Rate string `json:"rate,omitempty"`
+
+	// Burst is how many messages may leave back to back under rate after
+	// a pause. Default: a tenth of a second's worth of the rate, at least
+	// 1 (14/1s and 30/1m send evenly spaced; 50/1s lets 5 go at once).
+	Burst int `json:"burst,omitempty"`
+
 	// Auth "xoauth2" or "oauthbearer" authenticates username with an
 	// OAuth2 access token (Microsoft 365, Google Workspace) from oauth2 or
 	// access_token instead of a password. Default: unset, so a password
@@ -740,6 +757,14 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		helo:        s.HELO,
 		timeout:     time.Duration(s.Timeout),
 		connections: s.Connections,
+		burst:       s.Burst,
+	}
+	if s.Rate != "" {
+		r, err := parseRate(s.Rate)
+		if err != nil {
+			return out, fmt.Errorf("smtp: %v", err)
+		}
+		out.rate = r
 	}
 	if out.port == 0 {
 		out.port = defaultSMTPPort
@@ -1065,6 +1090,17 @@ func (s *SMTP) check() error {
 	}
 	if s.Connections < 0 || s.Connections > 100 {
 		return fmt.Errorf("smtp: connections must be between 1 and 100, not %d", s.Connections)
+	}
+	if s.Rate != "" && s.Rate != "off" {
+		if _, err := parseRate(s.Rate); err != nil {
+			return fmt.Errorf("smtp: %v", err)
+		}
+	}
+	if s.Burst < 0 || s.Burst > 1_000_000 {
+		return fmt.Errorf("smtp: burst must be between 1 and 1000000, not %d", s.Burst)
+	}
+	if s.Burst > 0 && (s.Rate == "" || s.Rate == "off") {
+		return errors.New("smtp: burst needs a rate")
 	}
 	return nil
 }

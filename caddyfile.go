@@ -531,7 +531,10 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
-	blocks := map[string]func() error{"oauth2": func() (err error) { s.OAuth2, err = unmarshalOAuth2(d); return err }}
+	blocks := map[string]func() error{
+		"oauth2": func() (err error) { s.OAuth2, err = unmarshalOAuth2(d); return err },
+		"rate":   func() error { return unmarshalSMTPRate(d, s) },
+	}
 	err = eachOptionOrBlock(d, "smtp", blocks, func(sub, v string) error {
 		switch sub {
 		case "auth":
@@ -698,4 +701,28 @@ func literalKeyHash(secret string) string {
 	}
 	sum := sha256.Sum256([]byte(secret))
 	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// unmarshalSMTPRate parses `rate <n>/<window> [burst <n>]` in an smtp
+// block.
+func unmarshalSMTPRate(d *caddyfile.Dispenser, s *SMTP) error {
+	args := d.RemainingArgs()
+	if len(args) != 1 && len(args) != 3 {
+		return d.Errf("smtp rate: expected <n>/<window> [burst <n>], e.g. rate 14/1s or rate 30/1m burst 5")
+	}
+	if args[0] == "off" {
+		return d.Errf("smtp rate: off is the default; leave rate out")
+	}
+	if _, err := parseRate(args[0]); err != nil {
+		return d.Errf("smtp %v", err)
+	}
+	s.Rate = args[0]
+	if len(args) == 3 {
+		n, err := strconv.Atoi(args[2])
+		if args[1] != "burst" || err != nil || n < 1 || n > 1_000_000 {
+			return d.Errf("smtp rate: expected burst <n> with n from 1 to 1000000 after the rate, not '%s %s'", args[1], args[2])
+		}
+		s.Burst = n
+	}
+	return nil
 }

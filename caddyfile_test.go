@@ -51,6 +51,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					helo mail.example.com
 					timeout 30s
 					connections 8
+					rate 14/1s burst 3
 				}
 				from no-reply@example.com "Example App"
 				reply_to support@example.com
@@ -71,7 +72,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				PathPrefix: "/api/mail",
 				SMTP: &SMTP{Host: "smtp.example.com", Port: 465, Username: "{env.SMTP_USER}", Password: "{env.SMTP_PASSWORD}",
 					TLS: "implicit", CA: "/etc/ssl/extra.pem", HELO: "mail.example.com",
-					Timeout: caddy.Duration(30 * time.Second), Connections: 8},
+					Timeout: caddy.Duration(30 * time.Second), Connections: 8, Rate: "14/1s", Burst: 3},
 				From: "no-reply@example.com", FromName: "Example App", ReplyTo: "support@example.com",
 				AppName: "Example", BaseURL: "https://app.example.com",
 				Links:     map[string]string{"password-reset": "https://app.example.com/reset?t={token}", "magic-link": "https://app.example.com/m/{token}"},
@@ -212,6 +213,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"password without user":           {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n password p\n }\n}", "password is set but username is not"},
 		"bad timeout":                     {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n timeout soon\n }\n}", "invalid smtp timeout"},
 		"bad connections":                 {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n connections 0\n }\n}", "connections must be a number from 1 to 100"},
+		"bad smtp rate":                   {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate 14\n }\n}", "rate '14' must look like <n>/<duration>"},
+		"smtp rate off":                   {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate off\n }\n}", "off is the default"},
+		"smtp rate window":                {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate 14/1ms\n }\n}", "the window must be a duration from 1s to 7d"},
+		"smtp burst missing":              {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate 14/1s burst\n }\n}", "expected <n>/<window> [burst <n>]"},
+		"smtp burst misspelt":             {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate 14/1s bust 3\n }\n}", "expected burst <n>"},
+		"smtp burst zero":                 {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n rate 14/1s burst 0\n }\n}", "expected burst <n>"},
 		"unknown smtp option":             {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n port 25\n }\n}", "unrecognized smtp subdirective 'port'"},
 		"duplicate smtp option":           {"authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp h {\n helo a\n helo b\n }\n}", "smtp helo already specified"},
 		"bad base_url":                    {"authmail {" + minimalBlock + "\n base_url ftp://x.example.com\n}", "must be an http or https URL"},

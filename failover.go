@@ -146,7 +146,7 @@ func (f *failoverTransport) order() []int {
 // failure is about the server (not a 5xx refusal of the message).
 func passesOn(de *deliveryError) bool {
 	switch de.Code {
-	case codeSMTPConnection, codeSMTPTimeout, codeSMTPAuthFailed, codeStartTLSUnsupported, codeSMTPTransient:
+	case codeSMTPConnection, codeSMTPTimeout, codeSMTPAuthFailed, codeStartTLSUnsupported, codeSMTPTransient, codeSMTPThrottled:
 		return true
 	}
 	// codeUncertain: the server may have it; codeSMTPRejected and
@@ -287,6 +287,8 @@ type adminServer struct {
 	State     string `json:"state"`
 	Since     string `json:"since"`
 	LastError string `json:"last_error_code,omitempty"`
+	// Rate is the server's sending rate; see adminRate.
+	Rate *adminRate `json:"rate,omitempty"`
 }
 
 // status lists the servers in priority order with their state.
@@ -301,7 +303,7 @@ func (f *failoverTransport) status() []adminServer {
 			st = serverDown
 		}
 		out[i] = adminServer{Host: s.cfg.host, Port: s.cfg.port, Username: maskUser(s.cfg.username), State: st,
-			Since: h.since.UTC().Format(time.RFC3339), LastError: h.lastError}
+			Since: h.since.UTC().Format(time.RFC3339), LastError: h.lastError, Rate: rateOf(s)}
 	}
 	return out
 }

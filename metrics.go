@@ -2,6 +2,8 @@ package authmail
 
 import (
 	"errors"
+	"net"
+	"strconv"
 	"sync"
 	"time"
 
@@ -52,7 +54,7 @@ func initMetrics() {
 				smtpPool.Range(func(_, v any) bool { n += v.(*smtpSender).openConnections(); return true })
 				return float64(n)
 			})
-		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns}
+		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns, rateCollector{}}
 		collectors = append(collectors, failoverCollectors()...)
 	})
 }
@@ -109,3 +111,40 @@ func metricAttempt(derr *deliveryError, d time.Duration) {
 func metricWebhook(result string) { initMetrics(); mWebhooks.WithLabelValues(result).Inc() }
 
 func metricRejected(code string) { initMetrics(); mRejected.WithLabelValues(code).Inc() }
+
+// Per-server sending rate, read from each live SMTP sender's pacer when
+// scraped, labelled host:port.
+var (
+	descRateConfigured = prometheus.NewDesc("caddy_authmail_smtp_rate_configured",
+		"The SMTP server's configured send rate (smtp rate) in messages per second; 0 without a cap.", []string{"server"}, nil)
+	descRateCurrent = prometheus.NewDesc("caddy_authmail_smtp_rate_current",
+		"The SMTP server's current send rate in messages per second, lowered by throttling replies; 0 means unlimited.", []string{"server"}, nil)
+	descThrottles = prometheus.NewDesc("caddy_authmail_smtp_throttles_total",
+		"Replies of the SMTP server that meant slow down (rate, connections or quota).", []string{"server"}, nil)
+)
+
+type rateCollector struct{}
+
+func (rateCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descRateConfigured
+	ch <- descRateCurrent
+	ch <- descThrottles
+}
+
+func (rateCollector) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now()
+	seen := map[string]bool{}
+	smtpPool.Range(func(_, v any) bool {
+		s := v.(*smtpSender)
+		label := net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.port))
+		if seen[label] {
+			return true // two accounts on one server: the first one
+		}
+		seen[label] = true
+		snap := s.pacer.Snapshot(now)
+		ch <- prometheus.MustNewConstMetric(descRateConfigured, prometheus.GaugeValue, snap.Configured, label)
+		ch <- prometheus.MustNewConstMetric(descRateCurrent, prometheus.GaugeValue, snap.Current, label)
+		ch <- prometheus.MustNewConstMetric(descThrottles, prometheus.CounterValue, float64(snap.Throttles), label)
+		return true
+	})
+}

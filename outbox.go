@@ -993,6 +993,14 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		en.st.Status, final = stFailed, true
 	default:
 		next := now.Add(backoff(cfg, en.st.Attempts, en.b.id))
+		if derr.Code == codeSMTPThrottled {
+			// the server's pacer says when it takes the next message;
+			// retry_backoff would leave a code waiting for minutes
+			next = now
+			if derr.retryAt.After(now) {
+				next = derr.retryAt
+			}
+		}
 		if next.Sub(en.st.Created) > cfg.maxAge {
 			en.st.Status, final = stFailed, true
 		} else {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/wneessen/go-mail/smtp"
+
+	"github.com/caddy-authmail/authmail/internal/pace"
 )
 
 // TLS modes for the SMTP connection.
@@ -56,6 +58,10 @@ type smtpSettings struct {
 	// noPipelining sends MAIL, each RCPT and DATA one at a time even when
 	// the server offers PIPELINING (tests use it to cover that path)
 	noPipelining bool
+	// rate is the send-rate cap (zero: none) and burst its burst (zero:
+	// the pacer's default)
+	rate  rateSpec
+	burst int
 }
 
 // poolKey identifies the sender for these settings. Every field that
@@ -65,6 +71,7 @@ func (s *smtpSettings) poolKey() string {
 	for _, v := range append([]string{
 		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
 		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections), strconv.FormatBool(s.noPipelining),
+		strconv.Itoa(s.rate.n), s.rate.window.String(), strconv.Itoa(s.burst),
 	}, s.oauth.key()...) {
 		// length-prefix each field so that no two configs collide
 		fmt.Fprintf(h, "%d:%s|", len(v), v)
@@ -94,6 +101,12 @@ type smtpSender struct {
 
 	tokens *tokenSource // OAuth2 access tokens; nil with a password
 
+	// pacer keeps the sending within the server's rate: the configured
+	// cap, lowered by throttling replies (see internal/pace). It lives as
+	// long as the sender, so a reload that keeps the server keeps its
+	// current rate.
+	pacer *pace.Pacer
+
 	open  atomic.Int64 // currently open connections
 	dials atomic.Int64 // successful dials since creation
 }
@@ -108,6 +121,8 @@ func newSMTPSender(cfg smtpSettings) *smtpSender {
 	if cfg.oauth != nil {
 		s.tokens = newTokenSource(cfg.oauth, cfg.timeout)
 	}
+	// the settings were validated: New cannot fail on them
+	s.pacer, _ = pace.New(pace.Config{Limit: cfg.rate.n, Window: cfg.rate.window, Burst: cfg.burst})
 	go s.janitor()
 	return s
 }
@@ -247,6 +262,49 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 	}
 	defer func() { <-s.slots }()
 
+	// Waiting for the rate happens before anything is sent, holding only
+	// a connection slot: a crash or a timeout here leaves the message
+	// untouched, to be attempted again.
+	if err := s.pacer.Wait(ctx); err != nil {
+		return delivery{}, &deliveryError{Code: codeSMTPTimeout, Phase: phaseConnect,
+			Err: fmt.Errorf("waiting for the server's send rate: %w", err)}
+	}
+	sentAt := time.Now()
+	d, err := s.sendNow(ctx, env)
+	s.paced(sentAt, err)
+	return d, err
+}
+
+// paced tells the pacer how a send went: a success raises the current
+// rate, a reply that means "slow down" lowers it (or pauses the server
+// for a used-up quota) and turns the failure into smtp_throttled, which
+// the outbox retries as soon as the lowered rate allows instead of after
+// retry_backoff. A throttle is never uncertain: the reply came, so the
+// server did not take the message.
+func (s *smtpSender) paced(sentAt time.Time, err error) {
+	now := time.Now()
+	if err == nil {
+		s.pacer.Succeeded(now)
+		return
+	}
+	de, ok := err.(*deliveryError)
+	if !ok || de.Reply == nil || de.Code == codeUncertain {
+		return
+	}
+	switch pace.Classify(de.Reply.Code, de.Reply.Enhanced, de.Reply.Text) {
+	case pace.Rate, pace.Connections:
+		s.pacer.Throttled(now, sentAt)
+	case pace.Quota:
+		s.pacer.Exhausted(now)
+	default:
+		return
+	}
+	de.Code = codeSMTPThrottled
+	de.retryAt = s.pacer.Next(now)
+}
+
+// sendNow is send once the rate allows it.
+func (s *smtpSender) sendNow(ctx context.Context, env *envelope) (delivery, error) {
 	conn := s.takeIdle()
 	for attempt := 0; ; attempt++ {
 		reused := conn != nil

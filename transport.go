@@ -10,6 +10,7 @@ import (
 	"net/textproto"
 	"os"
 	"strings"
+	"time"
 	"unicode"
 )
 
@@ -58,8 +59,11 @@ const (
 	codeRecipientRefused    = "recipient_refused"
 	codeSMTPRejected        = "smtp_rejected"
 	codeSMTPTransient       = "smtp_transient"
-	codeUncertain           = "smtp_disconnect_uncertain"
-	codeCaptureFailed       = "capture_failed"
+	// codeSMTPThrottled: the server said "slow down" (a rate, connection
+	// or quota reply); retried when its lowered rate allows
+	codeSMTPThrottled = "smtp_throttled"
+	codeUncertain     = "smtp_disconnect_uncertain"
+	codeCaptureFailed = "capture_failed"
 	// codeOutboxUnavailable: the message's body could not be read back
 	// from storage for a retry, or its attempt could not be recorded
 	// before the final dot; nothing was delivered.
@@ -127,6 +131,10 @@ type deliveryError struct {
 	// fresh marks a failure on a reused connection that a new
 	// connection may not have (dead idle connection, 421 before DATA).
 	fresh bool
+	// retryAt, for smtp_throttled, is when the server's pacer lets the
+	// next message go: the outbox retries then instead of after
+	// retry_backoff.
+	retryAt time.Time
 }
 
 // Error returns a human-readable message that is safe to show to API
@@ -155,6 +163,8 @@ func (e *deliveryError) Error() string {
 			return fmt.Sprintf("the SMTP server temporarily refused %d of %d recipients (%s); nothing was sent", e.Refused, e.Recipients, e.Reply.String())
 		}
 		return fmt.Sprintf("the SMTP server temporarily refused the message at %s: %s; nothing was sent", e.Phase, e.Reply.String())
+	case codeSMTPThrottled:
+		return fmt.Sprintf("the SMTP server asked to slow down at %s: %s; nothing was sent, authmail lowered its sending rate and retries", e.Phase, e.Reply.String())
 	case codeSMTPTimeout:
 		return fmt.Sprintf("timed out talking to the SMTP server (%s); nothing was sent", e.Phase)
 	case codeUncertain:

@@ -1,0 +1,109 @@
+package authmail
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/emersion/go-smtp"
+
+	"github.com/caddy-authmail/authmail/internal/smtptest"
+)
+
+// providerLimit makes srv behave like a provider that caps its senders:
+// a token bucket of rate messages per second holding at most burst,
+// shared by every connection, and Amazon SES's reply at MAIL FROM above
+// it. It returns how many sessions it throttled.
+func providerLimit(srv *smtptest.Server, rate float64, burst int) func() int {
+	var mu sync.Mutex
+	tokens, last, throttled := float64(burst), time.Now(), 0
+	srv.SetHooks(smtptest.Hooks{Mail: func(string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		now := time.Now()
+		tokens = min(float64(burst), tokens+now.Sub(last).Seconds()*rate)
+		last = now
+		if tokens < 1 {
+			throttled++
+			return &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Throttling failure: Maximum sending rate exceeded."}
+		}
+		tokens--
+		return nil
+	}})
+	return func() int { mu.Lock(); defer mu.Unlock(); return throttled }
+}
+
+// A provider that answers "454 Throttling failure" above 50 messages a
+// second gets every message of a burst, each once, without any message
+// waiting retry_backoff (an hour here): with `rate 50/1s` the sender stays
+// under the limit and is hardly ever throttled; without a rate the
+// throttling replies alone slow it down.
+func TestThrottledProviderGetsEveryMessage(t *testing.T) {
+	const n = 200
+	for _, c := range []struct {
+		name, rate   string
+		maxThrottled int
+	}{
+		{"rate 50/1s", "50/1s", 5},
+		{"no rate", "", n * 4},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srv := authServer(t, smtptest.StartTLS)
+			throttled := providerLimit(srv, 50, 10)
+			h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
+				h.SMTP.Connections, h.SMTP.Rate = 4, c.rate
+				h.Keys[0].Allow = []string{"otp", "status"}
+				h.Delivery = &Delivery{RetryBackoff: caddy.Duration(time.Hour), MaxBackoff: caddy.Duration(time.Hour)}
+			})
+			start := time.Now()
+			ids := make([]string, n)
+			for i := range n {
+				rec, out := call(t, h, "POST", "/authmail/send/otp", otp(fmt.Sprintf("u%d@example.org", i)), "Prefer: respond-async")
+				if rec.Code != 202 {
+					t.Fatalf("send %d: %d %s", i, rec.Code, rec.Body)
+				}
+				ids[i] = out["id"].(string)
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for len(srv.Messages()) < n && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			took := time.Since(start)
+			msgs := srv.Messages()
+			if len(msgs) != n {
+				t.Fatalf("the provider got %d of %d messages in %v (throttled %d times): a throttled message waited retry_backoff", len(msgs), n, took, throttled())
+			}
+			seen := map[string]bool{}
+			for _, m := range msgs {
+				if len(m.To) != 1 || seen[m.To[0]] {
+					t.Fatalf("message to %v twice or to several", m.To)
+				}
+				seen[m.To[0]] = true
+			}
+			for _, id := range ids {
+				if st := waitState(t, h, id, status(stSent)); st.LastCode != "" {
+					t.Fatalf("state %+v", st)
+				}
+			}
+			if got := throttled(); got > c.maxThrottled {
+				t.Fatalf("throttled %d times, want at most %d", got, c.maxThrottled)
+			}
+			t.Logf("%d messages in %v (the provider's limit allows them in about %v); throttled %d times", n, took.Round(time.Millisecond), time.Duration(float64(n-10)/50*float64(time.Second)), throttled())
+
+			rec, out := call(t, h, "GET", "/authmail/status", "")
+			if rec.Code != 200 {
+				t.Fatalf("status: %d %s", rec.Code, rec.Body)
+			}
+			rate, _ := out["delivery"].(map[string]any)["rate"].(map[string]any)
+			want := "off"
+			if c.rate != "" {
+				want = c.rate
+			}
+			if rate["configured"] != want || (c.rate == "" && (rate["throttles"].(float64) == 0 || rate["decreases"].(float64) == 0)) {
+				t.Fatalf("status delivery.rate %v", rate)
+			}
+		})
+	}
+}
