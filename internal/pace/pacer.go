@@ -19,16 +19,16 @@ type Config struct {
 	// has been idle. Default: a tenth of a second's worth of the rate,
 	// at least 1 (14/1s and 30/1m: 1, spaced evenly; 50/1s: 5; 1000/1s:
 	// 100), so that no fixed one-second window sees more than 10% above
-	// the rate.
+	// the rate. In a cluster each instance gets its share of the burst,
+	// at least 1.
 	Burst int
 	// Decrease multiplies the current rate on a throttling reply.
 	// Default 0.5.
 	Decrease float64
 	// Increase is how many messages per second the current rate gains
 	// per second of successful sending, back toward the cap. Default: a
-	// twentieth of the cap (from half the cap back to the cap in about
-	// ten seconds), with no cap a twentieth of the current rate, at
-	// least 1.
+	// tenth of the cap (from half the cap back to the cap in about five
+	// seconds), with no cap a twentieth of the current rate, at least 1.
 	Increase float64
 	// MinRate is the floor of the current rate in messages per second.
 	// Default 0.1 (one message every ten seconds), or the cap when the
@@ -170,7 +170,8 @@ func (p *Pacer) burstLocked() float64 {
 		// no cap: the default burst follows the rate learnt
 		return math.Max(1, math.Floor(p.cur/10))
 	}
-	return p.burst
+	// the provider's burst is the cluster's: each instance its share
+	return math.Max(1, math.Floor(p.burst*p.share))
 }
 
 // nextLocked is the earliest time a reservation succeeds.
@@ -302,7 +303,7 @@ func (p *Pacer) Succeeded(now time.Time) {
 	inc := p.cfg.Increase
 	if inc == 0 {
 		if c := p.capLocked(); c > 0 {
-			inc = c / 20
+			inc = c / 10
 		} else {
 			inc = math.Max(1, p.cur/20)
 		}
@@ -334,11 +335,13 @@ func (p *Pacer) Throttled(now, sent time.Time) {
 }
 
 // PeerThrottled applies a decrease another instance made at at (read
-// from the shared storage): once per Hold, like Throttled.
+// from the shared storage): once per Hold, like Throttled. A decrease
+// made within Hold after this pacer's last one is the same burst of
+// throttling replies and changes nothing.
 func (p *Pacer) PeerThrottled(now, at time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !at.After(p.lastDecrease) {
+	if !p.lastDecrease.IsZero() && !at.After(p.lastDecrease.Add(p.cfg.Hold)) {
 		return
 	}
 	p.throttles++

@@ -150,27 +150,27 @@ func TestThrottledHalvesOncePerHoldAndRecovers(t *testing.T) {
 	if s := p.Snapshot(t0); s.Current != 5 {
 		t.Fatalf("current %v, want 5", s.Current)
 	}
-	// success grows it by a twentieth of the cap (1/s) per second of sending
+	// success grows it by a tenth of the cap (2/s) per second of sending
 	now := t0.Add(time.Second)
-	for i := 0; i < 100; i++ {
+	for i := 0; i < 50; i++ {
 		now = now.Add(100 * time.Millisecond)
 		p.Succeeded(now)
 	}
 	if s := p.Snapshot(now); math.Abs(s.Current-15) > 0.01 {
-		t.Fatalf("after 10s of success: %v, want 15", s.Current)
+		t.Fatalf("after 5s of success: %v, want 15", s.Current)
 	}
-	for i := 0; i < 100; i++ {
+	for i := 0; i < 50; i++ {
 		now = now.Add(100 * time.Millisecond)
 		p.Succeeded(now)
 	}
 	if s := p.Snapshot(now); s.Current != 20 {
-		t.Fatalf("after 20s of success: %v, want the cap 20", s.Current)
+		t.Fatalf("after 10s of success: %v, want the cap 20", s.Current)
 	}
 	// idling earns nothing: one success after a long pause adds at most 1s worth
 	p.Throttled(now.Add(time.Second), time.Time{})
 	p.Succeeded(now.Add(time.Hour))
-	if s := p.Snapshot(now); s.Current != 11 {
-		t.Fatalf("after an idle hour: %v, want 11", s.Current)
+	if s := p.Snapshot(now); s.Current != 12 {
+		t.Fatalf("after an idle hour: %v, want 12", s.Current)
 	}
 }
 

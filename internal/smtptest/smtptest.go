@@ -73,6 +73,8 @@ type Options struct {
 	// CertPEM and KeyPEM reuse a certificate (e.g. across a restart);
 	// default: a new self-signed one.
 	CertPEM, KeyPEM []byte
+	// Throttle, when set, refuses messages above a rate (see Throttle).
+	Throttle *Throttle
 }
 
 // Hooks inject faults. Each returns nil to accept, an *smtp.SMTPError to
@@ -128,6 +130,8 @@ type Server struct {
 	auths   int
 	live    map[*trackedConn]bool
 	notify  chan struct{}
+
+	throttle *throttler
 }
 
 // Start starts a server for the test and stops it at the end of the test.
@@ -169,6 +173,9 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{opts: opts, CAPEM: certPEM, KeyPEM: keyPEM, notify: make(chan struct{}, 1), live: map[*trackedConn]bool{}}
+	if opts.Throttle != nil {
+		s.throttle = newThrottler(opts.Throttle)
+	}
 	s.CAFile = filepath.Join(opts.Dir, "smtptest-ca.pem")
 	if err := os.WriteFile(s.CAFile, certPEM, 0o600); err != nil {
 		return nil, err
@@ -647,6 +654,9 @@ func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
 	if ss.s.opts.Username != "" && ss.authUser == "" {
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
 	}
+	if err := ss.s.checkThrottle(false); err != nil {
+		return err
+	}
 	if h := ss.hooks().Mail; h != nil {
 		if err := h(from); err != nil {
 			if errors.Is(err, ErrDrop) {
@@ -687,8 +697,8 @@ func (ss *session) Data(r io.Reader) error {
 	_, isTLS := ss.c.TLSConnectionState()
 	m := &Message{From: ss.from, To: append([]string(nil), ss.to...), Data: b, TLS: isTLS,
 		AuthUser: ss.authUser, AuthMechanism: ss.authMech, Conn: ss.conn, Accepted: true}
-	var herr error
-	if h := ss.hooks().Data; h != nil {
+	herr := ss.s.checkThrottle(true)
+	if h := ss.hooks().Data; h != nil && herr == nil {
 		herr = h(m)
 	}
 	if herr != nil {
