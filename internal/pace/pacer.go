@@ -28,7 +28,9 @@ type Config struct {
 	// Increase is how many messages per second the current rate gains
 	// per second of successful sending, back toward the cap. Default: a
 	// tenth of the cap (from half the cap back to the cap in about five
-	// seconds), with no cap a twentieth of the current rate, at least 1.
+	// seconds), with no cap a tenth of the rate the last decrease started
+	// from, at least 1 (back where the server throttled in about five
+	// seconds, then on up until it throttles again).
 	Increase float64
 	// MinRate is the floor of the current rate in messages per second.
 	// Default 0.1 (one message every ten seconds), or the cap when the
@@ -107,6 +109,13 @@ type Pacer struct {
 	slot      int64
 	slotCount float64
 	prevCount float64
+	// busySince is when sending resumed after a second or more without
+	// a message: a burst younger than a second is measured over its own
+	// length, not over a whole second it did not use
+	busySince time.Time
+	// peak is, without a cap, the rate the last decrease started from:
+	// the additive increase is a tenth of it per second
+	peak float64
 }
 
 // ErrInvalid is returned by New for a configuration that cannot pace.
@@ -260,6 +269,7 @@ func (p *Pacer) countLocked(now time.Time) {
 		p.prevCount, p.slotCount = p.slotCount, 0
 	default:
 		p.prevCount, p.slotCount = 0, 0
+		p.busySince = now
 	}
 	p.slot = s
 	p.slotCount++
@@ -279,7 +289,12 @@ func (p *Pacer) measuredLocked(now time.Time) float64 {
 	frac := float64(now.UnixNano()%int64(time.Second)) / float64(time.Second)
 	// a one-second window ending now: this slot so far and the part of
 	// the previous one that is still less than a second old
-	return cur + prev*(1-frac)
+	n := cur + prev*(1-frac)
+	if el := now.Sub(p.busySince); el < time.Second {
+		// 10 messages in the first 20 ms are 500 a second, not 10
+		return n / max(el, 50*time.Millisecond).Seconds()
+	}
+	return n
 }
 
 // Succeeded reports a message the server accepted (or refused for a
@@ -305,7 +320,7 @@ func (p *Pacer) Succeeded(now time.Time) {
 		if c := p.capLocked(); c > 0 {
 			inc = c / 10
 		} else {
-			inc = math.Max(1, p.cur/20)
+			inc = math.Max(1, p.peak/10)
 		}
 	}
 	p.cur += inc * dt.Seconds()
@@ -359,6 +374,9 @@ func (p *Pacer) decreaseLocked(now time.Time) bool {
 		if p.cur <= 0 {
 			p.cur = 1
 		}
+	}
+	if p.configured == 0 {
+		p.peak = p.cur
 	}
 	p.cur *= p.cfg.Decrease
 	if floor := p.minRateLocked(); p.cur < floor {
