@@ -75,16 +75,16 @@ func TestPlaceholders(t *testing.T) {
 	}
 }
 
-// TestReadmeJSONExample keeps the README's JSON config valid: it decodes
-// strictly into Handler and passes the config checks.
-func TestReadmeJSONExample(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
+// TestDocsJSONExample keeps the JSON config of docs/configuration.md
+// valid: it decodes strictly into Handler and passes the config checks.
+func TestDocsJSONExample(t *testing.T) {
+	doc, err := os.ReadFile("docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, after, ok := strings.Cut(string(readme), "## JSON config")
+	_, after, ok := strings.Cut(string(doc), "## JSON config")
 	if !ok {
-		t.Fatal("README has no JSON config section")
+		t.Fatal("docs/configuration.md has no JSON config section")
 	}
 	_, block, ok := strings.Cut(after, "```json\n")
 	if !ok {
@@ -93,7 +93,7 @@ func TestReadmeJSONExample(t *testing.T) {
 	block, _, _ = strings.Cut(block, "```")
 	var raw map[string]any
 	if err := json.Unmarshal([]byte(block), &raw); err != nil {
-		t.Fatalf("README JSON does not parse: %v", err)
+		t.Fatalf("docs/configuration.md JSON does not parse: %v", err)
 	}
 	if raw["handler"] != "authmail" {
 		t.Fatalf("handler = %v", raw["handler"])
@@ -104,9 +104,9 @@ func TestReadmeJSONExample(t *testing.T) {
 	dec.DisallowUnknownFields()
 	var h Handler
 	if err := dec.Decode(&h); err != nil {
-		t.Fatalf("README JSON has a field Handler does not know: %v", err)
+		t.Fatalf("docs/configuration.md JSON has a field Handler does not know: %v", err)
 	}
 	if err := h.checkConfig(); err != nil {
-		t.Fatalf("README JSON fails the config checks: %v", err)
+		t.Fatalf("docs/configuration.md JSON fails the config checks: %v", err)
 	}
 }

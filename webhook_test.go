@@ -696,7 +696,7 @@ func verifyRelayWebhook(secret string, h http.Header, body []byte, now time.Time
 // (the secret as written) both verify the same webhook; with a plain
 // (hex) secret the relay receiver verifies it as is and a Standard
 // Webhooks receiver in its libraries' raw mode, while the default mode,
-// which base64-decodes the hex, does not (as the README says).
+// which base64-decodes the hex, does not (as docs/api.md says).
 func TestOneSecretServesBothReceivers(t *testing.T) {
 	body := []byte(`{"id":"x","message_id":"<a@example.com>","status":"sent","attempts":1}`)
 	now := time.Now()

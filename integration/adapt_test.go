@@ -13,7 +13,7 @@ import (
 )
 
 // TestCaddyfileAdapt checks that the Caddyfile syntax documented in the
-// README produces the documented JSON: each testdata/caddyfile_adapt file
+// docs/configuration.md produces the documented JSON: each testdata/caddyfile_adapt file
 // holds a Caddyfile, a line of dashes and the expected JSON.
 func TestCaddyfileAdapt(t *testing.T) {
 	files, err := filepath.Glob("testdata/caddyfile_adapt/*.caddyfiletest")
@@ -55,27 +55,35 @@ func mustReadGolden(t *testing.T, name string) string {
 	return string(b)
 }
 
-// TestReadmeExamplesAgree adapts the README's production Caddyfile and
-// checks that its authmail handler is exactly the README's JSON example.
-func TestReadmeExamplesAgree(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
+// TestDocsExamplesAgree adapts the README's production Caddyfile and
+// checks that docs/configuration.md shows the same Caddyfile and that the
+// authmail handler it adapts to is exactly that page's JSON example.
+func TestDocsExamplesAgree(t *testing.T) {
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join("..", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
 	}
-	block := func(after, fence string) string {
-		_, rest, ok := strings.Cut(string(readme), after)
+	readme, config := read("README.md"), read("docs/configuration.md")
+	block := func(doc, name, after, fence string) string {
+		_, rest, ok := strings.Cut(doc, after)
 		if !ok {
-			t.Fatalf("README has no %q", after)
+			t.Fatalf("%s has no %q", name, after)
 		}
 		_, rest, ok = strings.Cut(rest, fence+"\n")
 		if !ok {
-			t.Fatalf("no %s block after %q", fence, after)
+			t.Fatalf("no %s block after %q in %s", fence, after, name)
 		}
 		b, _, _ := strings.Cut(rest, "```")
 		return b
 	}
-	caddyfileSrc := block("### A production example", "```caddyfile")
-	jsonSrc := block("## JSON config", "```json")
+	caddyfileSrc := block(readme, "README.md", "\n## A production example\n", "```caddyfile")
+	if got := block(config, "docs/configuration.md", "\n### A production example\n", "```caddyfile"); got != caddyfileSrc {
+		t.Fatalf("the production example of docs/configuration.md differs from the README's:\n%s", got)
+	}
+	jsonSrc := block(config, "docs/configuration.md", "\n## JSON config\n", "```json")
 
 	adapter := caddyconfig.GetAdapter("caddyfile")
 	out, _, err := adapter.Adapt([]byte(caddyfileSrc), nil)
@@ -89,7 +97,7 @@ func TestReadmeExamplesAgree(t *testing.T) {
 	}
 	if !reflect.DeepEqual(handler, want) {
 		got, _ := json.MarshalIndent(handler, "", "\t")
-		t.Fatalf("README JSON example differs from the adapted production Caddyfile:\n%s", got)
+		t.Fatalf("the JSON example of docs/configuration.md differs from the adapted production Caddyfile:\n%s", got)
 	}
 }
 

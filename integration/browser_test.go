@@ -165,7 +165,7 @@ func TestPreviewPageInChromium(t *testing.T) {
 	}
 	t.Logf("screenshot: %s (%d bytes)", filepath.Join(dir, "preview.png"), len(shot))
 	if os.Getenv("AUTHMAIL_UPDATE_SCREENSHOT") == "1" {
-		// the README's picture: the first screen of the page
+		// docs/api.md's picture: the first screen of the page
 		top, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
 		if err != nil {
 			t.Fatal(err)

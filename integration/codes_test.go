@@ -68,7 +68,7 @@ func issuedToken(t *testing.T, want int) string {
 	return secret(tok)
 }
 
-// TestIssuedCodesEndToEnd runs the two-step flows the README documents
+// TestIssuedCodesEndToEnd runs the two-step flows docs/api.md documents
 // against Caddy: authmail issues the code or token, the test reads it
 // from the delivered mail and verifies it, once.
 func TestIssuedCodesEndToEnd(t *testing.T) {
