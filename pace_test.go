@@ -2,10 +2,12 @@ package authmail
 
 import (
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/emersion/go-smtp"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
@@ -79,6 +81,47 @@ func TestThrottledProviderGetsEveryMessage(t *testing.T) {
 			}
 			if rate["configured"] != want || (c.rate == "" && (rate["throttles"].(float64) == 0 || rate["decreases"].(float64) == 0)) {
 				t.Fatalf("status delivery.rate %v", rate)
+			}
+		})
+	}
+}
+
+// A used-up daily quota, even when the provider says so with a 5xx,
+// keeps the message queued until the pause ends: it is neither bounced
+// nor retried after retry_backoff, and nothing else is sent to the
+// server meanwhile.
+func TestQuotaReplyPausesTheServer(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		reply *smtp.SMTPError
+	}{
+		{"ses 454", &smtp.SMTPError{Code: 454, Message: "Throttling failure: Daily message quota exceeded."}},
+		{"gmail 550", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 4, 5}, Message: "Daily user sending limit exceeded."}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srv := authServer(t, smtptest.StartTLS)
+			var mails atomic.Int32
+			srv.SetHooks(smtptest.Hooks{Mail: func(string) error { mails.Add(1); return c.reply }})
+			h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
+				h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond)}
+			})
+			before := time.Now()
+			rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+			if rec.Code != 202 || out["status"] != "queued" || out["error_code"] != "smtp_throttled" {
+				t.Fatalf("%d %s", rec.Code, rec.Body)
+			}
+			st := waitState(t, h, out["id"].(string), func(st msgState) bool { return st.Status == stQueued && st.Attempts == 1 })
+			if st.NextAt.Sub(before) < 14*time.Minute || st.LastCode != "smtp_throttled" {
+				t.Fatalf("next attempt %v after the send, state %+v; want the 15-minute quota pause", st.NextAt.Sub(before), st)
+			}
+			// a second message waits for the same pause without a session
+			rec, out = call(t, h, "POST", "/authmail/send/otp", otp("joe@example.org"))
+			if rec.Code != 202 || out["error_code"] != "smtp_throttled" {
+				t.Fatalf("second send: %d %s", rec.Code, rec.Body)
+			}
+			time.Sleep(300 * time.Millisecond)
+			if n := mails.Load(); n != 1 {
+				t.Fatalf("the server saw %d MAIL commands, want 1: nothing is sent during the pause", n)
 			}
 		})
 	}

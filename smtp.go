@@ -265,9 +265,14 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 	// Waiting for the rate happens before anything is sent, holding only
 	// a connection slot: a crash or a timeout here leaves the message
 	// untouched, to be attempted again.
+	// A wait longer than the SMTP timeout (a quota pause, a slow rate
+	// with many messages ahead) goes back to the queue until the pacer's
+	// time instead of holding the slot.
+	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.timeout {
+		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: next}
+	}
 	if err := s.pacer.Wait(ctx); err != nil {
-		return delivery{}, &deliveryError{Code: codeSMTPTimeout, Phase: phaseConnect,
-			Err: fmt.Errorf("waiting for the server's send rate: %w", err)}
+		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: s.pacer.Next(time.Now())}
 	}
 	sentAt := time.Now()
 	d, err := s.sendNow(ctx, env)

@@ -164,6 +164,9 @@ func (e *deliveryError) Error() string {
 		}
 		return fmt.Sprintf("the SMTP server temporarily refused the message at %s: %s; nothing was sent", e.Phase, e.Reply.String())
 	case codeSMTPThrottled:
+		if e.Reply == nil {
+			return "waiting for the SMTP server's sending rate (a slow rate, or a pause after a quota reply); nothing was sent yet"
+		}
 		return fmt.Sprintf("the SMTP server asked to slow down at %s: %s; nothing was sent, authmail lowered its sending rate and retries", e.Phase, e.Reply.String())
 	case codeSMTPTimeout:
 		return fmt.Sprintf("timed out talking to the SMTP server (%s); nothing was sent", e.Phase)
