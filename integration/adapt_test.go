@@ -12,9 +12,10 @@ import (
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
-// TestCaddyfileAdapt checks that the Caddyfile syntax documented in the
-// docs/configuration.md produces the documented JSON: each testdata/caddyfile_adapt file
-// holds a Caddyfile, a line of dashes and the expected JSON.
+// TestCaddyfileAdapt checks that the Caddyfile syntax documented in
+// docs/configuration.md produces the documented JSON: each
+// testdata/caddyfile_adapt file holds a Caddyfile, a line of dashes and the
+// expected JSON.
 func TestCaddyfileAdapt(t *testing.T) {
 	files, err := filepath.Glob("testdata/caddyfile_adapt/*.caddyfiletest")
 	if err != nil || len(files) == 0 {

@@ -14,12 +14,28 @@ import (
 
 // TestReadmeQuickStart does what the README tells a newcomer: build Caddy
 // with authmail from cmd/caddy, run it on examples/Caddyfile as is, send
-// every kind of mail with scripts/try-it.sh, and find the .eml files.
+// every kind of mail with scripts/try-it.sh, and find the .eml files. It
+// first checks that these are the commands of the README's quick start.
 func TestReadmeQuickStart(t *testing.T) {
+	repo, _ := filepath.Abs("..")
+	readme, err := os.ReadFile(filepath.Join(repo, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, quickStart, ok := strings.Cut(string(readme), "\n## Quick start: two commands\n")
+	if !ok {
+		t.Fatal("README.md has no quick start section")
+	}
+	quickStart, _, _ = strings.Cut(quickStart, "\n## ")
+	for _, cmd := range []string{"\ngo run ./cmd/caddy run --config examples/Caddyfile\n", "\n./scripts/test.sh\n",
+		"\n./scripts/try-it.sh\n", "\nls captured-mail/ "} {
+		if !strings.Contains(quickStart, cmd) {
+			t.Errorf("the README's quick start no longer has %q", strings.TrimSpace(cmd))
+		}
+	}
 	if testing.Short() {
 		t.Skip("builds and runs the Caddy binary")
 	}
-	repo, _ := filepath.Abs("..")
 	work := t.TempDir()
 	bin := filepath.Join(work, "caddy")
 	build := exec.Command("go", "build", "-o", bin, "./cmd/caddy")

@@ -4,7 +4,8 @@
 //
 // Each server is a child process on a free loopback port with its own
 // data directory, append-only file and fsync on every write (the
-// durability the README asks operators for), stopped when the test ends.
+// durability docs/cluster.md asks operators for), stopped when the test
+// ends.
 // A machine without redis-server skips the test loudly; with
 // AUTHMAIL_REQUIRE_REDIS=1 (CI sets it) the test fails instead, so CI
 // cannot pass with the Redis tests silently skipped.
