@@ -177,11 +177,7 @@ func TestDocsLinksResolve(t *testing.T) {
 // TestReadmeLinksEveryDocsPage: the README's Documentation section links
 // every page in docs/.
 func TestReadmeLinksEveryDocsPage(t *testing.T) {
-	_, section, ok := strings.Cut(docPage(t, "README.md"), "\n## Documentation\n")
-	if !ok {
-		t.Fatal("README.md has no Documentation section")
-	}
-	section, _, _ = strings.Cut(section, "\n## ")
+	section := docSection(t, "README.md", "\n## Documentation\n", "\n## ")
 	pages, _ := filepath.Glob(filepath.Join("docs", "*.md"))
 	if len(pages) == 0 {
 		t.Fatal("no pages in docs/")
@@ -466,15 +462,23 @@ func TestDocsCommands(t *testing.T) {
 // TestDocsPreviewQuery: every query parameter the preview page takes is
 // named in the GET /preview section of docs/api.md.
 func TestDocsPreviewQuery(t *testing.T) {
-	_, section, ok := strings.Cut(docPage(t, "docs/api.md"), "\n### `GET /preview`")
-	if !ok {
-		t.Fatal("docs/api.md has no GET /preview section")
-	}
-	section, _, _ = strings.Cut(section, "\n#")
+	section := docSection(t, "docs/api.md", "\n### `GET /preview`", "\n#")
 	words := codeTokens(section)
 	for _, p := range previewParams {
 		if !words[p] {
 			t.Errorf("docs/api.md's GET /preview section does not name the query parameter %q", p)
 		}
 	}
+}
+
+// docSection is the part of a page after the heading line start, up to
+// the next line that begins with end.
+func docSection(t *testing.T, name, start, end string) string {
+	t.Helper()
+	_, section, ok := strings.Cut(docPage(t, name), start)
+	if !ok {
+		t.Fatalf("%s has no section %q", name, strings.TrimSpace(start))
+	}
+	section, _, _ = strings.Cut(section, end)
+	return section
 }
