@@ -79,7 +79,7 @@ func rateOf(s *smtpSender) *adminRate {
 	snap := s.pacer.Snapshot(time.Now())
 	r := &adminRate{Configured: "off", ConfiguredPerSecond: snap.Configured, CurrentPerSecond: snap.Current,
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
-	if s.cfg.rate.n > 0 {
+	if s.cfg.rate.N > 0 {
 		r.Configured, r.Burst = s.cfg.rate.String(), snap.Burst
 	}
 	if !snap.PausedUntil.IsZero() {

@@ -27,6 +27,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
 func init() {
@@ -261,16 +263,16 @@ type Handler struct {
 	baseURL    string
 	baseOrigin string
 	prefix     string
-	authFail   rateSpec            // resolved auth_failures
-	rcptRates  map[string]rateSpec // resolved recipient_rate by flow
-	origins    []string            // allowed origins: base_url's and allow_origins
-	profile    string              // sender profile: From address and route (senderProfile)
-	reg        *registration       // this handler's hold on the engine's settings
-	engine     *engine             // the outbox for this handler's storage
-	engineKey  string              // acquired enginePool key, released in Cleanup
-	dcfg       *engineConfig       // resolved delivery settings
-	codes      *issuer             // resolved codes; nil when not configured
-	dkim       *dkimKey            // resolved dkim; nil when not configured
+	authFail   ratelimit.Spec            // resolved auth_failures
+	rcptRates  map[string]ratelimit.Spec // resolved recipient_rate by flow
+	origins    []string                  // allowed origins: base_url's and allow_origins
+	profile    string                    // sender profile: From address and route (senderProfile)
+	reg        *registration             // this handler's hold on the engine's settings
+	engine     *engine                   // the outbox for this handler's storage
+	engineKey  string                    // acquired enginePool key, released in Cleanup
+	dcfg       *engineConfig             // resolved delivery settings
+	codes      *issuer                   // resolved codes; nil when not configured
+	dkim       *dkimKey                  // resolved dkim; nil when not configured
 	// storageOverride replaces the storage in unit tests.
 	storageOverride certmagic.Storage
 }
@@ -439,7 +441,7 @@ type apiKey struct {
 	hash   [sha256.Size]byte
 	tenant string // tenantOf(hash): the owner of the key's records
 	allow  map[string]bool
-	rate   rateSpec
+	rate   ratelimit.Spec
 }
 
 // tenantOf names the owner of everything a key leaves behind: the
@@ -544,16 +546,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		for _, p := range allow {
 			ak.allow[p] = true
 		}
-		ak.rate, _ = parseRate(firstNonEmpty(k.Rate, defaultKeyRate))
+		ak.rate, _ = ratelimit.ParseSpec(firstNonEmpty(k.Rate, defaultKeyRate))
 		h.keys = append(h.keys, ak)
 	}
-	h.authFail, _ = parseRate(firstNonEmpty(h.AuthFailures, defaultAuthFailures))
-	h.rcptRates = map[string]rateSpec{}
-	def, _ := parseRate(firstNonEmpty(h.RecipientRate["default"], defaultRecipientRate))
+	h.authFail, _ = ratelimit.ParseSpec(firstNonEmpty(h.AuthFailures, defaultAuthFailures))
+	h.rcptRates = map[string]ratelimit.Spec{}
+	def, _ := ratelimit.ParseSpec(firstNonEmpty(h.RecipientRate["default"], defaultRecipientRate))
 	for _, flow := range recipientRateFlows {
 		h.rcptRates[flow] = def
 		if v, ok := h.RecipientRate[flow]; ok {
-			h.rcptRates[flow], _ = parseRate(v)
+			h.rcptRates[flow], _ = ratelimit.ParseSpec(v)
 		}
 	}
 	h.origins = nil
@@ -760,7 +762,7 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		burst:       s.Burst,
 	}
 	if s.Rate != "" {
-		r, err := parseRate(s.Rate)
+		r, err := ratelimit.ParseSpec(s.Rate)
 		if err != nil {
 			return out, fmt.Errorf("smtp: %v", err)
 		}
@@ -969,13 +971,13 @@ func (h *Handler) checkConfig() error {
 			}
 		}
 		if k.Rate != "" {
-			if _, err := parseRate(k.Rate); err != nil {
+			if _, err := ratelimit.ParseSpec(k.Rate); err != nil {
 				return fmt.Errorf("key '%s': %v", k.ID, err)
 			}
 		}
 	}
 	if h.AuthFailures != "" {
-		if _, err := parseRate(h.AuthFailures); err != nil {
+		if _, err := ratelimit.ParseSpec(h.AuthFailures); err != nil {
 			return fmt.Errorf("auth_failures: %v", err)
 		}
 	}
@@ -983,7 +985,7 @@ func (h *Handler) checkConfig() error {
 		if flow != "default" && !slices.Contains(recipientRateFlows, flow) {
 			return fmt.Errorf("recipient_rate: unknown flow '%s' (expected one of %s)", flow, strings.Join(recipientRateFlows, ", "))
 		}
-		if _, err := parseRate(v); err != nil {
+		if _, err := ratelimit.ParseSpec(v); err != nil {
 			return fmt.Errorf("recipient_rate: %v", err)
 		}
 	}
@@ -1092,7 +1094,7 @@ func (s *SMTP) check() error {
 		return fmt.Errorf("smtp: connections must be between 1 and 100, not %d", s.Connections)
 	}
 	if s.Rate != "" && s.Rate != "off" {
-		if _, err := parseRate(s.Rate); err != nil {
+		if _, err := ratelimit.ParseSpec(s.Rate); err != nil {
 			return fmt.Errorf("smtp: %v", err)
 		}
 	}

@@ -15,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+
+	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
 func init() {
@@ -290,7 +292,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					if err != nil {
 						return err
 					}
-					if _, err := parseRate(v); err != nil {
+					if _, err := ratelimit.ParseSpec(v); err != nil {
 						return d.Errf("key %s: %v", id, err)
 					}
 					k.Rate = v
@@ -420,7 +422,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if _, err := parseRate(v); err != nil {
+			if _, err := ratelimit.ParseSpec(v); err != nil {
 				return d.Errf("auth_failures: %v", err)
 			}
 			h.AuthFailures = v
@@ -439,7 +441,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			v := args[len(args)-1]
-			if _, err := parseRate(v); err != nil {
+			if _, err := ratelimit.ParseSpec(v); err != nil {
 				return d.Errf("recipient_rate: %v", err)
 			}
 			if _, dup := h.RecipientRate[flow]; dup {
@@ -713,7 +715,7 @@ func unmarshalSMTPRate(d *caddyfile.Dispenser, s *SMTP) error {
 	if args[0] == "off" {
 		return d.Errf("smtp rate: off is the default; leave rate out")
 	}
-	if _, err := parseRate(args[0]); err != nil {
+	if _, err := ratelimit.ParseSpec(args[0]); err != nil {
 		return d.Errf("smtp %v", err)
 	}
 	s.Rate = args[0]

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"container/heap"
 	"context"
-	crand "crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -19,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
 // enginePool holds one outbox engine per storage. Handlers in every
@@ -101,9 +102,8 @@ type engine struct {
 	bodyBytes atomic.Int64 // bytes of bodies cached in entries
 	dots      dotMarks     // attempts whose final dot may be in flight
 
-	limits          *limiter
-	saltTemporary   atomic.Bool // the salt is this process's own until storage answers
-	publishedLimits bool        // whether this instance has published limiter state
+	limits        *ratelimit.Limiter
+	saltTemporary atomic.Bool // the salt is this process's own until storage answers
 
 	tun tunables
 }
@@ -202,7 +202,7 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 	}
 	e.segCache.max = 8
 	e.dots.marks = map[string]int{}
-	e.limits = newLimiter()
+	e.limits = ratelimit.New()
 	e.tun = currentTunables()
 	e.logger.Store(zap.NewNop())
 	return e
@@ -336,10 +336,7 @@ func (e *engine) start() {
 		if err := e.loadSalt(ctx); err != nil {
 			e.log().Error("reading the hashing salt failed; rate limits and recipient hashes are per process until it can be read", zap.Error(err))
 			e.saltTemporary.Store(true)
-			e.limits.mu.Lock()
-			e.limits.salt = make([]byte, 32)
-			_, _ = crand.Read(e.limits.salt)
-			e.limits.mu.Unlock()
+			e.limits.SetSalt(ratelimit.NewRandomSalt())
 		}
 		e.claimIdentity(ctx)
 		if err := e.startDots(ctx); err != nil {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
 // Tunables that are not part of the public config. Tests shorten them.
@@ -504,7 +506,7 @@ func (e *engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 		if err := e.st.s.Delete(ctx, keyOwn+id); err != nil && !isNotExist(err) {
 			continue
 		}
-		if err := e.st.s.Delete(ctx, keyRL+id); err != nil && !isNotExist(err) {
+		if err := ratelimit.Forget(ctx, e.st.s, keyRoot, id); err != nil {
 			continue
 		}
 		// its dot marks speak for batches it no longer owns

@@ -33,10 +33,14 @@ import (
 //	authmail/tokens/<tenant>/<hash>  an issued link token, under its keyed hash:
 //	                                 flow, recipient (and old address), expiry;
 //	                                 deleted like codes
+//	authmail/rl/<instance>           an instance's rate-limit events, and
+//	authmail/salt                    the cluster's hashing salt: package
+//	                                 internal/ratelimit owns both
 //
 // A message id is its batch id followed by two characters of index, so
 // every instance finds a message's state from its id alone.
 const (
+	keyRoot = "authmail" // the prefix of internal/ratelimit's keys
 	keySeg  = "authmail/seg/"
 	keySt   = "authmail/st/"
 	keyOwn  = "authmail/own/"

@@ -62,8 +62,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	// A client that failed to authenticate too often is refused outright,
 	// even with a valid key, for the rest of the window.
-	ipKey := "a:" + lim.hash(authFailureSubject(clientIP(r)))
-	if blocked, wait := lim.blocked(ipKey, h.authFail, now); blocked {
+	ipKey := "a:" + lim.Hash(authFailureSubject(clientIP(r)))
+	if blocked, wait := lim.Blocked(ipKey, h.authFail, now); blocked {
 		return h.rateLimited(w, rc, "rate_limited", "too many failed authentication attempts from this client; retry later", wait)
 	}
 
@@ -71,7 +71,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// is not read, for an unauthenticated request.
 	key := h.authenticate(previewAuth(ep, r))
 	if key == nil {
-		lim.record(ipKey, h.authFail, now)
+		lim.Record(ipKey, h.authFail, now)
 		w.Header().Set("WWW-Authenticate", wwwAuthenticate(ep))
 		return h.reject(w, rc, &apiError{Status: http.StatusUnauthorized, Code: "unauthorized",
 			Message: "a valid API key is required: Authorization: Bearer <key>"})
@@ -84,7 +84,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	// by tenant, not key id: another site's key of the same name must not
 	// spend this key's allowance
-	if ok, wait := lim.take("k:"+key.tenant, key.rate, now); !ok {
+	if ok, wait := lim.Take("k:"+key.tenant, key.rate, now); !ok {
 		return h.rateLimited(w, rc, "rate_limited", "this API key sent too many requests; retry later", wait)
 	}
 	switch ep.kind {
@@ -156,11 +156,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if spec, limited := h.rcptRates[ep.flow]; limited {
 			keys := make([]string, 0, len(msgs))
 			for _, m := range msgs {
-				if k := "r:" + ep.flow + ":" + lim.hash(strings.ToLower(m.to[0].Addr)); !slices.Contains(keys, k) {
+				if k := "r:" + ep.flow + ":" + lim.Hash(strings.ToLower(m.to[0].Addr)); !slices.Contains(keys, k) {
 					keys = append(keys, k)
 				}
 			}
-			if i, wait := lim.takeAll(keys, spec, time.Now()); i >= 0 {
+			if i, wait := lim.TakeAll(keys, spec, time.Now()); i >= 0 {
 				who := "this recipient"
 				if i > 0 {
 					who = "the old address (old_email)"
@@ -470,7 +470,7 @@ func (h *Handler) logRcpts(addrs []string) []string {
 			continue
 		}
 		_, dom, _ := cutLast(a, "@")
-		out[i] = h.engine.limits.hash(strings.ToLower(a)) + "@" + strings.ToLower(dom)
+		out[i] = h.engine.limits.Hash(strings.ToLower(a)) + "@" + strings.ToLower(dom)
 	}
 	return out
 }

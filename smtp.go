@@ -19,6 +19,7 @@ import (
 	"github.com/wneessen/go-mail/smtp"
 
 	"github.com/caddy-authmail/authmail/internal/pace"
+	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
 // TLS modes for the SMTP connection.
@@ -60,7 +61,7 @@ type smtpSettings struct {
 	noPipelining bool
 	// rate is the send-rate cap (zero: none) and burst its burst (zero:
 	// the pacer's default)
-	rate  rateSpec
+	rate  ratelimit.Spec
 	burst int
 }
 
@@ -71,7 +72,7 @@ func (s *smtpSettings) poolKey() string {
 	for _, v := range append([]string{
 		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
 		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections), strconv.FormatBool(s.noPipelining),
-		strconv.Itoa(s.rate.n), s.rate.window.String(), strconv.Itoa(s.burst),
+		strconv.Itoa(s.rate.N), s.rate.Window.String(), strconv.Itoa(s.burst),
 	}, s.oauth.key()...) {
 		// length-prefix each field so that no two configs collide
 		fmt.Fprintf(h, "%d:%s|", len(v), v)
@@ -122,7 +123,7 @@ func newSMTPSender(cfg smtpSettings) *smtpSender {
 		s.tokens = newTokenSource(cfg.oauth, cfg.timeout)
 	}
 	// the settings were validated: New cannot fail on them
-	s.pacer, _ = pace.New(pace.Config{Limit: cfg.rate.n, Window: cfg.rate.window, Burst: cfg.burst})
+	s.pacer, _ = pace.New(pace.Config{Limit: cfg.rate.N, Window: cfg.rate.Window, Burst: cfg.burst})
 	go s.janitor()
 	return s
 }

@@ -563,7 +563,7 @@ func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 	fs.set(func(f *faultyStorage) { f.load = "authmail/salt" })
 	b := in.handler(func(h *Handler) { h.storageOverride = fs })
 	b.engine.start()
-	if a.engine.limits.hash("x") == b.engine.limits.hash("x") || !b.engine.saltTemporary.Load() {
+	if a.engine.limits.Hash("x") == b.engine.limits.Hash("x") || !b.engine.saltTemporary.Load() {
 		t.Fatal("with the salt unreadable, the instance should hash with a salt of its own")
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
@@ -574,7 +574,7 @@ func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if a.engine.limits.hash("x") != b.engine.limits.hash("x") {
+	if a.engine.limits.Hash("x") != b.engine.limits.Hash("x") {
 		t.Error("the salt was read but the instances still hash differently")
 	}
 }

@@ -161,8 +161,8 @@ func (h *Handler) serveVerify(w http.ResponseWriter, r *http.Request, rc *reques
 	lim := h.engine.limits
 	// "a:" puts these with the failed authentications, whose published
 	// share is bounded: the ip comes from the end user
-	vKey := "a:v:" + lim.hash(authFailureSubject(ip))
-	if blocked, wait := lim.blocked(vKey, h.authFail, time.Now()); blocked {
+	vKey := "a:v:" + lim.Hash(authFailureSubject(ip))
+	if blocked, wait := lim.Blocked(vKey, h.authFail, time.Now()); blocked {
 		return h.rateLimited(w, rc, "rate_limited", "too many failed verifications from this client; retry later", wait)
 	}
 	var out verifyOutcome
@@ -172,7 +172,7 @@ func (h *Handler) serveVerify(w http.ResponseWriter, r *http.Request, rc *reques
 		out = h.verifyToken(r.Context(), key.tenant, tokReq)
 	}
 	if out.failure {
-		lim.record(vKey, h.authFail, time.Now())
+		lim.Record(vKey, h.authFail, time.Now())
 	}
 	if out.code != "" {
 		rc.setStatus("rejected", out.code)
