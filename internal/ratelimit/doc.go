@@ -43,9 +43,10 @@
 // this instance's last published events; one that cannot list or read
 // keeps the peers' events of the last round that could (they leave
 // their windows as time passes). Either way every instance keeps
-// enforcing its own events in full, so a limit is never looser than
-// once per instance, and the limits are shared again at the first round
-// that succeeds. Sync returns the error; it never blocks the limiter.
+// enforcing its own events in full: at worst a limit holds per instance
+// instead of for the cluster (N events on each), never looser, and it
+// is shared again from the first round that succeeds. Sync returns the
+// error; Take and the others never wait on the storage.
 // A LoadSalt that fails leaves the caller to hash with NewRandomSalt:
 // its limits then match no peer's (and its hashes no one else's) until
 // a later LoadSalt succeeds; the events hashed meanwhile leave with
