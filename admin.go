@@ -2,6 +2,7 @@ package authmail
 
 import (
 	"context"
+	"fmt"
 	"html"
 	"net/http"
 	"slices"
@@ -108,6 +109,9 @@ type adminQueue struct {
 	// rest of Depth is parked in storage until its next attempt nears.
 	InMemory      int `json:"in_memory"`
 	ParkedBatches int `json:"parked_batches"`
+	// QueuedByPriority counts the messages in memory waiting for an
+	// attempt, by lane: auth (codes, links, alerts), send and bulk.
+	QueuedByPriority map[string]int `json:"queued_by_priority"`
 }
 
 // maskUser shows enough of a user name to recognise it: "you@gmail.com"
@@ -181,12 +185,13 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	cfg := h.dcfg
 	inMemory, parked := h.engine.residency()
 	st.Queue = adminQueue{Instance: h.engine.instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
-		InMemory: inMemory, ParkedBatches: parked}
+		InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.laneStats()}
 	st.Settings = map[string]any{
 		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),
 		"retry_backoff": cfg.retryBackoff.String(), "max_backoff": cfg.maxBackoff.String(), "max_age": cfg.maxAge.String(),
 		"retention": cfg.retention.String(), "idempotency_ttl": cfg.idemTTL.String(), "lease": cfg.lease.String(),
 		"drain_timeout": cfg.drain.String(), "retry_uncertain": cfg.retryUncertain,
+		"bulk_share": fmt.Sprintf("%g%%", bulkSharePercent(cfg.bulkShare)),
 	}
 	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}

@@ -39,6 +39,7 @@ type engineConfig struct {
 	lease          time.Duration
 	drain          time.Duration
 	maxQueued      int
+	bulkShare      float64 // delivery bulk_share as a fraction; 0: the default
 	retryUncertain bool
 	webhookSecret  string
 	webhookAllow   []string
@@ -70,7 +71,7 @@ type engine struct {
 	mu          sync.Mutex
 	entries     map[string]*entry
 	batches     map[string]*batch
-	ready       entryHeap // queued messages by next attempt time
+	ready       readyQueue // queued messages by lane and next attempt time
 	hooks       hookHeap  // pending webhooks by next attempt time
 	hookSlots   hookSlots // webhooks being posted, by host
 	parked      map[string]*parkedBatch
@@ -134,7 +135,8 @@ type entry struct {
 	from    string   // envelope, kept with a cached body
 	to      []string // envelope
 	data    []byte   // cached body; nil means load from storage
-	heapIdx int      // index in engine.ready, -1 when not queued
+	heapIdx int      // index in its lane of engine.ready, -1 when not queued
+	lane    lane     // the lane it is queued in (outbox_lanes.go)
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
 	// attempting is set once a worker started the claimed message's
@@ -440,6 +442,12 @@ func (e *engine) notify() {
 
 // --- accepting ---------------------------------------------------------
 
+// pastExpiry reports whether a message that carries a code or a link is
+// past its expiry.
+func (en *entry) pastExpiry(now time.Time) bool {
+	return !en.st.ExpiresAt.IsZero() && !now.Before(en.st.ExpiresAt)
+}
+
 // newMessage is a rendered message to accept.
 type newMessage struct {
 	keyID, flow, profile, messageID string
@@ -447,6 +455,10 @@ type newMessage struct {
 	webhook                         webhookState
 	rcpts                           []string // recipients as logged
 	tenant                          string   // the key's tenantOf
+	// expiry, for a message that carries a code or a link, is how long
+	// it may wait to be sent (expires_in_minutes); 0 for no limit
+	expiry   time.Duration
+	priority string // "bulk" for the bulk lane
 }
 
 type acceptReq struct {
@@ -582,6 +594,10 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 				ID: id, KeyID: m.keyID, Tenant: m.tenant, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
 				Recipients: len(m.env.To), Rcpts: m.rcpts,
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
+				Priority: m.priority,
+			}
+			if m.expiry > 0 {
+				st.ExpiresAt = now.Add(m.expiry)
 			}
 			seg.States = append(seg.States, st)
 			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, urgent: r.waiting}
@@ -634,7 +650,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	e.batches[bid] = b
 	for _, en := range b.entries {
 		e.entries[en.st.ID] = en
-		heap.Push(&e.ready, en)
+		e.ready.push(en)
 	}
 	b.open = len(b.entries)
 	e.nonFinal += len(b.entries)
@@ -690,7 +706,7 @@ func (e *engine) worker() {
 			return
 		}
 		for i, en := range group {
-			if !e.beginAttempt(en) {
+			if !e.beginAttempt(en, i == 0) {
 				e.releaseClaims(group[i:])
 				break
 			}
@@ -752,12 +768,17 @@ func (e *engine) holdClaims(group []*entry) error {
 }
 
 // beginAttempt marks a claimed message's attempt as started, unless the
-// engine stops (or lost its work to another instance) or a stop already
-// gave the claim back.
-func (e *engine) beginAttempt(en *entry) bool {
+// engine stops (or lost its work to another instance), a stop already
+// gave the claim back, or a message of a higher lane is due: a worker
+// that claimed bulk mail ahead gives it back for a code that arrived
+// meanwhile, so the code waits for at most the attempt in progress.
+func (e *engine) beginAttempt(en *entry, first bool) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closing || e.adopted || !en.claimed {
+		return false
+	}
+	if !first && e.ready.waitingAbove(en.lane, time.Now()) {
 		return false
 	}
 	en.attempting = true
@@ -808,7 +829,8 @@ func (e *engine) releaseAllLocked() int {
 
 // nextReady blocks until messages are due and returns up to k of them,
 // marked claimed, or nil when the engine stops. k grows with the
-// backlog per worker.
+// backlog per worker. The messages are taken by lane (outbox_lanes.go);
+// a message past its expiry is not claimed but made expired.
 func (e *engine) nextReady() []*entry {
 	for {
 		e.mu.Lock()
@@ -817,15 +839,27 @@ func (e *engine) nextReady() []*entry {
 			return nil
 		}
 		var wait time.Duration = -1
-		if e.ready.Len() > 0 {
-			if d := time.Until(e.ready[0].st.NextAt); d > 0 {
+		if at, ok := e.ready.earliest(); ok {
+			now := time.Now()
+			if d := at.Sub(now); d > 0 {
 				wait = d
 			} else {
+				e.ready.share = e.config().bulkShare
 				k := min(maxClaimAhead, max(1, e.ready.Len()/max(1, e.workers)))
 				group := make([]*entry, 0, k)
-				now := time.Now()
-				for len(group) < k && e.ready.Len() > 0 && !e.ready[0].st.NextAt.After(now) {
-					en := heap.Pop(&e.ready).(*entry)
+				var expired []*entry
+				for len(group) < k {
+					en := e.ready.popDue(now)
+					if en == nil {
+						break
+					}
+					if en.pastExpiry(now) {
+						// held like a claim, so that nothing else takes it
+						// until its final state is recorded
+						en.claimed, en.attempting = true, true
+						expired = append(expired, en)
+						continue
+					}
 					// claimed and sending change together, under the lock,
 					// so that a claim given back (releaseLocked) always
 					// undoes exactly one counted attempt
@@ -837,6 +871,12 @@ func (e *engine) nextReady() []*entry {
 				}
 				e.attempts.Add(len(group))
 				e.mu.Unlock()
+				for _, en := range expired {
+					e.recordOutcome(en, delivery{}, errExpired(), 0)
+				}
+				if len(group) == 0 {
+					continue
+				}
 				return group
 			}
 		}
@@ -881,11 +921,19 @@ func (e *engine) deliver(en *entry) {
 		e.unclaim(en, time.Now().Add(e.leaseDuration()))
 		return
 	}
-	env, err := e.envelopeOf(en)
 	e.mu.Lock()
+	if en.pastExpiry(time.Now()) {
+		// expired while it waited for a worker: not an attempt
+		en.st.Attempts--
+		e.mu.Unlock()
+		e.recordOutcome(en, delivery{}, errExpired(), 0)
+		return
+	}
 	attempt := en.st.Attempts
 	e.mu.Unlock()
+	env, err := e.envelopeOf(en)
 	if env != nil {
+		env.Urgent = en.lane == laneAuth
 		env.BeforeDot = func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
@@ -926,7 +974,7 @@ func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 	en.st.Attempts--
 	en.claimed, en.attempting = false, false
 	en.st.NextAt = retry
-	heap.Push(&e.ready, en)
+	e.ready.push(en)
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
@@ -987,6 +1035,8 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		if d.Status == "captured" {
 			en.st.SMTPResponse = "captured"
 		}
+	case derr.Code == codeExpired:
+		en.st.Status, final = stExpired, true
 	case derr.uncertain() && !cfg.retryUncertain:
 		en.st.Status, final = stUnknown, true
 	case derr.permanent():
@@ -1000,6 +1050,11 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 			if derr.retryAt.After(now) {
 				next = derr.retryAt
 			}
+		}
+		if !en.st.ExpiresAt.IsZero() && next.After(en.st.ExpiresAt) {
+			// a code or link that would arrive after its expiry is not
+			// sent: the message is made expired when the time comes
+			next = en.st.ExpiresAt
 		}
 		if next.Sub(en.st.Created) > cfg.maxAge {
 			en.st.Status, final = stFailed, true
@@ -1021,7 +1076,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 			en.st.Webhook.NextAt = now
 		}
 	} else {
-		heap.Push(&e.ready, en)
+		e.ready.push(en)
 	}
 	st := en.st
 	e.markDirtyLocked(en.b, func(err error) {

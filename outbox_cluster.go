@@ -112,7 +112,7 @@ func (e *engine) busyLocked(b *batch) bool {
 func (e *engine) forgetLocked(b *batch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
-			heap.Remove(&e.ready, en.heapIdx)
+			e.ready.remove(en)
 		}
 		if en.hookIdx >= 0 {
 			heap.Remove(&e.hooks, en.hookIdx)
@@ -376,7 +376,7 @@ func (e *engine) registerLocked(b *batch, changed bool) int {
 		e.entries[en.st.ID] = en
 		switch {
 		case en.st.Status == stQueued:
-			heap.Push(&e.ready, en)
+			e.ready.push(en)
 			e.nonFinal++
 			b.open++
 			queued++

@@ -97,7 +97,7 @@ func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
-			heap.Remove(&e.ready, en.heapIdx)
+			e.ready.remove(en)
 		}
 		if en.hookIdx >= 0 {
 			heap.Remove(&e.hooks, en.hookIdx)

@@ -271,7 +271,7 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.timeout {
 		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: next}
 	}
-	if err := s.pacer.Wait(ctx); err != nil {
+	if err := s.pacer.WaitPriority(ctx, env.Urgent); err != nil {
 		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: s.pacer.Next(time.Now())}
 	}
 	sentAt := time.Now()
