@@ -72,8 +72,8 @@ type engine struct {
 	entries     map[string]*entry
 	batches     map[string]*batch
 	ready       readyQueue // queued messages by lane and next attempt time
-	hooks       hookHeap  // pending webhooks by next attempt time
-	hookSlots   hookSlots // webhooks being posted, by host
+	hooks       hookHeap   // pending webhooks by next attempt time
+	hookSlots   hookSlots  // webhooks being posted, by host
 	parked      map[string]*parkedBatch
 	parkHeap    parkHeap        // parked batches by wake time
 	nonFinal    int             // messages not in a final state
