@@ -68,6 +68,9 @@ type adminRate struct {
 	ConfiguredPerSecond float64 `json:"configured_per_second"`
 	CurrentPerSecond    float64 `json:"current_per_second"`
 	Burst               int     `json:"burst,omitempty"`
+	// Share is this instance's fraction of a configured rate: 1 alone,
+	// about 1/n of n busy instances sharing the storage.
+	Share *float64 `json:"share,omitempty"`
 	// Throttles counts the replies that meant "slow down" since the
 	// sender started; Decreases how often they lowered the rate.
 	Throttles uint64 `json:"throttles"`
@@ -82,6 +85,7 @@ func rateOf(s *smtpSender) *adminRate {
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
 	if s.cfg.rate.n > 0 {
 		r.Configured, r.Burst = s.cfg.rate.String(), snap.Burst
+		r.Share = &snap.Share
 	}
 	if !snap.PausedUntil.IsZero() {
 		r.PausedUntil = snap.PausedUntil.UTC().Format(time.RFC3339)

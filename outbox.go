@@ -86,6 +86,7 @@ type engine struct {
 	workers     int // running delivery workers
 	wantWorkers int
 	adopted     bool            // another instance took over our work
+	identified  bool            // iid is final (claimIdentity ran)
 	suspects    map[string]bool // instances that looked stale in the last scan
 
 	wakeCh   chan struct{} // closed and replaced to wake every waiter
@@ -232,7 +233,27 @@ func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string
 	r := &registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
 	e.regs = append(e.regs, r)
 	e.applyRegsLocked()
+	if e.started.Load() && e.identified {
+		e.shareRatesLocked()
+	}
 	return r
+}
+
+// shareRatesLocked lets the cluster share the configured rates of the
+// registered transports' SMTP servers, under the instance id the engine
+// runs as. The demand that weighs this instance's share is its queued
+// messages.
+func (e *engine) shareRatesLocked() {
+	demand := func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.ready.Len()
+	}
+	for _, r := range e.regs {
+		if rs, ok := r.t.(rateSharer); ok {
+			rs.shareRate(e.st.s, e.iid, demand, e.log())
+		}
+	}
 }
 
 // release drops a handler's registration. If it was the most recent one
@@ -344,6 +365,10 @@ func (e *engine) start() {
 			e.limits.mu.Unlock()
 		}
 		e.claimIdentity(ctx)
+		e.mu.Lock()
+		e.identified = true
+		e.shareRatesLocked()
+		e.mu.Unlock()
 		if err := e.startDots(ctx); err != nil {
 			e.log().Error("writing the outbox's dot record failed; a crash before the first delivery records its claimed messages as unknown", zap.Error(err))
 		}
@@ -1046,6 +1071,11 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		if derr.Code == codeSMTPThrottled {
 			// the server's pacer says when it takes the next message;
 			// retry_backoff would leave a code waiting for minutes
+			if derr.Reply == nil {
+				// it waited for the rate and talked to no server: not an
+				// attempt
+				en.st.Attempts--
+			}
 			next = now
 			if derr.retryAt.After(now) {
 				next = derr.retryAt

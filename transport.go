@@ -12,6 +12,9 @@ import (
 	"strings"
 	"time"
 	"unicode"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
 )
 
 // envelope is one fully rendered message, ready to hand to a transport.
@@ -42,6 +45,12 @@ type envelope struct {
 // concurrent use. A non-nil error is always a *deliveryError.
 type transport interface {
 	send(ctx context.Context, env *envelope) (delivery, error)
+}
+
+// rateSharer is a transport whose SMTP servers may have a configured
+// rate, which the instances of a cluster share through the storage.
+type rateSharer interface {
+	shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger)
 }
 
 // delivery describes an accepted message.
