@@ -237,3 +237,46 @@ func waitStateWithin(t testing.TB, h *Handler, id string, d time.Duration, cond 
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// "priority" takes "normal" or "bulk"; anything else is refused with
+// the field named and nothing queued. bulk_share outside 1–50% refuses
+// the config.
+func TestPriorityAndBulkShareAreChecked(t *testing.T) {
+	h := newInstance(t, "").handler()
+	for _, p := range []string{`"urgent"`, `"BULK"`, `1`, `""`} {
+		body := `{"to":"jane@example.org","subject":"Hi","text_body":"x","priority":` + p + `}`
+		rec, out := call(t, h, "POST", "/authmail/send", body)
+		if p == `""` {
+			if rec.Code != 200 {
+				t.Fatalf("priority %s: %d %s", p, rec.Code, rec.Body)
+			}
+			continue
+		}
+		if rec.Code != 422 && rec.Code != 400 || out["field"] != "priority" {
+			t.Fatalf("priority %s: %d %s", p, rec.Code, rec.Body)
+		}
+	}
+	for _, p := range []string{"normal", "bulk"} {
+		rec, out := call(t, h, "POST", "/authmail/send", `{"to":"jane@example.org","subject":"Hi","text_body":"x","priority":"`+p+`"}`)
+		if rec.Code != 200 {
+			t.Fatalf("priority %s: %d %s", p, rec.Code, rec.Body)
+		}
+		st := waitState(t, h, out["id"].(string), status(stSent))
+		if want := map[string]string{"normal": "", "bulk": "bulk"}[p]; st.Priority != want {
+			t.Fatalf("priority %s stored as %q", p, st.Priority)
+		}
+	}
+	for _, share := range []int{-1, 51} {
+		hh := &Handler{Capture: t.TempDir(), From: "no-reply@example.com", Keys: []Key{{ID: "app", Secret: unitKey}},
+			Delivery: &Delivery{BulkShare: share}}
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		err := hh.Provision(ctx)
+		if err == nil {
+			err = hh.Validate()
+		}
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "bulk_share must be between 1 and 50") {
+			t.Fatalf("bulk_share %d: %v", share, err)
+		}
+	}
+}
