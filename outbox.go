@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"container/heap"
 	"context"
 	crand "crypto/rand"
 	"crypto/sha256"
@@ -16,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/heapq"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
@@ -71,14 +71,14 @@ type engine struct {
 	mu          sync.Mutex
 	entries     map[string]*entry
 	batches     map[string]*batch
-	ready       readyQueue // queued messages by lane and next attempt time
-	hooks       hookHeap   // pending webhooks by next attempt time
-	hookSlots   hookSlots  // webhooks being posted, by host
+	ready       readyQueue                        // queued messages by lane and next attempt time
+	hooks       heapq.Heap[*entry, byHookAttempt] // pending webhooks by next attempt time
+	hookSlots   hookSlots                         // webhooks being posted, by host
 	parked      map[string]*parkedBatch
-	parkHeap    parkHeap        // parked batches by wake time
-	nonFinal    int             // messages not in a final state
-	reserved    int             // messages being written
-	regs        []*registration // provisioned handlers, oldest first
+	parkHeap    heapq.Heap[*parkedBatch, byWake] // parked batches by wake time
+	nonFinal    int                              // messages not in a final state
+	reserved    int                              // messages being written
+	regs        []*registration                  // provisioned handlers, oldest first
 	dirty       map[*batch][]func(error)
 	urgent      map[*batch]struct{} // dirty batches with a waiter
 	dirtySince  time.Time           // when the oldest unwritten change was made
@@ -1125,7 +1125,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		}
 		if final {
 			if en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
-				heap.Push(&e.hooks, en)
+				e.hooks.Push(en)
 			} else {
 				e.closeEntryLocked(en)
 			}
@@ -1491,34 +1491,26 @@ func (e *engine) queueStats() (int, time.Duration) {
 	return e.nonFinal, time.Since(oldest)
 }
 
-// --- the ready heap --------------------------------------------------------
+// --- heap orders ------------------------------------------------------------
 
-type entryHeap []*entry
+// byNextAttempt orders queued messages by their next attempt, then id.
+type byNextAttempt struct{}
 
-func (h entryHeap) Len() int { return len(h) }
-func (h entryHeap) Less(i, j int) bool {
-	if !h[i].st.NextAt.Equal(h[j].st.NextAt) {
-		return h[i].st.NextAt.Before(h[j].st.NextAt)
+func (byNextAttempt) Less(a, b *entry) bool {
+	if !a.st.NextAt.Equal(b.st.NextAt) {
+		return a.st.NextAt.Before(b.st.NextAt)
 	}
-	return h[i].st.ID < h[j].st.ID
+	return a.st.ID < b.st.ID
 }
-func (h entryHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx, h[j].heapIdx = i, j
+func (byNextAttempt) Index(en *entry) *int { return &en.heapIdx }
+
+// byHookAttempt orders pending webhooks by their next attempt.
+type byHookAttempt struct{}
+
+func (byHookAttempt) Less(a, b *entry) bool {
+	return a.st.Webhook.NextAt.Before(b.st.Webhook.NextAt)
 }
-func (h *entryHeap) Push(x any) {
-	en := x.(*entry)
-	en.heapIdx = len(*h)
-	*h = append(*h, en)
-}
-func (h *entryHeap) Pop() any {
-	old := *h
-	en := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	en.heapIdx = -1
-	return en
-}
+func (byHookAttempt) Index(en *entry) *int { return &en.hookIdx }
 
 // --- segment cache -----------------------------------------------------------
 

@@ -1,7 +1,6 @@
 package authmail
 
 import (
-	"container/heap"
 	"context"
 	"path"
 	"strings"
@@ -115,7 +114,7 @@ func (e *engine) forgetLocked(b *batch) {
 			e.ready.remove(en)
 		}
 		if en.hookIdx >= 0 {
-			heap.Remove(&e.hooks, en.hookIdx)
+			e.hooks.Remove(en)
 		}
 		if !finalState(en.st.Status) {
 			e.nonFinal--
@@ -381,7 +380,7 @@ func (e *engine) registerLocked(b *batch, changed bool) int {
 			b.open++
 			queued++
 		case en.st.Webhook.Status == hookPending:
-			heap.Push(&e.hooks, en)
+			e.hooks.Push(en)
 			b.open++
 		}
 	}

@@ -1,9 +1,10 @@
 package authmail
 
 import (
-	"container/heap"
 	"math"
 	"time"
+
+	"github.com/caddy-authmail/authmail/internal/heapq"
 )
 
 // Priority lanes. Every queued message is in one of three lanes:
@@ -54,7 +55,7 @@ func laneOf(st *msgState) lane {
 // readyQueue holds the queued messages of an engine, one heap per lane
 // ordered by next attempt time.
 type readyQueue struct {
-	lanes  [numLanes]entryHeap
+	lanes  [numLanes]heapq.Heap[*entry, byNextAttempt]
 	credit [numLanes]float64 // what each lower lane earned of a claim
 	share  float64           // bulk_share as a fraction; 0 means the default
 }
@@ -75,21 +76,17 @@ func (q *readyQueue) laneLen(l lane) int { return q.lanes[l].Len() }
 
 func (q *readyQueue) push(en *entry) {
 	en.lane = laneOf(&en.st)
-	heap.Push(&q.lanes[en.lane], en)
+	q.lanes[en.lane].Push(en)
 }
 
 // remove takes a queued message out.
 func (q *readyQueue) remove(en *entry) {
-	if en.heapIdx >= 0 {
-		heap.Remove(&q.lanes[en.lane], en.heapIdx)
-	}
+	q.lanes[en.lane].Remove(en)
 }
 
 // fix restores the order after en's NextAt changed.
 func (q *readyQueue) fix(en *entry) {
-	if en.heapIdx >= 0 {
-		heap.Fix(&q.lanes[en.lane], en.heapIdx)
-	}
+	q.lanes[en.lane].Fix(en)
 }
 
 // earliest is the soonest next attempt of any queued message.
@@ -97,16 +94,16 @@ func (q *readyQueue) earliest() (time.Time, bool) {
 	var at time.Time
 	ok := false
 	for i := range q.lanes {
-		if h := q.lanes[i]; h.Len() > 0 && (!ok || h[0].st.NextAt.Before(at)) {
-			at, ok = h[0].st.NextAt, true
+		if h := &q.lanes[i]; h.Len() > 0 && (!ok || h.Peek().st.NextAt.Before(at)) {
+			at, ok = h.Peek().st.NextAt, true
 		}
 	}
 	return at, ok
 }
 
 func (q *readyQueue) due(l lane, now time.Time) bool {
-	h := q.lanes[l]
-	return h.Len() > 0 && !h[0].st.NextAt.After(now)
+	h := &q.lanes[l]
+	return h.Len() > 0 && !h.Peek().st.NextAt.After(now)
 }
 
 // popDue takes the next due message by lane and share, or nil when none
@@ -148,7 +145,7 @@ func (q *readyQueue) popDue(now time.Time) *entry {
 			}
 		}
 	}
-	return heap.Pop(&q.lanes[pick]).(*entry)
+	return q.lanes[pick].Pop()
 }
 
 // waitingAbove reports whether a message of a lane above l is due: a
@@ -165,7 +162,7 @@ func (q *readyQueue) waitingAbove(l lane, now time.Time) bool {
 // each calls f for every queued message (tests and stats).
 func (q *readyQueue) each(f func(*entry)) {
 	for i := range q.lanes {
-		for _, en := range q.lanes[i] {
+		for _, en := range q.lanes[i].Items() {
 			f(en)
 		}
 	}
@@ -175,7 +172,7 @@ func (q *readyQueue) each(f func(*entry)) {
 // changed in place (tests).
 func (q *readyQueue) reinit() {
 	for i := range q.lanes {
-		heap.Init(&q.lanes[i])
+		q.lanes[i].Init()
 	}
 }
 
