@@ -2,6 +2,7 @@ package authmail
 
 import (
 	"context"
+	"fmt"
 	"html"
 	"net/http"
 	"slices"
@@ -67,6 +68,9 @@ type adminRate struct {
 	ConfiguredPerSecond float64 `json:"configured_per_second"`
 	CurrentPerSecond    float64 `json:"current_per_second"`
 	Burst               int     `json:"burst,omitempty"`
+	// Share is this instance's fraction of a configured rate: 1 alone,
+	// about 1/n of n busy instances sharing the storage.
+	Share *float64 `json:"share,omitempty"`
 	// Throttles counts the replies that meant "slow down" since the
 	// sender started; Decreases how often they lowered the rate.
 	Throttles uint64 `json:"throttles"`
@@ -81,6 +85,7 @@ func rateOf(s *smtpSender) *adminRate {
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
 	if s.cfg.rate.N > 0 {
 		r.Configured, r.Burst = s.cfg.rate.String(), snap.Burst
+		r.Share = &snap.Share
 	}
 	if !snap.PausedUntil.IsZero() {
 		r.PausedUntil = snap.PausedUntil.UTC().Format(time.RFC3339)
@@ -108,6 +113,9 @@ type adminQueue struct {
 	// rest of Depth is parked in storage until its next attempt nears.
 	InMemory      int `json:"in_memory"`
 	ParkedBatches int `json:"parked_batches"`
+	// QueuedByPriority counts the messages in memory waiting for an
+	// attempt, by lane: auth (codes, links, alerts), send and bulk.
+	QueuedByPriority map[string]int `json:"queued_by_priority"`
 }
 
 // maskUser shows enough of a user name to recognise it: "you@gmail.com"
@@ -181,12 +189,13 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	cfg := h.dcfg
 	inMemory, parked := h.engine.residency()
 	st.Queue = adminQueue{Instance: h.engine.instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
-		InMemory: inMemory, ParkedBatches: parked}
+		InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.laneStats()}
 	st.Settings = map[string]any{
 		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),
 		"retry_backoff": cfg.retryBackoff.String(), "max_backoff": cfg.maxBackoff.String(), "max_age": cfg.maxAge.String(),
 		"retention": cfg.retention.String(), "idempotency_ttl": cfg.idemTTL.String(), "lease": cfg.lease.String(),
 		"drain_timeout": cfg.drain.String(), "retry_uncertain": cfg.retryUncertain,
+		"bulk_share": fmt.Sprintf("%g%%", bulkSharePercent(cfg.bulkShare)),
 	}
 	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}

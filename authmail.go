@@ -313,6 +313,12 @@ type Delivery struct {
 	// get 503 queue_full. Default: 100000.
 	MaxQueued int `json:"max_queued,omitempty"`
 
+	// BulkShare is the least share of the sending, in percent, that mail
+	// of a lower lane gets while the lanes above it have mail waiting too:
+	// the auth flows (codes, links, alerts) leave first, then /send, then
+	// /send with "priority": "bulk". 1 to 50. Default: 10.
+	BulkShare int `json:"bulk_share,omitempty"`
+
 	// RetryUncertain resends messages whose outcome is unknown (the
 	// connection dropped after the whole message was sent, or the instance
 	// stopped mid-attempt), at the risk of a duplicate. Default: false.
@@ -719,6 +725,7 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		lease:          durOr(d.Lease, defaultLease),
 		drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
 		maxQueued:      d.MaxQueued,
+		bulkShare:      float64(d.BulkShare) / 100,
 		retryUncertain: d.RetryUncertain,
 		webhookAllow:   h.WebhookAllowHosts,
 	}
@@ -1018,6 +1025,9 @@ func (h *Handler) checkConfig() error {
 			if v < 0 {
 				return fmt.Errorf("delivery %s must not be negative", name)
 			}
+		}
+		if d.BulkShare < 0 || d.BulkShare > 50 {
+			return fmt.Errorf("delivery bulk_share must be between 1 and 50 (percent), not %d", d.BulkShare)
 		}
 		if d.MaxQueued < 0 {
 			return errors.New("delivery max_queued must not be negative")

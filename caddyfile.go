@@ -82,6 +82,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			retention <duration>
 //			replay_window <duration>
 //			max_queued <n>
+//			bulk_share <percent>
 //			retry_uncertain on|off
 //			idempotency_ttl <duration>
 //			lease <duration>
@@ -657,6 +658,12 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 				return d.Errf("delivery max_queued must be a positive number, not '%s'", v)
 			}
 			dl.MaxQueued = n
+		case "bulk_share":
+			n, perr := strconv.Atoi(strings.TrimSuffix(v, "%"))
+			if perr != nil || n < 1 || n > 50 {
+				return d.Errf("delivery bulk_share must be a percentage from 1%% to 50%%, not '%s'", v)
+			}
+			dl.BulkShare = n
 		case "retry_uncertain":
 			switch v {
 			case "on":

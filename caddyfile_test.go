@@ -92,6 +92,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					retention 30d
 					replay_window 15m
 					max_queued 5000
+					bulk_share 20%
 					retry_uncertain on
 					idempotency_ttl 12h
 					lease 45s
@@ -104,7 +105,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				Delivery: &Delivery{Wait: caddy.Duration(5 * time.Second), RetryBackoff: caddy.Duration(time.Minute), MaxBackoff: caddy.Duration(time.Hour),
-					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), ReplayWindow: caddy.Duration(15 * time.Minute), MaxQueued: 5000, RetryUncertain: true,
+					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), ReplayWindow: caddy.Duration(15 * time.Minute), MaxQueued: 5000, BulkShare: 20, RetryUncertain: true,
 					IdempotencyTTL: caddy.Duration(12 * time.Hour), Lease: caddy.Duration(45 * time.Second), DrainTimeout: caddy.Duration(20 * time.Second)},
 				StorageRaw:        json.RawMessage(`{"module":"file_system","root":"/var/lib/authmail"}`),
 				WebhookSecret:     "{env.HOOK_SECRET}",
@@ -236,6 +237,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"unencodable from name":           {"authmail {\n from a@example.com \"CORP\\\\Jürgen\"\n key app 0123456789abcdef0123\n capture /tmp/x\n}", "from display name has a backslash together with non-ASCII"},
 		"max_backoff below default retry": {"authmail {" + minimalBlock + "\n delivery {\n max_backoff 1s\n }\n}", "max_backoff (1s) must not be shorter than retry_backoff (30s)"},
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
+		"bulk_share above half":           {"authmail {" + minimalBlock + "\n delivery {\n bulk_share 60%\n }\n}", "delivery bulk_share must be a percentage from 1% to 50%, not '60%'"},
+		"bulk_share not a number":         {"authmail {" + minimalBlock + "\n delivery {\n bulk_share some\n }\n}", "delivery bulk_share must be a percentage from 1% to 50%, not 'some'"},
 		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
 		"bad allow_local_recipients":      {"authmail {" + minimalBlock + "\n allow_local_recipients yes\n}", "allow_local_recipients must be on or off, not 'yes'"},
 		"comma-joined webhook hosts":      {"authmail {" + minimalBlock + "\n webhook_allow_hosts 127.0.0.1,localhost\n}", "webhook_allow_hosts '127.0.0.1,localhost': give one value per argument, separated by spaces, not commas: webhook_allow_hosts 127.0.0.1 localhost"},

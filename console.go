@@ -94,7 +94,7 @@ func parseListQuery(q url.Values) (listQuery, *apiError) {
 		}
 	}
 	if v := q.Get("status"); v != "" {
-		if !slices.Contains([]string{stQueued, stSending, stSent, stFailed, stUnknown}, v) {
+		if !slices.Contains(allStates, v) {
 			return lq, invalid("status", "must be queued, sending, sent, failed or unknown")
 		}
 		lq.status = v

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // failoverPool holds one failover transport per list of senders, so that
@@ -383,4 +385,11 @@ func (h *Handler) cleanupFailover() []error {
 	}
 	h.poolKeys = nil
 	return errs
+}
+
+// shareRate shares each server's configured rate with the cluster.
+func (f *failoverTransport) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+	for _, s := range f.senders {
+		s.shareRate(st, instance, demand, logger)
+	}
 }

@@ -213,6 +213,9 @@ type sendRequest struct {
 	// RFC 8058 header fields; only /send takes them
 	ListUnsubscribe     string `json:"list_unsubscribe"`
 	ListUnsubscribePost string `json:"list_unsubscribe_post"`
+	// Priority "bulk" queues the message behind all other mail (the bulk
+	// lane); "normal" or none is /send's own lane, behind the auth flows
+	Priority string `json:"priority"`
 }
 
 // localeField is accepted by every templated flow.
@@ -266,6 +269,10 @@ type outMessage struct {
 	subject, text, html  string
 	webhook              webhookState
 	issued               *issuedValue // a code or token authmail issued, stored on accept
+	// expiry is how long the code or link it carries is valid: still
+	// queued after that, the message is not sent; 0 for no limit
+	expiry   time.Duration
+	priority string // "bulk" for the bulk lane
 
 	// listUnsub and listUnsubPost are /send's List-Unsubscribe fields
 	listUnsub, listUnsubPost string
@@ -388,6 +395,13 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	if m.listUnsub, m.listUnsubPost, err = checkUnsubscribe(req.ListUnsubscribe, req.ListUnsubscribePost); err != nil {
 		return nil, "", err
 	}
+	switch req.Priority {
+	case "", "normal":
+	case priorityBulk:
+		m.priority = priorityBulk
+	default:
+		return nil, "", invalid("priority", `must be "normal" or "bulk"`)
+	}
 	m.subject = strings.TrimSpace(req.Subject)
 	m.html = req.HTMLBody
 	m.text = req.TextBody
@@ -504,6 +518,7 @@ func (h *Handler) composeOTP(ep *endpoint, req *otpRequest) ([]*outMessage, stri
 	if err != nil {
 		return nil, "", err
 	}
+	m.expiry = time.Duration(exp) * time.Minute
 	if auto {
 		m.issued = &issuedValue{otp: true, value: code, purpose: purpose, to: to.Addr, expiry: time.Duration(exp) * time.Minute}
 	}
@@ -569,6 +584,7 @@ func (h *Handler) composeLink(ep *endpoint, req *emailChangeRequest) ([]*outMess
 	if err != nil {
 		return nil, "", err
 	}
+	m.expiry = time.Duration(exp) * time.Minute
 	if auto {
 		m.issued = &issuedValue{value: token, flow: ep.flow, to: to.Addr, oldEmail: old.Addr, expiry: time.Duration(exp) * time.Minute}
 	}

@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"container/heap"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -15,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/heapq"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
@@ -40,6 +40,7 @@ type engineConfig struct {
 	lease          time.Duration
 	drain          time.Duration
 	maxQueued      int
+	bulkShare      float64 // delivery bulk_share as a fraction; 0: the default
 	retryUncertain bool
 	webhookSecret  string
 	webhookAllow   []string
@@ -71,14 +72,14 @@ type engine struct {
 	mu          sync.Mutex
 	entries     map[string]*entry
 	batches     map[string]*batch
-	ready       entryHeap // queued messages by next attempt time
-	hooks       hookHeap  // pending webhooks by next attempt time
-	hookSlots   hookSlots // webhooks being posted, by host
+	ready       readyQueue                        // queued messages by lane and next attempt time
+	hooks       heapq.Heap[*entry, byHookAttempt] // pending webhooks by next attempt time
+	hookSlots   hookSlots                         // webhooks being posted, by host
 	parked      map[string]*parkedBatch
-	parkHeap    parkHeap        // parked batches by wake time
-	nonFinal    int             // messages not in a final state
-	reserved    int             // messages being written
-	regs        []*registration // provisioned handlers, oldest first
+	parkHeap    heapq.Heap[*parkedBatch, byWake] // parked batches by wake time
+	nonFinal    int                              // messages not in a final state
+	reserved    int                              // messages being written
+	regs        []*registration                  // provisioned handlers, oldest first
 	dirty       map[*batch][]func(error)
 	urgent      map[*batch]struct{} // dirty batches with a waiter
 	dirtySince  time.Time           // when the oldest unwritten change was made
@@ -86,6 +87,7 @@ type engine struct {
 	workers     int // running delivery workers
 	wantWorkers int
 	adopted     bool            // another instance took over our work
+	identified  bool            // iid is final (claimIdentity ran)
 	suspects    map[string]bool // instances that looked stale in the last scan
 
 	wakeCh   chan struct{} // closed and replaced to wake every waiter
@@ -134,7 +136,8 @@ type entry struct {
 	from    string   // envelope, kept with a cached body
 	to      []string // envelope
 	data    []byte   // cached body; nil means load from storage
-	heapIdx int      // index in engine.ready, -1 when not queued
+	heapIdx int      // index in its lane of engine.ready, -1 when not queued
+	lane    lane     // the lane it is queued in (outbox_lanes.go)
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
 	// attempting is set once a worker started the claimed message's
@@ -230,7 +233,27 @@ func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string
 	r := &registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
 	e.regs = append(e.regs, r)
 	e.applyRegsLocked()
+	if e.started.Load() && e.identified {
+		e.shareRatesLocked()
+	}
 	return r
+}
+
+// shareRatesLocked lets the cluster share the configured rates of the
+// registered transports' SMTP servers, under the instance id the engine
+// runs as. The demand that weighs this instance's share is its queued
+// messages.
+func (e *engine) shareRatesLocked() {
+	demand := func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.ready.Len()
+	}
+	for _, r := range e.regs {
+		if rs, ok := r.t.(rateSharer); ok {
+			rs.shareRate(e.st.s, e.iid, demand, e.log())
+		}
+	}
 }
 
 // release drops a handler's registration. If it was the most recent one
@@ -339,6 +362,10 @@ func (e *engine) start() {
 			e.limits.SetSalt(ratelimit.NewRandomSalt())
 		}
 		e.claimIdentity(ctx)
+		e.mu.Lock()
+		e.identified = true
+		e.shareRatesLocked()
+		e.mu.Unlock()
 		if err := e.startDots(ctx); err != nil {
 			e.log().Error("writing the outbox's dot record failed; a crash before the first delivery records its claimed messages as unknown", zap.Error(err))
 		}
@@ -437,6 +464,12 @@ func (e *engine) notify() {
 
 // --- accepting ---------------------------------------------------------
 
+// pastExpiry reports whether a message that carries a code or a link is
+// past its expiry.
+func (en *entry) pastExpiry(now time.Time) bool {
+	return !en.st.ExpiresAt.IsZero() && !now.Before(en.st.ExpiresAt)
+}
+
 // newMessage is a rendered message to accept.
 type newMessage struct {
 	keyID, flow, profile, messageID string
@@ -444,6 +477,10 @@ type newMessage struct {
 	webhook                         webhookState
 	rcpts                           []string // recipients as logged
 	tenant                          string   // the key's tenantOf
+	// expiry, for a message that carries a code or a link, is how long
+	// it may wait to be sent (expires_in_minutes); 0 for no limit
+	expiry   time.Duration
+	priority string // "bulk" for the bulk lane
 }
 
 type acceptReq struct {
@@ -579,6 +616,10 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 				ID: id, KeyID: m.keyID, Tenant: m.tenant, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
 				Recipients: len(m.env.To), Rcpts: m.rcpts,
 				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
+				Priority: m.priority,
+			}
+			if m.expiry > 0 {
+				st.ExpiresAt = now.Add(m.expiry)
 			}
 			seg.States = append(seg.States, st)
 			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, urgent: r.waiting}
@@ -631,7 +672,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	e.batches[bid] = b
 	for _, en := range b.entries {
 		e.entries[en.st.ID] = en
-		heap.Push(&e.ready, en)
+		e.ready.push(en)
 	}
 	b.open = len(b.entries)
 	e.nonFinal += len(b.entries)
@@ -687,7 +728,7 @@ func (e *engine) worker() {
 			return
 		}
 		for i, en := range group {
-			if !e.beginAttempt(en) {
+			if !e.beginAttempt(en, i == 0) {
 				e.releaseClaims(group[i:])
 				break
 			}
@@ -749,12 +790,17 @@ func (e *engine) holdClaims(group []*entry) error {
 }
 
 // beginAttempt marks a claimed message's attempt as started, unless the
-// engine stops (or lost its work to another instance) or a stop already
-// gave the claim back.
-func (e *engine) beginAttempt(en *entry) bool {
+// engine stops (or lost its work to another instance), a stop already
+// gave the claim back, or a message of a higher lane is due: a worker
+// that claimed bulk mail ahead gives it back for a code that arrived
+// meanwhile, so the code waits for at most the attempt in progress.
+func (e *engine) beginAttempt(en *entry, first bool) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closing || e.adopted || !en.claimed {
+		return false
+	}
+	if !first && e.ready.waitingAbove(en.lane, time.Now()) {
 		return false
 	}
 	en.attempting = true
@@ -805,7 +851,8 @@ func (e *engine) releaseAllLocked() int {
 
 // nextReady blocks until messages are due and returns up to k of them,
 // marked claimed, or nil when the engine stops. k grows with the
-// backlog per worker.
+// backlog per worker. The messages are taken by lane (outbox_lanes.go);
+// a message past its expiry is not claimed but made expired.
 func (e *engine) nextReady() []*entry {
 	for {
 		e.mu.Lock()
@@ -814,15 +861,27 @@ func (e *engine) nextReady() []*entry {
 			return nil
 		}
 		var wait time.Duration = -1
-		if e.ready.Len() > 0 {
-			if d := time.Until(e.ready[0].st.NextAt); d > 0 {
+		if at, ok := e.ready.earliest(); ok {
+			now := time.Now()
+			if d := at.Sub(now); d > 0 {
 				wait = d
 			} else {
+				e.ready.share = e.config().bulkShare
 				k := min(maxClaimAhead, max(1, e.ready.Len()/max(1, e.workers)))
 				group := make([]*entry, 0, k)
-				now := time.Now()
-				for len(group) < k && e.ready.Len() > 0 && !e.ready[0].st.NextAt.After(now) {
-					en := heap.Pop(&e.ready).(*entry)
+				var expired []*entry
+				for len(group) < k {
+					en := e.ready.popDue(now)
+					if en == nil {
+						break
+					}
+					if en.pastExpiry(now) {
+						// held like a claim, so that nothing else takes it
+						// until its final state is recorded
+						en.claimed, en.attempting = true, true
+						expired = append(expired, en)
+						continue
+					}
 					// claimed and sending change together, under the lock,
 					// so that a claim given back (releaseLocked) always
 					// undoes exactly one counted attempt
@@ -834,6 +893,12 @@ func (e *engine) nextReady() []*entry {
 				}
 				e.attempts.Add(len(group))
 				e.mu.Unlock()
+				for _, en := range expired {
+					e.recordOutcome(en, delivery{}, errExpired(), 0)
+				}
+				if len(group) == 0 {
+					continue
+				}
 				return group
 			}
 		}
@@ -878,11 +943,19 @@ func (e *engine) deliver(en *entry) {
 		e.unclaim(en, time.Now().Add(e.leaseDuration()))
 		return
 	}
-	env, err := e.envelopeOf(en)
 	e.mu.Lock()
+	if en.pastExpiry(time.Now()) {
+		// expired while it waited for a worker: not an attempt
+		en.st.Attempts--
+		e.mu.Unlock()
+		e.recordOutcome(en, delivery{}, errExpired(), 0)
+		return
+	}
 	attempt := en.st.Attempts
 	e.mu.Unlock()
+	env, err := e.envelopeOf(en)
 	if env != nil {
+		env.Urgent = en.lane == laneAuth
 		env.BeforeDot = func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
@@ -923,7 +996,7 @@ func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 	en.st.Attempts--
 	en.claimed, en.attempting = false, false
 	en.st.NextAt = retry
-	heap.Push(&e.ready, en)
+	e.ready.push(en)
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
@@ -984,6 +1057,8 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		if d.Status == "captured" {
 			en.st.SMTPResponse = "captured"
 		}
+	case derr.Code == codeExpired:
+		en.st.Status, final = stExpired, true
 	case derr.uncertain() && !cfg.retryUncertain:
 		en.st.Status, final = stUnknown, true
 	case derr.permanent():
@@ -993,10 +1068,20 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		if derr.Code == codeSMTPThrottled {
 			// the server's pacer says when it takes the next message;
 			// retry_backoff would leave a code waiting for minutes
+			if derr.Reply == nil {
+				// it waited for the rate and talked to no server: not an
+				// attempt
+				en.st.Attempts--
+			}
 			next = now
 			if derr.retryAt.After(now) {
 				next = derr.retryAt
 			}
+		}
+		if !en.st.ExpiresAt.IsZero() && next.After(en.st.ExpiresAt) {
+			// a code or link that would arrive after its expiry is not
+			// sent: the message is made expired when the time comes
+			next = en.st.ExpiresAt
 		}
 		if next.Sub(en.st.Created) > cfg.maxAge {
 			en.st.Status, final = stFailed, true
@@ -1018,7 +1103,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 			en.st.Webhook.NextAt = now
 		}
 	} else {
-		heap.Push(&e.ready, en)
+		e.ready.push(en)
 	}
 	st := en.st
 	e.markDirtyLocked(en.b, func(err error) {
@@ -1037,7 +1122,7 @@ func (e *engine) recordOutcome(en *entry, d delivery, derr *deliveryError, took 
 		}
 		if final {
 			if en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
-				heap.Push(&e.hooks, en)
+				e.hooks.Push(en)
 			} else {
 				e.closeEntryLocked(en)
 			}
@@ -1403,34 +1488,26 @@ func (e *engine) queueStats() (int, time.Duration) {
 	return e.nonFinal, time.Since(oldest)
 }
 
-// --- the ready heap --------------------------------------------------------
+// --- heap orders ------------------------------------------------------------
 
-type entryHeap []*entry
+// byNextAttempt orders queued messages by their next attempt, then id.
+type byNextAttempt struct{}
 
-func (h entryHeap) Len() int { return len(h) }
-func (h entryHeap) Less(i, j int) bool {
-	if !h[i].st.NextAt.Equal(h[j].st.NextAt) {
-		return h[i].st.NextAt.Before(h[j].st.NextAt)
+func (byNextAttempt) Less(a, b *entry) bool {
+	if !a.st.NextAt.Equal(b.st.NextAt) {
+		return a.st.NextAt.Before(b.st.NextAt)
 	}
-	return h[i].st.ID < h[j].st.ID
+	return a.st.ID < b.st.ID
 }
-func (h entryHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx, h[j].heapIdx = i, j
+func (byNextAttempt) Index(en *entry) *int { return &en.heapIdx }
+
+// byHookAttempt orders pending webhooks by their next attempt.
+type byHookAttempt struct{}
+
+func (byHookAttempt) Less(a, b *entry) bool {
+	return a.st.Webhook.NextAt.Before(b.st.Webhook.NextAt)
 }
-func (h *entryHeap) Push(x any) {
-	en := x.(*entry)
-	en.heapIdx = len(*h)
-	*h = append(*h, en)
-}
-func (h *entryHeap) Pop() any {
-	old := *h
-	en := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	en.heapIdx = -1
-	return en
-}
+func (byHookAttempt) Index(en *entry) *int { return &en.hookIdx }
 
 // --- segment cache -----------------------------------------------------------
 

@@ -1,7 +1,6 @@
 package authmail
 
 import (
-	"container/heap"
 	"context"
 	"path"
 	"strings"
@@ -114,10 +113,10 @@ func (e *engine) busyLocked(b *batch) bool {
 func (e *engine) forgetLocked(b *batch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
-			heap.Remove(&e.ready, en.heapIdx)
+			e.ready.remove(en)
 		}
 		if en.hookIdx >= 0 {
-			heap.Remove(&e.hooks, en.hookIdx)
+			e.hooks.Remove(en)
 		}
 		if !finalState(en.st.Status) {
 			e.nonFinal--
@@ -378,12 +377,12 @@ func (e *engine) registerLocked(b *batch, changed bool) int {
 		e.entries[en.st.ID] = en
 		switch {
 		case en.st.Status == stQueued:
-			heap.Push(&e.ready, en)
+			e.ready.push(en)
 			e.nonFinal++
 			b.open++
 			queued++
 		case en.st.Webhook.Status == hookPending:
-			heap.Push(&e.hooks, en)
+			e.hooks.Push(en)
 			b.open++
 		}
 	}

@@ -1,7 +1,6 @@
 package authmail
 
 import (
-	"container/heap"
 	"context"
 	"time"
 
@@ -97,10 +96,10 @@ func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
-			heap.Remove(&e.ready, en.heapIdx)
+			e.ready.remove(en)
 		}
 		if en.hookIdx >= 0 {
-			heap.Remove(&e.hooks, en.hookIdx)
+			e.hooks.Remove(en)
 		}
 		if en.data != nil {
 			e.bodyBytes.Add(-int64(len(en.data)))
@@ -111,13 +110,13 @@ func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
 	delete(e.batches, b.id)
 	e.segCache.drop(b.id)
 	e.parked[b.id] = pb
-	heap.Push(&e.parkHeap, pb)
+	e.parkHeap.Push(pb)
 }
 
 // forgetParkedLocked drops a parked batch (another instance owns it now).
 func (e *engine) forgetParkedLocked(pb *parkedBatch) {
 	if pb.heapIdx >= 0 {
-		heap.Remove(&e.parkHeap, pb.heapIdx)
+		e.parkHeap.Remove(pb)
 	}
 	delete(e.parked, pb.id)
 	e.nonFinal -= pb.queued
@@ -224,8 +223,8 @@ func (e *engine) unparkDue(now time.Time) int {
 	var due []*parkedBatch
 	room := e.tun.readyHigh - e.ready.Len()
 	var erasing []*parkedBatch
-	for e.parkHeap.Len() > 0 && !e.parkHeap[0].wake.After(lead) && room > 0 {
-		pb := heap.Pop(&e.parkHeap).(*parkedBatch)
+	for e.parkHeap.Len() > 0 && !e.parkHeap.Peek().wake.After(lead) && room > 0 {
+		pb := e.parkHeap.Pop()
 		if pb.erasing {
 			erasing = append(erasing, pb) // loaded back next round
 			continue
@@ -235,7 +234,7 @@ func (e *engine) unparkDue(now time.Time) int {
 		due = append(due, pb)
 	}
 	for _, pb := range erasing {
-		heap.Push(&e.parkHeap, pb)
+		e.parkHeap.Push(pb)
 	}
 	e.mu.Unlock()
 	n := 0
@@ -245,7 +244,7 @@ func (e *engine) unparkDue(now time.Time) int {
 			e.mu.Lock()
 			pb.loading = false
 			if e.parked[pb.id] == pb {
-				heap.Push(&e.parkHeap, pb)
+				e.parkHeap.Push(pb)
 			}
 			e.mu.Unlock()
 			continue
@@ -277,7 +276,7 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 		// read again unparkRetry from now: unparkDue reads a batch
 		// unparkLead before its wake time
 		pb.wake = time.Now().Add(e.tun.unparkLead + e.tun.unparkRetry)
-		heap.Push(&e.parkHeap, pb)
+		e.parkHeap.Push(pb)
 		return false
 	}
 	if err != nil || bs.Owner != e.iid {
@@ -322,25 +321,8 @@ func (e *engine) oldestParkedLocked(oldest time.Time) time.Time {
 	return oldest
 }
 
-// parkHeap orders parked batches by wake time.
-type parkHeap []*parkedBatch
+// byWake orders parked batches by wake time.
+type byWake struct{}
 
-func (h parkHeap) Len() int           { return len(h) }
-func (h parkHeap) Less(i, j int) bool { return h[i].wake.Before(h[j].wake) }
-func (h parkHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx, h[j].heapIdx = i, j
-}
-func (h *parkHeap) Push(x any) {
-	pb := x.(*parkedBatch)
-	pb.heapIdx = len(*h)
-	*h = append(*h, pb)
-}
-func (h *parkHeap) Pop() any {
-	old := *h
-	pb := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	pb.heapIdx = -1
-	return pb
-}
+func (byWake) Less(a, b *parkedBatch) bool { return a.wake.Before(b.wake) }
+func (byWake) Index(pb *parkedBatch) *int  { return &pb.heapIdx }

@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"container/heap"
 	"context"
 	"fmt"
 	"sync/atomic"
@@ -303,10 +302,8 @@ func testOutboxParkedBatchesSurviveARestart(t *testing.T) {
 		t.Fatalf("%d of %d messages back in memory", resident, len(ids))
 	}
 	h2.engine.mu.Lock()
-	for _, en := range h2.engine.ready {
-		en.st.NextAt = time.Now()
-	}
-	heap.Init(&h2.engine.ready)
+	h2.engine.ready.each(func(en *entry) { en.st.NextAt = time.Now() })
+	h2.engine.ready.reinit()
 	h2.engine.mu.Unlock()
 	h2.engine.notify()
 	msgs := srv.WaitMessages(len(ids), 10*time.Second)
@@ -396,7 +393,7 @@ func testParkedBatchLosesItsFinalBodies(t *testing.T) {
 	for _, en := range e.batches[bid].entries {
 		en.st.NextAt = time.Now()
 		if en.heapIdx >= 0 {
-			heap.Fix(&e.ready, en.heapIdx)
+			e.ready.fix(en)
 		}
 	}
 	e.mu.Unlock()

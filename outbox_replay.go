@@ -1,7 +1,6 @@
 package authmail
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"path"
@@ -146,7 +145,7 @@ func (e *engine) requeueLocked(en *entry, may func(msgState) bool) (msgState, bo
 	}
 	now := time.Now()
 	en.st.Status, en.st.NextAt, en.st.Updated = stQueued, now, now
-	heap.Push(&e.ready, en)
+	e.ready.push(en)
 	e.nonFinal++
 	en.b.open++
 	e.markDirtyLocked(en.b, nil, true)

@@ -63,9 +63,17 @@ const (
 	stSent    = "sent"
 	stFailed  = "failed"
 	stUnknown = "unknown"
+	// stExpired: a code or link that was still queued when it expired;
+	// it was not sent
+	stExpired = "expired"
 )
 
-func finalState(s string) bool { return s == stSent || s == stFailed || s == stUnknown }
+// allStates are the message states, in the order a message passes them.
+var allStates = []string{stQueued, stSending, stSent, stFailed, stUnknown, stExpired}
+
+func finalState(s string) bool {
+	return s == stSent || s == stFailed || s == stUnknown || s == stExpired
+}
 
 // messageID builds the id of the idx-th message of a batch.
 func messageID(batch string, idx int) string {
@@ -131,6 +139,13 @@ type msgState struct {
 	LastCode     string    `json:"last_code,omitempty"`
 	LastError    string    `json:"last_error,omitempty"`
 	SMTPResponse string    `json:"smtp_response,omitempty"`
+	// ExpiresAt, for a message that carries a code or a link, is when it
+	// expires (expires_in_minutes after it was accepted): a message still
+	// queued then is not sent but made expired. Zero for other messages.
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// Priority is "bulk" for /send mail that asked to step aside (the
+	// bulk lane, outbox_lanes.go); empty otherwise.
+	Priority string `json:"priority,omitempty"`
 	// Webhook is set (URL not empty) when the caller asked for a webhook.
 	// It is a value, so that copies of a msgState are snapshots.
 	Webhook webhookState `json:"webhook,omitzero"`

@@ -106,7 +106,9 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 				h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond)}
 			})
 			before := time.Now()
-			rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
+			// a code valid for longer than the pause (one that expires
+			// sooner is made expired at its expiry instead)
+			rec, out := call(t, h, "POST", "/authmail/send/otp", `{"to":"jane@example.org","code":"123456","expires_in_minutes":30}`)
 			if rec.Code != 202 || out["status"] != "queued" || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
@@ -114,10 +116,15 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			if st.NextAt.Sub(before) < 14*time.Minute || st.LastCode != "smtp_throttled" {
 				t.Fatalf("next attempt %v after the send, state %+v; want the 15-minute quota pause", st.NextAt.Sub(before), st)
 			}
-			// a second message waits for the same pause without a session
+			// a second message waits for the same pause without a session;
+			// its code expires in 10 minutes, so it waits until then, to be
+			// made expired
 			rec, out = call(t, h, "POST", "/authmail/send/otp", otp("joe@example.org"))
 			if rec.Code != 202 || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("second send: %d %s", rec.Code, rec.Body)
+			}
+			if st := waitState(t, h, out["id"].(string), func(st msgState) bool { return st.Status == stQueued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
+				t.Fatalf("second message %+v, want it queued until its expiry, without an attempt", st)
 			}
 			time.Sleep(300 * time.Millisecond)
 			if n := mails.Load(); n != 1 {

@@ -234,7 +234,7 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, b
 	news := make([]*newMessage, len(msgs))
 	for i, m := range msgs {
 		news[i] = &newMessage{keyID: rc.keyID, tenant: rc.tenant, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
-			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To)}
+			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To), expiry: m.expiry, priority: m.priority}
 	}
 	wait := h.dcfg.wait
 	// the relay answered a send with a webhook_url at once and reported
@@ -313,7 +313,7 @@ func (h *Handler) answerFor(states []msgState) apiResponse {
 	case stSent:
 		status = http.StatusOK
 		body = &sentResponse{Sent: true, Status: h.sentStatus(), ID: p.ID, MessageID: p.MessageID}
-	case stFailed, stUnknown:
+	case stFailed, stUnknown, stExpired:
 		status = http.StatusBadGateway
 		body = &errorResponse{ErrorCode: p.LastCode, Message: p.LastError, Status: p.Status, ID: p.ID, MessageID: p.MessageID}
 	default:
@@ -424,6 +424,8 @@ type statusResponse struct {
 	SMTPResponse  *string         `json:"smtp_response"`
 	Flow          string          `json:"flow"`
 	SentAt        *string         `json:"sent_at,omitempty"`
+	ExpiresAt     *string         `json:"expires_at,omitempty"`
+	Priority      string          `json:"priority,omitempty"`
 	Webhook       *webhookSummary `json:"webhook,omitempty"`
 }
 
@@ -451,6 +453,10 @@ func statusOf(st msgState) statusResponse {
 	if !st.SentAt.IsZero() {
 		out.SentAt = opt(ts(st.SentAt))
 	}
+	if !st.ExpiresAt.IsZero() {
+		out.ExpiresAt = opt(ts(st.ExpiresAt))
+	}
+	out.Priority = st.Priority
 	if st.Webhook.URL != "" {
 		out.Webhook = &webhookSummary{Status: st.Webhook.Status, Attempts: st.Webhook.Attempts}
 		if out.Webhook.Status == "" {

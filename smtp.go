@@ -16,7 +16,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	"github.com/wneessen/go-mail/smtp"
+	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/pace"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
@@ -107,6 +109,11 @@ type smtpSender struct {
 	// long as the sender, so a reload that keeps the server keeps its
 	// current rate.
 	pacer *pace.Pacer
+	// share, with a configured rate, divides it with the other instances
+	// of a cluster through the outbox's storage (shareRate); stopShare
+	// ends it and deletes this instance's record
+	share     *pace.Share
+	stopShare context.CancelFunc
 
 	open  atomic.Int64 // currently open connections
 	dials atomic.Int64 // successful dials since creation
@@ -141,11 +148,41 @@ func (s *smtpSender) Destruct() error {
 	idle := s.idle
 	s.idle = nil
 	s.mu.Unlock()
+	if s.stopShare != nil {
+		s.stopShare()
+	}
 	close(s.done)
 	for _, c := range idle {
 		s.closeConn(c)
 	}
 	return nil
+}
+
+// shareRate makes a configured rate the cluster's: every instance that
+// sends through this server with the same storage takes its share of
+// the rate (internal/pace.Share: demand-weighted, rebalanced every
+// second, a throttle seen by one slows all). Without a rate, or once a
+// share runs, it does nothing. A storage that fails keeps the last share
+// for a few seconds, then the least one: the cluster stays under the
+// provider's cap rather than over it.
+func (s *smtpSender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+	if s.cfg.rate.n == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.share != nil || s.closed {
+		return
+	}
+	sum := sha256.Sum256([]byte(s.cfg.route()))
+	sh, err := pace.NewShare(st, hex.EncodeToString(sum[:8]), instance, s.pacer, demand, pace.ShareOptions{})
+	if err != nil {
+		logger.Error("sharing the SMTP rate with the cluster failed; this instance sends at the whole rate", zap.Error(err))
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.share, s.stopShare = sh, cancel
+	go sh.Run(ctx)
 }
 
 // janitor closes connections that have been idle too long.
@@ -272,7 +309,7 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.timeout {
 		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: next}
 	}
-	if err := s.pacer.Wait(ctx); err != nil {
+	if err := s.pacer.WaitPriority(ctx, env.Urgent); err != nil {
 		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: s.pacer.Next(time.Now())}
 	}
 	sentAt := time.Now()

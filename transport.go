@@ -12,6 +12,9 @@ import (
 	"strings"
 	"time"
 	"unicode"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
 )
 
 // envelope is one fully rendered message, ready to hand to a transport.
@@ -33,12 +36,21 @@ type envelope struct {
 	// closes the connection inside DATA, which the server discards) and
 	// fails with outbox_unavailable: nothing was delivered.
 	BeforeDot func() error
+	// Urgent marks mail a person waits for (the auth lane): a paced
+	// server gives it the next slot ahead of other waiting mail.
+	Urgent bool
 }
 
 // transport delivers rendered messages. Implementations are safe for
 // concurrent use. A non-nil error is always a *deliveryError.
 type transport interface {
 	send(ctx context.Context, env *envelope) (delivery, error)
+}
+
+// rateSharer is a transport whose SMTP servers may have a configured
+// rate, which the instances of a cluster share through the storage.
+type rateSharer interface {
+	shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger)
 }
 
 // delivery describes an accepted message.
@@ -68,7 +80,14 @@ const (
 	// from storage for a retry, or its attempt could not be recorded
 	// before the final dot; nothing was delivered.
 	codeOutboxUnavailable = "outbox_unavailable"
+	// codeExpired: an OTP or link was still queued when its
+	// expires_in_minutes ran out; it is not sent (state expired)
+	codeExpired = "expired_in_queue"
 )
+
+// errExpired is the outcome of a message whose code or link expired
+// while it waited in the queue.
+func errExpired() *deliveryError { return &deliveryError{Code: codeExpired} }
 
 // SMTP phases, in order. A failure's phase tells whether the server can
 // have accepted anything: only phaseEnd (waiting for the reply to the
@@ -175,6 +194,8 @@ func (e *deliveryError) Error() string {
 			return interruptedError
 		}
 		return "the connection to the SMTP server was lost after the whole message was transmitted; the server may or may not have accepted it, so it was not resent"
+	case codeExpired:
+		return "the code or link expired (expires_in_minutes) while the message waited in the queue, so it was not sent: a late code only confuses; the user asks for a new one"
 	case codeCaptureFailed:
 		return "could not write the message to the capture directory: " + errText(e.Err)
 	case codeOutboxUnavailable:

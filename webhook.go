@@ -2,7 +2,6 @@ package authmail
 
 import (
 	"bytes"
-	"container/heap"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -447,7 +446,7 @@ func (e *engine) nextHook() (*entry, hookSlot) {
 				if i >= e.hooks.Len() {
 					continue
 				}
-				en := e.hooks[i]
+				en := e.hooks.Items()[i]
 				if d := en.st.Webhook.NextAt.Sub(now); d > 0 {
 					if wait < 0 || d < wait {
 						wait = d
@@ -455,7 +454,7 @@ func (e *engine) nextHook() (*entry, hookSlot) {
 					continue
 				}
 				if slot := hookSlotOf(en); slots.byHost[slot.host] < webhookPerHost && slots.byTenant[slot.tenant] < webhookPerTenant {
-					if best < 0 || en.st.Webhook.NextAt.Before(e.hooks[best].st.Webhook.NextAt) {
+					if best < 0 || en.st.Webhook.NextAt.Before(e.hooks.Items()[best].st.Webhook.NextAt) {
 						best, bestSlot = i, slot
 					}
 					continue
@@ -464,7 +463,8 @@ func (e *engine) nextHook() (*entry, hookSlot) {
 			}
 		}
 		if best >= 0 {
-			en := heap.Remove(&e.hooks, best).(*entry)
+			en := e.hooks.Items()[best]
+			e.hooks.Remove(en)
 			slots.byHost[bestSlot.host]++
 			slots.byTenant[bestSlot.tenant]++
 			slots.n++
@@ -554,7 +554,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 		w.NextAt, w.LastError = now.Add(min(d, e.tun.hookMaxWait)), errText(err)
 	}
 	if !done {
-		heap.Push(&e.hooks, en)
+		e.hooks.Push(en)
 	}
 	e.markDirtyLocked(en.b, func(error) {
 		if done {
@@ -617,29 +617,4 @@ func (e *engine) postHook(client *http.Client, target, secret, id string, body [
 		return fmt.Errorf("webhook answered %d", res.StatusCode)
 	}
 	return nil
-}
-
-// hookHeap orders pending webhooks by next attempt time.
-type hookHeap []*entry
-
-func (h hookHeap) Len() int { return len(h) }
-func (h hookHeap) Less(i, j int) bool {
-	return h[i].st.Webhook.NextAt.Before(h[j].st.Webhook.NextAt)
-}
-func (h hookHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].hookIdx, h[j].hookIdx = i, j
-}
-func (h *hookHeap) Push(x any) {
-	en := x.(*entry)
-	en.hookIdx = len(*h)
-	*h = append(*h, en)
-}
-func (h *hookHeap) Pop() any {
-	old := *h
-	en := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	en.hookIdx = -1
-	return en
 }

@@ -77,6 +77,13 @@ func startCaddy(t *testing.T, name, dataDir, storage string, smtp *smtptest.Serv
 // Caddyfile snippet ("file_system /dir", "redis { … }") and a lease.
 func startCaddyOn(t *testing.T, name, dataDir, storage, lease string, smtp *smtptest.Server) *caddyProc {
 	t.Helper()
+	return startCaddyWith(t, name, dataDir, storage, lease, "", smtp)
+}
+
+// startCaddyWith is startCaddyOn with extra lines for the smtp block
+// ("rate 20/1s").
+func startCaddyWith(t *testing.T, name, dataDir, storage, lease, smtpExtra string, smtp *smtptest.Server) *caddyProc {
+	t.Helper()
 	bin := caddyBinary(t)
 	dir := filepath.Join(tmpDir, "procs", name+"-"+fmt.Sprint(time.Now().UnixNano()))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -100,6 +107,7 @@ http://127.0.0.1:%d {
 			password {env.AUTHMAIL_IT_SMTP_PASSWORD}
 			ca %s
 			connections 4
+			%s
 		}
 		from no-reply@example.com
 		key app {env.AUTHMAIL_IT_KEY} {
@@ -114,7 +122,7 @@ http://127.0.0.1:%d {
 		}
 	}
 }
-`, p.admin, p.http, p.log, p.http, smtp.Port, smtp.CAFile, storage, lease)
+`, p.admin, p.http, p.log, p.http, smtp.Port, smtp.CAFile, smtpExtra, storage, lease)
 	cfgFile := filepath.Join(dir, "Caddyfile")
 	p.cfgFile = cfgFile
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {

@@ -101,6 +101,7 @@ type Pacer struct {
 	lastIncrease time.Time
 	lastThrottle time.Time
 	pausedUntil  time.Time
+	urgent       int // callers of WaitPriority(urgent) waiting now
 	sent         uint64
 	throttles    uint64
 	decreases    uint64
@@ -207,10 +208,21 @@ func (p *Pacer) nextLocked(now time.Time) time.Time {
 // Throttled. Otherwise nothing was taken and wait is how long until a
 // reservation can succeed (it may be taken by another caller first).
 func (p *Pacer) Reserve(now time.Time) (ok bool, wait time.Duration) {
+	return p.reserve(now, false)
+}
+
+// reserve is Reserve; with yield it takes nothing while an urgent
+// caller waits.
+func (p *Pacer) reserve(now time.Time, yield bool) (ok bool, wait time.Duration) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.recoverLocked(now)
-	if next := p.nextLocked(now); next.After(now) {
+	next := p.nextLocked(now)
+	if yield && p.urgent > 0 {
+		// an urgent caller takes this slot; look again after it
+		return false, max(next.Sub(now), time.Millisecond)
+	}
+	if next.After(now) {
 		return false, next.Sub(now)
 	}
 	if iv := p.intervalLocked(); iv > 0 {
@@ -235,15 +247,38 @@ func (p *Pacer) Next(now time.Time) time.Time {
 
 // Wait blocks until it has reserved a send (nil) or ctx is done (its
 // error). It uses one timer, stopped before it returns.
-func (p *Pacer) Wait(ctx context.Context) error {
+func (p *Pacer) Wait(ctx context.Context) error { return p.WaitPriority(ctx, false) }
+
+// MaxYield is how long a caller that is not urgent lets urgent callers
+// go first: after that it competes as their equal, so a stream of
+// urgent messages never starves the others.
+const MaxYield = time.Second
+
+// WaitPriority is Wait for a caller that is urgent (a code a person
+// waits for) or not. While an urgent caller waits, the others take no
+// reservation for up to MaxYield of their wait, so the urgent one gets
+// the next slot instead of a place behind every caller already waiting.
+func (p *Pacer) WaitPriority(ctx context.Context, urgent bool) error {
+	if urgent {
+		p.mu.Lock()
+		p.urgent++
+		p.mu.Unlock()
+		defer func() {
+			p.mu.Lock()
+			p.urgent--
+			p.mu.Unlock()
+		}()
+	}
 	var t *time.Timer
 	defer func() {
 		if t != nil {
 			t.Stop()
 		}
 	}()
+	start := time.Now()
 	for {
-		ok, wait := p.Reserve(time.Now())
+		now := time.Now()
+		ok, wait := p.reserve(now, !urgent && now.Sub(start) < MaxYield)
 		if ok {
 			return nil
 		}

@@ -104,6 +104,8 @@ type Message struct {
 	Conn int
 	// Accepted is false when a hook refused or dropped it.
 	Accepted bool
+	// Received is when the whole message had arrived.
+	Received time.Time
 }
 
 // Server is a running SMTP server.
@@ -696,7 +698,7 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	_, isTLS := ss.c.TLSConnectionState()
 	m := &Message{From: ss.from, To: append([]string(nil), ss.to...), Data: b, TLS: isTLS,
-		AuthUser: ss.authUser, AuthMechanism: ss.authMech, Conn: ss.conn, Accepted: true}
+		AuthUser: ss.authUser, AuthMechanism: ss.authMech, Conn: ss.conn, Accepted: true, Received: time.Now()}
 	herr := ss.s.checkThrottle(true)
 	if h := ss.hooks().Data; h != nil && herr == nil {
 		herr = h(m)
