@@ -166,7 +166,7 @@ func (s *smtpSender) Destruct() error {
 // for a few seconds, then the least one: the cluster stays under the
 // provider's cap rather than over it.
 func (s *smtpSender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
-	if s.cfg.rate.n == 0 {
+	if s.cfg.rate.N == 0 {
 		return
 	}
 	s.mu.Lock()
