@@ -25,7 +25,16 @@
 #      the delay proxy to an SMTP server that requires STARTTLS and AUTH,
 #      on a pooled connection: p50/p99 time to the 200, next to the floor
 #      of two SMTP round trips through the proxy (measured with NOOPs, so
-#      the proxy's own forwarding counts) plus one durable write.
+#      the proxy's own forwarding counts) plus one durable write;
+#   8. a throttled provider: N_THROTTLE OTPs submitted at once (async) to
+#      bench/cmd/throttlesink, an SMTP server that takes 50 messages/s
+#      across connections (token bucket, burst 10) and answers SES's
+#      "454 4.7.0 Throttling failure" above it; the time until it has
+#      accepted all of them and the throttling replies it sent, for
+#      authmail with `smtp { rate 50/1s }`, authmail without a rate
+#      (adaptive backoff from the replies), and authmail from commit
+#      THROTTLE_BEFORE (before send-rate caps: a throttled message waits
+#      retry_backoff, 30 s doubling), capped at THROTTLE_CAP seconds.
 #
 # It also checks that every accepted message reached smtp-sink (phases 1-3)
 # and that the queue still holds every message in phase 4, and reports
@@ -34,11 +43,15 @@
 # rate limits get them turned off in the generated Caddyfile.
 #
 # Needs root for apt-get (wrk, postfix's smtp-sink) and for smtp-sink -u.
-# Takes about 8 minutes with the defaults on 2 cores.
+# Takes about 14 minutes with the defaults on 2 cores (phases 0-7 about 8,
+# phase 8 about 6 with its two builds).
 #
 # Usage (from the repository root):  bash bench/run.sh
+#                                    PHASES=throttle bash bench/run.sh
 #
 # Environment overrides (defaults in brackets):
+#   PHASES [main throttle]  what to run: main (phases 0-7), throttle
+#                      (phase 8; needs neither wrk, postfix nor Redis)
 #   DURATION [10s]     wrk duration of each measured run (phase 1)
 #   WARMUP [2s]        wrk warm-up before each measured run
 #   CONNS [64]         wrk connections (phase 1)
@@ -52,6 +65,11 @@
 #   SMTP_CONNS [4]     authmail `connections` and go-mail goroutines
 #   N_POSTFIX [10000]  messages through the Postfix relay (phase 6)
 #   N_SYNC [300]       synchronous requests, one at a time (phase 7)
+#   N_THROTTLE [1000]  OTPs submitted at once to the throttled server (phase 8)
+#   THROTTLE_RATE [50] THROTTLE_BURST [10]  its messages/s and bucket size
+#   THROTTLE_CAP [300] seconds phase 8 waits for each sender's deliveries
+#   THROTTLE_BEFORE [c2d6652]  the commit before send-rate caps (phase 8's
+#                      third sender; built from a git worktree of it)
 #   GOMAIL_WITHOUT_NOOP [0]  1 gives the go-mail baseline mail.WithoutNoop()
 #                      (default options send NOOP and RSET with every message;
 #                      authmail sends neither)
@@ -79,6 +97,12 @@ SMTP_CONNS=${SMTP_CONNS:-4}
 GOMAIL_WITHOUT_NOOP=${GOMAIL_WITHOUT_NOOP:-0}
 N_POSTFIX=${N_POSTFIX:-10000}
 N_SYNC=${N_SYNC:-300}
+PHASES=${PHASES:-main throttle}
+N_THROTTLE=${N_THROTTLE:-1000}
+THROTTLE_RATE=${THROTTLE_RATE:-50}
+THROTTLE_BURST=${THROTTLE_BURST:-10}
+THROTTLE_CAP=${THROTTLE_CAP:-300}
+THROTTLE_BEFORE=${THROTTLE_BEFORE:-c2d6652}
 KEEP=${KEEP:-0}
 REV=${REV:-}
 RESULTS_FILE=${RESULTS_FILE:-}
@@ -87,6 +111,18 @@ KEY=bench-key-0123456789abcdef
 BODY='{"to":"user@example.com","code":"123456"}'
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+RUN_MAIN=0 RUN_THROTTLE=0
+for ph in $PHASES; do
+	case $ph in
+	main) RUN_MAIN=1 ;;
+	throttle) RUN_THROTTLE=1 ;;
+	*)
+		echo "PHASES: unknown phase '$ph' (main, throttle)" >&2
+		exit 2
+		;;
+	esac
+done
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -110,6 +146,8 @@ apt_install() {
 for c in go curl awk sed grep sort ss; do
 	command -v "$c" >/dev/null || die "$c is required"
 done
+[ "$RUN_THROTTLE" = 0 ] || command -v git >/dev/null || die "phase 8 needs git (git worktree of $THROTTLE_BEFORE)"
+if [ "$RUN_MAIN" = 1 ]; then
 if ! command -v wrk >/dev/null; then
 	log "installing wrk"
 	apt_install wrk
@@ -129,6 +167,7 @@ if ! command -v redis-server >/dev/null; then
 	systemctl disable --now redis-server >/dev/null 2>&1 || true
 fi
 id postfix >/dev/null 2>&1 || die "user postfix missing (smtp-sink -u postfix)"
+fi
 
 # --- work directory, process bookkeeping, cleanup ---------------------------
 
@@ -142,9 +181,14 @@ if [ -n "${STORAGE_ROOT:-}" ]; then
 fi
 
 PIDS=()
+BEFORE_SRC= # the git worktree phase 8 builds THROTTLE_BEFORE from
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
+	if [ -n "$BEFORE_SRC" ]; then
+		git -C "$REPO" worktree remove --force "$BEFORE_SRC" 2>/dev/null || true
+		git -C "$REPO" worktree prune 2>/dev/null || true
+	fi
 	for pid in "${PIDS[@]}"; do
 		kill -TERM "$pid" 2>/dev/null || true
 	done
@@ -225,8 +269,9 @@ CLOSED_PORT=$(free_port 12527) # nothing ever listens here
 REDIS_PORT=$(free_port 16379)
 PF_PORT=$(free_port 12528)
 TLS_SINK_PORT=$(free_port 12529)
+THROTTLE_PORT=$(free_port 12530)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-log "ports: admin $ADMIN_PORT, http $HTTP_PORT, smtp-sink $SINK_PORT, delay proxy $PROXY_PORT, closed $CLOSED_PORT"
+log "ports: admin $ADMIN_PORT, http $HTTP_PORT, smtp-sink $SINK_PORT, delay proxy $PROXY_PORT, closed $CLOSED_PORT, throttlesink $THROTTLE_PORT"
 log "work directory: $WORK"
 
 # --- build -----------------------------------------------------------------
@@ -249,7 +294,18 @@ else
 	log "building caddy (with authmail) from $BUILT_FROM, and the bench tools"
 	(cd "$REPO" && go build -o "$BIN/caddy" ./cmd/caddy)
 fi
-(cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy ./bench/cmd/tlssink ./bench/cmd/storeprobe ./bench/cmd/rttprobe)
+(cd "$REPO" && go build -o "$BIN/" ./bench/cmd/loadgen ./bench/cmd/gomailbench ./bench/cmd/delayproxy ./bench/cmd/tlssink ./bench/cmd/storeprobe ./bench/cmd/rttprobe ./bench/cmd/throttlesink)
+if [ "$RUN_THROTTLE" = 1 ]; then
+	# phase 8's third sender: the same build of a git worktree of the
+	# commit before send-rate caps, removed again right after
+	BEFORE_REV=$(git -C "$REPO" rev-parse --short "$THROTTLE_BEFORE^{commit}") || die "THROTTLE_BEFORE $THROTTLE_BEFORE is no commit"
+	log "building caddy (with authmail) from commit $BEFORE_REV for phase 8"
+	BEFORE_SRC=$WORK/src-$BEFORE_REV
+	git -C "$REPO" worktree add --detach "$BEFORE_SRC" "$BEFORE_REV" >/dev/null 2>&1 || die "git worktree add $BEFORE_SRC $BEFORE_REV failed"
+	(cd "$BEFORE_SRC" && go build -o "$BIN/caddy-$BEFORE_REV" ./cmd/caddy)
+	git -C "$REPO" worktree remove --force "$BEFORE_SRC"
+	BEFORE_SRC=
+fi
 
 # --- helpers ---------------------------------------------------------------
 
@@ -308,13 +364,20 @@ EOF
 # Builds with per-key and per-recipient rate limits (on by default) get
 # them turned off: the benchmark sends every message to one recipient
 # with one key, as fast as it can.
+# adapts CADDY_BIN [delivery options...]: whether that build takes the
+# authmail block with the current RATE_OFF and SMTP_OPTS
+adapts() {
+	local bin=$1
+	shift
+	{
+		echo "http://127.0.0.1:1 {"
+		authmail_block 1 "$WORK/probe-storage" "$@"
+		echo "}"
+	} >"$WORK/probe.Caddyfile"
+	"$bin" adapt --config "$WORK/probe.Caddyfile" --adapter caddyfile >/dev/null 2>"$WORK/probe.err"
+}
 RATE_OFF=1
-{
-	echo "http://127.0.0.1:1 {"
-	authmail_block 1 "$WORK/probe-storage"
-	echo "}"
-} >"$WORK/probe.Caddyfile"
-if "$BIN/caddy" adapt --config "$WORK/probe.Caddyfile" --adapter caddyfile >/dev/null 2>"$WORK/probe.err"; then
+if adapts "$BIN/caddy"; then
 	log "this build has rate limits: the bench config turns them off (key rate off, recipient_rate off)"
 else
 	RATE_OFF=0
@@ -332,7 +395,8 @@ start_sink() { # start_sink [extra smtp-sink args...]
 CADDY_PID=
 CADDY_N=0
 # start_caddy NAME SMTP_PORT [delivery options...]: a fresh Caddy process
-# with its own storage, config and data directories
+# with its own storage, config and data directories (the binary is
+# CADDY_BIN, default the one built above)
 start_caddy() {
 	local name=$1 smtp_port=$2
 	shift 2
@@ -361,7 +425,7 @@ $(authmail_block "$smtp_port" "$storage" "$@")
 }
 EOF
 	XDG_DATA_HOME=$dir/data XDG_CONFIG_HOME=$dir/config HOME=$dir \
-		"$BIN/caddy" run --config "$dir/Caddyfile" --adapter caddyfile >"$dir/caddy.log" 2>&1 &
+		"${CADDY_BIN:-$BIN/caddy}" run --config "$dir/Caddyfile" --adapter caddyfile >"$dir/caddy.log" 2>&1 &
 	CADDY_PID=$!
 	PIDS+=("$CADDY_PID")
 	CADDY_DIR=$dir
@@ -472,6 +536,7 @@ if [ "$GOMAIL_WITHOUT_NOOP" = 1 ]; then
 	GM_LABEL="go-mail (WithoutNoop)"
 fi
 
+if [ "$RUN_MAIN" = 1 ]; then
 # ============================================================================
 # Phase 0: size of an authmail OTP message as sent (for the go-mail baseline)
 # ============================================================================
@@ -866,6 +931,75 @@ STORE_P50=$(kv p50_ms <<<"$probe")
 DELAY_MS=$(awk -v d="$DELAY" 'BEGIN { sub(/ms$/, "", d); print d + 0 }')
 SY_FLOOR=$(awk -v r="$RTT_P50" -v s="$STORE_P50" 'BEGIN { printf "%.2f", 2 * r + s }')
 log "phase 7: p50 $SY_P50 ms, p99 $SY_P99 ms; floor $SY_FLOOR ms (2 measured round trips through the proxy, p50 $RTT_P50 ms each for a $((2 * ${DELAY_MS%.*})) ms delay, + one durable write, p50 $STORE_P50 ms)"
+fi # RUN_MAIN
+
+# ============================================================================
+# Phase 8: a throttled provider
+# ============================================================================
+
+TH_ROWS=()
+TH_PROBLEMS=()
+th_problem() {
+	problem "$@"
+	TH_PROBLEMS+=("$*")
+}
+if [ "$RUN_THROTTLE" = 1 ]; then
+log "phase 8: $N_THROTTLE OTPs at once to a server that takes $THROTTLE_RATE messages/s (burst $THROTTLE_BURST) and answers 454 above it; each sender gets $THROTTLE_CAP s after the submissions"
+TH_IDEAL=$(awk -v n="$N_THROTTLE" -v r="$THROTTLE_RATE" 'BEGIN { printf "%.0f", n / r }')
+# throttled_count FILE: the throttling replies throttlesink has sent so far
+throttled_count() {
+	tail -c 300 "$1" | tr '\r' '\n' | sed -n 's/.*throttled=\([0-9][0-9]*\).*/\1/p' | tail -1
+}
+# throttle_row LABEL NAME CADDY_BIN [SMTP_LINE]: one sender, a fresh
+# throttlesink and a fresh Caddy; adds a row to TH_ROWS
+throttle_row() {
+	local label=$1 name=$2 bin=$3 counter=$WORK/$2.counter
+	local saved_opts=$SMTP_OPTS saved_rate_off=$RATE_OFF line accepted delivered e2e throttled took final sink_pid
+	SMTP_OPTS=$'\t\t\t\ttls none'
+	[ -z "${4:-}" ] || SMTP_OPTS+=$'\n\t\t\t\t'"$4"
+	RATE_OFF=1
+	adapts "$bin" || RATE_OFF=0
+	if ! adapts "$bin"; then
+		log "phase 8: $label skipped, the build does not take its config: $(tail -1 "$WORK/probe.err")"
+		TH_ROWS+=("| $label | n/a: the build does not take this config | | | | |")
+		SMTP_OPTS=$saved_opts RATE_OFF=$saved_rate_off
+		return
+	fi
+	"$BIN/throttlesink" -addr "127.0.0.1:$THROTTLE_PORT" -rate "$THROTTLE_RATE" -burst "$THROTTLE_BURST" -counter "$counter" >"$WORK/$name-sink.log" 2>&1 &
+	sink_pid=$!
+	PIDS+=("$sink_pid")
+	wait_port "$THROTTLE_PORT" throttlesink
+	CADDY_BIN=$bin start_caddy "$name" "$THROTTLE_PORT"
+	line=$("$BIN/loadgen" -url "http://127.0.0.1:$HTTP_PORT/authmail/send/otp" -n "$N_THROTTLE" -c "$SUBMIT_CONC" -key "$KEY" -async -sink-counter "$counter" -sink-timeout "${THROTTLE_CAP}s" 2>>"$WORK/$name-loadgen.err")
+	throttled=$(throttled_count "$counter")
+	log "phase 8, $name: $line throttled=$throttled"
+	accepted=$(kv accepted <<<"$line")
+	delivered=$(kv delivered <<<"$line")
+	e2e=$(kv e2e_s <<<"$line")
+	[ "$accepted" = "$N_THROTTLE" ] || th_problem "phase 8 ($name): only $accepted of $N_THROTTLE requests were accepted"
+	if [ "$delivered" -ge "$accepted" ] && [ -z "$(kv e2e_error <<<"$line")" ]; then
+		took="$(fmt_num "$e2e" 1) s"
+		TH_RATIO=$(awk -v a="$e2e" -v b="$TH_IDEAL" 'BEGIN { printf "%.2f×", a / b }')
+		# nothing may arrive twice: with the queue empty the server has
+		# exactly the accepted messages
+		wait_queue_empty 60 || th_problem "phase 8 ($name): the queue did not empty after every message had arrived"
+		sleep 1
+		final=$(kv mesg < <(tail -c 300 "$counter" | tr '\r' '\n' | grep mesg= | tail -1))
+		[ "$final" = "$accepted" ] || th_problem "phase 8 ($name): the server accepted $final messages for $accepted requests"
+	else
+		took="> $THROTTLE_CAP s"
+		TH_RATIO="> $(awk -v a="$THROTTLE_CAP" -v b="$TH_IDEAL" 'BEGIN { printf "%.0f×", a / b }')"
+	fi
+	[ "$(caddy_errors)" = 0 ] || log "phase 8 ($name): Caddy logged errors: $(error_summary)"
+	TH_ROWS+=("| $label | $delivered of $accepted | $took | $throttled | $TH_IDEAL s | $TH_RATIO |")
+	stop "$CADDY_PID"
+	stop "$sink_pid"
+	SMTP_OPTS=$saved_opts RATE_OFF=$saved_rate_off
+}
+throttle_row "authmail, \`smtp { rate $THROTTLE_RATE/1s }\`" throttle-rate "$BIN/caddy" "rate $THROTTLE_RATE/1s"
+throttle_row "authmail, no \`rate\` (slows down on throttling replies)" throttle-adaptive "$BIN/caddy"
+throttle_row "authmail at $BEFORE_REV, before send-rate caps (a throttled message waits \`retry_backoff\`, default 30 s doubling)" throttle-before "$BIN/caddy-$BEFORE_REV"
+fi # RUN_THROTTLE
 
 # ============================================================================
 # Results
@@ -884,6 +1018,18 @@ verdict() { # verdict VALUE THRESHOLD [INVALID]
 }
 bad() { [ "$1" = 1 ] && echo " (**invalid**: messages lost)" || true; }
 
+RESULTS=$(
+	cat <<EOF
+## Results
+
+Caddy built from $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
+Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
+Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
+Outbox storage: $(findmnt -n -o FSTYPE,SOURCE,OPTIONS --target "$STORAGE_BASE" | awk '{ print $1 " on " $2 " (" $3 ")" }').
+EOF
+)
+
+if [ "$RUN_MAIN" = 1 ]; then
 ACC_RATIO=$(awk -v a="$A_RPS" -v r="$R_RPS" 'BEGIN { print (r > 0 ? a / r : 0) }')
 E2E_RATIO=$(awk -v a="$AM_RATE" -v g="$GM_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
 DLY_RATIO=$(awk -v a="$AMD_RATE" -v g="$GMD_RATE" 'BEGIN { print (g > 0 ? a / g : 0) }')
@@ -896,14 +1042,8 @@ else
 	RSS_VERDICT="**not met**"
 fi
 
-RESULTS=$(
+RESULTS+=$'\n'$(
 	cat <<EOF
-## Results
-
-Caddy built from $BUILT_FROM$([ "$RATE_OFF" = 1 ] && echo "; rate limits turned off in the bench config").
-Machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), $(go version | awk '{ print $3 }'); $(date -u +%Y-%m-%dT%H:%MZ).
-Load average (1/5/15 min) at start: $LOAD_START; at end: $LOAD_END.
-Outbox storage: $(findmnt -n -o FSTYPE,SOURCE,OPTIONS --target "$STORAGE_BASE" | awk '{ print $1 " on " $2 " (" $3 ")" }').
 Message: authmail OTP, $MSG_SIZE bytes on the wire; go-mail baseline message $GM_SIZE bytes.
 
 ### 1. Async accept (wrk -t$THREADS -c$CONNS -d$DURATION, POST with the OTP body, after a $WARMUP warm-up)
@@ -1000,6 +1140,21 @@ Integrity problems: $(if [ ${#PROBLEMS[@]} = 0 ]; then echo "none (every accepte
 | synchronous p50 within 25% of its floor | $(ratio "$SY_P50" "$SY_FLOOR") | $(verdict "$(awk -v a="$SY_P50" -v b="$SY_FLOOR" 'BEGIN { print (a > 0 ? 1.25 * b / a : 0) }')" 1) |
 EOF
 )
+fi # RUN_MAIN
+
+if [ "$RUN_THROTTLE" = 1 ]; then
+RESULTS+=$'\n\n'$(
+	cat <<EOF
+### 8. A throttled provider ($N_THROTTLE OTPs submitted at once with \`Prefer: respond-async\`, $SMTP_CONNS SMTP connections; the server takes $THROTTLE_RATE messages/s across connections, burst $THROTTLE_BURST, and answers \`454 4.7.0 Throttling failure: Maximum sending rate exceeded\` above it)
+
+| Sender | Delivered | Time until the server had accepted all | Throttling replies | Ideal ($N_THROTTLE ÷ $THROTTLE_RATE/s) | Time / ideal |
+| --- | ---: | ---: | ---: | ---: | ---: |
+$(printf '%s\n' "${TH_ROWS[@]}")
+
+Times run from the first submission; a sender that had not delivered every message $THROTTLE_CAP s after the last submission is stopped there. Integrity problems: $(if [ ${#TH_PROBLEMS[@]} = 0 ]; then echo "none (every message arrived once, or the sender was stopped at the cap)."; else printf '\n\n'; printf -- '- %s\n' "${TH_PROBLEMS[@]}"; fi)
+EOF
+)
+fi
 
 echo
 echo "$RESULTS"
