@@ -14,11 +14,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/caddy-authmail/authmail/internal/heapq"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
+	"github.com/caddy-authmail/authmail/internal/heapq"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
