@@ -3,14 +3,14 @@ package authmail
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"path"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-authmail/authmail/internal/storagex"
 )
 
 // Storage layout of the outbox. Every key lives under authmail/.
@@ -204,7 +204,7 @@ func (st store) getJSON(ctx context.Context, key string, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
+func isNotExist(err error) bool { return storagex.NotExist(err) }
 
 func (st store) loadSegment(ctx context.Context, batch string) (*segment, error) {
 	var seg segment
@@ -244,44 +244,15 @@ func (st store) ownedBatches(ctx context.Context, instance string) ([]string, er
 	return out, err
 }
 
-// list lists the keys directly below dir. File storage walks the
-// directory, and a key deleted during the walk fails the listing with
-// "not exist" although the directory exists: such a listing is retried,
-// and "not exist" means empty only when the directory itself is absent.
+// list lists the keys directly below dir (storagex.List).
 func (st store) list(ctx context.Context, dir string) ([]string, error) {
-	var err error
-	for attempt := 0; attempt < 8; attempt++ {
-		var keys []string
-		if keys, err = st.s.List(ctx, dir, false); err == nil {
-			return keys, nil
-		}
-		if !isNotExist(err) || ctx.Err() != nil {
-			return nil, err
-		}
-		if !st.s.Exists(ctx, dir) {
-			return nil, nil
-		}
-	}
-	return nil, err
+	return storagex.List(ctx, st.s, dir)
 }
 
 // storageTempName reports whether a listed name is a file storage's
-// write in progress rather than a key: certmagic's FileStorage writes a
-// key to a temporary file named with digits only (os.CreateTemp with an
-// empty pattern) in the key's directory, then renames it, so a listing
-// can catch it. Instance ids are UUIDs and batch ids have 26 characters,
-// so no real name consists of digits only.
-func storageTempName(name string) bool {
-	if name == "" {
-		return false
-	}
-	for i := 0; i < len(name); i++ {
-		if name[i] < '0' || name[i] > '9' {
-			return false
-		}
-	}
-	return true
-}
+// write in progress (storagex.TempName): instance ids are UUIDs and
+// batch ids have 26 characters, so no real name consists of digits only.
+func storageTempName(name string) bool { return storagex.TempName(name) }
 
 // heartbeat is the content of authmail/inst/<instance>.
 type heartbeat struct {

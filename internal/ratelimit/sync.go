@@ -5,13 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"path"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-authmail/authmail/internal/storagex"
 )
 
 // peerMaxAge is how old a peer's state may be and still count.
@@ -28,8 +29,6 @@ func stateDir(prefix string) string           { return prefix + "/rl" }
 func stateKey(prefix, instance string) string { return stateDir(prefix) + "/" + instance }
 func saltKey(prefix string) string            { return prefix + "/salt" }
 func saltLock(prefix string) string           { return prefix + "_salt" }
-
-func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
 
 // checkPrefix refuses a prefix that is not a clean relative key path.
 func checkPrefix(prefix string) error {
@@ -95,14 +94,14 @@ func (l *Limiter) Sync(ctx context.Context, st certmagic.Storage, prefix, instan
 			l.published = len(own.Events) > 0
 		}
 	}
-	keys, err := list(ctx, st, stateDir(prefix))
+	keys, err := storagex.List(ctx, st, stateDir(prefix))
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("reading rate limit state: %w", err))...)
 	}
 	peers := map[string]map[string][]int64{}
 	for _, k := range keys {
 		id := path.Base(k)
-		if id == instance || tempName(id) {
+		if id == instance || storagex.TempName(id) {
 			continue
 		}
 		// a state must name the instance it is stored under: anything
@@ -163,12 +162,12 @@ func LoadSalt(ctx context.Context, st certmagic.Storage, prefix string) ([]byte,
 		return b, err
 	}
 	salt, err := get()
-	if isNotExist(err) {
+	if storagex.NotExist(err) {
 		if err := st.Lock(ctx, saltLock(prefix)); err != nil {
 			return nil, err
 		}
 		defer func() { _ = st.Unlock(context.Background(), saltLock(prefix)) }()
-		if salt, err = get(); isNotExist(err) {
+		if salt, err = get(); storagex.NotExist(err) {
 			salt = NewRandomSalt()
 			err = st.Store(ctx, saltKey(prefix), salt)
 		}
@@ -186,46 +185,8 @@ func Forget(ctx context.Context, st certmagic.Storage, prefix, instance string) 
 	if err := checkNames(prefix, instance); err != nil {
 		return err
 	}
-	if err := st.Delete(ctx, stateKey(prefix, instance)); err != nil && !isNotExist(err) {
+	if err := st.Delete(ctx, stateKey(prefix, instance)); err != nil && !storagex.NotExist(err) {
 		return err
 	}
 	return nil
-}
-
-// list lists the keys directly below dir. File storage walks the
-// directory, and a key deleted during the walk fails the listing with
-// "not exist" although the directory exists: such a listing is retried,
-// and "not exist" means empty only when the directory itself is absent.
-func list(ctx context.Context, st certmagic.Storage, dir string) ([]string, error) {
-	var err error
-	for range 8 {
-		var keys []string
-		if keys, err = st.List(ctx, dir, false); err == nil {
-			return keys, nil
-		}
-		if !isNotExist(err) || ctx.Err() != nil {
-			return nil, err
-		}
-		if !st.Exists(ctx, dir) {
-			return nil, nil
-		}
-	}
-	return nil, err
-}
-
-// tempName reports whether a listed name is a file storage's write in
-// progress rather than a key: certmagic's FileStorage writes a key to a
-// temporary file named with digits only in the key's directory, then
-// renames it, so a listing can catch it. Instance names of digits only
-// are therefore never read as peers.
-func tempName(name string) bool {
-	if name == "" {
-		return false
-	}
-	for i := 0; i < len(name); i++ {
-		if name[i] < '0' || name[i] > '9' {
-			return false
-		}
-	}
-	return true
 }
