@@ -90,6 +90,9 @@ type Pacer struct {
 
 	mu    sync.Mutex
 	share float64
+	// shareUntil is when share lapses to shareAfter (zero: never)
+	shareUntil time.Time
+	shareAfter float64
 	// cur is the rate in force, 0: unlimited (only without a cap, before
 	// the first throttle or after Recover clean)
 	cur float64
@@ -449,6 +452,7 @@ func (p *Pacer) PauseUntil(t time.Time) {
 // recoverLocked makes an uncapped pacer unlimited again after Recover
 // without a throttling reply.
 func (p *Pacer) recoverLocked(now time.Time) {
+	p.lapseLocked(now)
 	if p.configured == 0 && p.cur > 0 && now.Sub(p.lastThrottle) >= p.cfg.Recover {
 		p.cur = 0
 	}
@@ -459,23 +463,45 @@ func (p *Pacer) recoverLocked(now time.Time) {
 // at once; a higher one raises the cap, and the current rate follows
 // when it was at the old cap (a throttled rate keeps climbing
 // additively).
-func (p *Pacer) SetShare(f float64) {
-	if f < 0 || math.IsNaN(f) {
-		f = 0
-	}
-	if f > 1 {
-		f = 1
-	}
+func (p *Pacer) SetShare(f float64) { p.SetShareUntil(f, time.Time{}, f) }
+
+// SetShareUntil sets the share f until the time until, and the share
+// after from then on (a zero until: f for good). A cluster share lapses
+// this way: the others stop counting an instance whose record has not
+// been renewed for a while, so the instance must not keep sending at
+// the share they no longer leave it, even when nothing renews it (its
+// rounds stalled behind a slow storage or a paused process).
+func (p *Pacer) SetShareUntil(f float64, until time.Time, after float64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.setShareLocked(f)
+	p.shareUntil, p.shareAfter = until, clampShare(after)
+}
+
+func clampShare(f float64) float64 {
+	if f < 0 || math.IsNaN(f) {
+		return 0
+	}
+	return math.Min(f, 1)
+}
+
+func (p *Pacer) setShareLocked(f float64) {
 	old := p.capLocked()
-	p.share = f
+	p.share = clampShare(f)
 	if p.configured == 0 {
 		return
 	}
 	c := p.capLocked()
 	if p.cur > c || p.cur >= old {
 		p.cur = c
+	}
+}
+
+// lapseLocked applies the share's lapse once its time has come.
+func (p *Pacer) lapseLocked(now time.Time) {
+	if !p.shareUntil.IsZero() && !now.Before(p.shareUntil) {
+		p.shareUntil = time.Time{}
+		p.setShareLocked(p.shareAfter)
 	}
 }
 

@@ -64,7 +64,9 @@ type ShareOptions struct {
 // younger than StaleAfter (the peers still count it), then drops to
 // MinShare (at most an equal split of the last number of instances it
 // saw), because the peers have stopped counting it and split the cap
-// without it. An instance that has never reached the storage holds
+// without it; the pacer lapses to that share at that moment by itself,
+// so a round that does not run at all (a storage call that hangs, a
+// paused process) does the same. An instance that has never reached the storage holds
 // nothing for StaleAfter, then MinShare. The first successful round
 // restores the computed share.
 type Share struct {
@@ -247,11 +249,14 @@ func (s *Share) sync(ctx context.Context, now time.Time) error {
 	// the share is applied once the record saying so is stored: the
 	// others must be able to see what this instance holds
 	s.held = held
-	if s.p.configured > 0 {
-		s.p.SetShare(held)
-	}
 	s.lastSent, s.lastSync, s.lastOK = snap.Sent, now, now
 	s.lastN = len(peers) + 1
+	if s.p.configured > 0 {
+		// the others stop counting this instance when its record is
+		// StaleAfter old: by then the share lapses to what Sync's
+		// failure path would give it, whether or not a round ran
+		s.p.SetShareUntil(held, now.Add(s.opts.StaleAfter), math.Min(held, math.Min(s.opts.MinShare, 1/float64(s.lastN))))
+	}
 
 	// throttles and pauses seen by the others
 	for _, r := range peers {
