@@ -292,3 +292,15 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	h.logger.Warn("test message failed", append(fields, zap.String("error_code", de.Code))...)
 	return writeJSON(w, http.StatusBadGateway, resp)
 }
+
+// adminServer is one server of a failover list in /status.
+type adminServer struct {
+	Host      string `json:"host"`
+	Port      int    `json:"port"`
+	Username  string `json:"username,omitempty"`
+	State     string `json:"state"`
+	Since     string `json:"since"`
+	LastError string `json:"last_error_code,omitempty"`
+	// Rate is the server's sending rate; see adminRate.
+	Rate *adminRate `json:"rate,omitempty"`
+}

@@ -2,23 +2,14 @@ package authmail
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
-
-// failoverPool holds one failover transport per list of senders, so that
-// the servers' health survives config reloads like the senders do.
-var failoverPool = caddy.NewUsagePool()
 
 // Tunables; tests shorten them.
 var (
@@ -92,15 +83,6 @@ func newFailoverTransport(senders []*smtpSender) *failoverTransport {
 	}
 	go f.prober()
 	return f
-}
-
-// failoverKey names the transport of a list of sender pool keys.
-func failoverKey(keys []string) string {
-	h := sha256.New()
-	for _, k := range keys {
-		fmt.Fprintf(h, "%d:%s|", len(k), k)
-	}
-	return "authmail.failover." + hex.EncodeToString(h.Sum(nil))
 }
 
 // Destruct stops the prober; the senders are released by their own pool
@@ -281,18 +263,6 @@ func (f *failoverTransport) prober() {
 	}
 }
 
-// adminServer is one server of a failover list in /status.
-type adminServer struct {
-	Host      string `json:"host"`
-	Port      int    `json:"port"`
-	Username  string `json:"username,omitempty"`
-	State     string `json:"state"`
-	Since     string `json:"since"`
-	LastError string `json:"last_error_code,omitempty"`
-	// Rate is the server's sending rate; see adminRate.
-	Rate *adminRate `json:"rate,omitempty"`
-}
-
 // status lists the servers in priority order with their state.
 func (f *failoverTransport) status() []adminServer {
 	f.mu.Lock()
@@ -308,83 +278,6 @@ func (f *failoverTransport) status() []adminServer {
 			Since: h.since.UTC().Format(time.RFC3339), LastError: h.lastError, Rate: rateOf(s)}
 	}
 	return out
-}
-
-// route names the list for the sender profile: the servers' routes in
-// order.
-func failoverRoute(settings []smtpSettings) string {
-	var rs []string
-	for i := range settings {
-		rs = append(rs, settings[i].route())
-	}
-	return "failover " + strings.Join(rs, " | ")
-}
-
-// checkSMTPServers validates smtp_servers.
-func (h *Handler) checkSMTPServers() error {
-	if h.SMTP != nil {
-		return errors.New("smtp and smtp_servers are mutually exclusive; list every server in smtp_servers, in priority order")
-	}
-	if h.Capture != "" {
-		return errors.New("smtp_servers and capture are mutually exclusive; configure exactly one")
-	}
-	if len(h.SMTPServers) > 10 {
-		return fmt.Errorf("smtp_servers: at most 10 servers, not %d", len(h.SMTPServers))
-	}
-	for i := range h.SMTPServers {
-		if err := h.SMTPServers[i].check(); err != nil {
-			return fmt.Errorf("smtp_servers[%d]: %w", i, err)
-		}
-	}
-	return nil
-}
-
-// provisionFailover resolves every server of smtp_servers, takes a
-// reference on each sender and on the failover transport over them.
-func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns int, err error) {
-	var settings []smtpSettings
-	var senders []*smtpSender
-	for i := range h.SMTPServers {
-		st, err := h.SMTPServers[i].resolve(repl, h.logger)
-		if err != nil {
-			return "", 0, fmt.Errorf("smtp_servers[%d]: %w", i, err)
-		}
-		key := st.poolKey()
-		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return newSMTPSender(st), nil })
-		if err != nil {
-			return "", 0, err
-		}
-		h.poolKeys = append(h.poolKeys, key)
-		settings = append(settings, st)
-		senders = append(senders, val.(*smtpSender))
-		conns = max(conns, st.connections)
-	}
-	fkey := failoverKey(h.poolKeys)
-	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return newFailoverTransport(senders), nil })
-	if err != nil {
-		return "", 0, err
-	}
-	h.failKey = fkey
-	h.transport = val.(*failoverTransport)
-	return failoverRoute(settings), conns, nil
-}
-
-// cleanupFailover releases what provisionFailover took.
-func (h *Handler) cleanupFailover() []error {
-	var errs []error
-	if h.failKey != "" {
-		if _, err := failoverPool.Delete(h.failKey); err != nil {
-			errs = append(errs, err)
-		}
-		h.failKey = ""
-	}
-	for _, k := range h.poolKeys {
-		if _, err := smtpPool.Delete(k); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	h.poolKeys = nil
-	return errs
 }
 
 // shareRate shares each server's configured rate with the cluster.

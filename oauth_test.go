@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
+	"github.com/caddyserver/caddy/v2"
 )
 
 // tokenServer is a local OAuth2 token endpoint for the refresh-token
@@ -207,7 +208,11 @@ func TestOAuthAccessTokenFileIsReadAtEveryAuthentication(t *testing.T) {
 	_ = os.WriteFile(path, []byte("file-token-1\n"), 0o600)
 	cfg := testSettings(srv)
 	cfg.username, cfg.password = "mailer@example.com", ""
-	cfg.oauth = &oauthSettings{mech: authXOAUTH2, accessToken: "{file." + path + "}"}
+	o, err := (&SMTP{Auth: authXOAUTH2, AccessToken: "{file." + path + "}"}).resolveOAuth(caddy.NewReplacer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.oauth = o
 	s := newTestSender(t, cfg)
 	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)

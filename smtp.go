@@ -15,7 +15,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"github.com/wneessen/go-mail/smtp"
 	"go.uber.org/zap"
@@ -30,12 +29,6 @@ const (
 	tlsImplicit = "implicit"
 	tlsNone     = "none"
 )
-
-// smtpPool holds one sender per distinct SMTP identity. It is package-level
-// so that senders, and their open connections, survive config reloads:
-// the new config provisions (and takes a reference) before the old one
-// is cleaned up.
-var smtpPool = caddy.NewUsagePool()
 
 // Tunables that are not part of the public config. Tests shorten them.
 var (
