@@ -156,7 +156,17 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	var servers []adminServer
 	smtpTransport := h.transport
 	if f, ok := h.transport.(*failoverTransport); ok {
-		servers, smtpTransport = f.status(), f.senders[0]
+		list := f.status()
+		for _, v := range list {
+			c := v.Sender.cfg
+			state := "up"
+			if v.Down {
+				state = "down"
+			}
+			servers = append(servers, adminServer{Host: c.host, Port: c.port, Username: maskUser(c.username), State: state,
+				Since: v.Since.UTC().Format(time.RFC3339), LastError: v.LastError, Rate: rateOf(v.Sender)})
+		}
+		smtpTransport = list[0].Sender
 	}
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}

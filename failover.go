@@ -23,12 +23,6 @@ var (
 	failoverTransientLimit = 3
 )
 
-// Server states in /status and the metrics.
-const (
-	serverUp   = "up"
-	serverDown = "down"
-)
-
 var (
 	mServerUp     *prometheus.GaugeVec
 	mServerUpOnce sync.Once
@@ -263,19 +257,24 @@ func (f *failoverTransport) prober() {
 	}
 }
 
+// ServerState is one server of a failover list: its sender, whether it
+// is down (and probed), since when, and the code of the error that
+// marked it down.
+type ServerState struct {
+	Sender    *smtpSender
+	Down      bool
+	Since     time.Time
+	LastError string
+}
+
 // status lists the servers in priority order with their state.
-func (f *failoverTransport) status() []adminServer {
+func (f *failoverTransport) status() []ServerState {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := make([]adminServer, len(f.senders))
+	out := make([]ServerState, len(f.senders))
 	for i, s := range f.senders {
 		h := f.health[i]
-		st := serverUp
-		if h.down {
-			st = serverDown
-		}
-		out[i] = adminServer{Host: s.cfg.host, Port: s.cfg.port, Username: maskUser(s.cfg.username), State: st,
-			Since: h.since.UTC().Format(time.RFC3339), LastError: h.lastError, Rate: rateOf(s)}
+		out[i] = ServerState{Sender: s, Down: h.down, Since: h.since, LastError: h.lastError}
 	}
 	return out
 }

@@ -27,7 +27,11 @@ func failoverPair(t *testing.T) (primary, secondary *smtptest.Server, f *failove
 func states(f *failoverTransport) string {
 	s := ""
 	for _, st := range f.status() {
-		s += st.State + "/" + st.LastError + " "
+		state := "up"
+		if st.Down {
+			state = "down"
+		}
+		s += state + "/" + st.LastError + " "
 	}
 	return s
 }

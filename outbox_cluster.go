@@ -25,10 +25,6 @@ var (
 	instanceForgetAge = 7 * 24 * time.Hour
 )
 
-// interruptedError is recorded for a message whose delivery attempt was
-// cut short by a crash: it may or may not have reached the server.
-const interruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
-
 func (e *engine) leaseDuration() time.Duration {
 	if c := e.config(); c != nil && c.lease > 0 {
 		return c.lease

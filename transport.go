@@ -391,3 +391,7 @@ func classify(phase string, err error) *deliveryError {
 	}
 	return de
 }
+
+// interruptedError is recorded for a message whose delivery attempt was
+// cut short by a crash: it may or may not have reached the server.
+const interruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
