@@ -79,7 +79,7 @@ type adminRate struct {
 	PausedUntil string `json:"paused_until,omitempty"`
 }
 
-func rateOf(s *smtpSender) *adminRate {
+func rateOf(s *Sender) *adminRate {
 	snap := s.pacer.Snapshot(time.Now())
 	r := &adminRate{Configured: "off", ConfiguredPerSecond: snap.Configured, CurrentPerSecond: snap.Current,
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
@@ -155,7 +155,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	var servers []adminServer
 	smtpTransport := h.transport
-	if f, ok := h.transport.(*failoverTransport); ok {
+	if f, ok := h.transport.(*Failover); ok {
 		list := f.status()
 		for _, v := range list {
 			c := v.Sender.cfg
@@ -170,7 +170,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
-	} else if s, ok := smtpTransport.(*smtpSender); ok {
+	} else if s, ok := smtpTransport.(*Sender); ok {
 		c := s.cfg
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
 			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections(), Rate: rateOf(s)}
@@ -290,9 +290,9 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 		h.logger.Info("test message "+d.Status, fields...)
 		return writeJSON(w, http.StatusOK, resp)
 	}
-	de, _ := serr.(*deliveryError)
+	de, _ := serr.(*Error)
 	if de == nil {
-		de = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: serr}
+		de = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: serr}
 	}
 	resp.Status, resp.ErrorCode, resp.Message = "failed", de.Code, de.Error()
 	if de.Reply != nil {

@@ -250,7 +250,7 @@ type Handler struct {
 	DKIM *DKIM `json:"dkim,omitempty"`
 
 	logger     *zap.Logger
-	transport  transport
+	transport  Transport
 	poolKey    string   // acquired smtpPool key, released in Cleanup
 	poolKeys   []string // smtpPool keys of the smtp_servers senders
 	failKey    string   // acquired failoverPool key
@@ -599,7 +599,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		transportDesc = "smtp failover " + strings.Join(hosts, ", ")
 	} else if h.Capture != "" {
-		h.transport = &captureTransport{dir: h.Capture}
+		h.transport = &Capture{dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
 			route = "capture " + abs
@@ -612,13 +612,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		key := settings.poolKey()
 		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
-			return newSMTPSender(settings), nil
+			return NewSender(settings), nil
 		})
 		if err != nil {
 			return err
 		}
 		h.poolKey = key
-		h.transport = val.(*smtpSender)
+		h.transport = val.(*Sender)
 		conns = settings.connections
 		route = settings.route()
 		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
@@ -758,8 +758,8 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 }
 
 // resolve expands secrets, reads the CA file and fills in defaults.
-func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, error) {
-	out := smtpSettings{
+func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, error) {
+	out := SMTPSettings{
 		host:        s.Host,
 		port:        s.Port,
 		tlsMode:     s.TLS,
@@ -779,9 +779,9 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 		out.port = defaultSMTPPort
 	}
 	if out.tlsMode == "" {
-		out.tlsMode = tlsStartTLS
+		out.tlsMode = TLSStartTLS
 		if out.port == 465 {
-			out.tlsMode = tlsImplicit
+			out.tlsMode = TLSImplicit
 		}
 	}
 	if out.timeout == 0 {
@@ -815,7 +815,7 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (smtpSettings, 
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
-	if out.tlsMode == tlsNone && out.username != "" && !isLoopbackHost(out.host) {
+	if out.tlsMode == TLSNone && out.username != "" && !isLoopbackHost(out.host) {
 		return out, errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
 	}
 	pool, perr := x509.SystemCertPool()
@@ -1078,7 +1078,7 @@ func (s *SMTP) check() error {
 		return fmt.Errorf("smtp: invalid port %d", s.Port)
 	}
 	switch s.TLS {
-	case "", tlsStartTLS, tlsImplicit, tlsNone:
+	case "", TLSStartTLS, TLSImplicit, TLSNone:
 	default:
 		return fmt.Errorf("smtp: tls must be starttls, implicit or none, not '%s'", s.TLS)
 	}
@@ -1091,7 +1091,7 @@ func (s *SMTP) check() error {
 	if s.Username != "" && s.Password == "" && s.Auth == "" {
 		return errors.New("smtp: username is set but password is not")
 	}
-	if s.TLS == tlsNone && s.Username != "" && !isLoopbackHost(s.Host) {
+	if s.TLS == TLSNone && s.Username != "" && !isLoopbackHost(s.Host) {
 		return errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
 	}
 	if s.HELO != "" && (headerProblem(s.HELO) != "" || strings.ContainsAny(s.HELO, " ")) {
@@ -1259,7 +1259,7 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
-	_ caddy.Destructor            = (*smtpSender)(nil)
+	_ caddy.Destructor            = (*Sender)(nil)
 	_ caddy.Destructor            = (*engine)(nil)
 )
 

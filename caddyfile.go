@@ -550,7 +550,7 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 			s.Password = v
 		case "tls":
 			switch v {
-			case tlsStartTLS, tlsImplicit, tlsNone:
+			case TLSStartTLS, TLSImplicit, TLSNone:
 				s.TLS = v
 			default:
 				return d.Errf("smtp tls must be starttls, implicit or none, not '%s'", v)

@@ -8,10 +8,10 @@ import (
 	"time"
 )
 
-// captureTransport writes each message to a directory as an .eml file
+// Capture writes each message to a directory as an .eml file
 // instead of sending it. It is meant for development: no SMTP server is
 // needed, and every message can be opened in a mail client.
-type captureTransport struct {
+type Capture struct {
 	dir string
 }
 
@@ -22,7 +22,7 @@ type captureTransport struct {
 // 4.4) and one "Delivered-To: <recipient>" per envelope recipient, Bcc
 // included. Only capture files get them; sent mail never does (the Bcc
 // recipients would show).
-func captureTrace(env *envelope) []byte {
+func captureTrace(env *Envelope) []byte {
 	b := make([]byte, 0, 64+32*len(env.To))
 	b = append(b, "Return-Path: <"+env.From+">\r\n"...)
 	for _, to := range env.To {
@@ -34,19 +34,19 @@ func captureTrace(env *envelope) []byte {
 // send writes env.Data atomically (temporary file, then rename), so a
 // watcher never sees a partial file. Files are readable by the owner only:
 // they contain codes and links.
-func (c *captureTransport) send(_ context.Context, env *envelope) (delivery, error) {
+func (c *Capture) send(_ context.Context, env *Envelope) (Result, error) {
 	if err := os.MkdirAll(c.dir, 0o700); err != nil {
-		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseConnect, Err: err}
+		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseConnect, Err: err}
 	}
 	name := fmt.Sprintf("%s-%s.eml", time.Now().UTC().Format("20060102-150405.000"), env.ID)
 	tmp, err := os.CreateTemp(c.dir, ".authmail-*.tmp")
 	if err != nil {
-		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseConnect, Err: err}
+		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseConnect, Err: err}
 	}
-	fail := func(err error) (delivery, error) {
+	fail := func(err error) (Result, error) {
 		_ = tmp.Close()
 		_ = os.Remove(tmp.Name())
-		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseBody, Err: err}
+		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseBody, Err: err}
 	}
 	if _, err := tmp.Write(captureTrace(env)); err != nil {
 		return fail(err)
@@ -61,12 +61,12 @@ func (c *captureTransport) send(_ context.Context, env *envelope) (delivery, err
 	if env.BeforeDot != nil {
 		if err := env.BeforeDot(); err != nil {
 			_ = os.Remove(tmp.Name())
-			return delivery{}, &deliveryError{Code: codeOutboxUnavailable, Phase: phaseBody, Err: err}
+			return Result{}, &Error{Code: CodeOutboxUnavailable, Phase: PhaseBody, Err: err}
 		}
 	}
 	if err := os.Rename(tmp.Name(), filepath.Join(c.dir, name)); err != nil {
 		_ = os.Remove(tmp.Name())
-		return delivery{}, &deliveryError{Code: codeCaptureFailed, Phase: phaseEnd, Err: err}
+		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseEnd, Err: err}
 	}
-	return delivery{Status: "captured"}, nil
+	return Result{Status: "captured"}, nil
 }

@@ -336,7 +336,7 @@ func issuedOf(msgs []*outMessage) *issuedValue {
 // the messages. A code's answer carries its challenge_id and expiry.
 // When the message is not accepted (queue full, storage down) the
 // record is withdrawn; a code it replaced stays replaced.
-func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
+func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*Envelope, batch string, pref preference) apiResponse {
 	v := issuedOf(msgs)
 	if v == nil {
 		return withLocale(h.submit(rc, msgs, envs, batch, pref), msgs)

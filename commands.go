@@ -279,14 +279,14 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		if abs, err := filepath.Abs(dir); err == nil {
 			dir = abs
 		}
-		h.transport = &captureTransport{dir: h.Capture}
+		h.transport = &Capture{dir: h.Capture}
 		res.transport = "capture " + dir
 	} else {
 		settings, err := h.SMTP.resolve(caddy.NewReplacer(), h.logger)
 		if err != nil {
 			return cliTestResult{}, err
 		}
-		s := newSMTPSender(settings)
+		s := NewSender(settings)
 		defer s.Destruct()
 		h.transport = s
 		res.transport = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
@@ -304,9 +304,9 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		res.Sent, res.Status, res.SMTPResponse = true, d.Status, d.Response
 		return res, nil
 	}
-	de, _ := serr.(*deliveryError)
+	de, _ := serr.(*Error)
 	if de == nil {
-		de = &deliveryError{Code: codeSMTPConnection, Phase: phaseConnect, Err: serr}
+		de = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: serr}
 	}
 	res.Status, res.ErrorCode, res.Message = "failed", de.Code, de.Error()
 	if de.Reply != nil {

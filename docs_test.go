@@ -365,8 +365,8 @@ func TestDocsErrorCodes(t *testing.T) {
 	}
 	// the delivery outcomes have a row each in the table of delivery
 	// error codes
-	for _, c := range []string{codeSMTPConnection, codeSMTPTimeout, codeSMTPAuthFailed, codeStartTLSUnsupported,
-		codeRecipientRefused, codeSMTPRejected, codeSMTPTransient, codeUncertain, codeCaptureFailed, codeOutboxUnavailable} {
+	for _, c := range []string{CodeSMTPConnection, CodeSMTPTimeout, CodeSMTPAuthFailed, CodeStartTLSUnsupported,
+		CodeRecipientRefused, CodeSMTPRejected, CodeSMTPTransient, CodeUncertain, CodeCaptureFailed, CodeOutboxUnavailable} {
 		if !strings.Contains(page, "\n| `"+c+"` |") {
 			t.Errorf("docs/api.md's table of delivery error codes has no row for %q", c)
 		}

@@ -28,9 +28,9 @@ var (
 	mServerUpOnce sync.Once
 )
 
-// failoverCollectors returns the per-server gauge, 1 while a server is
+// FailoverCollectors returns the per-server gauge, 1 while a server is
 // up and 0 while it is down, labelled host:port.
-func failoverCollectors() []prometheus.Collector {
+func FailoverCollectors() []prometheus.Collector {
 	mServerUpOnce.Do(func() {
 		mServerUp = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "caddy", Subsystem: "authmail",
 			Name: "smtp_server_up", Help: "1 while an SMTP server of a failover list is healthy, 0 while it is down and probed."}, []string{"server"})
@@ -48,14 +48,14 @@ type serverHealth struct {
 	backoff    time.Duration
 }
 
-// failoverTransport delivers through the first healthy server of a list
+// Failover delivers through the first healthy server of a list
 // in priority order. A server that cannot take the message (connection,
 // TLS, authentication, timeout, a 4xx) passes it on to the next one at
 // once; a 5xx refusal of the message itself, and any outcome after the
 // message may have been accepted, end the attempt: a message is never
 // offered to a second server once a first one may have it.
-type failoverTransport struct {
-	senders []*smtpSender
+type Failover struct {
+	senders []*Sender
 	// the tunables, read once at construction
 	probeBase, probeMax time.Duration
 	transientLimit      int
@@ -67,8 +67,8 @@ type failoverTransport struct {
 	once sync.Once
 }
 
-func newFailoverTransport(senders []*smtpSender) *failoverTransport {
-	f := &failoverTransport{senders: senders, health: make([]serverHealth, len(senders)), done: make(chan struct{}),
+func NewFailover(senders []*Sender) *Failover {
+	f := &Failover{senders: senders, health: make([]serverHealth, len(senders)), done: make(chan struct{}),
 		probeBase: failoverProbeBase, probeMax: failoverProbeMax, transientLimit: failoverTransientLimit}
 	now := time.Now()
 	for i := range f.health {
@@ -81,18 +81,18 @@ func newFailoverTransport(senders []*smtpSender) *failoverTransport {
 
 // Destruct stops the prober; the senders are released by their own pool
 // keys.
-func (f *failoverTransport) Destruct() error {
+func (f *Failover) Destruct() error {
 	f.once.Do(func() { close(f.done) })
 	return nil
 }
 
-func (f *failoverTransport) label(i int) string {
+func (f *Failover) label(i int) string {
 	c := &f.senders[i].cfg
 	return fmt.Sprintf("%s:%d", c.host, c.port)
 }
 
-func (f *failoverTransport) setGauge(i int) {
-	failoverCollectors()
+func (f *Failover) setGauge(i int) {
+	FailoverCollectors()
 	v := 1.0
 	if f.health[i].down {
 		v = 0
@@ -102,7 +102,7 @@ func (f *failoverTransport) setGauge(i int) {
 
 // order returns the servers to try: the healthy ones in priority order,
 // then, as a last resort when none is healthy, the down ones.
-func (f *failoverTransport) order() []int {
+func (f *Failover) order() []int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var up, down []int
@@ -122,9 +122,9 @@ func (f *failoverTransport) order() []int {
 // passesOn reports whether a failure of one server should move the
 // message to the next: the message was certainly not accepted, and the
 // failure is about the server (not a 5xx refusal of the message).
-func passesOn(de *deliveryError) bool {
+func passesOn(de *Error) bool {
 	switch de.Code {
-	case codeSMTPConnection, codeSMTPTimeout, codeSMTPAuthFailed, codeStartTLSUnsupported, codeSMTPTransient, codeSMTPThrottled:
+	case CodeSMTPConnection, CodeSMTPTimeout, CodeSMTPAuthFailed, CodeStartTLSUnsupported, CodeSMTPTransient, CodeSMTPThrottled:
 		return true
 	}
 	// codeUncertain: the server may have it; codeSMTPRejected and
@@ -133,7 +133,7 @@ func passesOn(de *deliveryError) bool {
 	return false
 }
 
-func (f *failoverTransport) send(ctx context.Context, env *envelope) (delivery, error) {
+func (f *Failover) send(ctx context.Context, env *Envelope) (Result, error) {
 	var last error
 	for _, i := range f.order() {
 		// BeforeDot runs right before the final dot; once it has run the
@@ -153,26 +153,26 @@ func (f *failoverTransport) send(ctx context.Context, env *envelope) (delivery, 
 			f.succeeded(i)
 			return d, nil
 		}
-		de, _ := err.(*deliveryError)
+		de, _ := err.(*Error)
 		if ctx.Err() != nil && !committed {
 			// the attempt's time ran out (waiting for a free connection,
 			// or dialing): says nothing about the server, and there is no
 			// time left for the next one
-			return delivery{}, err
+			return Result{}, err
 		}
 		if de == nil || committed || !passesOn(de) {
-			if de != nil && !de.permanent() && de.Code != codeOutboxUnavailable {
+			if de != nil && !de.permanent() && de.Code != CodeOutboxUnavailable {
 				f.failed(i, de)
 			}
-			return delivery{}, err
+			return Result{}, err
 		}
 		f.failed(i, de)
 		last = err
 	}
-	return delivery{}, last
+	return Result{}, last
 }
 
-func (f *failoverTransport) succeeded(i int) {
+func (f *Failover) succeeded(i int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	h := &f.health[i]
@@ -183,17 +183,17 @@ func (f *failoverTransport) succeeded(i int) {
 }
 
 // markUp brings server i back; f.mu is held.
-func (f *failoverTransport) markUp(i int) {
+func (f *Failover) markUp(i int) {
 	h := &f.health[i]
 	*h = serverHealth{since: time.Now()}
 	f.setGauge(i)
 }
 
-func (f *failoverTransport) failed(i int, de *deliveryError) {
+func (f *Failover) failed(i int, de *Error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	h := &f.health[i]
-	if de.Code == codeSMTPTransient {
+	if de.Code == CodeSMTPTransient {
 		h.transients++
 		if h.transients < f.transientLimit {
 			return
@@ -211,7 +211,7 @@ func (f *failoverTransport) failed(i int, de *deliveryError) {
 // prober dials each down server when its probe is due: a connection
 // that completes the greeting, EHLO, TLS and AUTH brings it back; a
 // failure doubles the delay.
-func (f *failoverTransport) prober() {
+func (f *Failover) prober() {
 	every := f.probeBase / 4
 	if every < 10*time.Millisecond {
 		every = 10 * time.Millisecond
@@ -261,14 +261,14 @@ func (f *failoverTransport) prober() {
 // is down (and probed), since when, and the code of the error that
 // marked it down.
 type ServerState struct {
-	Sender    *smtpSender
+	Sender    *Sender
 	Down      bool
 	Since     time.Time
 	LastError string
 }
 
 // status lists the servers in priority order with their state.
-func (f *failoverTransport) status() []ServerState {
+func (f *Failover) status() []ServerState {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out := make([]ServerState, len(f.senders))
@@ -280,7 +280,7 @@ func (f *failoverTransport) status() []ServerState {
 }
 
 // shareRate shares each server's configured rate with the cluster.
-func (f *failoverTransport) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+func (f *Failover) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
 	for _, s := range f.senders {
 		s.shareRate(st, instance, demand, logger)
 	}

@@ -13,18 +13,18 @@ import (
 
 // failoverPair starts a primary and a secondary server and a failover
 // transport over them, with probes every few milliseconds.
-func failoverPair(t *testing.T) (primary, secondary *smtptest.Server, f *failoverTransport) {
+func failoverPair(t *testing.T) (primary, secondary *smtptest.Server, f *Failover) {
 	t.Helper()
 	oldBase, oldLimit := failoverProbeBase, failoverTransientLimit
 	failoverProbeBase = 40 * time.Millisecond
 	t.Cleanup(func() { failoverProbeBase, failoverTransientLimit = oldBase, oldLimit })
 	primary, secondary = authServer(t, smtptest.StartTLS), authServer(t, smtptest.StartTLS)
-	f = newFailoverTransport([]*smtpSender{newTestSender(t, testSettings(primary)), newTestSender(t, testSettings(secondary))})
+	f = NewFailover([]*Sender{newTestSender(t, testSettings(primary)), newTestSender(t, testSettings(secondary))})
 	t.Cleanup(func() { _ = f.Destruct() })
 	return primary, secondary, f
 }
 
-func states(f *failoverTransport) string {
+func states(f *Failover) string {
 	s := ""
 	for _, st := range f.status() {
 		state := "up"
@@ -115,7 +115,7 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	env := testEnvelope("a@example.org")
 	env.BeforeDot = func() error { dots++; return nil }
 	_, err := f.send(context.Background(), env)
-	expectCode(t, err, codeUncertain, phaseEnd)
+	expectCode(t, err, CodeUncertain, PhaseEnd)
 	if dots != 1 || len(secondary.Attempts()) != 0 {
 		t.Fatalf("BeforeDot ran %d times, secondary saw %d", dots, len(secondary.Attempts()))
 	}
@@ -128,7 +128,7 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	f.markUp(0)
 	f.mu.Unlock()
 	_, err = f.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeRecipientRefused, phaseRcpt)
+	expectCode(t, err, CodeRecipientRefused, PhaseRcpt)
 	if len(secondary.Attempts()) != 0 {
 		t.Fatalf("secondary saw a refused message")
 	}
@@ -145,7 +145,7 @@ func TestFailoverAllDown(t *testing.T) {
 	_ = primary.Close()
 	_ = secondary.Close()
 	_, err := f.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeSMTPConnection, phaseConnect)
+	expectCode(t, err, CodeSMTPConnection, PhaseConnect)
 	if got := states(f); got != "down/smtp_connection down/smtp_connection " {
 		t.Fatalf("states %q", got)
 	}

@@ -42,8 +42,8 @@ func newMessageID(domain string) string {
 // To, Cc, Reply-To, Subject, Date, Message-ID and MIME-Version; Bcc
 // recipients appear only in the envelope. With a text and an HTML part
 // the body is multipart/alternative, text first.
-func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*envelope, error) {
-	env := &envelope{
+func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*Envelope, error) {
+	env := &Envelope{
 		ID:        newID(now),
 		MessageID: newMessageID(h.from.domain()),
 		From:      h.from.Addr,

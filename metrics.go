@@ -51,11 +51,11 @@ func initMetrics() {
 			Name: "smtp_connections", Help: "Open SMTP connections."},
 			func() float64 {
 				var n int64
-				smtpPool.Range(func(_, v any) bool { n += v.(*smtpSender).openConnections(); return true })
+				smtpPool.Range(func(_, v any) bool { n += v.(*Sender).openConnections(); return true })
 				return float64(n)
 			})
 		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns, rateCollector{}}
-		collectors = append(collectors, failoverCollectors()...)
+		collectors = append(collectors, FailoverCollectors()...)
 	})
 }
 
@@ -92,7 +92,7 @@ func metricAccepted(flow, keyID string) { initMetrics(); mAccepted.WithLabelValu
 
 func metricFinal(flow, status string) { initMetrics(); mFinal.WithLabelValues(flow, status).Inc() }
 
-func metricAttempt(derr *deliveryError, d time.Duration) {
+func metricAttempt(derr *Error, d time.Duration) {
 	initMetrics()
 	result := "sent"
 	switch {
@@ -135,7 +135,7 @@ func (rateCollector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
 	seen := map[string]bool{}
 	smtpPool.Range(func(_, v any) bool {
-		s := v.(*smtpSender)
+		s := v.(*Sender)
 		label := net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.port))
 		if seen[label] {
 			return true // two accounts on one server: the first one

@@ -67,7 +67,7 @@ func (s *SMTP) checkOAuth() error {
 			return errors.New("smtp: oauth2 and access_token need auth xoauth2 or oauthbearer")
 		}
 		return nil
-	case authXOAUTH2, authOAUTHBEARER:
+	case AuthXOAUTH2, AuthOAUTHBEARER:
 	default:
 		return fmt.Errorf("smtp: auth must be xoauth2 or oauthbearer (or unset for a password), not '%s'", s.Auth)
 	}
@@ -91,11 +91,11 @@ func (s *SMTP) checkOAuth() error {
 }
 
 // resolveOAuth expands the secrets of the OAuth2 settings.
-func (s *SMTP) resolveOAuth(repl *caddy.Replacer) (*oauthSettings, error) {
+func (s *SMTP) resolveOAuth(repl *caddy.Replacer) (*OAuthSettings, error) {
 	if s.Auth == "" {
 		return nil, nil
 	}
-	o := &oauthSettings{mech: s.Auth, accessToken: s.AccessToken, expand: func(v string) (string, error) {
+	o := &OAuthSettings{mech: s.Auth, accessToken: s.AccessToken, expand: func(v string) (string, error) {
 		return expandSecret(caddy.NewReplacer(), "smtp access_token", v)
 	}}
 	if c := s.OAuth2; c != nil {

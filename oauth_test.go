@@ -83,13 +83,13 @@ func (ts *tokenServer) revokeAll() {
 	ts.valid = map[string]bool{}
 }
 
-func oauthSender(t *testing.T, mech string, ts *tokenServer) (*smtptest.Server, *smtpSender) {
+func oauthSender(t *testing.T, mech string, ts *tokenServer) (*smtptest.Server, *Sender) {
 	t.Helper()
 	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "mailer@example.com",
 		Mechanisms: []string{"PLAIN", strings.ToUpper(mech)}, CheckToken: ts.check})
 	cfg := testSettings(srv)
 	cfg.username, cfg.password = "mailer@example.com", ""
-	cfg.oauth = &oauthSettings{mech: mech, tokenURL: ts.URL + "/token", clientID: testClientID,
+	cfg.oauth = &OAuthSettings{mech: mech, tokenURL: ts.URL + "/token", clientID: testClientID,
 		clientSecret: testClientSecret, refreshToken: testRefresh0, scopes: []string{"https://outlook.office365.com/SMTP.Send"}}
 	return srv, newTestSender(t, cfg)
 }
@@ -99,7 +99,7 @@ func oauthSender(t *testing.T, mech string, ts *tokenServer) (*smtptest.Server, 
 // again; a token about to expire is refreshed with the rotated refresh
 // token before a new connection authenticates.
 func TestOAuthTokensAuthenticateAndRefresh(t *testing.T) {
-	for _, mech := range []string{authXOAUTH2, authOAUTHBEARER} {
+	for _, mech := range []string{AuthXOAUTH2, AuthOAUTHBEARER} {
 		t.Run(mech, func(t *testing.T) {
 			ts := newTokenServer(t)
 			srv, s := oauthSender(t, mech, ts)
@@ -140,7 +140,7 @@ func TestOAuthTokensAuthenticateAndRefresh(t *testing.T) {
 // refused every time fail after exactly one refresh more, with a
 // message that holds no token.
 func TestOAuthRejectedTokenIsRefreshedOnce(t *testing.T) {
-	for _, mech := range []string{authXOAUTH2, authOAUTHBEARER} {
+	for _, mech := range []string{AuthXOAUTH2, AuthOAUTHBEARER} {
 		t.Run(mech, func(t *testing.T) {
 			ts := newTokenServer(t)
 			srv, s := oauthSender(t, mech, ts)
@@ -162,7 +162,7 @@ func TestOAuthRejectedTokenIsRefreshedOnce(t *testing.T) {
 			ts.revokeAll()
 			s.dropIdle()
 			_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-			de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+			de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 			if de.Reply == nil || de.Reply.Code != 535 {
 				t.Fatalf("reply %v", de.Reply)
 			}
@@ -185,9 +185,9 @@ func TestOAuthRejectedTokenIsRefreshedOnce(t *testing.T) {
 func TestOAuthTokenEndpointErrorHoldsNoSecret(t *testing.T) {
 	ts := newTokenServer(t)
 	ts.fail = true
-	srv, s := oauthSender(t, authXOAUTH2, ts)
+	srv, s := oauthSender(t, AuthXOAUTH2, ts)
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+	expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	want := "SMTP authentication failed: fetching an OAuth2 access token: the token endpoint answered 400 Bad Request: invalid_grant (refresh token [redacted] is not valid)"
 	if err.Error() != want {
 		t.Fatalf("got %q\nwant %q", err.Error(), want)
@@ -208,7 +208,7 @@ func TestOAuthAccessTokenFileIsReadAtEveryAuthentication(t *testing.T) {
 	_ = os.WriteFile(path, []byte("file-token-1\n"), 0o600)
 	cfg := testSettings(srv)
 	cfg.username, cfg.password = "mailer@example.com", ""
-	o, err := (&SMTP{Auth: authXOAUTH2, AccessToken: "{file." + path + "}"}).resolveOAuth(caddy.NewReplacer())
+	o, err := (&SMTP{Auth: AuthXOAUTH2, AccessToken: "{file." + path + "}"}).resolveOAuth(caddy.NewReplacer())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,8 +18,8 @@ import (
 
 // SASL mechanisms that authenticate with an OAuth2 access token.
 const (
-	authXOAUTH2     = "xoauth2"
-	authOAUTHBEARER = "oauthbearer"
+	AuthXOAUTH2     = "xoauth2"
+	AuthOAUTHBEARER = "oauthbearer"
 )
 
 // Tunables; tests shorten them.
@@ -30,8 +30,8 @@ var (
 	tokenEarly = 60 * time.Second
 )
 
-// oauthSettings are the resolved token settings of an SMTP sender.
-type oauthSettings struct {
+// OAuthSettings are the resolved token settings of an SMTP sender.
+type OAuthSettings struct {
 	mech         string // authXOAUTH2 or authOAUTHBEARER
 	tokenURL     string
 	clientID     string
@@ -47,7 +47,7 @@ type oauthSettings struct {
 }
 
 // key lists the fields that make a different token source.
-func (o *oauthSettings) key() []string {
+func (o *OAuthSettings) key() []string {
 	if o == nil {
 		return nil
 	}
@@ -57,7 +57,7 @@ func (o *oauthSettings) key() []string {
 // tokenSource hands out access tokens for one SMTP sender. It lives as
 // long as the sender, so across config reloads that keep the settings.
 type tokenSource struct {
-	cfg     *oauthSettings
+	cfg     *OAuthSettings
 	timeout time.Duration
 
 	mu      sync.Mutex
@@ -67,7 +67,7 @@ type tokenSource struct {
 	refreshes atomic.Int64 // successful refreshes, for tests and /status
 }
 
-func newTokenSource(cfg *oauthSettings, timeout time.Duration) *tokenSource {
+func newTokenSource(cfg *OAuthSettings, timeout time.Duration) *tokenSource {
 	return &tokenSource{cfg: cfg, timeout: timeout, refresh: cfg.refreshToken}
 }
 
@@ -181,7 +181,7 @@ func (ts *tokenSource) scrub(s string) string {
 
 // tokenAuth returns the SASL client for the mechanism and token.
 func tokenAuth(mech, user, token string) smtp.Auth {
-	if mech == authOAUTHBEARER {
+	if mech == AuthOAUTHBEARER {
 		return &oauthBearerAuth{user: user, token: token}
 	}
 	return smtp.XOAuth2Auth(user, token)
@@ -214,7 +214,7 @@ func saslName(s string) string {
 // authToken authenticates the connection with an access token. A
 // refused token is returned in the error (rejectedToken) so that send
 // can retry once with a fresh one.
-func (s *smtpSender) authToken(ctx context.Context, client *smtp.Client, rejected string, deadline func()) *deliveryError {
+func (s *Sender) authToken(ctx context.Context, client *smtp.Client, rejected string, deadline func()) *Error {
 	cfg := &s.cfg
 	mechName := strings.ToUpper(cfg.oauth.mech)
 	has, list := client.Extension("AUTH")
@@ -223,18 +223,18 @@ func (s *smtpSender) authToken(ctx context.Context, client *smtp.Client, rejecte
 		offered = offered || m == mechName
 	}
 	if !has || !offered {
-		return &deliveryError{Code: codeSMTPAuthFailed, Phase: phaseAuth,
+		return &Error{Code: CodeSMTPAuthFailed, Phase: PhaseAuth,
 			Err: fmt.Errorf("the SMTP server does not offer AUTH %s (it offers: %s)", mechName, sanitizeLine(list, 100))}
 	}
 	tok, err := s.tokens.token(ctx, rejected)
 	if err != nil {
-		return &deliveryError{Code: codeSMTPAuthFailed, Phase: phaseAuth, Err: err}
+		return &Error{Code: CodeSMTPAuthFailed, Phase: PhaseAuth, Err: err}
 	}
 	// the refresh may have taken most of the command timeout
 	deadline()
 	if err := client.Auth(tokenAuth(cfg.oauth.mech, cfg.username, tok)); err != nil {
-		de := classify(phaseAuth, err)
-		if de.Code == codeSMTPAuthFailed && de.Reply != nil && de.Reply.Code >= 500 {
+		de := classify(PhaseAuth, err)
+		if de.Code == CodeSMTPAuthFailed && de.Reply != nil && de.Reply.Code >= 500 {
 			de.rejectedToken = tok
 		}
 		return de

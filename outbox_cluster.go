@@ -297,7 +297,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		}
 		e.mu.Unlock()
 		for _, m := range interrupted {
-			e.logOutcome(m, &deliveryError{Code: codeUncertain, Phase: phaseStopped}, true, 0)
+			e.logOutcome(m, &Error{Code: CodeUncertain, Phase: PhaseStopped}, true, 0)
 			metricFinal(m.Flow, m.Status)
 		}
 	}
@@ -352,7 +352,7 @@ func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) 
 				m.Status, m.NextAt = stQueued, now
 			} else {
 				m.Status, m.NextAt = stUnknown, time.Time{}
-				m.LastCode, m.LastError = codeUncertain, interruptedError
+				m.LastCode, m.LastError = CodeUncertain, InterruptedError
 				if m.Webhook.URL != "" {
 					m.Webhook.Status, m.Webhook.NextAt = hookPending, now
 				}

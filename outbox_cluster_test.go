@@ -64,7 +64,7 @@ func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids 
 	// the message that was being sent when the instance died is unknown:
 	// it may have reached the server, so it is not sent again
 	st := waitState(t, h, ids[0], status(stUnknown))
-	if st.LastCode != codeUncertain || st.LastError != interruptedError {
+	if st.LastCode != CodeUncertain || st.LastError != InterruptedError {
 		t.Errorf("interrupted message %+v", st)
 	}
 	waitState(t, h, ids[1], status(stSent))

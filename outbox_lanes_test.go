@@ -180,7 +180,7 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 	plain := send("/authmail/send", `{"to":"ann@example.org","subject":"Receipt","text_body":"Paid."}`)
 
 	st := waitStateWithin(t, h, short, 75*time.Second, status(stExpired))
-	if st.LastCode != codeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
+	if st.LastCode != CodeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
 		st.ExpiresAt.Sub(st.Created) != time.Minute || time.Since(st.ExpiresAt) > 5*time.Second || !st.SentAt.IsZero() {
 		t.Fatalf("expired state %+v", st)
 	}

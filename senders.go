@@ -25,7 +25,7 @@ func failoverKey(keys []string) string {
 
 // route names the list for the sender profile: the servers' routes in
 // order.
-func failoverRoute(settings []smtpSettings) string {
+func failoverRoute(settings []SMTPSettings) string {
 	var rs []string
 	for i := range settings {
 		rs = append(rs, settings[i].route())
@@ -55,30 +55,30 @@ func (h *Handler) checkSMTPServers() error {
 // provisionFailover resolves every server of smtp_servers, takes a
 // reference on each sender and on the failover transport over them.
 func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns int, err error) {
-	var settings []smtpSettings
-	var senders []*smtpSender
+	var settings []SMTPSettings
+	var senders []*Sender
 	for i := range h.SMTPServers {
 		st, err := h.SMTPServers[i].resolve(repl, h.logger)
 		if err != nil {
 			return "", 0, fmt.Errorf("smtp_servers[%d]: %w", i, err)
 		}
 		key := st.poolKey()
-		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return newSMTPSender(st), nil })
+		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return NewSender(st), nil })
 		if err != nil {
 			return "", 0, err
 		}
 		h.poolKeys = append(h.poolKeys, key)
 		settings = append(settings, st)
-		senders = append(senders, val.(*smtpSender))
+		senders = append(senders, val.(*Sender))
 		conns = max(conns, st.connections)
 	}
 	fkey := failoverKey(h.poolKeys)
-	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return newFailoverTransport(senders), nil })
+	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return NewFailover(senders), nil })
 	if err != nil {
 		return "", 0, err
 	}
 	h.failKey = fkey
-	h.transport = val.(*failoverTransport)
+	h.transport = val.(*Failover)
 	return failoverRoute(settings), conns, nil
 }
 

@@ -132,7 +132,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	now = time.Now()
-	envs := make([]*envelope, len(msgs))
+	envs := make([]*Envelope, len(msgs))
 	for i, m := range msgs {
 		env, err := h.buildEnvelope(m, now)
 		if err != nil {
@@ -230,7 +230,7 @@ func parsePrefer(values []string) preference {
 
 // submit hands rendered messages to the outbox and waits, as configured
 // or preferred, for the first delivery attempt.
-func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*envelope, batch string, pref preference) apiResponse {
+func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*Envelope, batch string, pref preference) apiResponse {
 	news := make([]*newMessage, len(msgs))
 	for i, m := range msgs {
 		news[i] = &newMessage{keyID: rc.keyID, tenant: rc.tenant, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,

@@ -25,9 +25,9 @@ import (
 
 // TLS modes for the SMTP connection.
 const (
-	tlsStartTLS = "starttls"
-	tlsImplicit = "implicit"
-	tlsNone     = "none"
+	TLSStartTLS = "starttls"
+	TLSImplicit = "implicit"
+	TLSNone     = "none"
 )
 
 // Tunables that are not part of the public config. Tests shorten them.
@@ -36,8 +36,8 @@ var (
 	smtpQuitTimeout = 2 * time.Second  // bound for a polite QUIT
 )
 
-// smtpSettings is the resolved (secrets expanded) SMTP configuration.
-type smtpSettings struct {
+// SMTPSettings is the resolved (secrets expanded) SMTP configuration.
+type SMTPSettings struct {
 	host        string
 	port        int
 	tlsMode     string
@@ -50,7 +50,7 @@ type smtpSettings struct {
 	connections int
 	// oauth, when set, authenticates with OAuth2 access tokens instead of
 	// the password
-	oauth *oauthSettings
+	oauth *OAuthSettings
 	// noPipelining sends MAIL, each RCPT and DATA one at a time even when
 	// the server offers PIPELINING (tests use it to cover that path)
 	noPipelining bool
@@ -62,7 +62,7 @@ type smtpSettings struct {
 
 // poolKey identifies the sender for these settings. Every field that
 // changes a connection is part of it; the password only as a hash.
-func (s *smtpSettings) poolKey() string {
+func (s *SMTPSettings) poolKey() string {
 	h := sha256.New()
 	for _, v := range append([]string{
 		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
@@ -78,14 +78,14 @@ func (s *smtpSettings) poolKey() string {
 // route names the server and account messages go through, for the
 // sender profile: host, port and user, without the password or the
 // connection settings, so that fixing credentials or tuning keeps it.
-func (s *smtpSettings) route() string {
+func (s *SMTPSettings) route() string {
 	return fmt.Sprintf("smtp %s %d %d:%s", strings.ToLower(s.host), s.port, len(s.username), s.username)
 }
 
-// smtpSender delivers messages over up to settings.connections parallel
+// Sender delivers messages over up to settings.connections parallel
 // SMTP connections that stay open and are reused.
-type smtpSender struct {
-	cfg         smtpSettings
+type Sender struct {
+	cfg         SMTPSettings
 	slots       chan struct{} // one token per connection that may be in use
 	idleTimeout time.Duration
 
@@ -112,8 +112,8 @@ type smtpSender struct {
 	dials atomic.Int64 // successful dials since creation
 }
 
-func newSMTPSender(cfg smtpSettings) *smtpSender {
-	s := &smtpSender{
+func NewSender(cfg SMTPSettings) *Sender {
+	s := &Sender{
 		cfg:         cfg,
 		slots:       make(chan struct{}, cfg.connections),
 		idleTimeout: smtpIdleTimeout,
@@ -131,7 +131,7 @@ func newSMTPSender(cfg smtpSettings) *smtpSender {
 // Destruct is called by the usage pool when the last config using this
 // sender is cleaned up. Idle connections are closed now; sends still in
 // flight on an old handler finish and close their connection afterwards.
-func (s *smtpSender) Destruct() error {
+func (s *Sender) Destruct() error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -158,7 +158,7 @@ func (s *smtpSender) Destruct() error {
 // share runs, it does nothing. A storage that fails keeps the last share
 // for a few seconds, then the least one: the cluster stays under the
 // provider's cap rather than over it.
-func (s *smtpSender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+func (s *Sender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
 	if s.cfg.rate.N == 0 {
 		return
 	}
@@ -179,7 +179,7 @@ func (s *smtpSender) shareRate(st certmagic.Storage, instance string, demand fun
 }
 
 // janitor closes connections that have been idle too long.
-func (s *smtpSender) janitor() {
+func (s *Sender) janitor() {
 	every := s.idleTimeout / 2
 	if every < 50*time.Millisecond {
 		every = 50 * time.Millisecond
@@ -198,7 +198,7 @@ func (s *smtpSender) janitor() {
 	}
 }
 
-func (s *smtpSender) expired() []*smtpConn {
+func (s *Sender) expired() []*smtpConn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var old []*smtpConn
@@ -218,7 +218,7 @@ func (s *smtpSender) expired() []*smtpConn {
 }
 
 // takeIdle returns the most recently used idle connection, or nil.
-func (s *smtpSender) takeIdle() *smtpConn {
+func (s *Sender) takeIdle() *smtpConn {
 	var stale []*smtpConn
 	defer func() {
 		for _, c := range stale {
@@ -242,7 +242,7 @@ func (s *smtpSender) takeIdle() *smtpConn {
 
 // dropIdle closes every idle connection; used when one of them turned out
 // dead, which usually means the server dropped all of them.
-func (s *smtpSender) dropIdle() {
+func (s *Sender) dropIdle() {
 	s.mu.Lock()
 	idle := s.idle
 	s.idle = nil
@@ -252,7 +252,7 @@ func (s *smtpSender) dropIdle() {
 	}
 }
 
-func (s *smtpSender) putIdle(c *smtpConn) {
+func (s *Sender) putIdle(c *smtpConn) {
 	c.lastUsed = time.Now()
 	s.mu.Lock()
 	if !s.closed {
@@ -264,7 +264,7 @@ func (s *smtpSender) putIdle(c *smtpConn) {
 	s.closeConn(c)
 }
 
-func (s *smtpSender) closeConn(c *smtpConn) {
+func (s *Sender) closeConn(c *smtpConn) {
 	if c.closed {
 		return
 	}
@@ -278,17 +278,17 @@ func (s *smtpSender) closeConn(c *smtpConn) {
 }
 
 // openConnections reports the number of open SMTP connections.
-func (s *smtpSender) openConnections() int64 { return s.open.Load() }
+func (s *Sender) openConnections() int64 { return s.open.Load() }
 
 // send delivers env. It waits for a free connection slot (bounded by
 // ctx), reuses an idle connection when there is one, and transparently
 // redials once when a reused connection turns out to be dead before the
 // server accepted anything.
-func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) {
+func (s *Sender) send(ctx context.Context, env *Envelope) (Result, error) {
 	select {
 	case s.slots <- struct{}{}:
 	case <-ctx.Done():
-		return delivery{}, &deliveryError{Code: codeSMTPTimeout, Phase: phaseConnect,
+		return Result{}, &Error{Code: CodeSMTPTimeout, Phase: PhaseConnect,
 			Err: fmt.Errorf("no free SMTP connection before the request ended: %w", ctx.Err())}
 	}
 	defer func() { <-s.slots }()
@@ -300,10 +300,10 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 	// with many messages ahead) goes back to the queue until the pacer's
 	// time instead of holding the slot.
 	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.timeout {
-		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: next}
+		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, retryAt: next}
 	}
 	if err := s.pacer.WaitPriority(ctx, env.Urgent); err != nil {
-		return delivery{}, &deliveryError{Code: codeSMTPThrottled, Phase: phaseConnect, retryAt: s.pacer.Next(time.Now())}
+		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, retryAt: s.pacer.Next(time.Now())}
 	}
 	sentAt := time.Now()
 	d, err := s.sendNow(ctx, env)
@@ -317,14 +317,14 @@ func (s *smtpSender) send(ctx context.Context, env *envelope) (delivery, error) 
 // the outbox retries as soon as the lowered rate allows instead of after
 // retry_backoff. A throttle is never uncertain: the reply came, so the
 // server did not take the message.
-func (s *smtpSender) paced(sentAt time.Time, err error) {
+func (s *Sender) paced(sentAt time.Time, err error) {
 	now := time.Now()
 	if err == nil {
 		s.pacer.Succeeded(now)
 		return
 	}
-	de, ok := err.(*deliveryError)
-	if !ok || de.Reply == nil || de.Code == codeUncertain {
+	de, ok := err.(*Error)
+	if !ok || de.Reply == nil || de.Code == CodeUncertain {
 		return
 	}
 	switch pace.Classify(de.Reply.Code, de.Reply.Enhanced, de.Reply.Text) {
@@ -335,17 +335,17 @@ func (s *smtpSender) paced(sentAt time.Time, err error) {
 	default:
 		return
 	}
-	de.Code = codeSMTPThrottled
+	de.Code = CodeSMTPThrottled
 	de.retryAt = s.pacer.Next(now)
 }
 
 // sendNow is send once the rate allows it.
-func (s *smtpSender) sendNow(ctx context.Context, env *envelope) (delivery, error) {
+func (s *Sender) sendNow(ctx context.Context, env *Envelope) (Result, error) {
 	conn := s.takeIdle()
 	for attempt := 0; ; attempt++ {
 		reused := conn != nil
 		if conn == nil {
-			var err *deliveryError
+			var err *Error
 			conn, err = s.dial(ctx, "")
 			if err != nil && err.rejectedToken != "" && s.tokens.canRenew() {
 				// the server refused an access token it should have taken
@@ -353,7 +353,7 @@ func (s *smtpSender) sendNow(ctx context.Context, env *envelope) (delivery, erro
 				conn, err = s.dial(ctx, err.rejectedToken)
 			}
 			if err != nil {
-				return delivery{}, err
+				return Result{}, err
 			}
 		}
 		d, err, healthy := conn.transact(s.cfg.timeout, env)
@@ -371,7 +371,7 @@ func (s *smtpSender) sendNow(ctx context.Context, env *envelope) (delivery, erro
 			conn = nil
 			continue
 		}
-		return delivery{}, err
+		return Result{}, err
 	}
 }
 
@@ -380,12 +380,12 @@ func (s *smtpSender) sendNow(ctx context.Context, env *envelope) (delivery, erro
 //
 // rejected is an access token the server refused on the previous dial;
 // the token source then fetches a new one.
-func (s *smtpSender) dial(ctx context.Context, rejected string) (*smtpConn, *deliveryError) {
+func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) {
 	cfg := &s.cfg
 	d := net.Dialer{Timeout: cfg.timeout}
 	raw, err := d.DialContext(ctx, "tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
 	if err != nil {
-		return nil, classify(phaseConnect, err)
+		return nil, classify(PhaseConnect, err)
 	}
 	ok := false
 	defer func() {
@@ -397,29 +397,29 @@ func (s *smtpSender) dial(ctx context.Context, rejected string) (*smtpConn, *del
 	deadline()
 
 	var conn net.Conn = raw
-	if cfg.tlsMode == tlsImplicit {
+	if cfg.tlsMode == TLSImplicit {
 		tc := tls.Client(raw, cfg.tlsConfig)
 		if err := tc.HandshakeContext(ctx); err != nil {
-			return nil, classify(phaseConnect, err)
+			return nil, classify(PhaseConnect, err)
 		}
 		conn = tc
 	}
 	client, err := smtp.NewClient(conn, cfg.host)
 	if err != nil {
-		return nil, classify(phaseGreeting, err)
+		return nil, classify(PhaseGreeting, err)
 	}
 	client.SkipSMTPUTF8(true)
 	deadline()
 	if err := client.Hello(cfg.helo); err != nil {
-		return nil, classify(phaseHello, unwrapHello(err))
+		return nil, classify(PhaseHello, unwrapHello(err))
 	}
-	if cfg.tlsMode == tlsStartTLS {
+	if cfg.tlsMode == TLSStartTLS {
 		if has, _ := client.Extension("STARTTLS"); !has {
-			return nil, &deliveryError{Code: codeStartTLSUnsupported, Phase: phaseStartTLS}
+			return nil, &Error{Code: CodeStartTLSUnsupported, Phase: PhaseStartTLS}
 		}
 		deadline()
 		if err := client.StartTLS(cfg.tlsConfig); err != nil {
-			return nil, classify(phaseStartTLS, err)
+			return nil, classify(PhaseStartTLS, err)
 		}
 	}
 	if s.tokens != nil {
@@ -430,16 +430,16 @@ func (s *smtpSender) dial(ctx context.Context, rejected string) (*smtpConn, *del
 		deadline()
 		auth, err := s.pickAuth(client)
 		if err != nil {
-			return nil, &deliveryError{Code: codeSMTPAuthFailed, Phase: phaseAuth, Err: err}
+			return nil, &Error{Code: CodeSMTPAuthFailed, Phase: PhaseAuth, Err: err}
 		}
 		if err := client.Auth(auth); err != nil {
-			return nil, classify(phaseAuth, err)
+			return nil, classify(PhaseAuth, err)
 		}
 	}
-	if cfg.tlsMode != tlsNone {
+	if cfg.tlsMode != TLSNone {
 		// refuse to go on unless the connection really is encrypted
 		if _, isTLS := client.TLSConnectionState(); !isTLS {
-			return nil, &deliveryError{Code: codeStartTLSUnsupported, Phase: phaseStartTLS}
+			return nil, &Error{Code: CodeStartTLSUnsupported, Phase: PhaseStartTLS}
 		}
 	}
 	ok = true
@@ -473,7 +473,7 @@ var errNoAuthMechanism = errors.New("the SMTP server offers no supported authent
 // pickAuth chooses the authentication mechanism from what the server
 // advertises. Over TLS (which is always the case unless tls none to a
 // loopback relay) PLAIN is universal and preferred.
-func (s *smtpSender) pickAuth(c *smtp.Client) (smtp.Auth, error) {
+func (s *Sender) pickAuth(c *smtp.Client) (smtp.Auth, error) {
 	has, list := c.Extension("AUTH")
 	if !has {
 		return nil, errors.New("the SMTP server does not offer AUTH, but a username is configured")
@@ -484,7 +484,7 @@ func (s *smtpSender) pickAuth(c *smtp.Client) (smtp.Auth, error) {
 	}
 	cfg := &s.cfg
 	// plaintext auth is only ever allowed where Validate permitted tls none
-	allowUnenc := cfg.tlsMode == tlsNone
+	allowUnenc := cfg.tlsMode == TLSNone
 	switch {
 	case offered["PLAIN"]:
 		return smtp.PlainAuth("", cfg.username, cfg.password, cfg.host, allowUnenc), nil
@@ -520,28 +520,28 @@ type smtpConn struct {
 
 // transact runs one mail transaction. healthy reports whether the
 // connection can be reused afterwards.
-func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, derr *deliveryError, healthy bool) {
+func (c *smtpConn) transact(timeout time.Duration, env *Envelope) (d Result, derr *Error, healthy bool) {
 	deadline := func() { _ = c.raw.SetDeadline(time.Now().Add(timeout)) }
 
-	fail := func(phase string, err error) (delivery, *deliveryError, bool) {
+	fail := func(phase string, err error) (Result, *Error, bool) {
 		de, healthy := c.failed(phase, err, deadline)
-		return delivery{}, de, healthy
+		return Result{}, de, healthy
 	}
 
 	// refusals collects RCPT refusals; the first permanent one decides
 	// the outcome
-	var firstRefusal *deliveryError
+	var firstRefusal *Error
 	refused, permanent := 0, false
-	refuse := func(r *smtpReply, err error) {
+	refuse := func(r *Reply, err error) {
 		refused++
 		if r.Code >= 500 && !permanent {
 			permanent = true
-			firstRefusal = &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Reply: r, Err: err}
+			firstRefusal = &Error{Code: CodeRecipientRefused, Phase: PhaseRcpt, Reply: r, Err: err}
 		} else if firstRefusal == nil {
-			firstRefusal = &deliveryError{Code: codeSMTPTransient, Phase: phaseRcpt, Reply: r, Err: err}
+			firstRefusal = &Error{Code: CodeSMTPTransient, Phase: PhaseRcpt, Reply: r, Err: err}
 		}
 	}
-	refusal := func() *deliveryError {
+	refusal := func() *Error {
 		firstRefusal.Refused = refused
 		firstRefusal.Recipients = len(env.To)
 		return firstRefusal
@@ -553,27 +553,27 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 		// order: one round trip where there were 2 + recipients
 		dataOpen, de, healthy := c.pipeline(env, deadline, refuse)
 		if de != nil {
-			return delivery{}, de, healthy
+			return Result{}, de, healthy
 		}
 		if refused > 0 {
 			if dataOpen {
 				// DATA was accepted although a recipient was refused: the
 				// only way out that delivers to nobody is to hang up
 				// before the final dot
-				return delivery{}, refusal(), false
+				return Result{}, refusal(), false
 			}
-			return delivery{}, refusal(), c.reset(deadline)
+			return Result{}, refusal(), c.reset(deadline)
 		}
 		if !dataOpen {
 			// cannot happen: pipeline opens DATA, fails or reports refusals
-			return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
+			return Result{}, &Error{Code: CodeSMTPConnection, Phase: PhaseData,
 				Err: errors.New("the server did not open DATA")}, false
 		}
 		body = c.client.Text.DotWriter()
 	} else {
 		deadline()
 		if err := c.client.Mail("<" + env.From + ">"); err != nil {
-			return fail(phaseMail, err)
+			return fail(PhaseMail, err)
 		}
 		for _, rcpt := range env.To {
 			deadline()
@@ -582,31 +582,31 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 				continue
 			}
 			if endsSession(err) {
-				return fail(phaseRcpt, err)
+				return fail(PhaseRcpt, err)
 			}
 			refuse(replyFrom(err), err)
 		}
 		if refused > 0 {
 			// never deliver to a subset of the recipients
-			return delivery{}, refusal(), c.reset(deadline)
+			return Result{}, refusal(), c.reset(deadline)
 		}
 		deadline()
 		w, err := c.client.Data()
 		if err != nil {
-			return fail(phaseData, err)
+			return fail(PhaseData, err)
 		}
 		c.inData = true
 		dc, ok := w.(*smtp.DataCloser)
 		if !ok {
 			// cannot happen with go-mail v0.8; refuse rather than guess
-			return delivery{}, &deliveryError{Code: codeSMTPConnection, Phase: phaseData,
+			return Result{}, &Error{Code: CodeSMTPConnection, Phase: PhaseData,
 				Err: errors.New("unexpected SMTP data writer")}, false
 		}
 		body = dc.WriteCloser
 	}
 	deadline()
 	if _, err := body.Write(env.Data); err != nil {
-		return fail(phaseBody, err)
+		return fail(PhaseBody, err)
 	}
 	// The dot commits the message: the outbox records that it may be on
 	// its way first, so that a crash from here on leaves it unknown and
@@ -614,20 +614,20 @@ func (c *smtpConn) transact(timeout time.Duration, env *envelope) (d delivery, d
 	// never goes out: the connection is closed inside DATA.
 	if env.BeforeDot != nil {
 		if err := env.BeforeDot(); err != nil {
-			return delivery{}, &deliveryError{Code: codeOutboxUnavailable, Phase: phaseBody, Err: err}, false
+			return Result{}, &Error{Code: CodeOutboxUnavailable, Phase: PhaseBody, Err: err}, false
 		}
 	}
 	// Close writes and flushes the final dot. If that fails, the server
 	// has not received the end of the message and cannot accept it.
 	if err := body.Close(); err != nil {
-		return fail(phaseBody, err)
+		return fail(PhaseBody, err)
 	}
 	c.inData = false
 	_, msg, err := c.client.Text.ReadResponse(250)
 	if err != nil {
-		return fail(phaseEnd, err)
+		return fail(PhaseEnd, err)
 	}
-	return delivery{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
+	return Result{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
 }
 
 // endsSession reports whether a command's error leaves the session
@@ -642,14 +642,14 @@ func endsSession(err error) bool {
 // unusable; before the final dot it is worth one retry on a fresh
 // connection when this one was reused. After a plain reply the
 // transaction is reset, and healthy says whether that worked.
-func (c *smtpConn) failed(phase string, err error, deadline func()) (de *deliveryError, healthy bool) {
+func (c *smtpConn) failed(phase string, err error, deadline func()) (de *Error, healthy bool) {
 	de = classify(phase, err)
 	if de.Reply == nil {
-		de.fresh = phase != phaseEnd
+		de.fresh = phase != PhaseEnd
 		return de, false
 	}
 	if de.Reply.Code == 421 {
-		de.fresh = phase == phaseMail || phase == phaseRcpt || phase == phaseData
+		de.fresh = phase == PhaseMail || phase == PhaseRcpt || phase == PhaseData
 		return de, false
 	}
 	return de, c.reset(deadline)
@@ -661,16 +661,16 @@ func (c *smtpConn) failed(phase string, err error, deadline func()) (de *deliver
 // failure is returned classified; when it was a plain reply, the rest of
 // the replies have been read and the transaction reset, so healthy says
 // whether the connection can be reused.
-func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpReply, error)) (dataOpen bool, de *deliveryError, healthy bool) {
+func (c *smtpConn) pipeline(env *Envelope, deadline func(), refuse func(*Reply, error)) (dataOpen bool, de *Error, healthy bool) {
 	if strings.ContainsAny(env.From, "\r\n") {
-		return false, &deliveryError{Code: codeSMTPRejected, Phase: phaseMail, Err: errors.New("sender address contains a line break")}, true
+		return false, &Error{Code: CodeSMTPRejected, Phase: PhaseMail, Err: errors.New("sender address contains a line break")}, true
 	}
 	for _, rcpt := range env.To {
 		if strings.ContainsAny(rcpt, "\r\n") {
-			return false, &deliveryError{Code: codeRecipientRefused, Phase: phaseRcpt, Err: errors.New("recipient address contains a line break")}, true
+			return false, &Error{Code: CodeRecipientRefused, Phase: PhaseRcpt, Err: errors.New("recipient address contains a line break")}, true
 		}
 	}
-	fail := func(phase string, err error) (bool, *deliveryError, bool) {
+	fail := func(phase string, err error) (bool, *Error, bool) {
 		de, healthy := c.failed(phase, err, deadline)
 		return false, de, healthy
 	}
@@ -682,7 +682,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 	}
 	_, _ = t.W.WriteString("DATA\r\n")
 	if err := t.W.Flush(); err != nil {
-		return fail(phaseMail, err)
+		return fail(PhaseMail, err)
 	}
 	// a connection failure or a 421 ends the exchange at once; after a
 	// plain refusal the remaining replies are read first, so that the
@@ -690,7 +690,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 	deadline()
 	_, _, mailErr := t.ReadResponse(250)
 	if mailErr != nil && endsSession(mailErr) {
-		return fail(phaseMail, mailErr)
+		return fail(PhaseMail, mailErr)
 	}
 	accepted := 0
 	for range env.To {
@@ -700,7 +700,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 			continue
 		}
 		if endsSession(err) {
-			return fail(phaseRcpt, err)
+			return fail(PhaseRcpt, err)
 		}
 		if mailErr == nil {
 			refuse(replyFrom(err), err)
@@ -708,15 +708,15 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 	}
 	_, _, dataErr := t.ReadResponse(354)
 	if dataErr != nil && endsSession(dataErr) {
-		return fail(phaseData, dataErr)
+		return fail(PhaseData, dataErr)
 	}
 	switch {
 	case mailErr != nil && dataErr == nil:
 		// DATA accepted after a refused MAIL: hang up before the dot
 		c.inData = true
-		return true, classify(phaseMail, mailErr), false
+		return true, classify(PhaseMail, mailErr), false
 	case mailErr != nil:
-		return fail(phaseMail, mailErr)
+		return fail(PhaseMail, mailErr)
 	case dataErr == nil:
 		c.inData = true
 		return true, nil, true
@@ -725,7 +725,7 @@ func (c *smtpConn) pipeline(env *envelope, deadline func(), refuse func(*smtpRep
 		// the refusals and resets
 		return false, nil, true
 	default:
-		return fail(phaseData, dataErr)
+		return fail(PhaseData, dataErr)
 	}
 }
 

@@ -20,11 +20,11 @@ import (
 
 const testBody = "Subject: test\r\n\r\nhello\r\n.a line starting with a dot\r\n"
 
-func testSettings(srv *smtptest.Server) smtpSettings {
+func testSettings(srv *smtptest.Server) SMTPSettings {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(srv.CAPEM)
-	return smtpSettings{
-		host: "127.0.0.1", port: srv.Port, tlsMode: tlsStartTLS,
+	return SMTPSettings{
+		host: "127.0.0.1", port: srv.Port, tlsMode: TLSStartTLS,
 		tlsConfig: &tls.Config{ServerName: "127.0.0.1", RootCAs: pool, MinVersion: tls.VersionTLS12},
 		username:  "user", password: "s3cret-pass", helo: "test.local",
 		timeout: 2 * time.Second, connections: 2, noPipelining: testNoPipelining,
@@ -59,15 +59,15 @@ func TestSMTPTransactionsWithoutPipelining(t *testing.T) {
 	}
 }
 
-func newTestSender(t *testing.T, cfg smtpSettings) *smtpSender {
+func newTestSender(t *testing.T, cfg SMTPSettings) *Sender {
 	t.Helper()
-	s := newSMTPSender(cfg)
+	s := NewSender(cfg)
 	t.Cleanup(func() { _ = s.Destruct() })
 	return s
 }
 
-func testEnvelope(to ...string) *envelope {
-	return &envelope{ID: "id", MessageID: "<m@example.com>", From: "from@example.com", To: to, Data: []byte(testBody)}
+func testEnvelope(to ...string) *Envelope {
+	return &Envelope{ID: "id", MessageID: "<m@example.com>", From: "from@example.com", To: to, Data: []byte(testBody)}
 }
 
 func authServer(t *testing.T, mode string) *smtptest.Server {
@@ -75,9 +75,9 @@ func authServer(t *testing.T, mode string) *smtptest.Server {
 }
 
 // expectCode asserts a classified failure.
-func expectCode(t *testing.T, err error, code, phase string) *deliveryError {
+func expectCode(t *testing.T, err error, code, phase string) *Error {
 	t.Helper()
-	var de *deliveryError
+	var de *Error
 	if !errors.As(err, &de) {
 		t.Fatalf("expected a deliveryError %s, got %v", code, err)
 	}
@@ -116,7 +116,7 @@ func TestSMTPStartTLSAuthDeliversExactBytes(t *testing.T) {
 func TestSMTPImplicitTLS(t *testing.T) {
 	srv := authServer(t, smtptest.Implicit)
 	cfg := testSettings(srv)
-	cfg.tlsMode = tlsImplicit
+	cfg.tlsMode = TLSImplicit
 	s := newTestSender(t, cfg)
 	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
@@ -129,7 +129,7 @@ func TestSMTPImplicitTLS(t *testing.T) {
 func TestSMTPNoTLSToLoopbackRelay(t *testing.T) {
 	srv := authServer(t, smtptest.None)
 	cfg := testSettings(srv)
-	cfg.tlsMode = tlsNone
+	cfg.tlsMode = TLSNone
 	s := newTestSender(t, cfg)
 	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
@@ -153,7 +153,7 @@ func TestSMTPBodyCutOffIsNeverCompleted(t *testing.T) {
 	release := make(chan struct{})
 	srv.SetHooks(smtptest.Hooks{DataStart: func() { <-release }})
 	cfg := testSettings(srv)
-	cfg.tlsMode = tlsNone
+	cfg.tlsMode = TLSNone
 	cfg.timeout = 500 * time.Millisecond
 	s := newTestSender(t, cfg)
 	env := testEnvelope("a@example.org")
@@ -161,7 +161,7 @@ func TestSMTPBodyCutOffIsNeverCompleted(t *testing.T) {
 	line := strings.Repeat("x", 998) + "\r\n"
 	env.Data = []byte("Subject: big\r\n\r\n" + strings.Repeat(line, 24<<10))
 	_, err := s.send(context.Background(), env)
-	expectCode(t, err, codeSMTPTimeout, phaseBody)
+	expectCode(t, err, CodeSMTPTimeout, PhaseBody)
 	close(release) // the server reads what arrived, up to the hang-up
 	for deadline := time.Now().Add(10 * time.Second); srv.OpenConnections() > 0 && time.Now().Before(deadline); {
 		time.Sleep(20 * time.Millisecond)
@@ -181,7 +181,7 @@ func TestSMTPStartTLSIsMandatory(t *testing.T) {
 	srv := authServer(t, smtptest.None) // offers no STARTTLS
 	s := newTestSender(t, testSettings(srv))
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeStartTLSUnsupported, phaseStartTLS)
+	expectCode(t, err, CodeStartTLSUnsupported, PhaseStartTLS)
 	if len(srv.Attempts()) != 0 || srv.Auths() != 0 {
 		t.Fatal("nothing may be sent, and no credentials, without TLS")
 	}
@@ -196,7 +196,7 @@ func TestSMTPUntrustedCertificate(t *testing.T) {
 	cfg.tlsConfig = &tls.Config{ServerName: "127.0.0.1", RootCAs: x509.NewCertPool(), MinVersion: tls.VersionTLS12}
 	s := newTestSender(t, cfg)
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	de := expectCode(t, err, codeSMTPConnection, phaseStartTLS)
+	de := expectCode(t, err, CodeSMTPConnection, PhaseStartTLS)
 	if !strings.Contains(de.Error(), "TLS") || !strings.Contains(de.Error(), "certificate") {
 		t.Errorf("message should explain the certificate problem: %s", de.Error())
 	}
@@ -211,7 +211,7 @@ func TestSMTPAuthFailed(t *testing.T) {
 	cfg.password = "wrong-password"
 	s := newTestSender(t, cfg)
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+	de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	if de.Reply == nil || de.Reply.Code != 535 || de.Reply.Enhanced != "5.7.8" {
 		t.Errorf("reply = %+v", de.Reply)
 	}
@@ -249,7 +249,7 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 			cfg := testSettings(srv)
 			cfg.password = "wrong-password"
 			_, err = newTestSender(t, cfg).send(context.Background(), testEnvelope("a@example.org"))
-			de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+			de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 			if strings.Contains(de.Error(), "wrong-password") {
 				t.Fatal("the password leaked into the error message")
 			}
@@ -266,7 +266,7 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 func TestSMTPNoCommonAuthMechanism(t *testing.T) {
 	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: []string{"XOAUTH2"}})
 	_, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
-	de := expectCode(t, err, codeSMTPAuthFailed, phaseAuth)
+	de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	if !strings.Contains(de.Error(), "no supported authentication mechanism") {
 		t.Fatalf("error %q", de.Error())
 	}
@@ -282,17 +282,17 @@ func TestSMTPConnectionRefused(t *testing.T) {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	_ = ln.Close()
-	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: port, tlsMode: tlsStartTLS,
+	s := newTestSender(t, SMTPSettings{host: "127.0.0.1", port: port, tlsMode: TLSStartTLS,
 		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: time.Second, connections: 1})
 	_, err = s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeSMTPConnection, phaseConnect)
+	expectCode(t, err, CodeSMTPConnection, PhaseConnect)
 }
 
 func TestSMTPTimeoutWaitingForGreeting(t *testing.T) {
-	s := newTestSender(t, smtpSettings{host: "127.0.0.1", port: smtptest.Silent(t), tlsMode: tlsStartTLS,
+	s := newTestSender(t, SMTPSettings{host: "127.0.0.1", port: smtptest.Silent(t), tlsMode: TLSStartTLS,
 		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: 200 * time.Millisecond, connections: 1})
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeSMTPTimeout, phaseGreeting)
+	expectCode(t, err, CodeSMTPTimeout, PhaseGreeting)
 }
 
 func TestSMTPReplyClassification(t *testing.T) {
@@ -305,11 +305,11 @@ func TestSMTPReplyClassification(t *testing.T) {
 		code  string
 		phase string
 	}{
-		{"mail 451", smtptest.Hooks{Mail: func(string) error { return reply(451, [3]int{4, 3, 0}, "try later") }}, codeSMTPTransient, phaseMail},
-		{"mail 550", smtptest.Hooks{Mail: func(string) error { return reply(550, [3]int{5, 7, 1}, "sender denied") }}, codeSMTPRejected, phaseMail},
-		{"rcpt 450", smtptest.Hooks{Rcpt: func(string) error { return reply(450, [3]int{4, 2, 1}, "mailbox busy") }}, codeSMTPTransient, phaseRcpt},
-		{"data 451", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(451, [3]int{4, 3, 0}, "queue full") }}, codeSMTPTransient, phaseEnd},
-		{"data 554", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(554, [3]int{5, 7, 1}, "spam") }}, codeSMTPRejected, phaseEnd},
+		{"mail 451", smtptest.Hooks{Mail: func(string) error { return reply(451, [3]int{4, 3, 0}, "try later") }}, CodeSMTPTransient, PhaseMail},
+		{"mail 550", smtptest.Hooks{Mail: func(string) error { return reply(550, [3]int{5, 7, 1}, "sender denied") }}, CodeSMTPRejected, PhaseMail},
+		{"rcpt 450", smtptest.Hooks{Rcpt: func(string) error { return reply(450, [3]int{4, 2, 1}, "mailbox busy") }}, CodeSMTPTransient, PhaseRcpt},
+		{"data 451", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(451, [3]int{4, 3, 0}, "queue full") }}, CodeSMTPTransient, PhaseEnd},
+		{"data 554", smtptest.Hooks{Data: func(*smtptest.Message) error { return reply(554, [3]int{5, 7, 1}, "spam") }}, CodeSMTPRejected, PhaseEnd},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -346,7 +346,7 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 	}})
 	s := newTestSender(t, testSettings(srv))
 	_, err := s.send(context.Background(), testEnvelope("good@example.org", "bad@example.org", "also@example.org"))
-	de := expectCode(t, err, codeRecipientRefused, phaseRcpt)
+	de := expectCode(t, err, CodeRecipientRefused, PhaseRcpt)
 	if de.Refused != 1 || de.Recipients != 3 {
 		t.Errorf("refused %d of %d, want 1 of 3", de.Refused, de.Recipients)
 	}
@@ -409,7 +409,7 @@ func TestSMTPDropAfterFinalDotIsUncertain(t *testing.T) {
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtptest.ErrDrop }})
 	s := newTestSender(t, testSettings(srv))
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	de := expectCode(t, err, codeUncertain, phaseEnd)
+	de := expectCode(t, err, CodeUncertain, PhaseEnd)
 	if !de.uncertain() {
 		t.Fatal("uncertain() = false")
 	}
@@ -425,7 +425,7 @@ func TestSMTPSlowReplyAfterDotIsUncertain(t *testing.T) {
 	cfg.timeout = 200 * time.Millisecond
 	s := newTestSender(t, cfg)
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeUncertain, phaseEnd)
+	expectCode(t, err, CodeUncertain, PhaseEnd)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("the server saw %d copies, want 1", n)
 	}
@@ -436,7 +436,7 @@ func TestSMTPDropBeforeDataOnFreshConnectionIsNotRetried(t *testing.T) {
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtptest.ErrDrop }})
 	s := newTestSender(t, testSettings(srv))
 	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
-	expectCode(t, err, codeSMTPConnection, phaseMail)
+	expectCode(t, err, CodeSMTPConnection, PhaseMail)
 	if srv.Connections() != 1 {
 		t.Fatalf("connections = %d: a fresh connection's failure is reported, not retried", srv.Connections())
 	}
@@ -526,7 +526,7 @@ func TestSMTPIdleConnectionsClose(t *testing.T) {
 
 func TestSMTPDestructClosesIdleAndLetsLateSendsFinish(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
-	s := newSMTPSender(testSettings(srv))
+	s := NewSender(testSettings(srv))
 	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
@@ -559,7 +559,7 @@ func TestSMTPWaitForSlotHonoursContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	_, err := s.send(ctx, testEnvelope("b@example.org"))
-	expectCode(t, err, codeSMTPTimeout, phaseConnect)
+	expectCode(t, err, CodeSMTPTimeout, PhaseConnect)
 	close(release)
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -567,17 +567,17 @@ func TestSMTPWaitForSlotHonoursContext(t *testing.T) {
 }
 
 func TestPoolKeyCoversIdentity(t *testing.T) {
-	base := smtpSettings{host: "h", port: 587, tlsMode: tlsStartTLS, username: "u", password: "p", helo: "x", timeout: time.Second, connections: 4}
+	base := SMTPSettings{host: "h", port: 587, tlsMode: TLSStartTLS, username: "u", password: "p", helo: "x", timeout: time.Second, connections: 4}
 	k := base.poolKey()
 	if strings.Contains(k, "p") && strings.Contains(k, base.password+"|") {
 		t.Fatal("password in pool key")
 	}
-	for name, mod := range map[string]func(*smtpSettings){
-		"host": func(s *smtpSettings) { s.host = "h2" }, "port": func(s *smtpSettings) { s.port = 465 },
-		"tls": func(s *smtpSettings) { s.tlsMode = tlsImplicit }, "user": func(s *smtpSettings) { s.username = "v" },
-		"password": func(s *smtpSettings) { s.password = "q" }, "ca": func(s *smtpSettings) { s.caPEM = []byte("x") },
-		"helo": func(s *smtpSettings) { s.helo = "y" }, "timeout": func(s *smtpSettings) { s.timeout = 2 * time.Second },
-		"connections": func(s *smtpSettings) { s.connections = 5 },
+	for name, mod := range map[string]func(*SMTPSettings){
+		"host": func(s *SMTPSettings) { s.host = "h2" }, "port": func(s *SMTPSettings) { s.port = 465 },
+		"tls": func(s *SMTPSettings) { s.tlsMode = TLSImplicit }, "user": func(s *SMTPSettings) { s.username = "v" },
+		"password": func(s *SMTPSettings) { s.password = "q" }, "ca": func(s *SMTPSettings) { s.caPEM = []byte("x") },
+		"helo": func(s *SMTPSettings) { s.helo = "y" }, "timeout": func(s *SMTPSettings) { s.timeout = 2 * time.Second },
+		"connections": func(s *SMTPSettings) { s.connections = 5 },
 	} {
 		c := base
 		mod(&c)
@@ -605,18 +605,18 @@ func TestSenderSetupRejectionsAreRetried(t *testing.T) {
 		code  int
 		want  string
 	}{
-		{phaseMail, 530, codeSMTPAuthFailed},
-		{phaseRcpt, 530, codeSMTPAuthFailed},
-		{phaseStartTLS, 554, codeStartTLSUnsupported},
-		{phaseStartTLS, 454, codeSMTPTransient},
-		{phaseMail, 550, codeSMTPRejected},
-		{phaseRcpt, 550, codeRecipientRefused},
+		{PhaseMail, 530, CodeSMTPAuthFailed},
+		{PhaseRcpt, 530, CodeSMTPAuthFailed},
+		{PhaseStartTLS, 554, CodeStartTLSUnsupported},
+		{PhaseStartTLS, 454, CodeSMTPTransient},
+		{PhaseMail, 550, CodeSMTPRejected},
+		{PhaseRcpt, 550, CodeRecipientRefused},
 	} {
-		if got := classifyReply(c.phase, &smtpReply{Code: c.code}); got != c.want {
+		if got := classifyReply(c.phase, &Reply{Code: c.code}); got != c.want {
 			t.Errorf("%s %d: %s, want %s", c.phase, c.code, got, c.want)
 		}
 	}
-	if e := (&deliveryError{Code: codeSMTPAuthFailed, Reply: &smtpReply{Code: 530}}).Error(); !strings.Contains(e, "requires authentication") {
+	if e := (&Error{Code: CodeSMTPAuthFailed, Reply: &Reply{Code: 530}}).Error(); !strings.Contains(e, "requires authentication") {
 		t.Errorf("530 message: %q", e)
 	}
 	srv := authServer(t, smtptest.StartTLS)
@@ -625,7 +625,7 @@ func TestSenderSetupRejectionsAreRetried(t *testing.T) {
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
 	}})
 	rec, out := call(t, h, http.MethodPost, "/authmail/send/otp", `{"to":"a@example.org","code":"1"}`)
-	if rec.Code != http.StatusAccepted || out["error_code"] != codeSMTPAuthFailed {
+	if rec.Code != http.StatusAccepted || out["error_code"] != CodeSMTPAuthFailed {
 		t.Fatalf("530 at MAIL: %d %s", rec.Code, rec.Body)
 	}
 	srv.SetHooks(smtptest.Hooks{})

@@ -452,7 +452,7 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 	waitState(t, h, id, func(st msgState) bool { return st.Attempts == 1 && st.Status == stQueued })
 	fs.set(func(f *faultyStorage) { f.load = keySeg })
 	gate.refuse.Store(false)
-	waitState(t, h, id, func(st msgState) bool { return st.LastCode == codeOutboxUnavailable })
+	waitState(t, h, id, func(st msgState) bool { return st.LastCode == CodeOutboxUnavailable })
 	if n := gate.mails.Load(); n != 1 {
 		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
 	}

@@ -17,9 +17,9 @@ import (
 	"go.uber.org/zap"
 )
 
-// envelope is one fully rendered message, ready to hand to a transport.
+// Envelope is one fully rendered message, ready to hand to a transport.
 // The handler builds it; a transport delivers it and owns every connection.
-type envelope struct {
+type Envelope struct {
 	// ID is authmail's opaque message id.
 	ID string
 	// MessageID is the Message-ID header value, angle brackets included.
@@ -41,20 +41,20 @@ type envelope struct {
 	Urgent bool
 }
 
-// transport delivers rendered messages. Implementations are safe for
+// Transport delivers rendered messages. Implementations are safe for
 // concurrent use. A non-nil error is always a *deliveryError.
-type transport interface {
-	send(ctx context.Context, env *envelope) (delivery, error)
+type Transport interface {
+	send(ctx context.Context, env *Envelope) (Result, error)
 }
 
-// rateSharer is a transport whose SMTP servers may have a configured
+// RateSharer is a transport whose SMTP servers may have a configured
 // rate, which the instances of a cluster share through the storage.
-type rateSharer interface {
+type RateSharer interface {
 	shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger)
 }
 
-// delivery describes an accepted message.
-type delivery struct {
+// Result describes an accepted message.
+type Result struct {
 	// Status is "sent" or "captured".
 	Status string
 	// Response is the server's reply to the end of DATA, e.g.
@@ -64,58 +64,58 @@ type delivery struct {
 
 // Error codes for delivery outcomes, as returned in the API's error_code.
 const (
-	codeSMTPConnection      = "smtp_connection"
-	codeSMTPTimeout         = "smtp_timeout"
-	codeSMTPAuthFailed      = "smtp_auth_failed"
-	codeStartTLSUnsupported = "starttls_unsupported"
-	codeRecipientRefused    = "recipient_refused"
-	codeSMTPRejected        = "smtp_rejected"
-	codeSMTPTransient       = "smtp_transient"
-	// codeSMTPThrottled: the server said "slow down" (a rate, connection
+	CodeSMTPConnection      = "smtp_connection"
+	CodeSMTPTimeout         = "smtp_timeout"
+	CodeSMTPAuthFailed      = "smtp_auth_failed"
+	CodeStartTLSUnsupported = "starttls_unsupported"
+	CodeRecipientRefused    = "recipient_refused"
+	CodeSMTPRejected        = "smtp_rejected"
+	CodeSMTPTransient       = "smtp_transient"
+	// CodeSMTPThrottled: the server said "slow down" (a rate, connection
 	// or quota reply); retried when its lowered rate allows
-	codeSMTPThrottled = "smtp_throttled"
-	codeUncertain     = "smtp_disconnect_uncertain"
-	codeCaptureFailed = "capture_failed"
-	// codeOutboxUnavailable: the message's body could not be read back
+	CodeSMTPThrottled = "smtp_throttled"
+	CodeUncertain     = "smtp_disconnect_uncertain"
+	CodeCaptureFailed = "capture_failed"
+	// CodeOutboxUnavailable: the message's body could not be read back
 	// from storage for a retry, or its attempt could not be recorded
 	// before the final dot; nothing was delivered.
-	codeOutboxUnavailable = "outbox_unavailable"
-	// codeExpired: an OTP or link was still queued when its
+	CodeOutboxUnavailable = "outbox_unavailable"
+	// CodeExpired: an OTP or link was still queued when its
 	// expires_in_minutes ran out; it is not sent (state expired)
-	codeExpired = "expired_in_queue"
+	CodeExpired = "expired_in_queue"
 )
 
-// errExpired is the outcome of a message whose code or link expired
+// ErrExpired is the outcome of a message whose code or link expired
 // while it waited in the queue.
-func errExpired() *deliveryError { return &deliveryError{Code: codeExpired} }
+func ErrExpired() *Error { return &Error{Code: CodeExpired} }
 
 // SMTP phases, in order. A failure's phase tells whether the server can
-// have accepted anything: only phaseEnd (waiting for the reply to the
+// have accepted anything: only PhaseEnd (waiting for the reply to the
 // final dot) is ambiguous.
 const (
-	phaseConnect  = "connect"
-	phaseGreeting = "greeting"
-	phaseHello    = "hello"
-	phaseStartTLS = "starttls"
-	phaseAuth     = "auth"
-	phaseMail     = "mail"
-	phaseRcpt     = "rcpt"
-	phaseData     = "data"
-	phaseBody     = "body"
-	phaseEnd      = "end_of_data"
-	// phaseStopped: the instance stopped (crash, kill, lost lease) with
+	PhaseConnect  = "connect"
+	PhaseGreeting = "greeting"
+	PhaseHello    = "hello"
+	PhaseStartTLS = "starttls"
+	PhaseAuth     = "auth"
+	PhaseMail     = "mail"
+	PhaseRcpt     = "rcpt"
+	PhaseData     = "data"
+	PhaseBody     = "body"
+	PhaseEnd      = "end_of_data"
+	// PhaseStopped: the instance stopped (crash, kill, lost lease) with
 	// the final dot possibly sent and no reply recorded
-	phaseStopped = "instance_stopped"
+	PhaseStopped = "instance_stopped"
 )
 
-// smtpReply is a server reply, sanitised for logs and API messages.
-type smtpReply struct {
+// Reply is a server reply, sanitised for logs and API messages.
+type Reply struct {
 	Code     int
 	Enhanced string
 	Text     string
 }
 
-func (r *smtpReply) String() string {
+func (r *Reply) String() string {
 	if r == nil {
 		return ""
 	}
@@ -129,15 +129,15 @@ func (r *smtpReply) String() string {
 	return s
 }
 
-// deliveryError is a classified delivery failure.
-type deliveryError struct {
+// Error is a classified delivery failure.
+type Error struct {
 	// Code is the API error code (smtp_*, capture_failed or
 	// outbox_unavailable).
 	Code string
 	// Phase is the SMTP phase that failed.
 	Phase string
 	// Reply is the server's reply, when the failure was a reply.
-	Reply *smtpReply
+	Reply *Reply
 	// Refused and Recipients count refused and attempted recipients
 	// when Phase is rcpt.
 	Refused, Recipients int
@@ -158,75 +158,75 @@ type deliveryError struct {
 
 // Error returns a human-readable message that is safe to show to API
 // callers and to log: no credentials, no message content.
-func (e *deliveryError) Error() string {
+func (e *Error) Error() string {
 	switch e.Code {
-	case codeStartTLSUnsupported:
+	case CodeStartTLSUnsupported:
 		if e.Reply != nil {
 			return "the SMTP server refused STARTTLS (" + e.Reply.String() + "); authmail never falls back to plaintext"
 		}
 		return "the SMTP server does not offer STARTTLS; authmail never falls back to plaintext (use tls implicit for port 465, or tls none only for a trusted local relay)"
-	case codeSMTPAuthFailed:
+	case CodeSMTPAuthFailed:
 		if e.Reply != nil && e.Reply.Code == 530 {
 			return "the SMTP server requires authentication (" + e.Reply.String() + "); check the smtp username and password"
 		}
 		if e.Reply != nil {
 			return "the SMTP server rejected the credentials: " + e.Reply.String()
 		}
-		return "SMTP authentication failed: " + errText(e.Err)
-	case codeRecipientRefused:
+		return "SMTP authentication failed: " + ErrText(e.Err)
+	case CodeRecipientRefused:
 		return fmt.Sprintf("the SMTP server refused %d of %d recipients (%s); nothing was sent", e.Refused, e.Recipients, e.Reply.String())
-	case codeSMTPRejected:
+	case CodeSMTPRejected:
 		return fmt.Sprintf("the SMTP server rejected the message at %s: %s", e.Phase, e.Reply.String())
-	case codeSMTPTransient:
-		if e.Phase == phaseRcpt {
+	case CodeSMTPTransient:
+		if e.Phase == PhaseRcpt {
 			return fmt.Sprintf("the SMTP server temporarily refused %d of %d recipients (%s); nothing was sent", e.Refused, e.Recipients, e.Reply.String())
 		}
 		return fmt.Sprintf("the SMTP server temporarily refused the message at %s: %s; nothing was sent", e.Phase, e.Reply.String())
-	case codeSMTPThrottled:
+	case CodeSMTPThrottled:
 		if e.Reply == nil {
 			return "waiting for the SMTP server's sending rate (a slow rate, or a pause after a quota reply); nothing was sent yet"
 		}
 		return fmt.Sprintf("the SMTP server asked to slow down at %s: %s; nothing was sent, authmail lowered its sending rate and retries", e.Phase, e.Reply.String())
-	case codeSMTPTimeout:
+	case CodeSMTPTimeout:
 		return fmt.Sprintf("timed out talking to the SMTP server (%s); nothing was sent", e.Phase)
-	case codeUncertain:
-		if e.Phase == phaseStopped {
-			return interruptedError
+	case CodeUncertain:
+		if e.Phase == PhaseStopped {
+			return InterruptedError
 		}
 		return "the connection to the SMTP server was lost after the whole message was transmitted; the server may or may not have accepted it, so it was not resent"
-	case codeExpired:
+	case CodeExpired:
 		return "the code or link expired (expires_in_minutes) while the message waited in the queue, so it was not sent: a late code only confuses; the user asks for a new one"
-	case codeCaptureFailed:
-		return "could not write the message to the capture directory: " + errText(e.Err)
-	case codeOutboxUnavailable:
-		if e.Phase == phaseBody {
-			return "could not record the delivery attempt in storage before the end of the message, so the message was not completed; nothing was sent: " + errText(e.Err)
+	case CodeCaptureFailed:
+		return "could not write the message to the capture directory: " + ErrText(e.Err)
+	case CodeOutboxUnavailable:
+		if e.Phase == PhaseBody {
+			return "could not record the delivery attempt in storage before the end of the message, so the message was not completed; nothing was sent: " + ErrText(e.Err)
 		}
-		return "could not read the message from storage; nothing was sent: " + errText(e.Err)
+		return "could not read the message from storage; nothing was sent: " + ErrText(e.Err)
 	default:
 		if e.Reply != nil {
 			return fmt.Sprintf("the SMTP server refused the connection at %s: %s", e.Phase, e.Reply.String())
 		}
 		if isTLSError(e.Err) {
-			return "TLS with the SMTP server failed: " + errText(e.Err)
+			return "TLS with the SMTP server failed: " + ErrText(e.Err)
 		}
-		return fmt.Sprintf("could not talk to the SMTP server (%s): %s", e.Phase, errText(e.Err))
+		return fmt.Sprintf("could not talk to the SMTP server (%s): %s", e.Phase, ErrText(e.Err))
 	}
 }
 
-func (e *deliveryError) Unwrap() error { return e.Err }
+func (e *Error) Unwrap() error { return e.Err }
 
 // uncertain reports whether the server may have accepted the message.
 // Such a message must never be resent automatically.
-func (e *deliveryError) uncertain() bool { return e.Code == codeUncertain }
+func (e *Error) uncertain() bool { return e.Code == CodeUncertain }
 
 // permanent reports whether retrying the same message cannot help
 // without a change on the recipient's or the sender's side.
-func (e *deliveryError) permanent() bool {
-	return e.Code == codeSMTPRejected || e.Code == codeRecipientRefused
+func (e *Error) permanent() bool {
+	return e.Code == CodeSMTPRejected || e.Code == CodeRecipientRefused
 }
 
-func errText(err error) string {
+func ErrText(err error) string {
 	if err == nil {
 		return "unknown error"
 	}
@@ -270,7 +270,7 @@ func isRuneStart(b byte) bool { return b&0xC0 != 0x80 }
 
 // replyFrom extracts a server reply from an error returned by the SMTP
 // client, or nil when the error is not a server reply (network, TLS…).
-func replyFrom(err error) *smtpReply {
+func replyFrom(err error) *Reply {
 	var te *textproto.Error
 	if !errors.As(err, &te) {
 		return nil
@@ -278,7 +278,7 @@ func replyFrom(err error) *smtpReply {
 	text := te.Msg
 	// multi-line replies are joined with \n by textproto
 	text = strings.ReplaceAll(text, "\n", " ")
-	r := &smtpReply{Code: te.Code}
+	r := &Reply{Code: te.Code}
 	if esc, rest, ok := strings.Cut(text, " "); ok && isEnhancedCode(esc) {
 		r.Enhanced = esc
 		text = rest
@@ -344,54 +344,54 @@ func isTLSError(err error) bool {
 // authentication, because an operator fixes them with a reload: 530
 // "authentication required" (an account configured without credentials)
 // in any phase, and a 5xx answer to STARTTLS.
-func classifyReply(phase string, r *smtpReply) string {
+func classifyReply(phase string, r *Reply) string {
 	if r.Code == 530 {
-		return codeSMTPAuthFailed
+		return CodeSMTPAuthFailed
 	}
 	if r.Code >= 500 {
-		if phase == phaseAuth {
-			return codeSMTPAuthFailed
+		if phase == PhaseAuth {
+			return CodeSMTPAuthFailed
 		}
-		if phase == phaseStartTLS {
-			return codeStartTLSUnsupported
+		if phase == PhaseStartTLS {
+			return CodeStartTLSUnsupported
 		}
-		if phase == phaseRcpt {
-			return codeRecipientRefused
+		if phase == PhaseRcpt {
+			return CodeRecipientRefused
 		}
-		return codeSMTPRejected
+		return CodeSMTPRejected
 	}
-	if phase == phaseAuth && r.Code != 421 {
-		return codeSMTPAuthFailed
+	if phase == PhaseAuth && r.Code != 421 {
+		return CodeSMTPAuthFailed
 	}
-	return codeSMTPTransient
+	return CodeSMTPTransient
 }
 
 // classify turns an error from the SMTP client in the given phase into a
 // deliveryError.
-func classify(phase string, err error) *deliveryError {
-	if de, ok := err.(*deliveryError); ok {
+func classify(phase string, err error) *Error {
+	if de, ok := err.(*Error); ok {
 		return de
 	}
-	de := &deliveryError{Phase: phase, Err: err}
+	de := &Error{Phase: phase, Err: err}
 	if r := replyFrom(err); r != nil {
 		de.Reply = r
 		de.Code = classifyReply(phase, r)
 		return de
 	}
 	switch {
-	case phase == phaseEnd:
+	case phase == PhaseEnd:
 		// The final dot went out completely; the reply never came.
-		de.Code = codeUncertain
+		de.Code = CodeUncertain
 	case isTimeout(err):
-		de.Code = codeSMTPTimeout
-	case phase == phaseAuth:
-		de.Code = codeSMTPAuthFailed
+		de.Code = CodeSMTPTimeout
+	case phase == PhaseAuth:
+		de.Code = CodeSMTPAuthFailed
 	default:
-		de.Code = codeSMTPConnection
+		de.Code = CodeSMTPConnection
 	}
 	return de
 }
 
-// interruptedError is recorded for a message whose delivery attempt was
+// InterruptedError is recorded for a message whose delivery attempt was
 // cut short by a crash: it may or may not have reached the server.
-const interruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
+const InterruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
