@@ -80,11 +80,11 @@ type adminRate struct {
 }
 
 func rateOf(s *Sender) *adminRate {
-	snap := s.pacer.Snapshot(time.Now())
+	snap := s.Pacer().Snapshot(time.Now())
 	r := &adminRate{Configured: "off", ConfiguredPerSecond: snap.Configured, CurrentPerSecond: snap.Current,
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
-	if s.cfg.rate.N > 0 {
-		r.Configured, r.Burst = s.cfg.rate.String(), snap.Burst
+	if s.Settings().Rate.N > 0 {
+		r.Configured, r.Burst = s.Settings().Rate.String(), snap.Burst
 		r.Share = &snap.Share
 	}
 	if !snap.PausedUntil.IsZero() {
@@ -156,14 +156,14 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	var servers []adminServer
 	smtpTransport := h.transport
 	if f, ok := h.transport.(*Failover); ok {
-		list := f.status()
+		list := f.Status()
 		for _, v := range list {
-			c := v.Sender.cfg
+			c := v.Sender.Settings()
 			state := "up"
 			if v.Down {
 				state = "down"
 			}
-			servers = append(servers, adminServer{Host: c.host, Port: c.port, Username: maskUser(c.username), State: state,
+			servers = append(servers, adminServer{Host: c.Host, Port: c.Port, Username: maskUser(c.Username), State: state,
 				Since: v.Since.UTC().Format(time.RFC3339), LastError: v.LastError, Rate: rateOf(v.Sender)})
 		}
 		smtpTransport = list[0].Sender
@@ -171,12 +171,12 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
 	} else if s, ok := smtpTransport.(*Sender); ok {
-		c := s.cfg
-		st.Delivery = adminDelivery{Mode: "smtp", Host: c.host, Port: c.port, TLS: c.tlsMode, Username: maskUser(c.username),
-			HELO: c.helo, Connections: c.connections, OpenConnections: s.openConnections(), Rate: rateOf(s)}
-		if c.oauth != nil {
-			st.Delivery.Auth, st.Delivery.TokenSource = c.oauth.mech, "access_token"
-			if c.oauth.tokenURL != "" {
+		c := s.Settings()
+		st.Delivery = adminDelivery{Mode: "smtp", Host: c.Host, Port: c.Port, TLS: c.TLSMode, Username: maskUser(c.Username),
+			HELO: c.HELO, Connections: c.Connections, OpenConnections: s.OpenConnections(), Rate: rateOf(s)}
+		if c.OAuth != nil {
+			st.Delivery.Auth, st.Delivery.TokenSource = c.OAuth.Mech, "access_token"
+			if c.OAuth.TokenURL != "" {
 				st.Delivery.TokenSource = "refresh_token"
 			}
 		}
@@ -281,7 +281,7 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
 	defer cancel()
-	d, serr := h.transport.send(ctx, env)
+	d, serr := h.transport.Send(ctx, env)
 	resp := testResponse{MessageID: env.MessageID, DurationMS: time.Since(start).Milliseconds()}
 	fields := []zap.Field{zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID), zap.Strings("rcpt", h.logRcpts(env.To))}
 	if serr == nil {

@@ -599,7 +599,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		transportDesc = "smtp failover " + strings.Join(hosts, ", ")
 	} else if h.Capture != "" {
-		h.transport = &Capture{dir: h.Capture}
+		h.transport = &Capture{Dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
 			route = "capture " + abs
@@ -610,7 +610,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return err
 		}
-		key := settings.poolKey()
+		key := settings.PoolKey()
 		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
 			return NewSender(settings), nil
 		})
@@ -619,9 +619,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.poolKey = key
 		h.transport = val.(*Sender)
-		conns = settings.connections
-		route = settings.route()
-		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
+		conns = settings.Connections
+		route = settings.Route()
+		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.Host, settings.Port, settings.TLSMode)
 	}
 
 	if h.dcfg, err = h.deliveryConfig(repl); err != nil {
@@ -760,54 +760,54 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 // resolve expands secrets, reads the CA file and fills in defaults.
 func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, error) {
 	out := SMTPSettings{
-		host:        s.Host,
-		port:        s.Port,
-		tlsMode:     s.TLS,
-		helo:        s.HELO,
-		timeout:     time.Duration(s.Timeout),
-		connections: s.Connections,
-		burst:       s.Burst,
+		Host:        s.Host,
+		Port:        s.Port,
+		TLSMode:     s.TLS,
+		HELO:        s.HELO,
+		Timeout:     time.Duration(s.Timeout),
+		Connections: s.Connections,
+		Burst:       s.Burst,
 	}
 	if s.Rate != "" {
 		r, err := ratelimit.ParseSpec(s.Rate)
 		if err != nil {
 			return out, fmt.Errorf("smtp: %v", err)
 		}
-		out.rate = r
+		out.Rate = r
 	}
-	if out.port == 0 {
-		out.port = defaultSMTPPort
+	if out.Port == 0 {
+		out.Port = defaultSMTPPort
 	}
-	if out.tlsMode == "" {
-		out.tlsMode = TLSStartTLS
-		if out.port == 465 {
-			out.tlsMode = TLSImplicit
+	if out.TLSMode == "" {
+		out.TLSMode = TLSStartTLS
+		if out.Port == 465 {
+			out.TLSMode = TLSImplicit
 		}
 	}
-	if out.timeout == 0 {
-		out.timeout = defaultSMTPTimeout
+	if out.Timeout == 0 {
+		out.Timeout = defaultSMTPTimeout
 	}
-	if out.connections == 0 {
-		out.connections = defaultConnections
+	if out.Connections == 0 {
+		out.Connections = defaultConnections
 	}
-	if out.helo == "" {
-		out.helo = "localhost"
+	if out.HELO == "" {
+		out.HELO = "localhost"
 		if hn, err := os.Hostname(); err == nil && hn != "" && headerProblem(hn) == "" && !strings.ContainsAny(hn, " ") {
-			out.helo = hn
+			out.HELO = hn
 		}
 	}
 	var err error
 	if s.Username != "" {
-		if out.username, err = repl.ReplaceOrErr(s.Username, true, true); err != nil {
+		if out.Username, err = repl.ReplaceOrErr(s.Username, true, true); err != nil {
 			return out, fmt.Errorf("smtp: expanding username: %v", err)
 		}
-		if out.password, err = expandSecret(repl, "smtp password", s.Password); err != nil {
+		if out.Password, err = expandSecret(repl, "smtp password", s.Password); err != nil {
 			return out, err
 		}
-		if out.oauth, err = s.resolveOAuth(repl); err != nil {
+		if out.OAuth, err = s.resolveOAuth(repl); err != nil {
 			return out, err
 		}
-		if out.oauth != nil {
+		if out.OAuth != nil {
 			if o := s.OAuth2; o != nil && (!hasPlaceholder(o.RefreshToken) || (o.ClientSecret != "" && !hasPlaceholder(o.ClientSecret))) {
 				logger.Warn("SMTP OAuth2 refresh_token or client_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 			}
@@ -815,7 +815,7 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, 
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
-	if out.tlsMode == TLSNone && out.username != "" && !isLoopbackHost(out.host) {
+	if out.TLSMode == TLSNone && out.Username != "" && !isLoopbackHost(out.Host) {
 		return out, errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
 	}
 	pool, perr := x509.SystemCertPool()
@@ -830,10 +830,10 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, 
 		if !pool.AppendCertsFromPEM(pem) {
 			return out, fmt.Errorf("smtp: ca %s holds no PEM certificate", s.CA)
 		}
-		out.caPEM = pem
+		out.CAPEM = pem
 	}
-	out.tlsConfig = &tls.Config{
-		ServerName:         out.host,
+	out.TLSConfig = &tls.Config{
+		ServerName:         out.Host,
 		RootCAs:            pool,
 		MinVersion:         tls.VersionTLS12,
 		ClientSessionCache: tls.NewLRUClientSessionCache(64),

@@ -12,7 +12,7 @@ import (
 // instead of sending it. It is meant for development: no SMTP server is
 // needed, and every message can be opened in a mail client.
 type Capture struct {
-	dir string
+	Dir string
 }
 
 // captureTrace is what a capture file holds before the message: its
@@ -31,15 +31,15 @@ func captureTrace(env *Envelope) []byte {
 	return b
 }
 
-// send writes env.Data atomically (temporary file, then rename), so a
+// Send writes env.Data atomically (temporary file, then rename), so a
 // watcher never sees a partial file. Files are readable by the owner only:
 // they contain codes and links.
-func (c *Capture) send(_ context.Context, env *Envelope) (Result, error) {
-	if err := os.MkdirAll(c.dir, 0o700); err != nil {
+func (c *Capture) Send(_ context.Context, env *Envelope) (Result, error) {
+	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseConnect, Err: err}
 	}
 	name := fmt.Sprintf("%s-%s.eml", time.Now().UTC().Format("20060102-150405.000"), env.ID)
-	tmp, err := os.CreateTemp(c.dir, ".authmail-*.tmp")
+	tmp, err := os.CreateTemp(c.Dir, ".authmail-*.tmp")
 	if err != nil {
 		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseConnect, Err: err}
 	}
@@ -64,7 +64,7 @@ func (c *Capture) send(_ context.Context, env *Envelope) (Result, error) {
 			return Result{}, &Error{Code: CodeOutboxUnavailable, Phase: PhaseBody, Err: err}
 		}
 	}
-	if err := os.Rename(tmp.Name(), filepath.Join(c.dir, name)); err != nil {
+	if err := os.Rename(tmp.Name(), filepath.Join(c.Dir, name)); err != nil {
 		_ = os.Remove(tmp.Name())
 		return Result{}, &Error{Code: CodeCaptureFailed, Phase: PhaseEnd, Err: err}
 	}

@@ -279,7 +279,7 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		if abs, err := filepath.Abs(dir); err == nil {
 			dir = abs
 		}
-		h.transport = &Capture{dir: h.Capture}
+		h.transport = &Capture{Dir: h.Capture}
 		res.transport = "capture " + dir
 	} else {
 		settings, err := h.SMTP.resolve(caddy.NewReplacer(), h.logger)
@@ -289,7 +289,7 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		s := NewSender(settings)
 		defer s.Destruct()
 		h.transport = s
-		res.transport = fmt.Sprintf("smtp %s:%d (%s)", settings.host, settings.port, settings.tlsMode)
+		res.transport = fmt.Sprintf("smtp %s:%d (%s)", settings.Host, settings.Port, settings.TLSMode)
 	}
 	env, err := h.buildEnvelope(h.testMessage(to), time.Now())
 	if err != nil {
@@ -298,7 +298,7 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	d, serr := h.transport.send(ctx, env)
+	d, serr := h.transport.Send(ctx, env)
 	res.MessageID, res.DurationMS = env.MessageID, time.Since(start).Milliseconds()
 	if serr == nil {
 		res.Sent, res.Status, res.SMTPResponse = true, d.Status, d.Response

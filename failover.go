@@ -88,7 +88,7 @@ func (f *Failover) Destruct() error {
 
 func (f *Failover) label(i int) string {
 	c := &f.senders[i].cfg
-	return fmt.Sprintf("%s:%d", c.host, c.port)
+	return fmt.Sprintf("%s:%d", c.Host, c.Port)
 }
 
 func (f *Failover) setGauge(i int) {
@@ -133,7 +133,7 @@ func passesOn(de *Error) bool {
 	return false
 }
 
-func (f *Failover) send(ctx context.Context, env *Envelope) (Result, error) {
+func (f *Failover) Send(ctx context.Context, env *Envelope) (Result, error) {
 	var last error
 	for _, i := range f.order() {
 		// BeforeDot runs right before the final dot; once it has run the
@@ -148,7 +148,7 @@ func (f *Failover) send(ctx context.Context, env *Envelope) (Result, error) {
 			}
 			return nil
 		}
-		d, err := f.senders[i].send(ctx, &e)
+		d, err := f.senders[i].Send(ctx, &e)
 		if err == nil {
 			f.succeeded(i)
 			return d, nil
@@ -161,7 +161,7 @@ func (f *Failover) send(ctx context.Context, env *Envelope) (Result, error) {
 			return Result{}, err
 		}
 		if de == nil || committed || !passesOn(de) {
-			if de != nil && !de.permanent() && de.Code != CodeOutboxUnavailable {
+			if de != nil && !de.Permanent() && de.Code != CodeOutboxUnavailable {
 				f.failed(i, de)
 			}
 			return Result{}, err
@@ -235,7 +235,7 @@ func (f *Failover) prober() {
 		f.mu.Unlock()
 		for _, i := range due {
 			s := f.senders[i]
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.timeout)
+			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
 			c, err := s.dial(ctx, "")
 			cancel()
 			if err == nil {
@@ -267,8 +267,8 @@ type ServerState struct {
 	LastError string
 }
 
-// status lists the servers in priority order with their state.
-func (f *Failover) status() []ServerState {
+// Status lists the servers in priority order with their state.
+func (f *Failover) Status() []ServerState {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out := make([]ServerState, len(f.senders))

@@ -26,7 +26,7 @@ func failoverPair(t *testing.T) (primary, secondary *smtptest.Server, f *Failove
 
 func states(f *Failover) string {
 	s := ""
-	for _, st := range f.status() {
+	for _, st := range f.Status() {
 		state := "up"
 		if st.Down {
 			state = "down"
@@ -46,7 +46,7 @@ func TestFailoverPrimaryDownThenBack(t *testing.T) {
 	_ = primary.Close()
 
 	start := time.Now()
-	d, err := f.send(context.Background(), testEnvelope("a@example.org"))
+	d, err := f.Send(context.Background(), testEnvelope("a@example.org"))
 	if err != nil || d.Status != "sent" {
 		t.Fatalf("%+v %v", d, err)
 	}
@@ -60,7 +60,7 @@ func TestFailoverPrimaryDownThenBack(t *testing.T) {
 		t.Fatalf("states %q", got)
 	}
 	// while it is down, the next message goes straight to the secondary
-	if _, err := f.send(context.Background(), testEnvelope("a@example.org")); err != nil || len(secondary.Messages()) != 2 {
+	if _, err := f.Send(context.Background(), testEnvelope("a@example.org")); err != nil || len(secondary.Messages()) != 2 {
 		t.Fatalf("%v, secondary %d", err, len(secondary.Messages()))
 	}
 
@@ -72,7 +72,7 @@ func TestFailoverPrimaryDownThenBack(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if _, err := f.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := f.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	if len(back.Messages()) != 1 || len(secondary.Messages()) != 2 {
@@ -89,7 +89,7 @@ func TestFailoverTransientMovesOn(t *testing.T) {
 		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 	}})
 	for i := 1; i <= 3; i++ {
-		if _, err := f.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		if _, err := f.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 			t.Fatal(err)
 		}
 		if len(secondary.Messages()) != i || len(primary.Messages()) != 0 {
@@ -114,7 +114,7 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	dots := 0
 	env := testEnvelope("a@example.org")
 	env.BeforeDot = func() error { dots++; return nil }
-	_, err := f.send(context.Background(), env)
+	_, err := f.Send(context.Background(), env)
 	expectCode(t, err, CodeUncertain, PhaseEnd)
 	if dots != 1 || len(secondary.Attempts()) != 0 {
 		t.Fatalf("BeforeDot ran %d times, secondary saw %d", dots, len(secondary.Attempts()))
@@ -127,7 +127,7 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	f.mu.Lock()
 	f.markUp(0)
 	f.mu.Unlock()
-	_, err = f.send(context.Background(), testEnvelope("a@example.org"))
+	_, err = f.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeRecipientRefused, PhaseRcpt)
 	if len(secondary.Attempts()) != 0 {
 		t.Fatalf("secondary saw a refused message")
@@ -144,7 +144,7 @@ func TestFailoverAllDown(t *testing.T) {
 	primary, secondary, f := failoverPair(t)
 	_ = primary.Close()
 	_ = secondary.Close()
-	_, err := f.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := f.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeSMTPConnection, PhaseConnect)
 	if got := states(f); got != "down/smtp_connection down/smtp_connection " {
 		t.Fatalf("states %q", got)
@@ -191,7 +191,7 @@ func TestFailoverGauge(t *testing.T) {
 		t.Fatalf("gauge %v before", v)
 	}
 	_ = primary.Close()
-	if _, err := f.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := f.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	if v := gauge(); v != 0 {

@@ -51,7 +51,7 @@ func initMetrics() {
 			Name: "smtp_connections", Help: "Open SMTP connections."},
 			func() float64 {
 				var n int64
-				smtpPool.Range(func(_, v any) bool { n += v.(*Sender).openConnections(); return true })
+				smtpPool.Range(func(_, v any) bool { n += v.(*Sender).OpenConnections(); return true })
 				return float64(n)
 			})
 		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns, rateCollector{}}
@@ -97,9 +97,9 @@ func metricAttempt(derr *Error, d time.Duration) {
 	result := "sent"
 	switch {
 	case derr == nil:
-	case derr.uncertain():
+	case derr.Uncertain():
 		result = "uncertain"
-	case derr.permanent():
+	case derr.Permanent():
 		result = "permanent"
 	default:
 		result = "transient"
@@ -136,12 +136,12 @@ func (rateCollector) Collect(ch chan<- prometheus.Metric) {
 	seen := map[string]bool{}
 	smtpPool.Range(func(_, v any) bool {
 		s := v.(*Sender)
-		label := net.JoinHostPort(s.cfg.host, strconv.Itoa(s.cfg.port))
+		label := net.JoinHostPort(s.Settings().Host, strconv.Itoa(s.Settings().Port))
 		if seen[label] {
 			return true // two accounts on one server: the first one
 		}
 		seen[label] = true
-		snap := s.pacer.Snapshot(now)
+		snap := s.Pacer().Snapshot(now)
 		ch <- prometheus.MustNewConstMetric(descRateConfigured, prometheus.GaugeValue, snap.Configured, label)
 		ch <- prometheus.MustNewConstMetric(descRateCurrent, prometheus.GaugeValue, snap.Current, label)
 		ch <- prometheus.MustNewConstMetric(descThrottles, prometheus.CounterValue, float64(snap.Throttles), label)

@@ -95,19 +95,19 @@ func (s *SMTP) resolveOAuth(repl *caddy.Replacer) (*OAuthSettings, error) {
 	if s.Auth == "" {
 		return nil, nil
 	}
-	o := &OAuthSettings{mech: s.Auth, accessToken: s.AccessToken, expand: func(v string) (string, error) {
+	o := &OAuthSettings{Mech: s.Auth, AccessToken: s.AccessToken, Expand: func(v string) (string, error) {
 		return expandSecret(caddy.NewReplacer(), "smtp access_token", v)
 	}}
 	if c := s.OAuth2; c != nil {
-		o.tokenURL, o.clientID, o.scopes = c.TokenURL, c.ClientID, c.Scopes
+		o.TokenURL, o.ClientID, o.Scopes = c.TokenURL, c.ClientID, c.Scopes
 		var err error
-		if o.clientSecret, err = expandSecret(repl, "smtp oauth2 client_secret", c.ClientSecret); err != nil {
+		if o.ClientSecret, err = expandSecret(repl, "smtp oauth2 client_secret", c.ClientSecret); err != nil {
 			return nil, err
 		}
-		if o.refreshToken, err = expandSecret(repl, "smtp oauth2 refresh_token", c.RefreshToken); err != nil {
+		if o.RefreshToken, err = expandSecret(repl, "smtp oauth2 refresh_token", c.RefreshToken); err != nil {
 			return nil, err
 		}
-		if o.refreshToken == "" {
+		if o.RefreshToken == "" {
 			return nil, errors.New("smtp oauth2: refresh_token is empty")
 		}
 	} else if _, err := expandSecret(repl, "smtp access_token", s.AccessToken); err != nil {

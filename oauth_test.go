@@ -88,9 +88,9 @@ func oauthSender(t *testing.T, mech string, ts *tokenServer) (*smtptest.Server, 
 	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "mailer@example.com",
 		Mechanisms: []string{"PLAIN", strings.ToUpper(mech)}, CheckToken: ts.check})
 	cfg := testSettings(srv)
-	cfg.username, cfg.password = "mailer@example.com", ""
-	cfg.oauth = &OAuthSettings{mech: mech, tokenURL: ts.URL + "/token", clientID: testClientID,
-		clientSecret: testClientSecret, refreshToken: testRefresh0, scopes: []string{"https://outlook.office365.com/SMTP.Send"}}
+	cfg.Username, cfg.Password = "mailer@example.com", ""
+	cfg.OAuth = &OAuthSettings{Mech: mech, TokenURL: ts.URL + "/token", ClientID: testClientID,
+		ClientSecret: testClientSecret, RefreshToken: testRefresh0, Scopes: []string{"https://outlook.office365.com/SMTP.Send"}}
 	return srv, newTestSender(t, cfg)
 }
 
@@ -103,7 +103,7 @@ func TestOAuthTokensAuthenticateAndRefresh(t *testing.T) {
 		t.Run(mech, func(t *testing.T) {
 			ts := newTokenServer(t)
 			srv, s := oauthSender(t, mech, ts)
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatal(err)
 			}
 			m := srv.Messages()[0]
@@ -112,7 +112,7 @@ func TestOAuthTokensAuthenticateAndRefresh(t *testing.T) {
 			}
 			// a new connection with the token still fresh: no refresh
 			s.dropIdle()
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatal(err)
 			}
 			if n := ts.issued(); n != 1 || srv.Auths() != 2 {
@@ -125,7 +125,7 @@ func TestOAuthTokensAuthenticateAndRefresh(t *testing.T) {
 			s.tokens.tok.Expiry = time.Now().Add(tokenEarly - time.Second)
 			s.tokens.mu.Unlock()
 			s.dropIdle()
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatal(err)
 			}
 			if n := ts.issued(); n != 2 {
@@ -144,12 +144,12 @@ func TestOAuthRejectedTokenIsRefreshedOnce(t *testing.T) {
 		t.Run(mech, func(t *testing.T) {
 			ts := newTokenServer(t)
 			srv, s := oauthSender(t, mech, ts)
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatal(err)
 			}
 			ts.revokeAll()
 			s.dropIdle()
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatalf("after revocation: %v", err)
 			}
 			if n := ts.issued(); n != 2 || len(srv.Messages()) != 2 {
@@ -161,7 +161,7 @@ func TestOAuthRejectedTokenIsRefreshedOnce(t *testing.T) {
 			ts.mu.Unlock()
 			ts.revokeAll()
 			s.dropIdle()
-			_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+			_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 			de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 			if de.Reply == nil || de.Reply.Code != 535 {
 				t.Fatalf("reply %v", de.Reply)
@@ -186,7 +186,7 @@ func TestOAuthTokenEndpointErrorHoldsNoSecret(t *testing.T) {
 	ts := newTokenServer(t)
 	ts.fail = true
 	srv, s := oauthSender(t, AuthXOAUTH2, ts)
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	want := "SMTP authentication failed: fetching an OAuth2 access token: the token endpoint answered 400 Bad Request: invalid_grant (refresh token [redacted] is not valid)"
 	if err.Error() != want {
@@ -207,14 +207,14 @@ func TestOAuthAccessTokenFileIsReadAtEveryAuthentication(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "token")
 	_ = os.WriteFile(path, []byte("file-token-1\n"), 0o600)
 	cfg := testSettings(srv)
-	cfg.username, cfg.password = "mailer@example.com", ""
+	cfg.Username, cfg.Password = "mailer@example.com", ""
 	o, err := (&SMTP{Auth: AuthXOAUTH2, AccessToken: "{file." + path + "}"}).resolveOAuth(caddy.NewReplacer())
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.oauth = o
+	cfg.OAuth = o
 	s := newTestSender(t, cfg)
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()
@@ -222,7 +222,7 @@ func TestOAuthAccessTokenFileIsReadAtEveryAuthentication(t *testing.T) {
 	mu.Unlock()
 	_ = os.WriteFile(path, []byte("file-token-2\n"), 0o600)
 	s.dropIdle()
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	if srv.Auths() != 2 {

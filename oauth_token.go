@@ -32,18 +32,18 @@ var (
 
 // OAuthSettings are the resolved token settings of an SMTP sender.
 type OAuthSettings struct {
-	mech         string // authXOAUTH2 or authOAUTHBEARER
-	tokenURL     string
-	clientID     string
-	clientSecret string
-	refreshToken string
-	scopes       []string
-	// accessToken is the placeholder expanded at every authentication,
+	Mech         string // authXOAUTH2 or authOAUTHBEARER
+	TokenURL     string
+	ClientID     string
+	ClientSecret string
+	RefreshToken string
+	Scopes       []string
+	// AccessToken is the placeholder expanded at every authentication,
 	// when tokens come from a file another agent refreshes
-	accessToken string
-	// expand expands accessToken's placeholder; its error names the
+	AccessToken string
+	// Expand expands accessToken's placeholder; its error names the
 	// setting and never holds the secret
-	expand func(string) (string, error)
+	Expand func(string) (string, error)
 }
 
 // key lists the fields that make a different token source.
@@ -51,7 +51,7 @@ func (o *OAuthSettings) key() []string {
 	if o == nil {
 		return nil
 	}
-	return []string{o.mech, o.tokenURL, o.clientID, o.clientSecret, o.refreshToken, strings.Join(o.scopes, " "), o.accessToken}
+	return []string{o.Mech, o.TokenURL, o.ClientID, o.ClientSecret, o.RefreshToken, strings.Join(o.Scopes, " "), o.AccessToken}
 }
 
 // tokenSource hands out access tokens for one SMTP sender. It lives as
@@ -68,12 +68,12 @@ type tokenSource struct {
 }
 
 func newTokenSource(cfg *OAuthSettings, timeout time.Duration) *tokenSource {
-	return &tokenSource{cfg: cfg, timeout: timeout, refresh: cfg.refreshToken}
+	return &tokenSource{cfg: cfg, timeout: timeout, refresh: cfg.RefreshToken}
 }
 
 // canRenew reports whether a rejected token can be replaced by a new
 // one, i.e. tokens come from the refresh grant.
-func (ts *tokenSource) canRenew() bool { return ts.cfg.tokenURL != "" }
+func (ts *tokenSource) canRenew() bool { return ts.cfg.TokenURL != "" }
 
 // token returns an access token that is valid for at least tokenEarly.
 // rejected is a token the SMTP server just refused: unless another
@@ -84,7 +84,7 @@ func (ts *tokenSource) canRenew() bool { return ts.cfg.tokenURL != "" }
 // and description, or the transport error, only.
 func (ts *tokenSource) token(ctx context.Context, rejected string) (string, error) {
 	if !ts.canRenew() {
-		v, err := ts.cfg.expand(ts.cfg.accessToken)
+		v, err := ts.cfg.Expand(ts.cfg.AccessToken)
 		if err != nil {
 			return "", err
 		}
@@ -97,12 +97,12 @@ func (ts *tokenSource) token(ctx context.Context, rejected string) (string, erro
 		return t.AccessToken, nil
 	}
 	conf := &oauth2.Config{
-		ClientID: ts.cfg.clientID, ClientSecret: ts.cfg.clientSecret, Scopes: ts.cfg.scopes,
-		Endpoint: oauth2.Endpoint{TokenURL: ts.cfg.tokenURL, AuthStyle: oauth2.AuthStyleInParams},
+		ClientID: ts.cfg.ClientID, ClientSecret: ts.cfg.ClientSecret, Scopes: ts.cfg.Scopes,
+		Endpoint: oauth2.Endpoint{TokenURL: ts.cfg.TokenURL, AuthStyle: oauth2.AuthStyleInParams},
 	}
 	ctx, cancel := context.WithTimeout(ctx, ts.timeout)
 	defer cancel()
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, &http.Client{Timeout: ts.timeout, Transport: scopeAdder{ts.cfg.scopes}})
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, &http.Client{Timeout: ts.timeout, Transport: scopeAdder{ts.cfg.Scopes}})
 	// an expired token with the current refresh token makes the source
 	// refresh at once
 	nt, err := conf.TokenSource(ctx, &oauth2.Token{RefreshToken: ts.refresh, Expiry: time.Unix(1, 0)}).Token()
@@ -171,7 +171,7 @@ func (ts *tokenSource) tokenError(err error) error {
 
 // scrub removes the secrets from a text that might quote them.
 func (ts *tokenSource) scrub(s string) string {
-	for _, v := range []string{ts.cfg.clientSecret, ts.cfg.refreshToken, ts.refresh} {
+	for _, v := range []string{ts.cfg.ClientSecret, ts.cfg.RefreshToken, ts.refresh} {
 		if len(v) >= 4 {
 			s = strings.ReplaceAll(s, v, "[redacted]")
 		}
@@ -216,7 +216,7 @@ func saslName(s string) string {
 // can retry once with a fresh one.
 func (s *Sender) authToken(ctx context.Context, client *smtp.Client, rejected string, deadline func()) *Error {
 	cfg := &s.cfg
-	mechName := strings.ToUpper(cfg.oauth.mech)
+	mechName := strings.ToUpper(cfg.OAuth.Mech)
 	has, list := client.Extension("AUTH")
 	offered := false
 	for _, m := range strings.Fields(strings.ToUpper(list)) {
@@ -232,7 +232,7 @@ func (s *Sender) authToken(ctx context.Context, client *smtp.Client, rejected st
 	}
 	// the refresh may have taken most of the command timeout
 	deadline()
-	if err := client.Auth(tokenAuth(cfg.oauth.mech, cfg.username, tok)); err != nil {
+	if err := client.Auth(tokenAuth(cfg.OAuth.Mech, cfg.Username, tok)); err != nil {
 		de := classify(PhaseAuth, err)
 		if de.Code == CodeSMTPAuthFailed && de.Reply != nil && de.Reply.Code >= 500 {
 			de.rejectedToken = tok

@@ -251,7 +251,7 @@ func (e *engine) shareRatesLocked() {
 	}
 	for _, r := range e.regs {
 		if rs, ok := r.t.(RateSharer); ok {
-			rs.shareRate(e.st.s, e.iid, demand, e.log())
+			rs.ShareRate(e.st.s, e.iid, demand, e.log())
 		}
 	}
 }
@@ -972,7 +972,7 @@ func (e *engine) deliver(en *entry) {
 	} else {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		start := time.Now()
-		d, err = t.send(ctx, env)
+		d, err = t.Send(ctx, env)
 		cancel()
 		if err != nil && !errors.As(err, &derr) {
 			derr = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: err}
@@ -1059,9 +1059,9 @@ func (e *engine) recordOutcome(en *entry, d Result, derr *Error, took time.Durat
 		}
 	case derr.Code == CodeExpired:
 		en.st.Status, final = stExpired, true
-	case derr.uncertain() && !cfg.retryUncertain:
+	case derr.Uncertain() && !cfg.retryUncertain:
 		en.st.Status, final = stUnknown, true
-	case derr.permanent():
+	case derr.Permanent():
 		en.st.Status, final = stFailed, true
 	default:
 		next := now.Add(backoff(cfg, en.st.Attempts, en.b.id))
@@ -1074,8 +1074,8 @@ func (e *engine) recordOutcome(en *entry, d Result, derr *Error, took time.Durat
 				en.st.Attempts--
 			}
 			next = now
-			if derr.retryAt.After(now) {
-				next = derr.retryAt
+			if derr.RetryAt.After(now) {
+				next = derr.RetryAt
 			}
 		}
 		if !en.st.ExpiresAt.IsZero() && next.After(en.st.ExpiresAt) {

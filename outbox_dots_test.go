@@ -207,9 +207,9 @@ func TestNoDotWithoutItsMark(t *testing.T) {
 // failed mark leaves no file.
 func TestCaptureMarksBeforeRename(t *testing.T) {
 	dir := t.TempDir()
-	c := &Capture{dir: dir}
+	c := &Capture{Dir: dir}
 	boom := errors.New("storage down")
-	_, err := c.send(context.Background(), &Envelope{ID: "x", Data: []byte("Subject: x\r\n\r\nx\r\n"), BeforeDot: func() error { return boom }})
+	_, err := c.Send(context.Background(), &Envelope{ID: "x", Data: []byte("Subject: x\r\n\r\nx\r\n"), BeforeDot: func() error { return boom }})
 	var de *Error
 	if !errors.As(err, &de) || de.Code != CodeOutboxUnavailable || !errors.Is(err, boom) {
 		t.Fatalf("error %v", err)

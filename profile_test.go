@@ -56,11 +56,11 @@ func TestHandlersWithTheSameFromKeepTheirRoutes(t *testing.T) {
 // sender's.
 func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
 	e := newEngine("k", nil, "iid")
-	alice1, alice2, bob := &Capture{dir: "a1"}, &Capture{dir: "a2"}, &Capture{dir: "b"}
+	alice1, alice2, bob := &Capture{Dir: "a1"}, &Capture{Dir: "a2"}, &Capture{Dir: "b"}
 	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
 	e.configure(&engineConfig{webhookSecret: "alice-2"}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
 	e.configure(&engineConfig{webhookSecret: "bob"}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
-	hash := &Capture{dir: "h"}
+	hash := &Capture{Dir: "h"}
 	e.configure(&engineConfig{webhookSecret: "hash-site"}, nil, senderProfile("a#b@example.com", "capture h"), hash, 1)
 	for _, c := range []struct {
 		profile string

@@ -28,7 +28,7 @@ func failoverKey(keys []string) string {
 func failoverRoute(settings []SMTPSettings) string {
 	var rs []string
 	for i := range settings {
-		rs = append(rs, settings[i].route())
+		rs = append(rs, settings[i].Route())
 	}
 	return "failover " + strings.Join(rs, " | ")
 }
@@ -62,7 +62,7 @@ func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns i
 		if err != nil {
 			return "", 0, fmt.Errorf("smtp_servers[%d]: %w", i, err)
 		}
-		key := st.poolKey()
+		key := st.PoolKey()
 		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return NewSender(st), nil })
 		if err != nil {
 			return "", 0, err
@@ -70,7 +70,7 @@ func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns i
 		h.poolKeys = append(h.poolKeys, key)
 		settings = append(settings, st)
 		senders = append(senders, val.(*Sender))
-		conns = max(conns, st.connections)
+		conns = max(conns, st.Connections)
 	}
 	fkey := failoverKey(h.poolKeys)
 	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return NewFailover(senders), nil })

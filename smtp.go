@@ -38,48 +38,48 @@ var (
 
 // SMTPSettings is the resolved (secrets expanded) SMTP configuration.
 type SMTPSettings struct {
-	host        string
-	port        int
-	tlsMode     string
-	caPEM       []byte
-	tlsConfig   *tls.Config
-	username    string
-	password    string
-	helo        string
-	timeout     time.Duration
-	connections int
-	// oauth, when set, authenticates with OAuth2 access tokens instead of
+	Host        string
+	Port        int
+	TLSMode     string
+	CAPEM       []byte
+	TLSConfig   *tls.Config
+	Username    string
+	Password    string
+	HELO        string
+	Timeout     time.Duration
+	Connections int
+	// OAuth, when set, authenticates with OAuth2 access tokens instead of
 	// the password
-	oauth *OAuthSettings
-	// noPipelining sends MAIL, each RCPT and DATA one at a time even when
+	OAuth *OAuthSettings
+	// NoPipelining sends MAIL, each RCPT and DATA one at a time even when
 	// the server offers PIPELINING (tests use it to cover that path)
-	noPipelining bool
-	// rate is the send-rate cap (zero: none) and burst its burst (zero:
+	NoPipelining bool
+	// Rate is the send-Rate cap (zero: none) and burst its burst (zero:
 	// the pacer's default)
-	rate  ratelimit.Spec
-	burst int
+	Rate  ratelimit.Spec
+	Burst int
 }
 
-// poolKey identifies the sender for these settings. Every field that
+// PoolKey identifies the sender for these settings. Every field that
 // changes a connection is part of it; the password only as a hash.
-func (s *SMTPSettings) poolKey() string {
+func (s *SMTPSettings) PoolKey() string {
 	h := sha256.New()
 	for _, v := range append([]string{
-		s.host, strconv.Itoa(s.port), s.tlsMode, s.username, s.password,
-		string(s.caPEM), s.helo, s.timeout.String(), strconv.Itoa(s.connections), strconv.FormatBool(s.noPipelining),
-		strconv.Itoa(s.rate.N), s.rate.Window.String(), strconv.Itoa(s.burst),
-	}, s.oauth.key()...) {
+		s.Host, strconv.Itoa(s.Port), s.TLSMode, s.Username, s.Password,
+		string(s.CAPEM), s.HELO, s.Timeout.String(), strconv.Itoa(s.Connections), strconv.FormatBool(s.NoPipelining),
+		strconv.Itoa(s.Rate.N), s.Rate.Window.String(), strconv.Itoa(s.Burst),
+	}, s.OAuth.key()...) {
 		// length-prefix each field so that no two configs collide
 		fmt.Fprintf(h, "%d:%s|", len(v), v)
 	}
 	return "authmail.smtp." + hex.EncodeToString(h.Sum(nil))
 }
 
-// route names the server and account messages go through, for the
+// Route names the server and account messages go through, for the
 // sender profile: host, port and user, without the password or the
 // connection settings, so that fixing credentials or tuning keeps it.
-func (s *SMTPSettings) route() string {
-	return fmt.Sprintf("smtp %s %d %d:%s", strings.ToLower(s.host), s.port, len(s.username), s.username)
+func (s *SMTPSettings) Route() string {
+	return fmt.Sprintf("smtp %s %d %d:%s", strings.ToLower(s.Host), s.Port, len(s.Username), s.Username)
 }
 
 // Sender delivers messages over up to settings.connections parallel
@@ -115,18 +115,25 @@ type Sender struct {
 func NewSender(cfg SMTPSettings) *Sender {
 	s := &Sender{
 		cfg:         cfg,
-		slots:       make(chan struct{}, cfg.connections),
+		slots:       make(chan struct{}, cfg.Connections),
 		idleTimeout: smtpIdleTimeout,
 		done:        make(chan struct{}),
 	}
-	if cfg.oauth != nil {
-		s.tokens = newTokenSource(cfg.oauth, cfg.timeout)
+	if cfg.OAuth != nil {
+		s.tokens = newTokenSource(cfg.OAuth, cfg.Timeout)
 	}
 	// the settings were validated: New cannot fail on them
-	s.pacer, _ = pace.New(pace.Config{Limit: cfg.rate.N, Window: cfg.rate.Window, Burst: cfg.burst})
+	s.pacer, _ = pace.New(pace.Config{Limit: cfg.Rate.N, Window: cfg.Rate.Window, Burst: cfg.Burst})
 	go s.janitor()
 	return s
 }
+
+// Settings returns the settings the sender was made with.
+func (s *Sender) Settings() SMTPSettings { return s.cfg }
+
+// Pacer returns the sender's pacer, for its rate in /status and the
+// metrics.
+func (s *Sender) Pacer() *pace.Pacer { return s.pacer }
 
 // Destruct is called by the usage pool when the last config using this
 // sender is cleaned up. Idle connections are closed now; sends still in
@@ -159,7 +166,7 @@ func (s *Sender) Destruct() error {
 // for a few seconds, then the least one: the cluster stays under the
 // provider's cap rather than over it.
 func (s *Sender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
-	if s.cfg.rate.N == 0 {
+	if s.cfg.Rate.N == 0 {
 		return
 	}
 	s.mu.Lock()
@@ -167,7 +174,7 @@ func (s *Sender) shareRate(st certmagic.Storage, instance string, demand func() 
 	if s.share != nil || s.closed {
 		return
 	}
-	sum := sha256.Sum256([]byte(s.cfg.route()))
+	sum := sha256.Sum256([]byte(s.cfg.Route()))
 	sh, err := pace.NewShare(st, hex.EncodeToString(sum[:8]), instance, s.pacer, demand, pace.ShareOptions{})
 	if err != nil {
 		logger.Error("sharing the SMTP rate with the cluster failed; this instance sends at the whole rate", zap.Error(err))
@@ -277,14 +284,14 @@ func (s *Sender) closeConn(c *smtpConn) {
 	s.open.Add(-1)
 }
 
-// openConnections reports the number of open SMTP connections.
-func (s *Sender) openConnections() int64 { return s.open.Load() }
+// OpenConnections reports the number of open SMTP connections.
+func (s *Sender) OpenConnections() int64 { return s.open.Load() }
 
-// send delivers env. It waits for a free connection slot (bounded by
+// Send delivers env. It waits for a free connection slot (bounded by
 // ctx), reuses an idle connection when there is one, and transparently
 // redials once when a reused connection turns out to be dead before the
 // server accepted anything.
-func (s *Sender) send(ctx context.Context, env *Envelope) (Result, error) {
+func (s *Sender) Send(ctx context.Context, env *Envelope) (Result, error) {
 	select {
 	case s.slots <- struct{}{}:
 	case <-ctx.Done():
@@ -299,11 +306,11 @@ func (s *Sender) send(ctx context.Context, env *Envelope) (Result, error) {
 	// A wait longer than the SMTP timeout (a quota pause, a slow rate
 	// with many messages ahead) goes back to the queue until the pacer's
 	// time instead of holding the slot.
-	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.timeout {
-		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, retryAt: next}
+	if next := s.pacer.Next(time.Now()); time.Until(next) > s.cfg.Timeout {
+		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, RetryAt: next}
 	}
 	if err := s.pacer.WaitPriority(ctx, env.Urgent); err != nil {
-		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, retryAt: s.pacer.Next(time.Now())}
+		return Result{}, &Error{Code: CodeSMTPThrottled, Phase: PhaseConnect, RetryAt: s.pacer.Next(time.Now())}
 	}
 	sentAt := time.Now()
 	d, err := s.sendNow(ctx, env)
@@ -336,7 +343,7 @@ func (s *Sender) paced(sentAt time.Time, err error) {
 		return
 	}
 	de.Code = CodeSMTPThrottled
-	de.retryAt = s.pacer.Next(now)
+	de.RetryAt = s.pacer.Next(now)
 }
 
 // sendNow is send once the rate allows it.
@@ -356,7 +363,7 @@ func (s *Sender) sendNow(ctx context.Context, env *Envelope) (Result, error) {
 				return Result{}, err
 			}
 		}
-		d, err, healthy := conn.transact(s.cfg.timeout, env)
+		d, err, healthy := conn.transact(s.cfg.Timeout, env)
 		if healthy {
 			s.putIdle(conn)
 		} else {
@@ -382,8 +389,8 @@ func (s *Sender) sendNow(ctx context.Context, env *Envelope) (Result, error) {
 // the token source then fetches a new one.
 func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) {
 	cfg := &s.cfg
-	d := net.Dialer{Timeout: cfg.timeout}
-	raw, err := d.DialContext(ctx, "tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port)))
+	d := net.Dialer{Timeout: cfg.Timeout}
+	raw, err := d.DialContext(ctx, "tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
 	if err != nil {
 		return nil, classify(PhaseConnect, err)
 	}
@@ -393,32 +400,32 @@ func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) 
 			_ = raw.Close()
 		}
 	}()
-	deadline := func() { _ = raw.SetDeadline(time.Now().Add(cfg.timeout)) }
+	deadline := func() { _ = raw.SetDeadline(time.Now().Add(cfg.Timeout)) }
 	deadline()
 
 	var conn net.Conn = raw
-	if cfg.tlsMode == TLSImplicit {
-		tc := tls.Client(raw, cfg.tlsConfig)
+	if cfg.TLSMode == TLSImplicit {
+		tc := tls.Client(raw, cfg.TLSConfig)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			return nil, classify(PhaseConnect, err)
 		}
 		conn = tc
 	}
-	client, err := smtp.NewClient(conn, cfg.host)
+	client, err := smtp.NewClient(conn, cfg.Host)
 	if err != nil {
 		return nil, classify(PhaseGreeting, err)
 	}
 	client.SkipSMTPUTF8(true)
 	deadline()
-	if err := client.Hello(cfg.helo); err != nil {
+	if err := client.Hello(cfg.HELO); err != nil {
 		return nil, classify(PhaseHello, unwrapHello(err))
 	}
-	if cfg.tlsMode == TLSStartTLS {
+	if cfg.TLSMode == TLSStartTLS {
 		if has, _ := client.Extension("STARTTLS"); !has {
 			return nil, &Error{Code: CodeStartTLSUnsupported, Phase: PhaseStartTLS}
 		}
 		deadline()
-		if err := client.StartTLS(cfg.tlsConfig); err != nil {
+		if err := client.StartTLS(cfg.TLSConfig); err != nil {
 			return nil, classify(PhaseStartTLS, err)
 		}
 	}
@@ -426,7 +433,7 @@ func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) 
 		if de := s.authToken(ctx, client, rejected, deadline); de != nil {
 			return nil, de
 		}
-	} else if cfg.username != "" {
+	} else if cfg.Username != "" {
 		deadline()
 		auth, err := s.pickAuth(client)
 		if err != nil {
@@ -436,7 +443,7 @@ func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) 
 			return nil, classify(PhaseAuth, err)
 		}
 	}
-	if cfg.tlsMode != TLSNone {
+	if cfg.TLSMode != TLSNone {
 		// refuse to go on unless the connection really is encrypted
 		if _, isTLS := client.TLSConnectionState(); !isTLS {
 			return nil, &Error{Code: CodeStartTLSUnsupported, Phase: PhaseStartTLS}
@@ -446,7 +453,7 @@ func (s *Sender) dial(ctx context.Context, rejected string) (*smtpConn, *Error) 
 	s.open.Add(1)
 	s.dials.Add(1)
 	c := &smtpConn{raw: raw, client: client}
-	if has, _ := client.Extension("PIPELINING"); has && !s.cfg.noPipelining {
+	if has, _ := client.Extension("PIPELINING"); has && !s.cfg.NoPipelining {
 		c.pipelining = true
 	}
 	if has, _ := client.Extension("8BITMIME"); has {
@@ -484,18 +491,18 @@ func (s *Sender) pickAuth(c *smtp.Client) (smtp.Auth, error) {
 	}
 	cfg := &s.cfg
 	// plaintext auth is only ever allowed where Validate permitted tls none
-	allowUnenc := cfg.tlsMode == TLSNone
+	allowUnenc := cfg.TLSMode == TLSNone
 	switch {
 	case offered["PLAIN"]:
-		return smtp.PlainAuth("", cfg.username, cfg.password, cfg.host, allowUnenc), nil
+		return smtp.PlainAuth("", cfg.Username, cfg.Password, cfg.Host, allowUnenc), nil
 	case offered["LOGIN"]:
-		return smtp.LoginAuth(cfg.username, cfg.password, cfg.host, allowUnenc), nil
+		return smtp.LoginAuth(cfg.Username, cfg.Password, cfg.Host, allowUnenc), nil
 	case offered["SCRAM-SHA-256"]:
-		return smtp.ScramSHA256Auth(cfg.username, cfg.password), nil
+		return smtp.ScramSHA256Auth(cfg.Username, cfg.Password), nil
 	case offered["SCRAM-SHA-1"]:
-		return smtp.ScramSHA1Auth(cfg.username, cfg.password), nil
+		return smtp.ScramSHA1Auth(cfg.Username, cfg.Password), nil
 	case offered["CRAM-MD5"]:
-		return smtp.CRAMMD5Auth(cfg.username, cfg.password), nil
+		return smtp.CRAMMD5Auth(cfg.Username, cfg.Password), nil
 	}
 	return nil, errNoAuthMechanism
 }

@@ -24,10 +24,10 @@ func testSettings(srv *smtptest.Server) SMTPSettings {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(srv.CAPEM)
 	return SMTPSettings{
-		host: "127.0.0.1", port: srv.Port, tlsMode: TLSStartTLS,
-		tlsConfig: &tls.Config{ServerName: "127.0.0.1", RootCAs: pool, MinVersion: tls.VersionTLS12},
-		username:  "user", password: "s3cret-pass", helo: "test.local",
-		timeout: 2 * time.Second, connections: 2, noPipelining: testNoPipelining,
+		Host: "127.0.0.1", Port: srv.Port, TLSMode: TLSStartTLS,
+		TLSConfig: &tls.Config{ServerName: "127.0.0.1", RootCAs: pool, MinVersion: tls.VersionTLS12},
+		Username:  "user", Password: "s3cret-pass", HELO: "test.local",
+		Timeout: 2 * time.Second, Connections: 2, NoPipelining: testNoPipelining,
 	}
 }
 
@@ -90,7 +90,7 @@ func expectCode(t *testing.T, err error, code, phase string) *Error {
 func TestSMTPStartTLSAuthDeliversExactBytes(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	s := newTestSender(t, testSettings(srv))
-	d, err := s.send(context.Background(), testEnvelope("a@example.org", "b@example.net"))
+	d, err := s.Send(context.Background(), testEnvelope("a@example.org", "b@example.net"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,9 +116,9 @@ func TestSMTPStartTLSAuthDeliversExactBytes(t *testing.T) {
 func TestSMTPImplicitTLS(t *testing.T) {
 	srv := authServer(t, smtptest.Implicit)
 	cfg := testSettings(srv)
-	cfg.tlsMode = TLSImplicit
+	cfg.TLSMode = TLSImplicit
 	s := newTestSender(t, cfg)
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	if m := srv.Messages(); len(m) != 1 || !m[0].TLS {
@@ -129,9 +129,9 @@ func TestSMTPImplicitTLS(t *testing.T) {
 func TestSMTPNoTLSToLoopbackRelay(t *testing.T) {
 	srv := authServer(t, smtptest.None)
 	cfg := testSettings(srv)
-	cfg.tlsMode = TLSNone
+	cfg.TLSMode = TLSNone
 	s := newTestSender(t, cfg)
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	if m := srv.Messages(); len(m) != 1 || m[0].TLS || m[0].AuthUser != "user" {
@@ -153,14 +153,14 @@ func TestSMTPBodyCutOffIsNeverCompleted(t *testing.T) {
 	release := make(chan struct{})
 	srv.SetHooks(smtptest.Hooks{DataStart: func() { <-release }})
 	cfg := testSettings(srv)
-	cfg.tlsMode = TLSNone
-	cfg.timeout = 500 * time.Millisecond
+	cfg.TLSMode = TLSNone
+	cfg.Timeout = 500 * time.Millisecond
 	s := newTestSender(t, cfg)
 	env := testEnvelope("a@example.org")
 	// far more than the loopback socket buffers hold
 	line := strings.Repeat("x", 998) + "\r\n"
 	env.Data = []byte("Subject: big\r\n\r\n" + strings.Repeat(line, 24<<10))
-	_, err := s.send(context.Background(), env)
+	_, err := s.Send(context.Background(), env)
 	expectCode(t, err, CodeSMTPTimeout, PhaseBody)
 	close(release) // the server reads what arrived, up to the hang-up
 	for deadline := time.Now().Add(10 * time.Second); srv.OpenConnections() > 0 && time.Now().Before(deadline); {
@@ -180,22 +180,22 @@ func TestSMTPBodyCutOffIsNeverCompleted(t *testing.T) {
 func TestSMTPStartTLSIsMandatory(t *testing.T) {
 	srv := authServer(t, smtptest.None) // offers no STARTTLS
 	s := newTestSender(t, testSettings(srv))
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeStartTLSUnsupported, PhaseStartTLS)
 	if len(srv.Attempts()) != 0 || srv.Auths() != 0 {
 		t.Fatal("nothing may be sent, and no credentials, without TLS")
 	}
-	if s.openConnections() != 0 {
-		t.Fatalf("open connections = %d after a failed dial", s.openConnections())
+	if s.OpenConnections() != 0 {
+		t.Fatalf("open connections = %d after a failed dial", s.OpenConnections())
 	}
 }
 
 func TestSMTPUntrustedCertificate(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	cfg := testSettings(srv)
-	cfg.tlsConfig = &tls.Config{ServerName: "127.0.0.1", RootCAs: x509.NewCertPool(), MinVersion: tls.VersionTLS12}
+	cfg.TLSConfig = &tls.Config{ServerName: "127.0.0.1", RootCAs: x509.NewCertPool(), MinVersion: tls.VersionTLS12}
 	s := newTestSender(t, cfg)
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	de := expectCode(t, err, CodeSMTPConnection, PhaseStartTLS)
 	if !strings.Contains(de.Error(), "TLS") || !strings.Contains(de.Error(), "certificate") {
 		t.Errorf("message should explain the certificate problem: %s", de.Error())
@@ -208,9 +208,9 @@ func TestSMTPUntrustedCertificate(t *testing.T) {
 func TestSMTPAuthFailed(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	cfg := testSettings(srv)
-	cfg.password = "wrong-password"
+	cfg.Password = "wrong-password"
 	s := newTestSender(t, cfg)
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	if de.Reply == nil || de.Reply.Code != 535 || de.Reply.Enhanced != "5.7.8" {
 		t.Errorf("reply = %+v", de.Reply)
@@ -234,7 +234,7 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 		{"SCRAM-SHA-1", "SCRAM-SHA-256"}, {"CRAM-MD5", "SCRAM-SHA-1"}, {"CRAM-MD5", "LOGIN", "PLAIN"}} {
 		t.Run(strings.Join(mechs, "+"), func(t *testing.T) {
 			srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: mechs})
-			d, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
+			d, err := newTestSender(t, testSettings(srv)).Send(context.Background(), testEnvelope("a@example.org"))
 			if err != nil {
 				t.Fatalf("send: %v", err)
 			}
@@ -247,8 +247,8 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 			}
 
 			cfg := testSettings(srv)
-			cfg.password = "wrong-password"
-			_, err = newTestSender(t, cfg).send(context.Background(), testEnvelope("a@example.org"))
+			cfg.Password = "wrong-password"
+			_, err = newTestSender(t, cfg).Send(context.Background(), testEnvelope("a@example.org"))
 			de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 			if strings.Contains(de.Error(), "wrong-password") {
 				t.Fatal("the password leaked into the error message")
@@ -265,7 +265,7 @@ func TestSMTPAuthMechanisms(t *testing.T) {
 // plaintext fallback.
 func TestSMTPNoCommonAuthMechanism(t *testing.T) {
 	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.StartTLS, Username: "user", Password: "s3cret-pass", Mechanisms: []string{"XOAUTH2"}})
-	_, err := newTestSender(t, testSettings(srv)).send(context.Background(), testEnvelope("a@example.org"))
+	_, err := newTestSender(t, testSettings(srv)).Send(context.Background(), testEnvelope("a@example.org"))
 	de := expectCode(t, err, CodeSMTPAuthFailed, PhaseAuth)
 	if !strings.Contains(de.Error(), "no supported authentication mechanism") {
 		t.Fatalf("error %q", de.Error())
@@ -282,16 +282,16 @@ func TestSMTPConnectionRefused(t *testing.T) {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	_ = ln.Close()
-	s := newTestSender(t, SMTPSettings{host: "127.0.0.1", port: port, tlsMode: TLSStartTLS,
-		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: time.Second, connections: 1})
-	_, err = s.send(context.Background(), testEnvelope("a@example.org"))
+	s := newTestSender(t, SMTPSettings{Host: "127.0.0.1", Port: port, TLSMode: TLSStartTLS,
+		TLSConfig: &tls.Config{ServerName: "127.0.0.1"}, HELO: "x", Timeout: time.Second, Connections: 1})
+	_, err = s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeSMTPConnection, PhaseConnect)
 }
 
 func TestSMTPTimeoutWaitingForGreeting(t *testing.T) {
-	s := newTestSender(t, SMTPSettings{host: "127.0.0.1", port: smtptest.Silent(t), tlsMode: TLSStartTLS,
-		tlsConfig: &tls.Config{ServerName: "127.0.0.1"}, helo: "x", timeout: 200 * time.Millisecond, connections: 1})
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	s := newTestSender(t, SMTPSettings{Host: "127.0.0.1", Port: smtptest.Silent(t), TLSMode: TLSStartTLS,
+		TLSConfig: &tls.Config{ServerName: "127.0.0.1"}, HELO: "x", Timeout: 200 * time.Millisecond, Connections: 1})
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeSMTPTimeout, PhaseGreeting)
 }
 
@@ -316,7 +316,7 @@ func TestSMTPReplyClassification(t *testing.T) {
 			srv := authServer(t, smtptest.StartTLS)
 			srv.SetHooks(tc.hooks)
 			s := newTestSender(t, testSettings(srv))
-			_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+			_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 			de := expectCode(t, err, tc.code, tc.phase)
 			if de.Reply == nil || !strings.Contains(de.Error(), de.Reply.Text) {
 				t.Errorf("error should quote the server reply: %v", de)
@@ -326,7 +326,7 @@ func TestSMTPReplyClassification(t *testing.T) {
 			}
 			// the connection survives a plain refusal and is reused
 			srv.SetHooks(smtptest.Hooks{})
-			if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 				t.Fatal(err)
 			}
 			if srv.Connections() != 1 {
@@ -345,7 +345,7 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 		return nil
 	}})
 	s := newTestSender(t, testSettings(srv))
-	_, err := s.send(context.Background(), testEnvelope("good@example.org", "bad@example.org", "also@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("good@example.org", "bad@example.org", "also@example.org"))
 	de := expectCode(t, err, CodeRecipientRefused, PhaseRcpt)
 	if de.Refused != 1 || de.Recipients != 3 {
 		t.Errorf("refused %d of %d, want 1 of 3", de.Refused, de.Recipients)
@@ -356,7 +356,7 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 	if len(srv.Attempts()) != 0 {
 		t.Fatalf("no message may arrive when any recipient was refused: %+v", srv.Attempts()[0])
 	}
-	if !de.permanent() {
+	if !de.Permanent() {
 		t.Error("a 550 recipient refusal is permanent")
 	}
 	// Pipelined, the server has already accepted DATA for the other two
@@ -364,7 +364,7 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 	// writing anything more (a QUIT would only become message text), and
 	// the next message goes out on a new connection. One at a time, DATA
 	// is never sent and the transaction is reset on the same connection.
-	if _, err := s.send(context.Background(), testEnvelope("good@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("good@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	wantConns, wantAborted := 2, 1
@@ -387,7 +387,7 @@ func TestSMTPPartialRecipientRefusalSendsNothing(t *testing.T) {
 func TestSMTPPipeliningWhenOffered(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	s := newTestSender(t, testSettings(srv))
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org", "b@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org", "b@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	c := s.takeIdle()
@@ -408,9 +408,9 @@ func TestSMTPDropAfterFinalDotIsUncertain(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtptest.ErrDrop }})
 	s := newTestSender(t, testSettings(srv))
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	de := expectCode(t, err, CodeUncertain, PhaseEnd)
-	if !de.uncertain() {
+	if !de.Uncertain() {
 		t.Fatal("uncertain() = false")
 	}
 	if n := len(srv.Attempts()); n != 1 {
@@ -422,9 +422,9 @@ func TestSMTPSlowReplyAfterDotIsUncertain(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(600 * time.Millisecond); return nil }})
 	cfg := testSettings(srv)
-	cfg.timeout = 200 * time.Millisecond
+	cfg.Timeout = 200 * time.Millisecond
 	s := newTestSender(t, cfg)
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeUncertain, PhaseEnd)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("the server saw %d copies, want 1", n)
@@ -435,7 +435,7 @@ func TestSMTPDropBeforeDataOnFreshConnectionIsNotRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtptest.ErrDrop }})
 	s := newTestSender(t, testSettings(srv))
-	_, err := s.send(context.Background(), testEnvelope("a@example.org"))
+	_, err := s.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeSMTPConnection, PhaseMail)
 	if srv.Connections() != 1 {
 		t.Fatalf("connections = %d: a fresh connection's failure is reported, not retried", srv.Connections())
@@ -446,7 +446,7 @@ func TestSMTPReusesConnectionsAndRedialsDeadOnes(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	s := newTestSender(t, testSettings(srv))
 	for i := range 5 {
-		if _, err := s.send(context.Background(), testEnvelope(fmt.Sprintf("u%d@example.org", i))); err != nil {
+		if _, err := s.Send(context.Background(), testEnvelope(fmt.Sprintf("u%d@example.org", i))); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -456,7 +456,7 @@ func TestSMTPReusesConnectionsAndRedialsDeadOnes(t *testing.T) {
 	// the server drops the idle session; the next send redials transparently
 	srv.DropConnections()
 	time.Sleep(50 * time.Millisecond)
-	if _, err := s.send(context.Background(), testEnvelope("after@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("after@example.org")); err != nil {
 		t.Fatalf("send after the server dropped the idle connection: %v", err)
 	}
 	if srv.Connections() != 2 || len(srv.Messages()) != 6 {
@@ -467,7 +467,7 @@ func TestSMTPReusesConnectionsAndRedialsDeadOnes(t *testing.T) {
 		srv.SetHooks(smtptest.Hooks{})
 		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "idle timeout"}
 	}})
-	if _, err := s.send(context.Background(), testEnvelope("421@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("421@example.org")); err != nil {
 		t.Fatalf("send after 421: %v", err)
 	}
 	if srv.Connections() != 3 || len(srv.Messages()) != 7 {
@@ -479,13 +479,13 @@ func TestSMTPParallelSendsStayWithinConnectionLimit(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { time.Sleep(5 * time.Millisecond); return nil }})
 	cfg := testSettings(srv)
-	cfg.connections = 3
+	cfg.Connections = 3
 	s := newTestSender(t, cfg)
 	var wg sync.WaitGroup
 	errs := make(chan error, 40)
 	for i := range 40 {
 		wg.Go(func() {
-			if _, err := s.send(context.Background(), testEnvelope(fmt.Sprintf("p%d@example.org", i))); err != nil {
+			if _, err := s.Send(context.Background(), testEnvelope(fmt.Sprintf("p%d@example.org", i))); err != nil {
 				errs <- err
 			}
 		})
@@ -509,36 +509,36 @@ func TestSMTPIdleConnectionsClose(t *testing.T) {
 	t.Cleanup(func() { smtpIdleTimeout = old })
 	srv := authServer(t, smtptest.StartTLS)
 	s := newTestSender(t, testSettings(srv))
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
-	if s.openConnections() != 1 {
-		t.Fatalf("open = %d after a send, want 1 kept open", s.openConnections())
+	if s.OpenConnections() != 1 {
+		t.Fatalf("open = %d after a send, want 1 kept open", s.OpenConnections())
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for (s.openConnections() != 0 || srv.OpenConnections() != 0) && time.Now().Before(deadline) {
+	for (s.OpenConnections() != 0 || srv.OpenConnections() != 0) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if s.openConnections() != 0 || srv.OpenConnections() != 0 {
-		t.Fatalf("idle connection still open: sender %d, server %d", s.openConnections(), srv.OpenConnections())
+	if s.OpenConnections() != 0 || srv.OpenConnections() != 0 {
+		t.Fatalf("idle connection still open: sender %d, server %d", s.OpenConnections(), srv.OpenConnections())
 	}
 }
 
 func TestSMTPDestructClosesIdleAndLetsLateSendsFinish(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	s := NewSender(testSettings(srv))
-	if _, err := s.send(context.Background(), testEnvelope("a@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
 		t.Fatal(err)
 	}
 	_ = s.Destruct()
-	if s.openConnections() != 0 {
-		t.Fatalf("open = %d after Destruct", s.openConnections())
+	if s.OpenConnections() != 0 {
+		t.Fatalf("open = %d after Destruct", s.OpenConnections())
 	}
 	// an old handler still serving a request after the reload
-	if _, err := s.send(context.Background(), testEnvelope("late@example.org")); err != nil {
+	if _, err := s.Send(context.Background(), testEnvelope("late@example.org")); err != nil {
 		t.Fatalf("late send after Destruct: %v", err)
 	}
-	if s.openConnections() != 0 {
+	if s.OpenConnections() != 0 {
 		t.Fatalf("the late send's connection stayed open")
 	}
 	if len(srv.Messages()) != 2 {
@@ -551,14 +551,14 @@ func TestSMTPWaitForSlotHonoursContext(t *testing.T) {
 	release := make(chan struct{})
 	srv.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { <-release; return nil }})
 	cfg := testSettings(srv)
-	cfg.connections = 1
+	cfg.Connections = 1
 	s := newTestSender(t, cfg)
 	done := make(chan error, 1)
-	go func() { _, err := s.send(context.Background(), testEnvelope("a@example.org")); done <- err }()
+	go func() { _, err := s.Send(context.Background(), testEnvelope("a@example.org")); done <- err }()
 	time.Sleep(100 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
-	_, err := s.send(ctx, testEnvelope("b@example.org"))
+	_, err := s.Send(ctx, testEnvelope("b@example.org"))
 	expectCode(t, err, CodeSMTPTimeout, PhaseConnect)
 	close(release)
 	if err := <-done; err != nil {
@@ -567,25 +567,25 @@ func TestSMTPWaitForSlotHonoursContext(t *testing.T) {
 }
 
 func TestPoolKeyCoversIdentity(t *testing.T) {
-	base := SMTPSettings{host: "h", port: 587, tlsMode: TLSStartTLS, username: "u", password: "p", helo: "x", timeout: time.Second, connections: 4}
-	k := base.poolKey()
-	if strings.Contains(k, "p") && strings.Contains(k, base.password+"|") {
+	base := SMTPSettings{Host: "h", Port: 587, TLSMode: TLSStartTLS, Username: "u", Password: "p", HELO: "x", Timeout: time.Second, Connections: 4}
+	k := base.PoolKey()
+	if strings.Contains(k, "p") && strings.Contains(k, base.Password+"|") {
 		t.Fatal("password in pool key")
 	}
 	for name, mod := range map[string]func(*SMTPSettings){
-		"host": func(s *SMTPSettings) { s.host = "h2" }, "port": func(s *SMTPSettings) { s.port = 465 },
-		"tls": func(s *SMTPSettings) { s.tlsMode = TLSImplicit }, "user": func(s *SMTPSettings) { s.username = "v" },
-		"password": func(s *SMTPSettings) { s.password = "q" }, "ca": func(s *SMTPSettings) { s.caPEM = []byte("x") },
-		"helo": func(s *SMTPSettings) { s.helo = "y" }, "timeout": func(s *SMTPSettings) { s.timeout = 2 * time.Second },
-		"connections": func(s *SMTPSettings) { s.connections = 5 },
+		"host": func(s *SMTPSettings) { s.Host = "h2" }, "port": func(s *SMTPSettings) { s.Port = 465 },
+		"tls": func(s *SMTPSettings) { s.TLSMode = TLSImplicit }, "user": func(s *SMTPSettings) { s.Username = "v" },
+		"password": func(s *SMTPSettings) { s.Password = "q" }, "ca": func(s *SMTPSettings) { s.CAPEM = []byte("x") },
+		"helo": func(s *SMTPSettings) { s.HELO = "y" }, "timeout": func(s *SMTPSettings) { s.Timeout = 2 * time.Second },
+		"connections": func(s *SMTPSettings) { s.Connections = 5 },
 	} {
 		c := base
 		mod(&c)
-		if c.poolKey() == k {
+		if c.PoolKey() == k {
 			t.Errorf("changing %s keeps the same pool key", name)
 		}
 	}
-	if base.poolKey() != k {
+	if base.PoolKey() != k {
 		t.Error("pool key is not deterministic")
 	}
 }

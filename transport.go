@@ -44,13 +44,13 @@ type Envelope struct {
 // Transport delivers rendered messages. Implementations are safe for
 // concurrent use. A non-nil error is always a *deliveryError.
 type Transport interface {
-	send(ctx context.Context, env *Envelope) (Result, error)
+	Send(ctx context.Context, env *Envelope) (Result, error)
 }
 
 // RateSharer is a transport whose SMTP servers may have a configured
 // rate, which the instances of a cluster share through the storage.
 type RateSharer interface {
-	shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger)
+	ShareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger)
 }
 
 // Result describes an accepted message.
@@ -150,10 +150,10 @@ type Error struct {
 	// fresh marks a failure on a reused connection that a new
 	// connection may not have (dead idle connection, 421 before DATA).
 	fresh bool
-	// retryAt, for smtp_throttled, is when the server's pacer lets the
+	// RetryAt, for smtp_throttled, is when the server's pacer lets the
 	// next message go: the outbox retries then instead of after
 	// retry_backoff.
-	retryAt time.Time
+	RetryAt time.Time
 }
 
 // Error returns a human-readable message that is safe to show to API
@@ -216,13 +216,13 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// uncertain reports whether the server may have accepted the message.
+// Uncertain reports whether the server may have accepted the message.
 // Such a message must never be resent automatically.
-func (e *Error) uncertain() bool { return e.Code == CodeUncertain }
+func (e *Error) Uncertain() bool { return e.Code == CodeUncertain }
 
-// permanent reports whether retrying the same message cannot help
+// Permanent reports whether retrying the same message cannot help
 // without a change on the recipient's or the sender's side.
-func (e *Error) permanent() bool {
+func (e *Error) Permanent() bool {
 	return e.Code == CodeSMTPRejected || e.Code == CodeRecipientRefused
 }
 
