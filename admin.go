@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // adminStatus is the answer of GET /status: the effective configuration
@@ -79,7 +81,7 @@ type adminRate struct {
 	PausedUntil string `json:"paused_until,omitempty"`
 }
 
-func rateOf(s *Sender) *adminRate {
+func rateOf(s *mailer.Sender) *adminRate {
 	snap := s.Pacer().Snapshot(time.Now())
 	r := &adminRate{Configured: "off", ConfiguredPerSecond: snap.Configured, CurrentPerSecond: snap.Current,
 		Throttles: snap.Throttles, Decreases: snap.Decreases}
@@ -155,7 +157,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	var servers []adminServer
 	smtpTransport := h.transport
-	if f, ok := h.transport.(*Failover); ok {
+	if f, ok := h.transport.(*mailer.Failover); ok {
 		list := f.Status()
 		for _, v := range list {
 			c := v.Sender.Settings()
@@ -170,7 +172,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	}
 	if h.Capture != "" {
 		st.Delivery = adminDelivery{Mode: "capture", CaptureDir: h.Capture}
-	} else if s, ok := smtpTransport.(*Sender); ok {
+	} else if s, ok := smtpTransport.(*mailer.Sender); ok {
 		c := s.Settings()
 		st.Delivery = adminDelivery{Mode: "smtp", Host: c.Host, Port: c.Port, TLS: c.TLSMode, Username: maskUser(c.Username),
 			HELO: c.HELO, Connections: c.Connections, OpenConnections: s.OpenConnections(), Rate: rateOf(s)}
@@ -290,9 +292,9 @@ func (h *Handler) serveTest(w http.ResponseWriter, r *http.Request, rc *requestC
 		h.logger.Info("test message "+d.Status, fields...)
 		return writeJSON(w, http.StatusOK, resp)
 	}
-	de, _ := serr.(*Error)
+	de, _ := serr.(*mailer.Error)
 	if de == nil {
-		de = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: serr}
+		de = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: serr}
 	}
 	resp.Status, resp.ErrorCode, resp.Message = "failed", de.Code, de.Error()
 	if de.Reply != nil {

@@ -28,6 +28,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -250,7 +251,7 @@ type Handler struct {
 	DKIM *DKIM `json:"dkim,omitempty"`
 
 	logger     *zap.Logger
-	transport  Transport
+	transport  mailer.Transport
 	poolKey    string   // acquired smtpPool key, released in Cleanup
 	poolKeys   []string // smtpPool keys of the smtp_servers senders
 	failKey    string   // acquired failoverPool key
@@ -599,7 +600,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		transportDesc = "smtp failover " + strings.Join(hosts, ", ")
 	} else if h.Capture != "" {
-		h.transport = &Capture{Dir: h.Capture}
+		h.transport = &mailer.Capture{Dir: h.Capture}
 		route = "capture " + h.Capture
 		if abs, err := filepath.Abs(h.Capture); err == nil {
 			route = "capture " + abs
@@ -612,13 +613,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		key := settings.PoolKey()
 		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) {
-			return NewSender(settings), nil
+			return mailer.NewSender(settings), nil
 		})
 		if err != nil {
 			return err
 		}
 		h.poolKey = key
-		h.transport = val.(*Sender)
+		h.transport = val.(*mailer.Sender)
 		conns = settings.Connections
 		route = settings.Route()
 		transportDesc = fmt.Sprintf("smtp %s:%d (%s)", settings.Host, settings.Port, settings.TLSMode)
@@ -758,8 +759,8 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 }
 
 // resolve expands secrets, reads the CA file and fills in defaults.
-func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, error) {
-	out := SMTPSettings{
+func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (mailer.SMTPSettings, error) {
+	out := mailer.SMTPSettings{
 		Host:        s.Host,
 		Port:        s.Port,
 		TLSMode:     s.TLS,
@@ -779,9 +780,9 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, 
 		out.Port = defaultSMTPPort
 	}
 	if out.TLSMode == "" {
-		out.TLSMode = TLSStartTLS
+		out.TLSMode = mailer.TLSStartTLS
 		if out.Port == 465 {
-			out.TLSMode = TLSImplicit
+			out.TLSMode = mailer.TLSImplicit
 		}
 	}
 	if out.Timeout == 0 {
@@ -815,7 +816,7 @@ func (s *SMTP) resolve(repl *caddy.Replacer, logger *zap.Logger) (SMTPSettings, 
 			logger.Warn("SMTP password is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
 	}
-	if out.TLSMode == TLSNone && out.Username != "" && !isLoopbackHost(out.Host) {
+	if out.TLSMode == mailer.TLSNone && out.Username != "" && !isLoopbackHost(out.Host) {
 		return out, errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
 	}
 	pool, perr := x509.SystemCertPool()
@@ -1078,7 +1079,7 @@ func (s *SMTP) check() error {
 		return fmt.Errorf("smtp: invalid port %d", s.Port)
 	}
 	switch s.TLS {
-	case "", TLSStartTLS, TLSImplicit, TLSNone:
+	case "", mailer.TLSStartTLS, mailer.TLSImplicit, mailer.TLSNone:
 	default:
 		return fmt.Errorf("smtp: tls must be starttls, implicit or none, not '%s'", s.TLS)
 	}
@@ -1091,7 +1092,7 @@ func (s *SMTP) check() error {
 	if s.Username != "" && s.Password == "" && s.Auth == "" {
 		return errors.New("smtp: username is set but password is not")
 	}
-	if s.TLS == TLSNone && s.Username != "" && !isLoopbackHost(s.Host) {
+	if s.TLS == mailer.TLSNone && s.Username != "" && !isLoopbackHost(s.Host) {
 		return errors.New("smtp: refusing to send credentials without TLS to a non-loopback host; use tls starttls or implicit")
 	}
 	if s.HELO != "" && (headerProblem(s.HELO) != "" || strings.ContainsAny(s.HELO, " ")) {
@@ -1259,7 +1260,7 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
-	_ caddy.Destructor            = (*Sender)(nil)
+	_ caddy.Destructor            = (*mailer.Sender)(nil)
 	_ caddy.Destructor            = (*engine)(nil)
 )
 

@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -550,7 +551,7 @@ func unmarshalSMTP(d *caddyfile.Dispenser) (*SMTP, error) {
 			s.Password = v
 		case "tls":
 			switch v {
-			case TLSStartTLS, TLSImplicit, TLSNone:
+			case mailer.TLSStartTLS, mailer.TLSImplicit, mailer.TLSNone:
 				s.TLS = v
 			default:
 				return d.Errf("smtp tls must be starttls, implicit or none, not '%s'", v)

@@ -19,6 +19,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // Codes configures the one-time codes and link tokens that authmail
@@ -336,7 +338,7 @@ func issuedOf(msgs []*outMessage) *issuedValue {
 // the messages. A code's answer carries its challenge_id and expiry.
 // When the message is not accepted (queue full, storage down) the
 // record is withdrawn; a code it replaced stays replaced.
-func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*Envelope, batch string, pref preference) apiResponse {
+func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
 	v := issuedOf(msgs)
 	if v == nil {
 		return withLocale(h.submit(rc, msgs, envs, batch, pref), msgs)

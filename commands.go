@@ -19,6 +19,8 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // The `caddy authmail` commands, registered with Caddy's command
@@ -279,14 +281,14 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		if abs, err := filepath.Abs(dir); err == nil {
 			dir = abs
 		}
-		h.transport = &Capture{Dir: h.Capture}
+		h.transport = &mailer.Capture{Dir: h.Capture}
 		res.transport = "capture " + dir
 	} else {
 		settings, err := h.SMTP.resolve(caddy.NewReplacer(), h.logger)
 		if err != nil {
 			return cliTestResult{}, err
 		}
-		s := NewSender(settings)
+		s := mailer.NewSender(settings)
 		defer s.Destruct()
 		h.transport = s
 		res.transport = fmt.Sprintf("smtp %s:%d (%s)", settings.Host, settings.Port, settings.TLSMode)
@@ -304,9 +306,9 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 		res.Sent, res.Status, res.SMTPResponse = true, d.Status, d.Response
 		return res, nil
 	}
-	de, _ := serr.(*Error)
+	de, _ := serr.(*mailer.Error)
 	if de == nil {
-		de = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: serr}
+		de = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: serr}
 	}
 	res.Status, res.ErrorCode, res.Message = "failed", de.Code, de.Error()
 	if de.Reply != nil {

@@ -19,6 +19,8 @@ import (
 	"github.com/spf13/cobra"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // The documentation is README.md (what authmail is, the quick start, a
@@ -365,8 +367,8 @@ func TestDocsErrorCodes(t *testing.T) {
 	}
 	// the delivery outcomes have a row each in the table of delivery
 	// error codes
-	for _, c := range []string{CodeSMTPConnection, CodeSMTPTimeout, CodeSMTPAuthFailed, CodeStartTLSUnsupported,
-		CodeRecipientRefused, CodeSMTPRejected, CodeSMTPTransient, CodeUncertain, CodeCaptureFailed, CodeOutboxUnavailable} {
+	for _, c := range []string{mailer.CodeSMTPConnection, mailer.CodeSMTPTimeout, mailer.CodeSMTPAuthFailed, mailer.CodeStartTLSUnsupported,
+		mailer.CodeRecipientRefused, mailer.CodeSMTPRejected, mailer.CodeSMTPTransient, mailer.CodeUncertain, mailer.CodeCaptureFailed, mailer.CodeOutboxUnavailable} {
 		if !strings.Contains(page, "\n| `"+c+"` |") {
 			t.Errorf("docs/api.md's table of delivery error codes has no row for %q", c)
 		}

@@ -12,6 +12,8 @@ import (
 	"unicode/utf8"
 
 	gomail "github.com/wneessen/go-mail"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // idEncoding is lowercase Crockford base32 without padding, whose
@@ -42,8 +44,8 @@ func newMessageID(domain string) string {
 // To, Cc, Reply-To, Subject, Date, Message-ID and MIME-Version; Bcc
 // recipients appear only in the envelope. With a text and an HTML part
 // the body is multipart/alternative, text first.
-func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*Envelope, error) {
-	env := &Envelope{
+func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*mailer.Envelope, error) {
+	env := &mailer.Envelope{
 		ID:        newID(now),
 		MessageID: newMessageID(h.from.domain()),
 		From:      h.from.Addr,

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // Metrics are created once per process, so their values survive config
@@ -51,11 +53,11 @@ func initMetrics() {
 			Name: "smtp_connections", Help: "Open SMTP connections."},
 			func() float64 {
 				var n int64
-				smtpPool.Range(func(_, v any) bool { n += v.(*Sender).OpenConnections(); return true })
+				smtpPool.Range(func(_, v any) bool { n += v.(*mailer.Sender).OpenConnections(); return true })
 				return float64(n)
 			})
 		collectors = []prometheus.Collector{mAccepted, mFinal, mAttempts, mSMTPTime, mWebhooks, mRejected, queue, oldest, conns, rateCollector{}}
-		collectors = append(collectors, FailoverCollectors()...)
+		collectors = append(collectors, mailer.FailoverCollectors()...)
 	})
 }
 
@@ -92,7 +94,7 @@ func metricAccepted(flow, keyID string) { initMetrics(); mAccepted.WithLabelValu
 
 func metricFinal(flow, status string) { initMetrics(); mFinal.WithLabelValues(flow, status).Inc() }
 
-func metricAttempt(derr *Error, d time.Duration) {
+func metricAttempt(derr *mailer.Error, d time.Duration) {
 	initMetrics()
 	result := "sent"
 	switch {
@@ -135,7 +137,7 @@ func (rateCollector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
 	seen := map[string]bool{}
 	smtpPool.Range(func(_, v any) bool {
-		s := v.(*Sender)
+		s := v.(*mailer.Sender)
 		label := net.JoinHostPort(s.Settings().Host, strconv.Itoa(s.Settings().Port))
 		if seen[label] {
 			return true // two accounts on one server: the first one

@@ -7,6 +7,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // OAuth2 configures the refresh-token grant (RFC 6749 6) that gives
@@ -67,7 +69,7 @@ func (s *SMTP) checkOAuth() error {
 			return errors.New("smtp: oauth2 and access_token need auth xoauth2 or oauthbearer")
 		}
 		return nil
-	case AuthXOAUTH2, AuthOAUTHBEARER:
+	case mailer.AuthXOAUTH2, mailer.AuthOAUTHBEARER:
 	default:
 		return fmt.Errorf("smtp: auth must be xoauth2 or oauthbearer (or unset for a password), not '%s'", s.Auth)
 	}
@@ -91,11 +93,11 @@ func (s *SMTP) checkOAuth() error {
 }
 
 // resolveOAuth expands the secrets of the OAuth2 settings.
-func (s *SMTP) resolveOAuth(repl *caddy.Replacer) (*OAuthSettings, error) {
+func (s *SMTP) resolveOAuth(repl *caddy.Replacer) (*mailer.OAuthSettings, error) {
 	if s.Auth == "" {
 		return nil, nil
 	}
-	o := &OAuthSettings{Mech: s.Auth, AccessToken: s.AccessToken, Expand: func(v string) (string, error) {
+	o := &mailer.OAuthSettings{Mech: s.Auth, AccessToken: s.AccessToken, Expand: func(v string) (string, error) {
 		return expandSecret(caddy.NewReplacer(), "smtp access_token", v)
 	}}
 	if c := s.OAuth2; c != nil {

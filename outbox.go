@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/heapq"
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -220,14 +221,14 @@ type registration struct {
 	cfg     *engineConfig
 	logger  *zap.Logger
 	profile string
-	t       Transport
+	t       mailer.Transport
 	conns   int
 }
 
 // configure registers a handler's delivery settings and its transport for
 // the handler's sender profile. The most recent registration's settings
 // apply, and the most recent transport of each profile.
-func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t Transport, conns int) *registration {
+func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t mailer.Transport, conns int) *registration {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	r := &registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
@@ -250,7 +251,7 @@ func (e *engine) shareRatesLocked() {
 		return e.ready.Len()
 	}
 	for _, r := range e.regs {
-		if rs, ok := r.t.(RateSharer); ok {
+		if rs, ok := r.t.(mailer.RateSharer); ok {
 			rs.ShareRate(e.st.s, e.iid, demand, e.log())
 		}
 	}
@@ -313,7 +314,7 @@ func (e *engine) regForLocked(profile string) *registration {
 
 // transportFor returns the transport for a message's profile (see
 // regForLocked), or nil when no handler is registered.
-func (e *engine) transportFor(profile string) Transport {
+func (e *engine) transportFor(profile string) mailer.Transport {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if r := e.regForLocked(profile); r != nil {
@@ -473,7 +474,7 @@ func (en *entry) pastExpiry(now time.Time) bool {
 // newMessage is a rendered message to accept.
 type newMessage struct {
 	keyID, flow, profile, messageID string
-	env                             *Envelope
+	env                             *mailer.Envelope
 	webhook                         webhookState
 	rcpts                           []string // recipients as logged
 	tenant                          string   // the key's tenantOf
@@ -894,7 +895,7 @@ func (e *engine) nextReady() []*entry {
 				e.attempts.Add(len(group))
 				e.mu.Unlock()
 				for _, en := range expired {
-					e.recordOutcome(en, Result{}, ErrExpired(), 0)
+					e.recordOutcome(en, mailer.Result{}, mailer.ErrExpired(), 0)
 				}
 				if len(group) == 0 {
 					continue
@@ -948,7 +949,7 @@ func (e *engine) deliver(en *entry) {
 		// expired while it waited for a worker: not an attempt
 		en.st.Attempts--
 		e.mu.Unlock()
-		e.recordOutcome(en, Result{}, ErrExpired(), 0)
+		e.recordOutcome(en, mailer.Result{}, mailer.ErrExpired(), 0)
 		return
 	}
 	attempt := en.st.Attempts
@@ -962,20 +963,20 @@ func (e *engine) deliver(en *entry) {
 			return e.markDot(ctx, en.st.ID, attempt)
 		}
 	}
-	var d Result
-	var derr *Error
+	var d mailer.Result
+	var derr *mailer.Error
 	var took time.Duration
 	if err != nil {
-		derr = &Error{Code: CodeOutboxUnavailable, Err: err}
+		derr = &mailer.Error{Code: mailer.CodeOutboxUnavailable, Err: err}
 	} else if t := e.transportFor(en.st.Profile); t == nil {
-		derr = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: errors.New("no authmail handler is configured to send this message")}
+		derr = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: errors.New("no authmail handler is configured to send this message")}
 	} else {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 		start := time.Now()
 		d, err = t.Send(ctx, env)
 		cancel()
 		if err != nil && !errors.As(err, &derr) {
-			derr = &Error{Code: CodeSMTPConnection, Phase: PhaseConnect, Err: err}
+			derr = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: err}
 		}
 		took = time.Since(start)
 		metricAttempt(derr, took)
@@ -1000,7 +1001,7 @@ func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
-func (e *engine) envelopeOf(en *entry) (*Envelope, error) {
+func (e *engine) envelopeOf(en *entry) (*mailer.Envelope, error) {
 	e.mu.Lock()
 	data, from, to := en.data, en.from, en.to
 	e.mu.Unlock()
@@ -1017,7 +1018,7 @@ func (e *engine) envelopeOf(en *entry) (*Envelope, error) {
 		sm := seg.Messages[en.idx]
 		data, from, to = sm.Data, sm.From, sm.To
 	}
-	return &Envelope{ID: en.st.ID, MessageID: en.st.MessageID, From: from, To: to, Data: data}, nil
+	return &mailer.Envelope{ID: en.st.ID, MessageID: en.st.MessageID, From: from, To: to, Data: data}, nil
 }
 
 // unclaimIfClaimed is unclaim for a claim nobody started an attempt
@@ -1039,7 +1040,7 @@ func (e *engine) unclaimOpenLocked(en *entry, retry time.Time) bool {
 }
 
 // recordOutcome turns an attempt's result into the next state.
-func (e *engine) recordOutcome(en *entry, d Result, derr *Error, took time.Duration) {
+func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, took time.Duration) {
 	cfg := e.config()
 	now := time.Now()
 	e.mu.Lock()
@@ -1057,7 +1058,7 @@ func (e *engine) recordOutcome(en *entry, d Result, derr *Error, took time.Durat
 		if d.Status == "captured" {
 			en.st.SMTPResponse = "captured"
 		}
-	case derr.Code == CodeExpired:
+	case derr.Code == mailer.CodeExpired:
 		en.st.Status, final = stExpired, true
 	case derr.Uncertain() && !cfg.retryUncertain:
 		en.st.Status, final = stUnknown, true
@@ -1065,7 +1066,7 @@ func (e *engine) recordOutcome(en *entry, d Result, derr *Error, took time.Durat
 		en.st.Status, final = stFailed, true
 	default:
 		next := now.Add(backoff(cfg, en.st.Attempts, en.b.id))
-		if derr.Code == CodeSMTPThrottled {
+		if derr.Code == mailer.CodeSMTPThrottled {
 			// the server's pacer says when it takes the next message;
 			// retry_backoff would leave a code waiting for minutes
 			if derr.Reply == nil {
@@ -1170,7 +1171,7 @@ func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
 // logOutcome writes the one line of an attempt's outcome; took is how
 // long the attempt's SMTP transaction (or capture) lasted, zero when no
 // attempt ran (an outcome found after a crash).
-func (e *engine) logOutcome(st msgState, derr *Error, final bool, took time.Duration) {
+func (e *engine) logOutcome(st msgState, derr *mailer.Error, final bool, took time.Duration) {
 	fields := []zap.Field{
 		zap.String("id", st.ID), zap.String("flow", st.Flow), zap.String("key_id", st.KeyID),
 		zap.String("status", st.Status), zap.Int("attempts", st.Attempts),
@@ -1187,7 +1188,7 @@ func (e *engine) logOutcome(st msgState, derr *Error, final bool, took time.Dura
 		if derr.Reply != nil {
 			fields = append(fields, zap.Int("smtp_code", derr.Reply.Code), zap.String("smtp_enhanced_code", derr.Reply.Enhanced))
 		} else if derr.Err != nil {
-			fields = append(fields, zap.String("error", ErrText(derr.Err)))
+			fields = append(fields, zap.String("error", mailer.ErrText(derr.Err)))
 		}
 	}
 	switch {

@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -297,7 +298,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		}
 		e.mu.Unlock()
 		for _, m := range interrupted {
-			e.logOutcome(m, &Error{Code: CodeUncertain, Phase: PhaseStopped}, true, 0)
+			e.logOutcome(m, &mailer.Error{Code: mailer.CodeUncertain, Phase: mailer.PhaseStopped}, true, 0)
 			metricFinal(m.Flow, m.Status)
 		}
 	}
@@ -352,7 +353,7 @@ func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) 
 				m.Status, m.NextAt = stQueued, now
 			} else {
 				m.Status, m.NextAt = stUnknown, time.Time{}
-				m.LastCode, m.LastError = CodeUncertain, InterruptedError
+				m.LastCode, m.LastError = mailer.CodeUncertain, mailer.InterruptedError
 				if m.Webhook.URL != "" {
 					m.Webhook.Status, m.Webhook.NextAt = hookPending, now
 				}

@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/google/uuid"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -64,7 +65,7 @@ func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids 
 	// the message that was being sent when the instance died is unknown:
 	// it may have reached the server, so it is not sent again
 	st := waitState(t, h, ids[0], status(stUnknown))
-	if st.LastCode != CodeUncertain || st.LastError != InterruptedError {
+	if st.LastCode != mailer.CodeUncertain || st.LastError != mailer.InterruptedError {
 		t.Errorf("interrupted message %+v", st)
 	}
 	waitState(t, h, ids[1], status(stSent))

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"github.com/google/uuid"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -66,7 +67,7 @@ func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 func checkClaimedAheadOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids []string, instance string) {
 	t.Helper()
 	st := waitState(t, h, ids[0], status(stUnknown))
-	if st.LastCode != CodeUncertain || st.LastError != InterruptedError {
+	if st.LastCode != mailer.CodeUncertain || st.LastError != mailer.InterruptedError {
 		t.Errorf("in-doubt message %+v", st)
 	}
 	for _, id := range ids[1:] {
@@ -181,7 +182,7 @@ func TestNoDotWithoutItsMark(t *testing.T) {
 	}))
 	fs.set(func(f *faultyStorage) { f.store = keyDot })
 	id := sendAsync(t, h, "marked@example.org")
-	st := waitState(t, h, id, func(m msgState) bool { return m.LastCode == CodeOutboxUnavailable })
+	st := waitState(t, h, id, func(m msgState) bool { return m.LastCode == mailer.CodeOutboxUnavailable })
 	if st.Status != stQueued || !strings.Contains(st.LastError, "nothing was sent") {
 		t.Fatalf("after a failed mark: %+v", st)
 	}
@@ -207,11 +208,11 @@ func TestNoDotWithoutItsMark(t *testing.T) {
 // failed mark leaves no file.
 func TestCaptureMarksBeforeRename(t *testing.T) {
 	dir := t.TempDir()
-	c := &Capture{Dir: dir}
+	c := &mailer.Capture{Dir: dir}
 	boom := errors.New("storage down")
-	_, err := c.Send(context.Background(), &Envelope{ID: "x", Data: []byte("Subject: x\r\n\r\nx\r\n"), BeforeDot: func() error { return boom }})
-	var de *Error
-	if !errors.As(err, &de) || de.Code != CodeOutboxUnavailable || !errors.Is(err, boom) {
+	_, err := c.Send(context.Background(), &mailer.Envelope{ID: "x", Data: []byte("Subject: x\r\n\r\nx\r\n"), BeforeDot: func() error { return boom }})
+	var de *mailer.Error
+	if !errors.As(err, &de) || de.Code != mailer.CodeOutboxUnavailable || !errors.Is(err, boom) {
 		t.Fatalf("error %v", err)
 	}
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/emersion/go-smtp"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -180,7 +181,7 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 	plain := send("/authmail/send", `{"to":"ann@example.org","subject":"Receipt","text_body":"Paid."}`)
 
 	st := waitStateWithin(t, h, short, 75*time.Second, status(stExpired))
-	if st.LastCode != CodeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
+	if st.LastCode != mailer.CodeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
 		st.ExpiresAt.Sub(st.Created) != time.Minute || time.Since(st.ExpiresAt) > 5*time.Second || !st.SentAt.IsZero() {
 		t.Fatalf("expired state %+v", st)
 	}

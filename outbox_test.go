@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/emersion/go-smtp"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -256,7 +257,7 @@ func testOutboxGivesUpAfterMaxAge(t *testing.T) {
 		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
 	st := waitState(t, h, out["id"].(string), status(stFailed))
-	if st.LastCode != CodeSMTPTimeout || st.Attempts < 2 {
+	if st.LastCode != mailer.CodeSMTPTimeout || st.Attempts < 2 {
 		t.Fatalf("state %+v", st)
 	}
 }
@@ -508,7 +509,7 @@ func testAcceptRacingShutdownDoesNotHang(t *testing.T) {
 	e.mu.Lock()
 	e.closing = false // as seen by the request before the shutdown
 	e.mu.Unlock()
-	msg := &newMessage{keyID: "app", flow: "otp", env: &Envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
+	msg := &newMessage{keyID: "app", flow: "otp", env: &mailer.Envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
 	expectShuttingDown(t, "accept after the engine stopped", func() error {
 		_, err := e.accept([]*newMessage{msg}, "", false)
 		return err

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -56,15 +57,15 @@ func TestHandlersWithTheSameFromKeepTheirRoutes(t *testing.T) {
 // sender's.
 func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
 	e := newEngine("k", nil, "iid")
-	alice1, alice2, bob := &Capture{Dir: "a1"}, &Capture{Dir: "a2"}, &Capture{Dir: "b"}
+	alice1, alice2, bob := &mailer.Capture{Dir: "a1"}, &mailer.Capture{Dir: "a2"}, &mailer.Capture{Dir: "b"}
 	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
 	e.configure(&engineConfig{webhookSecret: "alice-2"}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
 	e.configure(&engineConfig{webhookSecret: "bob"}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
-	hash := &Capture{Dir: "h"}
+	hash := &mailer.Capture{Dir: "h"}
 	e.configure(&engineConfig{webhookSecret: "hash-site"}, nil, senderProfile("a#b@example.com", "capture h"), hash, 1)
 	for _, c := range []struct {
 		profile string
-		want    Transport
+		want    mailer.Transport
 		secret  string // of the webhook settings that follow the same fallback
 	}{
 		{senderProfile("alice@example.com", "capture a1"), alice1, ""},

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // failoverPool holds one failover transport per list of senders, so that
@@ -25,7 +27,7 @@ func failoverKey(keys []string) string {
 
 // route names the list for the sender profile: the servers' routes in
 // order.
-func failoverRoute(settings []SMTPSettings) string {
+func failoverRoute(settings []mailer.SMTPSettings) string {
 	var rs []string
 	for i := range settings {
 		rs = append(rs, settings[i].Route())
@@ -55,30 +57,30 @@ func (h *Handler) checkSMTPServers() error {
 // provisionFailover resolves every server of smtp_servers, takes a
 // reference on each sender and on the failover transport over them.
 func (h *Handler) provisionFailover(repl *caddy.Replacer) (route string, conns int, err error) {
-	var settings []SMTPSettings
-	var senders []*Sender
+	var settings []mailer.SMTPSettings
+	var senders []*mailer.Sender
 	for i := range h.SMTPServers {
 		st, err := h.SMTPServers[i].resolve(repl, h.logger)
 		if err != nil {
 			return "", 0, fmt.Errorf("smtp_servers[%d]: %w", i, err)
 		}
 		key := st.PoolKey()
-		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return NewSender(st), nil })
+		val, _, err := smtpPool.LoadOrNew(key, func() (caddy.Destructor, error) { return mailer.NewSender(st), nil })
 		if err != nil {
 			return "", 0, err
 		}
 		h.poolKeys = append(h.poolKeys, key)
 		settings = append(settings, st)
-		senders = append(senders, val.(*Sender))
+		senders = append(senders, val.(*mailer.Sender))
 		conns = max(conns, st.Connections)
 	}
 	fkey := failoverKey(h.poolKeys)
-	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return NewFailover(senders), nil })
+	val, _, err := failoverPool.LoadOrNew(fkey, func() (caddy.Destructor, error) { return mailer.NewFailover(senders), nil })
 	if err != nil {
 		return "", 0, err
 	}
 	h.failKey = fkey
-	h.transport = val.(*Failover)
+	h.transport = val.(*mailer.Failover)
 	return failoverRoute(settings), conns, nil
 }
 

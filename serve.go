@@ -23,6 +23,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
@@ -132,7 +134,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	now = time.Now()
-	envs := make([]*Envelope, len(msgs))
+	envs := make([]*mailer.Envelope, len(msgs))
 	for i, m := range msgs {
 		env, err := h.buildEnvelope(m, now)
 		if err != nil {
@@ -230,7 +232,7 @@ func parsePrefer(values []string) preference {
 
 // submit hands rendered messages to the outbox and waits, as configured
 // or preferred, for the first delivery attempt.
-func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*Envelope, batch string, pref preference) apiResponse {
+func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
 	news := make([]*newMessage, len(msgs))
 	for i, m := range msgs {
 		news[i] = &newMessage{keyID: rc.keyID, tenant: rc.tenant, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,

@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-authmail/authmail/internal/mailer"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -452,7 +453,7 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 	waitState(t, h, id, func(st msgState) bool { return st.Attempts == 1 && st.Status == stQueued })
 	fs.set(func(f *faultyStorage) { f.load = keySeg })
 	gate.refuse.Store(false)
-	waitState(t, h, id, func(st msgState) bool { return st.LastCode == CodeOutboxUnavailable })
+	waitState(t, h, id, func(st msgState) bool { return st.LastCode == mailer.CodeOutboxUnavailable })
 	if n := gate.mails.Load(); n != 1 {
 		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
 	}

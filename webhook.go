@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
 )
 
 // Webhook delivery states.
@@ -545,13 +547,13 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	case err == nil:
 		w.Status, w.LastError, done = hookDelivered, "", true
 	case errors.Is(err, errWebhookBlocked) || now.Sub(st.Updated) > e.tun.hookMaxAge:
-		w.Status, w.LastError, done = hookFailed, ErrText(err), true
+		w.Status, w.LastError, done = hookFailed, mailer.ErrText(err), true
 	default:
 		d := e.tun.hookBackoff
 		for i := 1; i < w.Attempts && d < e.tun.hookMaxWait; i++ {
 			d *= 2
 		}
-		w.NextAt, w.LastError = now.Add(min(d, e.tun.hookMaxWait)), ErrText(err)
+		w.NextAt, w.LastError = now.Add(min(d, e.tun.hookMaxWait)), mailer.ErrText(err)
 	}
 	if !done {
 		e.hooks.Push(en)
@@ -571,7 +573,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	metricWebhook(result)
 	fields := []zap.Field{zap.String("id", st.ID), zap.String("result", result), zap.Int("webhook_attempts", w.Attempts)}
 	if err != nil {
-		e.log().Warn("webhook delivery failed", append(fields, zap.String("error", ErrText(err)))...)
+		e.log().Warn("webhook delivery failed", append(fields, zap.String("error", mailer.ErrText(err)))...)
 	} else {
 		e.log().Info("webhook delivered", fields...)
 	}

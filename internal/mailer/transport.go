@@ -1,4 +1,4 @@
-package authmail
+package mailer
 
 import (
 	"context"
@@ -42,7 +42,7 @@ type Envelope struct {
 }
 
 // Transport delivers rendered messages. Implementations are safe for
-// concurrent use. A non-nil error is always a *deliveryError.
+// concurrent use. A non-nil error is always an *Error.
 type Transport interface {
 	Send(ctx context.Context, env *Envelope) (Result, error)
 }
@@ -226,6 +226,8 @@ func (e *Error) Permanent() bool {
 	return e.Code == CodeSMTPRejected || e.Code == CodeRecipientRefused
 }
 
+// ErrText is err's message on one line, sanitised and cut for logs and
+// API messages.
 func ErrText(err error) string {
 	if err == nil {
 		return "unknown error"

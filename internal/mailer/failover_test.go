@@ -1,4 +1,4 @@
-package authmail
+package mailer
 
 import (
 	"context"
@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/emersion/go-smtp"
 	dto "github.com/prometheus/client_model/go"
 )
@@ -148,33 +147,6 @@ func TestFailoverAllDown(t *testing.T) {
 	expectCode(t, err, CodeSMTPConnection, PhaseConnect)
 	if got := states(f); got != "down/smtp_connection down/smtp_connection " {
 		t.Fatalf("states %q", got)
-	}
-}
-
-func TestFailoverCaddyfileAndConfig(t *testing.T) {
-	var h Handler
-	err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp a.example.com\n smtp b.example.com:465\n smtp c.example.com\n}"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if h.SMTP != nil || len(h.SMTPServers) != 3 || h.SMTPServers[0].Host != "a.example.com" || h.SMTPServers[1].Port != 465 || h.SMTPServers[2].Host != "c.example.com" {
-		t.Fatalf("smtp %+v servers %+v", h.SMTP, h.SMTPServers)
-	}
-	var one Handler
-	if err := one.UnmarshalCaddyfile(caddyfile.NewTestDispenser("authmail {\n from a@example.com\n key app 0123456789abcdef0123\n smtp a.example.com\n}")); err != nil || one.SMTP == nil || one.SMTPServers != nil {
-		t.Fatalf("one smtp block: %v %+v %+v", err, one.SMTP, one.SMTPServers)
-	}
-	for _, tc := range []struct {
-		h    Handler
-		want string
-	}{
-		{Handler{SMTP: &SMTP{Host: "a"}, SMTPServers: []SMTP{{Host: "b"}}}, "smtp and smtp_servers are mutually exclusive; list every server in smtp_servers, in priority order"},
-		{Handler{Capture: "/tmp/x", SMTPServers: []SMTP{{Host: "b"}}}, "smtp_servers and capture are mutually exclusive; configure exactly one"},
-		{Handler{SMTPServers: []SMTP{{Host: "b"}, {Host: "c", Port: 70000}}}, "smtp_servers[1]: smtp: invalid port 70000"},
-	} {
-		if err := tc.h.checkConfig(); err == nil || err.Error() != tc.want {
-			t.Errorf("got %v, want %s", err, tc.want)
-		}
 	}
 }
 

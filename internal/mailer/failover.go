@@ -1,4 +1,4 @@
-package authmail
+package mailer
 
 import (
 	"context"
