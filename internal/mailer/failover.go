@@ -279,9 +279,9 @@ func (f *Failover) Status() []ServerState {
 	return out
 }
 
-// shareRate shares each server's configured rate with the cluster.
-func (f *Failover) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+// ShareRate shares each server's configured rate with the cluster.
+func (f *Failover) ShareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
 	for _, s := range f.senders {
-		s.shareRate(st, instance, demand, logger)
+		s.ShareRate(st, instance, demand, logger)
 	}
 }

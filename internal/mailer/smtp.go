@@ -103,7 +103,7 @@ type Sender struct {
 	// current rate.
 	pacer *pace.Pacer
 	// share, with a configured rate, divides it with the other instances
-	// of a cluster through the outbox's storage (shareRate); stopShare
+	// of a cluster through the outbox's storage (ShareRate); stopShare
 	// ends it and deletes this instance's record
 	share     *pace.Share
 	stopShare context.CancelFunc
@@ -158,14 +158,14 @@ func (s *Sender) Destruct() error {
 	return nil
 }
 
-// shareRate makes a configured rate the cluster's: every instance that
+// ShareRate makes a configured rate the cluster's: every instance that
 // sends through this server with the same storage takes its share of
 // the rate (internal/pace.Share: demand-weighted, rebalanced every
 // second, a throttle seen by one slows all). Without a rate, or once a
 // share runs, it does nothing. A storage that fails keeps the last share
 // for a few seconds, then the least one: the cluster stays under the
 // provider's cap rather than over it.
-func (s *Sender) shareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
+func (s *Sender) ShareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
 	if s.cfg.Rate.N == 0 {
 		return
 	}

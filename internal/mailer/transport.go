@@ -397,3 +397,14 @@ func classify(phase string, err error) *Error {
 // InterruptedError is recorded for a message whose delivery attempt was
 // cut short by a crash: it may or may not have reached the server.
 const InterruptedError = "the instance stopped (a crash, a kill or a lost lease) after this message's final dot was sent and before the server's reply was recorded; it may or may not have been delivered, so it is not resent automatically"
+
+// The transports, and which of them share a rate; the outbox finds a
+// RateSharer by a type assertion, so these keep a renamed method from
+// turning sharing off silently.
+var (
+	_ Transport  = (*Sender)(nil)
+	_ Transport  = (*Failover)(nil)
+	_ Transport  = (*Capture)(nil)
+	_ RateSharer = (*Sender)(nil)
+	_ RateSharer = (*Failover)(nil)
+)
