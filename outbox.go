@@ -23,6 +23,60 @@ import (
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
+// The outbox engine: what it promises, and what a crash leaves.
+//
+// Durable on a 2xx. accept returns once the batch's segment
+// (authmail/seg/<batch>: every message's envelope, body and initial
+// state) and then its ownership marker (authmail/own/<instance>/<batch>)
+// are stored. A segment without a marker was never acknowledged to its
+// request, and the janitor deletes it; a marker always has its segment.
+// Requests that arrive together share one such write (appender).
+//
+// States, in storage (authmail/st/<batch>, or the segment's initial
+// states before the first state write):
+//   - queued: waiting for an attempt (also after a claim a crash cut
+//     short; claims are not written, see claimGroup);
+//   - sending: an attempt began and its outcome is not yet written;
+//   - sent: the server answered 2xx to the final dot (captured: the file
+//     got its name);
+//   - failed: a permanent refusal, or retries ran past max_age;
+//   - unknown: the final dot may have reached the server and no reply was
+//     recorded; never resent automatically (with retry_uncertain it is
+//     queued again instead);
+//   - expired: a code or link still queued when it expired; never sent.
+//
+// sent, failed, unknown and expired are final. An outcome nobody waits
+// for may wait up to stateLinger to share a write; a crash in that window
+// loses the write, and the dot mark then makes the message unknown, never
+// sent twice.
+//
+// A crash at each point of an attempt (see outbox_dots.go):
+//   - claimed, not yet attempted; dialling, in greeting, EHLO, STARTTLS,
+//     AUTH, MAIL, RCPT or DATA; answered 4xx or 5xx before the dot:
+//     nothing can have been delivered, no dot mark names the attempt, and
+//     the next start or the adopting instance attempts it again;
+//   - between the durable dot mark and the stored outcome (the dot, and
+//     waiting for its reply): unknown, with last_error naming the
+//     stopped instance. With pipelining that is at most the one message
+//     per connection whose dot was in flight;
+//   - the mark cannot be written: the dot is not sent (the connection
+//     closes inside DATA, which the server discards) and the message is
+//     retried.
+//
+// Ownership in a cluster (outbox_cluster.go). Every instance heartbeats
+// authmail/inst/<instance>. An instance whose heartbeat is older than
+// the lease in two scans in a row is adopted by one live instance, under
+// a storage lock: its markers move to the adopter, and its messages are
+// rebuilt by the rules above, from its dot records. An instance that
+// finds its markers gone (it paused past the lease) drops those batches.
+// Two live processes never run as one instance: a process that reads an
+// instance id whose heartbeat another live process writes takes an
+// identity of its own (outbox_identity.go).
+//
+// The storage layout, every key under authmail/, is listed in
+// outbox_store.go; an outbox folder written by an earlier version must
+// stay readable (testdata/golden-storage and its test).
+
 // enginePool holds one outbox engine per storage. Handlers in every
 // config that use the same storage share it, so a reload never starts a
 // second consumer and in-flight deliveries finish on the same engine.
