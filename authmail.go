@@ -658,7 +658,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// tests simulate several
 	ekey := "authmail.outbox." + iid.String() + "." + storageIdentity(storage)
 	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
-		return newEngine(ekey, newLiveStorage(storage), iid.String()), nil
+		return newEngine(ekey, newLiveStorage(storage), iid.String(), metricsObserver{}), nil
 	})
 	if err != nil {
 		return err

@@ -90,6 +90,17 @@ func outboxTotals() (int, time.Duration) {
 	return total, oldest
 }
 
+// metricsObserver counts what the outbox engine does in the Prometheus
+// metrics.
+type metricsObserver struct{}
+
+func (metricsObserver) accepted(flow, keyID string) { metricAccepted(flow, keyID) }
+func (metricsObserver) attempt(derr *mailer.Error, took time.Duration) {
+	metricAttempt(derr, took)
+}
+func (metricsObserver) final(flow, status string) { metricFinal(flow, status) }
+func (metricsObserver) webhook(result string)     { metricWebhook(result) }
+
 func metricAccepted(flow, keyID string) { initMetrics(); mAccepted.WithLabelValues(flow, keyID).Inc() }
 
 func metricFinal(flow, status string) { initMetrics(); mFinal.WithLabelValues(flow, status).Inc() }

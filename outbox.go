@@ -106,6 +106,26 @@ type engineConfig struct {
 	relaySent string
 }
 
+// engineObserver is told what the engine does, for the metrics. Its methods
+// run on the engine's goroutines and must not block.
+type engineObserver interface {
+	// accepted: a message was stored (its flow and API key id)
+	accepted(flow, keyID string)
+	// attempt: a delivery attempt ended (derr nil: delivered) after took
+	attempt(derr *mailer.Error, took time.Duration)
+	// final: a message reached a final state
+	final(flow, status string)
+	// webhook: a webhook post ended with result
+	webhook(result string)
+}
+
+type noObserver struct{}
+
+func (noObserver) accepted(string, string)              {}
+func (noObserver) attempt(*mailer.Error, time.Duration) {}
+func (noObserver) final(string, string)                 {}
+func (noObserver) webhook(string)                       {}
+
 // errQueueFull is returned by accept when max_queued messages wait.
 var errQueueFull = errors.New("the outbox is full")
 
@@ -163,6 +183,7 @@ type engine struct {
 	saltTemporary atomic.Bool // the salt is this process's own until storage answers
 
 	tun tunables
+	obs engineObserver
 }
 
 // tunables are timing settings that are not part of the public config.
@@ -239,8 +260,9 @@ func profileFrom(profile string) string {
 	return profile
 }
 
-// newEngine allocates an engine. It does no I/O; start does.
-func newEngine(key string, s certmagic.Storage, iid string) *engine {
+// newEngine allocates an engine. It does no I/O; start does. obs, when
+// not nil, is told what it does.
+func newEngine(key string, s certmagic.Storage, iid string, obs engineObserver) *engine {
 	e := &engine{
 		poolKey:  key,
 		st:       store{s: s},
@@ -263,6 +285,10 @@ func newEngine(key string, s certmagic.Storage, iid string) *engine {
 	e.limits = ratelimit.New()
 	e.tun = currentTunables()
 	e.logger.Store(zap.NewNop())
+	e.obs = obs
+	if obs == nil {
+		e.obs = noObserver{}
+	}
 	return e
 }
 
@@ -736,7 +762,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	}
 	e.mu.Unlock()
 	for _, en := range b.entries {
-		metricAccepted(en.st.Flow, en.st.KeyID)
+		e.obs.accepted(en.st.Flow, en.st.KeyID)
 	}
 	e.notify()
 	for _, r := range reqs {
@@ -1033,7 +1059,7 @@ func (e *engine) deliver(en *entry) {
 			derr = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: err}
 		}
 		took = time.Since(start)
-		metricAttempt(derr, took)
+		e.obs.attempt(derr, took)
 	}
 	e.recordOutcome(en, d, derr, took)
 }
@@ -1193,7 +1219,7 @@ func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, t
 		e.logOutcome(st, derr, final, took)
 	}
 	if final {
-		metricFinal(st.Flow, st.Status)
+		e.obs.final(st.Flow, st.Status)
 	}
 }
 

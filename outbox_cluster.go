@@ -299,7 +299,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		e.mu.Unlock()
 		for _, m := range interrupted {
 			e.logOutcome(m, &mailer.Error{Code: mailer.CodeUncertain, Phase: mailer.PhaseStopped}, true, 0)
-			metricFinal(m.Flow, m.Status)
+			e.obs.final(m.Flow, m.Status)
 		}
 	}
 	e.notify()

@@ -285,7 +285,7 @@ func ownDotRecord(e *engine) (dotRecord, error) {
 func TestDotRecordIsALog(t *testing.T) {
 	dir := t.TempDir()
 	fs := &certmagic.FileStorage{Path: dir}
-	e := newEngine("test", newLiveStorage(fs), "inst")
+	e := newEngine("test", newLiveStorage(fs), "inst", nil)
 	for i := range 3 {
 		if err := e.writeDotRecord(0, dotRecord{Instance: "inst", Marks: map[string]int{fmt.Sprint("m", i): 1}}); err != nil {
 			t.Fatal(err)
@@ -328,7 +328,7 @@ func TestDotRecordIsALog(t *testing.T) {
 	if err := os.WriteFile(path, []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	other := newEngine("test", newLiveStorage(fs), "other")
+	other := newEngine("test", newLiveStorage(fs), "other", nil)
 	set, err := other.loadDots(context.Background(), "inst")
 	if err != nil || !set.broken {
 		t.Fatalf("%+v %v", set, err)

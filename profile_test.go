@@ -56,7 +56,7 @@ func TestHandlersWithTheSameFromKeepTheirRoutes(t *testing.T) {
 // recently configured handler with its From address, not through another
 // sender's.
 func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
-	e := newEngine("k", nil, "iid")
+	e := newEngine("k", nil, "iid", nil)
 	alice1, alice2, bob := &mailer.Capture{Dir: "a1"}, &mailer.Capture{Dir: "a2"}, &mailer.Capture{Dir: "b"}
 	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
 	e.configure(&engineConfig{webhookSecret: "alice-2"}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)

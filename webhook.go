@@ -570,7 +570,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	if !done {
 		result = "retry"
 	}
-	metricWebhook(result)
+	e.obs.webhook(result)
 	fields := []zap.Field{zap.String("id", st.ID), zap.String("result", result), zap.Int("webhook_attempts", w.Attempts)}
 	if err != nil {
 		e.log().Warn("webhook delivery failed", append(fields, zap.String("error", mailer.ErrText(err)))...)
