@@ -1272,6 +1272,11 @@ func (e *engine) logOutcome(st msgState, derr *mailer.Error, final bool, took ti
 		}
 	}
 	switch {
+	case !final && derr != nil && derr.Code == mailer.CodeSMTPThrottled && derr.Reply == nil:
+		// the server's pacer held the message back: nothing was sent and
+		// nothing failed, so it is no warning
+		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
+		e.log().Debug("waiting for the SMTP server's sending rate", fields...)
 	case !final:
 		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
 		e.log().Warn("delivery attempt failed; will retry", fields...)

@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/emersion/go-smtp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
@@ -105,6 +107,8 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			h := newInstance(t, "").handler(withSMTP(t, srv), func(h *Handler) {
 				h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond)}
 			})
+			core, logs := observer.New(zap.DebugLevel)
+			h.engine.logger.Store(zap.New(core))
 			before := time.Now()
 			// a code valid for longer than the pause (one that expires
 			// sooner is made expired at its expiry instead)
@@ -125,6 +129,26 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			}
 			if st := waitState(t, h, out["id"].(string), func(st msgState) bool { return st.Status == stQueued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
 				t.Fatalf("second message %+v, want it queued until its expiry, without an attempt", st)
+			}
+			// held back by the pause with nothing sent: a debug line, not
+			// the warning of a failed attempt
+			second := out["id"].(string)
+			var held, warned int
+			for _, e := range logs.All() {
+				if e.ContextMap()["id"] != second {
+					continue
+				}
+				switch e.Message {
+				case "waiting for the SMTP server's sending rate":
+					if e.Level == zap.DebugLevel {
+						held++
+					}
+				case "delivery attempt failed; will retry":
+					warned++
+				}
+			}
+			if held == 0 || warned != 0 {
+				t.Fatalf("the second message logged %d debug waits and %d failed attempts; want the wait at debug only", held, warned)
 			}
 			time.Sleep(300 * time.Millisecond)
 			if n := mails.Load(); n != 1 {
