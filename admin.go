@@ -197,19 +197,19 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	for flow, r := range h.rcptRates {
 		st.Limits.RecipientRate[flow] = r.String()
 	}
-	depth, age := h.engine.queueStats()
+	depth, age := h.engine.QueueStats()
 	cfg := h.dcfg
-	inMemory, parked := h.engine.residency()
-	st.Queue = adminQueue{Instance: h.engine.instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.maxQueued,
-		InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.laneStats()}
+	inMemory, parked := h.engine.Residency()
+	st.Queue = adminQueue{Instance: h.engine.Instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.MaxQueued,
+		InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.LaneStats()}
 	st.Settings = map[string]any{
-		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.wait.String(),
-		"retry_backoff": cfg.retryBackoff.String(), "max_backoff": cfg.maxBackoff.String(), "max_age": cfg.maxAge.String(),
-		"retention": cfg.retention.String(), "idempotency_ttl": cfg.idemTTL.String(), "lease": cfg.lease.String(),
-		"drain_timeout": cfg.drain.String(), "retry_uncertain": cfg.retryUncertain,
-		"bulk_share": fmt.Sprintf("%g%%", bulkSharePercent(cfg.bulkShare)),
+		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.Wait.String(),
+		"retry_backoff": cfg.RetryBackoff.String(), "max_backoff": cfg.MaxBackoff.String(), "max_age": cfg.MaxAge.String(),
+		"retention": cfg.Retention.String(), "idempotency_ttl": cfg.IdemTTL.String(), "lease": cfg.Lease.String(),
+		"drain_timeout": cfg.Drain.String(), "retry_uncertain": cfg.RetryUncertain,
+		"bulk_share": fmt.Sprintf("%g%%", BulkSharePercent(cfg.BulkShare)),
 	}
-	st.Webhooks = map[string]any{"secret_configured": cfg.webhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
+	st.Webhooks = map[string]any{"secret_configured": cfg.WebhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}
 	st.Settings["locale"] = h.locale // the default locale of templated messages
 	// issued codes: the settings, never the secret

@@ -14,7 +14,7 @@ func init() {
 // Engines are added while the config is provisioned and started after, by
 // the same goroutine, so no locking is needed.
 type App struct {
-	engines []*engine
+	engines []*Engine
 }
 
 // CaddyModule returns the Caddy module information.
@@ -25,13 +25,13 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-func (a *App) add(e *engine) { a.engines = append(a.engines, e) }
+func (a *App) add(e *Engine) { a.engines = append(a.engines, e) }
 
 // Start starts the engines of this config. Engines shared with the
 // previous config are already running; starting is idempotent.
 func (a *App) Start() error {
 	for _, e := range a.engines {
-		e.start()
+		e.Start()
 	}
 	return nil
 }

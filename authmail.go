@@ -268,10 +268,10 @@ type Handler struct {
 	rcptRates  map[string]ratelimit.Spec // resolved recipient_rate by flow
 	origins    []string                  // allowed origins: base_url's and allow_origins
 	profile    string                    // sender profile: From address and route (senderProfile)
-	reg        *registration             // this handler's hold on the engine's settings
-	engine     *engine                   // the outbox for this handler's storage
+	reg        *Registration             // this handler's hold on the engine's settings
+	engine     *Engine                   // the outbox for this handler's storage
 	engineKey  string                    // acquired enginePool key, released in Cleanup
-	dcfg       *engineConfig             // resolved delivery settings
+	dcfg       *Config                   // resolved delivery settings
 	codes      *issuer                   // resolved codes; nil when not configured
 	dkim       *dkimKey                  // resolved dkim; nil when not configured
 	// storageOverride replaces the storage in unit tests.
@@ -656,20 +656,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// one engine per storage and instance; a process has one instance id,
 	// tests simulate several
-	ekey := "authmail.outbox." + iid.String() + "." + storageIdentity(storage)
+	ekey := "authmail.outbox." + iid.String() + "." + StorageIdentity(storage)
 	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
-		return newEngine(ekey, newLiveStorage(storage), iid.String(), metricsObserver{}), nil
+		return New(ekey, NewLiveStorage(storage), iid.String(), metricsObserver{}), nil
 	})
 	if err != nil {
 		return err
 	}
 	h.engineKey = ekey
-	h.engine = val.(*engine)
-	h.profile = senderProfile(h.from.Addr, route)
-	h.reg = h.engine.configure(h.dcfg, h.logger, h.profile, h.transport, conns)
+	h.engine = val.(*Engine)
+	h.profile = SenderProfile(h.from.Addr, route)
+	h.reg = h.engine.Configure(h.dcfg, h.logger, h.profile, h.transport, conns)
 	// the engine uses this config's storage value from now on: the one it
 	// was created with may be closed when its config is unloaded
-	if ls, ok := h.engine.st.s.(*liveStorage); ok {
+	if ls, ok := h.engine.st.s.(*LiveStorage); ok {
 		ls.attach(h.reg, storage)
 	}
 	app, err := ctx.App("authmail")
@@ -710,37 +710,37 @@ func durOr(v caddy.Duration, def time.Duration) time.Duration {
 }
 
 // deliveryConfig resolves the delivery settings with their defaults.
-func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
+func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*Config, error) {
 	d := h.Delivery
 	if d == nil {
 		d = &Delivery{}
 	}
-	cfg := &engineConfig{
-		wait:           durOr(d.Wait, defaultWait),
-		retryBackoff:   durOr(d.RetryBackoff, defaultRetryBackoff),
-		maxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
-		maxAge:         durOr(d.MaxAge, defaultMaxAge),
-		retention:      durOr(d.Retention, defaultRetention),
-		replayWindow:   time.Duration(d.ReplayWindow),
-		idemTTL:        durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
-		lease:          durOr(d.Lease, defaultLease),
-		drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
-		maxQueued:      d.MaxQueued,
-		bulkShare:      float64(d.BulkShare) / 100,
-		retryUncertain: d.RetryUncertain,
-		webhookAllow:   h.WebhookAllowHosts,
+	cfg := &Config{
+		Wait:           durOr(d.Wait, defaultWait),
+		RetryBackoff:   durOr(d.RetryBackoff, defaultRetryBackoff),
+		MaxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
+		MaxAge:         durOr(d.MaxAge, defaultMaxAge),
+		Retention:      durOr(d.Retention, defaultRetention),
+		ReplayWindow:   time.Duration(d.ReplayWindow),
+		IdemTTL:        durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
+		Lease:          durOr(d.Lease, defaultLease),
+		Drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
+		MaxQueued:      d.MaxQueued,
+		BulkShare:      float64(d.BulkShare) / 100,
+		RetryUncertain: d.RetryUncertain,
+		WebhookAllow:   h.WebhookAllowHosts,
 	}
 	if h.relayCompat() {
-		cfg.relaySent = "delivered"
+		cfg.RelaySent = "delivered"
 		if h.Capture != "" {
-			cfg.relaySent = "captured"
+			cfg.RelaySent = "captured"
 		}
 	}
-	if cfg.maxQueued == 0 {
-		cfg.maxQueued = defaultMaxQueued
+	if cfg.MaxQueued == 0 {
+		cfg.MaxQueued = defaultMaxQueued
 	}
 	if d.Wait < 0 {
-		cfg.wait = 0
+		cfg.Wait = 0
 	}
 	if h.WebhookSecret != "" {
 		secret, err := expandSecret(repl, "webhook_secret", h.WebhookSecret)
@@ -750,7 +750,7 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*engineConfig, error) {
 		if _, err := webhookKey(secret); err != nil {
 			return nil, fmt.Errorf("webhook_secret: %v", err)
 		}
-		cfg.webhookSecret = secret
+		cfg.WebhookSecret = secret
 		if !hasPlaceholder(h.WebhookSecret) {
 			h.logger.Warn("webhook_secret is written literally in the config; use {env.*} or {file.*} so that it does not appear in the JSON config")
 		}
@@ -859,8 +859,8 @@ func (h *Handler) Validate() error {
 func (h *Handler) Cleanup() error {
 	var errs []error
 	if h.engineKey != "" {
-		h.engine.release(h.reg)
-		if ls, ok := h.engine.st.s.(*liveStorage); ok {
+		h.engine.Release(h.reg)
+		if ls, ok := h.engine.st.s.(*LiveStorage); ok {
 			ls.detach(h.reg)
 		}
 		h.reg = nil
@@ -1261,7 +1261,7 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 	_ caddy.Destructor            = (*mailer.Sender)(nil)
-	_ caddy.Destructor            = (*engine)(nil)
+	_ caddy.Destructor            = (*Engine)(nil)
 )
 
 // provisionAddresses resolves the sender, the reply-to address, the app

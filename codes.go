@@ -263,7 +263,7 @@ var issuedLocks keyedMutex
 // engines and instances sharing the storage; the mutex spares requests
 // of this process the storage lock's poll. The returned context is not
 // cancelled by the client, so a sequence once started completes.
-func (e *engine) lockIssued(ctx context.Context, key string) (context.Context, func(), error) {
+func (e *Engine) lockIssued(ctx context.Context, key string) (context.Context, func(), error) {
 	unlock := issuedLocks.lock(e.poolKey + "\x00" + key)
 	sum := sha256.Sum256([]byte(key))
 	name := "authmail_issued_" + hex.EncodeToString(sum[:16])
@@ -452,7 +452,7 @@ func unmarshalCodes(d *caddyfile.Dispenser) (*Codes, error) {
 // ago. A code slot is reused by the next code for the same recipient and
 // purpose, so it is deleted under its lock and only if it is still the
 // expired record; a token's key is never reused.
-func (e *engine) sweepIssued(ctx context.Context) {
+func (e *Engine) sweepIssued(ctx context.Context) {
 	now := issuedNow()
 	for _, dir := range []string{keyCodes, keyTokens} {
 		keys, err := e.st.s.List(ctx, strings.TrimSuffix(dir, "/"), true)

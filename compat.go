@@ -175,10 +175,10 @@ type relayWebhookPayload struct {
 
 // relayPayloadOf builds the relay's webhook body for a final message;
 // sentStatus names a delivered one.
-func relayPayloadOf(st msgState, sentStatus string) relayWebhookPayload {
+func relayPayloadOf(st State, sentStatus string) relayWebhookPayload {
 	p := relayWebhookPayload{MessageID: st.MessageID, Status: sentStatus, Refused: []string{}, Attempts: st.Attempts, ID: st.ID}
 	at := st.SentAt
-	if st.Status != stSent {
+	if st.Status != Sent {
 		p.Status = "failed"
 		code := st.LastCode
 		p.ErrorCode = &code

@@ -72,19 +72,19 @@ const (
 	maxListLimit     = 200
 )
 
-// listQuery is a parsed GET /messages query.
-type listQuery struct {
-	status, flow string
-	since        time.Time
-	limit        int
-	after        string // list ids below this one (the cursor)
-	all          bool   // an admin key: every tenant's messages
-	keyID        string
-	tenant       string
+// ListQuery is a parsed GET /messages query.
+type ListQuery struct {
+	Status, Flow string
+	Since        time.Time
+	Limit        int
+	After        string // list ids below this one (the cursor)
+	All          bool   // an admin key: every tenant's messages
+	KeyID        string
+	Tenant       string
 }
 
-func parseListQuery(q url.Values) (listQuery, *apiError) {
-	lq := listQuery{limit: defaultListLimit}
+func parseListQuery(q url.Values) (ListQuery, *apiError) {
+	lq := ListQuery{Limit: defaultListLimit}
 	for k := range q {
 		if !slices.Contains([]string{"status", "flow", "since", "limit", "cursor"}, k) {
 			if k == "" {
@@ -94,37 +94,37 @@ func parseListQuery(q url.Values) (listQuery, *apiError) {
 		}
 	}
 	if v := q.Get("status"); v != "" {
-		if !slices.Contains(allStates, v) {
+		if !slices.Contains(AllStates, v) {
 			return lq, invalid("status", "must be queued, sending, sent, failed or unknown")
 		}
-		lq.status = v
+		lq.Status = v
 	}
 	if v := q.Get("flow"); v != "" {
 		if len(v) > 64 || !saneToken(v) {
 			return lq, invalid("flow", "must be a flow name such as otp")
 		}
-		lq.flow = v
+		lq.Flow = v
 	}
 	if v := q.Get("since"); v != "" {
 		t, err := time.Parse(time.RFC3339, strings.ToUpper(v))
 		if err != nil {
 			return lq, invalid("since", "must be an RFC 3339 timestamp such as 2026-01-02T15:04:05Z")
 		}
-		lq.since = t
+		lq.Since = t
 	}
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > maxListLimit {
 			return lq, invalid("limit", "must be between 1 and %d", maxListLimit)
 		}
-		lq.limit = n
+		lq.Limit = n
 	}
 	if v := q.Get("cursor"); v != "" {
 		b, err := base64.RawURLEncoding.DecodeString(v)
-		if err != nil || batchOf(string(b)) == "" {
+		if err != nil || BatchOf(string(b)) == "" {
 			return lq, invalid("cursor", "is not a cursor from a /messages answer")
 		}
-		lq.after = string(b)
+		lq.After = string(b)
 	}
 	return lq, nil
 }
@@ -155,8 +155,8 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
-	lq.all, lq.keyID, lq.tenant = key.allow["admin"], key.id, key.tenant
-	states, next, err := h.engine.listMessages(r.Context(), lq)
+	lq.All, lq.KeyID, lq.Tenant = key.allow["admin"], key.id, key.tenant
+	states, next, err := h.engine.ListMessages(r.Context(), lq)
 	if err != nil {
 		h.logger.Error("listing messages failed", zap.Error(err))
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
@@ -171,7 +171,7 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 		if it.Rcpts == nil {
 			it.Rcpts = []string{}
 		}
-		if lq.all {
+		if lq.All {
 			it.KeyID = st.KeyID
 		}
 		out.Messages = append(out.Messages, it)
@@ -184,7 +184,7 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 	return writeJSON(w, http.StatusOK, out)
 }
 
-// listMessages returns the messages the query may see, newest first,
+// ListMessages returns the messages the query may see, newest first,
 // and the id to continue below ("" at the end). Its cost is bounded: it
 // lists the names of the state records (no content), sorts them (Caddy
 // storage lists in no order; batch ids are time-ordered), and reads at
@@ -194,14 +194,14 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 // accepted on another instance whose first state write is still pending
 // (its state lives only beside its bodies, in the segment) is not read;
 // it shows once its first attempt is recorded.
-func (e *engine) listMessages(ctx context.Context, q listQuery) ([]msgState, string, error) {
-	keys, err := e.st.list(ctx, strings.TrimSuffix(keySt, "/"))
+func (e *Engine) ListMessages(ctx context.Context, q ListQuery) ([]State, string, error) {
+	keys, err := e.st.list(ctx, strings.TrimSuffix(KeySt, "/"))
 	if err != nil {
 		return nil, "", err
 	}
 	names := make([]string, 0, len(keys))
 	for _, k := range keys {
-		if b := path.Base(k); len(b) == batchIDLen && !storageTempName(b) {
+		if b := path.Base(k); len(b) == BatchIDLen && !StorageTempName(b) {
 			names = append(names, b)
 		}
 	}
@@ -213,43 +213,43 @@ func (e *engine) listMessages(ctx context.Context, q listQuery) ([]msgState, str
 	slices.Sort(names)
 	names = slices.Compact(names)
 	slices.Reverse(names)
-	var out []msgState
+	var out []State
 	reads := 0
 	for i, bid := range names {
-		if q.after != "" && messageID(bid, 0) >= q.after {
+		if q.After != "" && MessageID(bid, 0) >= q.After {
 			continue // every id of this batch is at or above the cursor
 		}
-		if reads == 2*q.limit {
+		if reads == 2*q.Limit {
 			// the budget is spent: continue below the last batch read
-			return out, messageID(names[i-1], 0), nil
+			return out, MessageID(names[i-1], 0), nil
 		}
 		reads++
-		msgs, err := e.batchStates(ctx, bid)
+		msgs, err := e.BatchStates(ctx, bid)
 		if err != nil {
 			return nil, "", err
 		}
-		slices.SortFunc(msgs, func(a, b msgState) int { return strings.Compare(b.ID, a.ID) })
+		slices.SortFunc(msgs, func(a, b State) int { return strings.Compare(b.ID, a.ID) })
 		older := len(msgs) > 0
 		for j, m := range msgs {
-			if !q.since.IsZero() && !m.Created.Before(q.since) {
+			if !q.Since.IsZero() && !m.Created.Before(q.Since) {
 				older = false
 			}
-			if q.after != "" && m.ID >= q.after {
+			if q.After != "" && m.ID >= q.After {
 				continue
 			}
-			if !q.all && !m.ownedBy(q.keyID, q.tenant) || q.status != "" && m.Status != q.status ||
-				q.flow != "" && m.Flow != q.flow || !q.since.IsZero() && m.Created.Before(q.since) {
+			if !q.All && !m.OwnedBy(q.KeyID, q.Tenant) || q.Status != "" && m.Status != q.Status ||
+				q.Flow != "" && m.Flow != q.Flow || !q.Since.IsZero() && m.Created.Before(q.Since) {
 				continue
 			}
 			out = append(out, m)
-			if len(out) == q.limit {
+			if len(out) == q.Limit {
 				if j < len(msgs)-1 || i < len(names)-1 {
 					return out, m.ID, nil
 				}
 				return out, "", nil
 			}
 		}
-		if !q.since.IsZero() && older {
+		if !q.Since.IsZero() && older {
 			// batch ids are time-ordered: every batch below is older too
 			return out, "", nil
 		}
@@ -257,13 +257,13 @@ func (e *engine) listMessages(ctx context.Context, q listQuery) ([]msgState, str
 	return out, "", nil
 }
 
-// batchStates reads a batch's message states: from memory when this
+// BatchStates reads a batch's message states: from memory when this
 // instance works on it, else its state record. Never the segment, which
 // holds the bodies.
-func (e *engine) batchStates(ctx context.Context, bid string) ([]msgState, error) {
+func (e *Engine) BatchStates(ctx context.Context, bid string) ([]State, error) {
 	e.mu.Lock()
 	if b := e.batches[bid]; b != nil {
-		out := make([]msgState, len(b.entries))
+		out := make([]State, len(b.entries))
 		for i, en := range b.entries {
 			out[i] = en.st
 		}
@@ -271,9 +271,9 @@ func (e *engine) batchStates(ctx context.Context, bid string) ([]msgState, error
 		return out, nil
 	}
 	e.mu.Unlock()
-	var bs batchState
-	if err := e.st.getJSON(ctx, keySt+bid, &bs); err != nil {
-		if isNotExist(err) {
+	var bs BatchState
+	if err := e.st.getJSON(ctx, KeySt+bid, &bs); err != nil {
+		if IsNotExist(err) {
 			return nil, nil // retired by the janitor meanwhile
 		}
 		return nil, err
@@ -288,20 +288,20 @@ type retryResponse struct {
 }
 
 func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
-	prev, _, _ := h.engine.lookup(r.Context(), id)
-	may := func(m msgState) bool { return key.allow["admin"] || m.ownedBy(key.id, key.tenant) }
-	st, ok, err := h.engine.requeue(r.Context(), id, may)
+	prev, _, _ := h.engine.Lookup(r.Context(), id)
+	may := func(m State) bool { return key.allow["admin"] || m.OwnedBy(key.id, key.tenant) }
+	st, ok, err := h.engine.Requeue(r.Context(), id, may)
 	switch {
 	case !ok && err == nil:
 		return h.reject(w, rc, &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"})
-	case errors.Is(err, errNotRetryable):
+	case errors.Is(err, ErrNotRetryable):
 		return h.reject(w, rc, &apiError{Status: http.StatusConflict, Code: "not_retryable",
 			Message: "the message is " + st.Status + "; only a failed or unknown message can be retried"})
-	case errors.Is(err, errRetryElsewhere):
+	case errors.Is(err, ErrRetryElsewhere):
 		w.Header().Set("Retry-After", "5")
 		return h.reject(w, rc, &apiError{Status: http.StatusConflict, Code: "retry_later",
 			Message: "the message's batch still has work in progress (other messages, or its webhook); retry later"})
-	case errors.Is(err, errBodyGone):
+	case errors.Is(err, ErrBodyGone):
 		return h.reject(w, rc, &apiError{Status: http.StatusGone, Code: "body_gone",
 			Message: "the message body is gone: bodies are kept for delivery replay_window after a message is final; send it again"})
 	case err != nil:
@@ -312,7 +312,7 @@ func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *request
 	rc.id, rc.messageID = st.ID, st.MessageID
 	rc.setStatus(st.Status, "")
 	resp := retryResponse{statusResponse: statusOf(st)}
-	if prev.Status == stUnknown {
+	if prev.Status == Unknown {
 		resp.Warning = "the last attempt's outcome was unknown: the server may have accepted it, so the recipient may get this message twice"
 	}
 	if viaBrowserForm(r) {

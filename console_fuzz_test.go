@@ -28,7 +28,7 @@ func FuzzConsoleQueries(f *testing.F) {
 			if aerr.Status != 422 || aerr.Field == "" {
 				t.Fatalf("list %q: %+v", s, aerr)
 			}
-		} else if lq.after != "" && batchOf(lq.after) == "" || lq.limit < 1 || lq.limit > maxListLimit {
+		} else if lq.After != "" && BatchOf(lq.After) == "" || lq.Limit < 1 || lq.Limit > maxListLimit {
 			t.Fatalf("list %q: accepted %+v", s, lq)
 		}
 		if _, flows, aerr := parsePreviewQuery(q); aerr != nil {

@@ -71,7 +71,7 @@ func TestMessagesListPaginatesNewestFirst(t *testing.T) {
 	}
 	ids = append(ids, out["id"].(string))
 	for _, id := range ids {
-		waitState(t, h, id, func(s msgState) bool { return finalState(s.Status) })
+		waitState(t, h, id, func(s State) bool { return finalState(s.Status) })
 	}
 	// newest first, two per page
 	var got []string
@@ -133,14 +133,14 @@ func TestMessagesListCostIsBounded(t *testing.T) {
 			t.Fatalf("%d %s", rec.Code, rec.Body)
 		}
 	}
-	msgs, next, err := h.engine.listMessages(context.Background(), listQuery{limit: 1, status: stFailed, all: true})
+	msgs, next, err := h.engine.ListMessages(context.Background(), ListQuery{Limit: 1, Status: Failed, All: true})
 	if err != nil || len(msgs) != 0 || next == "" {
 		t.Fatalf("%v %q %v", msgs, next, err)
 	}
 	// resumed from the cursor, it scans on and ends
 	seen := 2
 	for next != "" {
-		msgs, next, err = h.engine.listMessages(context.Background(), listQuery{limit: 1, status: stFailed, all: true, after: next})
+		msgs, next, err = h.engine.ListMessages(context.Background(), ListQuery{Limit: 1, Status: Failed, All: true, After: next})
 		if err != nil || len(msgs) != 0 {
 			t.Fatal(msgs, err)
 		}
@@ -172,7 +172,7 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	}
 	id := out["id"].(string)
 	// retired: final in storage, nobody owns it; the body stays
-	bid := batchOf(id)
+	bid := BatchOf(id)
 	deadline := time.Now().Add(5 * time.Second)
 	for h.engine.st.s.Exists(context.Background(), ownKey(h.engine.iid, bid)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
@@ -189,7 +189,7 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	if rec.Code != 202 || out["status"] != "queued" || out["id"] != id || rec.Header().Get("Location") != "/authmail/messages/"+id || out["warning"] != nil {
 		t.Fatalf("retry: %d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, id, status(stSent))
+	st := waitState(t, h, id, status(Sent))
 	if st.Attempts != 2 {
 		t.Fatalf("attempts %d", st.Attempts)
 	}
@@ -216,13 +216,13 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id2 := out["id"].(string)
-	waitState(t, h, id2, status(stFailed))
+	waitState(t, h, id2, status(Failed))
 	deadline = time.Now().Add(5 * time.Second)
-	for h.engine.st.s.Exists(context.Background(), ownKey(h.engine.iid, batchOf(id2))) && time.Now().Before(deadline) {
+	for h.engine.st.s.Exists(context.Background(), ownKey(h.engine.iid, BatchOf(id2))) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	cfg := *h.engine.config()
-	cfg.replayWindow = time.Nanosecond
+	cfg := *h.engine.Config()
+	cfg.ReplayWindow = time.Nanosecond
 	h.engine.cfg.Store(&cfg)
 	rec, out = call(t, h, "POST", "/authmail/messages/"+id2+"/retry", "")
 	if rec.Code != 410 || out["error_code"] != "body_gone" {
@@ -230,7 +230,7 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	}
 	// the janitor deletes the body once the window passed
 	h.engine.janitor(context.Background())
-	if h.engine.st.s.Exists(context.Background(), keySeg+batchOf(id2)) {
+	if h.engine.st.s.Exists(context.Background(), keySeg+BatchOf(id2)) {
 		t.Fatal("the janitor kept a body past the replay window")
 	}
 }
@@ -248,7 +248,7 @@ func TestRetryFromPreviewForm(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, status(stFailed))
+	waitState(t, h, id, status(Failed))
 	srv.SetHooks(smtptest.Hooks{})
 	form := func(site string) *http.Request {
 		req := apiRequest("POST", "/authmail/messages/"+id+"/retry", nil, "Content-Type: application/x-www-form-urlencoded", "Sec-Fetch-Site: "+site)
@@ -270,7 +270,7 @@ func TestRetryFromPreviewForm(t *testing.T) {
 	if rec.Code != 303 || rec.Header().Get("Location") != "/authmail/preview#outbox" {
 		t.Fatalf("same-origin form: %d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 }
 
 // TestRetryOtherTenant: another key's message is not found; an admin
@@ -287,7 +287,7 @@ func TestRetryOtherTenant(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, status(stFailed))
+	waitState(t, h, id, status(Failed))
 	rec, out = call(t, h, "POST", "/authmail/messages/"+id+"/retry", "", "Authorization: Bearer third-key-0123456789abcdef")
 	if rec.Code != 404 || out["error_code"] != "not_found" {
 		t.Fatalf("other key: %d %s", rec.Code, rec.Body)
@@ -307,7 +307,7 @@ func TestRetryOtherTenant(t *testing.T) {
 	if rec.Code != 202 {
 		t.Fatalf("admin retry: %d %s", rec.Code, rec.Body)
 	}
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 }
 
 // TestReplayWindowConfig: replay_window may not outlive the status

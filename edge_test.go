@@ -36,8 +36,8 @@ func testLimitsAreSharedAcrossInstances(t *testing.T) {
 	limit := func(h *Handler) { h.RecipientRate = map[string]string{"otp": "3/1m"} }
 	a := newInstance(t, shared).handler(limit)
 	b := newInstance(t, shared).handler(limit)
-	a.engine.start()
-	b.engine.start()
+	a.engine.Start()
+	b.engine.Start()
 	if a.engine.limits.Hash("x") != b.engine.limits.Hash("x") {
 		t.Fatal("instances sharing a storage must share the hashing salt")
 	}
@@ -161,7 +161,7 @@ func TestLimitSyncIgnoresWritesInProgress(t *testing.T) {
 func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 	h := provisionedHandler(t, func(h *Handler) { h.RecipientRate = map[string]string{"otp": "2/1m"} })
 	e := h.engine
-	e.start() // loads the cluster's hashing salt
+	e.Start() // loads the cluster's hashing salt
 	ctx := context.Background()
 	key := "r:otp:" + e.limits.Hash("jane@example.org")
 	now := time.Now()
@@ -188,7 +188,7 @@ func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, id := range ids {
-		if storageTempName(id) {
+		if StorageTempName(id) {
 			t.Fatalf("instances lists the temporary name %q: %v", id, ids)
 		}
 	}
@@ -200,7 +200,7 @@ func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 func TestPublishedAuthFailuresAreBounded(t *testing.T) {
 	h := provisionedHandler(t)
 	e := h.engine
-	e.start()
+	e.Start()
 	now := time.Now()
 	spec := ratelimit.Spec{N: 10, Window: time.Minute}
 	for i := range maxPublishedAuthFailures + 500 {

@@ -112,7 +112,7 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 	hash := hex.EncodeToString(sum[:])
 	reqSum := sha256.Sum256(append([]byte(endpointPath+"\x00"), body...))
 	reqHash := hex.EncodeToString(reqSum[:])
-	key := keyIdem + tenant + "/" + hash
+	key := KeyIdem + tenant + "/" + hash
 
 	unlock := idemLocks.lock(key)
 	defer unlock()
@@ -133,8 +133,8 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 
 	var rec idemRecord
 	err := st.getJSON(lctx, key, &rec)
-	found := err == nil && time.Since(rec.Created) < h.engine.config().idemTTL
-	if err != nil && !isNotExist(err) {
+	found := err == nil && time.Since(rec.Created) < h.engine.Config().IdemTTL
+	if err != nil && !IsNotExist(err) {
 		h.logger.Error("reading an idempotency record failed", zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be read; retry later")
 	}
@@ -148,7 +148,7 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 		// pending: an earlier attempt stopped between reserving the id and
 		// storing its answer. If the message was accepted, answer for it;
 		// otherwise accept it now under the reserved id.
-		state, ok, lerr := h.engine.lookup(lctx, rec.ID)
+		state, ok, lerr := h.engine.Lookup(lctx, rec.ID)
 		if lerr != nil {
 			// not knowing whether the message exists, accepting it again
 			// could send it twice
@@ -156,19 +156,19 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record's message could not be read; retry later")
 		}
 		if ok {
-			resp := h.answerFor([]msgState{state})
+			resp := h.answerFor([]State{state})
 			h.storeIdem(key, rec, resp)
 			resp.replayed = true
 			return resp
 		}
 	} else {
-		rec = idemRecord{RequestHash: reqHash, ID: messageID(newID(time.Now()), 0), State: "pending", Created: time.Now()}
+		rec = idemRecord{RequestHash: reqHash, ID: MessageID(newID(time.Now()), 0), State: "pending", Created: time.Now()}
 		if err := st.putJSON(lctx, key, rec); err != nil {
 			h.logger.Error("writing an idempotency record failed", zap.Error(err))
 			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be written; retry later")
 		}
 	}
-	resp := submit(batchOf(rec.ID))
+	resp := submit(BatchOf(rec.ID))
 	if resp.created {
 		h.storeIdem(key, rec, resp)
 	} else if !found {

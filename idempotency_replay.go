@@ -25,7 +25,7 @@ func (h *Handler) replayDone(ctx context.Context, key, reqHash string) (apiRespo
 	if err := h.engine.st.getJSON(ctx, key, &rec); err != nil {
 		return apiResponse{}, false
 	}
-	if rec.State != "done" || time.Since(rec.Created) >= h.engine.config().idemTTL {
+	if rec.State != "done" || time.Since(rec.Created) >= h.engine.Config().IdemTTL {
 		return apiResponse{}, false
 	}
 	if rec.RequestHash != reqHash {

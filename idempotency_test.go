@@ -175,7 +175,7 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 		if rec.Code != 200 {
 			t.Fatalf("%d", rec.Code)
 		}
-		keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false)
+		keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false)
 		for _, key := range keys {
 			var r idemRecord
 			if h.engine.st.getJSON(ctx, key, &r) == nil && r.State == "done" {
@@ -205,7 +205,7 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 
 	// 2. the instance crashed after reserving the id, before accepting:
 	// the retry sends the message under the reserved id
-	reserved := messageID(newID(time.Now()), 0)
+	reserved := MessageID(newID(time.Now()), 0)
 	_ = h.engine.st.putJSON(ctx, key, idemRecord{RequestHash: rec.RequestHash, ID: reserved, State: "pending", Created: time.Now()})
 	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: crash-1")
 	if r.Code != 200 || out["id"] != reserved {
@@ -234,7 +234,7 @@ func testIdempotencyDoesNotConsumeTheKeyOnQueueFull(t *testing.T) {
 	if rec.Code != 503 {
 		t.Fatalf("%d", rec.Code)
 	}
-	keys, _ := h.engine.st.s.List(context.Background(), keyIdem+h.keys[0].tenant, false)
+	keys, _ := h.engine.st.s.List(context.Background(), KeyIdem+h.keys[0].tenant, false)
 	if len(keys) != 0 {
 		t.Fatalf("a 503 consumed the key: %v", keys)
 	}

@@ -28,10 +28,10 @@ func testJanitorExpiresRecords(t *testing.T) {
 	st := h.engine.st
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: j-1")
 	id := out["id"].(string)
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 	// wait for the batch to retire (body deleted)
 	deadline := time.Now().Add(5 * time.Second)
-	for st.s.Exists(ctx, keySeg+batchOf(id)) && time.Now().Before(deadline) {
+	for st.s.Exists(ctx, keySeg+BatchOf(id)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	// an orphan: a batch written for a request that never got its answer
@@ -43,7 +43,7 @@ func testJanitorExpiresRecords(t *testing.T) {
 	// a batch with work left (the server defers it) must survive
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpRefusal(451) }})
 	_, live := call(t, h, "POST", "/authmail/send/otp", otp("live@example.org"), "Prefer: respond-async")
-	liveBatch := batchOf(live["id"].(string))
+	liveBatch := BatchOf(live["id"].(string))
 
 	time.Sleep(100 * time.Millisecond)
 	h.engine.janitor(ctx)
@@ -52,16 +52,16 @@ func testJanitorExpiresRecords(t *testing.T) {
 	}
 	srv.SetHooks(smtptest.Hooks{})
 
-	if st.s.Exists(ctx, keySt+batchOf(id)) {
+	if st.s.Exists(ctx, KeySt+BatchOf(id)) {
 		t.Error("the status record outlived its retention")
 	}
-	if keys, _ := st.s.List(ctx, strings.TrimSuffix(keyIdem, "/"), true); len(keys) != 0 && !allDirs(ctx, st, keys) {
+	if keys, _ := st.s.List(ctx, strings.TrimSuffix(KeyIdem, "/"), true); len(keys) != 0 && !allDirs(ctx, st, keys) {
 		t.Errorf("idempotency records outlived their TTL: %v", keys)
 	}
 	if st.s.Exists(ctx, keySeg+orphan) {
 		t.Error("an orphan batch was kept")
 	}
-	waitState(t, h, live["id"].(string), status(stSent))
+	waitState(t, h, live["id"].(string), status(Sent))
 	// after its status record is gone, the status endpoint says not found
 	if rec, _ := call(t, h, "GET", "/authmail/messages/"+id, ""); rec.Code != 404 {
 		t.Errorf("expired message: %d", rec.Code)

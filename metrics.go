@@ -82,7 +82,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 func outboxTotals() (int, time.Duration) {
 	total, oldest := 0, time.Duration(0)
 	enginePool.Range(func(_, v any) bool {
-		n, age := v.(*engine).queueStats()
+		n, age := v.(*Engine).QueueStats()
 		total += n
 		oldest = max(oldest, age)
 		return true
@@ -94,12 +94,12 @@ func outboxTotals() (int, time.Duration) {
 // metrics.
 type metricsObserver struct{}
 
-func (metricsObserver) accepted(flow, keyID string) { metricAccepted(flow, keyID) }
-func (metricsObserver) attempt(derr *mailer.Error, took time.Duration) {
+func (metricsObserver) Accepted(flow, keyID string) { metricAccepted(flow, keyID) }
+func (metricsObserver) Attempt(derr *mailer.Error, took time.Duration) {
 	metricAttempt(derr, took)
 }
-func (metricsObserver) final(flow, status string) { metricFinal(flow, status) }
-func (metricsObserver) webhook(result string)     { metricWebhook(result) }
+func (metricsObserver) Final(flow, status string) { metricFinal(flow, status) }
+func (metricsObserver) Webhook(result string)     { metricWebhook(result) }
 
 func metricAccepted(flow, keyID string) { initMetrics(); mAccepted.WithLabelValues(flow, keyID).Inc() }
 

@@ -82,56 +82,56 @@ import (
 // second consumer and in-flight deliveries finish on the same engine.
 var enginePool = caddy.NewUsagePool()
 
-// engineConfig is the delivery configuration. The most recently
+// Config is the delivery configuration. The most recently
 // provisioned handler sets it.
-type engineConfig struct {
-	wait           time.Duration
-	retryBackoff   time.Duration
-	maxBackoff     time.Duration
-	maxAge         time.Duration
-	retention      time.Duration
-	replayWindow   time.Duration // bodies kept after final, for retries
-	idemTTL        time.Duration
-	lease          time.Duration
-	drain          time.Duration
-	maxQueued      int
-	bulkShare      float64 // delivery bulk_share as a fraction; 0: the default
-	retryUncertain bool
-	webhookSecret  string
-	webhookAllow   []string
-	logRecipients  bool
-	// relaySent, in compat authmail-relay mode, makes webhooks carry the
+type Config struct {
+	Wait           time.Duration
+	RetryBackoff   time.Duration
+	MaxBackoff     time.Duration
+	MaxAge         time.Duration
+	Retention      time.Duration
+	ReplayWindow   time.Duration // bodies kept after final, for retries
+	IdemTTL        time.Duration
+	Lease          time.Duration
+	Drain          time.Duration
+	MaxQueued      int
+	BulkShare      float64 // delivery bulk_share as a fraction; 0: the default
+	RetryUncertain bool
+	WebhookSecret  string
+	WebhookAllow   []string
+	LogRecipients  bool
+	// RelaySent, in compat authmail-relay mode, makes webhooks carry the
 	// relay's payload and names a delivered message in it ("delivered",
 	// or "captured" in capture mode); empty otherwise.
-	relaySent string
+	RelaySent string
 }
 
-// engineObserver is told what the engine does, for the metrics. Its methods
+// Observer is told what the engine does, for the metrics. Its methods
 // run on the engine's goroutines and must not block.
-type engineObserver interface {
-	// accepted: a message was stored (its flow and API key id)
-	accepted(flow, keyID string)
-	// attempt: a delivery attempt ended (derr nil: delivered) after took
-	attempt(derr *mailer.Error, took time.Duration)
-	// final: a message reached a final state
-	final(flow, status string)
-	// webhook: a webhook post ended with result
-	webhook(result string)
+type Observer interface {
+	// Accepted: a message was stored (its flow and API key id)
+	Accepted(flow, keyID string)
+	// Attempt: a delivery Attempt ended (derr nil: delivered) after took
+	Attempt(derr *mailer.Error, took time.Duration)
+	// Final: a message reached a Final state
+	Final(flow, status string)
+	// Webhook: a Webhook post ended with result
+	Webhook(result string)
 }
 
 type noObserver struct{}
 
-func (noObserver) accepted(string, string)              {}
-func (noObserver) attempt(*mailer.Error, time.Duration) {}
-func (noObserver) final(string, string)                 {}
-func (noObserver) webhook(string)                       {}
+func (noObserver) Accepted(string, string)              {}
+func (noObserver) Attempt(*mailer.Error, time.Duration) {}
+func (noObserver) Final(string, string)                 {}
+func (noObserver) Webhook(string)                       {}
 
-// errQueueFull is returned by accept when max_queued messages wait.
-var errQueueFull = errors.New("the outbox is full")
+// ErrQueueFull is returned by accept when max_queued messages wait.
+var ErrQueueFull = errors.New("the outbox is full")
 
-// engine is the durable outbox: it writes accepted messages to storage,
+// Engine is the durable outbox: it writes accepted messages to storage,
 // delivers them with retries, and records every state change.
-type engine struct {
+type Engine struct {
 	poolKey string
 	st      store
 	// iid is the instance id the engine runs as: Caddy's, unless another
@@ -141,20 +141,20 @@ type engine struct {
 	nonce string      // random per engine: this process's dot record, heartbeats
 	proc  hostProcess // this process, for heartbeats
 
-	cfg    atomic.Pointer[engineConfig]
+	cfg    atomic.Pointer[Config]
 	logger atomic.Pointer[zap.Logger]
 
 	mu          sync.Mutex
-	entries     map[string]*entry
+	entries     map[string]*Entry
 	batches     map[string]*batch
 	ready       readyQueue                        // queued messages by lane and next attempt time
-	hooks       heapq.Heap[*entry, byHookAttempt] // pending webhooks by next attempt time
+	hooks       heapq.Heap[*Entry, byHookAttempt] // pending webhooks by next attempt time
 	hookSlots   hookSlots                         // webhooks being posted, by host
 	parked      map[string]*parkedBatch
 	parkHeap    heapq.Heap[*parkedBatch, byWake] // parked batches by wake time
 	nonFinal    int                              // messages not in a final state
 	reserved    int                              // messages being written
-	regs        []*registration                  // provisioned handlers, oldest first
+	regs        []*Registration                  // provisioned handlers, oldest first
 	dirty       map[*batch][]func(error)
 	urgent      map[*batch]struct{} // dirty batches with a waiter
 	dirtySince  time.Time           // when the oldest unwritten change was made
@@ -183,7 +183,7 @@ type engine struct {
 	saltTemporary atomic.Bool // the salt is this process's own until storage answers
 
 	tun tunables
-	obs engineObserver
+	obs Observer
 }
 
 // tunables are timing settings that are not part of the public config.
@@ -204,9 +204,9 @@ func currentTunables() tunables {
 	}
 }
 
-// entry is a message the engine owns.
-type entry struct {
-	st      msgState
+// Entry is a message the engine owns.
+type Entry struct {
+	st      State
 	b       *batch
 	idx     int
 	from    string   // envelope, kept with a cached body
@@ -230,7 +230,7 @@ type entry struct {
 
 type batch struct {
 	id         string
-	entries    []*entry
+	entries    []*Entry
 	open       int // entries that are not final or have a webhook pending
 	writing    int // state writes in flight (a failed one until it is redone)
 	retired    bool
@@ -240,12 +240,12 @@ type batch struct {
 	rewrite bool
 }
 
-// senderProfile names what a message is sent as and through: the From
+// SenderProfile names what a message is sent as and through: the From
 // address, and a hash of the route (SMTP host, port and user, or the
 // capture directory; never the password). Two handlers with the same
 // From and different servers keep their own transports, and a reload
 // that only changes credentials keeps the profile of queued messages.
-func senderProfile(from, route string) string {
+func SenderProfile(from, route string) string {
 	sum := sha256.Sum256([]byte(route))
 	return strings.ToLower(from) + "#" + hex.EncodeToString(sum[:6])
 }
@@ -260,16 +260,16 @@ func profileFrom(profile string) string {
 	return profile
 }
 
-// newEngine allocates an engine. It does no I/O; start does. obs, when
+// New allocates an engine. It does no I/O; start does. obs, when
 // not nil, is told what it does.
-func newEngine(key string, s certmagic.Storage, iid string, obs engineObserver) *engine {
-	e := &engine{
+func New(key string, s certmagic.Storage, iid string, obs Observer) *Engine {
+	e := &Engine{
 		poolKey:  key,
 		st:       store{s: s},
 		iid:      iid,
 		nonce:    randomHex(8),
 		proc:     thisProcess(),
-		entries:  map[string]*entry{},
+		entries:  map[string]*Entry{},
 		batches:  map[string]*batch{},
 		parked:   map[string]*parkedBatch{},
 		dirty:    map[*batch][]func(error){},
@@ -292,26 +292,26 @@ func newEngine(key string, s certmagic.Storage, iid string, obs engineObserver) 
 	return e
 }
 
-func (e *engine) config() *engineConfig { return e.cfg.Load() }
-func (e *engine) log() *zap.Logger      { return e.logger.Load() }
+func (e *Engine) Config() *Config  { return e.cfg.Load() }
+func (e *Engine) log() *zap.Logger { return e.logger.Load() }
 
-// registration is one provisioned handler's hold on the engine: its
+// Registration is one provisioned handler's hold on the engine: its
 // delivery settings, logger, and transport for its sender profile.
-type registration struct {
-	cfg     *engineConfig
+type Registration struct {
+	cfg     *Config
 	logger  *zap.Logger
 	profile string
 	t       mailer.Transport
 	conns   int
 }
 
-// configure registers a handler's delivery settings and its transport for
+// Configure registers a handler's delivery settings and its transport for
 // the handler's sender profile. The most recent registration's settings
 // apply, and the most recent transport of each profile.
-func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string, t mailer.Transport, conns int) *registration {
+func (e *Engine) Configure(cfg *Config, logger *zap.Logger, profile string, t mailer.Transport, conns int) *Registration {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	r := &registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
+	r := &Registration{cfg: cfg, logger: logger, profile: profile, t: t, conns: conns}
 	e.regs = append(e.regs, r)
 	e.applyRegsLocked()
 	if e.started.Load() && e.identified {
@@ -324,7 +324,7 @@ func (e *engine) configure(cfg *engineConfig, logger *zap.Logger, profile string
 // registered transports' SMTP servers, under the instance id the engine
 // runs as. The demand that weighs this instance's share is its queued
 // messages.
-func (e *engine) shareRatesLocked() {
+func (e *Engine) shareRatesLocked() {
 	demand := func() int {
 		e.mu.Lock()
 		defer e.mu.Unlock()
@@ -337,11 +337,11 @@ func (e *engine) shareRatesLocked() {
 	}
 }
 
-// release drops a handler's registration. If it was the most recent one
+// Release drops a handler's registration. If it was the most recent one
 // (a reload that Caddy rejected after this handler was provisioned, so
 // the old config keeps running), the settings and transports of the
 // registrations that remain apply again.
-func (e *engine) release(r *registration) {
+func (e *Engine) Release(r *Registration) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if i := slices.Index(e.regs, r); i >= 0 {
@@ -353,7 +353,7 @@ func (e *engine) release(r *registration) {
 // applyRegsLocked applies the newest registration's settings (and the
 // newest logger) and sizes the workers for the registrations. With none left (the engine is being
 // destroyed) the last settings stay.
-func (e *engine) applyRegsLocked() {
+func (e *Engine) applyRegsLocked() {
 	if n := len(e.regs); n > 0 {
 		e.cfg.Store(e.regs[n-1].cfg)
 	}
@@ -371,9 +371,9 @@ func (e *engine) applyRegsLocked() {
 // address and route; else the newest with that From address (the route
 // changed, or the message was queued by a version whose profile was the
 // address alone); else the newest registration; nil when there is none.
-func (e *engine) regForLocked(profile string) *registration {
+func (e *Engine) regForLocked(profile string) *Registration {
 	from := profileFrom(profile)
-	var sameFrom *registration
+	var sameFrom *Registration
 	for i := len(e.regs) - 1; i >= 0; i-- {
 		r := e.regs[i]
 		if r.profile == profile {
@@ -394,7 +394,7 @@ func (e *engine) regForLocked(profile string) *registration {
 
 // transportFor returns the transport for a message's profile (see
 // regForLocked), or nil when no handler is registered.
-func (e *engine) transportFor(profile string) mailer.Transport {
+func (e *Engine) transportFor(profile string) mailer.Transport {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if r := e.regForLocked(profile); r != nil {
@@ -405,7 +405,7 @@ func (e *engine) transportFor(profile string) mailer.Transport {
 
 // updateWorkersLocked runs one worker per SMTP connection of the sender
 // profiles (the newest registration's count for each), 2 to 64 in all.
-func (e *engine) updateWorkersLocked() {
+func (e *Engine) updateWorkersLocked() {
 	conns := map[string]int{}
 	for _, r := range e.regs {
 		conns[r.profile] = r.conns
@@ -424,10 +424,10 @@ func (e *engine) updateWorkersLocked() {
 	}
 }
 
-// start recovers the instance's work from storage and starts the
+// Start recovers the instance's work from storage and starts the
 // background loops. It runs once; the authmail app calls it when a config
 // starts (never for `caddy validate`).
-func (e *engine) start() {
+func (e *Engine) Start() {
 	e.startOnce.Do(func() {
 		e.mu.Lock()
 		closing := e.closing
@@ -478,16 +478,16 @@ func (e *engine) start() {
 // more. New work stops at once; deliveries in flight get drain_timeout to
 // finish; whatever is not sent stays in storage for the next start. When
 // Caddy is only reloading, this happens in the background.
-func (e *engine) Destruct() error {
+func (e *Engine) Destruct() error {
 	if caddy.Exiting() {
-		e.shutdown()
+		e.Shutdown()
 	} else {
-		go e.shutdown()
+		go e.Shutdown()
 	}
 	return nil
 }
 
-func (e *engine) shutdown() {
+func (e *Engine) Shutdown() {
 	e.mu.Lock()
 	if e.closing {
 		e.mu.Unlock()
@@ -504,8 +504,8 @@ func (e *engine) shutdown() {
 	}
 	e.notify()
 	drain := 10 * time.Second
-	if c := e.config(); c != nil && c.drain > 0 {
-		drain = c.drain
+	if c := e.Config(); c != nil && c.Drain > 0 {
+		drain = c.Drain
 	}
 	done := make(chan struct{})
 	go func() { e.attempts.Wait(); close(done) }()
@@ -524,7 +524,7 @@ func (e *engine) shutdown() {
 
 // wait sleeps for d and reports whether the engine still runs: the
 // background loops do a round of work after each wait.
-func (e *engine) wait(d time.Duration) bool {
+func (e *Engine) wait(d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -536,7 +536,7 @@ func (e *engine) wait(d time.Duration) bool {
 }
 
 // notify wakes every goroutine waiting for work.
-func (e *engine) notify() {
+func (e *Engine) notify() {
 	e.mu.Lock()
 	close(e.wakeCh)
 	e.wakeCh = make(chan struct{})
@@ -547,50 +547,50 @@ func (e *engine) notify() {
 
 // pastExpiry reports whether a message that carries a code or a link is
 // past its expiry.
-func (en *entry) pastExpiry(now time.Time) bool {
+func (en *Entry) pastExpiry(now time.Time) bool {
 	return !en.st.ExpiresAt.IsZero() && !now.Before(en.st.ExpiresAt)
 }
 
-// newMessage is a rendered message to accept.
-type newMessage struct {
-	keyID, flow, profile, messageID string
-	env                             *mailer.Envelope
-	webhook                         webhookState
-	rcpts                           []string // recipients as logged
-	tenant                          string   // the key's tenantOf
-	// expiry, for a message that carries a code or a link, is how long
+// NewMessage is a rendered message to accept.
+type NewMessage struct {
+	KeyID, Flow, Profile, MessageID string
+	Env                             *mailer.Envelope
+	Webhook                         WebhookState
+	Rcpts                           []string // recipients as logged
+	Tenant                          string   // the key's tenantOf
+	// Expiry, for a message that carries a code or a link, is how long
 	// it may wait to be sent (expires_in_minutes); 0 for no limit
-	expiry   time.Duration
-	priority string // "bulk" for the bulk lane
+	Expiry   time.Duration
+	Priority string // "bulk" for the bulk lane
 }
 
 type acceptReq struct {
-	msgs []*newMessage
+	msgs []*NewMessage
 	// batch, when set, makes the request its own batch with this id (used
 	// for idempotent requests, whose id is reserved beforehand).
 	batch   string
 	waiting bool
-	entries []*entry
+	entries []*Entry
 	done    chan error
 }
 
-// accept writes msgs durably and queues them for immediate delivery. It
+// Accept writes msgs durably and queues them for immediate delivery. It
 // returns once the messages are in storage. With waiting, the caller
 // waits for the first attempt (entry.first), so its outcome is written
 // without delay.
-func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]*entry, error) {
+func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]*Entry, error) {
 	// requests only arrive once a config runs, so starting here is safe; it
 	// covers a request that races the authmail app's Start
-	e.start()
-	cfg := e.config()
+	e.Start()
+	cfg := e.Config()
 	e.mu.Lock()
 	if e.closing {
 		e.mu.Unlock()
-		return nil, errShuttingDown
+		return nil, ErrShuttingDown
 	}
-	if cfg.maxQueued > 0 && e.nonFinal+e.reserved+len(msgs) > cfg.maxQueued {
+	if cfg.MaxQueued > 0 && e.nonFinal+e.reserved+len(msgs) > cfg.MaxQueued {
 		e.mu.Unlock()
-		return nil, errQueueFull
+		return nil, ErrQueueFull
 	}
 	e.reserved += len(msgs)
 	e.mu.Unlock()
@@ -611,17 +611,17 @@ func (e *engine) accept(msgs []*newMessage, fixedBatch string, waiting bool) ([]
 	case err := <-req.done: // written or failed just before the end
 		return req.entries, err
 	default:
-		e.failAccept([]*acceptReq{req}, errShuttingDown)
-		return nil, errShuttingDown
+		e.failAccept([]*acceptReq{req}, ErrShuttingDown)
+		return nil, ErrShuttingDown
 	}
 }
 
-var errShuttingDown = errors.New("the outbox is shutting down")
+var ErrShuttingDown = errors.New("the outbox is shutting down")
 
 // appender writes accepted messages in batches: whatever arrived while
 // the previous batch was being written goes into the next one, so the
 // storage's per-write cost is shared.
-func (e *engine) appender() {
+func (e *Engine) appender() {
 	defer e.loops.Done()
 	for {
 		var first *acceptReq
@@ -632,7 +632,7 @@ func (e *engine) appender() {
 			for {
 				select {
 				case r := <-e.acceptCh:
-					e.failAccept([]*acceptReq{r}, errShuttingDown)
+					e.failAccept([]*acceptReq{r}, ErrShuttingDown)
 				default:
 					return
 				}
@@ -665,7 +665,7 @@ func (e *engine) appender() {
 	}
 }
 
-func (e *engine) failAccept(reqs []*acceptReq, err error) {
+func (e *Engine) failAccept(reqs []*acceptReq, err error) {
 	e.mu.Lock()
 	for _, r := range reqs {
 		e.reserved -= len(r.msgs)
@@ -678,7 +678,7 @@ func (e *engine) failAccept(reqs []*acceptReq, err error) {
 
 // writeBatch stores one batch (segment, then ownership marker) and hands
 // its messages to the workers.
-func (e *engine) writeBatch(reqs []*acceptReq) {
+func (e *Engine) writeBatch(reqs []*acceptReq) {
 	now := time.Now()
 	bid := reqs[0].batch
 	if bid == "" {
@@ -687,30 +687,30 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	seg := &segment{Batch: bid, Owner: e.iid, Created: now}
 	b := &batch{id: bid}
 	for _, r := range reqs {
-		r.entries = make([]*entry, 0, len(r.msgs))
+		r.entries = make([]*Entry, 0, len(r.msgs))
 		for _, m := range r.msgs {
 			idx := len(seg.Messages)
-			id := messageID(bid, idx)
-			m.env.ID = id
-			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.env.From, To: m.env.To, Data: m.env.Data})
-			st := msgState{
-				ID: id, KeyID: m.keyID, Tenant: m.tenant, Flow: m.flow, Profile: m.profile, MessageID: m.messageID,
-				Recipients: len(m.env.To), Rcpts: m.rcpts,
-				Status: stQueued, Created: now, Updated: now, NextAt: now, Webhook: m.webhook,
-				Priority: m.priority,
+			id := MessageID(bid, idx)
+			m.Env.ID = id
+			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.Env.From, To: m.Env.To, Data: m.Env.Data})
+			st := State{
+				ID: id, KeyID: m.KeyID, Tenant: m.Tenant, Flow: m.Flow, Profile: m.Profile, MessageID: m.MessageID,
+				Recipients: len(m.Env.To), Rcpts: m.Rcpts,
+				Status: Queued, Created: now, Updated: now, NextAt: now, Webhook: m.Webhook,
+				Priority: m.Priority,
 			}
-			if m.expiry > 0 {
-				st.ExpiresAt = now.Add(m.expiry)
+			if m.Expiry > 0 {
+				st.ExpiresAt = now.Add(m.Expiry)
 			}
 			seg.States = append(seg.States, st)
-			en := &entry{st: st, b: b, idx: idx, from: m.env.From, to: m.env.To, heapIdx: -1, hookIdx: -1, urgent: r.waiting}
+			en := &Entry{st: st, b: b, idx: idx, from: m.Env.From, to: m.Env.To, heapIdx: -1, hookIdx: -1, urgent: r.waiting}
 			if r.waiting {
 				en.first = make(chan struct{})
 			} else {
 				en.first, en.firstDone = closedChan, true
 			}
 			if e.bodyBytes.Load() < maxCachedBodyBytes {
-				en.data = m.env.Data
+				en.data = m.Env.Data
 				if cap(en.data)-len(en.data) > len(en.data)/8 {
 					en.data = bytes.Clone(en.data) // drop the rendering buffer's slack
 				}
@@ -762,7 +762,7 @@ func (e *engine) writeBatch(reqs []*acceptReq) {
 	}
 	e.mu.Unlock()
 	for _, en := range b.entries {
-		e.obs.accepted(en.st.Flow, en.st.KeyID)
+		e.obs.Accepted(en.st.Flow, en.st.KeyID)
 	}
 	e.notify()
 	for _, r := range reqs {
@@ -802,7 +802,7 @@ const stateLinger = 50 * time.Millisecond
 // beyond drain_timeout: an attempt cut short is recorded unknown by the
 // next start only if its dot was marked (outbox_dots.go), else attempted
 // again; claimed messages not yet attempted are given back first.
-func (e *engine) worker() {
+func (e *Engine) worker() {
 	for {
 		group := e.claimGroup()
 		if group == nil {
@@ -827,7 +827,7 @@ func (e *engine) worker() {
 	}
 }
 
-func (e *engine) stopping() bool {
+func (e *Engine) stopping() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.closing || e.adopted
@@ -843,7 +843,7 @@ func (e *engine) stopping() bool {
 // A claim that a crash cuts short leaves the message "queued" in storage
 // (or "sending", when another change of its batch was written meanwhile),
 // and without a mark for that attempt it is simply attempted again.
-func (e *engine) claimGroup() []*entry {
+func (e *Engine) claimGroup() []*Entry {
 	for {
 		group := e.nextReady()
 		if group == nil {
@@ -859,13 +859,13 @@ func (e *engine) claimGroup() []*entry {
 // holdClaims keeps the claims of a group that nextReady took, unless a
 // stop began in between: then it gives them back (some may be given back
 // already by the stop) and reports errShuttingDown.
-func (e *engine) holdClaims(group []*entry) error {
+func (e *Engine) holdClaims(group []*Entry) error {
 	e.mu.Lock()
 	closing := e.closing
 	e.mu.Unlock()
 	if closing {
 		e.releaseClaims(group)
-		return errShuttingDown
+		return ErrShuttingDown
 	}
 	return nil
 }
@@ -875,7 +875,7 @@ func (e *engine) holdClaims(group []*entry) error {
 // gave the claim back, or a message of a higher lane is due: a worker
 // that claimed bulk mail ahead gives it back for a code that arrived
 // meanwhile, so the code waits for at most the attempt in progress.
-func (e *engine) beginAttempt(en *entry, first bool) bool {
+func (e *Engine) beginAttempt(en *Entry, first bool) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.closing || e.adopted || !en.claimed {
@@ -891,7 +891,7 @@ func (e *engine) beginAttempt(en *entry, first bool) bool {
 // releaseClaims gives claimed messages that were not attempted back to
 // the queue, durably, so that a stop does not turn them into "unknown".
 // Messages whose claim was already given back are skipped.
-func (e *engine) releaseClaims(group []*entry) {
+func (e *Engine) releaseClaims(group []*Entry) {
 	e.mu.Lock()
 	n := 0
 	for _, en := range group {
@@ -907,7 +907,7 @@ func (e *engine) releaseClaims(group []*entry) {
 
 // releaseLocked gives one claim back if its attempt has not started; the
 // caller then calls attempts.Done for it.
-func (e *engine) releaseLocked(en *entry) bool {
+func (e *Engine) releaseLocked(en *Entry) bool {
 	if !e.unclaimOpenLocked(en, en.st.NextAt) { // due as before
 		return false
 	}
@@ -920,7 +920,7 @@ func (e *engine) releaseLocked(en *entry) bool {
 // the state writer still runs: a worker stuck in a slow attempt would
 // otherwise hold its claimed group past the drain, and the next start
 // would record those messages, never attempted, as unknown.
-func (e *engine) releaseAllLocked() int {
+func (e *Engine) releaseAllLocked() int {
 	n := 0
 	for _, en := range e.entries {
 		if e.releaseLocked(en) {
@@ -934,7 +934,7 @@ func (e *engine) releaseAllLocked() int {
 // marked claimed, or nil when the engine stops. k grows with the
 // backlog per worker. The messages are taken by lane (outbox_lanes.go);
 // a message past its expiry is not claimed but made expired.
-func (e *engine) nextReady() []*entry {
+func (e *Engine) nextReady() []*Entry {
 	for {
 		e.mu.Lock()
 		if e.closing || e.adopted {
@@ -947,10 +947,10 @@ func (e *engine) nextReady() []*entry {
 			if d := at.Sub(now); d > 0 {
 				wait = d
 			} else {
-				e.ready.share = e.config().bulkShare
+				e.ready.share = e.Config().BulkShare
 				k := min(maxClaimAhead, max(1, e.ready.Len()/max(1, e.workers)))
-				group := make([]*entry, 0, k)
-				var expired []*entry
+				group := make([]*Entry, 0, k)
+				var expired []*Entry
 				for len(group) < k {
 					en := e.ready.popDue(now)
 					if en == nil {
@@ -967,7 +967,7 @@ func (e *engine) nextReady() []*entry {
 					// so that a claim given back (releaseLocked) always
 					// undoes exactly one counted attempt
 					en.claimed = true
-					en.st.Status = stSending
+					en.st.Status = Sending
 					en.st.Attempts++
 					en.st.Updated = now
 					group = append(group, en)
@@ -1008,7 +1008,7 @@ func (e *engine) nextReady() []*entry {
 }
 
 // deliver attempts one claimed message and records the outcome.
-func (e *engine) deliver(en *entry) {
+func (e *Engine) deliver(en *Entry) {
 	defer e.attempts.Done()
 	// Fencing, as far as storage allows: if another instance adopted the
 	// batch (this one paused past its lease), do not send; the next
@@ -1059,21 +1059,21 @@ func (e *engine) deliver(en *entry) {
 			derr = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: err}
 		}
 		took = time.Since(start)
-		e.obs.attempt(derr, took)
+		e.obs.Attempt(derr, took)
 	}
 	e.recordOutcome(en, d, derr, took)
 }
 
 // unclaim undoes a claim in memory without sending; the message is due
 // again at retry.
-func (e *engine) unclaim(en *entry, retry time.Time) {
+func (e *Engine) unclaim(en *Entry, retry time.Time) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.unclaimLocked(en, retry)
 }
 
-func (e *engine) unclaimLocked(en *entry, retry time.Time) {
-	en.st.Status = stQueued
+func (e *Engine) unclaimLocked(en *Entry, retry time.Time) {
+	en.st.Status = Queued
 	en.st.Attempts--
 	en.claimed, en.attempting = false, false
 	en.st.NextAt = retry
@@ -1081,7 +1081,7 @@ func (e *engine) unclaimLocked(en *entry, retry time.Time) {
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
-func (e *engine) envelopeOf(en *entry) (*mailer.Envelope, error) {
+func (e *Engine) envelopeOf(en *Entry) (*mailer.Envelope, error) {
 	e.mu.Lock()
 	data, from, to := en.data, en.from, en.to
 	e.mu.Unlock()
@@ -1103,7 +1103,7 @@ func (e *engine) envelopeOf(en *entry) (*mailer.Envelope, error) {
 
 // unclaimIfClaimed is unclaim for a claim nobody started an attempt
 // for; it reports false when the claim was already given back.
-func (e *engine) unclaimIfClaimed(en *entry, retry time.Time) bool {
+func (e *Engine) unclaimIfClaimed(en *Entry, retry time.Time) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.unclaimOpenLocked(en, retry)
@@ -1111,7 +1111,7 @@ func (e *engine) unclaimIfClaimed(en *entry, retry time.Time) bool {
 
 // unclaimOpenLocked undoes a claim whose attempt has not started; it
 // reports false when there is none (given back already, or attempted).
-func (e *engine) unclaimOpenLocked(en *entry, retry time.Time) bool {
+func (e *Engine) unclaimOpenLocked(en *Entry, retry time.Time) bool {
 	if !en.claimed || en.attempting {
 		return false
 	}
@@ -1120,8 +1120,8 @@ func (e *engine) unclaimOpenLocked(en *entry, retry time.Time) bool {
 }
 
 // recordOutcome turns an attempt's result into the next state.
-func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, took time.Duration) {
-	cfg := e.config()
+func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, took time.Duration) {
+	cfg := e.Config()
 	now := time.Now()
 	e.mu.Lock()
 	en.claimed, en.attempting = false, false
@@ -1133,17 +1133,17 @@ func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, t
 	final := false
 	switch {
 	case derr == nil:
-		en.st.Status, en.st.SentAt, final = stSent, now, true
+		en.st.Status, en.st.SentAt, final = Sent, now, true
 		en.st.SMTPResponse, en.st.LastCode, en.st.LastError = d.Response, "", ""
 		if d.Status == "captured" {
 			en.st.SMTPResponse = "captured"
 		}
 	case derr.Code == mailer.CodeExpired:
-		en.st.Status, final = stExpired, true
-	case derr.Uncertain() && !cfg.retryUncertain:
-		en.st.Status, final = stUnknown, true
+		en.st.Status, final = Expired, true
+	case derr.Uncertain() && !cfg.RetryUncertain:
+		en.st.Status, final = Unknown, true
 	case derr.Permanent():
-		en.st.Status, final = stFailed, true
+		en.st.Status, final = Failed, true
 	default:
 		next := now.Add(backoff(cfg, en.st.Attempts, en.b.id))
 		if derr.Code == mailer.CodeSMTPThrottled {
@@ -1164,10 +1164,10 @@ func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, t
 			// sent: the message is made expired when the time comes
 			next = en.st.ExpiresAt
 		}
-		if next.Sub(en.st.Created) > cfg.maxAge {
-			en.st.Status, final = stFailed, true
+		if next.Sub(en.st.Created) > cfg.MaxAge {
+			en.st.Status, final = Failed, true
 		} else {
-			en.st.Status, en.st.NextAt = stQueued, next
+			en.st.Status, en.st.NextAt = Queued, next
 		}
 	}
 	if derr != nil {
@@ -1219,7 +1219,7 @@ func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, t
 		e.logOutcome(st, derr, final, took)
 	}
 	if final {
-		e.obs.final(st.Flow, st.Status)
+		e.obs.Final(st.Flow, st.Status)
 	}
 }
 
@@ -1229,21 +1229,21 @@ func (e *engine) recordOutcome(en *entry, d mailer.Result, derr *mailer.Error, t
 // that failed together are retried together, with one claim write, and
 // their batch can leave memory while it waits (see parking); different
 // batches still spread out.
-func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
-	d := cfg.retryBackoff
-	for i := 1; i < attempts && d < cfg.maxBackoff; i++ {
+func backoff(cfg *Config, attempts int, batch string) time.Duration {
+	d := cfg.RetryBackoff
+	for i := 1; i < attempts && d < cfg.MaxBackoff; i++ {
 		d *= 2
 	}
-	d = min(d, cfg.maxBackoff)
+	d = min(d, cfg.MaxBackoff)
 	h := fnv.New64a()
 	_, _ = h.Write([]byte(batch))
 	_, _ = h.Write([]byte{byte(attempts), byte(attempts >> 8)})
 	jitter := time.Duration(h.Sum64()%uint64(d/2+1)) - d/4
 	d += jitter
-	if d > cfg.maxBackoff {
+	if d > cfg.MaxBackoff {
 		// max_backoff is a cap: fold the excess back below it, so that
 		// capped retries stay spread over [0.75, 1] × max_backoff
-		d = max(2*cfg.maxBackoff-d, cfg.maxBackoff*3/4)
+		d = max(2*cfg.MaxBackoff-d, cfg.MaxBackoff*3/4)
 	}
 	return max(d, time.Millisecond)
 }
@@ -1251,7 +1251,7 @@ func backoff(cfg *engineConfig, attempts int, batch string) time.Duration {
 // logOutcome writes the one line of an attempt's outcome; took is how
 // long the attempt's SMTP transaction (or capture) lasted, zero when no
 // attempt ran (an outcome found after a crash).
-func (e *engine) logOutcome(st msgState, derr *mailer.Error, final bool, took time.Duration) {
+func (e *Engine) logOutcome(st State, derr *mailer.Error, final bool, took time.Duration) {
 	fields := []zap.Field{
 		zap.String("id", st.ID), zap.String("flow", st.Flow), zap.String("key_id", st.KeyID),
 		zap.String("status", st.Status), zap.Int("attempts", st.Attempts),
@@ -1280,11 +1280,11 @@ func (e *engine) logOutcome(st msgState, derr *mailer.Error, final bool, took ti
 	case !final:
 		fields = append(fields, zap.Time("next_attempt_at", st.NextAt))
 		e.log().Warn("delivery attempt failed; will retry", fields...)
-	case st.Status == stSent && st.SMTPResponse == "captured":
+	case st.Status == Sent && st.SMTPResponse == "captured":
 		// capture mode: written to the capture directory, not sent
 		fields[3] = zap.String("status", "captured")
 		e.log().Info("message captured", fields...)
-	case st.Status == stSent:
+	case st.Status == Sent:
 		e.log().Info("message sent", fields...)
 	default:
 		e.log().Error("message "+st.Status, fields...)
@@ -1293,7 +1293,7 @@ func (e *engine) logOutcome(st msgState, derr *mailer.Error, final bool, took ti
 
 // closeEntryLocked notes that an entry needs nothing more (final, no
 // webhook pending) and retires its batch when it was the last one.
-func (e *engine) closeEntryLocked(en *entry) {
+func (e *Engine) closeEntryLocked(en *Entry) {
 	b := en.b
 	b.open--
 	if b.open == 0 && !b.retired {
@@ -1307,7 +1307,7 @@ func (e *engine) closeEntryLocked(en *entry) {
 // markDirtyLocked schedules the batch's state for the next write; done,
 // if not nil, runs after that write. An urgent change is written at once;
 // others may wait up to stateLinger to share a write.
-func (e *engine) markDirtyLocked(b *batch, done func(error), urgent bool) {
+func (e *Engine) markDirtyLocked(b *batch, done func(error), urgent bool) {
 	cbs := e.dirty[b]
 	if done != nil {
 		cbs = append(cbs, done)
@@ -1327,7 +1327,7 @@ func (e *engine) markDirtyLocked(b *batch, done func(error), urgent bool) {
 // stateWriter writes dirty batch states. Changes that arrive while a
 // write is in progress are coalesced into the next one, and changes
 // nobody waits for linger a little to share a write.
-func (e *engine) stateWriter() {
+func (e *Engine) stateWriter() {
 	defer e.loops.Done()
 	for {
 		select {
@@ -1368,7 +1368,7 @@ func (e *engine) stateWriter() {
 }
 
 // flushAll writes every dirty state now.
-func (e *engine) flushAll() {
+func (e *Engine) flushAll() {
 	for e.flushOnce(false) {
 	}
 }
@@ -1381,7 +1381,7 @@ const maxParallelWrites = 4
 // batch's write carries every change made to it so far, urgent or not.
 // A batch whose messages are all final, with no webhook left to send, is
 // marked done in the same write and then retired.
-func (e *engine) flushOnce(urgentOnly bool) bool {
+func (e *Engine) flushOnce(urgentOnly bool) bool {
 	e.mu.Lock()
 	if len(e.dirty) == 0 || (urgentOnly && len(e.urgent) == 0) {
 		e.mu.Unlock()
@@ -1389,7 +1389,7 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 	}
 	type job struct {
 		b       *batch
-		bs      batchState
+		bs      BatchState
 		cbs     []func(error)
 		recheck bool
 	}
@@ -1403,7 +1403,7 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 	jobs := make([]job, 0, len(set))
 	now := time.Now()
 	for b, cbs := range set {
-		bs := batchState{Batch: b.id, Owner: e.iid, Updated: now, Messages: make([]msgState, len(b.entries))}
+		bs := BatchState{Batch: b.id, Owner: e.iid, Updated: now, Messages: make([]State, len(b.entries))}
 		settled := true
 		for i, en := range b.entries {
 			bs.Messages[i] = en.st
@@ -1451,7 +1451,7 @@ func (e *engine) flushOnce(urgentOnly bool) bool {
 				}
 				return
 			}
-			err := e.st.putJSON(ctx, keySt+j.b.id, j.bs)
+			err := e.st.putJSON(ctx, KeySt+j.b.id, j.bs)
 			e.mu.Lock()
 			j.b.rewrite = err != nil
 			e.mu.Unlock()
@@ -1489,22 +1489,22 @@ var errBatchAdopted = errors.New("another instance took the batch over")
 // lostToAdoption reports whether this instance's ownership marker of a
 // batch is gone (another instance moved it to itself). A storage error is
 // not an answer: the write is tried, and fails or succeeds on its own.
-func (e *engine) lostToAdoption(ctx context.Context, bid string) bool {
+func (e *Engine) lostToAdoption(ctx context.Context, bid string) bool {
 	_, err := e.st.s.Stat(ctx, ownKey(e.iid, bid))
-	return isNotExist(err)
+	return IsNotExist(err)
 }
 
 // retire deletes a finished batch's bodies and ownership marker and
 // forgets it; its st object stays for the retention period.
-func (e *engine) retire(ctx context.Context, b *batch) {
+func (e *Engine) retire(ctx context.Context, b *batch) {
 	// with a replay window the bodies stay for POST /messages/{id}/retry;
 	// the janitor deletes them when it passed (outbox_replay.go)
 	if !e.keepsBodies() {
-		if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !isNotExist(err) {
+		if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !IsNotExist(err) {
 			e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
 		}
 	}
-	if err := e.st.s.Delete(ctx, ownKey(e.iid, b.id)); err != nil && !isNotExist(err) {
+	if err := e.st.s.Delete(ctx, ownKey(e.iid, b.id)); err != nil && !IsNotExist(err) {
 		e.log().Warn("deleting a batch marker failed", zap.String("batch", b.id), zap.Error(err))
 	}
 	e.segCache.drop(b.id)
@@ -1518,12 +1518,12 @@ func (e *engine) retire(ctx context.Context, b *batch) {
 
 // --- queries ---------------------------------------------------------------
 
-// lookup returns a message's state, from memory when this instance owns
+// Lookup returns a message's state, from memory when this instance owns
 // it, else from storage.
-func (e *engine) lookup(ctx context.Context, id string) (msgState, bool, error) {
-	bid := batchOf(id)
+func (e *Engine) Lookup(ctx context.Context, id string) (State, bool, error) {
+	bid := BatchOf(id)
 	if bid == "" {
-		return msgState{}, false, nil
+		return State{}, false, nil
 	}
 	e.mu.Lock()
 	if en := e.entries[id]; en != nil {
@@ -1534,29 +1534,29 @@ func (e *engine) lookup(ctx context.Context, id string) (msgState, bool, error) 
 	e.mu.Unlock()
 	bs, err := e.st.loadState(ctx, bid)
 	if err != nil {
-		if isNotExist(err) {
-			return msgState{}, false, nil
+		if IsNotExist(err) {
+			return State{}, false, nil
 		}
-		return msgState{}, false, err
+		return State{}, false, err
 	}
 	m, ok := bs.message(id)
 	return m, ok, nil
 }
 
-// states snapshots the state of accepted entries.
-func (e *engine) states(entries []*entry) []msgState {
+// States snapshots the state of accepted entries.
+func (e *Engine) States(entries []*Entry) []State {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	out := make([]msgState, len(entries))
+	out := make([]State, len(entries))
 	for i, en := range entries {
 		out[i] = en.st
 	}
 	return out
 }
 
-// queueStats reports the number of messages waiting and the age of the
+// QueueStats reports the number of messages waiting and the age of the
 // oldest.
-func (e *engine) queueStats() (int, time.Duration) {
+func (e *Engine) QueueStats() (int, time.Duration) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	// every resident message not yet final counts, the ones in an attempt
@@ -1579,21 +1579,21 @@ func (e *engine) queueStats() (int, time.Duration) {
 // byNextAttempt orders queued messages by their next attempt, then id.
 type byNextAttempt struct{}
 
-func (byNextAttempt) Less(a, b *entry) bool {
+func (byNextAttempt) Less(a, b *Entry) bool {
 	if !a.st.NextAt.Equal(b.st.NextAt) {
 		return a.st.NextAt.Before(b.st.NextAt)
 	}
 	return a.st.ID < b.st.ID
 }
-func (byNextAttempt) Index(en *entry) *int { return &en.heapIdx }
+func (byNextAttempt) Index(en *Entry) *int { return &en.heapIdx }
 
 // byHookAttempt orders pending webhooks by their next attempt.
 type byHookAttempt struct{}
 
-func (byHookAttempt) Less(a, b *entry) bool {
+func (byHookAttempt) Less(a, b *Entry) bool {
 	return a.st.Webhook.NextAt.Before(b.st.Webhook.NextAt)
 }
-func (byHookAttempt) Index(en *entry) *int { return &en.hookIdx }
+func (byHookAttempt) Index(en *Entry) *int { return &en.hookIdx }
 
 // --- segment cache -----------------------------------------------------------
 

@@ -26,14 +26,14 @@ var (
 	instanceForgetAge = 7 * 24 * time.Hour
 )
 
-func (e *engine) leaseDuration() time.Duration {
-	if c := e.config(); c != nil && c.lease > 0 {
-		return c.lease
+func (e *Engine) leaseDuration() time.Duration {
+	if c := e.Config(); c != nil && c.Lease > 0 {
+		return c.Lease
 	}
 	return 30 * time.Second
 }
 
-func (e *engine) writeHeartbeat(ctx context.Context) error {
+func (e *Engine) writeHeartbeat(ctx context.Context) error {
 	return e.st.putJSON(ctx, keyInst+e.iid, heartbeat{Instance: e.iid, Updated: time.Now(), Process: e.nonce, Proc: e.proc})
 }
 
@@ -41,7 +41,7 @@ func (e *engine) writeHeartbeat(ctx context.Context) error {
 // notices when another instance adopted our work because our heartbeat
 // lapsed (a pause longer than the lease): the batch's marker then is no
 // longer ours, and we drop the batch.
-func (e *engine) heartbeatLoop() {
+func (e *Engine) heartbeatLoop() {
 	defer e.loops.Done()
 	for {
 		every := e.heartbeatEvery()
@@ -66,7 +66,7 @@ func (e *engine) heartbeatLoop() {
 // dropLost forgets batches with work left whose ownership marker is gone,
 // except batches taken on after the markers were listed and batches with
 // an attempt in flight. It returns the number dropped.
-func (e *engine) dropLost(owned []string, listed time.Time) []string {
+func (e *Engine) dropLost(owned []string, listed time.Time) []string {
 	mine := make(map[string]bool, len(owned))
 	for _, b := range owned {
 		mine[b] = true
@@ -94,7 +94,7 @@ func (e *engine) dropLost(owned []string, listed time.Time) []string {
 // busyLocked reports whether a batch has an attempt in flight or a state
 // write pending: it must not be dropped or reloaded now, or a finished
 // attempt's outcome would be lost.
-func (e *engine) busyLocked(b *batch) bool {
+func (e *Engine) busyLocked(b *batch) bool {
 	if _, dirty := e.dirty[b]; dirty || b.writing > 0 {
 		return true
 	}
@@ -107,7 +107,7 @@ func (e *engine) busyLocked(b *batch) bool {
 }
 
 // forgetLocked removes a batch from memory.
-func (e *engine) forgetLocked(b *batch) {
+func (e *Engine) forgetLocked(b *batch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
 			e.ready.remove(en)
@@ -125,7 +125,7 @@ func (e *engine) forgetLocked(b *batch) {
 
 // recoverOwn loads this instance's unfinished work from storage after a
 // start (a restart after a crash, or the first config of the process).
-func (e *engine) recoverOwn(ctx context.Context) (int, error) {
+func (e *Engine) recoverOwn(ctx context.Context) (int, error) {
 	lock := "authmail_adopt_" + e.iid
 	if err := e.st.s.Lock(ctx, lock); err != nil {
 		return 0, err
@@ -136,7 +136,7 @@ func (e *engine) recoverOwn(ctx context.Context) (int, error) {
 
 // adoptionLoop takes over the work of instances whose heartbeat is older
 // than the lease, one at a time, under a storage lock.
-func (e *engine) adoptionLoop() {
+func (e *Engine) adoptionLoop() {
 	defer e.loops.Done()
 	for e.wait(max(e.leaseDuration()/3, 300*time.Millisecond)) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -145,18 +145,18 @@ func (e *engine) adoptionLoop() {
 	}
 }
 
-func (e *engine) stale(ctx context.Context, instance string) bool {
+func (e *Engine) stale(ctx context.Context, instance string) bool {
 	var hb heartbeat
 	err := e.st.getJSON(ctx, keyInst+instance, &hb)
 	if err != nil {
-		return isNotExist(err)
+		return IsNotExist(err)
 	}
 	return hb.AdoptedBy != "" || time.Since(hb.Updated) > e.leaseDuration()
 }
 
 // staleTwice reports whether an instance looked stale in the previous
 // scan too, so that one slow storage write does not trigger an adoption.
-func (e *engine) staleTwice(ctx context.Context, instance string) bool {
+func (e *Engine) staleTwice(ctx context.Context, instance string) bool {
 	isStale := e.stale(ctx, instance)
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -168,7 +168,7 @@ func (e *engine) staleTwice(ctx context.Context, instance string) bool {
 	return isStale && was
 }
 
-func (e *engine) adoptStale(ctx context.Context) {
+func (e *Engine) adoptStale(ctx context.Context) {
 	ids, err := e.st.instances(ctx)
 	if err != nil {
 		e.log().Warn("listing outbox instances failed", zap.Error(err))
@@ -213,7 +213,7 @@ func (e *engine) adoptStale(ctx context.Context) {
 // and before this instance marks any dot of its own: the marks read here
 // are the only record of what was in doubt, and the record is replaced
 // once this instance starts delivering.
-func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
+func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 	bids, err := e.st.ownedBatches(ctx, instance)
 	if err != nil {
 		return 0, err
@@ -222,8 +222,8 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	cfg := e.config()
-	retryUncertain := cfg != nil && cfg.retryUncertain
+	cfg := e.Config()
+	retryUncertain := cfg != nil && cfg.RetryUncertain
 	total := 0
 	for _, bid := range bids {
 		e.mu.Lock()
@@ -255,7 +255,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			continue
 		}
 		bs, err := e.st.loadState(ctx, bid)
-		if isNotExist(err) {
+		if IsNotExist(err) {
 			// neither state nor segment: a stale marker
 			_ = e.st.s.Delete(ctx, ownKey(instance, bid))
 			continue
@@ -272,7 +272,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			for i := range bs.Messages {
 				bs.Messages[i] = b.entries[i].st
 			}
-			if err := e.st.putJSON(ctx, keySt+bid, bs); err != nil {
+			if err := e.st.putJSON(ctx, KeySt+bid, bs); err != nil {
 				return total, err
 			}
 			changed = false
@@ -283,7 +283,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 			if err := e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
 				return total, err
 			}
-			if err := e.st.s.Delete(ctx, ownKey(instance, bid)); err != nil && !isNotExist(err) {
+			if err := e.st.s.Delete(ctx, ownKey(instance, bid)); err != nil && !IsNotExist(err) {
 				return total, err
 			}
 		}
@@ -299,7 +299,7 @@ func (e *engine) takeOver(ctx context.Context, instance string) (int, error) {
 		e.mu.Unlock()
 		for _, m := range interrupted {
 			e.logOutcome(m, &mailer.Error{Code: mailer.CodeUncertain, Phase: mailer.PhaseStopped}, true, 0)
-			e.obs.final(m.Flow, m.Status)
+			e.obs.Final(m.Flow, m.Status)
 		}
 	}
 	e.notify()
@@ -321,12 +321,12 @@ type recoveryRule struct {
 // stored "queued" (its claim was never written) was in its next one.
 // A mark of an earlier attempt is stale: that attempt's outcome is
 // recorded.
-func (r recoveryRule) inDoubt(m msgState) bool {
+func (r recoveryRule) inDoubt(m State) bool {
 	if !r.dots.kept || r.dots.broken {
-		return m.Status == stSending
+		return m.Status == Sending
 	}
 	attempt := m.Attempts
-	if m.Status == stQueued {
+	if m.Status == Queued {
 		attempt++
 	}
 	return r.dots.marks[dotMark{m.ID, attempt}]
@@ -338,21 +338,21 @@ func (r recoveryRule) inDoubt(m msgState) bool {
 // become unknown (or queued again with retry_uncertain) and are
 // returned; the others never reached the server and are queued again,
 // due at once. changed reports that the state must be written again.
-func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) (b *batch, interrupted []msgState, changed bool) {
+func rebuildBatch(bid string, bs *BatchState, rule recoveryRule, now time.Time) (b *batch, interrupted []State, changed bool) {
 	b = &batch{id: bid}
-	b.entries = make([]*entry, 0, len(bs.Messages))
+	b.entries = make([]*Entry, 0, len(bs.Messages))
 	for i, m := range bs.Messages {
-		if m.Status == stSending || m.Status == stQueued && rule.inDoubt(m) {
+		if m.Status == Sending || m.Status == Queued && rule.inDoubt(m) {
 			changed = true
 			m.Updated = now
 			doubt := rule.inDoubt(m)
-			if doubt && m.Status == stQueued {
+			if doubt && m.Status == Queued {
 				m.Attempts++ // the marked attempt, whose claim was not written
 			}
 			if !doubt || rule.retryUncertain {
-				m.Status, m.NextAt = stQueued, now
+				m.Status, m.NextAt = Queued, now
 			} else {
-				m.Status, m.NextAt = stUnknown, time.Time{}
+				m.Status, m.NextAt = Unknown, time.Time{}
 				m.LastCode, m.LastError = mailer.CodeUncertain, mailer.InterruptedError
 				if m.Webhook.URL != "" {
 					m.Webhook.Status, m.Webhook.NextAt = hookPending, now
@@ -360,20 +360,20 @@ func rebuildBatch(bid string, bs *batchState, rule recoveryRule, now time.Time) 
 				interrupted = append(interrupted, m)
 			}
 		}
-		b.entries = append(b.entries, &entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closedChan, firstDone: true})
+		b.entries = append(b.entries, &Entry{st: m, b: b, idx: i, heapIdx: -1, hookIdx: -1, first: closedChan, firstDone: true})
 	}
 	return b, interrupted, changed
 }
 
 // registerLocked puts a batch read from storage to work and returns the
 // number of its messages that still need delivering.
-func (e *engine) registerLocked(b *batch, changed bool) int {
+func (e *Engine) registerLocked(b *batch, changed bool) int {
 	e.batches[b.id] = b
 	queued := 0
 	for _, en := range b.entries {
 		e.entries[en.st.ID] = en
 		switch {
-		case en.st.Status == stQueued:
+		case en.st.Status == Queued:
 			e.ready.push(en)
 			e.nonFinal++
 			b.open++
@@ -395,7 +395,7 @@ func (e *engine) registerLocked(b *batch, changed bool) int {
 
 // janitorLoop deletes expired status and idempotency records and
 // batches that were never acknowledged.
-func (e *engine) janitorLoop() {
+func (e *Engine) janitorLoop() {
 	defer e.loops.Done()
 	for e.wait(e.tun.janitorEvery) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -404,7 +404,7 @@ func (e *engine) janitorLoop() {
 	}
 }
 
-func (e *engine) janitor(ctx context.Context) {
+func (e *Engine) janitor(ctx context.Context) {
 	// one instance at a time is enough; skip the round if another runs it
 	if tl, ok := e.st.s.(certmagic.TryLocker); ok {
 		got, err := tl.TryLock(ctx, "authmail_janitor")
@@ -413,7 +413,7 @@ func (e *engine) janitor(ctx context.Context) {
 		}
 		defer func() { _ = e.st.s.Unlock(context.Background(), "authmail_janitor") }()
 	}
-	cfg := e.config()
+	cfg := e.Config()
 	if cfg == nil {
 		return
 	}
@@ -423,21 +423,21 @@ func (e *engine) janitor(ctx context.Context) {
 		return err == nil && now.Sub(info.Modified) > age
 	}
 	// status records of finished batches
-	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keySt, "/"), false); err == nil {
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(KeySt, "/"), false); err == nil {
 		for _, k := range keys {
-			if !expired(k, cfg.retention) {
+			if !expired(k, cfg.Retention) {
 				continue
 			}
-			var bs batchState
+			var bs BatchState
 			if err := e.st.getJSON(ctx, k, &bs); err == nil && bs.Done {
 				_ = e.st.s.Delete(ctx, k)
 			}
 		}
 	}
 	// idempotency records
-	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(keyIdem, "/"), true); err == nil {
+	if keys, err := e.st.s.List(ctx, strings.TrimSuffix(KeyIdem, "/"), true); err == nil {
 		for _, k := range keys {
-			if expired(k, cfg.idemTTL) {
+			if expired(k, cfg.IdemTTL) {
 				_ = e.st.s.Delete(ctx, k)
 			}
 		}
@@ -470,7 +470,7 @@ func (e *engine) janitor(ctx context.Context) {
 		e.sweepReplayable(ctx, owned, keys)
 		for _, k := range keys {
 			bid := path.Base(k)
-			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, keySt+bid) {
+			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, KeySt+bid) {
 				continue
 			}
 			_ = e.st.s.Delete(ctx, k)
@@ -483,7 +483,7 @@ func (e *engine) janitor(ctx context.Context) {
 // if any, was adopted long ago). An instance without a heartbeat is left
 // alone: it may be starting. The heartbeat goes last, so that a round
 // cut short is finished by the next one.
-func (e *engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
+func (e *Engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 	ids, err := e.st.instances(ctx)
 	if err != nil {
 		return
@@ -499,20 +499,20 @@ func (e *engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 		if owned, err := e.st.ownedBatches(ctx, id); err != nil || len(owned) > 0 {
 			continue
 		}
-		if err := e.st.s.Delete(ctx, keyOwn+id); err != nil && !isNotExist(err) {
+		if err := e.st.s.Delete(ctx, keyOwn+id); err != nil && !IsNotExist(err) {
 			continue
 		}
-		if err := ratelimit.Forget(ctx, e.st.s, keyRoot, id); err != nil {
+		if err := ratelimit.Forget(ctx, e.st.s, KeyRoot, id); err != nil {
 			continue
 		}
 		// its dot marks speak for batches it no longer owns
-		if keys, err := e.st.s.List(ctx, dotDir(id), false); err == nil || isNotExist(err) {
+		if keys, err := e.st.s.List(ctx, dotDir(id), false); err == nil || IsNotExist(err) {
 			e.forgetDots(ctx, keys)
 			_ = e.st.s.Delete(ctx, dotDir(id))
 		} else {
 			continue
 		}
-		if err := e.st.s.Delete(ctx, keyInst+id); err != nil && !isNotExist(err) {
+		if err := e.st.s.Delete(ctx, keyInst+id); err != nil && !IsNotExist(err) {
 			continue
 		}
 		e.mu.Lock()

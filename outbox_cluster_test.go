@@ -22,20 +22,20 @@ func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Dur
 	now := time.Now()
 	bid := newID(now.Add(-time.Minute))
 	seg := &segment{Batch: bid, Owner: instance, Created: now.Add(-time.Minute)}
-	bs := batchState{Batch: bid, Owner: instance, Updated: now}
-	for i, status := range []string{stSending, stQueued, stQueued, stSent} {
-		id := messageID(bid, i)
+	bs := BatchState{Batch: bid, Owner: instance, Updated: now}
+	for i, status := range []string{Sending, Queued, Queued, Sent} {
+		id := MessageID(bid, i)
 		ids = append(ids, id)
 		to := fmt.Sprintf("left%d@example.org", i)
 		seg.Messages = append(seg.Messages, storedMessage{ID: id, From: "no-reply@example.com", To: []string{to},
 			Data: []byte("Subject: left behind\r\n\r\nmessage " + id + "\r\n")})
-		m := msgState{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
+		m := State{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
 			Recipients: 1, Status: status, Created: now.Add(-time.Minute), Updated: now}
-		if status == stSending {
+		if status == Sending {
 			m.Attempts = 1
 		}
-		seg.States = append(seg.States, msgState{ID: id, KeyID: "app", Flow: "otp", Profile: m.Profile, MessageID: m.MessageID,
-			Recipients: 1, Status: stQueued, Created: m.Created, Updated: m.Created})
+		seg.States = append(seg.States, State{ID: id, KeyID: "app", Flow: "otp", Profile: m.Profile, MessageID: m.MessageID,
+			Recipients: 1, Status: Queued, Created: m.Created, Updated: m.Created})
 		bs.Messages = append(bs.Messages, m)
 	}
 	must := func(err error) {
@@ -44,7 +44,7 @@ func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Dur
 		}
 	}
 	must(st.putJSON(ctx, keySeg+bid, seg))
-	must(st.putJSON(ctx, keySt+bid, bs))
+	must(st.putJSON(ctx, KeySt+bid, bs))
 	must(st.s.Store(ctx, ownKey(instance, bid), nil))
 	must(st.putJSON(ctx, keyInst+instance, heartbeat{Instance: instance, Updated: now.Add(-heartbeatAge)}))
 	return ids
@@ -64,13 +64,13 @@ func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids 
 	t.Helper()
 	// the message that was being sent when the instance died is unknown:
 	// it may have reached the server, so it is not sent again
-	st := waitState(t, h, ids[0], status(stUnknown))
+	st := waitState(t, h, ids[0], status(Unknown))
 	if st.LastCode != mailer.CodeUncertain || st.LastError != mailer.InterruptedError {
 		t.Errorf("interrupted message %+v", st)
 	}
-	waitState(t, h, ids[1], status(stSent))
-	waitState(t, h, ids[2], status(stSent))
-	if s := waitState(t, h, ids[3], status(stSent)); s.Attempts != 0 {
+	waitState(t, h, ids[1], status(Sent))
+	waitState(t, h, ids[2], status(Sent))
+	if s := waitState(t, h, ids[3], status(Sent)); s.Attempts != 0 {
 		t.Errorf("already-sent message was touched: %+v", s)
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -90,7 +90,7 @@ func testOutboxRecoversAfterCrash(t *testing.T) {
 	in := newInstance(t, "")
 	ids := leftBehind(t, in.storageDir, instanceID(t, in), time.Hour)
 	h := in.handler(withSMTP(t, srv))
-	h.engine.start() // what the authmail app does when the config starts
+	h.engine.Start() // what the authmail app does when the config starts
 	checkLeftBehindOutcome(t, h, srv, ids)
 }
 
@@ -104,15 +104,15 @@ func testOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
 	dead := uuid.NewString()
 	ids := leftBehind(t, shared, dead, time.Hour)
 	b := newInstance(t, shared).handler(withSMTP(t, srv), withDelivery(func(d *Delivery) { d.Lease = caddy.Duration(300 * time.Millisecond) }))
-	b.engine.start()
+	b.engine.Start()
 	checkLeftBehindOutcome(t, b, srv, ids)
 	st := b.engine.st
 	ctx := context.Background()
 	if owned, _ := st.ownedBatches(ctx, dead); len(owned) != 0 {
 		t.Fatalf("the dead instance still owns %v", owned)
 	}
-	var bs batchState
-	if err := st.getJSON(ctx, keySt+batchOf(ids[0]), &bs); err != nil || bs.Owner != b.engine.iid {
+	var bs BatchState
+	if err := st.getJSON(ctx, KeySt+BatchOf(ids[0]), &bs); err != nil || bs.Owner != b.engine.iid {
 		t.Fatalf("state owner %q, want %q (%v)", bs.Owner, b.engine.iid, err)
 	}
 	var hb heartbeat
@@ -133,10 +133,10 @@ func testOutboxLeavesLiveInstancesAlone(t *testing.T) {
 	silent := func(h *Handler) { h.SMTP.Port, h.SMTP.Timeout = port, caddy.Duration(100*time.Millisecond) }
 	a := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
 	b := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
-	a.engine.start()
-	b.engine.start()
+	a.engine.Start()
+	b.engine.Start()
 	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
-	bid := batchOf(out["id"].(string))
+	bid := BatchOf(out["id"].(string))
 	time.Sleep(1500 * time.Millisecond) // five leases
 	if owned, _ := a.engine.st.ownedBatches(context.Background(), a.engine.iid); len(owned) != 1 || owned[0] != bid {
 		t.Fatalf("a live instance lost its batch: %v", owned)
@@ -180,9 +180,9 @@ func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 	if h2.engine == e {
 		t.Fatal("a stopped engine was reused")
 	}
-	h2.engine.start()
+	h2.engine.Start()
 	for _, id := range ids {
-		waitState(t, h2, id, status(stSent))
+		waitState(t, h2, id, status(Sent))
 	}
 	if n := len(back.Messages()); n != 5 {
 		t.Fatalf("%d messages after the restart, want 5", n)
@@ -190,7 +190,7 @@ func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 }
 
 // holds reports whether the engine holds a batch, in memory or parked.
-func holds(e *engine, bid string) (resident, parked bool) {
+func holds(e *Engine, bid string) (resident, parked bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.batches[bid] != nil, e.parked[bid] != nil
@@ -223,7 +223,7 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 		h.engine.tun.parkEvery = time.Hour
 	}
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: wait=1")
-	bid := batchOf(out["id"].(string))
+	bid := BatchOf(out["id"].(string))
 	deadline := time.Now().Add(5 * time.Second)
 	for park {
 		if _, parked := holds(h.engine, bid); parked {
@@ -256,13 +256,13 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if depth, _ := h.engine.queueStats(); depth != 0 {
+	if depth, _ := h.engine.QueueStats(); depth != 0 {
 		t.Errorf("queue depth %d after the only batch was dropped", depth)
 	}
 	// new work is unaffected
 	_, out = call(t, h, "POST", "/authmail/send/otp", otp("new@example.org"), "Prefer: respond-async")
 	time.Sleep(600 * time.Millisecond)
-	if resident, parked := holds(h.engine, batchOf(out["id"].(string))); !resident && !parked {
+	if resident, parked := holds(h.engine, BatchOf(out["id"].(string))); !resident && !parked {
 		t.Fatal("a batch of its own was dropped")
 	}
 }

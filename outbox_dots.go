@@ -111,7 +111,7 @@ func dotDir(instance string) string          { return keyDot + instance }
 func dotKey(instance, process string) string { return keyDot + instance + "/" + process }
 
 // dotWriterKey is the record of one of this engine's writers.
-func (e *engine) dotWriterKey(w int) string {
+func (e *Engine) dotWriterKey(w int) string {
 	if w == 0 {
 		return dotKey(e.iid, e.nonce)
 	}
@@ -119,14 +119,14 @@ func (e *engine) dotWriterKey(w int) string {
 }
 
 // ownDotRecord reports whether a record key belongs to this engine.
-func (e *engine) ownDotRecord(key string) bool {
+func (e *Engine) ownDotRecord(key string) bool {
 	base := path.Base(key)
 	return base == e.nonce || strings.HasPrefix(base, e.nonce+".")
 }
 
 // markDot makes the mark for one attempt durable; the caller sends the
 // final dot only when it returns nil.
-func (e *engine) markDot(ctx context.Context, id string, attempt int) error {
+func (e *Engine) markDot(ctx context.Context, id string, attempt int) error {
 	req := &dotReq{dotMark: dotMark{id, attempt}, done: make(chan error, 1)}
 	d := &e.dots
 	d.mu.Lock()
@@ -152,7 +152,7 @@ func (e *engine) markDot(ctx context.Context, id string, attempt int) error {
 
 // writeDots writes writer w's record until no mark waits; one goroutine
 // at a time runs it for each writer (dotMarks.busy).
-func (e *engine) writeDots(w int) {
+func (e *Engine) writeDots(w int) {
 	d := &e.dots
 	for {
 		d.mu.Lock()
@@ -197,7 +197,7 @@ func (e *engine) writeDots(w int) {
 
 // writeDotRecord makes rec writer w's record: appended to the record's
 // file on file storage, else Stored.
-func (e *engine) writeDotRecord(w int, rec dotRecord) error {
+func (e *Engine) writeDotRecord(w int, rec dotRecord) error {
 	line, err := json.Marshal(rec)
 	if err != nil {
 		return err
@@ -264,7 +264,7 @@ func (d *dotMarks) closeLog(w int) {
 // fileStorageOf returns the certmagic file storage under s, if that is
 // what it is.
 func fileStorageOf(s certmagic.Storage) *certmagic.FileStorage {
-	if l, ok := s.(*liveStorage); ok {
+	if l, ok := s.(*LiveStorage); ok {
 		s = l.get()
 	}
 	fs, _ := s.(*certmagic.FileStorage)
@@ -289,7 +289,7 @@ func parseDotRecord(b []byte) (dotRecord, error) {
 // own: a mark left in storage names an attempt whose outcome is
 // recorded, so a recovery never reads it as in doubt (the message is not
 // "sending" any more, or is "sending" for a later attempt).
-func (e *engine) dropDot(id string, attempt int) {
+func (e *Engine) dropDot(id string, attempt int) {
 	d := &e.dots
 	d.mu.Lock()
 	if a, ok := d.marks[id]; ok && a == attempt {
@@ -301,7 +301,7 @@ func (e *engine) dropDot(id string, attempt int) {
 // startDots writes this process's empty record at start, before any
 // claim: from then on an instance without any record is one that never
 // marked its dots (a version before marks).
-func (e *engine) startDots(ctx context.Context) error {
+func (e *Engine) startDots(ctx context.Context) error {
 	line, err := json.Marshal(dotRecord{Instance: e.iid, Updated: time.Now(), Marks: map[string]int{}})
 	if err != nil {
 		return err
@@ -320,14 +320,14 @@ type dotSet struct {
 }
 
 // loadDots reads every record of an instance, except this process's.
-func (e *engine) loadDots(ctx context.Context, instance string) (dotSet, error) {
+func (e *Engine) loadDots(ctx context.Context, instance string) (dotSet, error) {
 	set := dotSet{marks: map[dotMark]bool{}}
 	keys, err := e.st.s.List(ctx, dotDir(instance), false)
-	if err != nil && !isNotExist(err) {
+	if err != nil && !IsNotExist(err) {
 		return set, err
 	}
 	for _, k := range keys {
-		if storageTempName(path.Base(k)) {
+		if StorageTempName(path.Base(k)) {
 			continue
 		}
 		if e.ownDotRecord(k) {
@@ -336,7 +336,7 @@ func (e *engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 		set.kept = true
 		b, err := e.st.s.Load(ctx, k)
 		if err != nil {
-			if isNotExist(err) {
+			if IsNotExist(err) {
 				continue
 			}
 			return set, err
@@ -359,9 +359,9 @@ func (e *engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 }
 
 // forgetDots deletes records that a completed recovery no longer needs.
-func (e *engine) forgetDots(ctx context.Context, keys []string) {
+func (e *Engine) forgetDots(ctx context.Context, keys []string) {
 	for _, k := range keys {
-		if err := e.st.s.Delete(ctx, k); err != nil && !isNotExist(err) {
+		if err := e.st.s.Delete(ctx, k); err != nil && !IsNotExist(err) {
 			e.log().Warn("deleting old dot marks failed; the janitor retries", zap.String("key", k), zap.Error(err))
 		}
 	}

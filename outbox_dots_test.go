@@ -30,20 +30,20 @@ func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 	now := time.Now()
 	bid := newID(now.Add(-time.Minute))
 	seg := &segment{Batch: bid, Owner: instance, Created: now.Add(-time.Minute)}
-	bs := batchState{Batch: bid, Owner: instance, Updated: now}
+	bs := BatchState{Batch: bid, Owner: instance, Updated: now}
 	for i := range 4 {
-		id := messageID(bid, i)
+		id := MessageID(bid, i)
 		ids = append(ids, id)
 		to := fmt.Sprintf("ahead%d@example.org", i)
 		seg.Messages = append(seg.Messages, storedMessage{ID: id, From: "no-reply@example.com", To: []string{to},
 			Data: []byte("Subject: claimed ahead\r\n\r\nmessage " + id + "\r\n")})
-		m := msgState{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
-			Recipients: 1, Status: stSending, Attempts: 1, Created: now.Add(-time.Minute), Updated: now}
+		m := State{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
+			Recipients: 1, Status: Sending, Attempts: 1, Created: now.Add(-time.Minute), Updated: now}
 		if i == 1 {
 			m.Attempts = 2
 		}
 		init := m
-		init.Status, init.Attempts = stQueued, 0
+		init.Status, init.Attempts = Queued, 0
 		seg.States = append(seg.States, init)
 		bs.Messages = append(bs.Messages, m)
 	}
@@ -53,7 +53,7 @@ func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 		}
 	}
 	must(st.putJSON(ctx, keySeg+bid, seg))
-	must(st.putJSON(ctx, keySt+bid, bs))
+	must(st.putJSON(ctx, KeySt+bid, bs))
 	must(st.s.Store(ctx, ownKey(instance, bid), nil))
 	must(st.putJSON(ctx, keyInst+instance, heartbeat{Instance: instance, Updated: now.Add(-time.Hour)}))
 	// the killed process's record, and an empty one of a process before it
@@ -66,12 +66,12 @@ func claimedAhead(t *testing.T, storageDir, instance string) (ids []string) {
 // reached the server is unknown; the others are delivered once.
 func checkClaimedAheadOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids []string, instance string) {
 	t.Helper()
-	st := waitState(t, h, ids[0], status(stUnknown))
+	st := waitState(t, h, ids[0], status(Unknown))
 	if st.LastCode != mailer.CodeUncertain || st.LastError != mailer.InterruptedError {
 		t.Errorf("in-doubt message %+v", st)
 	}
 	for _, id := range ids[1:] {
-		waitState(t, h, id, status(stSent))
+		waitState(t, h, id, status(Sent))
 	}
 	time.Sleep(200 * time.Millisecond)
 	got := map[string]int{}
@@ -83,7 +83,7 @@ func checkClaimedAheadOutcome(t *testing.T, h *Handler, srv *smtptest.Server, id
 	}
 	// the killed process's records are gone once its batches are recovered
 	keys, err := h.engine.st.s.List(context.Background(), dotDir(instance), false)
-	if err != nil && !isNotExist(err) {
+	if err != nil && !IsNotExist(err) {
 		t.Fatal(err)
 	}
 	for _, k := range keys {
@@ -103,7 +103,7 @@ func testRestartRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	iid := instanceID(t, in)
 	ids := claimedAhead(t, in.storageDir, iid)
 	h := in.handler(withSMTP(t, srv))
-	h.engine.start()
+	h.engine.Start()
 	checkClaimedAheadOutcome(t, h, srv, ids, iid)
 }
 
@@ -117,7 +117,7 @@ func testAdoptionRetriesClaimsWhoseDotWasNotSent(t *testing.T) {
 	dead := uuid.NewString()
 	ids := claimedAhead(t, shared, dead)
 	b := newInstance(t, shared).handler(withSMTP(t, srv), withDelivery(func(d *Delivery) { d.Lease = caddy.Duration(300 * time.Millisecond) }))
-	b.engine.start()
+	b.engine.Start()
 	checkClaimedAheadOutcome(t, b, srv, ids, dead)
 	if owned, _ := b.engine.st.ownedBatches(context.Background(), dead); len(owned) != 0 {
 		t.Fatalf("the dead instance still owns %v", owned)
@@ -150,7 +150,7 @@ func testDotMarkIsDurableBeforeTheDot(t *testing.T) {
 	}})
 	ids := []string{sendAsync(t, h, "a@example.org"), sendAsync(t, h, "b@example.org")}
 	for _, id := range ids {
-		waitState(t, h, id, status(stSent))
+		waitState(t, h, id, status(Sent))
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -182,8 +182,8 @@ func TestNoDotWithoutItsMark(t *testing.T) {
 	}))
 	fs.set(func(f *faultyStorage) { f.store = keyDot })
 	id := sendAsync(t, h, "marked@example.org")
-	st := waitState(t, h, id, func(m msgState) bool { return m.LastCode == mailer.CodeOutboxUnavailable })
-	if st.Status != stQueued || !strings.Contains(st.LastError, "nothing was sent") {
+	st := waitState(t, h, id, func(m State) bool { return m.LastCode == mailer.CodeOutboxUnavailable })
+	if st.Status != Queued || !strings.Contains(st.LastError, "nothing was sent") {
 		t.Fatalf("after a failed mark: %+v", st)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -197,7 +197,7 @@ func TestNoDotWithoutItsMark(t *testing.T) {
 		t.Fatalf("%d messages were completed without their mark", n)
 	}
 	fs.set(func(f *faultyStorage) { f.store = "" })
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 	time.Sleep(100 * time.Millisecond)
 	if msgs := srv.Messages(); len(msgs) != 1 || msgs[0].To[0] != "marked@example.org" {
 		t.Fatalf("delivered %d messages", len(msgs))
@@ -229,27 +229,27 @@ func TestRecoveryRule(t *testing.T) {
 	cases := []struct {
 		name     string
 		rule     recoveryRule
-		st       msgState
+		st       State
 		want     string
 		attempts int
 	}{
-		{"queued, its next attempt marked", recoveryRule{dots: marked}, msgState{ID: "m", Status: stQueued, Attempts: 2}, stUnknown, 3},
-		{"sending, this attempt marked", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSending, Attempts: 3}, stUnknown, 3},
-		{"queued, the mark is of the attempt it records", recoveryRule{dots: marked}, msgState{ID: "m", Status: stQueued, Attempts: 3}, stQueued, 3},
-		{"sending, the mark is of an earlier attempt", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSending, Attempts: 4}, stQueued, 4},
-		{"sending, no mark", recoveryRule{dots: dotSet{kept: true}}, msgState{ID: "m", Status: stSending, Attempts: 1}, stQueued, 1},
-		{"queued, marked, retry_uncertain", recoveryRule{dots: marked, retryUncertain: true}, msgState{ID: "m", Status: stQueued, Attempts: 2}, stQueued, 3},
-		{"sending, no record at all (an older version)", recoveryRule{}, msgState{ID: "m", Status: stSending, Attempts: 1}, stUnknown, 1},
-		{"queued, no record at all", recoveryRule{}, msgState{ID: "m", Status: stQueued, Attempts: 1}, stQueued, 1},
-		{"sent stays sent", recoveryRule{dots: marked}, msgState{ID: "m", Status: stSent, Attempts: 3}, stSent, 3},
+		{"queued, its next attempt marked", recoveryRule{dots: marked}, State{ID: "m", Status: Queued, Attempts: 2}, Unknown, 3},
+		{"sending, this attempt marked", recoveryRule{dots: marked}, State{ID: "m", Status: Sending, Attempts: 3}, Unknown, 3},
+		{"queued, the mark is of the attempt it records", recoveryRule{dots: marked}, State{ID: "m", Status: Queued, Attempts: 3}, Queued, 3},
+		{"sending, the mark is of an earlier attempt", recoveryRule{dots: marked}, State{ID: "m", Status: Sending, Attempts: 4}, Queued, 4},
+		{"sending, no mark", recoveryRule{dots: dotSet{kept: true}}, State{ID: "m", Status: Sending, Attempts: 1}, Queued, 1},
+		{"queued, marked, retry_uncertain", recoveryRule{dots: marked, retryUncertain: true}, State{ID: "m", Status: Queued, Attempts: 2}, Queued, 3},
+		{"sending, no record at all (an older version)", recoveryRule{}, State{ID: "m", Status: Sending, Attempts: 1}, Unknown, 1},
+		{"queued, no record at all", recoveryRule{}, State{ID: "m", Status: Queued, Attempts: 1}, Queued, 1},
+		{"sent stays sent", recoveryRule{dots: marked}, State{ID: "m", Status: Sent, Attempts: 3}, Sent, 3},
 	}
 	for _, c := range cases {
-		b, interrupted, _ := rebuildBatch("b", &batchState{Messages: []msgState{c.st}}, c.rule, time.Now())
+		b, interrupted, _ := rebuildBatch("b", &BatchState{Messages: []State{c.st}}, c.rule, time.Now())
 		got := b.entries[0].st
 		if got.Status != c.want || got.Attempts != c.attempts {
 			t.Errorf("%s: %s with %d attempts, want %s with %d", c.name, got.Status, got.Attempts, c.want, c.attempts)
 		}
-		if (c.want == stUnknown) != (len(interrupted) == 1) {
+		if (c.want == Unknown) != (len(interrupted) == 1) {
 			t.Errorf("%s: %d interrupted", c.name, len(interrupted))
 		}
 	}
@@ -257,11 +257,11 @@ func TestRecoveryRule(t *testing.T) {
 
 // ownDotRecord reads the engine's own dot records from storage, every
 // writer's, and merges their marks.
-func ownDotRecord(e *engine) (dotRecord, error) {
+func ownDotRecord(e *Engine) (dotRecord, error) {
 	out := dotRecord{Marks: map[string]int{}}
 	for w := range dotWriters {
 		b, err := e.st.s.Load(context.Background(), e.dotWriterKey(w))
-		if isNotExist(err) && w > 0 {
+		if IsNotExist(err) && w > 0 {
 			continue
 		}
 		if err != nil {
@@ -285,7 +285,7 @@ func ownDotRecord(e *engine) (dotRecord, error) {
 func TestDotRecordIsALog(t *testing.T) {
 	dir := t.TempDir()
 	fs := &certmagic.FileStorage{Path: dir}
-	e := newEngine("test", newLiveStorage(fs), "inst", nil)
+	e := New("test", NewLiveStorage(fs), "inst", nil)
 	for i := range 3 {
 		if err := e.writeDotRecord(0, dotRecord{Instance: "inst", Marks: map[string]int{fmt.Sprint("m", i): 1}}); err != nil {
 			t.Fatal(err)
@@ -328,13 +328,13 @@ func TestDotRecordIsALog(t *testing.T) {
 	if err := os.WriteFile(path, []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	other := newEngine("test", newLiveStorage(fs), "other", nil)
+	other := New("test", NewLiveStorage(fs), "other", nil)
 	set, err := other.loadDots(context.Background(), "inst")
 	if err != nil || !set.broken {
 		t.Fatalf("%+v %v", set, err)
 	}
 	rule := recoveryRule{dots: set}
-	if !rule.inDoubt(msgState{ID: "x", Status: stSending, Attempts: 1}) || rule.inDoubt(msgState{ID: "x", Status: stQueued}) {
+	if !rule.inDoubt(State{ID: "x", Status: Sending, Attempts: 1}) || rule.inDoubt(State{ID: "x", Status: Queued}) {
 		t.Error("a broken record must leave sending messages in doubt and queued ones not")
 	}
 }

@@ -61,13 +61,13 @@ func processState(hb heartbeat, me hostProcess) (alive, known bool) {
 	return err == nil || errors.Is(err, syscall.EPERM), true
 }
 
-func (e *engine) heartbeatEvery() time.Duration {
+func (e *Engine) heartbeatEvery() time.Duration {
 	return max(e.leaseDuration()/4, 200*time.Millisecond)
 }
 
 // claimIdentity settles the instance id this engine runs as, and writes
 // its first heartbeat. It runs at start, before any recovery.
-func (e *engine) claimIdentity(ctx context.Context) {
+func (e *Engine) claimIdentity(ctx context.Context) {
 	base := e.iid
 	lock := "authmail_identity_" + base
 	if err := e.st.s.Lock(ctx, lock); err != nil {
@@ -90,10 +90,10 @@ func (e *engine) claimIdentity(ctx context.Context) {
 
 // liveElsewhere reports whether another process that is still alive
 // wrote the heartbeat of instance id.
-func (e *engine) liveElsewhere(ctx context.Context, id string) (bool, string) {
+func (e *Engine) liveElsewhere(ctx context.Context, id string) (bool, string) {
 	var hb heartbeat
 	if err := e.st.getJSON(ctx, keyInst+id, &hb); err != nil {
-		if !isNotExist(err) {
+		if !IsNotExist(err) {
 			e.log().Warn("reading the outbox heartbeat failed; assuming no other process uses this instance", zap.Error(err))
 		}
 		return false, ""
@@ -123,8 +123,8 @@ func (e *engine) liveElsewhere(ctx context.Context, id string) (bool, string) {
 	return false, ""
 }
 
-// instance returns the id the engine runs as.
-func (e *engine) instance() string {
+// Instance returns the id the engine runs as.
+func (e *Engine) Instance() string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.iid

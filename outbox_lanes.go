@@ -38,15 +38,15 @@ const (
 
 var laneNames = [numLanes]string{"auth", "send", "bulk"}
 
-// priorityBulk is /send's "priority" that puts a message in the bulk lane.
-const priorityBulk = "bulk"
+// PriorityBulk is /send's "priority" that puts a message in the bulk lane.
+const PriorityBulk = "bulk"
 
 // laneOf is the lane of a message.
-func laneOf(st *msgState) lane {
+func laneOf(st *State) lane {
 	switch {
 	case st.Flow != "send":
 		return laneAuth
-	case st.Priority == priorityBulk:
+	case st.Priority == PriorityBulk:
 		return laneBulk
 	}
 	return laneSend
@@ -55,7 +55,7 @@ func laneOf(st *msgState) lane {
 // readyQueue holds the queued messages of an engine, one heap per lane
 // ordered by next attempt time.
 type readyQueue struct {
-	lanes  [numLanes]heapq.Heap[*entry, byNextAttempt]
+	lanes  [numLanes]heapq.Heap[*Entry, byNextAttempt]
 	credit [numLanes]float64 // what each lower lane earned of a claim
 	share  float64           // bulk_share as a fraction; 0 means the default
 }
@@ -74,18 +74,18 @@ func (q *readyQueue) Len() int {
 // laneLen is the number of queued messages of one lane.
 func (q *readyQueue) laneLen(l lane) int { return q.lanes[l].Len() }
 
-func (q *readyQueue) push(en *entry) {
+func (q *readyQueue) push(en *Entry) {
 	en.lane = laneOf(&en.st)
 	q.lanes[en.lane].Push(en)
 }
 
 // remove takes a queued message out.
-func (q *readyQueue) remove(en *entry) {
+func (q *readyQueue) remove(en *Entry) {
 	q.lanes[en.lane].Remove(en)
 }
 
 // fix restores the order after en's NextAt changed.
-func (q *readyQueue) fix(en *entry) {
+func (q *readyQueue) fix(en *Entry) {
 	q.lanes[en.lane].Fix(en)
 }
 
@@ -108,7 +108,7 @@ func (q *readyQueue) due(l lane, now time.Time) bool {
 
 // popDue takes the next due message by lane and share, or nil when none
 // is due.
-func (q *readyQueue) popDue(now time.Time) *entry {
+func (q *readyQueue) popDue(now time.Time) *Entry {
 	share := q.share
 	if share <= 0 {
 		share = defaultBulkShare
@@ -160,7 +160,7 @@ func (q *readyQueue) waitingAbove(l lane, now time.Time) bool {
 }
 
 // each calls f for every queued message (tests and stats).
-func (q *readyQueue) each(f func(*entry)) {
+func (q *readyQueue) each(f func(*Entry)) {
 	for i := range q.lanes {
 		for _, en := range q.lanes[i].Items() {
 			f(en)
@@ -176,16 +176,16 @@ func (q *readyQueue) reinit() {
 	}
 }
 
-// bulkSharePercent is a configured share (0: the default) in percent.
-func bulkSharePercent(share float64) float64 {
+// BulkSharePercent is a configured share (0: the default) in percent.
+func BulkSharePercent(share float64) float64 {
 	if share <= 0 {
 		share = defaultBulkShare
 	}
 	return math.Round(share * 100)
 }
 
-// laneStats counts the queued messages in memory by lane.
-func (e *engine) laneStats() map[string]int {
+// LaneStats counts the queued messages in memory by lane.
+func (e *Engine) LaneStats() map[string]int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := make(map[string]int, numLanes)

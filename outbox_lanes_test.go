@@ -27,10 +27,10 @@ func TestReadyQueueLanesAndShare(t *testing.T) {
 	add := func(flow, priority string, count int, at time.Time) {
 		for range count {
 			n++
-			q.push(&entry{st: msgState{ID: fmt.Sprintf("m%05d", n), Flow: flow, Priority: priority, NextAt: at}, heapIdx: -1})
+			q.push(&Entry{st: State{ID: fmt.Sprintf("m%05d", n), Flow: flow, Priority: priority, NextAt: at}, heapIdx: -1})
 		}
 	}
-	add("send", priorityBulk, 100, now.Add(-time.Hour)) // waiting the longest
+	add("send", PriorityBulk, 100, now.Add(-time.Hour)) // waiting the longest
 	add("send", "", 100, now.Add(-time.Minute))
 	add("otp", "", 100, now)
 	add("otp", "", 5, now.Add(time.Hour)) // not due
@@ -67,7 +67,7 @@ func TestReadyQueueLanesAndShare(t *testing.T) {
 	// a bigger share, and nothing saved up while a lane had nothing due
 	q = readyQueue{share: 0.5}
 	add("otp", "", 20, now)
-	add("send", priorityBulk, 20, now)
+	add("send", PriorityBulk, 20, now)
 	order.Reset()
 	for range 9 {
 		order.WriteByte("asb"[q.popDue(now).lane])
@@ -113,7 +113,7 @@ func TestOTPOvertakesQueuedBulkMail(t *testing.T) {
 	if rec.Code != 202 {
 		t.Fatalf("otp: %d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(stSent))
+	st := waitState(t, h, out["id"].(string), status(Sent))
 	msgs := srv.Messages()
 	at := -1
 	for i, m := range msgs {
@@ -180,7 +180,7 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 	long := send("/authmail/send/otp", `{"to":"joe@example.org","code":"517302","expires_in_minutes":10}`)
 	plain := send("/authmail/send", `{"to":"ann@example.org","subject":"Receipt","text_body":"Paid."}`)
 
-	st := waitStateWithin(t, h, short, 75*time.Second, status(stExpired))
+	st := waitStateWithin(t, h, short, 75*time.Second, status(Expired))
 	if st.LastCode != mailer.CodeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
 		st.ExpiresAt.Sub(st.Created) != time.Minute || time.Since(st.ExpiresAt) > 5*time.Second || !st.SentAt.IsZero() {
 		t.Fatalf("expired state %+v", st)
@@ -206,8 +206,8 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 
 	time.Sleep(time.Until(outageEnds))
 	down.Store(false)
-	waitStateWithin(t, h, long, 30*time.Second, status(stSent))
-	waitStateWithin(t, h, plain, 30*time.Second, status(stSent))
+	waitStateWithin(t, h, long, 30*time.Second, status(Sent))
+	waitStateWithin(t, h, plain, 30*time.Second, status(Sent))
 	for _, m := range srv.Messages() {
 		if m.To[0] == "jane@example.org" {
 			t.Fatal("the expired code was sent")
@@ -224,11 +224,11 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 }
 
 // waitStateWithin is waitState with its own deadline.
-func waitStateWithin(t testing.TB, h *Handler, id string, d time.Duration, cond func(msgState) bool) msgState {
+func waitStateWithin(t testing.TB, h *Handler, id string, d time.Duration, cond func(State) bool) State {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
-		st, ok, err := h.engine.lookup(context.Background(), id)
+		st, ok, err := h.engine.Lookup(context.Background(), id)
 		if err == nil && ok && cond(st) {
 			return st
 		}
@@ -262,7 +262,7 @@ func TestPriorityAndBulkShareAreChecked(t *testing.T) {
 		if rec.Code != 200 {
 			t.Fatalf("priority %s: %d %s", p, rec.Code, rec.Body)
 		}
-		st := waitState(t, h, out["id"].(string), status(stSent))
+		st := waitState(t, h, out["id"].(string), status(Sent))
 		if want := map[string]string{"normal": "", "bulk": "bulk"}[p]; st.Priority != want {
 			t.Fatalf("priority %s stored as %q", p, st.Priority)
 		}

@@ -49,7 +49,7 @@ type parkedBatch struct {
 
 // parkableLocked reports whether b can leave memory: nothing in flight,
 // nothing to write, nobody waiting, and nothing due before horizon.
-func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool) {
+func (e *Engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool) {
 	if b.retired || b.open == 0 || e.busyLocked(b) {
 		return nil, false
 	}
@@ -60,7 +60,7 @@ func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 		}
 		var due time.Time
 		switch {
-		case en.st.Status == stQueued:
+		case en.st.Status == Queued:
 			if en.heapIdx < 0 {
 				return nil, false
 			}
@@ -93,7 +93,7 @@ func (e *engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 }
 
 // parkLocked takes b out of memory and keeps its summary.
-func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
+func (e *Engine) parkLocked(b *batch, pb *parkedBatch) {
 	for _, en := range b.entries {
 		if en.heapIdx >= 0 {
 			e.ready.remove(en)
@@ -114,7 +114,7 @@ func (e *engine) parkLocked(b *batch, pb *parkedBatch) {
 }
 
 // forgetParkedLocked drops a parked batch (another instance owns it now).
-func (e *engine) forgetParkedLocked(pb *parkedBatch) {
+func (e *Engine) forgetParkedLocked(pb *parkedBatch) {
 	if pb.heapIdx >= 0 {
 		e.parkHeap.Remove(pb)
 	}
@@ -124,7 +124,7 @@ func (e *engine) forgetParkedLocked(pb *parkedBatch) {
 
 // parkLoop parks idle batches and loads parked ones back before they are
 // due.
-func (e *engine) parkLoop() {
+func (e *Engine) parkLoop() {
 	defer e.loops.Done()
 	for e.wait(e.tun.parkEvery) {
 		e.parkIdle(time.Now())
@@ -136,7 +136,7 @@ func (e *engine) parkLoop() {
 // that parks with final messages among those that wait has their bodies
 // and recipients erased from its segment: nobody needs them any more, and
 // the segment may stay for as long as the others retry (max_age).
-func (e *engine) parkIdle(now time.Time) int {
+func (e *Engine) parkIdle(now time.Time) int {
 	horizon := now.Add(e.tun.parkAfter)
 	type erasure struct {
 		pb    *parkedBatch
@@ -181,7 +181,7 @@ func (e *engine) parkIdle(now time.Time) int {
 // and marked erasing, so it is not loaded back, attempted or retired
 // meanwhile; a batch that is no longer ours (adopted by another instance)
 // is left alone.
-func (e *engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
+func (e *Engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 	defer func() {
 		e.mu.Lock()
 		pb.erasing = false
@@ -191,7 +191,7 @@ func (e *engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 	defer cancel()
 	seg, err := e.st.loadSegment(ctx, pb.id)
 	if err != nil {
-		if !isNotExist(err) {
+		if !IsNotExist(err) {
 			e.log().Warn("reading a segment to erase delivered bodies failed; trying again when the batch parks next", zap.String("batch", pb.id), zap.Error(err))
 		}
 		return
@@ -217,7 +217,7 @@ func (e *engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 
 // unparkDue loads back the parked batches due within unparkLead, as long
 // as fewer than readyHigh messages are due in memory.
-func (e *engine) unparkDue(now time.Time) int {
+func (e *Engine) unparkDue(now time.Time) int {
 	lead := now.Add(e.tun.unparkLead)
 	e.mu.Lock()
 	var due []*parkedBatch
@@ -261,7 +261,7 @@ func (e *engine) unparkDue(now time.Time) int {
 
 // unpark reads a parked batch's state back into memory. It reports
 // whether the batch is in memory again.
-func (e *engine) unpark(pb *parkedBatch) bool {
+func (e *Engine) unpark(pb *parkedBatch) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	bs, err := e.st.loadState(ctx, pb.id)
@@ -271,7 +271,7 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	if e.parked[pb.id] != pb {
 		return false // dropped while it was read: another instance owns it
 	}
-	if err != nil && !isNotExist(err) {
+	if err != nil && !IsNotExist(err) {
 		e.log().Error("loading a parked batch failed; retrying", zap.String("batch", pb.id), zap.Error(err))
 		// read again unparkRetry from now: unparkDue reads a batch
 		// unparkLead before its wake time
@@ -287,8 +287,8 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	}
 	delete(e.parked, pb.id)
 	e.nonFinal -= pb.queued
-	cfg := e.config()
-	b, interrupted, changed := rebuildBatch(pb.id, bs, recoveryRule{retryUncertain: cfg != nil && cfg.retryUncertain}, time.Now())
+	cfg := e.Config()
+	b, interrupted, changed := rebuildBatch(pb.id, bs, recoveryRule{retryUncertain: cfg != nil && cfg.RetryUncertain}, time.Now())
 	if len(interrupted) > 0 {
 		// cannot happen: a batch with an attempt in flight is never parked
 		e.log().Error("a parked batch had messages in the sending state", zap.String("batch", pb.id), zap.Int("messages", len(interrupted)))
@@ -298,9 +298,9 @@ func (e *engine) unpark(pb *parkedBatch) bool {
 	return true
 }
 
-// residency reports the unfinished messages held in memory and the
+// Residency reports the unfinished messages held in memory and the
 // number of parked batches.
-func (e *engine) residency() (inMemory, parkedBatches int) {
+func (e *Engine) Residency() (inMemory, parkedBatches int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	parkedMsgs := 0
@@ -312,7 +312,7 @@ func (e *engine) residency() (inMemory, parkedBatches int) {
 
 // oldestParkedLocked returns the older of oldest and the creation time
 // of the oldest parked message.
-func (e *engine) oldestParkedLocked(oldest time.Time) time.Time {
+func (e *Engine) oldestParkedLocked(oldest time.Time) time.Time {
 	for _, pb := range e.parked {
 		if pb.queued > 0 && (oldest.IsZero() || pb.oldest.Before(oldest)) {
 			oldest = pb.oldest

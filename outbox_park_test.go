@@ -29,7 +29,7 @@ func residentIDs(h *Handler, ids []string) (int, int) {
 
 // fastParking shortens parking for tests: a batch whose next attempt is
 // about a second away parks within 300ms and comes back 100ms early.
-func fastParking(e *engine) {
+func fastParking(e *Engine) {
 	e.tun.parkEvery = 10 * time.Millisecond
 	e.tun.parkAfter = 300 * time.Millisecond
 	e.tun.unparkLead = 100 * time.Millisecond
@@ -103,10 +103,10 @@ func testOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 	// 900ms away, its batch leaves memory
 	waitParked(t, h, ids)
 	// parked messages still count, and their status is read from storage
-	if depth, age := h.engine.queueStats(); depth != len(ids) || age <= 0 {
+	if depth, age := h.engine.QueueStats(); depth != len(ids) || age <= 0 {
 		t.Errorf("queue stats with parked batches: depth %d, oldest age %v", depth, age)
 	}
-	if inMemory, parked := h.engine.residency(); inMemory != 0 || parked == 0 {
+	if inMemory, parked := h.engine.Residency(); inMemory != 0 || parked == 0 {
 		t.Errorf("residency with every batch parked: %d messages in memory, %d batches parked", inMemory, parked)
 	}
 	rec, out := call(t, h, "GET", "/authmail/messages/"+ids[0], "")
@@ -126,7 +126,7 @@ func testOutboxParksDeferredBatchesAndDeliversThemLater(t *testing.T) {
 		t.Fatalf("delivered %d messages to %d recipients, want %d each once", len(srv.Messages()), len(seen), len(ids))
 	}
 	for _, id := range ids {
-		if st := waitState(t, h, id, status(stSent)); st.Attempts != 2 {
+		if st := waitState(t, h, id, status(Sent)); st.Attempts != 2 {
 			t.Errorf("%s: %d attempts, want 2", id, st.Attempts)
 		}
 	}
@@ -180,13 +180,13 @@ func testOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
 	if ready != 2 || still != 1 {
 		t.Fatalf("%d messages ready, %d batches parked; want 2 and 1", ready, still)
 	}
-	if depth, _ := e.queueStats(); depth != 3 {
+	if depth, _ := e.QueueStats(); depth != 3 {
 		t.Errorf("queue depth %d, want 3", depth)
 	}
 	// every message kept its state, loaded back or still parked
 	for _, id := range ids {
-		st, ok, err := e.lookup(context.Background(), id)
-		if err != nil || !ok || st.Status != stQueued || st.Attempts != 1 || st.LastCode != "smtp_transient" {
+		st, ok, err := e.Lookup(context.Background(), id)
+		if err != nil || !ok || st.Status != Queued || st.Attempts != 1 || st.LastCode != "smtp_transient" {
 			t.Errorf("%s: %+v %v %v", id, st, ok, err)
 		}
 	}
@@ -220,7 +220,7 @@ func testOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 	// the message is sent; its webhook failed once and waits 900ms
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, parked := holds(e, batchOf(id)); parked {
+		if _, parked := holds(e, BatchOf(id)); parked {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -232,15 +232,15 @@ func testOutboxParksBatchesWaitingForAWebhookRetry(t *testing.T) {
 	if len(calls) != 2 {
 		t.Fatalf("%d webhook calls, want 2 (503, then 200 after the batch came back)", len(calls))
 	}
-	st := waitState(t, h, id, func(s msgState) bool { return s.Webhook.Status == hookDelivered })
-	if st.Status != stSent || st.Webhook.Attempts != 2 {
+	st := waitState(t, h, id, func(s State) bool { return s.Webhook.Status == hookDelivered })
+	if st.Status != Sent || st.Webhook.Attempts != 2 {
 		t.Errorf("state %+v", st)
 	}
 	// nothing is left to do: the batch retires instead of parking again
 	deadline = time.Now().Add(5 * time.Second)
 	for {
-		resident, parked := holds(e, batchOf(id))
-		if !resident && !parked && !e.st.s.Exists(context.Background(), keySeg+batchOf(id)) {
+		resident, parked := holds(e, BatchOf(id))
+		if !resident && !parked && !e.st.s.Exists(context.Background(), keySeg+BatchOf(id)) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -279,8 +279,8 @@ func testOutboxParkedBatchesSurviveARestart(t *testing.T) {
 	srv.SetHooks(smtptest.Hooks{})
 	h2 := in.handler(withSMTP(t, srv))
 	h2.engine.tun.parkEvery = time.Hour // only recovery parks here
-	h2.engine.start()
-	if depth, _ := h2.engine.queueStats(); depth != len(ids) {
+	h2.engine.Start()
+	if depth, _ := h2.engine.QueueStats(); depth != len(ids) {
 		t.Fatalf("queue depth %d after the restart, want %d", depth, len(ids))
 	}
 	if resident, parked := residentIDs(h2, ids); resident != 0 || parked == 0 {
@@ -302,7 +302,7 @@ func testOutboxParkedBatchesSurviveARestart(t *testing.T) {
 		t.Fatalf("%d of %d messages back in memory", resident, len(ids))
 	}
 	h2.engine.mu.Lock()
-	h2.engine.ready.each(func(en *entry) { en.st.NextAt = time.Now() })
+	h2.engine.ready.each(func(en *Entry) { en.st.NextAt = time.Now() })
 	h2.engine.ready.reinit()
 	h2.engine.mu.Unlock()
 	h2.engine.notify()
@@ -312,7 +312,7 @@ func testOutboxParkedBatchesSurviveARestart(t *testing.T) {
 		t.Fatalf("%d messages delivered after the restart, want %d once each", len(srv.Messages()), len(ids))
 	}
 	for _, id := range ids {
-		if st := waitState(t, h2, id, status(stSent)); st.Attempts != 2 {
+		if st := waitState(t, h2, id, status(Sent)); st.Attempts != 2 {
 			t.Errorf("%s: %d attempts, want 2", id, st.Attempts)
 		}
 	}
@@ -350,7 +350,7 @@ func testParkedBatchLosesItsFinalBodies(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	failedID := out["id"].(string)
-	bid := batchOf(failedID)
+	bid := BatchOf(failedID)
 	for deadline := time.Now().Add(5 * time.Second); e.parkIdle(time.Now().Add(time.Minute)) == 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the batch never parked")

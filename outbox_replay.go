@@ -33,22 +33,22 @@ import (
 // delivered, is not sent again.
 
 var (
-	errNotRetryable   = errors.New("only a failed or unknown message can be retried")
-	errBodyGone       = errors.New("the message body is gone")
-	errRetryElsewhere = errors.New("the message's batch is being worked on")
+	ErrNotRetryable   = errors.New("only a failed or unknown message can be retried")
+	ErrBodyGone       = errors.New("the message body is gone")
+	ErrRetryElsewhere = errors.New("the message's batch is being worked on")
 )
 
-// requeue puts the failed or unknown message id back in the queue. may
+// Requeue puts the failed or unknown message id back in the queue. may
 // reports whether the caller may see the message; a message it may not
 // see is "not found" (ok false).
-func (e *engine) requeue(ctx context.Context, id string, may func(msgState) bool) (st msgState, ok bool, err error) {
-	bid := batchOf(id)
+func (e *Engine) Requeue(ctx context.Context, id string, may func(State) bool) (st State, ok bool, err error) {
+	bid := BatchOf(id)
 	if bid == "" {
-		return msgState{}, false, nil
+		return State{}, false, nil
 	}
 	lock := "authmail_retry_" + bid
 	if err := e.st.s.Lock(ctx, lock); err != nil {
-		return msgState{}, false, err
+		return State{}, false, err
 	}
 	defer func() { _ = e.st.s.Unlock(context.Background(), lock) }()
 
@@ -66,29 +66,29 @@ func (e *engine) requeue(ctx context.Context, id string, may func(msgState) bool
 	e.mu.Unlock()
 
 	bs, err := e.st.loadState(ctx, bid)
-	if isNotExist(err) {
-		return msgState{}, false, nil
+	if IsNotExist(err) {
+		return State{}, false, nil
 	}
 	if err != nil {
-		return msgState{}, false, err
+		return State{}, false, err
 	}
 	m, found := bs.message(id)
 	if !found || !may(m) {
-		return msgState{}, false, nil
+		return State{}, false, nil
 	}
-	if m.Status != stFailed && m.Status != stUnknown {
-		return m, true, errNotRetryable
+	if m.Status != Failed && m.Status != Unknown {
+		return m, true, ErrNotRetryable
 	}
 	if !bs.Done || parked {
-		return m, true, errRetryElsewhere
+		return m, true, ErrRetryElsewhere
 	}
-	cfg := e.config()
-	if cfg == nil || cfg.replayWindow <= 0 || time.Since(bs.Updated) > cfg.replayWindow {
-		return m, true, errBodyGone
+	cfg := e.Config()
+	if cfg == nil || cfg.ReplayWindow <= 0 || time.Since(bs.Updated) > cfg.ReplayWindow {
+		return m, true, ErrBodyGone
 	}
 	seg, err := e.st.loadSegment(ctx, bid)
-	if isNotExist(err) {
-		return m, true, errBodyGone
+	if IsNotExist(err) {
+		return m, true, ErrBodyGone
 	}
 	if err != nil {
 		return m, true, err
@@ -100,7 +100,7 @@ func (e *engine) requeue(ctx context.Context, id string, may func(msgState) bool
 		}
 	}
 	if idx < 0 {
-		return m, true, errBodyGone
+		return m, true, ErrBodyGone
 	}
 	now := time.Now()
 	// ownership first, then the state: a crash in between leaves a
@@ -111,12 +111,12 @@ func (e *engine) requeue(ctx context.Context, id string, may func(msgState) bool
 	}
 	for i := range bs.Messages {
 		if bs.Messages[i].ID == id {
-			bs.Messages[i].Status, bs.Messages[i].NextAt, bs.Messages[i].Updated = stQueued, now, now
+			bs.Messages[i].Status, bs.Messages[i].NextAt, bs.Messages[i].Updated = Queued, now, now
 			m = bs.Messages[i]
 		}
 	}
 	bs.Done, bs.Owner, bs.Updated = false, e.iid, now
-	if err := e.st.putJSON(ctx, keySt+bid, bs); err != nil {
+	if err := e.st.putJSON(ctx, KeySt+bid, bs); err != nil {
 		_ = e.st.s.Delete(context.Background(), ownKey(e.iid, bid))
 		return m, true, err
 	}
@@ -131,20 +131,20 @@ func (e *engine) requeue(ctx context.Context, id string, may func(msgState) bool
 }
 
 // requeueLocked requeues a message of a batch in memory.
-func (e *engine) requeueLocked(en *entry, may func(msgState) bool) (msgState, bool, error) {
+func (e *Engine) requeueLocked(en *Entry, may func(State) bool) (State, bool, error) {
 	if !may(en.st) {
-		return msgState{}, false, nil
+		return State{}, false, nil
 	}
-	if en.st.Status != stFailed && en.st.Status != stUnknown {
-		return en.st, true, errNotRetryable
+	if en.st.Status != Failed && en.st.Status != Unknown {
+		return en.st, true, ErrNotRetryable
 	}
 	if en.b.retired || e.batches[en.b.id] != en.b || en.st.Webhook.Status == hookPending {
 		// being retired, or its webhook is still due: a moment later the
 		// batch is in storage, final, and retried from there
-		return en.st, true, errRetryElsewhere
+		return en.st, true, ErrRetryElsewhere
 	}
 	now := time.Now()
-	en.st.Status, en.st.NextAt, en.st.Updated = stQueued, now, now
+	en.st.Status, en.st.NextAt, en.st.Updated = Queued, now, now
 	e.ready.push(en)
 	e.nonFinal++
 	en.b.open++
@@ -154,29 +154,29 @@ func (e *engine) requeueLocked(en *entry, may func(msgState) bool) (msgState, bo
 
 // keepsBodies reports whether retire leaves a finished batch's segment
 // for the janitor (a replay window is configured).
-func (e *engine) keepsBodies() bool {
-	cfg := e.config()
-	return cfg != nil && cfg.replayWindow > 0
+func (e *Engine) keepsBodies() bool {
+	cfg := e.Config()
+	return cfg != nil && cfg.ReplayWindow > 0
 }
 
 // sweepReplayable deletes the segments of finished batches whose replay
 // window has passed. A segment is only looked at when nobody owns it and
 // it has a state record; the record (no bodies) says when it finished.
-func (e *engine) sweepReplayable(ctx context.Context, owned map[string]bool, segKeys []string) {
-	cfg := e.config()
+func (e *Engine) sweepReplayable(ctx context.Context, owned map[string]bool, segKeys []string) {
+	cfg := e.Config()
 	if cfg == nil {
 		return
 	}
 	for _, k := range segKeys {
 		bid := path.Base(k)
-		if owned[bid] || storageTempName(bid) {
+		if owned[bid] || StorageTempName(bid) {
 			continue
 		}
-		var bs batchState
-		if err := e.st.getJSON(ctx, keySt+bid, &bs); err != nil || !bs.Done {
+		var bs BatchState
+		if err := e.st.getJSON(ctx, KeySt+bid, &bs); err != nil || !bs.Done {
 			continue
 		}
-		if time.Since(bs.Updated) > cfg.replayWindow {
+		if time.Since(bs.Updated) > cfg.ReplayWindow {
 			_ = e.st.s.Delete(ctx, k)
 		}
 	}

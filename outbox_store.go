@@ -40,16 +40,16 @@ import (
 // A message id is its batch id followed by two characters of index, so
 // every instance finds a message's state from its id alone.
 const (
-	keyRoot = "authmail" // the prefix of internal/ratelimit's keys
+	KeyRoot = "authmail" // the prefix of internal/ratelimit's keys
 	keySeg  = "authmail/seg/"
-	keySt   = "authmail/st/"
+	KeySt   = "authmail/st/"
 	keyOwn  = "authmail/own/"
 	keyInst = "authmail/inst/"
 	keyDot  = "authmail/dot/"
-	keyIdem = "authmail/idem/"
+	KeyIdem = "authmail/idem/"
 
-	batchIDLen = 26
-	msgIDLen   = batchIDLen + 2
+	BatchIDLen = 26
+	msgIDLen   = BatchIDLen + 2
 	maxBatch   = 256 // messages per batch; the index needs 2 base32 chars (1024)
 )
 
@@ -58,31 +58,31 @@ func ownKey(instance, batch string) string { return keyOwn + instance + "/" + ba
 
 // Message states.
 const (
-	stQueued  = "queued"
-	stSending = "sending"
-	stSent    = "sent"
-	stFailed  = "failed"
-	stUnknown = "unknown"
-	// stExpired: a code or link that was still queued when it expired;
+	Queued  = "queued"
+	Sending = "sending"
+	Sent    = "sent"
+	Failed  = "failed"
+	Unknown = "unknown"
+	// Expired: a code or link that was still queued when it expired;
 	// it was not sent
-	stExpired = "expired"
+	Expired = "expired"
 )
 
-// allStates are the message states, in the order a message passes them.
-var allStates = []string{stQueued, stSending, stSent, stFailed, stUnknown, stExpired}
+// AllStates are the message states, in the order a message passes them.
+var AllStates = []string{Queued, Sending, Sent, Failed, Unknown, Expired}
 
 func finalState(s string) bool {
-	return s == stSent || s == stFailed || s == stUnknown || s == stExpired
+	return s == Sent || s == Failed || s == Unknown || s == Expired
 }
 
-// messageID builds the id of the idx-th message of a batch.
-func messageID(batch string, idx int) string {
+// MessageID builds the id of the idx-th message of a batch.
+func MessageID(batch string, idx int) string {
 	const digits = "0123456789abcdefghjkmnpqrstvwxyz"
 	return batch + string(digits[idx/32]) + string(digits[idx%32])
 }
 
-// batchOf returns the batch id of a message id, or "" if id is malformed.
-func batchOf(id string) string {
+// BatchOf returns the batch id of a message id, or "" if id is malformed.
+func BatchOf(id string) string {
 	if len(id) != msgIDLen {
 		return ""
 	}
@@ -92,7 +92,7 @@ func batchOf(id string) string {
 			return ""
 		}
 	}
-	return id[:batchIDLen]
+	return id[:BatchIDLen]
 }
 
 // storedMessage is one accepted message as written to authmail/seg.
@@ -111,12 +111,12 @@ type segment struct {
 	Messages []storedMessage `json:"messages"`
 	// States holds the initial state of every message, so that a batch
 	// without an st object is fully described.
-	States []msgState `json:"states"`
+	States []State `json:"states"`
 }
 
-// msgState is the persistent state of one message: authmail/st holds one
+// State is the persistent state of one message: authmail/st holds one
 // per message of a batch.
-type msgState struct {
+type State struct {
 	ID         string `json:"id"`
 	KeyID      string `json:"key_id"`
 	Flow       string `json:"flow"`
@@ -148,39 +148,39 @@ type msgState struct {
 	Priority string `json:"priority,omitempty"`
 	// Webhook is set (URL not empty) when the caller asked for a webhook.
 	// It is a value, so that copies of a msgState are snapshots.
-	Webhook webhookState `json:"webhook,omitzero"`
+	Webhook WebhookState `json:"webhook,omitzero"`
 }
 
-// ownedBy reports whether the key with this id and tenant created the
+// OwnedBy reports whether the key with this id and tenant created the
 // message. A record without a tenant was written by a version that
 // scoped by key id only; it is matched by key id, as it was then: such
 // records are kept at most `retention` (7 days) after their batch is
 // final, and refusing them would answer "not found" for messages still in
 // flight across an upgrade. Every record written since names its tenant.
-func (m msgState) ownedBy(keyID, tenant string) bool {
+func (m State) OwnedBy(keyID, tenant string) bool {
 	if m.Tenant == "" {
 		return m.KeyID == keyID
 	}
 	return m.Tenant == tenant
 }
 
-// batchState is the content of authmail/st/<batch>.
-type batchState struct {
-	Batch    string     `json:"batch"`
-	Owner    string     `json:"owner"`
-	Updated  time.Time  `json:"updated"`
-	Done     bool       `json:"done"`
-	Messages []msgState `json:"messages"`
+// BatchState is the content of authmail/st/<batch>.
+type BatchState struct {
+	Batch    string    `json:"batch"`
+	Owner    string    `json:"owner"`
+	Updated  time.Time `json:"updated"`
+	Done     bool      `json:"done"`
+	Messages []State   `json:"messages"`
 }
 
 // message returns the state of the batch's message id.
-func (bs *batchState) message(id string) (msgState, bool) {
+func (bs *BatchState) message(id string) (State, bool) {
 	for _, m := range bs.Messages {
 		if m.ID == id {
 			return m, true
 		}
 	}
-	return msgState{}, false
+	return State{}, false
 }
 
 // store wraps the Caddy storage with the outbox's encodings.
@@ -204,7 +204,7 @@ func (st store) getJSON(ctx context.Context, key string, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-func isNotExist(err error) bool { return storagex.NotExist(err) }
+func IsNotExist(err error) bool { return storagex.NotExist(err) }
 
 func (st store) loadSegment(ctx context.Context, batch string) (*segment, error) {
 	var seg segment
@@ -216,20 +216,20 @@ func (st store) loadSegment(ctx context.Context, batch string) (*segment, error)
 
 // loadState returns the batch's states: the st object if there is one,
 // else the initial states from the segment.
-func (st store) loadState(ctx context.Context, batch string) (*batchState, error) {
-	var bs batchState
-	err := st.getJSON(ctx, keySt+batch, &bs)
+func (st store) loadState(ctx context.Context, batch string) (*BatchState, error) {
+	var bs BatchState
+	err := st.getJSON(ctx, KeySt+batch, &bs)
 	if err == nil {
 		return &bs, nil
 	}
-	if !isNotExist(err) {
+	if !IsNotExist(err) {
 		return nil, err
 	}
 	seg, err := st.loadSegment(ctx, batch)
 	if err != nil {
 		return nil, err
 	}
-	return &batchState{Batch: batch, Owner: seg.Owner, Updated: seg.Created, Messages: seg.States}, nil
+	return &BatchState{Batch: batch, Owner: seg.Owner, Updated: seg.Created, Messages: seg.States}, nil
 }
 
 // ownedBatches lists the batches an instance has work for.
@@ -237,7 +237,7 @@ func (st store) ownedBatches(ctx context.Context, instance string) ([]string, er
 	keys, err := st.list(ctx, keyOwn+instance)
 	out := make([]string, 0, len(keys))
 	for _, k := range keys {
-		if b := path.Base(k); len(b) == batchIDLen {
+		if b := path.Base(k); len(b) == BatchIDLen {
 			out = append(out, b)
 		}
 	}
@@ -249,10 +249,10 @@ func (st store) list(ctx context.Context, dir string) ([]string, error) {
 	return storagex.List(ctx, st.s, dir)
 }
 
-// storageTempName reports whether a listed name is a file storage's
+// StorageTempName reports whether a listed name is a file storage's
 // write in progress (storagex.TempName): instance ids are UUIDs and
 // batch ids have 26 characters, so no real name consists of digits only.
-func storageTempName(name string) bool { return storagex.TempName(name) }
+func StorageTempName(name string) bool { return storagex.TempName(name) }
 
 // heartbeat is the content of authmail/inst/<instance>.
 type heartbeat struct {
@@ -281,7 +281,7 @@ func (st store) instances(ctx context.Context) ([]string, error) {
 	var out []string
 	for _, k := range append(keys, owners...) {
 		id := path.Base(k)
-		if storageTempName(id) {
+		if StorageTempName(id) {
 			continue
 		}
 		if !seen[id] {
@@ -292,9 +292,9 @@ func (st store) instances(ctx context.Context) ([]string, error) {
 	return out, nil
 }
 
-// storageIdentity names a storage for the engine pool: the same storage
+// StorageIdentity names a storage for the engine pool: the same storage
 // configuration, across reloads, gives the same engine.
-func storageIdentity(s certmagic.Storage) string {
+func StorageIdentity(s certmagic.Storage) string {
 	if str, ok := s.(fmt.Stringer); ok {
 		return fmt.Sprintf("%T:%s", s, str.String())
 	}

@@ -86,11 +86,11 @@ func serveRequest(t testing.TB, h *Handler, req *http.Request) (*httptest.Respon
 func otp(to string) string { return fmt.Sprintf(`{"to":%q,"code":"123456"}`, to) }
 
 // waitState polls a message's state until cond holds.
-func waitState(t testing.TB, h *Handler, id string, cond func(msgState) bool) msgState {
+func waitState(t testing.TB, h *Handler, id string, cond func(State) bool) State {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		st, ok, err := h.engine.lookup(context.Background(), id)
+		st, ok, err := h.engine.Lookup(context.Background(), id)
 		if err == nil && ok && cond(st) {
 			return st
 		}
@@ -101,8 +101,8 @@ func waitState(t testing.TB, h *Handler, id string, cond func(msgState) bool) ms
 	}
 }
 
-func status(want string) func(msgState) bool {
-	return func(s msgState) bool { return s.Status == want }
+func status(want string) func(State) bool {
+	return func(s State) bool { return s.Status == want }
 }
 
 func TestOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
@@ -118,7 +118,7 @@ func testOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	bid := batchOf(id)
+	bid := BatchOf(id)
 	// the batch retires: body and marker deleted, the status record stays
 	deadline := time.Now().Add(5 * time.Second)
 	st := h.engine.st
@@ -128,11 +128,11 @@ func testOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
 	if st.s.Exists(context.Background(), keySeg+bid) {
 		t.Fatal("the message body is still in storage after delivery")
 	}
-	var bs batchState
-	if err := st.getJSON(context.Background(), keySt+bid, &bs); err != nil || !bs.Done || bs.Messages[0].Status != stSent {
+	var bs BatchState
+	if err := st.getJSON(context.Background(), KeySt+bid, &bs); err != nil || !bs.Done || bs.Messages[0].Status != Sent {
 		t.Fatalf("status record %+v %v", bs, err)
 	}
-	raw, _ := st.s.Load(context.Background(), keySt+bid)
+	raw, _ := st.s.Load(context.Background(), KeySt+bid)
 	if strings.Contains(string(raw), "123456") || strings.Contains(string(raw), "jane@example.org") {
 		t.Fatal("the status record holds the code or the recipient address")
 	}
@@ -171,7 +171,7 @@ func testOutboxRetriesTransientFailures(t *testing.T) {
 		rec.Header().Get("Location") != "/authmail/messages/"+out["id"].(string) {
 		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(stSent))
+	st := waitState(t, h, out["id"].(string), status(Sent))
 	if st.Attempts != 3 || st.LastCode != "" {
 		t.Fatalf("state %+v", st)
 	}
@@ -195,7 +195,7 @@ func testOutboxPermanentFailureIsNotRetried(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	time.Sleep(300 * time.Millisecond)
-	st := waitState(t, h, out["id"].(string), status(stFailed))
+	st := waitState(t, h, out["id"].(string), status(Failed))
 	if st.Attempts != 1 || !strings.Contains(st.SMTPResponse, "550 5.1.1") {
 		t.Fatalf("state %+v", st)
 	}
@@ -229,13 +229,13 @@ func testOutboxUncertainIsNotResent(t *testing.T) {
 				if n := len(srv.Attempts()); n != 1 {
 					t.Fatalf("an uncertain message was sent %d times", n)
 				}
-				waitState(t, h, id, status(stUnknown))
+				waitState(t, h, id, status(Unknown))
 				return
 			}
 			if rec.Code != 202 || out["error_code"] != "smtp_disconnect_uncertain" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			waitState(t, h, id, status(stSent))
+			waitState(t, h, id, status(Sent))
 			if n := len(srv.Attempts()); n != 2 {
 				t.Fatalf("attempts %d, want 2 with retry_uncertain", n)
 			}
@@ -256,7 +256,7 @@ func testOutboxGivesUpAfterMaxAge(t *testing.T) {
 	if rec.Code != 202 || out["error_code"] != nil || rec.Header().Get("Preference-Applied") != "respond-async" {
 		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(stFailed))
+	st := waitState(t, h, out["id"].(string), status(Failed))
 	if st.LastCode != mailer.CodeSMTPTimeout || st.Attempts < 2 {
 		t.Fatalf("state %+v", st)
 	}
@@ -301,7 +301,7 @@ func testOutboxDeliversOnceAfterSMTPOutage(t *testing.T) {
 		}
 	}
 	for id := range ids {
-		st := waitState(t, h, id, status(stSent))
+		st := waitState(t, h, id, status(Sent))
 		if st.Attempts < 2 {
 			t.Errorf("%s: %d attempts", id, st.Attempts)
 		}
@@ -349,7 +349,7 @@ func testOutboxAuthFailureIsRetriedUntilAReloadFixesIt(t *testing.T) {
 		t.Fatal("a reload must keep the same outbox engine")
 	}
 	_ = old.Cleanup()
-	waitState(t, fixed, id, status(stSent))
+	waitState(t, fixed, id, status(Sent))
 	if len(srv.Messages()) != 1 {
 		t.Fatalf("%d messages", len(srv.Messages()))
 	}
@@ -371,7 +371,7 @@ func testOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
 	}
 	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"))
 	id := out["id"].(string)
-	waitState(t, a, id, status(stSent))
+	waitState(t, a, id, status(Sent))
 	rec, st := call(t, b, "GET", "/authmail/messages/"+id, "")
 	if rec.Code != 200 || st["status"] != "sent" || st["id"] != id {
 		t.Fatalf("status from the other instance: %d %s", rec.Code, rec.Body)
@@ -395,7 +395,7 @@ func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
 func testLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
 	h := newInstance(t, "").handler()
 	e := h.engine
-	e.start()
+	e.Start()
 	ctx := context.Background()
 	lazy := &batch{id: newID(time.Now())}
 	e.mu.Lock()
@@ -420,7 +420,7 @@ func testLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
 	}
 	defer func() { stop.Store(true); wg.Wait() }()
 	deadline := time.Now().Add(5 * time.Second)
-	for !e.st.s.Exists(ctx, keySt+lazy.id) {
+	for !e.st.s.Exists(ctx, KeySt+lazy.id) {
 		if time.Now().After(deadline) {
 			t.Fatal("a lingering state change waited behind urgent writes for 5s")
 		}
@@ -461,7 +461,7 @@ func TestAsyncAnswerIsAlways202(t *testing.T) {
 			wg.Wait()
 			close(ids)
 			for id := range ids {
-				waitState(t, h, id, status(stSent))
+				waitState(t, h, id, status(Sent))
 			}
 		})
 	}
@@ -503,15 +503,15 @@ func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
 func testAcceptRacingShutdownDoesNotHang(t *testing.T) {
 	h := provisionedHandler(t)
 	e := h.engine
-	e.start()
-	e.shutdown()
+	e.Start()
+	e.Shutdown()
 	<-e.doneCh
 	e.mu.Lock()
 	e.closing = false // as seen by the request before the shutdown
 	e.mu.Unlock()
-	msg := &newMessage{keyID: "app", flow: "otp", env: &mailer.Envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
+	msg := &NewMessage{KeyID: "app", Flow: "otp", Env: &mailer.Envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
 	expectShuttingDown(t, "accept after the engine stopped", func() error {
-		_, err := e.accept([]*newMessage{msg}, "", false)
+		_, err := e.Accept([]*NewMessage{msg}, "", false)
 		return err
 	})
 	e.mu.Lock()
@@ -527,7 +527,7 @@ func testAcceptRacingShutdownDoesNotHang(t *testing.T) {
 // attempt with ±25% jitter drawn per batch and attempt, and max_backoff
 // is a hard cap, with capped delays still spread out.
 func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
-	cfg := &engineConfig{retryBackoff: 30 * time.Second, maxBackoff: 30 * time.Minute}
+	cfg := &Config{RetryBackoff: 30 * time.Second, MaxBackoff: 30 * time.Minute}
 	for i := range 200 {
 		bid := newID(time.Now().Add(time.Duration(i) * time.Millisecond))
 		for attempts, base := range map[int]time.Duration{1: 30 * time.Second, 2: time.Minute, 3: 2 * time.Minute, 6: 16 * time.Minute} {
@@ -536,7 +536,7 @@ func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
 			}
 		}
 		for _, attempts := range []int{7, 8, 20, 300} {
-			if d := backoff(cfg, attempts, bid); d > cfg.maxBackoff || d < cfg.maxBackoff*3/4 {
+			if d := backoff(cfg, attempts, bid); d > cfg.MaxBackoff || d < cfg.MaxBackoff*3/4 {
 				t.Fatalf("attempt %d: %s, want within [22m30s, 30m]", attempts, d)
 			}
 		}
@@ -628,7 +628,7 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 	if claimed <= 2 {
 		t.Fatalf("only %d messages claimed; the test needs workers holding groups", claimed)
 	}
-	h.engine.shutdown()
+	h.engine.Shutdown()
 	// what the next start finds: every message queued, with no attempt
 	// counted, except the two attempts in flight, which are queued or
 	// (when another change of their batch was written) sending; none
@@ -641,9 +641,9 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 			t.Fatalf("%s: no state in storage", id)
 		}
 		switch m.Status {
-		case stSending:
+		case Sending:
 			sending++
-		case stQueued:
+		case Queued:
 			queued++
 		default:
 			t.Errorf("%s: %s", id, m.Status)
@@ -693,17 +693,17 @@ func testStopBetweenClaimAndClaimWrite(t *testing.T) {
 	if len(group) == 0 {
 		t.Fatal("nothing to claim")
 	}
-	e.shutdown()
+	e.Shutdown()
 	expectShuttingDown(t, "holding the claims after the stop", func() error { return e.holdClaims(group) })
 	e.mu.Lock()
 	for _, en := range group {
-		if en.claimed || en.st.Status != stQueued || en.st.Attempts != 0 {
+		if en.claimed || en.st.Status != Queued || en.st.Attempts != 0 {
 			t.Errorf("%s after the stop: claimed %v, %s, %d attempts", en.st.ID, en.claimed, en.st.Status, en.st.Attempts)
 		}
 	}
 	e.mu.Unlock()
 	for _, id := range ids {
-		if m, ok := storedState(h, id); !ok || m.Status != stQueued || m.Attempts != 0 {
+		if m, ok := storedState(h, id); !ok || m.Status != Queued || m.Attempts != 0 {
 			t.Errorf("%s in storage: %s with %d attempts (found: %v), want queued with 0", id, m.Status, m.Attempts, ok)
 		}
 	}
@@ -717,7 +717,7 @@ func expectShuttingDown(t *testing.T, what string, f func() error) {
 	go func() { done <- f() }()
 	select {
 	case err := <-done:
-		if !errors.Is(err, errShuttingDown) {
+		if !errors.Is(err, ErrShuttingDown) {
 			t.Fatalf("%s: %v, want errShuttingDown", what, err)
 		}
 	case <-time.After(5 * time.Second):

@@ -63,7 +63,7 @@ func TestThrottledProviderGetsEveryMessage(t *testing.T) {
 				seen[m.To[0]] = true
 			}
 			for _, id := range ids {
-				if st := waitState(t, h, id, status(stSent)); st.LastCode != "" {
+				if st := waitState(t, h, id, status(Sent)); st.LastCode != "" {
 					t.Fatalf("state %+v", st)
 				}
 			}
@@ -116,7 +116,7 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			if rec.Code != 202 || out["status"] != "queued" || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			st := waitState(t, h, out["id"].(string), func(st msgState) bool { return st.Status == stQueued && st.Attempts == 1 })
+			st := waitState(t, h, out["id"].(string), func(st State) bool { return st.Status == Queued && st.Attempts == 1 })
 			if st.NextAt.Sub(before) < 14*time.Minute || st.LastCode != "smtp_throttled" {
 				t.Fatalf("next attempt %v after the send, state %+v; want the 15-minute quota pause", st.NextAt.Sub(before), st)
 			}
@@ -127,7 +127,7 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			if rec.Code != 202 || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("second send: %d %s", rec.Code, rec.Body)
 			}
-			if st := waitState(t, h, out["id"].(string), func(st msgState) bool { return st.Status == stQueued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
+			if st := waitState(t, h, out["id"].(string), func(st State) bool { return st.Status == Queued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
 				t.Fatalf("second message %+v, want it queued until its expiry, without an attempt", st)
 			}
 			// held back by the pause with nothing sent: a debug line, not

@@ -56,34 +56,34 @@ func TestHandlersWithTheSameFromKeepTheirRoutes(t *testing.T) {
 // recently configured handler with its From address, not through another
 // sender's.
 func TestTransportForFallsBackToTheSameFrom(t *testing.T) {
-	e := newEngine("k", nil, "iid", nil)
+	e := New("k", nil, "iid", nil)
 	alice1, alice2, bob := &mailer.Capture{Dir: "a1"}, &mailer.Capture{Dir: "a2"}, &mailer.Capture{Dir: "b"}
-	e.configure(&engineConfig{}, nil, senderProfile("alice@example.com", "capture a1"), alice1, 1)
-	e.configure(&engineConfig{webhookSecret: "alice-2"}, nil, senderProfile("Alice@example.com", "capture a2"), alice2, 1)
-	e.configure(&engineConfig{webhookSecret: "bob"}, nil, senderProfile("bob@example.com", "capture b"), bob, 1)
+	e.Configure(&Config{}, nil, SenderProfile("alice@example.com", "capture a1"), alice1, 1)
+	e.Configure(&Config{WebhookSecret: "alice-2"}, nil, SenderProfile("Alice@example.com", "capture a2"), alice2, 1)
+	e.Configure(&Config{WebhookSecret: "bob"}, nil, SenderProfile("bob@example.com", "capture b"), bob, 1)
 	hash := &mailer.Capture{Dir: "h"}
-	e.configure(&engineConfig{webhookSecret: "hash-site"}, nil, senderProfile("a#b@example.com", "capture h"), hash, 1)
+	e.Configure(&Config{WebhookSecret: "hash-site"}, nil, SenderProfile("a#b@example.com", "capture h"), hash, 1)
 	for _, c := range []struct {
 		profile string
 		want    mailer.Transport
 		secret  string // of the webhook settings that follow the same fallback
 	}{
-		{senderProfile("alice@example.com", "capture a1"), alice1, ""},
-		{senderProfile("alice@example.com", "capture a2"), alice2, "alice-2"},
-		{senderProfile("alice@example.com", "smtp old.example.com 587 0:"), alice2, "alice-2"},
+		{SenderProfile("alice@example.com", "capture a1"), alice1, ""},
+		{SenderProfile("alice@example.com", "capture a2"), alice2, "alice-2"},
+		{SenderProfile("alice@example.com", "smtp old.example.com 587 0:"), alice2, "alice-2"},
 		{"alice@example.com", alice2, "alice-2"},                            // a profile written before routes were part of it
-		{senderProfile("a#b@example.com", "smtp other"), hash, "hash-site"}, // a local part may hold a "#"
+		{SenderProfile("a#b@example.com", "smtp other"), hash, "hash-site"}, // a local part may hold a "#"
 		{"a#b@example.com", hash, "hash-site"},
-		{senderProfile("carol@example.com", "capture c"), hash, "hash-site"}, // nobody sends as carol: the newest handler
+		{SenderProfile("carol@example.com", "capture c"), hash, "hash-site"}, // nobody sends as carol: the newest handler
 	} {
 		if got := e.transportFor(c.profile); got != c.want {
 			t.Errorf("transportFor(%q) = %v, want %v", c.profile, got, c.want)
 		}
-		if got := e.hookConfigFor(&entry{st: msgState{Profile: c.profile}}); got.webhookSecret != c.secret {
-			t.Errorf("hookConfigFor(%q) has secret %q, want %q", c.profile, got.webhookSecret, c.secret)
+		if got := e.hookConfigFor(&Entry{st: State{Profile: c.profile}}); got.WebhookSecret != c.secret {
+			t.Errorf("hookConfigFor(%q) has secret %q, want %q", c.profile, got.WebhookSecret, c.secret)
 		}
 	}
-	if p := senderProfile("alice@example.com", "smtp mail.example.com 587 4:user"); strings.Contains(p, "mail.example.com") || strings.Contains(p, "user") {
+	if p := SenderProfile("alice@example.com", "smtp mail.example.com 587 4:user"); strings.Contains(p, "mail.example.com") || strings.Contains(p, "user") {
 		t.Errorf("profile %q names the route in clear; it is stored with every message", p)
 	}
 }
@@ -105,13 +105,13 @@ func TestRejectedReloadRestoresTheRunningSettings(t *testing.T) {
 	if running.profile != rejected.profile {
 		t.Fatal("a changed password should keep the sender profile")
 	}
-	if got := running.engine.config().webhookSecret; got != "whsec-rejected-0123456789" {
+	if got := running.engine.Config().WebhookSecret; got != "whsec-rejected-0123456789" {
 		t.Fatalf("the newest handler's settings should apply while it is registered, got %q", got)
 	}
 	if err := rejected.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
-	if got := running.engine.config().webhookSecret; got != "whsec-running-0123456789" {
+	if got := running.engine.Config().WebhookSecret; got != "whsec-running-0123456789" {
 		t.Errorf("after the rejected handler's cleanup the webhook secret is %q, want the running one", got)
 	}
 	rec, body := call(t, running, http.MethodPost, "/authmail/send/otp", `{"to":"jane@example.org","code":"123456"}`)

@@ -23,8 +23,8 @@ const maxPublishedAuthFailures = 2000
 const keyAuthFailure = "a:"
 
 // loadSalt reads the cluster's hashing salt into the limiter.
-func (e *engine) loadSalt(ctx context.Context) error {
-	salt, err := ratelimit.LoadSalt(ctx, e.st.s, keyRoot)
+func (e *Engine) loadSalt(ctx context.Context) error {
+	salt, err := ratelimit.LoadSalt(ctx, e.st.s, KeyRoot)
 	if err != nil {
 		return err
 	}
@@ -36,7 +36,7 @@ func (e *engine) loadSalt(ctx context.Context) error {
 // other instances'. While the cluster's salt could not be read at start
 // (the instance hashes with a salt of its own, so its limits match no
 // peer's), it tries again every round.
-func (e *engine) limitSyncLoop() {
+func (e *Engine) limitSyncLoop() {
 	defer e.loops.Done()
 	for e.wait(e.tun.limitSync) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -51,9 +51,9 @@ func (e *engine) limitSyncLoop() {
 	}
 }
 
-func (e *engine) syncLimits(ctx context.Context) {
+func (e *Engine) syncLimits(ctx context.Context) {
 	opts := ratelimit.SyncOptions{CapPrefix: keyAuthFailure, Cap: maxPublishedAuthFailures}
-	if err := e.limits.Sync(ctx, e.st.s, keyRoot, e.iid, opts); err != nil {
+	if err := e.limits.Sync(ctx, e.st.s, KeyRoot, e.iid, opts); err != nil {
 		e.log().Warn("sharing rate limit state failed", zap.Error(err))
 	}
 }

@@ -51,7 +51,7 @@ func TestSenderSetupRejectionIsRetried(t *testing.T) {
 		t.Fatalf("530 at MAIL: %d %s", rec.Code, rec.Body)
 	}
 	srv.SetHooks(smtptest.Hooks{})
-	waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Status == stSent })
+	waitState(t, h, out["id"].(string), func(s State) bool { return s.Status == Sent })
 	if n := len(srv.Messages()); n != 1 {
 		t.Errorf("%d messages after the retry, want 1", n)
 	}

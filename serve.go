@@ -58,7 +58,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindOpenAPI {
 		return h.serveOpenAPI(w, rc)
 	}
-	h.engine.start() // loads the hashing salt; a no-op once running
+	h.engine.Start() // loads the hashing salt; a no-op once running
 	lim := h.engine.limits
 	now := time.Now()
 
@@ -233,12 +233,12 @@ func parsePrefer(values []string) preference {
 // submit hands rendered messages to the outbox and waits, as configured
 // or preferred, for the first delivery attempt.
 func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
-	news := make([]*newMessage, len(msgs))
+	news := make([]*NewMessage, len(msgs))
 	for i, m := range msgs {
-		news[i] = &newMessage{keyID: rc.keyID, tenant: rc.tenant, flow: m.flow, profile: h.profile, messageID: envs[i].MessageID,
-			env: envs[i], webhook: m.webhook, rcpts: h.logRcpts(envs[i].To), expiry: m.expiry, priority: m.priority}
+		news[i] = &NewMessage{KeyID: rc.keyID, Tenant: rc.tenant, Flow: m.flow, Profile: h.profile, MessageID: envs[i].MessageID,
+			Env: envs[i], Webhook: m.webhook, Rcpts: h.logRcpts(envs[i].To), Expiry: m.expiry, Priority: m.priority}
 	}
-	wait := h.dcfg.wait
+	wait := h.dcfg.Wait
 	// the relay answered a send with a webhook_url at once and reported
 	// the result by webhook
 	relayAsync := h.relayCompat() && msgs[0].webhook.URL != ""
@@ -248,9 +248,9 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 	case pref.hasWait:
 		wait = pref.wait
 	}
-	entries, err := h.engine.accept(news, batch, wait > 0)
+	entries, err := h.engine.Accept(news, batch, wait > 0)
 	if err != nil {
-		if errors.Is(err, errQueueFull) {
+		if errors.Is(err, ErrQueueFull) {
 			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", "the outbox holds the maximum number of unsent messages (delivery max_queued); retry later")
 			resp.retryAfter = "30"
 			return resp
@@ -280,13 +280,13 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 	if relayAsync {
 		return relayAccepted(msgs[0].flow, entries[0].st.ID, entries[0].st.MessageID)
 	}
-	states := h.engine.states(entries)
+	states := h.engine.States(entries)
 	if wait <= 0 {
 		// answered right after the durable write: 202 queued, whatever a
 		// fast worker may have done meanwhile, so that the answer does not
 		// depend on a race (the status endpoint tells the rest)
 		for i := range states {
-			states[i].Status, states[i].LastCode, states[i].LastError = stQueued, "", ""
+			states[i].Status, states[i].LastCode, states[i].LastError = Queued, "", ""
 		}
 	}
 	resp := h.answerFor(states)
@@ -307,31 +307,31 @@ func (h *Handler) statusPath(id string) string {
 // answerFor builds the answer for the current state of accepted
 // messages: the first is the one asked for, a second one is the
 // email-change notice.
-func (h *Handler) answerFor(states []msgState) apiResponse {
+func (h *Handler) answerFor(states []State) apiResponse {
 	p := states[0]
 	var status int
 	var body any
 	switch p.Status {
-	case stSent:
+	case Sent:
 		status = http.StatusOK
 		body = &sentResponse{Sent: true, Status: h.sentStatus(), ID: p.ID, MessageID: p.MessageID}
-	case stFailed, stUnknown, stExpired:
+	case Failed, Unknown, Expired:
 		status = http.StatusBadGateway
 		body = &errorResponse{ErrorCode: p.LastCode, Message: p.LastError, Status: p.Status, ID: p.ID, MessageID: p.MessageID}
 	default:
 		status = http.StatusAccepted
-		body = &sentResponse{Sent: false, Status: stQueued, ID: p.ID, MessageID: p.MessageID, ErrorCode: p.LastCode}
+		body = &sentResponse{Sent: false, Status: Queued, ID: p.ID, MessageID: p.MessageID, ErrorCode: p.LastCode}
 	}
 	if len(states) > 1 {
 		n := states[1]
-		notice := &noticeResponse{Sent: n.Status == stSent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
+		notice := &noticeResponse{Sent: n.Status == Sent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
 		switch {
-		case n.Status == stSending:
-			notice.Status = stQueued
-		case n.Status == stSent:
+		case n.Status == Sending:
+			notice.Status = Queued
+		case n.Status == Sent:
 			notice.Status = h.sentStatus()
 		}
-		if n.Status != stSent {
+		if n.Status != Sent {
 			notice.ErrorCode, notice.Message = n.LastCode, n.LastError
 		}
 		switch b := body.(type) {
@@ -350,7 +350,7 @@ func (h *Handler) sentStatus() string {
 	if h.Capture != "" {
 		return "captured"
 	}
-	return stSent
+	return Sent
 }
 
 func errorAnswer(status int, code, msg string) apiResponse {
@@ -398,13 +398,13 @@ func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiRes
 // the same answer as an id that does not exist.
 func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, id string) error {
 	notFound := &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"}
-	st, ok, err := h.engine.lookup(r.Context(), id)
+	st, ok, err := h.engine.Lookup(r.Context(), id)
 	if err != nil {
 		h.logger.Error("reading message state failed", zap.Error(err))
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
 			Message: "the message state could not be read; retry later"})
 	}
-	if !ok || !st.ownedBy(rc.keyID, rc.tenant) {
+	if !ok || !st.OwnedBy(rc.keyID, rc.tenant) {
 		return h.reject(w, rc, notFound)
 	}
 	rc.id, rc.messageID = st.ID, st.MessageID
@@ -436,7 +436,7 @@ type webhookSummary struct {
 	Attempts int    `json:"attempts"`
 }
 
-func statusOf(st msgState) statusResponse {
+func statusOf(st State) statusResponse {
 	opt := func(s string) *string {
 		if s == "" {
 			return nil
@@ -449,7 +449,7 @@ func statusOf(st msgState) statusResponse {
 		MessageID: st.MessageID, LastErrorCode: opt(st.LastCode), LastError: opt(st.LastError),
 		SMTPResponse: opt(st.SMTPResponse), Flow: st.Flow,
 	}
-	if st.Status == stQueued && !st.NextAt.IsZero() {
+	if st.Status == Queued && !st.NextAt.IsZero() {
 		out.NextAttemptAt = opt(ts(st.NextAt))
 	}
 	if !st.SentAt.IsZero() {

@@ -27,9 +27,9 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	e := h.engine
 	ctx := context.Background()
 	id := sendAsync(t, h, "jane@example.org")
-	bid := batchOf(id)
+	bid := BatchOf(id)
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != stQueued || mustState(t, h, id).Attempts == 0 {
+	for storedStatus(t, h, id) != Queued || mustState(t, h, id).Attempts == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the first attempt was never recorded")
 		}
@@ -39,7 +39,7 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	var failed atomic.Int32
 	fs.set(func(f *faultyStorage) {
 		f.storeIf = func(key string, _ []byte) bool {
-			if strings.HasPrefix(key, keySt) {
+			if strings.HasPrefix(key, KeySt) {
 				failed.Add(1)
 				return true
 			}
@@ -60,11 +60,11 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 		t.Fatal(err)
 	}
 	bs.Owner, bs.Done, bs.Updated = adopter, true, time.Now()
-	bs.Messages[0].Status, bs.Messages[0].Attempts = stSent, bs.Messages[0].Attempts+1
+	bs.Messages[0].Status, bs.Messages[0].Attempts = Sent, bs.Messages[0].Attempts+1
 	for _, err := range []error{
 		inner.s.Store(ctx, ownKey(adopter, bid), []byte("x")),
 		inner.s.Delete(ctx, ownKey(e.iid, bid)),
-		inner.putJSON(ctx, keySt+bid, bs),
+		inner.putJSON(ctx, KeySt+bid, bs),
 	} {
 		if err != nil {
 			t.Fatal(err)
@@ -73,16 +73,16 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	// the storage answers again; the failed write is retried a second later
 	fs.set(func(f *faultyStorage) { f.storeIf = nil })
 	time.Sleep(2500 * time.Millisecond)
-	var got batchState
-	if err := inner.getJSON(ctx, keySt+bid, &got); err != nil {
+	var got BatchState
+	if err := inner.getJSON(ctx, KeySt+bid, &got); err != nil {
 		t.Fatal(err)
 	}
-	if got.Owner != adopter || got.Messages[0].Status != stSent {
+	if got.Owner != adopter || got.Messages[0].Status != Sent {
 		t.Fatalf("the adopter's outcome was overwritten: owner %s, status %s", got.Owner, got.Messages[0].Status)
 	}
 }
 
-func mustState(t *testing.T, h *Handler, id string) msgState {
+func mustState(t *testing.T, h *Handler, id string) State {
 	t.Helper()
 	st, ok := storedState(h, id)
 	if !ok {

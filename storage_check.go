@@ -50,7 +50,7 @@ var storageChecked sync.Map
 // before in this process. A failure is not remembered: the next
 // provisioning checks again (the storage may have been unreachable).
 func checkStorageOnce(s certmagic.Storage) error {
-	id := storageIdentity(s)
+	id := StorageIdentity(s)
 	if _, ok := storageChecked.Load(id); ok {
 		return nil
 	}

@@ -118,7 +118,7 @@ func testAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 			if n := len(srv.Attempts()); n != 0 {
 				t.Fatalf("%d messages reached the SMTP server although none was stored", n)
 			}
-			if depth, _ := h.engine.queueStats(); depth != 0 {
+			if depth, _ := h.engine.QueueStats(); depth != 0 {
 				t.Errorf("queue depth %d after failed accepts", depth)
 			}
 			h.engine.mu.Lock()
@@ -134,7 +134,7 @@ func testAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 			if keys, _ := h.engine.st.list(ctx, strings.TrimSuffix(keySeg, "/")); len(keys) != 0 {
 				t.Errorf("segments of failed accepts stayed in storage: %v", keys)
 			}
-			if keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false); len(keys) != 0 {
+			if keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false); len(keys) != 0 {
 				t.Errorf("a failed accept consumed its Idempotency-Key: %v", keys)
 			}
 
@@ -165,9 +165,9 @@ func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	// a finished message whose batch left memory is read from storage
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
 	id, _ := out["id"].(string)
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 	deadline := time.Now().Add(5 * time.Second)
-	for h.engine.st.s.Exists(ctx, keySeg+batchOf(id)) && time.Now().Before(deadline) {
+	for h.engine.st.s.Exists(ctx, keySeg+BatchOf(id)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	h.engine.mu.Lock()
@@ -176,7 +176,7 @@ func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	if resident {
 		t.Fatal("a retired message is still in memory; this test needs one read from storage")
 	}
-	fs.set(func(f *faultyStorage) { f.load = keySt })
+	fs.set(func(f *faultyStorage) { f.load = KeySt })
 	rec, out := call(t, h, "GET", "/authmail/messages/"+id, "")
 	if rec.Code != 503 || out["error_code"] != "outbox_unavailable" {
 		t.Fatalf("status with failing storage: %d %v", rec.Code, out)
@@ -189,8 +189,8 @@ func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	srv.ClearMessages()
 	for name, fault := range map[string]func(f *faultyStorage){
 		"lock":  func(f *faultyStorage) { f.lockOn = "authmail_idem_" },
-		"read":  func(f *faultyStorage) { f.load = keyIdem },
-		"write": func(f *faultyStorage) { f.store = keyIdem },
+		"read":  func(f *faultyStorage) { f.load = KeyIdem },
+		"write": func(f *faultyStorage) { f.store = KeyIdem },
 	} {
 		// a record must exist for the read to be attempted
 		if name == "read" {
@@ -236,17 +236,17 @@ func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
 	if n := len(srv.Attempts()); n != 0 {
 		t.Fatalf("%d messages sent from a truncated body", n)
 	}
-	if depth, _ := h.engine.queueStats(); depth != 0 {
+	if depth, _ := h.engine.QueueStats(); depth != 0 {
 		t.Fatalf("queue depth %d", depth)
 	}
 }
 
 // storedState reads a message's state from storage, not from memory; ok
 // is false when it cannot be read or is not there.
-func storedState(h *Handler, id string) (msgState, bool) {
-	bs, err := h.engine.st.loadState(context.Background(), batchOf(id))
+func storedState(h *Handler, id string) (State, bool) {
+	bs, err := h.engine.st.loadState(context.Background(), BatchOf(id))
 	if err != nil {
-		return msgState{}, false
+		return State{}, false
 	}
 	return bs.message(id)
 }
@@ -271,7 +271,7 @@ func TestStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 func testStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
-	fs.set(func(f *faultyStorage) { f.store = keySt })
+	fs.set(func(f *faultyStorage) { f.store = KeySt })
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
@@ -280,7 +280,7 @@ func testStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 	if m := srv.WaitMessages(1, 5*time.Second); len(m) != 1 {
 		t.Fatalf("%d messages", len(m))
 	}
-	if got := storedStatus(t, h, id); got != stQueued {
+	if got := storedStatus(t, h, id); got != Queued {
 		t.Fatalf("stored status %q while state writes fail, want queued (as accepted)", got)
 	}
 	if dots, err := ownDotRecord(h.engine); err != nil || dots.Marks[id] != 1 {
@@ -288,7 +288,7 @@ func testStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 	}
 	fs.set(func(f *faultyStorage) { f.store = "" })
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != stSent {
+	for storedStatus(t, h, id) != Sent {
 		if time.Now().After(deadline) {
 			t.Fatalf("the outcome was never written: %q", storedStatus(t, h, id))
 		}
@@ -312,7 +312,7 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	h, fs := faultyHandler(t, srv)
 	fs.set(func(f *faultyStorage) {
 		f.storeIf = func(key string, value []byte) bool {
-			return strings.HasPrefix(key, keySt) && strings.Contains(string(value), `"status":"sent"`)
+			return strings.HasPrefix(key, KeySt) && strings.Contains(string(value), `"status":"sent"`)
 		}
 	})
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
@@ -326,7 +326,7 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond) // a failed state write is retried every second
 	// the claim is not written; the dot mark is what a crash now would
 	// read, and it calls the message unknown instead of resending it
-	if got := storedStatus(t, h, id); got != stQueued {
+	if got := storedStatus(t, h, id); got != Queued {
 		t.Fatalf("stored status %q while the outcome cannot be written, want queued", got)
 	}
 	if dots, err := ownDotRecord(h.engine); err != nil || dots.Marks[id] != 1 {
@@ -337,7 +337,7 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	}
 	fs.set(func(f *faultyStorage) { f.storeIf = nil })
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != stSent {
+	for storedStatus(t, h, id) != Sent {
 		if time.Now().After(deadline) {
 			t.Fatalf("the outcome was never written: %q", storedStatus(t, h, id))
 		}
@@ -372,7 +372,7 @@ func testOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 		t.Fatalf("%d SMTP transactions although the batch did not look like ours", n)
 	}
 	fs.set(func(f *faultyStorage) { f.exists = "" })
-	waitState(t, h, id, status(stSent))
+	waitState(t, h, id, status(Sent))
 	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("%d SMTP transactions, want exactly one", n)
@@ -399,7 +399,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	}
 	id := out["id"].(string)
 	waitParked(t, h, []string{id})
-	fs.set(func(f *faultyStorage) { f.load = keySt })
+	fs.set(func(f *faultyStorage) { f.load = KeySt })
 	gate.refuse.Store(false)
 	time.Sleep(1500 * time.Millisecond) // past the retry, several failed reads
 	if n := len(srv.Messages()); n != 0 {
@@ -408,7 +408,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	if resident, parked := residentIDs(h, []string{id}); resident != 0 || parked != 1 {
 		t.Fatalf("after failed reads: %d resident, %d parked; want the batch still parked", resident, parked)
 	}
-	if depth, _ := h.engine.queueStats(); depth != 1 {
+	if depth, _ := h.engine.QueueStats(); depth != 1 {
 		t.Fatalf("queue depth %d while the batch cannot be read, want 1", depth)
 	}
 	// the failed read is repeated every unparkRetry (200ms), not sooner
@@ -424,7 +424,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 		}
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
-	if st := waitState(t, h, id, status(stSent)); st.Attempts != 2 {
+	if st := waitState(t, h, id, status(Sent)); st.Attempts != 2 {
 		t.Fatalf("%d attempts, want 2", st.Attempts)
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -450,10 +450,10 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 		t.Fatalf("%d %v", rec.Code, out)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, func(st msgState) bool { return st.Attempts == 1 && st.Status == stQueued })
+	waitState(t, h, id, func(st State) bool { return st.Attempts == 1 && st.Status == Queued })
 	fs.set(func(f *faultyStorage) { f.load = keySeg })
 	gate.refuse.Store(false)
-	waitState(t, h, id, func(st msgState) bool { return st.LastCode == mailer.CodeOutboxUnavailable })
+	waitState(t, h, id, func(st State) bool { return st.LastCode == mailer.CodeOutboxUnavailable })
 	if n := gate.mails.Load(); n != 1 {
 		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
 	}
@@ -463,7 +463,7 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 		t.Fatalf("status while the body cannot be read: %d %v", rec.Code, out)
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
-	st := waitState(t, h, id, status(stSent))
+	st := waitState(t, h, id, status(Sent))
 	if st.LastCode != "" || st.Attempts < 3 {
 		t.Fatalf("after the storage recovered: %+v", st)
 	}
@@ -494,7 +494,7 @@ func testPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
 		t.Fatalf("%d %s", r.Code, r.Body)
 	}
 	id := out["id"].(string)
-	keys, _ := h.engine.st.s.List(ctx, keyIdem+h.keys[0].tenant, false)
+	keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false)
 	if len(keys) != 1 {
 		t.Fatalf("idempotency records: %v", keys)
 	}
@@ -509,7 +509,7 @@ func testPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
 	// the batch is no longer in memory (as after a restart) and its
 	// state cannot be read
 	waitRetired(t, h, id)
-	fs.set(func(f *faultyStorage) { f.load = keySt })
+	fs.set(func(f *faultyStorage) { f.load = KeySt })
 	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: pend-1")
 	if r.Code != 503 || out["error_code"] != "outbox_unavailable" {
 		t.Fatalf("unreadable message of a pending record: %d %s", r.Code, r.Body)
@@ -558,12 +558,12 @@ func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 	t.Cleanup(func() { limitSyncInterval = old })
 	shared := t.TempDir()
 	a := newInstance(t, shared).handler()
-	a.engine.start()
+	a.engine.Start()
 	in := newInstance(t, shared)
 	fs := &faultyStorage{Storage: openStorage(t, shared)}
 	fs.set(func(f *faultyStorage) { f.load = "authmail/salt" })
 	b := in.handler(func(h *Handler) { h.storageOverride = fs })
-	b.engine.start()
+	b.engine.Start()
 	if a.engine.limits.Hash("x") == b.engine.limits.Hash("x") || !b.engine.saltTemporary.Load() {
 		t.Fatal("with the salt unreadable, the instance should hash with a salt of its own")
 	}

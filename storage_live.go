@@ -8,7 +8,7 @@ import (
 	"github.com/caddyserver/certmagic"
 )
 
-// liveStorage is the engine's storage: the storage value of the most
+// LiveStorage is the engine's storage: the storage value of the most
 // recently provisioned handler that still holds the engine.
 //
 // Why: an engine outlives reloads (one per storage in enginePool), but
@@ -27,7 +27,7 @@ import (
 // the engine treats that like any storage error (retry, or 503 on a
 // request), and a lock taken through it expires by the storage's own
 // staleness rules.
-type liveStorage struct {
+type LiveStorage struct {
 	mu    sync.Mutex
 	cur   certmagic.Storage
 	uses  []liveUse
@@ -36,21 +36,21 @@ type liveStorage struct {
 }
 
 type liveUse struct {
-	r *registration
+	r *Registration
 	s certmagic.Storage
 }
 
 var (
-	_ certmagic.Storage   = (*liveStorage)(nil)
-	_ certmagic.TryLocker = (*liveStorage)(nil)
+	_ certmagic.Storage   = (*LiveStorage)(nil)
+	_ certmagic.TryLocker = (*LiveStorage)(nil)
 )
 
-func newLiveStorage(s certmagic.Storage) *liveStorage {
-	return &liveStorage{cur: s, first: s, held: map[string]certmagic.Storage{}}
+func NewLiveStorage(s certmagic.Storage) *LiveStorage {
+	return &LiveStorage{cur: s, first: s, held: map[string]certmagic.Storage{}}
 }
 
 // attach makes s, the storage value of r's config, the one in use.
-func (l *liveStorage) attach(r *registration, s certmagic.Storage) {
+func (l *LiveStorage) attach(r *Registration, s certmagic.Storage) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.uses = append(l.uses, liveUse{r: r, s: s})
@@ -59,7 +59,7 @@ func (l *liveStorage) attach(r *registration, s certmagic.Storage) {
 
 // detach drops r's storage value; the newest remaining one applies. With
 // none left (the engine is being destroyed) the last one stays.
-func (l *liveStorage) detach(r *registration) {
+func (l *LiveStorage) detach(r *Registration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.uses = slices.DeleteFunc(l.uses, func(u liveUse) bool { return u.r == r })
@@ -68,37 +68,37 @@ func (l *liveStorage) detach(r *registration) {
 	}
 }
 
-func (l *liveStorage) get() certmagic.Storage {
+func (l *LiveStorage) get() certmagic.Storage {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.cur
 }
 
-func (l *liveStorage) Store(ctx context.Context, key string, value []byte) error {
+func (l *LiveStorage) Store(ctx context.Context, key string, value []byte) error {
 	return l.get().Store(ctx, key, value)
 }
 
-func (l *liveStorage) Load(ctx context.Context, key string) ([]byte, error) {
+func (l *LiveStorage) Load(ctx context.Context, key string) ([]byte, error) {
 	return l.get().Load(ctx, key)
 }
 
-func (l *liveStorage) Delete(ctx context.Context, key string) error {
+func (l *LiveStorage) Delete(ctx context.Context, key string) error {
 	return l.get().Delete(ctx, key)
 }
 
-func (l *liveStorage) Exists(ctx context.Context, key string) bool {
+func (l *LiveStorage) Exists(ctx context.Context, key string) bool {
 	return l.get().Exists(ctx, key)
 }
 
-func (l *liveStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+func (l *LiveStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
 	return l.get().List(ctx, path, recursive)
 }
 
-func (l *liveStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
+func (l *LiveStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
 	return l.get().Stat(ctx, key)
 }
 
-func (l *liveStorage) Lock(ctx context.Context, name string) error {
+func (l *LiveStorage) Lock(ctx context.Context, name string) error {
 	s := l.get()
 	if err := s.Lock(ctx, name); err != nil {
 		return err
@@ -112,7 +112,7 @@ func (l *liveStorage) Lock(ctx context.Context, name string) error {
 // TryLock tries the lock on a storage that can; on one that cannot, it
 // reports the lock taken without taking one (the janitor, its only user,
 // then runs on every instance, which is safe, only wasteful).
-func (l *liveStorage) TryLock(ctx context.Context, name string) (bool, error) {
+func (l *LiveStorage) TryLock(ctx context.Context, name string) (bool, error) {
 	s := l.get()
 	tl, ok := s.(certmagic.TryLocker)
 	if !ok {
@@ -131,7 +131,7 @@ func (l *liveStorage) TryLock(ctx context.Context, name string) (bool, error) {
 	return true, nil
 }
 
-func (l *liveStorage) Unlock(ctx context.Context, name string) error {
+func (l *LiveStorage) Unlock(ctx context.Context, name string) error {
 	l.mu.Lock()
 	s, ok := l.held[name]
 	delete(l.held, name)
@@ -147,4 +147,4 @@ func (l *liveStorage) Unlock(ctx context.Context, name string) error {
 
 // String names the storage the engine was created for, so that a
 // liveStorage prints like what it wraps.
-func (l *liveStorage) String() string { return storageIdentity(l.first) }
+func (l *LiveStorage) String() string { return StorageIdentity(l.first) }

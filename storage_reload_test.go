@@ -47,9 +47,9 @@ func TestOutboxSurvivesAReloadOfItsStorageModule(t *testing.T) {
 	}
 	first, cancelFirst := load()
 	e := first.engine
-	e.start()
+	e.Start()
 	t.Cleanup(func() {
-		e.shutdown()
+		e.Shutdown()
 		<-e.doneCh
 	})
 	if rec, out := call(t, first, "POST", "/authmail/send/otp", otp("one@example.org")); rec.Code != 200 || out["status"] != "sent" {

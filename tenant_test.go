@@ -57,14 +57,14 @@ func TestTenantIsTheSecretAcrossInstances(t *testing.T) {
 
 	// a record from before tenants: key id match, as before the upgrade
 	ctx := context.Background()
-	bs, err := a.engine.st.loadState(ctx, batchOf(id))
+	bs, err := a.engine.st.loadState(ctx, BatchOf(id))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := range bs.Messages {
 		bs.Messages[i].Tenant = ""
 	}
-	if err := a.engine.st.putJSON(ctx, keySt+batchOf(id), bs); err != nil {
+	if err := a.engine.st.putJSON(ctx, KeySt+BatchOf(id), bs); err != nil {
 		t.Fatal(err)
 	}
 	if code, body := get(impostor, otherSecret); code != 200 {

@@ -216,7 +216,7 @@ func (h *Handler) verifyCode(ctx context.Context, tenant string, req *verifyOTPR
 	defer unlock()
 	var rec codeRecord
 	if err := e.st.getJSON(lctx, key, &rec); err != nil {
-		if isNotExist(err) {
+		if IsNotExist(err) {
 			return verifyNotFound()
 		}
 		h.logger.Error("reading an issued code failed", zap.Error(err))
@@ -265,7 +265,7 @@ func (h *Handler) verifyToken(ctx context.Context, tenant string, req *verifyTok
 	defer unlock()
 	var rec tokenRecord
 	if err := e.st.getJSON(lctx, key, &rec); err != nil {
-		if isNotExist(err) {
+		if IsNotExist(err) {
 			return verifyNotFound()
 		}
 		h.logger.Error("reading an issued token failed", zap.Error(err))

@@ -40,9 +40,9 @@ var (
 	webhookMaxAge  = 24 * time.Hour
 )
 
-// webhookState is the durable state of a message's final-state webhook;
+// WebhookState is the durable state of a message's final-state webhook;
 // the zero value means none was asked for.
-type webhookState struct {
+type WebhookState struct {
 	URL string `json:"url"`
 	// Secret is the per-request secret, when the request gave one; the
 	// configured webhook_secret is never copied to storage.
@@ -355,7 +355,7 @@ type hookSlot struct{ host, tenant string }
 
 // hookSlotOf names the host and tenant of a pending webhook; a message
 // from before tenants counts against its key id.
-func hookSlotOf(en *entry) hookSlot {
+func hookSlotOf(en *Entry) hookSlot {
 	tenant := en.st.Tenant
 	if tenant == "" {
 		tenant = "key " + en.st.KeyID
@@ -372,7 +372,7 @@ func hookSlotOf(en *entry) hookSlot {
 // out their post let eight webhooks to such a receiver delay every other
 // webhook by 40 s.) start runs two dispatchers; either may dispatch any
 // webhook, and the slots are shared.
-func (e *engine) webhookWorker() {
+func (e *Engine) webhookWorker() {
 	// one client per allow list, so that sites with different lists keep
 	// their connections alive
 	clients := map[string]*http.Client{}
@@ -382,10 +382,10 @@ func (e *engine) webhookWorker() {
 			return
 		}
 		cfg := e.hookConfigFor(en)
-		key := strings.Join(cfg.webhookAllow, ",")
+		key := strings.Join(cfg.WebhookAllow, ",")
 		client := clients[key]
 		if client == nil {
-			client = webhookClient(cfg.webhookAllow, e.tun.hookTimeout)
+			client = webhookClient(cfg.WebhookAllow, e.tun.hookTimeout)
 			clients[key] = client
 		}
 		go func() {
@@ -399,13 +399,13 @@ func (e *engine) webhookWorker() {
 // webhook (webhook_secret, webhook_allow_hosts): those of the handler
 // that sends it (regForLocked), so that two sites sharing a storage keep
 // their own secrets; else the engine's last settings.
-func (e *engine) hookConfigFor(en *entry) *engineConfig {
+func (e *Engine) hookConfigFor(en *Entry) *Config {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if r := e.regForLocked(en.st.Profile); r != nil {
 		return r.cfg
 	}
-	return e.config()
+	return e.Config()
 }
 
 // hookHost is the host (and port) a webhook URL posts to, lowercased: the
@@ -425,7 +425,7 @@ func hookHost(rawURL string) string {
 // stops. The heap orders by due time, so the earliest due webhook with a
 // free slot is found without looking past due ones: a subtree is skipped
 // once its root is not due or can be taken.
-func (e *engine) nextHook() (*entry, hookSlot) {
+func (e *Engine) nextHook() (*Entry, hookSlot) {
 	for {
 		e.mu.Lock()
 		if e.closing {
@@ -494,7 +494,7 @@ func (e *engine) nextHook() (*entry, hookSlot) {
 
 // releaseHookSlot gives back the slot nextHook took for a webhook, after
 // deliverHook put the webhook back on the heap or finished it.
-func (e *engine) releaseHookSlot(slot hookSlot) {
+func (e *Engine) releaseHookSlot(slot hookSlot) {
 	e.mu.Lock()
 	slots := &e.hookSlots
 	slots.n--
@@ -511,7 +511,7 @@ func (e *engine) releaseHookSlot(slot hookSlot) {
 	}
 }
 
-func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) {
+func (e *Engine) deliverHook(client *http.Client, cfg *Config, en *Entry) {
 	defer e.attempts.Done()
 	e.mu.Lock()
 	st := en.st
@@ -519,14 +519,14 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	e.mu.Unlock()
 	secret := hook.Secret
 	if secret == "" {
-		secret = cfg.webhookSecret
+		secret = cfg.WebhookSecret
 	}
 	var p any
-	if cfg.relaySent != "" {
-		p = relayPayloadOf(st, cfg.relaySent)
+	if cfg.RelaySent != "" {
+		p = relayPayloadOf(st, cfg.RelaySent)
 	} else {
 		ap := webhookPayload{ID: st.ID, MessageID: st.MessageID, Status: st.Status, Attempts: st.Attempts}
-		if st.Status != stSent {
+		if st.Status != Sent {
 			ap.ErrorCode = st.LastCode
 		}
 		if !st.SentAt.IsZero() {
@@ -570,7 +570,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 	if !done {
 		result = "retry"
 	}
-	e.obs.webhook(result)
+	e.obs.Webhook(result)
 	fields := []zap.Field{zap.String("id", st.ID), zap.String("result", result), zap.Int("webhook_attempts", w.Attempts)}
 	if err != nil {
 		e.log().Warn("webhook delivery failed", append(fields, zap.String("error", mailer.ErrText(err)))...)
@@ -580,7 +580,7 @@ func (e *engine) deliverHook(client *http.Client, cfg *engineConfig, en *entry) 
 }
 
 // postHook sends one webhook request; any answer but 2xx is an error.
-func (e *engine) postHook(client *http.Client, target, secret, id string, body []byte) error {
+func (e *Engine) postHook(client *http.Client, target, secret, id string, body []byte) error {
 	ctx, cancel := context.WithTimeout(context.Background(), e.tun.hookTimeout)
 	defer cancel()
 	// errors name the host only: the text of Go's *url.Error quotes the

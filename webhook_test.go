@@ -133,7 +133,7 @@ func TestWebhookSignedAndDelivered(t *testing.T) {
 	if got, want := c.header.Get("X-Email-Service-Signature-V2"), "sha256="+hex.EncodeToString(mac(ts+".", string(c.body))); got != want {
 		t.Errorf("X-Email-Service-Signature-V2 %q, want %q", got, want)
 	}
-	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookDelivered })
+	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookDelivered })
 	if st.Webhook.Secret != "" {
 		t.Error("the configured secret was copied into storage")
 	}
@@ -183,7 +183,7 @@ func TestWebhookPerRequestSecretRetriesAndFailures(t *testing.T) {
 	if err := verifyStandardWebhook(secret, false, calls[2].header, calls[2].body, time.Now()); err != nil {
 		t.Errorf("Standard Webhooks signature with a whsec_ secret: %v", err)
 	}
-	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookDelivered })
+	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookDelivered })
 	if st.Webhook.Attempts != 3 {
 		t.Errorf("webhook attempts %d", st.Webhook.Attempts)
 	}
@@ -220,7 +220,7 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), func(s msgState) bool { return s.Webhook.Status == hookFailed })
+	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookFailed })
 	if st.Webhook.Attempts != 1 {
 		t.Errorf("a blocked webhook is not retried: %+v", st.Webhook)
 	}
@@ -400,7 +400,7 @@ func TestQueueFiguresAndWebhookMetric(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	time.Sleep(150 * time.Millisecond)
-	depth, age := h.engine.queueStats()
+	depth, age := h.engine.QueueStats()
 	if depth != 1 || age < 100*time.Millisecond {
 		t.Errorf("while the attempt hangs: depth %d, oldest age %s", depth, age)
 	}
@@ -415,7 +415,7 @@ func TestQueueFiguresAndWebhookMetric(t *testing.T) {
 	if got := delivered() - before; got != 1 {
 		t.Errorf("webhooks_total{result=delivered} grew by %v, want 1", got)
 	}
-	if depth, age := h.engine.queueStats(); depth != 0 || age != 0 {
+	if depth, age := h.engine.QueueStats(); depth != 0 || age != 0 {
 		t.Errorf("after delivery: depth %d, oldest age %s", depth, age)
 	}
 }
@@ -505,7 +505,7 @@ func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
 		ids[i] = out["id"].(string)
 	}
 	for _, id := range ids {
-		waitState(t, h, id, status(stSent))
+		waitState(t, h, id, status(Sent))
 	}
 	// the hanging host holds its posts
 	deadline := time.Now().Add(5 * time.Second)
@@ -588,7 +588,7 @@ func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 		}
 	}
 	for _, id := range ids {
-		waitState(t, h, id, status(stSent))
+		waitState(t, h, id, status(Sent))
 	}
 	total := func() int {
 		n := 0
