@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // adminStatus is the answer of GET /status: the effective configuration
@@ -207,7 +208,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 		"retry_backoff": cfg.RetryBackoff.String(), "max_backoff": cfg.MaxBackoff.String(), "max_age": cfg.MaxAge.String(),
 		"retention": cfg.Retention.String(), "idempotency_ttl": cfg.IdemTTL.String(), "lease": cfg.Lease.String(),
 		"drain_timeout": cfg.Drain.String(), "retry_uncertain": cfg.RetryUncertain,
-		"bulk_share": fmt.Sprintf("%g%%", BulkSharePercent(cfg.BulkShare)),
+		"bulk_share": fmt.Sprintf("%g%%", outbox.BulkSharePercent(cfg.BulkShare)),
 	}
 	st.Webhooks = map[string]any{"secret_configured": cfg.WebhookSecret != "", "allow_hosts": append([]string{}, h.WebhookAllowHosts...)}
 	st.Privacy = map[string]any{"log_recipients": h.LogRecipients}

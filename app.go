@@ -14,7 +14,7 @@ func init() {
 // Engines are added while the config is provisioned and started after, by
 // the same goroutine, so no locking is needed.
 type App struct {
-	engines []*Engine
+	shared []*shared
 }
 
 // CaddyModule returns the Caddy module information.
@@ -25,12 +25,12 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-func (a *App) add(e *Engine) { a.engines = append(a.engines, e) }
+func (a *App) add(s *shared) { a.shared = append(a.shared, s) }
 
 // Start starts the engines of this config. Engines shared with the
 // previous config are already running; starting is idempotent.
 func (a *App) Start() error {
-	for _, e := range a.engines {
+	for _, e := range a.shared {
 		e.Start()
 	}
 	return nil

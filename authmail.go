@@ -29,6 +29,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -268,10 +269,11 @@ type Handler struct {
 	rcptRates  map[string]ratelimit.Spec // resolved recipient_rate by flow
 	origins    []string                  // allowed origins: base_url's and allow_origins
 	profile    string                    // sender profile: From address and route (senderProfile)
-	reg        *Registration             // this handler's hold on the engine's settings
-	engine     *Engine                   // the outbox for this handler's storage
-	engineKey  string                    // acquired enginePool key, released in Cleanup
-	dcfg       *Config                   // resolved delivery settings
+	reg        *outbox.Registration      // this handler's hold on the engine's settings
+	shared     *shared                   // the engine and limiter of this handler's storage
+	engine     *outbox.Engine            // shared.engine: the outbox for this handler's storage
+	sharedKey  string                    // acquired sharedPool key, released in Cleanup
+	dcfg       *outbox.Config            // resolved delivery settings
 	codes      *issuer                   // resolved codes; nil when not configured
 	dkim       *dkimKey                  // resolved dkim; nil when not configured
 	// storageOverride replaces the storage in unit tests.
@@ -656,27 +658,26 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// one engine per storage and instance; a process has one instance id,
 	// tests simulate several
-	ekey := "authmail.outbox." + iid.String() + "." + StorageIdentity(storage)
-	val, _, err := enginePool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
-		return New(ekey, NewLiveStorage(storage), iid.String(), metricsObserver{}), nil
+	ekey := "authmail.outbox." + iid.String() + "." + outbox.StorageIdentity(storage)
+	val, _, err := sharedPool.LoadOrNew(ekey, func() (caddy.Destructor, error) {
+		return newShared(ekey, storage, iid.String()), nil
 	})
 	if err != nil {
 		return err
 	}
-	h.engineKey = ekey
-	h.engine = val.(*Engine)
-	h.profile = SenderProfile(h.from.Addr, route)
+	h.sharedKey = ekey
+	h.shared = val.(*shared)
+	h.engine = h.shared.engine
+	h.profile = outbox.SenderProfile(h.from.Addr, route)
 	h.reg = h.engine.Configure(h.dcfg, h.logger, h.profile, h.transport, conns)
 	// the engine uses this config's storage value from now on: the one it
 	// was created with may be closed when its config is unloaded
-	if ls, ok := h.engine.st.s.(*LiveStorage); ok {
-		ls.attach(h.reg, storage)
-	}
+	h.shared.live.Attach(h.reg, storage)
 	app, err := ctx.App("authmail")
 	if err != nil {
 		return err
 	}
-	app.(*App).add(h.engine)
+	app.(*App).add(h.shared)
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		h.logger.Warn("registering metrics failed; metrics disabled", zap.Error(err))
 	}
@@ -710,12 +711,12 @@ func durOr(v caddy.Duration, def time.Duration) time.Duration {
 }
 
 // deliveryConfig resolves the delivery settings with their defaults.
-func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*Config, error) {
+func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*outbox.Config, error) {
 	d := h.Delivery
 	if d == nil {
 		d = &Delivery{}
 	}
-	cfg := &Config{
+	cfg := &outbox.Config{
 		Wait:           durOr(d.Wait, defaultWait),
 		RetryBackoff:   durOr(d.RetryBackoff, defaultRetryBackoff),
 		MaxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
@@ -731,10 +732,13 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*Config, error) {
 		WebhookAllow:   h.WebhookAllowHosts,
 	}
 	if h.relayCompat() {
-		cfg.RelaySent = "delivered"
+		// webhooks carry the relay's payload, which names a delivered
+		// message "delivered" ("captured" in capture mode)
+		sent := "delivered"
 		if h.Capture != "" {
-			cfg.RelaySent = "captured"
+			sent = "captured"
 		}
+		cfg.WebhookBody = func(st outbox.State) any { return relayPayloadOf(st, sent) }
 	}
 	if cfg.MaxQueued == 0 {
 		cfg.MaxQueued = defaultMaxQueued
@@ -747,7 +751,7 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*Config, error) {
 		if err != nil {
 			return nil, err
 		}
-		if _, err := webhookKey(secret); err != nil {
+		if _, err := outbox.WebhookKey(secret); err != nil {
 			return nil, fmt.Errorf("webhook_secret: %v", err)
 		}
 		cfg.WebhookSecret = secret
@@ -858,16 +862,14 @@ func (h *Handler) Validate() error {
 // flight finish first.
 func (h *Handler) Cleanup() error {
 	var errs []error
-	if h.engineKey != "" {
+	if h.sharedKey != "" {
 		h.engine.Release(h.reg)
-		if ls, ok := h.engine.st.s.(*LiveStorage); ok {
-			ls.detach(h.reg)
-		}
+		h.shared.live.Detach(h.reg)
 		h.reg = nil
-		if _, err := enginePool.Delete(h.engineKey); err != nil {
+		if _, err := sharedPool.Delete(h.sharedKey); err != nil {
 			errs = append(errs, err)
 		}
-		h.engineKey = ""
+		h.sharedKey = ""
 	}
 	errs = append(errs, h.cleanupFailover()...)
 	if h.poolKey != "" {
@@ -1261,7 +1263,7 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 	_ caddy.Destructor            = (*mailer.Sender)(nil)
-	_ caddy.Destructor            = (*Engine)(nil)
+	_ caddy.Destructor            = (*outbox.Engine)(nil)
 )
 
 // provisionAddresses resolves the sender, the reply-to address, the app

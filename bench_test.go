@@ -24,7 +24,7 @@ func benchHandler(b *testing.B) *Handler {
 	h := provisionedHandler(b, withoutLimits)
 	// one log line per message would measure the terminal
 	h.logger = zap.NewNop()
-	h.engine.logger.Store(zap.NewNop())
+	h.engine.SetLogger(zap.NewNop())
 	return h
 }
 

@@ -65,7 +65,7 @@ const (
 	tokenBytes = 32
 )
 
-// Storage keys of issued values (see the layout in outbox_store.go).
+// Storage keys of issued values (see the layout in internal/outbox/store.go).
 const (
 	keyCodes  = "authmail/codes/"
 	keyTokens = "authmail/tokens/"
@@ -263,8 +263,8 @@ var issuedLocks keyedMutex
 // engines and instances sharing the storage; the mutex spares requests
 // of this process the storage lock's poll. The returned context is not
 // cancelled by the client, so a sequence once started completes.
-func (e *Engine) lockIssued(ctx context.Context, key string) (context.Context, func(), error) {
-	unlock := issuedLocks.lock(e.poolKey + "\x00" + key)
+func (e *shared) lockIssued(ctx context.Context, key string) (context.Context, func(), error) {
+	unlock := issuedLocks.lock(e.key + "\x00" + key)
 	sum := sha256.Sum256([]byte(key))
 	name := "authmail_issued_" + hex.EncodeToString(sum[:16])
 	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -284,7 +284,7 @@ func (e *Engine) lockIssued(ctx context.Context, key string) (context.Context, f
 // returns the challenge id (codes) and a function that withdraws the
 // record when the message is not accepted after all.
 func (h *Handler) storeIssued(ctx context.Context, tenant string, v *issuedValue) (string, func(), error) {
-	is, e := h.codes, h.engine
+	is, e := h.codes, h.shared
 	expires := issuedNow().Add(v.expiry).UTC().Truncate(time.Second)
 	v.expires = expires
 	if !v.otp {
@@ -452,7 +452,7 @@ func unmarshalCodes(d *caddyfile.Dispenser) (*Codes, error) {
 // ago. A code slot is reused by the next code for the same recipient and
 // purpose, so it is deleted under its lock and only if it is still the
 // expired record; a token's key is never reused.
-func (e *Engine) sweepIssued(ctx context.Context) {
+func (e *shared) sweepIssued(ctx context.Context) {
 	now := issuedNow()
 	for _, dir := range []string{keyCodes, keyTokens} {
 		keys, err := e.st.s.List(ctx, strings.TrimSuffix(dir, "/"), true)

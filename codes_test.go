@@ -487,14 +487,14 @@ func TestIssuedRecordsSurviveARestartAndExpireInTheJanitor(t *testing.T) {
 	}
 	// expired, but within the grace period: kept, and answered as expired
 	moveClock(t, 10*time.Minute+issuedGrace-time.Minute)
-	h.engine.janitor(ctx)
+	h.engine.Janitor(ctx)
 	if n := count(); n != 2 {
 		t.Fatalf("the janitor deleted records within their grace period: %d left", n)
 	}
 	st, body = verifyOTP(t, h2, keep, keepCode)
 	expectVerify(t, st, body, 410, expiredBody)
 	moveClock(t, 7*time.Minute) // the code expired 61 minutes ago, the token 61
-	h.engine.janitor(ctx)
+	h.engine.Janitor(ctx)
 	if n := count(); n != 0 {
 		t.Fatalf("%d records outlived expiry plus grace", n)
 	}
@@ -621,9 +621,9 @@ func issuedRecords(t *testing.T, h *Handler) int {
 	ctx := context.Background()
 	n := 0
 	for _, dir := range []string{"authmail/codes", "authmail/tokens"} {
-		keys, _ := h.engine.st.s.List(ctx, dir, true)
+		keys, _ := h.engine.Storage().List(ctx, dir, true)
 		for _, k := range keys {
-			if info, err := h.engine.st.s.Stat(ctx, k); err == nil && info.IsTerminal {
+			if info, err := h.engine.Storage().Stat(ctx, k); err == nil && info.IsTerminal {
 				n++
 			}
 		}

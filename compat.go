@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // compatRelay is the value of compat that makes the handler answer as
@@ -175,10 +177,10 @@ type relayWebhookPayload struct {
 
 // relayPayloadOf builds the relay's webhook body for a final message;
 // sentStatus names a delivered one.
-func relayPayloadOf(st State, sentStatus string) relayWebhookPayload {
+func relayPayloadOf(st outbox.State, sentStatus string) relayWebhookPayload {
 	p := relayWebhookPayload{MessageID: st.MessageID, Status: sentStatus, Refused: []string{}, Attempts: st.Attempts, ID: st.ID}
 	at := st.SentAt
-	if st.Status != Sent {
+	if st.Status != outbox.Sent {
 		p.Status = "failed"
 		code := st.LastCode
 		p.ErrorCode = &code

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // TestCompatDefaults: compat authmail-relay makes Korean the default
@@ -69,11 +71,11 @@ func TestRelayErrorShapes(t *testing.T) {
 // message, sent_at with +00:00.
 func TestRelayWebhookPayload(t *testing.T) {
 	at := time.Date(2026, 5, 15, 10, 0, 0, 123456789, time.FixedZone("KST", 9*3600))
-	sent := State{ID: "i", MessageID: "<m@x>", Status: Sent, Attempts: 1, SentAt: at}
+	sent := outbox.State{ID: "i", MessageID: "<m@x>", Status: outbox.Sent, Attempts: 1, SentAt: at}
 	if got := strings.TrimSpace(string(marshalJSON(relayPayloadOf(sent, "delivered")))); got != `{"message_id":"<m@x>","status":"delivered","error_code":null,"refused":[],"sent_at":"2026-05-15T01:00:00+00:00","attempts":1,"id":"i"}` {
 		t.Errorf("sent: %s", got)
 	}
-	failed := State{ID: "i", MessageID: "<m@x>", Status: Unknown, Attempts: 2, LastCode: "smtp_disconnect_uncertain", Updated: at}
+	failed := outbox.State{ID: "i", MessageID: "<m@x>", Status: outbox.Unknown, Attempts: 2, LastCode: "smtp_disconnect_uncertain", Updated: at}
 	if got := strings.TrimSpace(string(marshalJSON(relayPayloadOf(failed, "delivered")))); got != `{"message_id":"<m@x>","status":"failed","error_code":"smtp_disconnect_uncertain","refused":[],"sent_at":"2026-05-15T01:00:00+00:00","attempts":2,"id":"i"}` {
 		t.Errorf("failed: %s", got)
 	}

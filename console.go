@@ -1,18 +1,18 @@
 package authmail
 
 import (
-	"context"
 	"encoding/base64"
 	"errors"
 	"net/http"
 	"net/url"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // The console endpoints: the outbox's message list and retry, and (in
@@ -72,19 +72,8 @@ const (
 	maxListLimit     = 200
 )
 
-// ListQuery is a parsed GET /messages query.
-type ListQuery struct {
-	Status, Flow string
-	Since        time.Time
-	Limit        int
-	After        string // list ids below this one (the cursor)
-	All          bool   // an admin key: every tenant's messages
-	KeyID        string
-	Tenant       string
-}
-
-func parseListQuery(q url.Values) (ListQuery, *apiError) {
-	lq := ListQuery{Limit: defaultListLimit}
+func parseListQuery(q url.Values) (outbox.ListQuery, *apiError) {
+	lq := outbox.ListQuery{Limit: defaultListLimit}
 	for k := range q {
 		if !slices.Contains([]string{"status", "flow", "since", "limit", "cursor"}, k) {
 			if k == "" {
@@ -94,7 +83,7 @@ func parseListQuery(q url.Values) (ListQuery, *apiError) {
 		}
 	}
 	if v := q.Get("status"); v != "" {
-		if !slices.Contains(AllStates, v) {
+		if !slices.Contains(outbox.AllStates, v) {
 			return lq, invalid("status", "must be queued, sending, sent, failed or unknown")
 		}
 		lq.Status = v
@@ -121,7 +110,7 @@ func parseListQuery(q url.Values) (ListQuery, *apiError) {
 	}
 	if v := q.Get("cursor"); v != "" {
 		b, err := base64.RawURLEncoding.DecodeString(v)
-		if err != nil || BatchOf(string(b)) == "" {
+		if err != nil || outbox.BatchOf(string(b)) == "" {
 			return lq, invalid("cursor", "is not a cursor from a /messages answer")
 		}
 		lq.After = string(b)
@@ -184,103 +173,6 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 	return writeJSON(w, http.StatusOK, out)
 }
 
-// ListMessages returns the messages the query may see, newest first,
-// and the id to continue below ("" at the end). Its cost is bounded: it
-// lists the names of the state records (no content), sorts them (Caddy
-// storage lists in no order; batch ids are time-ordered), and reads at
-// most 2×limit batch states — the page and one more page of messages the
-// filters or the tenant left out. When that budget runs out first the
-// page is shorter than limit and next_cursor continues the scan. A batch
-// accepted on another instance whose first state write is still pending
-// (its state lives only beside its bodies, in the segment) is not read;
-// it shows once its first attempt is recorded.
-func (e *Engine) ListMessages(ctx context.Context, q ListQuery) ([]State, string, error) {
-	keys, err := e.st.list(ctx, strings.TrimSuffix(KeySt, "/"))
-	if err != nil {
-		return nil, "", err
-	}
-	names := make([]string, 0, len(keys))
-	for _, k := range keys {
-		if b := path.Base(k); len(b) == BatchIDLen && !StorageTempName(b) {
-			names = append(names, b)
-		}
-	}
-	e.mu.Lock()
-	for bid := range e.batches {
-		names = append(names, bid)
-	}
-	e.mu.Unlock()
-	slices.Sort(names)
-	names = slices.Compact(names)
-	slices.Reverse(names)
-	var out []State
-	reads := 0
-	for i, bid := range names {
-		if q.After != "" && MessageID(bid, 0) >= q.After {
-			continue // every id of this batch is at or above the cursor
-		}
-		if reads == 2*q.Limit {
-			// the budget is spent: continue below the last batch read
-			return out, MessageID(names[i-1], 0), nil
-		}
-		reads++
-		msgs, err := e.BatchStates(ctx, bid)
-		if err != nil {
-			return nil, "", err
-		}
-		slices.SortFunc(msgs, func(a, b State) int { return strings.Compare(b.ID, a.ID) })
-		older := len(msgs) > 0
-		for j, m := range msgs {
-			if !q.Since.IsZero() && !m.Created.Before(q.Since) {
-				older = false
-			}
-			if q.After != "" && m.ID >= q.After {
-				continue
-			}
-			if !q.All && !m.OwnedBy(q.KeyID, q.Tenant) || q.Status != "" && m.Status != q.Status ||
-				q.Flow != "" && m.Flow != q.Flow || !q.Since.IsZero() && m.Created.Before(q.Since) {
-				continue
-			}
-			out = append(out, m)
-			if len(out) == q.Limit {
-				if j < len(msgs)-1 || i < len(names)-1 {
-					return out, m.ID, nil
-				}
-				return out, "", nil
-			}
-		}
-		if !q.Since.IsZero() && older {
-			// batch ids are time-ordered: every batch below is older too
-			return out, "", nil
-		}
-	}
-	return out, "", nil
-}
-
-// BatchStates reads a batch's message states: from memory when this
-// instance works on it, else its state record. Never the segment, which
-// holds the bodies.
-func (e *Engine) BatchStates(ctx context.Context, bid string) ([]State, error) {
-	e.mu.Lock()
-	if b := e.batches[bid]; b != nil {
-		out := make([]State, len(b.entries))
-		for i, en := range b.entries {
-			out[i] = en.st
-		}
-		e.mu.Unlock()
-		return out, nil
-	}
-	e.mu.Unlock()
-	var bs BatchState
-	if err := e.st.getJSON(ctx, KeySt+bid, &bs); err != nil {
-		if IsNotExist(err) {
-			return nil, nil // retired by the janitor meanwhile
-		}
-		return nil, err
-	}
-	return bs.Messages, nil
-}
-
 // retryResponse is the answer of POST /messages/{id}/retry.
 type retryResponse struct {
 	statusResponse
@@ -289,19 +181,19 @@ type retryResponse struct {
 
 func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
 	prev, _, _ := h.engine.Lookup(r.Context(), id)
-	may := func(m State) bool { return key.allow["admin"] || m.OwnedBy(key.id, key.tenant) }
+	may := func(m outbox.State) bool { return key.allow["admin"] || m.OwnedBy(key.id, key.tenant) }
 	st, ok, err := h.engine.Requeue(r.Context(), id, may)
 	switch {
 	case !ok && err == nil:
 		return h.reject(w, rc, &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"})
-	case errors.Is(err, ErrNotRetryable):
+	case errors.Is(err, outbox.ErrNotRetryable):
 		return h.reject(w, rc, &apiError{Status: http.StatusConflict, Code: "not_retryable",
 			Message: "the message is " + st.Status + "; only a failed or unknown message can be retried"})
-	case errors.Is(err, ErrRetryElsewhere):
+	case errors.Is(err, outbox.ErrRetryElsewhere):
 		w.Header().Set("Retry-After", "5")
 		return h.reject(w, rc, &apiError{Status: http.StatusConflict, Code: "retry_later",
 			Message: "the message's batch still has work in progress (other messages, or its webhook); retry later"})
-	case errors.Is(err, ErrBodyGone):
+	case errors.Is(err, outbox.ErrBodyGone):
 		return h.reject(w, rc, &apiError{Status: http.StatusGone, Code: "body_gone",
 			Message: "the message body is gone: bodies are kept for delivery replay_window after a message is final; send it again"})
 	case err != nil:
@@ -312,7 +204,7 @@ func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *request
 	rc.id, rc.messageID = st.ID, st.MessageID
 	rc.setStatus(st.Status, "")
 	resp := retryResponse{statusResponse: statusOf(st)}
-	if prev.Status == Unknown {
+	if prev.Status == outbox.Unknown {
 		resp.Warning = "the last attempt's outcome was unknown: the server may have accepted it, so the recipient may get this message twice"
 	}
 	if viaBrowserForm(r) {

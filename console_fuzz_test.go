@@ -3,6 +3,8 @@ package authmail
 import (
 	"net/url"
 	"testing"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // FuzzConsoleQueries feeds arbitrary query strings to the parsers of
@@ -28,7 +30,7 @@ func FuzzConsoleQueries(f *testing.F) {
 			if aerr.Status != 422 || aerr.Field == "" {
 				t.Fatalf("list %q: %+v", s, aerr)
 			}
-		} else if lq.After != "" && BatchOf(lq.After) == "" || lq.Limit < 1 || lq.Limit > maxListLimit {
+		} else if lq.After != "" && outbox.BatchOf(lq.After) == "" || lq.Limit < 1 || lq.Limit > maxListLimit {
 			t.Fatalf("list %q: accepted %+v", s, lq)
 		}
 		if _, flows, aerr := parsePreviewQuery(q); aerr != nil {

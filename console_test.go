@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -71,7 +72,7 @@ func TestMessagesListPaginatesNewestFirst(t *testing.T) {
 	}
 	ids = append(ids, out["id"].(string))
 	for _, id := range ids {
-		waitState(t, h, id, func(s State) bool { return finalState(s.Status) })
+		waitState(t, h, id, func(s outbox.State) bool { return outbox.IsFinal(s.Status) })
 	}
 	// newest first, two per page
 	var got []string
@@ -133,14 +134,14 @@ func TestMessagesListCostIsBounded(t *testing.T) {
 			t.Fatalf("%d %s", rec.Code, rec.Body)
 		}
 	}
-	msgs, next, err := h.engine.ListMessages(context.Background(), ListQuery{Limit: 1, Status: Failed, All: true})
+	msgs, next, err := h.engine.ListMessages(context.Background(), outbox.ListQuery{Limit: 1, Status: outbox.Failed, All: true})
 	if err != nil || len(msgs) != 0 || next == "" {
 		t.Fatalf("%v %q %v", msgs, next, err)
 	}
 	// resumed from the cursor, it scans on and ends
 	seen := 2
 	for next != "" {
-		msgs, next, err = h.engine.ListMessages(context.Background(), ListQuery{Limit: 1, Status: Failed, All: true, After: next})
+		msgs, next, err = h.engine.ListMessages(context.Background(), outbox.ListQuery{Limit: 1, Status: outbox.Failed, All: true, After: next})
 		if err != nil || len(msgs) != 0 {
 			t.Fatal(msgs, err)
 		}
@@ -172,12 +173,12 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	}
 	id := out["id"].(string)
 	// retired: final in storage, nobody owns it; the body stays
-	bid := BatchOf(id)
+	bid := outbox.BatchOf(id)
 	deadline := time.Now().Add(5 * time.Second)
-	for h.engine.st.s.Exists(context.Background(), ownKey(h.engine.iid, bid)) && time.Now().Before(deadline) {
+	for h.engine.Storage().Exists(context.Background(), outbox.OwnKey(h.engine.Instance(), bid)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !h.engine.st.s.Exists(context.Background(), keySeg+bid) {
+	if !h.engine.Storage().Exists(context.Background(), outbox.KeySeg+bid) {
 		t.Fatal("the body was deleted despite the replay window")
 	}
 	rec, _ = call(t, h, "POST", "/authmail/messages/"+id+"/retry", "", "Authorization: Bearer nope-nope-nope-nope")
@@ -189,7 +190,7 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 	if rec.Code != 202 || out["status"] != "queued" || out["id"] != id || rec.Header().Get("Location") != "/authmail/messages/"+id || out["warning"] != nil {
 		t.Fatalf("retry: %d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, id, status(Sent))
+	st := waitState(t, h, id, status(outbox.Sent))
 	if st.Attempts != 2 {
 		t.Fatalf("attempts %d", st.Attempts)
 	}
@@ -216,21 +217,21 @@ func TestRetryRequeuesFailedMessage(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id2 := out["id"].(string)
-	waitState(t, h, id2, status(Failed))
+	waitState(t, h, id2, status(outbox.Failed))
 	deadline = time.Now().Add(5 * time.Second)
-	for h.engine.st.s.Exists(context.Background(), ownKey(h.engine.iid, BatchOf(id2))) && time.Now().Before(deadline) {
+	for h.engine.Storage().Exists(context.Background(), outbox.OwnKey(h.engine.Instance(), outbox.BatchOf(id2))) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	cfg := *h.engine.Config()
 	cfg.ReplayWindow = time.Nanosecond
-	h.engine.cfg.Store(&cfg)
+	h.engine.SetConfig(&cfg)
 	rec, out = call(t, h, "POST", "/authmail/messages/"+id2+"/retry", "")
 	if rec.Code != 410 || out["error_code"] != "body_gone" {
 		t.Fatalf("after the window: %d %s", rec.Code, rec.Body)
 	}
 	// the janitor deletes the body once the window passed
-	h.engine.janitor(context.Background())
-	if h.engine.st.s.Exists(context.Background(), keySeg+BatchOf(id2)) {
+	h.engine.Janitor(context.Background())
+	if h.engine.Storage().Exists(context.Background(), outbox.KeySeg+outbox.BatchOf(id2)) {
 		t.Fatal("the janitor kept a body past the replay window")
 	}
 }
@@ -248,7 +249,7 @@ func TestRetryFromPreviewForm(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, status(Failed))
+	waitState(t, h, id, status(outbox.Failed))
 	srv.SetHooks(smtptest.Hooks{})
 	form := func(site string) *http.Request {
 		req := apiRequest("POST", "/authmail/messages/"+id+"/retry", nil, "Content-Type: application/x-www-form-urlencoded", "Sec-Fetch-Site: "+site)
@@ -270,7 +271,7 @@ func TestRetryFromPreviewForm(t *testing.T) {
 	if rec.Code != 303 || rec.Header().Get("Location") != "/authmail/preview#outbox" {
 		t.Fatalf("same-origin form: %d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	waitState(t, h, id, status(Sent))
+	waitState(t, h, id, status(outbox.Sent))
 }
 
 // TestRetryOtherTenant: another key's message is not found; an admin
@@ -287,7 +288,7 @@ func TestRetryOtherTenant(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, status(Failed))
+	waitState(t, h, id, status(outbox.Failed))
 	rec, out = call(t, h, "POST", "/authmail/messages/"+id+"/retry", "", "Authorization: Bearer third-key-0123456789abcdef")
 	if rec.Code != 404 || out["error_code"] != "not_found" {
 		t.Fatalf("other key: %d %s", rec.Code, rec.Body)
@@ -307,7 +308,7 @@ func TestRetryOtherTenant(t *testing.T) {
 	if rec.Code != 202 {
 		t.Fatalf("admin retry: %d %s", rec.Code, rec.Body)
 	}
-	waitState(t, h, id, status(Sent))
+	waitState(t, h, id, status(outbox.Sent))
 }
 
 // TestReplayWindowConfig: replay_window may not outlive the status

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
 
@@ -36,9 +37,9 @@ func testLimitsAreSharedAcrossInstances(t *testing.T) {
 	limit := func(h *Handler) { h.RecipientRate = map[string]string{"otp": "3/1m"} }
 	a := newInstance(t, shared).handler(limit)
 	b := newInstance(t, shared).handler(limit)
-	a.engine.Start()
-	b.engine.Start()
-	if a.engine.limits.Hash("x") != b.engine.limits.Hash("x") {
+	a.shared.Start()
+	b.shared.Start()
+	if a.shared.limits.Hash("x") != b.shared.limits.Hash("x") {
 		t.Fatal("instances sharing a storage must share the hashing salt")
 	}
 	for i, h := range []*Handler{a, b, a} {
@@ -53,7 +54,7 @@ func testLimitsAreSharedAcrossInstances(t *testing.T) {
 		}
 	}
 	// the published state holds hashes, never the address
-	raw, err := a.engine.st.s.Load(context.Background(), keyRL+a.engine.iid)
+	raw, err := a.engine.Storage().Load(context.Background(), keyRL+a.engine.Instance())
 	if err != nil || strings.Contains(string(raw), "shared@example.org") || strings.Contains(string(raw), "127.0.0.1") {
 		t.Fatalf("published limiter state: %v %s", err, raw)
 	}
@@ -161,20 +162,20 @@ func TestLimitSyncIgnoresWritesInProgress(t *testing.T) {
 func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 	h := provisionedHandler(t, func(h *Handler) { h.RecipientRate = map[string]string{"otp": "2/1m"} })
 	e := h.engine
-	e.Start() // loads the cluster's hashing salt
+	h.shared.Start() // loads the cluster's hashing salt
 	ctx := context.Background()
-	key := "r:otp:" + e.limits.Hash("jane@example.org")
+	key := "r:otp:" + h.shared.limits.Hash("jane@example.org")
 	now := time.Now()
 	peer := limiterState{Instance: "5f0c4a52-2b8e-4d7c-9a51-0c1f3b7e2d44", Updated: now, Events: map[string][]int64{key: {now.UnixMilli()}}}
 	for _, name := range []string{peer.Instance, "2318229907", "renamed-copy"} {
-		if err := e.st.putJSON(ctx, keyRL+name, peer); err != nil {
+		if err := outbox.PutJSON(ctx, e.Storage(), keyRL+name, peer); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := e.st.putJSON(ctx, keyInst+"2318229907", heartbeat{Instance: peer.Instance, Updated: now}); err != nil {
+	if err := outbox.PutJSON(ctx, e.Storage(), outbox.KeyInst+"2318229907", outbox.Heartbeat{Instance: peer.Instance, Updated: now}); err != nil {
 		t.Fatal(err)
 	}
-	e.syncLimits(ctx)
+	h.shared.syncLimits(ctx)
 	// one event of the peer plus one here is the limit (2/1m): the first
 	// message goes out, the second is refused, never the first
 	if rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org")); rec.Code != 200 {
@@ -183,12 +184,12 @@ func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 	if rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org")); rec.Code != 429 || out["error_code"] != "recipient_rate_limited" {
 		t.Fatalf("second message: %d %v", rec.Code, out)
 	}
-	ids, err := e.st.instances(ctx)
+	ids, err := store{s: e.Storage()}.instances(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, id := range ids {
-		if StorageTempName(id) {
+		if outbox.StorageTempName(id) {
 			t.Fatalf("instances lists the temporary name %q: %v", id, ids)
 		}
 	}
@@ -200,19 +201,19 @@ func testLimitSyncIgnoresWritesInProgress(t *testing.T) {
 func TestPublishedAuthFailuresAreBounded(t *testing.T) {
 	h := provisionedHandler(t)
 	e := h.engine
-	e.Start()
+	h.shared.Start()
 	now := time.Now()
 	spec := ratelimit.Spec{N: 10, Window: time.Minute}
 	for i := range maxPublishedAuthFailures + 500 {
-		e.limits.Record(fmt.Sprintf("a:client-%d", i), spec, now)
+		h.shared.limits.Record(fmt.Sprintf("a:client-%d", i), spec, now)
 	}
 	for i := range 3 { // the worst offender
-		e.limits.Record("a:client-7", spec, now.Add(time.Duration(i+1)*time.Millisecond))
+		h.shared.limits.Record("a:client-7", spec, now.Add(time.Duration(i+1)*time.Millisecond))
 	}
-	e.limits.Record("k:app", spec, now)
-	e.syncLimits(context.Background())
+	h.shared.limits.Record("k:app", spec, now)
+	h.shared.syncLimits(context.Background())
 	var ps limiterState
-	if err := e.st.getJSON(context.Background(), keyRL+e.iid, &ps); err != nil {
+	if err := outbox.GetJSON(context.Background(), e.Storage(), keyRL+e.Instance(), &ps); err != nil {
 		t.Fatal(err)
 	}
 	auth := 0

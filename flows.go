@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // securityEvents are the events /send/security-alert accepts. All are on
@@ -267,7 +269,7 @@ type outMessage struct {
 	locale               string // the locale it was rendered in; "" for /send
 	to, cc, bcc, replyTo []mailAddr
 	subject, text, html  string
-	webhook              WebhookState
+	webhook              outbox.WebhookState
 	issued               *issuedValue // a code or token authmail issued, stored on accept
 	// expiry is how long the code or link it carries is valid: still
 	// queued after that, the message is not sent; 0 for no limit
@@ -279,28 +281,28 @@ type outMessage struct {
 }
 
 // checkWebhook validates a request's webhook fields.
-func (h *Handler) checkWebhook(f deliveryFields) (WebhookState, *apiError) {
+func (h *Handler) checkWebhook(f deliveryFields) (outbox.WebhookState, *apiError) {
 	if f.WebhookURL == "" {
 		if f.WebhookSecret != "" {
-			return WebhookState{}, invalid("webhook_secret", "needs a webhook_url")
+			return outbox.WebhookState{}, invalid("webhook_secret", "needs a webhook_url")
 		}
-		return WebhookState{}, nil
+		return outbox.WebhookState{}, nil
 	}
 	if err := checkWebhookURL(f.WebhookURL, h.WebhookAllowHosts); err != nil {
-		return WebhookState{}, err
+		return outbox.WebhookState{}, err
 	}
 	if err := checkText("webhook_secret", f.WebhookSecret, 256); err != nil {
-		return WebhookState{}, err
+		return outbox.WebhookState{}, err
 	}
-	if _, err := webhookKey(f.WebhookSecret); err != nil {
-		return WebhookState{}, invalid("webhook_secret", "%s", err)
+	if _, err := outbox.WebhookKey(f.WebhookSecret); err != nil {
+		return outbox.WebhookState{}, invalid("webhook_secret", "%s", err)
 	}
 	// the relay posted unsigned webhooks when no secret was given; compat
 	// authmail-relay keeps that, everything else refuses
 	if f.WebhookSecret == "" && (h.dcfg == nil || h.dcfg.WebhookSecret == "") && !h.relayCompat() {
-		return WebhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
+		return outbox.WebhookState{}, invalid("webhook_secret", "is required: this server has no webhook_secret to sign webhooks with")
 	}
-	return WebhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
+	return outbox.WebhookState{URL: f.WebhookURL, Secret: f.WebhookSecret}, nil
 }
 
 // withWebhook validates the webhook fields and attaches them to the
@@ -397,8 +399,8 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	}
 	switch req.Priority {
 	case "", "normal":
-	case PriorityBulk:
-		m.priority = PriorityBulk
+	case outbox.PriorityBulk:
+		m.priority = outbox.PriorityBulk
 	default:
 		return nil, "", invalid("priority", `must be "normal" or "bulk"`)
 	}

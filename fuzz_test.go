@@ -77,13 +77,13 @@ func provision(t testing.TB, h *Handler) caddy.Context {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		e, key := h.engine, h.engineKey
+		e, key := h.engine, h.sharedKey
 		_ = h.Cleanup()
 		// the last handler of an engine stops it in the background; wait,
 		// so that its final writes land before the test's directories go
-		if _, used := enginePool.References(key); e != nil && key != "" && !used && e.started.Load() {
+		if _, used := sharedPool.References(key); e != nil && key != "" && !used && e.Started() {
 			select {
-			case <-e.doneCh:
+			case <-e.Done():
 			case <-time.After(20 * time.Second):
 				t.Error("the outbox engine did not stop")
 			}

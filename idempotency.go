@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // idemRecord is stored at authmail/idem/<tenant>/<sha256 of the key>,
@@ -112,11 +114,11 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 	hash := hex.EncodeToString(sum[:])
 	reqSum := sha256.Sum256(append([]byte(endpointPath+"\x00"), body...))
 	reqHash := hex.EncodeToString(reqSum[:])
-	key := KeyIdem + tenant + "/" + hash
+	key := outbox.KeyIdem + tenant + "/" + hash
 
 	unlock := idemLocks.lock(key)
 	defer unlock()
-	st := h.engine.st
+	st := h.shared.st
 	if resp, ok := h.replayDone(ctx, key, reqHash); ok {
 		return resp
 	}
@@ -134,7 +136,7 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 	var rec idemRecord
 	err := st.getJSON(lctx, key, &rec)
 	found := err == nil && time.Since(rec.Created) < h.engine.Config().IdemTTL
-	if err != nil && !IsNotExist(err) {
+	if err != nil && !outbox.IsNotExist(err) {
 		h.logger.Error("reading an idempotency record failed", zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be read; retry later")
 	}
@@ -156,19 +158,19 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record's message could not be read; retry later")
 		}
 		if ok {
-			resp := h.answerFor([]State{state})
+			resp := h.answerFor([]outbox.State{state})
 			h.storeIdem(key, rec, resp)
 			resp.replayed = true
 			return resp
 		}
 	} else {
-		rec = idemRecord{RequestHash: reqHash, ID: MessageID(newID(time.Now()), 0), State: "pending", Created: time.Now()}
+		rec = idemRecord{RequestHash: reqHash, ID: outbox.MessageID(outbox.NewID(time.Now()), 0), State: "pending", Created: time.Now()}
 		if err := st.putJSON(lctx, key, rec); err != nil {
 			h.logger.Error("writing an idempotency record failed", zap.Error(err))
 			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be written; retry later")
 		}
 	}
-	resp := submit(BatchOf(rec.ID))
+	resp := submit(outbox.BatchOf(rec.ID))
 	if resp.created {
 		h.storeIdem(key, rec, resp)
 	} else if !found {
@@ -184,7 +186,7 @@ func (h *Handler) storeIdem(key string, rec idemRecord, resp apiResponse) {
 	rec.State, rec.Status, rec.Body, rec.Location = "done", resp.status, resp.body, resp.location
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := h.engine.st.putJSON(ctx, key, rec); err != nil {
+	if err := h.shared.st.putJSON(ctx, key, rec); err != nil {
 		// the message is accepted; a retry finds the pending record and
 		// answers for the same message
 		h.logger.Error("writing an idempotency record failed", zap.Error(err))

@@ -22,7 +22,7 @@ import (
 // which reports it.
 func (h *Handler) replayDone(ctx context.Context, key, reqHash string) (apiResponse, bool) {
 	var rec idemRecord
-	if err := h.engine.st.getJSON(ctx, key, &rec); err != nil {
+	if err := h.shared.st.getJSON(ctx, key, &rec); err != nil {
 		return apiResponse{}, false
 	}
 	if rec.State != "done" || time.Since(rec.Created) >= h.engine.Config().IdemTTL {

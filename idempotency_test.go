@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -175,10 +176,10 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 		if rec.Code != 200 {
 			t.Fatalf("%d", rec.Code)
 		}
-		keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false)
+		keys, _ := h.engine.Storage().List(ctx, outbox.KeyIdem+h.keys[0].tenant, false)
 		for _, key := range keys {
 			var r idemRecord
-			if h.engine.st.getJSON(ctx, key, &r) == nil && r.State == "done" {
+			if h.shared.st.getJSON(ctx, key, &r) == nil && r.State == "done" {
 				out = key
 			}
 		}
@@ -186,7 +187,7 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 	}
 	key := hashOf("crash-1")
 	var rec idemRecord
-	if err := h.engine.st.getJSON(ctx, key, &rec); err != nil {
+	if err := h.shared.st.getJSON(ctx, key, &rec); err != nil {
 		t.Fatal(err)
 	}
 	sent := len(srv.Messages())
@@ -194,7 +195,7 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 	// 1. the instance crashed after accepting the message, before storing
 	// the answer: the retry answers for the accepted message
 	rec.State, rec.Status, rec.Body = "pending", 0, nil
-	_ = h.engine.st.putJSON(ctx, key, rec)
+	_ = h.shared.st.putJSON(ctx, key, rec)
 	r, out := call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: crash-1")
 	if r.Code != 200 || out["id"] != rec.ID || r.Header().Get("Idempotent-Replayed") != "true" {
 		t.Fatalf("pending with an accepted message: %d %s (reserved %s)", r.Code, r.Body, rec.ID)
@@ -205,8 +206,8 @@ func testIdempotencyRecoversAPendingRecord(t *testing.T) {
 
 	// 2. the instance crashed after reserving the id, before accepting:
 	// the retry sends the message under the reserved id
-	reserved := MessageID(newID(time.Now()), 0)
-	_ = h.engine.st.putJSON(ctx, key, idemRecord{RequestHash: rec.RequestHash, ID: reserved, State: "pending", Created: time.Now()})
+	reserved := outbox.MessageID(outbox.NewID(time.Now()), 0)
+	_ = h.shared.st.putJSON(ctx, key, idemRecord{RequestHash: rec.RequestHash, ID: reserved, State: "pending", Created: time.Now()})
 	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: crash-1")
 	if r.Code != 200 || out["id"] != reserved {
 		t.Fatalf("pending without a message: %d %s (reserved %s)", r.Code, r.Body, reserved)
@@ -234,7 +235,7 @@ func testIdempotencyDoesNotConsumeTheKeyOnQueueFull(t *testing.T) {
 	if rec.Code != 503 {
 		t.Fatalf("%d", rec.Code)
 	}
-	keys, _ := h.engine.st.s.List(context.Background(), KeyIdem+h.keys[0].tenant, false)
+	keys, _ := h.engine.Storage().List(context.Background(), outbox.KeyIdem+h.keys[0].tenant, false)
 	if len(keys) != 0 {
 		t.Fatalf("a 503 consumed the key: %v", keys)
 	}

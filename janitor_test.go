@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -25,43 +26,43 @@ func testJanitorExpiresRecords(t *testing.T) {
 		d.IdempotencyTTL = caddy.Duration(50 * time.Millisecond)
 	}))
 	ctx := context.Background()
-	st := h.engine.st
+	st := h.shared.st
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Idempotency-Key: j-1")
 	id := out["id"].(string)
-	waitState(t, h, id, status(Sent))
+	waitState(t, h, id, status(outbox.Sent))
 	// wait for the batch to retire (body deleted)
 	deadline := time.Now().Add(5 * time.Second)
-	for st.s.Exists(ctx, keySeg+BatchOf(id)) && time.Now().Before(deadline) {
+	for st.s.Exists(ctx, outbox.KeySeg+outbox.BatchOf(id)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	// an orphan: a batch written for a request that never got its answer
-	h.engine.tun.orphanAge = 50 * time.Millisecond
-	orphan := newID(time.Now())
-	if err := st.putJSON(ctx, keySeg+orphan, segment{Batch: orphan}); err != nil {
+	h.engine.Tunables().OrphanAge = 50 * time.Millisecond
+	orphan := outbox.NewID(time.Now())
+	if err := st.putJSON(ctx, outbox.KeySeg+orphan, outbox.Segment{Batch: orphan}); err != nil {
 		t.Fatal(err)
 	}
 	// a batch with work left (the server defers it) must survive
 	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { return smtpRefusal(451) }})
 	_, live := call(t, h, "POST", "/authmail/send/otp", otp("live@example.org"), "Prefer: respond-async")
-	liveBatch := BatchOf(live["id"].(string))
+	liveBatch := outbox.BatchOf(live["id"].(string))
 
 	time.Sleep(100 * time.Millisecond)
-	h.engine.janitor(ctx)
-	if !st.s.Exists(ctx, keySeg+liveBatch) {
+	h.engine.Janitor(ctx)
+	if !st.s.Exists(ctx, outbox.KeySeg+liveBatch) {
 		t.Fatal("the janitor deleted a batch that is still being retried")
 	}
 	srv.SetHooks(smtptest.Hooks{})
 
-	if st.s.Exists(ctx, KeySt+BatchOf(id)) {
+	if st.s.Exists(ctx, outbox.KeySt+outbox.BatchOf(id)) {
 		t.Error("the status record outlived its retention")
 	}
-	if keys, _ := st.s.List(ctx, strings.TrimSuffix(KeyIdem, "/"), true); len(keys) != 0 && !allDirs(ctx, st, keys) {
+	if keys, _ := st.s.List(ctx, strings.TrimSuffix(outbox.KeyIdem, "/"), true); len(keys) != 0 && !allDirs(ctx, st, keys) {
 		t.Errorf("idempotency records outlived their TTL: %v", keys)
 	}
-	if st.s.Exists(ctx, keySeg+orphan) {
+	if st.s.Exists(ctx, outbox.KeySeg+orphan) {
 		t.Error("an orphan batch was kept")
 	}
-	waitState(t, h, live["id"].(string), status(Sent))
+	waitState(t, h, live["id"].(string), status(outbox.Sent))
 	// after its status record is gone, the status endpoint says not found
 	if rec, _ := call(t, h, "GET", "/authmail/messages/"+id, ""); rec.Code != 404 {
 		t.Errorf("expired message: %d", rec.Code)
@@ -145,7 +146,7 @@ type flakyListing struct {
 }
 
 func (f *flakyListing) List(ctx context.Context, prefix string, recursive bool) ([]string, error) {
-	if f.fail.Load() && strings.HasPrefix(prefix, strings.TrimSuffix(keyOwn, "/")) {
+	if f.fail.Load() && strings.HasPrefix(prefix, strings.TrimSuffix(outbox.KeyOwn, "/")) {
 		return nil, errors.New("listing failed")
 	}
 	return f.Storage.List(ctx, prefix, recursive)
@@ -160,34 +161,34 @@ func testJanitorKeepsSegmentsWhenOwnershipCannotBeListed(t *testing.T) {
 	flaky := &flakyListing{Storage: openStorage(t, in.storageDir)}
 	h := in.handler(func(h *Handler) { h.storageOverride = flaky })
 	e := h.engine
-	e.tun.orphanAge = time.Millisecond
+	e.Tunables().OrphanAge = time.Millisecond
 	ctx := context.Background()
-	// a batch accepted but not attempted yet: segment and marker, no state
-	live := newID(time.Now())
-	if err := e.st.putJSON(ctx, keySeg+live, segment{Batch: live, Owner: e.iid}); err != nil {
+	// a batch accepted but not attempted yet: outbox.Segment and marker, no state
+	live := outbox.NewID(time.Now())
+	if err := outbox.PutJSON(ctx, e.Storage(), outbox.KeySeg+live, outbox.Segment{Batch: live, Owner: e.Instance()}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.st.s.Store(ctx, ownKey(e.iid, live), []byte("x")); err != nil {
+	if err := e.Storage().Store(ctx, outbox.OwnKey(e.Instance(), live), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	// and a true orphan: a segment nobody owns
-	orphan := newID(time.Now())
-	if err := e.st.putJSON(ctx, keySeg+orphan, segment{Batch: orphan}); err != nil {
+	// and a true orphan: a outbox.Segment nobody owns
+	orphan := outbox.NewID(time.Now())
+	if err := outbox.PutJSON(ctx, e.Storage(), outbox.KeySeg+orphan, outbox.Segment{Batch: orphan}); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(20 * time.Millisecond)
 	flaky.fail.Store(true)
-	e.janitor(ctx)
+	e.Janitor(ctx)
 	flaky.fail.Store(false)
-	if !e.st.s.Exists(ctx, keySeg+live) || !e.st.s.Exists(ctx, keySeg+orphan) {
+	if !e.Storage().Exists(ctx, outbox.KeySeg+live) || !e.Storage().Exists(ctx, outbox.KeySeg+orphan) {
 		t.Fatal("the janitor deleted segments although it could not list who owns them")
 	}
-	e.janitor(ctx)
-	if !e.st.s.Exists(ctx, keySeg+live) {
-		t.Error("the janitor deleted an owned segment")
+	e.Janitor(ctx)
+	if !e.Storage().Exists(ctx, outbox.KeySeg+live) {
+		t.Error("the janitor deleted an owned outbox.Segment")
 	}
-	if e.st.s.Exists(ctx, keySeg+orphan) {
-		t.Error("the janitor kept an orphaned segment")
+	if e.Storage().Exists(ctx, outbox.KeySeg+orphan) {
+		t.Error("the janitor kept an orphaned outbox.Segment")
 	}
 }
 
@@ -199,7 +200,7 @@ func testJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, "").handler(withSMTP(t, srv))
 	ctx := context.Background()
-	st := h.engine.st
+	st := h.shared.st
 	now := time.Now()
 	put := func(key string, v any) {
 		t.Helper()
@@ -208,37 +209,37 @@ func testJanitorForgetsInstancesThatStoppedLongAgo(t *testing.T) {
 		}
 	}
 	// stopped eight days ago; its work was adopted, its folder is empty
-	put(keyInst+"gone", heartbeat{Instance: "gone", Updated: now.Add(-8 * 24 * time.Hour), AdoptedBy: "x"})
+	put(outbox.KeyInst+"gone", outbox.Heartbeat{Instance: "gone", Updated: now.Add(-8 * 24 * time.Hour), AdoptedBy: "x"})
 	put(keyRL+"gone", limiterState{Instance: "gone", Updated: now.Add(-8 * 24 * time.Hour)})
-	put(keyOwn+"gone/06gzvg12ec1w730q0e162n041r", "x")
-	if err := st.s.Delete(ctx, keyOwn+"gone/06gzvg12ec1w730q0e162n041r"); err != nil {
+	put(outbox.KeyOwn+"gone/06gzvg12ec1w730q0e162n041r", "x")
+	if err := st.s.Delete(ctx, outbox.KeyOwn+"gone/06gzvg12ec1w730q0e162n041r"); err != nil {
 		t.Fatal(err)
 	}
 	// stopped as long ago, but it still owns a batch: adoption comes first
-	put(keyInst+"owning", heartbeat{Instance: "owning", Updated: now.Add(-8 * 24 * time.Hour)})
-	put(keyOwn+"owning/06gzvg12fc48gnv03ha1pydr1w", "x")
+	put(outbox.KeyInst+"owning", outbox.Heartbeat{Instance: "owning", Updated: now.Add(-8 * 24 * time.Hour)})
+	put(outbox.KeyOwn+"owning/06gzvg12fc48gnv03ha1pydr1w", "x")
 	// stopped an hour ago: kept for a week
-	put(keyInst+"recent", heartbeat{Instance: "recent", Updated: now.Add(-time.Hour)})
+	put(outbox.KeyInst+"recent", outbox.Heartbeat{Instance: "recent", Updated: now.Add(-time.Hour)})
 	put(keyRL+"recent", limiterState{Instance: "recent", Updated: now.Add(-time.Hour)})
 	// markers without any heartbeat: an instance that may be starting
-	put(keyOwn+"starting/06gzvg12fc48gnv03ha1pydr1x", "x")
+	put(outbox.KeyOwn+"starting/06gzvg12fc48gnv03ha1pydr1x", "x")
 
-	if err := h.engine.writeHeartbeat(ctx); err != nil {
+	if err := h.engine.WriteHeartbeat(ctx); err != nil {
 		t.Fatal(err)
 	}
 
-	h.engine.janitor(ctx)
+	h.engine.Janitor(ctx)
 
-	for _, k := range []string{keyInst + "gone", keyRL + "gone", keyOwn + "gone"} {
+	for _, k := range []string{outbox.KeyInst + "gone", keyRL + "gone", outbox.KeyOwn + "gone"} {
 		if st.s.Exists(ctx, k) {
 			t.Errorf("%s outlived its instance by more than a week", k)
 		}
 	}
 	for _, k := range []string{
-		keyInst + "owning", keyOwn + "owning/06gzvg12fc48gnv03ha1pydr1w",
-		keyInst + "recent", keyRL + "recent",
-		keyOwn + "starting/06gzvg12fc48gnv03ha1pydr1x",
-		keyInst + h.engine.iid,
+		outbox.KeyInst + "owning", outbox.KeyOwn + "owning/06gzvg12fc48gnv03ha1pydr1w",
+		outbox.KeyInst + "recent", keyRL + "recent",
+		outbox.KeyOwn + "starting/06gzvg12fc48gnv03ha1pydr1x",
+		outbox.KeyInst + h.engine.Instance(),
 	} {
 		if !st.s.Exists(ctx, k) {
 			t.Errorf("%s was deleted", k)

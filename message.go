@@ -3,8 +3,6 @@ package authmail
 import (
 	"bytes"
 	"crypto/rand"
-	"encoding/base32"
-	"encoding/binary"
 	"fmt"
 	"net/mail"
 	"strings"
@@ -14,30 +12,15 @@ import (
 	gomail "github.com/wneessen/go-mail"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
-
-// idEncoding is lowercase Crockford base32 without padding, whose
-// alphabet is in ASCII order, so ids sort by time. Ids are safe in paths,
-// file names, storage keys and Message-ID local parts.
-var idEncoding = base32.NewEncoding("0123456789abcdefghjkmnpqrstvwxyz").WithPadding(base32.NoPadding)
-
-// newID returns an opaque, time-ordered message id: 48 bits of
-// milliseconds followed by 80 random bits, 26 characters.
-func newID(now time.Time) string {
-	var b [16]byte
-	var ms [8]byte
-	binary.BigEndian.PutUint64(ms[:], uint64(now.UnixMilli()))
-	copy(b[:6], ms[2:])
-	_, _ = rand.Read(b[6:])
-	return idEncoding.EncodeToString(b[:])
-}
 
 // newMessageID returns a Message-ID value, angle brackets included, with
 // 160 random bits on the sender's domain.
 func newMessageID(domain string) string {
 	var b [20]byte
 	_, _ = rand.Read(b[:])
-	return "<" + idEncoding.EncodeToString(b[:]) + "@" + domain + ">"
+	return "<" + outbox.IDEncoding.EncodeToString(b[:]) + "@" + domain + ">"
 }
 
 // buildEnvelope renders m into RFC 5322 bytes. The headers are From,
@@ -46,7 +29,7 @@ func newMessageID(domain string) string {
 // the body is multipart/alternative, text first.
 func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*mailer.Envelope, error) {
 	env := &mailer.Envelope{
-		ID:        newID(now),
+		ID:        outbox.NewID(now),
 		MessageID: newMessageID(h.from.domain()),
 		From:      h.from.Addr,
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddy-authmail/authmail/internal/mailtest"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 func parseMessage(t *testing.T, raw []byte) (*mailtest.Message, []mailtest.Part) {
@@ -109,7 +110,7 @@ func TestIDsAreUniqueAndOrdered(t *testing.T) {
 	seen := map[string]bool{}
 	prev := ""
 	for i := range 2000 {
-		id := newID(time.UnixMilli(int64(1_700_000_000_000 + i)))
+		id := outbox.NewID(time.UnixMilli(int64(1_700_000_000_000 + i)))
 		if seen[id] || id <= prev {
 			t.Fatalf("id %q repeats or is out of order after %q", id, prev)
 		}

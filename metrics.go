@@ -81,8 +81,8 @@ func registerMetrics(reg prometheus.Registerer) error {
 
 func outboxTotals() (int, time.Duration) {
 	total, oldest := 0, time.Duration(0)
-	enginePool.Range(func(_, v any) bool {
-		n, age := v.(*Engine).QueueStats()
+	sharedPool.Range(func(_, v any) bool {
+		n, age := v.(*shared).engine.QueueStats()
 		total += n
 		oldest = max(oldest, age)
 		return true

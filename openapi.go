@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // The OpenAPI 3.1 document of the API, served at GET
@@ -191,7 +193,7 @@ func components() oaJ {
 		"Failed": oaJ{"type": "object", "required": []string{"error_code", "message", "status", "id", "message_id"}, "properties": oaJ{
 			"error_code":   oaStr("a delivery error code: recipient_refused, smtp_rejected, smtp_disconnect_uncertain, …"),
 			"message":      oaJ{"type": "string"},
-			"status":       oaJ{"type": "string", "enum": []string{Failed, Unknown, Expired}},
+			"status":       oaJ{"type": "string", "enum": []string{outbox.Failed, outbox.Unknown, outbox.Expired}},
 			"id":           oaJ{"type": "string"},
 			"message_id":   oaJ{"type": "string"},
 			"challenge_id": oaJ{"type": "string"},
@@ -200,7 +202,7 @@ func components() oaJ {
 		}},
 		"Notice": oaJ{"type": "object", "description": "the email-change notice to the old address", "required": []string{"sent", "status", "id", "message_id"}, "properties": oaJ{
 			"sent":       oaJ{"type": "boolean"},
-			"status":     oaJ{"type": "string", "enum": []string{"sent", "captured", "queued", Failed, Unknown, Expired}},
+			"status":     oaJ{"type": "string", "enum": []string{"sent", "captured", "queued", outbox.Failed, outbox.Unknown, outbox.Expired}},
 			"id":         oaJ{"type": "string"},
 			"message_id": oaJ{"type": "string"},
 			"error_code": oaJ{"type": "string"},
@@ -218,7 +220,7 @@ func components() oaJ {
 		}},
 		"MessageStatus": oaJ{"type": "object", "required": []string{"id", "status", "attempts", "created_at", "updated_at", "next_attempt_at", "message_id", "last_error_code", "last_error", "smtp_response", "flow"}, "properties": oaJ{
 			"id":              oaJ{"type": "string"},
-			"status":          oaJ{"type": "string", "enum": AllStates},
+			"status":          oaJ{"type": "string", "enum": outbox.AllStates},
 			"attempts":        oaJ{"type": "integer", "minimum": 0},
 			"created_at":      oaJ{"type": "string", "format": "date-time"},
 			"updated_at":      oaJ{"type": "string", "format": "date-time"},
@@ -230,7 +232,7 @@ func components() oaJ {
 			"flow":            oaJ{"type": "string"},
 			"sent_at":         oaJ{"type": "string", "format": "date-time"},
 			"expires_at":      oaJ{"type": "string", "format": "date-time", "description": "a message with a code or link: still queued then, it is not sent (expired)"},
-			"priority":        oaJ{"type": "string", "enum": []string{PriorityBulk}},
+			"priority":        oaJ{"type": "string", "enum": []string{outbox.PriorityBulk}},
 			"webhook": oaJ{"type": "object", "required": []string{"status", "attempts"}, "properties": oaJ{
 				"status":   oaJ{"type": "string"},
 				"attempts": oaJ{"type": "integer", "minimum": 0},
@@ -282,7 +284,7 @@ func components() oaJ {
 		"text_body":             oaJ{"type": "string", "description": "derived from html_body when absent"},
 		"list_unsubscribe":      oaStr("the List-Unsubscribe header: <https://…> and/or <mailto:…> URIs"),
 		"list_unsubscribe_post": oaJ{"type": "string", "enum": []string{"List-Unsubscribe=One-Click"}, "description": "one-click unsubscribe (RFC 8058); needs an https URI in list_unsubscribe"},
-		"priority":              oaJ{"type": "string", "enum": []string{"normal", PriorityBulk}, "description": "bulk: queued behind all other mail, with at least delivery bulk_share of the sending; default normal, behind the auth flows"},
+		"priority":              oaJ{"type": "string", "enum": []string{"normal", outbox.PriorityBulk}, "description": "bulk: queued behind all other mail, with at least delivery bulk_share of the sending; default normal, behind the auth flows"},
 	}))
 	userName := oaJ{"type": "string", "maxLength": maxUserNameRunes, "description": "greeting and display name of the To header"}
 	schemas["OTPRequest"] = oaObject([]string{"to"}, oaWebhookProps(oaJ{
@@ -332,7 +334,7 @@ func components() oaJ {
 			"required": []string{"id", "status", "flow", "attempts", "created_at", "updated_at", "message_id", "recipients", "rcpts", "last_error_code", "last_error"},
 			"properties": oaJ{
 				"id":              oaJ{"type": "string"},
-				"status":          oaJ{"type": "string", "enum": AllStates},
+				"status":          oaJ{"type": "string", "enum": outbox.AllStates},
 				"flow":            oaJ{"type": "string"},
 				"attempts":        oaJ{"type": "integer", "minimum": 0},
 				"created_at":      oaJ{"type": "string", "format": "date-time"},
@@ -490,7 +492,7 @@ func operationFor(e *endpoint) (oaJ, error) {
 			return oaJ{"name": name, "in": "query", "description": desc, "schema": schema}
 		}
 		params = append(params,
-			q("status", "only messages in this state", oaJ{"type": "string", "enum": AllStates}),
+			q("status", "only messages in this state", oaJ{"type": "string", "enum": outbox.AllStates}),
 			q("flow", "only this flow (otp, magic-link, send, …)", oaJ{"type": "string", "maxLength": 64}),
 			q("since", "only messages created at or after this RFC 3339 time", oaJ{"type": "string", "format": "date-time"}),
 			q("limit", "page size", oaJ{"type": "integer", "minimum": 1, "maximum": maxListLimit, "default": defaultListLimit}),

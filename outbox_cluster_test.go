@@ -10,6 +10,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -20,22 +21,22 @@ func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Dur
 	st := store{s: openStorage(t, storageDir)}
 	ctx := context.Background()
 	now := time.Now()
-	bid := newID(now.Add(-time.Minute))
-	seg := &segment{Batch: bid, Owner: instance, Created: now.Add(-time.Minute)}
-	bs := BatchState{Batch: bid, Owner: instance, Updated: now}
-	for i, status := range []string{Sending, Queued, Queued, Sent} {
-		id := MessageID(bid, i)
+	bid := outbox.NewID(now.Add(-time.Minute))
+	seg := &outbox.Segment{Batch: bid, Owner: instance, Created: now.Add(-time.Minute)}
+	bs := outbox.BatchState{Batch: bid, Owner: instance, Updated: now}
+	for i, status := range []string{outbox.Sending, outbox.Queued, outbox.Queued, outbox.Sent} {
+		id := outbox.MessageID(bid, i)
 		ids = append(ids, id)
 		to := fmt.Sprintf("left%d@example.org", i)
-		seg.Messages = append(seg.Messages, storedMessage{ID: id, From: "no-reply@example.com", To: []string{to},
+		seg.Messages = append(seg.Messages, outbox.StoredMessage{ID: id, From: "no-reply@example.com", To: []string{to},
 			Data: []byte("Subject: left behind\r\n\r\nmessage " + id + "\r\n")})
-		m := State{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
+		m := outbox.State{ID: id, KeyID: "app", Flow: "otp", Profile: "no-reply@example.com", MessageID: "<" + id + "@example.com>",
 			Recipients: 1, Status: status, Created: now.Add(-time.Minute), Updated: now}
-		if status == Sending {
+		if status == outbox.Sending {
 			m.Attempts = 1
 		}
-		seg.States = append(seg.States, State{ID: id, KeyID: "app", Flow: "otp", Profile: m.Profile, MessageID: m.MessageID,
-			Recipients: 1, Status: Queued, Created: m.Created, Updated: m.Created})
+		seg.States = append(seg.States, outbox.State{ID: id, KeyID: "app", Flow: "otp", Profile: m.Profile, MessageID: m.MessageID,
+			Recipients: 1, Status: outbox.Queued, Created: m.Created, Updated: m.Created})
 		bs.Messages = append(bs.Messages, m)
 	}
 	must := func(err error) {
@@ -43,10 +44,10 @@ func leftBehind(t *testing.T, storageDir, instance string, heartbeatAge time.Dur
 			t.Fatal(err)
 		}
 	}
-	must(st.putJSON(ctx, keySeg+bid, seg))
-	must(st.putJSON(ctx, KeySt+bid, bs))
-	must(st.s.Store(ctx, ownKey(instance, bid), nil))
-	must(st.putJSON(ctx, keyInst+instance, heartbeat{Instance: instance, Updated: now.Add(-heartbeatAge)}))
+	must(st.putJSON(ctx, outbox.KeySeg+bid, seg))
+	must(st.putJSON(ctx, outbox.KeySt+bid, bs))
+	must(st.s.Store(ctx, outbox.OwnKey(instance, bid), nil))
+	must(st.putJSON(ctx, outbox.KeyInst+instance, outbox.Heartbeat{Instance: instance, Updated: now.Add(-heartbeatAge)}))
 	return ids
 }
 
@@ -64,13 +65,13 @@ func checkLeftBehindOutcome(t *testing.T, h *Handler, srv *smtptest.Server, ids 
 	t.Helper()
 	// the message that was being sent when the instance died is unknown:
 	// it may have reached the server, so it is not sent again
-	st := waitState(t, h, ids[0], status(Unknown))
+	st := waitState(t, h, ids[0], status(outbox.Unknown))
 	if st.LastCode != mailer.CodeUncertain || st.LastError != mailer.InterruptedError {
 		t.Errorf("interrupted message %+v", st)
 	}
-	waitState(t, h, ids[1], status(Sent))
-	waitState(t, h, ids[2], status(Sent))
-	if s := waitState(t, h, ids[3], status(Sent)); s.Attempts != 0 {
+	waitState(t, h, ids[1], status(outbox.Sent))
+	waitState(t, h, ids[2], status(outbox.Sent))
+	if s := waitState(t, h, ids[3], status(outbox.Sent)); s.Attempts != 0 {
 		t.Errorf("already-sent message was touched: %+v", s)
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -90,7 +91,7 @@ func testOutboxRecoversAfterCrash(t *testing.T) {
 	in := newInstance(t, "")
 	ids := leftBehind(t, in.storageDir, instanceID(t, in), time.Hour)
 	h := in.handler(withSMTP(t, srv))
-	h.engine.Start() // what the authmail app does when the config starts
+	h.shared.Start() // what the authmail app does when the config starts
 	checkLeftBehindOutcome(t, h, srv, ids)
 }
 
@@ -104,20 +105,20 @@ func testOutboxAdoptsTheWorkOfADeadInstance(t *testing.T) {
 	dead := uuid.NewString()
 	ids := leftBehind(t, shared, dead, time.Hour)
 	b := newInstance(t, shared).handler(withSMTP(t, srv), withDelivery(func(d *Delivery) { d.Lease = caddy.Duration(300 * time.Millisecond) }))
-	b.engine.Start()
+	b.shared.Start()
 	checkLeftBehindOutcome(t, b, srv, ids)
-	st := b.engine.st
+	st := b.shared.st
 	ctx := context.Background()
 	if owned, _ := st.ownedBatches(ctx, dead); len(owned) != 0 {
 		t.Fatalf("the dead instance still owns %v", owned)
 	}
-	var bs BatchState
-	if err := st.getJSON(ctx, KeySt+BatchOf(ids[0]), &bs); err != nil || bs.Owner != b.engine.iid {
-		t.Fatalf("state owner %q, want %q (%v)", bs.Owner, b.engine.iid, err)
+	var bs outbox.BatchState
+	if err := st.getJSON(ctx, outbox.KeySt+outbox.BatchOf(ids[0]), &bs); err != nil || bs.Owner != b.engine.Instance() {
+		t.Fatalf("state owner %q, want %q (%v)", bs.Owner, b.engine.Instance(), err)
 	}
-	var hb heartbeat
-	if err := st.getJSON(ctx, keyInst+dead, &hb); err != nil || hb.AdoptedBy != b.engine.iid {
-		t.Fatalf("heartbeat %+v %v", hb, err)
+	var hb outbox.Heartbeat
+	if err := st.getJSON(ctx, outbox.KeyInst+dead, &hb); err != nil || hb.AdoptedBy != b.engine.Instance() {
+		t.Fatalf("outbox.Heartbeat %+v %v", hb, err)
 	}
 }
 
@@ -133,17 +134,15 @@ func testOutboxLeavesLiveInstancesAlone(t *testing.T) {
 	silent := func(h *Handler) { h.SMTP.Port, h.SMTP.Timeout = port, caddy.Duration(100*time.Millisecond) }
 	a := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
 	b := newInstance(t, shared).handler(withSMTP(t, srv), lease, silent)
-	a.engine.Start()
-	b.engine.Start()
+	a.shared.Start()
+	b.shared.Start()
 	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
-	bid := BatchOf(out["id"].(string))
+	bid := outbox.BatchOf(out["id"].(string))
 	time.Sleep(1500 * time.Millisecond) // five leases
-	if owned, _ := a.engine.st.ownedBatches(context.Background(), a.engine.iid); len(owned) != 1 || owned[0] != bid {
+	if owned, _ := a.shared.st.ownedBatches(context.Background(), a.engine.Instance()); len(owned) != 1 || owned[0] != bid {
 		t.Fatalf("a live instance lost its batch: %v", owned)
 	}
-	b.engine.mu.Lock()
-	_, adopted := b.engine.batches[bid]
-	b.engine.mu.Unlock()
+	adopted := b.engine.Inventory().Batches[bid]
 	if adopted {
 		t.Fatal("a live instance's batch was adopted")
 	}
@@ -167,7 +166,7 @@ func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 	e := h.engine
 	_ = h.Cleanup() // the last config goes away: the engine drains and stops
 	select {
-	case <-e.doneCh:
+	case <-e.Done():
 	case <-time.After(15 * time.Second):
 		t.Fatal("the engine did not stop")
 	}
@@ -180,9 +179,9 @@ func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 	if h2.engine == e {
 		t.Fatal("a stopped engine was reused")
 	}
-	h2.engine.Start()
+	h2.shared.Start()
 	for _, id := range ids {
-		waitState(t, h2, id, status(Sent))
+		waitState(t, h2, id, status(outbox.Sent))
 	}
 	if n := len(back.Messages()); n != 5 {
 		t.Fatalf("%d messages after the restart, want 5", n)
@@ -190,10 +189,9 @@ func testOutboxGracefulStopKeepsQueuedMessages(t *testing.T) {
 }
 
 // holds reports whether the engine holds a batch, in memory or parked.
-func holds(e *Engine, bid string) (resident, parked bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.batches[bid] != nil, e.parked[bid] != nil
+func holds(e *outbox.Engine, bid string) (resident, parked bool) {
+	inv := e.Inventory()
+	return inv.Batches[bid], inv.Parked[bid]
 }
 
 func TestOutboxDropsWorkAdoptedWhilePaused(t *testing.T) {
@@ -218,12 +216,12 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 		h.Delivery.RetryBackoff, h.Delivery.MaxBackoff = caddy.Duration(time.Hour), caddy.Duration(time.Hour)
 	})
 	if park {
-		h.engine.tun.parkEvery = 10 * time.Millisecond
+		h.engine.Tunables().ParkEvery = 10 * time.Millisecond
 	} else {
-		h.engine.tun.parkEvery = time.Hour
+		h.engine.Tunables().ParkEvery = time.Hour
 	}
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: wait=1")
-	bid := BatchOf(out["id"].(string))
+	bid := outbox.BatchOf(out["id"].(string))
 	deadline := time.Now().Add(5 * time.Second)
 	for park {
 		if _, parked := holds(h.engine, bid); parked {
@@ -237,12 +235,12 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 	// another instance adopted the batch while this one was paused: the
 	// ownership marker moved
 	ctx := context.Background()
-	st := h.engine.st
+	st := h.shared.st
 	other := uuid.NewString()
-	if err := st.s.Store(ctx, ownKey(other, bid), nil); err != nil {
+	if err := st.s.Store(ctx, outbox.OwnKey(other, bid), nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.s.Delete(ctx, ownKey(h.engine.iid, bid)); err != nil {
+	if err := st.s.Delete(ctx, outbox.OwnKey(h.engine.Instance(), bid)); err != nil {
 		t.Fatal(err)
 	}
 	deadline = time.Now().Add(5 * time.Second)
@@ -262,7 +260,7 @@ func testDropsWorkAdoptedWhilePaused(t *testing.T, park bool) {
 	// new work is unaffected
 	_, out = call(t, h, "POST", "/authmail/send/otp", otp("new@example.org"), "Prefer: respond-async")
 	time.Sleep(600 * time.Millisecond)
-	if resident, parked := holds(h.engine, BatchOf(out["id"].(string))); !resident && !parked {
+	if resident, parked := holds(h.engine, outbox.BatchOf(out["id"].(string))); !resident && !parked {
 		t.Fatal("a batch of its own was dropped")
 	}
 }
@@ -280,7 +278,7 @@ func testListingSurvivesConcurrentDeletes(t *testing.T) {
 	ctx := context.Background()
 	const keep = 50
 	for i := range keep {
-		if err := st.s.Store(ctx, fmt.Sprintf("%sinst/%s", keyOwn, newID(time.Now().Add(time.Duration(i)*time.Millisecond))), nil); err != nil {
+		if err := st.s.Store(ctx, fmt.Sprintf("%sinst/%s", outbox.KeyOwn, outbox.NewID(time.Now().Add(time.Duration(i)*time.Millisecond))), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -294,7 +292,7 @@ func testListingSurvivesConcurrentDeletes(t *testing.T) {
 				return
 			default:
 			}
-			k := fmt.Sprintf("%sinst/%s", keyOwn, newID(time.Now()))
+			k := fmt.Sprintf("%sinst/%s", outbox.KeyOwn, outbox.NewID(time.Now()))
 			_ = st.s.Store(ctx, k, nil)
 			_ = st.s.Delete(ctx, k)
 		}

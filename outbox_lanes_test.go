@@ -14,68 +14,9 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
-
-// The ready queue hands out due messages by lane: the auth flows first,
-// then /send, then bulk; a lower lane gets bulk_share of the claims
-// while higher lanes are served, and everything once they are empty.
-func TestReadyQueueLanesAndShare(t *testing.T) {
-	now := time.Now()
-	var q readyQueue
-	n := 0
-	add := func(flow, priority string, count int, at time.Time) {
-		for range count {
-			n++
-			q.push(&Entry{st: State{ID: fmt.Sprintf("m%05d", n), Flow: flow, Priority: priority, NextAt: at}, heapIdx: -1})
-		}
-	}
-	add("send", PriorityBulk, 100, now.Add(-time.Hour)) // waiting the longest
-	add("send", "", 100, now.Add(-time.Minute))
-	add("otp", "", 100, now)
-	add("otp", "", 5, now.Add(time.Hour)) // not due
-	var order strings.Builder
-	for {
-		en := q.popDue(now)
-		if en == nil {
-			break
-		}
-		order.WriteByte("asb"[en.lane])
-	}
-	got := order.String()
-	if len(got) != 300 || q.Len() != 5 {
-		t.Fatalf("%d popped, %d left; want 300 and the 5 not due", len(got), q.Len())
-	}
-	// 10%: each lower lane gets a tenth of the claims while the codes
-	// wait; the bulk lane earns its share too (it waits behind both)
-	first := got[:110]
-	if a := strings.Count(first, "a"); a < 85 || a > 95 {
-		t.Fatalf("%d codes in the first 110 claims, want about 90: %s", a, first)
-	}
-	if s, b := strings.Count(first, "s"), strings.Count(first, "b"); s < 9 || b < 9 {
-		t.Fatalf("/send got %d and bulk %d of the first 110 claims, want their share (10%%): %s", s, b, first)
-	}
-	if strings.Index(got, "a") != 0 || strings.LastIndex(got, "a") > 125 {
-		t.Fatalf("codes are not first: %s", got)
-	}
-	// once the codes are gone, /send goes ahead of bulk, which keeps 10%
-	rest := got[strings.LastIndex(got, "a")+1:]
-	if i := strings.LastIndex(rest, "s"); i < 0 || strings.Count(rest[:i], "b") > i/9+2 {
-		t.Fatalf("after the codes: %s", rest)
-	}
-
-	// a bigger share, and nothing saved up while a lane had nothing due
-	q = readyQueue{share: 0.5}
-	add("otp", "", 20, now)
-	add("send", PriorityBulk, 20, now)
-	order.Reset()
-	for range 9 {
-		order.WriteByte("asb"[q.popDue(now).lane])
-	}
-	if got := order.String(); got != "ababababa" {
-		t.Fatalf("bulk_share 50%%: %s, want every other claim bulk", got)
-	}
-}
 
 // An OTP accepted behind 10,000 queued bulk messages leaves within two
 // slots of the server's rate: the workers holding bulk mail give their
@@ -113,7 +54,7 @@ func TestOTPOvertakesQueuedBulkMail(t *testing.T) {
 	if rec.Code != 202 {
 		t.Fatalf("otp: %d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(Sent))
+	st := waitState(t, h, out["id"].(string), status(outbox.Sent))
 	msgs := srv.Messages()
 	at := -1
 	for i, m := range msgs {
@@ -180,7 +121,7 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 	long := send("/authmail/send/otp", `{"to":"joe@example.org","code":"517302","expires_in_minutes":10}`)
 	plain := send("/authmail/send", `{"to":"ann@example.org","subject":"Receipt","text_body":"Paid."}`)
 
-	st := waitStateWithin(t, h, short, 75*time.Second, status(Expired))
+	st := waitStateWithin(t, h, short, 75*time.Second, status(outbox.Expired))
 	if st.LastCode != mailer.CodeExpired || st.Attempts < 1 || !strings.Contains(st.SMTPResponse, "421 4.3.0") ||
 		st.ExpiresAt.Sub(st.Created) != time.Minute || time.Since(st.ExpiresAt) > 5*time.Second || !st.SentAt.IsZero() {
 		t.Fatalf("expired state %+v", st)
@@ -206,8 +147,8 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 
 	time.Sleep(time.Until(outageEnds))
 	down.Store(false)
-	waitStateWithin(t, h, long, 30*time.Second, status(Sent))
-	waitStateWithin(t, h, plain, 30*time.Second, status(Sent))
+	waitStateWithin(t, h, long, 30*time.Second, status(outbox.Sent))
+	waitStateWithin(t, h, plain, 30*time.Second, status(outbox.Sent))
 	for _, m := range srv.Messages() {
 		if m.To[0] == "jane@example.org" {
 			t.Fatal("the expired code was sent")
@@ -224,7 +165,7 @@ func TestCodeExpiredInTheQueueIsNotSent(t *testing.T) {
 }
 
 // waitStateWithin is waitState with its own deadline.
-func waitStateWithin(t testing.TB, h *Handler, id string, d time.Duration, cond func(State) bool) State {
+func waitStateWithin(t testing.TB, h *Handler, id string, d time.Duration, cond func(outbox.State) bool) outbox.State {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
@@ -262,7 +203,7 @@ func TestPriorityAndBulkShareAreChecked(t *testing.T) {
 		if rec.Code != 200 {
 			t.Fatalf("priority %s: %d %s", p, rec.Code, rec.Body)
 		}
-		st := waitState(t, h, out["id"].(string), status(Sent))
+		st := waitState(t, h, out["id"].(string), status(outbox.Sent))
 		if want := map[string]string{"normal": "", "bulk": "bulk"}[p]; st.Priority != want {
 			t.Fatalf("priority %s stored as %q", p, st.Priority)
 		}

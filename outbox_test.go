@@ -3,7 +3,6 @@ package authmail
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -19,6 +18,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -86,7 +86,7 @@ func serveRequest(t testing.TB, h *Handler, req *http.Request) (*httptest.Respon
 func otp(to string) string { return fmt.Sprintf(`{"to":%q,"code":"123456"}`, to) }
 
 // waitState polls a message's state until cond holds.
-func waitState(t testing.TB, h *Handler, id string, cond func(State) bool) State {
+func waitState(t testing.TB, h *Handler, id string, cond func(outbox.State) bool) outbox.State {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -101,8 +101,8 @@ func waitState(t testing.TB, h *Handler, id string, cond func(State) bool) State
 	}
 }
 
-func status(want string) func(State) bool {
-	return func(s State) bool { return s.Status == want }
+func status(want string) func(outbox.State) bool {
+	return func(s outbox.State) bool { return s.Status == want }
 }
 
 func TestOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
@@ -118,21 +118,21 @@ func testOutboxSendRecordsStateAndDeletesBody(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	id := out["id"].(string)
-	bid := BatchOf(id)
+	bid := outbox.BatchOf(id)
 	// the batch retires: body and marker deleted, the status record stays
 	deadline := time.Now().Add(5 * time.Second)
-	st := h.engine.st
-	for (st.s.Exists(context.Background(), keySeg+bid) || st.s.Exists(context.Background(), ownKey(h.engine.iid, bid))) && time.Now().Before(deadline) {
+	st := h.shared.st
+	for (st.s.Exists(context.Background(), outbox.KeySeg+bid) || st.s.Exists(context.Background(), outbox.OwnKey(h.engine.Instance(), bid))) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if st.s.Exists(context.Background(), keySeg+bid) {
+	if st.s.Exists(context.Background(), outbox.KeySeg+bid) {
 		t.Fatal("the message body is still in storage after delivery")
 	}
-	var bs BatchState
-	if err := st.getJSON(context.Background(), KeySt+bid, &bs); err != nil || !bs.Done || bs.Messages[0].Status != Sent {
+	var bs outbox.BatchState
+	if err := st.getJSON(context.Background(), outbox.KeySt+bid, &bs); err != nil || !bs.Done || bs.Messages[0].Status != outbox.Sent {
 		t.Fatalf("status record %+v %v", bs, err)
 	}
-	raw, _ := st.s.Load(context.Background(), KeySt+bid)
+	raw, _ := st.s.Load(context.Background(), outbox.KeySt+bid)
 	if strings.Contains(string(raw), "123456") || strings.Contains(string(raw), "jane@example.org") {
 		t.Fatal("the status record holds the code or the recipient address")
 	}
@@ -171,7 +171,7 @@ func testOutboxRetriesTransientFailures(t *testing.T) {
 		rec.Header().Get("Location") != "/authmail/messages/"+out["id"].(string) {
 		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(Sent))
+	st := waitState(t, h, out["id"].(string), status(outbox.Sent))
 	if st.Attempts != 3 || st.LastCode != "" {
 		t.Fatalf("state %+v", st)
 	}
@@ -195,7 +195,7 @@ func testOutboxPermanentFailureIsNotRetried(t *testing.T) {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
 	time.Sleep(300 * time.Millisecond)
-	st := waitState(t, h, out["id"].(string), status(Failed))
+	st := waitState(t, h, out["id"].(string), status(outbox.Failed))
 	if st.Attempts != 1 || !strings.Contains(st.SMTPResponse, "550 5.1.1") {
 		t.Fatalf("state %+v", st)
 	}
@@ -229,13 +229,13 @@ func testOutboxUncertainIsNotResent(t *testing.T) {
 				if n := len(srv.Attempts()); n != 1 {
 					t.Fatalf("an uncertain message was sent %d times", n)
 				}
-				waitState(t, h, id, status(Unknown))
+				waitState(t, h, id, status(outbox.Unknown))
 				return
 			}
 			if rec.Code != 202 || out["error_code"] != "smtp_disconnect_uncertain" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			waitState(t, h, id, status(Sent))
+			waitState(t, h, id, status(outbox.Sent))
 			if n := len(srv.Attempts()); n != 2 {
 				t.Fatalf("attempts %d, want 2 with retry_uncertain", n)
 			}
@@ -256,7 +256,7 @@ func testOutboxGivesUpAfterMaxAge(t *testing.T) {
 	if rec.Code != 202 || out["error_code"] != nil || rec.Header().Get("Preference-Applied") != "respond-async" {
 		t.Fatalf("%d %v %s", rec.Code, rec.Header(), rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), status(Failed))
+	st := waitState(t, h, out["id"].(string), status(outbox.Failed))
 	if st.LastCode != mailer.CodeSMTPTimeout || st.Attempts < 2 {
 		t.Fatalf("state %+v", st)
 	}
@@ -301,7 +301,7 @@ func testOutboxDeliversOnceAfterSMTPOutage(t *testing.T) {
 		}
 	}
 	for id := range ids {
-		st := waitState(t, h, id, status(Sent))
+		st := waitState(t, h, id, status(outbox.Sent))
 		if st.Attempts < 2 {
 			t.Errorf("%s: %d attempts", id, st.Attempts)
 		}
@@ -349,7 +349,7 @@ func testOutboxAuthFailureIsRetriedUntilAReloadFixesIt(t *testing.T) {
 		t.Fatal("a reload must keep the same outbox engine")
 	}
 	_ = old.Cleanup()
-	waitState(t, fixed, id, status(Sent))
+	waitState(t, fixed, id, status(outbox.Sent))
 	if len(srv.Messages()) != 1 {
 		t.Fatalf("%d messages", len(srv.Messages()))
 	}
@@ -366,12 +366,12 @@ func testOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
 	b := newInstance(t, shared).handler(withSMTP(t, srv), func(h *Handler) {
 		h.Keys = append(h.Keys, Key{ID: "other", Secret: "another-key-0123456789"})
 	})
-	if a.engine == b.engine || a.engine.iid == b.engine.iid {
+	if a.engine == b.engine || a.engine.Instance() == b.engine.Instance() {
 		t.Fatal("two instances must have two engines")
 	}
 	_, out := call(t, a, "POST", "/authmail/send/otp", otp("jane@example.org"))
 	id := out["id"].(string)
-	waitState(t, a, id, status(Sent))
+	waitState(t, a, id, status(outbox.Sent))
 	rec, st := call(t, b, "GET", "/authmail/messages/"+id, "")
 	if rec.Code != 200 || st["status"] != "sent" || st["id"] != id {
 		t.Fatalf("status from the other instance: %d %s", rec.Code, rec.Body)
@@ -387,46 +387,6 @@ func testOutboxStatusFromAnotherInstanceAndKeyScoping(t *testing.T) {
 }
 
 var _ = http.StatusOK
-
-func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
-	forEachStorage(t, testLingeringStateIsWrittenDespiteConstantUrgentWrites)
-}
-
-func testLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
-	h := newInstance(t, "").handler()
-	e := h.engine
-	e.Start()
-	ctx := context.Background()
-	lazy := &batch{id: newID(time.Now())}
-	e.mu.Lock()
-	e.markDirtyLocked(lazy, nil, false)
-	e.mu.Unlock()
-	// four workers keep claiming: some urgent change is always pending
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for !stop.Load() {
-				b := &batch{id: newID(time.Now())}
-				done := make(chan error, 1)
-				e.mu.Lock()
-				e.markDirtyLocked(b, func(err error) { done <- err }, true)
-				e.mu.Unlock()
-				<-done
-			}
-		}()
-	}
-	defer func() { stop.Store(true); wg.Wait() }()
-	deadline := time.Now().Add(5 * time.Second)
-	for !e.st.s.Exists(ctx, KeySt+lazy.id) {
-		if time.Now().After(deadline) {
-			t.Fatal("a lingering state change waited behind urgent writes for 5s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // TestAsyncAnswerIsAlways202: an answer given right after the durable
 // write ("Prefer: respond-async", or delivery wait 0) is 202 queued even
@@ -461,7 +421,7 @@ func TestAsyncAnswerIsAlways202(t *testing.T) {
 			wg.Wait()
 			close(ids)
 			for id := range ids {
-				waitState(t, h, id, status(Sent))
+				waitState(t, h, id, status(outbox.Sent))
 			}
 		})
 	}
@@ -488,69 +448,6 @@ func TestEmailChangeNoticeInCaptureMode(t *testing.T) {
 		if !strings.Contains(f.Name(), out["id"].(string)) && !strings.Contains(f.Name(), notice["id"].(string)) {
 			t.Errorf("captured file %s belongs to neither message", f.Name())
 		}
-	}
-}
-
-// TestAcceptRacingShutdownDoesNotHang: a request that passed the
-// engine's closing check just before a shutdown began (a reload that
-// drops the engine, with a request in flight on the old server) gets an
-// error once the engine has stopped, instead of waiting forever for an
-// appender that is gone; nothing stays reserved against max_queued.
-func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
-	forEachStorage(t, testAcceptRacingShutdownDoesNotHang)
-}
-
-func testAcceptRacingShutdownDoesNotHang(t *testing.T) {
-	h := provisionedHandler(t)
-	e := h.engine
-	e.Start()
-	e.Shutdown()
-	<-e.doneCh
-	e.mu.Lock()
-	e.closing = false // as seen by the request before the shutdown
-	e.mu.Unlock()
-	msg := &NewMessage{KeyID: "app", Flow: "otp", Env: &mailer.Envelope{From: "no-reply@example.com", To: []string{"jane@example.org"}, Data: []byte("x")}}
-	expectShuttingDown(t, "accept after the engine stopped", func() error {
-		_, err := e.Accept([]*NewMessage{msg}, "", false)
-		return err
-	})
-	e.mu.Lock()
-	e.closing = true
-	reserved := e.reserved
-	e.mu.Unlock()
-	if reserved != 0 {
-		t.Fatalf("%d messages still reserved", reserved)
-	}
-}
-
-// TestBackoffDoublesWithJitterUnderTheCap: retry_backoff doubles per
-// attempt with ±25% jitter drawn per batch and attempt, and max_backoff
-// is a hard cap, with capped delays still spread out.
-func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
-	cfg := &Config{RetryBackoff: 30 * time.Second, MaxBackoff: 30 * time.Minute}
-	for i := range 200 {
-		bid := newID(time.Now().Add(time.Duration(i) * time.Millisecond))
-		for attempts, base := range map[int]time.Duration{1: 30 * time.Second, 2: time.Minute, 3: 2 * time.Minute, 6: 16 * time.Minute} {
-			if d := backoff(cfg, attempts, bid); d < base*3/4 || d > base*5/4 {
-				t.Fatalf("attempt %d: %s, want %s ±25%%", attempts, d, base)
-			}
-		}
-		for _, attempts := range []int{7, 8, 20, 300} {
-			if d := backoff(cfg, attempts, bid); d > cfg.MaxBackoff || d < cfg.MaxBackoff*3/4 {
-				t.Fatalf("attempt %d: %s, want within [22m30s, 30m]", attempts, d)
-			}
-		}
-		if backoff(cfg, 2, bid) != backoff(cfg, 2, bid) {
-			t.Fatal("the jitter of a batch and attempt must be the same every time")
-		}
-	}
-	// the jitter spreads batches out, at the cap too
-	seen := map[time.Duration]bool{}
-	for i := range 50 {
-		seen[backoff(cfg, 10, newID(time.Now().Add(time.Duration(i)*time.Second)))] = true
-	}
-	if len(seen) < 40 {
-		t.Errorf("only %d distinct capped delays for 50 batches", len(seen))
 	}
 }
 
@@ -617,14 +514,13 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 	// hangs in the first message's MAIL
 	waitCount(t, &mails, 4, "MAIL commands")
 	time.Sleep(50 * time.Millisecond)
-	h.engine.mu.Lock()
+	inv := h.engine.Inventory()
 	claimed := 0
 	for _, id := range ids {
-		if en := h.engine.entries[id]; en != nil && en.claimed {
+		if inv.Resident[id] {
 			claimed++
 		}
 	}
-	h.engine.mu.Unlock()
 	if claimed <= 2 {
 		t.Fatalf("only %d messages claimed; the test needs workers holding groups", claimed)
 	}
@@ -641,15 +537,15 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 			t.Fatalf("%s: no state in storage", id)
 		}
 		switch m.Status {
-		case Sending:
+		case outbox.Sending:
 			sending++
-		case Queued:
+		case outbox.Queued:
 			queued++
 		default:
 			t.Errorf("%s: %s", id, m.Status)
 		}
 	}
-	rec, err := ownDotRecord(h.engine)
+	rec, err := h.engine.OwnDots()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -660,67 +556,5 @@ func testStopGivesBackClaimsNotYetAttempted(t *testing.T) {
 	}
 	if sending > 2 || queued+sending != n {
 		t.Errorf("after the stop: %d sending (at most the 2 attempts in flight), %d queued; %d were claimed", sending, queued, claimed)
-	}
-}
-
-// TestStopBetweenClaimAndClaimWrite: a worker took a group from the
-// ready queue (claimed, counted as an attempt) and has not written the
-// claims yet when a stop begins. The stop gives the claims back (queued,
-// the attempt count undone), and the worker's claim write then writes
-// nothing and returns at once: before, it could mark the given-back
-// messages "sending" (unknown at the next start) or wait forever for a
-// state writer that had exited.
-func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
-	forEachStorage(t, testStopBetweenClaimAndClaimWrite)
-}
-
-func testStopBetweenClaimAndClaimWrite(t *testing.T) {
-	srv := authServer(t, smtptest.StartTLS)
-	hang := make(chan struct{})
-	var mails atomic.Int32
-	srv.SetHooks(smtptest.Hooks{Mail: func(string) error { mails.Add(1); <-hang; return nil }})
-	defer close(hang)
-	h := newInstance(t, "").handler(withSMTP(t, srv), withoutLimits, withDelivery(func(d *Delivery) {
-		d.DrainTimeout = caddy.Duration(200 * time.Millisecond)
-	}))
-	e := h.engine
-	// both workers hang in MAIL
-	sendAsync(t, h, "blocker1@example.org")
-	sendAsync(t, h, "blocker2@example.org")
-	waitCount(t, &mails, 2, "MAIL commands")
-	ids := []string{sendAsync(t, h, "c0@example.org"), sendAsync(t, h, "c1@example.org"), sendAsync(t, h, "c2@example.org")}
-	group := e.nextReady() // a third worker, between nextReady and its claim write
-	if len(group) == 0 {
-		t.Fatal("nothing to claim")
-	}
-	e.Shutdown()
-	expectShuttingDown(t, "holding the claims after the stop", func() error { return e.holdClaims(group) })
-	e.mu.Lock()
-	for _, en := range group {
-		if en.claimed || en.st.Status != Queued || en.st.Attempts != 0 {
-			t.Errorf("%s after the stop: claimed %v, %s, %d attempts", en.st.ID, en.claimed, en.st.Status, en.st.Attempts)
-		}
-	}
-	e.mu.Unlock()
-	for _, id := range ids {
-		if m, ok := storedState(h, id); !ok || m.Status != Queued || m.Attempts != 0 {
-			t.Errorf("%s in storage: %s with %d attempts (found: %v), want queued with 0", id, m.Status, m.Attempts, ok)
-		}
-	}
-}
-
-// expectShuttingDown runs f, which must return errShuttingDown within
-// 5 seconds instead of waiting for an engine that stopped.
-func expectShuttingDown(t *testing.T, what string, f func() error) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- f() }()
-	select {
-	case err := <-done:
-		if !errors.Is(err, ErrShuttingDown) {
-			t.Fatalf("%s: %v, want errShuttingDown", what, err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatalf("%s never returned", what)
 	}
 }

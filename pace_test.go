@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -63,7 +64,7 @@ func TestThrottledProviderGetsEveryMessage(t *testing.T) {
 				seen[m.To[0]] = true
 			}
 			for _, id := range ids {
-				if st := waitState(t, h, id, status(Sent)); st.LastCode != "" {
+				if st := waitState(t, h, id, status(outbox.Sent)); st.LastCode != "" {
 					t.Fatalf("state %+v", st)
 				}
 			}
@@ -108,7 +109,7 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 				h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond)}
 			})
 			core, logs := observer.New(zap.DebugLevel)
-			h.engine.logger.Store(zap.New(core))
+			h.engine.SetLogger(zap.New(core))
 			before := time.Now()
 			// a code valid for longer than the pause (one that expires
 			// sooner is made expired at its expiry instead)
@@ -116,7 +117,7 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			if rec.Code != 202 || out["status"] != "queued" || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("%d %s", rec.Code, rec.Body)
 			}
-			st := waitState(t, h, out["id"].(string), func(st State) bool { return st.Status == Queued && st.Attempts == 1 })
+			st := waitState(t, h, out["id"].(string), func(st outbox.State) bool { return st.Status == outbox.Queued && st.Attempts == 1 })
 			if st.NextAt.Sub(before) < 14*time.Minute || st.LastCode != "smtp_throttled" {
 				t.Fatalf("next attempt %v after the send, state %+v; want the 15-minute quota pause", st.NextAt.Sub(before), st)
 			}
@@ -127,7 +128,7 @@ func TestQuotaReplyPausesTheServer(t *testing.T) {
 			if rec.Code != 202 || out["error_code"] != "smtp_throttled" {
 				t.Fatalf("second send: %d %s", rec.Code, rec.Body)
 			}
-			if st := waitState(t, h, out["id"].(string), func(st State) bool { return st.Status == Queued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
+			if st := waitState(t, h, out["id"].(string), func(st outbox.State) bool { return st.Status == outbox.Queued }); !st.NextAt.Equal(st.ExpiresAt) || st.Attempts != 0 {
 				t.Fatalf("second message %+v, want it queued until its expiry, without an attempt", st)
 			}
 			// held back by the pause with nothing sent: a debug line, not

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddy-authmail/authmail/internal/mailtest"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // The preview page: GET {path_prefix}/preview renders every flow's
@@ -309,14 +310,14 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture, Admin: key.allow["admin"]}
 	view.Mailbox = captured(h.Capture, maxMailbox)
 	// the outbox tab: the same list as GET /messages, first page
-	states, _, err := h.engine.ListMessages(r.Context(), ListQuery{Limit: maxMailbox, All: view.Admin, KeyID: key.id, Tenant: key.tenant})
+	states, _, err := h.engine.ListMessages(r.Context(), outbox.ListQuery{Limit: maxMailbox, All: view.Admin, KeyID: key.id, Tenant: key.tenant})
 	if err != nil {
 		view.OutboxError = "the outbox could not be read; retry later"
 	}
 	for _, st := range states {
 		view.Outbox = append(view.Outbox, outboxRow{ID: st.ID, Flow: st.Flow, Status: st.Status, Attempts: st.Attempts,
 			Created: st.Created.UTC().Format("2006-01-02 15:04:05"), LastError: st.LastError, KeyID: st.KeyID,
-			Retryable: st.Status == Failed || st.Status == Unknown})
+			Retryable: st.Status == outbox.Failed || st.Status == outbox.Unknown})
 	}
 	q.Del("flow")
 	if len(q) > 0 {

@@ -4,10 +4,12 @@ import (
 	"net/http"
 	"testing"
 
-	"github.com/caddy-authmail/authmail/internal/mailer"
-	"github.com/caddy-authmail/authmail/internal/smtptest"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/emersion/go-smtp"
+
+	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
+	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
 func TestFailoverCaddyfileAndConfig(t *testing.T) {
@@ -51,7 +53,7 @@ func TestSenderSetupRejectionIsRetried(t *testing.T) {
 		t.Fatalf("530 at MAIL: %d %s", rec.Code, rec.Body)
 	}
 	srv.SetHooks(smtptest.Hooks{})
-	waitState(t, h, out["id"].(string), func(s State) bool { return s.Status == Sent })
+	waitState(t, h, out["id"].(string), func(s outbox.State) bool { return s.Status == outbox.Sent })
 	if n := len(srv.Messages()); n != 1 {
 		t.Errorf("%d messages after the retry, want 1", n)
 	}

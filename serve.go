@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
@@ -58,8 +59,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.kind == kindOpenAPI {
 		return h.serveOpenAPI(w, rc)
 	}
-	h.engine.Start() // loads the hashing salt; a no-op once running
-	lim := h.engine.limits
+	h.shared.Start() // loads the hashing salt; a no-op once running
+	lim := h.shared.limits
 	now := time.Now()
 
 	// A client that failed to authenticate too often is refused outright,
@@ -233,9 +234,9 @@ func parsePrefer(values []string) preference {
 // submit hands rendered messages to the outbox and waits, as configured
 // or preferred, for the first delivery attempt.
 func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
-	news := make([]*NewMessage, len(msgs))
+	news := make([]*outbox.NewMessage, len(msgs))
 	for i, m := range msgs {
-		news[i] = &NewMessage{KeyID: rc.keyID, Tenant: rc.tenant, Flow: m.flow, Profile: h.profile, MessageID: envs[i].MessageID,
+		news[i] = &outbox.NewMessage{KeyID: rc.keyID, Tenant: rc.tenant, Flow: m.flow, Profile: h.profile, MessageID: envs[i].MessageID,
 			Env: envs[i], Webhook: m.webhook, Rcpts: h.logRcpts(envs[i].To), Expiry: m.expiry, Priority: m.priority}
 	}
 	wait := h.dcfg.Wait
@@ -250,7 +251,7 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 	}
 	entries, err := h.engine.Accept(news, batch, wait > 0)
 	if err != nil {
-		if errors.Is(err, ErrQueueFull) {
+		if errors.Is(err, outbox.ErrQueueFull) {
 			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", "the outbox holds the maximum number of unsent messages (delivery max_queued); retry later")
 			resp.retryAfter = "30"
 			return resp
@@ -260,16 +261,16 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 	}
 	for _, en := range entries {
 		if ce := h.logger.Check(zapcore.DebugLevel, "message accepted"); ce != nil {
-			ce.Write(zap.String("id", en.st.ID), zap.String("flow", en.st.Flow),
+			ce.Write(zap.String("id", en.ID()), zap.String("flow", en.Flow()),
 				zap.String("key_id", rc.keyID), zap.String("request_id", rc.requestID),
-				zap.Strings("rcpt", en.st.Rcpts), zap.Int("recipients", en.st.Recipients))
+				zap.Strings("rcpt", en.Rcpts()), zap.Int("recipients", en.Recipients()))
 		}
 	}
 	if wait > 0 {
 		timer := time.NewTimer(wait)
 		for _, en := range entries {
 			select {
-			case <-en.first:
+			case <-en.FirstAttempt():
 				continue
 			case <-timer.C:
 			}
@@ -278,7 +279,7 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 		timer.Stop()
 	}
 	if relayAsync {
-		return relayAccepted(msgs[0].flow, entries[0].st.ID, entries[0].st.MessageID)
+		return relayAccepted(msgs[0].flow, entries[0].ID(), entries[0].MessageID())
 	}
 	states := h.engine.States(entries)
 	if wait <= 0 {
@@ -286,11 +287,11 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 		// fast worker may have done meanwhile, so that the answer does not
 		// depend on a race (the status endpoint tells the rest)
 		for i := range states {
-			states[i].Status, states[i].LastCode, states[i].LastError = Queued, "", ""
+			states[i].Status, states[i].LastCode, states[i].LastError = outbox.Queued, "", ""
 		}
 	}
 	resp := h.answerFor(states)
-	resp.location = h.statusPath(entries[0].st.ID)
+	resp.location = h.statusPath(entries[0].ID())
 	resp.created = true
 	if pref.async {
 		resp.prefer = "respond-async"
@@ -307,31 +308,31 @@ func (h *Handler) statusPath(id string) string {
 // answerFor builds the answer for the current state of accepted
 // messages: the first is the one asked for, a second one is the
 // email-change notice.
-func (h *Handler) answerFor(states []State) apiResponse {
+func (h *Handler) answerFor(states []outbox.State) apiResponse {
 	p := states[0]
 	var status int
 	var body any
 	switch p.Status {
-	case Sent:
+	case outbox.Sent:
 		status = http.StatusOK
 		body = &sentResponse{Sent: true, Status: h.sentStatus(), ID: p.ID, MessageID: p.MessageID}
-	case Failed, Unknown, Expired:
+	case outbox.Failed, outbox.Unknown, outbox.Expired:
 		status = http.StatusBadGateway
 		body = &errorResponse{ErrorCode: p.LastCode, Message: p.LastError, Status: p.Status, ID: p.ID, MessageID: p.MessageID}
 	default:
 		status = http.StatusAccepted
-		body = &sentResponse{Sent: false, Status: Queued, ID: p.ID, MessageID: p.MessageID, ErrorCode: p.LastCode}
+		body = &sentResponse{Sent: false, Status: outbox.Queued, ID: p.ID, MessageID: p.MessageID, ErrorCode: p.LastCode}
 	}
 	if len(states) > 1 {
 		n := states[1]
-		notice := &noticeResponse{Sent: n.Status == Sent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
+		notice := &noticeResponse{Sent: n.Status == outbox.Sent, Status: n.Status, ID: n.ID, MessageID: n.MessageID}
 		switch {
-		case n.Status == Sending:
-			notice.Status = Queued
-		case n.Status == Sent:
+		case n.Status == outbox.Sending:
+			notice.Status = outbox.Queued
+		case n.Status == outbox.Sent:
 			notice.Status = h.sentStatus()
 		}
-		if n.Status != Sent {
+		if n.Status != outbox.Sent {
 			notice.ErrorCode, notice.Message = n.LastCode, n.LastError
 		}
 		switch b := body.(type) {
@@ -350,7 +351,7 @@ func (h *Handler) sentStatus() string {
 	if h.Capture != "" {
 		return "captured"
 	}
-	return Sent
+	return outbox.Sent
 }
 
 func errorAnswer(status int, code, msg string) apiResponse {
@@ -436,7 +437,7 @@ type webhookSummary struct {
 	Attempts int    `json:"attempts"`
 }
 
-func statusOf(st State) statusResponse {
+func statusOf(st outbox.State) statusResponse {
 	opt := func(s string) *string {
 		if s == "" {
 			return nil
@@ -449,7 +450,7 @@ func statusOf(st State) statusResponse {
 		MessageID: st.MessageID, LastErrorCode: opt(st.LastCode), LastError: opt(st.LastError),
 		SMTPResponse: opt(st.SMTPResponse), Flow: st.Flow,
 	}
-	if st.Status == Queued && !st.NextAt.IsZero() {
+	if st.Status == outbox.Queued && !st.NextAt.IsZero() {
 		out.NextAttemptAt = opt(ts(st.NextAt))
 	}
 	if !st.SentAt.IsZero() {
@@ -478,7 +479,7 @@ func (h *Handler) logRcpts(addrs []string) []string {
 			continue
 		}
 		_, dom, _ := cutLast(a, "@")
-		out[i] = h.engine.limits.Hash(strings.ToLower(a)) + "@" + strings.ToLower(dom)
+		out[i] = h.shared.limits.Hash(strings.ToLower(a)) + "@" + strings.ToLower(dom)
 	}
 	return out
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -27,9 +28,9 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	e := h.engine
 	ctx := context.Background()
 	id := sendAsync(t, h, "jane@example.org")
-	bid := BatchOf(id)
+	bid := outbox.BatchOf(id)
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != Queued || mustState(t, h, id).Attempts == 0 {
+	for storedStatus(t, h, id) != outbox.Queued || mustState(t, h, id).Attempts == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the first attempt was never recorded")
 		}
@@ -39,7 +40,7 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	var failed atomic.Int32
 	fs.set(func(f *faultyStorage) {
 		f.storeIf = func(key string, _ []byte) bool {
-			if strings.HasPrefix(key, KeySt) {
+			if strings.HasPrefix(key, outbox.KeySt) {
 				failed.Add(1)
 				return true
 			}
@@ -60,11 +61,11 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 		t.Fatal(err)
 	}
 	bs.Owner, bs.Done, bs.Updated = adopter, true, time.Now()
-	bs.Messages[0].Status, bs.Messages[0].Attempts = Sent, bs.Messages[0].Attempts+1
+	bs.Messages[0].Status, bs.Messages[0].Attempts = outbox.Sent, bs.Messages[0].Attempts+1
 	for _, err := range []error{
-		inner.s.Store(ctx, ownKey(adopter, bid), []byte("x")),
-		inner.s.Delete(ctx, ownKey(e.iid, bid)),
-		inner.putJSON(ctx, KeySt+bid, bs),
+		inner.s.Store(ctx, outbox.OwnKey(adopter, bid), []byte("x")),
+		inner.s.Delete(ctx, outbox.OwnKey(e.Instance(), bid)),
+		inner.putJSON(ctx, outbox.KeySt+bid, bs),
 	} {
 		if err != nil {
 			t.Fatal(err)
@@ -73,16 +74,16 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	// the storage answers again; the failed write is retried a second later
 	fs.set(func(f *faultyStorage) { f.storeIf = nil })
 	time.Sleep(2500 * time.Millisecond)
-	var got BatchState
-	if err := inner.getJSON(ctx, KeySt+bid, &got); err != nil {
+	var got outbox.BatchState
+	if err := inner.getJSON(ctx, outbox.KeySt+bid, &got); err != nil {
 		t.Fatal(err)
 	}
-	if got.Owner != adopter || got.Messages[0].Status != Sent {
+	if got.Owner != adopter || got.Messages[0].Status != outbox.Sent {
 		t.Fatalf("the adopter's outcome was overwritten: owner %s, status %s", got.Owner, got.Messages[0].Status)
 	}
 }
 
-func mustState(t *testing.T, h *Handler, id string) State {
+func mustState(t *testing.T, h *Handler, id string) outbox.State {
 	t.Helper()
 	st, ok := storedState(h, id)
 	if !ok {

@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"strings"
@@ -10,7 +11,9 @@ import (
 
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/redistest"
+	"github.com/caddy-authmail/authmail/internal/storagex"
 )
 
 // The engine's contract tests run on every storage a cluster runs on:
@@ -88,4 +91,24 @@ func init() {
 	// a correct Lock waits for its poll (a second or so) and gives up at
 	// the deadline; a broken one succeeds at once, so a short wait tells
 	storageCheckLockWait = 30 * time.Millisecond
+}
+
+// What the tests read of the outbox's storage records, through its
+// exported functions.
+func (st store) ownedBatches(ctx context.Context, instance string) ([]string, error) {
+	return outbox.OwnedBatches(ctx, st.s, instance)
+}
+
+func (st store) loadState(ctx context.Context, batch string) (*outbox.BatchState, error) {
+	return outbox.LoadState(ctx, st.s, batch)
+}
+
+func (st store) loadSegment(ctx context.Context, batch string) (*outbox.Segment, error) {
+	return outbox.LoadSegment(ctx, st.s, batch)
+}
+
+func (st store) instances(ctx context.Context) ([]string, error) { return outbox.Instances(ctx, st.s) }
+
+func (st store) list(ctx context.Context, dir string) ([]string, error) {
+	return storagex.List(ctx, st.s, dir)
 }

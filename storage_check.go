@@ -13,6 +13,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // The storage self-check. The outbox's safety rests on three things its
@@ -50,7 +52,7 @@ var storageChecked sync.Map
 // before in this process. A failure is not remembered: the next
 // provisioning checks again (the storage may have been unreachable).
 func checkStorageOnce(s certmagic.Storage) error {
-	id := StorageIdentity(s)
+	id := outbox.StorageIdentity(s)
 	if _, ok := storageChecked.Load(id); ok {
 		return nil
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -99,7 +100,7 @@ func TestAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 }
 
 func testAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
-	for _, failing := range []string{keySeg, keyOwn} {
+	for _, failing := range []string{outbox.KeySeg, outbox.KeyOwn} {
 		t.Run(strings.TrimSuffix(strings.TrimPrefix(failing, "authmail/"), "/"), func(t *testing.T) {
 			srv := authServer(t, smtptest.StartTLS)
 			h, fs := faultyHandler(t, srv)
@@ -121,20 +122,19 @@ func testAcceptFailsCleanlyWhenStorageFails(t *testing.T) {
 			if depth, _ := h.engine.QueueStats(); depth != 0 {
 				t.Errorf("queue depth %d after failed accepts", depth)
 			}
-			h.engine.mu.Lock()
-			reserved, nonFinal := h.engine.reserved, h.engine.nonFinal
-			h.engine.mu.Unlock()
+			inv := h.engine.Inventory()
+			reserved, nonFinal := inv.Reserved, inv.NonFinal
 			if reserved != 0 || nonFinal != 0 {
 				t.Errorf("failed accepts still count against max_queued: reserved %d, unfinished %d", reserved, nonFinal)
 			}
 			ctx := context.Background()
-			if owned, err := h.engine.st.ownedBatches(ctx, h.engine.iid); err != nil || len(owned) != 0 {
+			if owned, err := h.shared.st.ownedBatches(ctx, h.engine.Instance()); err != nil || len(owned) != 0 {
 				t.Errorf("ownership markers of failed batches: %v %v", owned, err)
 			}
-			if keys, _ := h.engine.st.list(ctx, strings.TrimSuffix(keySeg, "/")); len(keys) != 0 {
+			if keys, _ := h.shared.st.list(ctx, strings.TrimSuffix(outbox.KeySeg, "/")); len(keys) != 0 {
 				t.Errorf("segments of failed accepts stayed in storage: %v", keys)
 			}
-			if keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false); len(keys) != 0 {
+			if keys, _ := h.engine.Storage().List(ctx, outbox.KeyIdem+h.keys[0].tenant, false); len(keys) != 0 {
 				t.Errorf("a failed accept consumed its Idempotency-Key: %v", keys)
 			}
 
@@ -165,18 +165,16 @@ func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	// a finished message whose batch left memory is read from storage
 	_, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"))
 	id, _ := out["id"].(string)
-	waitState(t, h, id, status(Sent))
+	waitState(t, h, id, status(outbox.Sent))
 	deadline := time.Now().Add(5 * time.Second)
-	for h.engine.st.s.Exists(ctx, keySeg+BatchOf(id)) && time.Now().Before(deadline) {
+	for h.engine.Storage().Exists(ctx, outbox.KeySeg+outbox.BatchOf(id)) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	h.engine.mu.Lock()
-	resident := h.engine.entries[id] != nil
-	h.engine.mu.Unlock()
+	_, resident := h.engine.Inventory().Resident[id]
 	if resident {
 		t.Fatal("a retired message is still in memory; this test needs one read from storage")
 	}
-	fs.set(func(f *faultyStorage) { f.load = KeySt })
+	fs.set(func(f *faultyStorage) { f.load = outbox.KeySt })
 	rec, out := call(t, h, "GET", "/authmail/messages/"+id, "")
 	if rec.Code != 503 || out["error_code"] != "outbox_unavailable" {
 		t.Fatalf("status with failing storage: %d %v", rec.Code, out)
@@ -189,8 +187,8 @@ func testStatusAndIdempotencyAnswer503WhenStorageFails(t *testing.T) {
 	srv.ClearMessages()
 	for name, fault := range map[string]func(f *faultyStorage){
 		"lock":  func(f *faultyStorage) { f.lockOn = "authmail_idem_" },
-		"read":  func(f *faultyStorage) { f.load = KeyIdem },
-		"write": func(f *faultyStorage) { f.store = KeyIdem },
+		"read":  func(f *faultyStorage) { f.load = outbox.KeyIdem },
+		"write": func(f *faultyStorage) { f.store = outbox.KeyIdem },
 	} {
 		// a record must exist for the read to be attempted
 		if name == "read" {
@@ -243,12 +241,12 @@ func TestUnreadableBodyIs400AndSendsNothing(t *testing.T) {
 
 // storedState reads a message's state from storage, not from memory; ok
 // is false when it cannot be read or is not there.
-func storedState(h *Handler, id string) (State, bool) {
-	bs, err := h.engine.st.loadState(context.Background(), BatchOf(id))
+func storedState(h *Handler, id string) (outbox.State, bool) {
+	bs, err := outbox.LoadState(context.Background(), h.engine.Storage(), outbox.BatchOf(id))
 	if err != nil {
-		return State{}, false
+		return outbox.State{}, false
 	}
-	return bs.message(id)
+	return bs.Message(id)
 }
 
 // storedStatus is the status of storedState, "" when there is none.
@@ -271,7 +269,7 @@ func TestStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 func testStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv)
-	fs.set(func(f *faultyStorage) { f.store = KeySt })
+	fs.set(func(f *faultyStorage) { f.store = outbox.KeySt })
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
@@ -280,15 +278,15 @@ func testStateThatCannotBeWrittenHoldsNoDelivery(t *testing.T) {
 	if m := srv.WaitMessages(1, 5*time.Second); len(m) != 1 {
 		t.Fatalf("%d messages", len(m))
 	}
-	if got := storedStatus(t, h, id); got != Queued {
+	if got := storedStatus(t, h, id); got != outbox.Queued {
 		t.Fatalf("stored status %q while state writes fail, want queued (as accepted)", got)
 	}
-	if dots, err := ownDotRecord(h.engine); err != nil || dots.Marks[id] != 1 {
+	if dots, err := h.engine.OwnDots(); err != nil || dots.Marks[id] != 1 {
 		t.Fatalf("the sent attempt is not marked in storage: %v %v", dots.Marks, err)
 	}
 	fs.set(func(f *faultyStorage) { f.store = "" })
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != Sent {
+	for storedStatus(t, h, id) != outbox.Sent {
 		if time.Now().After(deadline) {
 			t.Fatalf("the outcome was never written: %q", storedStatus(t, h, id))
 		}
@@ -312,7 +310,7 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	h, fs := faultyHandler(t, srv)
 	fs.set(func(f *faultyStorage) {
 		f.storeIf = func(key string, value []byte) bool {
-			return strings.HasPrefix(key, KeySt) && strings.Contains(string(value), `"status":"sent"`)
+			return strings.HasPrefix(key, outbox.KeySt) && strings.Contains(string(value), `"status":"sent"`)
 		}
 	})
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
@@ -326,10 +324,10 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond) // a failed state write is retried every second
 	// the claim is not written; the dot mark is what a crash now would
 	// read, and it calls the message unknown instead of resending it
-	if got := storedStatus(t, h, id); got != Queued {
+	if got := storedStatus(t, h, id); got != outbox.Queued {
 		t.Fatalf("stored status %q while the outcome cannot be written, want queued", got)
 	}
-	if dots, err := ownDotRecord(h.engine); err != nil || dots.Marks[id] != 1 {
+	if dots, err := h.engine.OwnDots(); err != nil || dots.Marks[id] != 1 {
 		t.Fatalf("the sent attempt is not marked in storage: %v %v", dots.Marks, err)
 	}
 	if n := len(srv.Attempts()); n != 1 {
@@ -337,7 +335,7 @@ func testOutcomeThatCannotBeWrittenIsRetried(t *testing.T) {
 	}
 	fs.set(func(f *faultyStorage) { f.storeIf = nil })
 	deadline := time.Now().Add(5 * time.Second)
-	for storedStatus(t, h, id) != Sent {
+	for storedStatus(t, h, id) != outbox.Sent {
 		if time.Now().After(deadline) {
 			t.Fatalf("the outcome was never written: %q", storedStatus(t, h, id))
 		}
@@ -361,7 +359,7 @@ func testOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 	h, fs := faultyHandler(t, srv, withDelivery(func(d *Delivery) {
 		d.Lease = caddy.Duration(time.Second)
 	}))
-	fs.set(func(f *faultyStorage) { f.exists = keyOwn })
+	fs.set(func(f *faultyStorage) { f.exists = outbox.KeyOwn })
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
 		t.Fatalf("%d %v", rec.Code, out)
@@ -372,7 +370,7 @@ func testOwnershipCheckThatFailsDelaysTheMessage(t *testing.T) {
 		t.Fatalf("%d SMTP transactions although the batch did not look like ours", n)
 	}
 	fs.set(func(f *faultyStorage) { f.exists = "" })
-	waitState(t, h, id, status(Sent))
+	waitState(t, h, id, status(outbox.Sent))
 	time.Sleep(200 * time.Millisecond)
 	if n := len(srv.Attempts()); n != 1 {
 		t.Fatalf("%d SMTP transactions, want exactly one", n)
@@ -391,7 +389,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h, fs := faultyHandler(t, srv, fixedBackoff(900*time.Millisecond))
 	fastParking(h.engine)
-	h.engine.tun.unparkRetry = 200 * time.Millisecond
+	h.engine.Tunables().UnparkRetry = 200 * time.Millisecond
 	gate := refuseMail(srv)
 	rec, out := call(t, h, "POST", "/authmail/send/otp", otp("jane@example.org"), "Prefer: respond-async")
 	if rec.Code != 202 {
@@ -399,7 +397,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 	}
 	id := out["id"].(string)
 	waitParked(t, h, []string{id})
-	fs.set(func(f *faultyStorage) { f.load = KeySt })
+	fs.set(func(f *faultyStorage) { f.load = outbox.KeySt })
 	gate.refuse.Store(false)
 	time.Sleep(1500 * time.Millisecond) // past the retry, several failed reads
 	if n := len(srv.Messages()); n != 0 {
@@ -424,7 +422,7 @@ func testParkedBatchThatCannotBeReadIsRetried(t *testing.T) {
 		}
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
-	if st := waitState(t, h, id, status(Sent)); st.Attempts != 2 {
+	if st := waitState(t, h, id, status(outbox.Sent)); st.Attempts != 2 {
 		t.Fatalf("%d attempts, want 2", st.Attempts)
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -450,10 +448,10 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 		t.Fatalf("%d %v", rec.Code, out)
 	}
 	id := out["id"].(string)
-	waitState(t, h, id, func(st State) bool { return st.Attempts == 1 && st.Status == Queued })
-	fs.set(func(f *faultyStorage) { f.load = keySeg })
+	waitState(t, h, id, func(st outbox.State) bool { return st.Attempts == 1 && st.Status == outbox.Queued })
+	fs.set(func(f *faultyStorage) { f.load = outbox.KeySeg })
 	gate.refuse.Store(false)
-	waitState(t, h, id, func(st State) bool { return st.LastCode == mailer.CodeOutboxUnavailable })
+	waitState(t, h, id, func(st outbox.State) bool { return st.LastCode == mailer.CodeOutboxUnavailable })
 	if n := gate.mails.Load(); n != 1 {
 		t.Fatalf("%d SMTP transactions, want only the first (refused) one", n)
 	}
@@ -463,7 +461,7 @@ func testRetryThatCannotReadItsBodyIsRetried(t *testing.T) {
 		t.Fatalf("status while the body cannot be read: %d %v", rec.Code, out)
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
-	st := waitState(t, h, id, status(Sent))
+	st := waitState(t, h, id, status(outbox.Sent))
 	if st.LastCode != "" || st.Attempts < 3 {
 		t.Fatalf("after the storage recovered: %+v", st)
 	}
@@ -494,22 +492,22 @@ func testPendingIdempotencyRecordWithUnreadableMessage(t *testing.T) {
 		t.Fatalf("%d %s", r.Code, r.Body)
 	}
 	id := out["id"].(string)
-	keys, _ := h.engine.st.s.List(ctx, KeyIdem+h.keys[0].tenant, false)
+	keys, _ := h.engine.Storage().List(ctx, outbox.KeyIdem+h.keys[0].tenant, false)
 	if len(keys) != 1 {
 		t.Fatalf("idempotency records: %v", keys)
 	}
 	var rec idemRecord
-	if err := h.engine.st.getJSON(ctx, keys[0], &rec); err != nil {
+	if err := h.shared.st.getJSON(ctx, keys[0], &rec); err != nil {
 		t.Fatal(err)
 	}
 	rec.State, rec.Status, rec.Body = "pending", 0, nil
-	if err := h.engine.st.putJSON(ctx, keys[0], rec); err != nil {
+	if err := h.shared.st.putJSON(ctx, keys[0], rec); err != nil {
 		t.Fatal(err)
 	}
 	// the batch is no longer in memory (as after a restart) and its
 	// state cannot be read
 	waitRetired(t, h, id)
-	fs.set(func(f *faultyStorage) { f.load = KeySt })
+	fs.set(func(f *faultyStorage) { f.load = outbox.KeySt })
 	r, out = call(t, h, "POST", "/authmail/send/otp", body, "Idempotency-Key: pend-1")
 	if r.Code != 503 || out["error_code"] != "outbox_unavailable" {
 		t.Fatalf("unreadable message of a pending record: %d %s", r.Code, r.Body)
@@ -531,9 +529,7 @@ func waitRetired(t *testing.T, h *Handler, id string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		h.engine.mu.Lock()
-		held := h.engine.entries[id] != nil
-		h.engine.mu.Unlock()
+		_, held := h.engine.Inventory().Resident[id]
 		if !held {
 			return
 		}
@@ -558,24 +554,24 @@ func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 	t.Cleanup(func() { limitSyncInterval = old })
 	shared := t.TempDir()
 	a := newInstance(t, shared).handler()
-	a.engine.Start()
+	a.shared.Start()
 	in := newInstance(t, shared)
 	fs := &faultyStorage{Storage: openStorage(t, shared)}
 	fs.set(func(f *faultyStorage) { f.load = "authmail/salt" })
 	b := in.handler(func(h *Handler) { h.storageOverride = fs })
-	b.engine.Start()
-	if a.engine.limits.Hash("x") == b.engine.limits.Hash("x") || !b.engine.saltTemporary.Load() {
+	b.shared.Start()
+	if a.shared.limits.Hash("x") == b.shared.limits.Hash("x") || !b.shared.saltTemporary.Load() {
 		t.Fatal("with the salt unreadable, the instance should hash with a salt of its own")
 	}
 	fs.set(func(f *faultyStorage) { f.load = "" })
 	deadline := time.Now().Add(5 * time.Second)
-	for b.engine.saltTemporary.Load() {
+	for b.shared.saltTemporary.Load() {
 		if time.Now().After(deadline) {
 			t.Fatal("the instance never read the cluster's salt")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if a.engine.limits.Hash("x") != b.engine.limits.Hash("x") {
+	if a.shared.limits.Hash("x") != b.shared.limits.Hash("x") {
 		t.Error("the salt was read but the instances still hash differently")
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -33,7 +34,7 @@ func TestGoldenStorageIsDelivered(t *testing.T) {
 		h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond),
 			MaxAge: caddy.Duration(100 * 365 * 24 * time.Hour), Lease: caddy.Duration(2 * time.Second)}
 	})
-	h.engine.Start() // what the authmail app does when the config starts
+	h.shared.Start() // what the authmail app does when the config starts
 	want := map[string]string{
 		"ann@example.org":  "Receipt 1042",
 		"bob@example.org":  "Weekly digest",
@@ -146,7 +147,7 @@ func TestWriteGoldenStorage(t *testing.T) {
 		ids[c.rcpt] = out["id"].(string)
 	}
 	for _, id := range ids {
-		waitState(t, h, id, func(st State) bool { return st.Status == Queued && st.Attempts == 1 })
+		waitState(t, h, id, func(st outbox.State) bool { return st.Status == outbox.Queued && st.Attempts == 1 })
 	}
 	time.Sleep(500 * time.Millisecond) // the states of the failed attempts are written
 	h.engine.Shutdown()

@@ -8,6 +8,7 @@ import (
 	storageredis "github.com/pberkel/caddy-storage-redis"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
@@ -19,39 +20,39 @@ import (
 // marker, see the set empty, ZREM the directory from its parent; the
 // Store's ZADD lands in between). The janitor must not take the batches
 // of an instance it cannot see in that index for orphans: a live
-// instance still has its heartbeat.
+// instance still has its outbox.Heartbeat.
 func TestJanitorKeepsSegmentsOfAnOwnerTheIndexLost(t *testing.T) {
 	srv := redistest.Start(t)
 	rs := srv.Storage(t, redistest.Prefix(t))
 	in := newInstance(t, "")
 	h := in.handler(func(h *Handler) { h.storageOverride = rs })
 	e := h.engine
-	e.tun.orphanAge = time.Millisecond
+	e.Tunables().OrphanAge = time.Millisecond
 	ctx := context.Background()
-	if err := e.writeHeartbeat(ctx); err != nil {
+	if err := e.WriteHeartbeat(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// a batch accepted but not attempted yet: segment and marker, no state
-	live := newID(time.Now())
-	if err := e.st.putJSON(ctx, keySeg+live, segment{Batch: live, Owner: e.iid}); err != nil {
+	// a batch accepted but not attempted yet: outbox.Segment and marker, no state
+	live := outbox.NewID(time.Now())
+	if err := outbox.PutJSON(ctx, e.Storage(), outbox.KeySeg+live, outbox.Segment{Batch: live, Owner: e.Instance()}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.st.s.Store(ctx, ownKey(e.iid, live), []byte("x")); err != nil {
+	if err := e.Storage().Store(ctx, outbox.OwnKey(e.Instance(), live), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	// the state the race leaves: the instance's directory is gone from
 	// the index of authmail/own, its own index still lists the marker
-	loseFromIndex(t, rs, "authmail/own", e.iid+"/")
+	loseFromIndex(t, rs, "authmail/own", e.Instance()+"/")
 	if owners, err := rs.List(ctx, "authmail/own", false); err != nil || len(owners) != 0 {
 		t.Fatalf("the index still lists %q (%v)", owners, err)
 	}
-	if owned, err := e.st.ownedBatches(ctx, e.iid); err != nil || len(owned) != 1 {
+	if owned, err := outbox.OwnedBatches(ctx, e.Storage(), e.Instance()); err != nil || len(owned) != 1 {
 		t.Fatalf("the instance's own index lost its marker: %q %v", owned, err)
 	}
 	time.Sleep(20 * time.Millisecond)
-	e.janitor(ctx)
-	if !e.st.s.Exists(ctx, keySeg+live) {
-		t.Fatal("the janitor deleted the segment of a live instance's unattempted batch")
+	e.Janitor(ctx)
+	if !e.Storage().Exists(ctx, outbox.KeySeg+live) {
+		t.Fatal("the janitor deleted the outbox.Segment of a live instance's unattempted batch")
 	}
 }
 

@@ -50,7 +50,7 @@ func TestOutboxSurvivesAReloadOfItsStorageModule(t *testing.T) {
 	e.Start()
 	t.Cleanup(func() {
 		e.Shutdown()
-		<-e.doneCh
+		<-e.Done()
 	})
 	if rec, out := call(t, first, "POST", "/authmail/send/otp", otp("one@example.org")); rec.Code != 200 || out["status"] != "sent" {
 		t.Fatalf("before the reload: %d %v", rec.Code, out)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"testing"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -57,14 +58,14 @@ func TestTenantIsTheSecretAcrossInstances(t *testing.T) {
 
 	// a record from before tenants: key id match, as before the upgrade
 	ctx := context.Background()
-	bs, err := a.engine.st.loadState(ctx, BatchOf(id))
+	bs, err := outbox.LoadState(ctx, a.engine.Storage(), outbox.BatchOf(id))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := range bs.Messages {
 		bs.Messages[i].Tenant = ""
 	}
-	if err := a.engine.st.putJSON(ctx, KeySt+BatchOf(id), bs); err != nil {
+	if err := a.shared.st.putJSON(ctx, outbox.KeySt+outbox.BatchOf(id), bs); err != nil {
 		t.Fatal(err)
 	}
 	if code, body := get(impostor, otherSecret); code != 200 {

@@ -12,6 +12,8 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // verifyOTPRequest is the body of POST /verify/otp.
@@ -158,7 +160,7 @@ func (h *Handler) serveVerify(w http.ResponseWriter, r *http.Request, rc *reques
 	if ip == "" {
 		ip = clientIP(r)
 	}
-	lim := h.engine.limits
+	lim := h.shared.limits
 	// "a:" puts these with the failed authentications, whose published
 	// share is bounded: the ip comes from the end user
 	vKey := "a:v:" + lim.Hash(authFailureSubject(ip))
@@ -202,7 +204,7 @@ func (h *Handler) serveVerify(w http.ResponseWriter, r *http.Request, rc *reques
 // success is answered; if the delete fails, the answer is 503 and the
 // code stays valid.
 func (h *Handler) verifyCode(ctx context.Context, tenant string, req *verifyOTPRequest) verifyOutcome {
-	is, e := h.codes, h.engine
+	is, e := h.codes, h.shared
 	slot, nonce, _ := parseChallenge(req.ChallengeID)
 	key := codePath(tenant, slot)
 	// hashed before the lock: the lock is held for storage work only
@@ -216,7 +218,7 @@ func (h *Handler) verifyCode(ctx context.Context, tenant string, req *verifyOTPR
 	defer unlock()
 	var rec codeRecord
 	if err := e.st.getJSON(lctx, key, &rec); err != nil {
-		if IsNotExist(err) {
+		if outbox.IsNotExist(err) {
 			return verifyNotFound()
 		}
 		h.logger.Error("reading an issued code failed", zap.Error(err))
@@ -255,7 +257,7 @@ func (h *Handler) verifyCode(ctx context.Context, tenant string, req *verifyOTPR
 // same locking as verifyCode. A token of another flow is not found and
 // stays valid for its own.
 func (h *Handler) verifyToken(ctx context.Context, tenant string, req *verifyTokenRequest) verifyOutcome {
-	e := h.engine
+	e := h.shared
 	key := h.codes.tokenPath(tenant, req.Token)
 	lctx, unlock, err := e.lockIssued(ctx, key)
 	if err != nil {
@@ -265,7 +267,7 @@ func (h *Handler) verifyToken(ctx context.Context, tenant string, req *verifyTok
 	defer unlock()
 	var rec tokenRecord
 	if err := e.st.getJSON(lctx, key, &rec); err != nil {
-		if IsNotExist(err) {
+		if outbox.IsNotExist(err) {
 			return verifyNotFound()
 		}
 		h.logger.Error("reading an issued token failed", zap.Error(err))

@@ -26,6 +26,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/caddy-authmail/authmail/internal/outbox"
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
 
@@ -75,9 +76,8 @@ func (r *hookReceiver) wait(t *testing.T, n int) []hookCall {
 }
 
 func fastWebhooks(t *testing.T) {
-	old := webhookBackoff
-	webhookBackoff = 20 * time.Millisecond
-	t.Cleanup(func() { webhookBackoff = old })
+	old := outbox.SetWebhookBackoff(20 * time.Millisecond)
+	t.Cleanup(func() { outbox.SetWebhookBackoff(old) })
 }
 
 func TestWebhookSignedAndDelivered(t *testing.T) {
@@ -133,7 +133,7 @@ func TestWebhookSignedAndDelivered(t *testing.T) {
 	if got, want := c.header.Get("X-Email-Service-Signature-V2"), "sha256="+hex.EncodeToString(mac(ts+".", string(c.body))); got != want {
 		t.Errorf("X-Email-Service-Signature-V2 %q, want %q", got, want)
 	}
-	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookDelivered })
+	st := waitState(t, h, out["id"].(string), func(s outbox.State) bool { return s.Webhook.Status == outbox.HookDelivered })
 	if st.Webhook.Secret != "" {
 		t.Error("the configured secret was copied into storage")
 	}
@@ -183,7 +183,7 @@ func TestWebhookPerRequestSecretRetriesAndFailures(t *testing.T) {
 	if err := verifyStandardWebhook(secret, false, calls[2].header, calls[2].body, time.Now()); err != nil {
 		t.Errorf("Standard Webhooks signature with a whsec_ secret: %v", err)
 	}
-	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookDelivered })
+	st := waitState(t, h, out["id"].(string), func(s outbox.State) bool { return s.Webhook.Status == outbox.HookDelivered })
 	if st.Webhook.Attempts != 3 {
 		t.Errorf("webhook attempts %d", st.Webhook.Attempts)
 	}
@@ -220,7 +220,7 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("%d %s", rec.Code, rec.Body)
 	}
-	st := waitState(t, h, out["id"].(string), func(s State) bool { return s.Webhook.Status == hookFailed })
+	st := waitState(t, h, out["id"].(string), func(s outbox.State) bool { return s.Webhook.Status == outbox.HookFailed })
 	if st.Webhook.Attempts != 1 {
 		t.Errorf("a blocked webhook is not retried: %+v", st.Webhook)
 	}
@@ -239,78 +239,11 @@ func TestWebhookRefusesPrivateAddresses(t *testing.T) {
 	}
 }
 
-// TestBlockedIP: every entry of the block list refuses its first and last
-// address; the ranges that embed an IPv4 address refuse exactly when the
-// embedded address is refused; global unicast passes.
-func TestBlockedIP(t *testing.T) {
-	last := func(p netip.Prefix) netip.Addr {
-		b := p.Addr().As16()
-		bits, total := p.Bits(), 128
-		if p.Addr().Is4() {
-			bits += 96
-		}
-		for i := bits; i < total; i++ {
-			b[i/8] |= 1 << (7 - i%8)
-		}
-		a := netip.AddrFrom16(b)
-		if p.Addr().Is4() {
-			a = a.Unmap()
-		}
-		return a
-	}
-	for _, r := range reservedRanges {
-		if !r.refuse {
-			continue
-		}
-		for _, a := range []netip.Addr{r.prefix.Addr(), last(r.prefix)} {
-			if !blockedIP(a) {
-				t.Errorf("%s (%s, in %s) is not blocked", a, r.name, r.prefix)
-			}
-		}
-	}
-	for s, want := range map[string]bool{
-		// the reported holes
-		"::7f00:1": true, "::a00:1": true, "64:ff9b:1::7f00:1": true, "2002:7f00:1::1": true,
-		"192.0.2.1": true, "198.51.100.7": true, "203.0.113.255": true,
-		// IPv4-mapped: the embedded address decides
-		"::ffff:10.0.0.1": true, "::ffff:127.0.0.1": true, "::ffff:8.8.8.8": false,
-		// IPv4-compatible: refused whole
-		"::808:808": true,
-		// NAT64 well-known prefix: the embedded address decides
-		"64:ff9b::808:808": false, "64:ff9b::7f00:1": true, "64:ff9b::a9fe:a9fe": true, "64:ff9b::c000:201": true,
-		// local-use NAT64: refused whole
-		"64:ff9b:1::808:808": true, "64:ff9b:1:ffff::808:808": true,
-		// 6to4: the router's address decides
-		"2002:808:808::1": false, "2002:c0a8:101::1": true, "2002:a9fe:a9fe:1::1": true, "2002:c633:6401::1": true,
-		// Teredo: server 65.54.227.120 with client 8.8.8.8 (inverted
-		// f7f7:f7f7) passes; a private client or server is refused
-		"2001:0:4136:e378:8000:63bf:f7f7:f7f7": false, "2001:0:4136:e378:8000:63bf:f5ff:fffe": true,
-		"2001:0:4136:e378:8000:63bf:80ff:fffe": true, "2001:0:a00:1:8000:63bf:f7f7:f7f7": true,
-		// the rest of 2001::/23 and anycast services
-		"2001:1::1": true, "2001:4:112::1": true, "192.0.0.9": true, "192.31.196.1": true,
-		// classic ranges
-		"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true, "169.254.169.254": true,
-		"::1": true, "::": true, "fe80::1": true, "fe80::1%eth0": true, "fd00:ec2::254": true, "fec0::1": true,
-		"0.0.0.0": true, "100.64.1.1": true, "224.0.0.1": true, "239.255.255.250": true, "255.255.255.255": true,
-		"ff02::1": true, "4000::1": true, "3fff::1": true, "5f00::1": true,
-		// global unicast
-		"8.8.8.8": false, "1.1.1.1": false, "93.184.216.34": false, "192.0.1.1": false, "198.20.0.1": false,
-		"2606:4700::1111": false, "2a00:1450:4001:81c::200e": false, "2001:200::1": false, "3ffe::1": false,
-	} {
-		if got := blockedIP(netip.MustParseAddr(s)); got != want {
-			t.Errorf("blockedIP(%s) = %v, want %v", s, got, want)
-		}
-	}
-	if !blockedIP(netip.Addr{}) {
-		t.Error("the zero address is not blocked")
-	}
-}
-
 // TestWebhookDialRefusesReservedAddresses: the check when connecting
-// (after DNS) is blockedIP too, and a webhook_url with such an IP
+// (after DNS) is outbox.BlockedIP too, and a webhook_url with such an IP
 // literal is refused when the request arrives.
 func TestWebhookDialRefusesReservedAddresses(t *testing.T) {
-	client := webhookClient(nil, 2*time.Second)
+	client := outbox.WebhookClient(nil, 2*time.Second)
 	_, v6err := net.ListenPacket("udp6", "[::1]:0")
 	for _, host := range []string{"192.0.2.1", "198.51.100.1", "203.0.113.1", "127.0.0.1", "[::7f00:1]", "[::a00:1]", "[64:ff9b:1::7f00:1]", "[2002:7f00:1::1]", "[64:ff9b::a00:1]"} {
 		u := "http://" + host + ":9/hook"
@@ -324,7 +257,7 @@ func TestWebhookDialRefusesReservedAddresses(t *testing.T) {
 		if err == nil {
 			res.Body.Close()
 		}
-		if !errors.Is(err, errWebhookBlocked) {
+		if !errors.Is(err, outbox.ErrWebhookBlocked) {
 			t.Errorf("dial %s: %v, want the block error", u, err)
 		}
 	}
@@ -437,7 +370,7 @@ func TestWhsecSecretsMustBeBase64(t *testing.T) {
 		t.Errorf("provision with an invalid whsec_ secret: %v", err)
 	}
 	_ = bad.Cleanup()
-	if k, err := webhookKey("whsec_" + base64.StdEncoding.EncodeToString([]byte("key"))); err != nil || string(k) != "key" {
+	if k, err := outbox.WebhookKey("whsec_" + base64.StdEncoding.EncodeToString([]byte("key"))); err != nil || string(k) != "key" {
 		t.Errorf("valid whsec_: %q %v", k, err)
 	}
 }
@@ -481,7 +414,7 @@ func hangingReceiver(t *testing.T) (string, *atomic.Int32) {
 // receiver that accepts and never answers (each post waits the whole
 // 10 s timeout); a webhook to a healthy receiver arrives at once
 // all the same, and the hanging host never gets more than
-// webhookPerHost posts at a time.
+// outbox.WebhookPerHost posts at a time.
 func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	recv := newHookReceiver(t, func(int) int { return 204 })
@@ -492,8 +425,8 @@ func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
 	// registered after the handler, so that it runs before the engine
 	// stops: the posts in flight fail at once instead of timing out
 	hanging, conns := hangingReceiver(t)
-	if h.engine.tun.hookTimeout < 10*time.Second {
-		t.Fatalf("webhook timeout %s; the test needs posts that hang for long", h.engine.tun.hookTimeout)
+	if h.engine.Tunables().HookTimeout < 10*time.Second {
+		t.Fatalf("webhook timeout %s; the test needs posts that hang for long", h.engine.Tunables().HookTimeout)
 	}
 	ids := make([]string, 50)
 	for i := range ids {
@@ -505,11 +438,11 @@ func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
 		ids[i] = out["id"].(string)
 	}
 	for _, id := range ids {
-		waitState(t, h, id, status(Sent))
+		waitState(t, h, id, status(outbox.Sent))
 	}
 	// the hanging host holds its posts
 	deadline := time.Now().Add(5 * time.Second)
-	for conns.Load() < webhookPerHost && time.Now().Before(deadline) {
+	for conns.Load() < outbox.WebhookPerHost && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
@@ -531,38 +464,23 @@ func TestWebhookToAHangingHostDelaysNoOtherHost(t *testing.T) {
 	}
 	// more webhooks than slots to the healthy host: each freed slot
 	// takes the next
-	for i := range 3 * webhookPerHost {
+	for i := range 3 * outbox.WebhookPerHost {
 		body := fmt.Sprintf(`{"to":"healthy%d@example.org","code":"1","webhook_url":%q}`, i, recv.srv.URL+"/hook")
 		if rec, _ := call(t, h, "POST", "/authmail/send/otp", body, "Prefer: respond-async"); rec.Code != 202 {
 			t.Fatalf("%d %s", rec.Code, rec.Body)
 		}
 	}
-	if calls := recv.wait(t, 1+3*webhookPerHost); len(calls) != 1+3*webhookPerHost {
-		t.Fatalf("%d calls to the healthy receiver, want %d", len(calls), 1+3*webhookPerHost)
+	if calls := recv.wait(t, 1+3*outbox.WebhookPerHost); len(calls) != 1+3*outbox.WebhookPerHost {
+		t.Fatalf("%d calls to the healthy receiver, want %d", len(calls), 1+3*outbox.WebhookPerHost)
 	}
-	if n := conns.Load(); n != webhookPerHost {
-		t.Errorf("the hanging host got %d connections at once, want %d", n, webhookPerHost)
-	}
-}
-
-// TestHookHost: webhooks are limited per host and port, whatever the
-// case, path, query or fragment.
-func TestHookHost(t *testing.T) {
-	for u, want := range map[string]string{
-		"https://Hooks.Example.COM/a/b?c=d": "hooks.example.com",
-		"http://127.0.0.1:8080?x":           "127.0.0.1:8080",
-		"http://[::1]:80/#f":                "[::1]:80",
-		"https://example.com":               "example.com",
-	} {
-		if got := hookHost(u); got != want {
-			t.Errorf("hookHost(%s) = %q, want %q", u, got, want)
-		}
+	if n := conns.Load(); n != outbox.WebhookPerHost {
+		t.Errorf("the hanging host got %d connections at once, want %d", n, outbox.WebhookPerHost)
 	}
 }
 
 // TestWebhooksOfOneKeyHoldAtMostItsShare: a key that spreads its webhooks
 // over many receivers that never answer (here twenty ports, two webhooks
-// each) has at most webhookPerTenant posts in flight, so it cannot take
+// each) has at most outbox.WebhookPerTenant posts in flight, so it cannot take
 // every slot; another key's webhook goes out at once.
 func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
@@ -588,7 +506,7 @@ func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 		}
 	}
 	for _, id := range ids {
-		waitState(t, h, id, status(Sent))
+		waitState(t, h, id, status(outbox.Sent))
 	}
 	total := func() int {
 		n := 0
@@ -598,7 +516,7 @@ func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 		return n
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for total() < webhookPerTenant && time.Now().Before(deadline) {
+	for total() < outbox.WebhookPerTenant && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	body := fmt.Sprintf(`{"to":"healthy@example.org","code":"1","webhook_url":%q}`, recv.srv.URL+"/hook")
@@ -613,8 +531,8 @@ func TestWebhooksOfOneKeyHoldAtMostItsShare(t *testing.T) {
 	if d := time.Since(final); d > 2*time.Second {
 		t.Errorf("the other key's webhook arrived %s after its message was sent", d)
 	}
-	if n := total(); n != webhookPerTenant {
-		t.Errorf("the key's hanging receivers got %d connections at once, want %d", n, webhookPerTenant)
+	if n := total(); n != outbox.WebhookPerTenant {
+		t.Errorf("the key's hanging receivers got %d connections at once, want %d", n, outbox.WebhookPerTenant)
 	}
 }
 
@@ -710,7 +628,7 @@ func TestOneSecretServesBothReceivers(t *testing.T) {
 		{hexSecret, false, true},
 	} {
 		h := http.Header{}
-		signWebhook(h, c.secret, "06gzsmsg", now.Unix(), body)
+		outbox.SignWebhook(h, c.secret, "06gzsmsg", now.Unix(), body)
 		if err := verifyRelayWebhook(c.secret, h, body, now); err != nil {
 			t.Errorf("%s: relay receiver: %v", c.secret[:8], err)
 		}

@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"bytes"
@@ -20,67 +20,7 @@ import (
 
 	"github.com/caddy-authmail/authmail/internal/heapq"
 	"github.com/caddy-authmail/authmail/internal/mailer"
-	"github.com/caddy-authmail/authmail/internal/ratelimit"
 )
-
-// The outbox engine: what it promises, and what a crash leaves.
-//
-// Durable on a 2xx. accept returns once the batch's segment
-// (authmail/seg/<batch>: every message's envelope, body and initial
-// state) and then its ownership marker (authmail/own/<instance>/<batch>)
-// are stored. A segment without a marker was never acknowledged to its
-// request, and the janitor deletes it; a marker always has its segment.
-// Requests that arrive together share one such write (appender).
-//
-// States, in storage (authmail/st/<batch>, or the segment's initial
-// states before the first state write):
-//   - queued: waiting for an attempt (also after a claim a crash cut
-//     short; claims are not written, see claimGroup);
-//   - sending: an attempt began and its outcome is not yet written;
-//   - sent: the server answered 2xx to the final dot (captured: the file
-//     got its name);
-//   - failed: a permanent refusal, or retries ran past max_age;
-//   - unknown: the final dot may have reached the server and no reply was
-//     recorded; never resent automatically (with retry_uncertain it is
-//     queued again instead);
-//   - expired: a code or link still queued when it expired; never sent.
-//
-// sent, failed, unknown and expired are final. An outcome nobody waits
-// for may wait up to stateLinger to share a write; a crash in that window
-// loses the write, and the dot mark then makes the message unknown, never
-// sent twice.
-//
-// A crash at each point of an attempt (see outbox_dots.go):
-//   - claimed, not yet attempted; dialling, in greeting, EHLO, STARTTLS,
-//     AUTH, MAIL, RCPT or DATA; answered 4xx or 5xx before the dot:
-//     nothing can have been delivered, no dot mark names the attempt, and
-//     the next start or the adopting instance attempts it again;
-//   - between the durable dot mark and the stored outcome (the dot, and
-//     waiting for its reply): unknown, with last_error naming the
-//     stopped instance. With pipelining that is at most the one message
-//     per connection whose dot was in flight;
-//   - the mark cannot be written: the dot is not sent (the connection
-//     closes inside DATA, which the server discards) and the message is
-//     retried.
-//
-// Ownership in a cluster (outbox_cluster.go). Every instance heartbeats
-// authmail/inst/<instance>. An instance whose heartbeat is older than
-// the lease in two scans in a row is adopted by one live instance, under
-// a storage lock: its markers move to the adopter, and its messages are
-// rebuilt by the rules above, from its dot records. An instance that
-// finds its markers gone (it paused past the lease) drops those batches.
-// Two live processes never run as one instance: a process that reads an
-// instance id whose heartbeat another live process writes takes an
-// identity of its own (outbox_identity.go).
-//
-// The storage layout, every key under authmail/, is listed in
-// outbox_store.go; an outbox folder written by an earlier version must
-// stay readable (testdata/golden-storage and its test).
-
-// enginePool holds one outbox engine per storage. Handlers in every
-// config that use the same storage share it, so a reload never starts a
-// second consumer and in-flight deliveries finish on the same engine.
-var enginePool = caddy.NewUsagePool()
 
 // Config is the delivery configuration. The most recently
 // provisioned handler sets it.
@@ -100,10 +40,10 @@ type Config struct {
 	WebhookSecret  string
 	WebhookAllow   []string
 	LogRecipients  bool
-	// RelaySent, in compat authmail-relay mode, makes webhooks carry the
-	// relay's payload and names a delivered message in it ("delivered",
-	// or "captured" in capture mode); empty otherwise.
-	RelaySent string
+	// WebhookBody, when set, builds the JSON body of a final message's
+	// webhook in place of the engine's own (authmail-relay's payload in
+	// compat mode); nil means the engine's.
+	WebhookBody func(State) any
 }
 
 // Observer is told what the engine does, for the metrics. Its methods
@@ -179,28 +119,28 @@ type Engine struct {
 	bodyBytes atomic.Int64 // bytes of bodies cached in entries
 	dots      dotMarks     // attempts whose final dot may be in flight
 
-	limits        *ratelimit.Limiter
-	saltTemporary atomic.Bool // the salt is this process's own until storage answers
+	janitorTasks []func(context.Context) // OnJanitor's; set before Start
 
-	tun tunables
+	tun Tunables
 	obs Observer
 }
 
-// tunables are timing settings that are not part of the public config.
+// Tunables are timing settings that are not part of the public config.
 // Each engine copies the package defaults when it is created, so tests
-// can shorten them without racing engines of other tests.
-type tunables struct {
-	janitorEvery, orphanAge, limitSync, forgetAge     time.Duration
-	hookTimeout, hookBackoff, hookMaxWait, hookMaxAge time.Duration
-	parkEvery, parkAfter, unparkLead, unparkRetry     time.Duration
-	readyHigh                                         int
+// can shorten them (Engine.Tunables, before Start) without racing engines
+// of other tests.
+type Tunables struct {
+	JanitorEvery, OrphanAge, ForgetAge                time.Duration
+	HookTimeout, HookBackoff, HookMaxWait, HookMaxAge time.Duration
+	ParkEvery, ParkAfter, UnparkLead, UnparkRetry     time.Duration
+	ReadyHigh                                         int
 }
 
-func currentTunables() tunables {
-	return tunables{
-		janitorEvery: janitorInterval, orphanAge: orphanAge, limitSync: limitSyncInterval, forgetAge: instanceForgetAge,
-		hookTimeout: webhookTimeout, hookBackoff: webhookBackoff, hookMaxWait: webhookMaxWait, hookMaxAge: webhookMaxAge,
-		parkEvery: parkInterval, parkAfter: parkAfter, unparkLead: unparkLead, unparkRetry: unparkRetry, readyHigh: readyHigh,
+func currentTunables() Tunables {
+	return Tunables{
+		JanitorEvery: janitorInterval, OrphanAge: orphanAge, ForgetAge: instanceForgetAge,
+		HookTimeout: webhookTimeout, HookBackoff: webhookBackoff, HookMaxWait: webhookMaxWait, HookMaxAge: webhookMaxAge,
+		ParkEvery: parkInterval, ParkAfter: parkAfter, UnparkLead: unparkLead, UnparkRetry: unparkRetry, ReadyHigh: readyHigh,
 	}
 }
 
@@ -213,7 +153,7 @@ type Entry struct {
 	to      []string // envelope
 	data    []byte   // cached body; nil means load from storage
 	heapIdx int      // index in its lane of engine.ready, -1 when not queued
-	lane    lane     // the lane it is queued in (outbox_lanes.go)
+	lane    lane     // the lane it is queued in (lanes.go)
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
 	// attempting is set once a worker started the claimed message's
@@ -281,8 +221,7 @@ func New(key string, s certmagic.Storage, iid string, obs Observer) *Engine {
 		doneCh:   make(chan struct{}),
 	}
 	e.segCache.max = 8
-	e.dots.marks = map[string]int{}
-	e.limits = ratelimit.New()
+	e.dots.marks, e.dots.accepted, e.dots.refused = map[string]int{}, map[string]int{}, map[string]int{}
 	e.tun = currentTunables()
 	e.logger.Store(zap.NewNop())
 	e.obs = obs
@@ -294,6 +233,9 @@ func New(key string, s certmagic.Storage, iid string, obs Observer) *Engine {
 
 func (e *Engine) Config() *Config  { return e.cfg.Load() }
 func (e *Engine) log() *zap.Logger { return e.logger.Load() }
+
+// Logger returns the logger of the most recently configured handler.
+func (e *Engine) Logger() *zap.Logger { return e.logger.Load() }
 
 // Registration is one provisioned handler's hold on the engine: its
 // delivery settings, logger, and transport for its sender profile.
@@ -437,11 +379,6 @@ func (e *Engine) Start() {
 		}
 		e.started.Store(true)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		if err := e.loadSalt(ctx); err != nil {
-			e.log().Error("reading the hashing salt failed; rate limits and recipient hashes are per process until it can be read", zap.Error(err))
-			e.saltTemporary.Store(true)
-			e.limits.SetSalt(ratelimit.NewRandomSalt())
-		}
 		e.claimIdentity(ctx)
 		e.mu.Lock()
 		e.identified = true
@@ -456,14 +393,13 @@ func (e *Engine) Start() {
 			e.log().Info("recovered queued messages from storage", zap.Int("messages", n), zap.String("instance", e.iid))
 		}
 		cancel()
-		e.loops.Add(7)
+		e.loops.Add(6)
 		go e.parkLoop()
 		go e.appender()
 		go e.stateWriter()
 		go e.heartbeatLoop()
 		go e.adoptionLoop()
 		go e.janitorLoop()
-		go e.limitSyncLoop()
 		e.mu.Lock()
 		e.updateWorkersLocked()
 		for range 2 {
@@ -474,10 +410,11 @@ func (e *Engine) Start() {
 	})
 }
 
-// Destruct is called by the pool when no config uses the engine any
-// more. New work stops at once; deliveries in flight get drain_timeout to
-// finish; whatever is not sent stays in storage for the next start. When
-// Caddy is only reloading, this happens in the background.
+// Destruct stops the engine once no config uses it any more (the
+// handler's usage pool calls it). New work stops at once; deliveries in
+// flight get drain_timeout to finish; whatever is not sent stays in
+// storage for the next start. When Caddy is only reloading, this happens
+// in the background.
 func (e *Engine) Destruct() error {
 	if caddy.Exiting() {
 		e.Shutdown()
@@ -487,6 +424,8 @@ func (e *Engine) Destruct() error {
 	return nil
 }
 
+// Shutdown stops the engine and returns once new work is refused; the
+// background loops end after drain_timeout at most (Done).
 func (e *Engine) Shutdown() {
 	e.mu.Lock()
 	if e.closing {
@@ -682,9 +621,9 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 	now := time.Now()
 	bid := reqs[0].batch
 	if bid == "" {
-		bid = newID(now)
+		bid = NewID(now)
 	}
-	seg := &segment{Batch: bid, Owner: e.iid, Created: now}
+	seg := &Segment{Batch: bid, Owner: e.iid, Created: now}
 	b := &batch{id: bid}
 	for _, r := range reqs {
 		r.entries = make([]*Entry, 0, len(r.msgs))
@@ -692,7 +631,7 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 			idx := len(seg.Messages)
 			id := MessageID(bid, idx)
 			m.Env.ID = id
-			seg.Messages = append(seg.Messages, storedMessage{ID: id, From: m.Env.From, To: m.Env.To, Data: m.Env.Data})
+			seg.Messages = append(seg.Messages, StoredMessage{ID: id, From: m.Env.From, To: m.Env.To, Data: m.Env.Data})
 			st := State{
 				ID: id, KeyID: m.KeyID, Tenant: m.Tenant, Flow: m.Flow, Profile: m.Profile, MessageID: m.MessageID,
 				Recipients: len(m.Env.To), Rcpts: m.Rcpts,
@@ -727,9 +666,9 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 	// when both are durable (a marker without a segment is ignored)
 	ownErr := make(chan error, 1)
 	go func() {
-		ownErr <- e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano)))
+		ownErr <- e.st.s.Store(ctx, OwnKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano)))
 	}()
-	err := e.st.putJSON(ctx, keySeg+bid, seg)
+	err := e.st.putJSON(ctx, KeySeg+bid, seg)
 	if oerr := <-ownErr; err == nil {
 		err = oerr
 	}
@@ -737,8 +676,8 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 		// the request is told that nothing was accepted: take back
 		// whatever half of the pair was written (the segment holds codes
 		// and links; the janitor would otherwise keep it for an hour)
-		_ = e.st.s.Delete(ctx, ownKey(e.iid, bid))
-		_ = e.st.s.Delete(ctx, keySeg+bid)
+		_ = e.st.s.Delete(ctx, OwnKey(e.iid, bid))
+		_ = e.st.s.Delete(ctx, KeySeg+bid)
 		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
 		for _, en := range b.entries {
 			if en.data != nil {
@@ -800,7 +739,7 @@ const stateLinger = 50 * time.Millisecond
 // worker delivers queued messages. It claims a group of due messages,
 // then attempts them one by one. Workers are not waited for at shutdown
 // beyond drain_timeout: an attempt cut short is recorded unknown by the
-// next start only if its dot was marked (outbox_dots.go), else attempted
+// next start only if its dot was marked (dots.go), else attempted
 // again; claimed messages not yet attempted are given back first.
 func (e *Engine) worker() {
 	for {
@@ -839,7 +778,7 @@ func (e *Engine) stopping() bool {
 //
 // A claim is not written to storage before the attempt: what a crash
 // must know is whether a message's final dot may have gone out, and the
-// dot mark (outbox_dots.go) records exactly that, right before the dot.
+// dot mark (dots.go) records exactly that, right before the dot.
 // A claim that a crash cuts short leaves the message "queued" in storage
 // (or "sending", when another change of its batch was written meanwhile),
 // and without a mark for that attempt it is simply attempted again.
@@ -932,7 +871,7 @@ func (e *Engine) releaseAllLocked() int {
 
 // nextReady blocks until messages are due and returns up to k of them,
 // marked claimed, or nil when the engine stops. k grows with the
-// backlog per worker. The messages are taken by lane (outbox_lanes.go);
+// backlog per worker. The messages are taken by lane (lanes.go);
 // a message past its expiry is not claimed but made expired.
 func (e *Engine) nextReady() []*Entry {
 	for {
@@ -1017,7 +956,7 @@ func (e *Engine) deliver(en *Entry) {
 	// queued again a lease later: by then the heartbeat has dropped an
 	// adopted batch, and one that is still ours is attempted again.
 	octx, ocancel := context.WithTimeout(context.Background(), 30*time.Second)
-	owned := e.st.s.Exists(octx, ownKey(e.iid, en.b.id))
+	owned := e.st.s.Exists(octx, OwnKey(e.iid, en.b.id))
 	ocancel()
 	if !owned {
 		e.log().Warn("not sending: this message's batch is no longer marked as this instance's (another instance took it over, or the storage failed)", zap.String("id", en.st.ID))
@@ -1123,6 +1062,14 @@ func (e *Engine) unclaimOpenLocked(en *Entry, retry time.Time) bool {
 func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, took time.Duration) {
 	cfg := e.Config()
 	now := time.Now()
+	// the server's answer to the dot travels with the next mark's write
+	// until the outcome below is durable (dots.go)
+	switch {
+	case derr == nil:
+		e.answerDot(en.ID(), en.attemptNow(), true)
+	case !derr.Uncertain() && derr.Phase == mailer.PhaseEnd:
+		e.answerDot(en.ID(), en.attemptNow(), false)
+	}
 	e.mu.Lock()
 	en.claimed, en.attempting = false, false
 	en.st.Updated = now
@@ -1180,7 +1127,7 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 		en.st.NextAt = time.Time{}
 		e.nonFinal--
 		if en.st.Webhook.URL != "" {
-			en.st.Webhook.Status = hookPending
+			en.st.Webhook.Status = HookPending
 			en.st.Webhook.NextAt = now
 		}
 	} else {
@@ -1202,7 +1149,7 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 			close(en.first)
 		}
 		if final {
-			if en.st.Webhook.Status == hookPending && en.hookIdx < 0 {
+			if en.st.Webhook.Status == HookPending && en.hookIdx < 0 {
 				e.hooks.Push(en)
 			} else {
 				e.closeEntryLocked(en)
@@ -1407,7 +1354,7 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 		settled := true
 		for i, en := range b.entries {
 			bs.Messages[i] = en.st
-			if !finalState(en.st.Status) || en.st.Webhook.Status == hookPending {
+			if !IsFinal(en.st.Status) || en.st.Webhook.Status == HookPending {
 				settled = false
 			}
 		}
@@ -1490,7 +1437,7 @@ var errBatchAdopted = errors.New("another instance took the batch over")
 // batch is gone (another instance moved it to itself). A storage error is
 // not an answer: the write is tried, and fails or succeeds on its own.
 func (e *Engine) lostToAdoption(ctx context.Context, bid string) bool {
-	_, err := e.st.s.Stat(ctx, ownKey(e.iid, bid))
+	_, err := e.st.s.Stat(ctx, OwnKey(e.iid, bid))
 	return IsNotExist(err)
 }
 
@@ -1498,13 +1445,13 @@ func (e *Engine) lostToAdoption(ctx context.Context, bid string) bool {
 // forgets it; its st object stays for the retention period.
 func (e *Engine) retire(ctx context.Context, b *batch) {
 	// with a replay window the bodies stay for POST /messages/{id}/retry;
-	// the janitor deletes them when it passed (outbox_replay.go)
+	// the janitor deletes them when it passed (replay.go)
 	if !e.keepsBodies() {
-		if err := e.st.s.Delete(ctx, keySeg+b.id); err != nil && !IsNotExist(err) {
+		if err := e.st.s.Delete(ctx, KeySeg+b.id); err != nil && !IsNotExist(err) {
 			e.log().Warn("deleting a delivered batch failed", zap.String("batch", b.id), zap.Error(err))
 		}
 	}
-	if err := e.st.s.Delete(ctx, ownKey(e.iid, b.id)); err != nil && !IsNotExist(err) {
+	if err := e.st.s.Delete(ctx, OwnKey(e.iid, b.id)); err != nil && !IsNotExist(err) {
 		e.log().Warn("deleting a batch marker failed", zap.String("batch", b.id), zap.Error(err))
 	}
 	e.segCache.drop(b.id)
@@ -1539,7 +1486,7 @@ func (e *Engine) Lookup(ctx context.Context, id string) (State, bool, error) {
 		}
 		return State{}, false, err
 	}
-	m, ok := bs.message(id)
+	m, ok := bs.Message(id)
 	return m, ok, nil
 }
 
@@ -1563,7 +1510,7 @@ func (e *Engine) QueueStats() (int, time.Duration) {
 	// (claimed) too: a message retried for hours is old while it is tried
 	var oldest time.Time
 	for _, en := range e.entries {
-		if !finalState(en.st.Status) && (oldest.IsZero() || en.st.Created.Before(oldest)) {
+		if !IsFinal(en.st.Status) && (oldest.IsZero() || en.st.Created.Before(oldest)) {
 			oldest = en.st.Created
 		}
 	}
@@ -1603,10 +1550,10 @@ type segmentCache struct {
 	mu    sync.Mutex
 	max   int
 	order []string
-	segs  map[string]*segment
+	segs  map[string]*Segment
 }
 
-func (c *segmentCache) get(ctx context.Context, st store, bid string) (*segment, error) {
+func (c *segmentCache) get(ctx context.Context, st store, bid string) (*Segment, error) {
 	c.mu.Lock()
 	if s := c.segs[bid]; s != nil {
 		c.mu.Unlock()
@@ -1620,7 +1567,7 @@ func (c *segmentCache) get(ctx context.Context, st store, bid string) (*segment,
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.segs == nil {
-		c.segs = map[string]*segment{}
+		c.segs = map[string]*Segment{}
 	}
 	if _, ok := c.segs[bid]; !ok {
 		c.segs[bid] = seg
@@ -1647,3 +1594,29 @@ func (c *segmentCache) drop(bid string) {
 		}
 	}
 }
+
+// What a handler reads of an entry it was given by Accept. These fields
+// are set at accept and never change, so they need no lock.
+
+// ID returns the message's id.
+func (en *Entry) ID() string { return en.st.ID }
+
+// MessageID returns the message's Message-ID header value.
+func (en *Entry) MessageID() string { return en.st.MessageID }
+
+// Flow returns the flow the message was sent by.
+func (en *Entry) Flow() string { return en.st.Flow }
+
+// Rcpts returns the recipients as the handler logs them (hashed unless
+// log_recipients is on).
+func (en *Entry) Rcpts() []string { return en.st.Rcpts }
+
+// Recipients returns the number of envelope recipients.
+func (en *Entry) Recipients() int { return en.st.Recipients }
+
+// FirstAttempt is closed once the outcome of the message's first attempt
+// is durable, or the message reached a final state some other way.
+func (en *Entry) FirstAttempt() <-chan struct{} { return en.first }
+
+// attemptNow is the number of the attempt in progress.
+func (en *Entry) attemptNow() int { return en.st.Attempts }

@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"os"
@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// TestProcessState: a heartbeat names a process that this host can
+// TestProcessState: a Heartbeat names a process that this host can
 // check only when it is on this host, in this PID namespace, and not
 // this process itself.
 func TestProcessState(t *testing.T) {
@@ -31,7 +31,7 @@ func TestProcessState(t *testing.T) {
 		{"an older version: no process recorded", hostProcess{}, false, false},
 	}
 	for _, c := range cases {
-		alive, known := processState(heartbeat{Proc: c.proc}, me)
+		alive, known := processState(Heartbeat{Proc: c.proc}, me)
 		if alive != c.alive || known != c.known {
 			t.Errorf("%s: alive %v known %v, want %v %v", c.name, alive, known, c.alive, c.known)
 		}

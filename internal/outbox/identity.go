@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -52,7 +52,7 @@ func thisProcess() hostProcess {
 // host can tell: known is false when the heartbeat names no process, or
 // one on another host or in another PID namespace, or this very process
 // (the same PID in two namespaces that look alike).
-func processState(hb heartbeat, me hostProcess) (alive, known bool) {
+func processState(hb Heartbeat, me hostProcess) (alive, known bool) {
 	p := hb.Proc
 	if p.PID <= 0 || p.Host == "" || p.PIDNS == "" || p.Host != me.Host || p.PIDNS != me.PIDNS || p.PID == me.PID {
 		return false, false
@@ -91,8 +91,8 @@ func (e *Engine) claimIdentity(ctx context.Context) {
 // liveElsewhere reports whether another process that is still alive
 // wrote the heartbeat of instance id.
 func (e *Engine) liveElsewhere(ctx context.Context, id string) (bool, string) {
-	var hb heartbeat
-	if err := e.st.getJSON(ctx, keyInst+id, &hb); err != nil {
+	var hb Heartbeat
+	if err := e.st.getJSON(ctx, KeyInst+id, &hb); err != nil {
 		if !IsNotExist(err) {
 			e.log().Warn("reading the outbox heartbeat failed; assuming no other process uses this instance", zap.Error(err))
 		}
@@ -115,8 +115,8 @@ func (e *Engine) liveElsewhere(ctx context.Context, id string) (bool, string) {
 			return false, ""
 		case <-time.After(every / 4):
 		}
-		var again heartbeat
-		if err := e.st.getJSON(ctx, keyInst+id, &again); err == nil && (!again.Updated.Equal(hb.Updated) || again.Process != hb.Process) {
+		var again Heartbeat
+		if err := e.st.getJSON(ctx, KeyInst+id, &again); err == nil && (!again.Updated.Equal(hb.Updated) || again.Process != hb.Process) {
 			return again.AdoptedBy == "", "heartbeat"
 		}
 	}

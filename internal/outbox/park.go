@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -69,9 +69,9 @@ func (e *Engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 			if pb.oldest.IsZero() || en.st.Created.Before(pb.oldest) {
 				pb.oldest = en.st.Created
 			}
-		case !finalState(en.st.Status):
+		case !IsFinal(en.st.Status):
 			return nil, false
-		case en.st.Webhook.Status == hookPending:
+		case en.st.Webhook.Status == HookPending:
 			if en.hookIdx < 0 { // a webhook is being posted
 				return nil, false
 			}
@@ -126,7 +126,7 @@ func (e *Engine) forgetParkedLocked(pb *parkedBatch) {
 // due.
 func (e *Engine) parkLoop() {
 	defer e.loops.Done()
-	for e.wait(e.tun.parkEvery) {
+	for e.wait(e.tun.ParkEvery) {
 		e.parkIdle(time.Now())
 		e.unparkDue(time.Now())
 	}
@@ -137,7 +137,7 @@ func (e *Engine) parkLoop() {
 // and recipients erased from its segment: nobody needs them any more, and
 // the segment may stay for as long as the others retry (max_age).
 func (e *Engine) parkIdle(now time.Time) int {
-	horizon := now.Add(e.tun.parkAfter)
+	horizon := now.Add(e.tun.ParkAfter)
 	type erasure struct {
 		pb    *parkedBatch
 		final map[string]bool
@@ -149,7 +149,7 @@ func (e *Engine) parkIdle(now time.Time) int {
 		if pb, ok := e.parkableLocked(b, horizon); ok {
 			final := map[string]bool{}
 			for _, en := range b.entries {
-				if finalState(en.st.Status) {
+				if IsFinal(en.st.Status) {
 					final[en.st.ID] = true
 				}
 			}
@@ -207,10 +207,10 @@ func (e *Engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 	if !changed {
 		return
 	}
-	if !e.st.s.Exists(ctx, ownKey(e.iid, pb.id)) || !e.st.s.Exists(ctx, keySeg+pb.id) {
+	if !e.st.s.Exists(ctx, OwnKey(e.iid, pb.id)) || !e.st.s.Exists(ctx, KeySeg+pb.id) {
 		return // adopted or retired elsewhere meanwhile: never write it back
 	}
-	if err := e.st.putJSON(ctx, keySeg+pb.id, seg); err != nil {
+	if err := e.st.putJSON(ctx, KeySeg+pb.id, seg); err != nil {
 		e.log().Warn("erasing delivered bodies from a segment failed; trying again when the batch parks next", zap.String("batch", pb.id), zap.Error(err))
 	}
 }
@@ -218,10 +218,10 @@ func (e *Engine) eraseFinalBodies(pb *parkedBatch, final map[string]bool) {
 // unparkDue loads back the parked batches due within unparkLead, as long
 // as fewer than readyHigh messages are due in memory.
 func (e *Engine) unparkDue(now time.Time) int {
-	lead := now.Add(e.tun.unparkLead)
+	lead := now.Add(e.tun.UnparkLead)
 	e.mu.Lock()
 	var due []*parkedBatch
-	room := e.tun.readyHigh - e.ready.Len()
+	room := e.tun.ReadyHigh - e.ready.Len()
 	var erasing []*parkedBatch
 	for e.parkHeap.Len() > 0 && !e.parkHeap.Peek().wake.After(lead) && room > 0 {
 		pb := e.parkHeap.Pop()
@@ -275,7 +275,7 @@ func (e *Engine) unpark(pb *parkedBatch) bool {
 		e.log().Error("loading a parked batch failed; retrying", zap.String("batch", pb.id), zap.Error(err))
 		// read again unparkRetry from now: unparkDue reads a batch
 		// unparkLead before its wake time
-		pb.wake = time.Now().Add(e.tun.unparkLead + e.tun.unparkRetry)
+		pb.wake = time.Now().Add(e.tun.UnparkLead + e.tun.UnparkRetry)
 		e.parkHeap.Push(pb)
 		return false
 	}

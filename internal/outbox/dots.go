@@ -1,10 +1,11 @@
-package authmail
+package outbox
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path"
 	"strings"
@@ -35,11 +36,21 @@ import (
 // mark never queues behind a write it is not part of. A mark leaves the
 // records once the message's outcome is durable (later writes drop it).
 //
+// The reply to a dot is recorded the same way, with no write of its own:
+// once the server answered, the mark turns into an answer (accepted, or
+// a definite refusal) that the next mark's write carries until the
+// outcome is durable in the batch's state. So a connection that goes on
+// to its next message records the reply to the one before along with
+// the next mark, and after a crash at most its last marked message, the
+// one whose reply no later write carried, is in doubt.
+//
 // After a crash or a takeover, a message is in doubt, and becomes
-// "unknown", only if a record marks its current attempt: the one a
-// "sending" state counts, or for a "queued" one the next (claims are not
-// written before their attempt). Every other message is queued again and
-// delivered once; a mark of an attempt whose outcome is stored is stale.
+// "unknown", only if a record marks its current attempt (the one a
+// "sending" state counts, or for a "queued" one the next: claims are not
+// written before their attempt) and no record holds the answer to it. One
+// whose current attempt a record says the server accepted is sent; every
+// other message is queued again and delivered once. A mark or answer of
+// an attempt whose outcome is stored is stale.
 // An instance without any record (a version without marks) leaves every
 // "sending" message unknown, as that version did.
 //
@@ -57,16 +68,21 @@ import (
 // file is rewritten with Store, as one line, once it grows past
 // dotLogMax. On every other storage a write Stores the one line.
 
-// dotRecord is the content of authmail/dot/<instance>/<process>. Each
+// DotRecord is the content of authmail/dot/<instance>/<process>. Each
 // start of an engine writes a record of its own (process is a nonce),
 // so a recovery that fails half way never loses the marks of an earlier
 // process to a newer write: the records of earlier processes are deleted
 // only once every batch they speak for has been recovered.
-type dotRecord struct {
+type DotRecord struct {
 	Instance string    `json:"instance"`
 	Updated  time.Time `json:"updated"`
 	// Marks maps a message id to the attempt whose dot may be in flight.
 	Marks map[string]int `json:"marks"`
+	// Accepted maps a message id to an attempt whose dot the server
+	// accepted, and Refused to one it answered with a refusal, while that
+	// outcome is not yet durable in the batch's state.
+	Accepted map[string]int `json:"accepted,omitempty"`
+	Refused  map[string]int `json:"refused,omitempty"`
 }
 
 // dotMark names one attempt of one message.
@@ -88,12 +104,15 @@ const dotWriters = 4
 
 // dotMarks is the engine's in-memory side of its record.
 type dotMarks struct {
-	mu      sync.Mutex
-	marks   map[string]int // written, or in a write in progress
-	pending []*dotReq
-	busy    [dotWriters]bool    // a writeDots runs for the writer
-	logs    [dotWriters]*dotLog // open record files on file storage; their writeDots only
-	closed  bool                // the engine stopped: writers close their files when idle
+	mu    sync.Mutex
+	marks map[string]int // written, or in a write in progress
+	// accepted and refused hold the replies to marked dots whose outcome
+	// is not yet durable; the next write carries them
+	accepted, refused map[string]int
+	pending           []*dotReq
+	busy              [dotWriters]bool    // a writeDots runs for the writer
+	logs              [dotWriters]*dotLog // open record files on file storage; their writeDots only
+	closed            bool                // the engine stopped: writers close their files when idle
 }
 
 // dotLog is the record's file on certmagic's file storage, open for
@@ -107,15 +126,17 @@ type dotLog struct {
 // dotLogMax is the size past which the record's file is rewritten.
 const dotLogMax = 256 << 10
 
-func dotDir(instance string) string          { return keyDot + instance }
-func dotKey(instance, process string) string { return keyDot + instance + "/" + process }
+// DotDir is the folder of an instance's dot records; DotKey one
+// process's record.
+func DotDir(instance string) string          { return KeyDot + instance }
+func DotKey(instance, process string) string { return KeyDot + instance + "/" + process }
 
 // dotWriterKey is the record of one of this engine's writers.
 func (e *Engine) dotWriterKey(w int) string {
 	if w == 0 {
-		return dotKey(e.iid, e.nonce)
+		return DotKey(e.iid, e.nonce)
 	}
-	return dotKey(e.iid, fmt.Sprintf("%s.%d", e.nonce, w))
+	return DotKey(e.iid, fmt.Sprintf("%s.%d", e.nonce, w))
 }
 
 // ownDotRecord reports whether a record key belongs to this engine.
@@ -169,9 +190,15 @@ func (e *Engine) writeDots(w int) {
 		for _, r := range reqs {
 			d.marks[r.id] = r.attempt
 		}
-		rec := dotRecord{Instance: e.iid, Updated: time.Now(), Marks: make(map[string]int, len(d.marks))}
+		rec := DotRecord{Instance: e.iid, Updated: time.Now(), Marks: make(map[string]int, len(d.marks))}
 		for id, a := range d.marks {
 			rec.Marks[id] = a
+		}
+		if len(d.accepted) > 0 {
+			rec.Accepted = maps.Clone(d.accepted)
+		}
+		if len(d.refused) > 0 {
+			rec.Refused = maps.Clone(d.refused)
 		}
 		d.mu.Unlock()
 		err := e.writeDotRecord(w, rec)
@@ -197,7 +224,7 @@ func (e *Engine) writeDots(w int) {
 
 // writeDotRecord makes rec writer w's record: appended to the record's
 // file on file storage, else Stored.
-func (e *Engine) writeDotRecord(w int, rec dotRecord) error {
+func (e *Engine) writeDotRecord(w int, rec DotRecord) error {
 	line, err := json.Marshal(rec)
 	if err != nil {
 		return err
@@ -271,9 +298,9 @@ func fileStorageOf(s certmagic.Storage) *certmagic.FileStorage {
 	return fs
 }
 
-// parseDotRecord reads a record: its last complete line.
-func parseDotRecord(b []byte) (dotRecord, error) {
-	var rec dotRecord
+// ParseDotRecord reads a record: its last complete line.
+func ParseDotRecord(b []byte) (DotRecord, error) {
+	var rec DotRecord
 	lines := bytes.Split(bytes.TrimRight(b, "\n"), []byte("\n"))
 	var err error
 	for i := len(lines) - 1; i >= 0; i-- {
@@ -292,26 +319,53 @@ func parseDotRecord(b []byte) (dotRecord, error) {
 func (e *Engine) dropDot(id string, attempt int) {
 	d := &e.dots
 	d.mu.Lock()
-	if a, ok := d.marks[id]; ok && a == attempt {
-		delete(d.marks, id)
+	for _, m := range []map[string]int{d.marks, d.accepted, d.refused} {
+		if a, ok := m[id]; ok && a == attempt {
+			delete(m, id)
+		}
 	}
 	d.mu.Unlock()
+}
+
+// answerDot turns the mark of an attempt into the server's answer to its
+// dot (accepted or refused), for the next write to carry until the
+// outcome is durable. An attempt without a mark (it failed before its
+// dot) has nothing to answer.
+func (e *Engine) answerDot(id string, attempt int, accepted bool) {
+	d := &e.dots
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if a, ok := d.marks[id]; !ok || a != attempt {
+		return
+	}
+	delete(d.marks, id)
+	if accepted {
+		d.accepted[id] = attempt
+	} else {
+		d.refused[id] = attempt
+	}
 }
 
 // startDots writes this process's empty record at start, before any
 // claim: from then on an instance without any record is one that never
 // marked its dots (a version before marks).
 func (e *Engine) startDots(ctx context.Context) error {
-	line, err := json.Marshal(dotRecord{Instance: e.iid, Updated: time.Now(), Marks: map[string]int{}})
+	line, err := json.Marshal(DotRecord{Instance: e.iid, Updated: time.Now(), Marks: map[string]int{}})
 	if err != nil {
 		return err
 	}
-	return e.st.s.Store(ctx, dotKey(e.iid, e.nonce), append(line, '\n'))
+	return e.st.s.Store(ctx, DotKey(e.iid, e.nonce), append(line, '\n'))
 }
 
 // dotSet is what a recovery knows about an instance's dots.
 type dotSet struct {
-	marks map[dotMark]bool
+	// marks maps a message id to the latest attempt a record marks
+	marks map[string]int
+	// accepted maps a message id to the latest attempt the server
+	// accepted, with when the record that says so was written; refused
+	// to the latest it refused
+	accepted map[string]dotAnswer
+	refused  map[string]int
 	// kept is false when the instance never wrote a record; broken, when
 	// one of them cannot be read
 	kept, broken bool
@@ -319,10 +373,16 @@ type dotSet struct {
 	keys []string
 }
 
+// dotAnswer is an accepted attempt and when a record said so first.
+type dotAnswer struct {
+	attempt int
+	at      time.Time
+}
+
 // loadDots reads every record of an instance, except this process's.
 func (e *Engine) loadDots(ctx context.Context, instance string) (dotSet, error) {
-	set := dotSet{marks: map[dotMark]bool{}}
-	keys, err := e.st.s.List(ctx, dotDir(instance), false)
+	set := dotSet{marks: map[string]int{}, accepted: map[string]dotAnswer{}, refused: map[string]int{}}
+	keys, err := e.st.s.List(ctx, DotDir(instance), false)
 	if err != nil && !IsNotExist(err) {
 		return set, err
 	}
@@ -341,7 +401,7 @@ func (e *Engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 			}
 			return set, err
 		}
-		rec, err := parseDotRecord(b)
+		rec, err := ParseDotRecord(b)
 		if err != nil {
 			// a record's first line is written whole (Store) before any
 			// dot depends on it, so this is damage from outside: decide
@@ -351,7 +411,15 @@ func (e *Engine) loadDots(ctx context.Context, instance string) (dotSet, error) 
 			continue
 		}
 		for id, a := range rec.Marks {
-			set.marks[dotMark{id, a}] = true
+			set.marks[id] = max(set.marks[id], a)
+		}
+		for id, a := range rec.Accepted {
+			if prev, ok := set.accepted[id]; !ok || a > prev.attempt || a == prev.attempt && rec.Updated.Before(prev.at) {
+				set.accepted[id] = dotAnswer{attempt: a, at: rec.Updated}
+			}
+		}
+		for id, a := range rec.Refused {
+			set.refused[id] = max(set.refused[id], a)
 		}
 		set.keys = append(set.keys, k)
 	}

@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -34,7 +34,7 @@ func (e *Engine) leaseDuration() time.Duration {
 }
 
 func (e *Engine) writeHeartbeat(ctx context.Context) error {
-	return e.st.putJSON(ctx, keyInst+e.iid, heartbeat{Instance: e.iid, Updated: time.Now(), Process: e.nonce, Proc: e.proc})
+	return e.st.putJSON(ctx, KeyInst+e.iid, Heartbeat{Instance: e.iid, Updated: time.Now(), Process: e.nonce, Proc: e.proc})
 }
 
 // heartbeatLoop tells the cluster this instance is alive. It also
@@ -115,7 +115,7 @@ func (e *Engine) forgetLocked(b *batch) {
 		if en.hookIdx >= 0 {
 			e.hooks.Remove(en)
 		}
-		if !finalState(en.st.Status) {
+		if !IsFinal(en.st.Status) {
 			e.nonFinal--
 		}
 		delete(e.entries, en.st.ID)
@@ -146,8 +146,8 @@ func (e *Engine) adoptionLoop() {
 }
 
 func (e *Engine) stale(ctx context.Context, instance string) bool {
-	var hb heartbeat
-	err := e.st.getJSON(ctx, keyInst+instance, &hb)
+	var hb Heartbeat
+	err := e.st.getJSON(ctx, KeyInst+instance, &hb)
 	if err != nil {
 		return IsNotExist(err)
 	}
@@ -195,7 +195,7 @@ func (e *Engine) adoptStale(ctx context.Context) {
 			} else {
 				e.log().Warn("adopted the unfinished messages of an instance whose heartbeat lapsed",
 					zap.String("instance", id), zap.Int("batches", len(owned)), zap.Int("queued_messages", n))
-				_ = e.st.putJSON(ctx, keyInst+id, heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid})
+				_ = e.st.putJSON(ctx, KeyInst+id, Heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid})
 			}
 		}
 		_ = e.st.s.Unlock(context.Background(), lock)
@@ -257,7 +257,7 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 		bs, err := e.st.loadState(ctx, bid)
 		if IsNotExist(err) {
 			// neither state nor segment: a stale marker
-			_ = e.st.s.Delete(ctx, ownKey(instance, bid))
+			_ = e.st.s.Delete(ctx, OwnKey(instance, bid))
 			continue
 		}
 		if err != nil {
@@ -280,10 +280,10 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 		if instance != e.iid {
 			// write our ownership before the old marker goes, so that a
 			// crash in between leaves the batch owned by someone
-			if err := e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
+			if err := e.st.s.Store(ctx, OwnKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
 				return total, err
 			}
-			if err := e.st.s.Delete(ctx, ownKey(instance, bid)); err != nil && !IsNotExist(err) {
+			if err := e.st.s.Delete(ctx, OwnKey(instance, bid)); err != nil && !IsNotExist(err) {
 				return total, err
 			}
 		}
@@ -293,7 +293,7 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 		// a batch with nothing due soon goes straight to its parked
 		// summary: a restart during an SMTP outage must not hold the
 		// whole backlog in memory until the next park round
-		if pb, ok := e.parkableLocked(b, now.Add(e.tun.parkAfter)); ok {
+		if pb, ok := e.parkableLocked(b, now.Add(e.tun.ParkAfter)); ok {
 			e.parkLocked(b, pb)
 		}
 		e.mu.Unlock()
@@ -308,6 +308,10 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 	return total, nil
 }
 
+// acceptedBeforeStop is the smtp_response of a message whose acceptance
+// only the dot record kept: the reply's text was not recorded.
+const acceptedBeforeStop = "accepted (recorded before the instance stopped)"
+
 // recoveryRule decides what a message found "sending" after its instance
 // stopped becomes.
 type recoveryRule struct {
@@ -321,15 +325,54 @@ type recoveryRule struct {
 // stored "queued" (its claim was never written) was in its next one.
 // A mark of an earlier attempt is stale: that attempt's outcome is
 // recorded.
+//
+// The stored state can lag behind the attempt that was in progress: the
+// current attempt is at least the one a "sending" state counts, or for a
+// "queued" one the next (claims are not written before their attempt),
+// and can be later still when a retry began before the outcome of the
+// attempt before it was durable (a throttled message is retried at once).
+// So a mark or answer of any attempt from the current one on counts; one
+// of an earlier attempt is stale (its outcome is stored).
 func (r recoveryRule) inDoubt(m State) bool {
+	_, doubt := r.doubtful(m)
+	return doubt
+}
+
+// doubtful returns the attempt in doubt, when there is one.
+func (r recoveryRule) doubtful(m State) (int, bool) {
 	if !r.dots.kept || r.dots.broken {
-		return m.Status == Sending
+		return m.Attempts, m.Status == Sending
 	}
-	attempt := m.Attempts
+	if m.Status != Sending && m.Status != Queued {
+		return 0, false
+	}
+	a, ok := r.dots.marks[m.ID]
+	if !ok || a < currentAttempt(m) || r.dots.refused[m.ID] >= a {
+		return 0, false
+	}
+	if acc, ok := r.dots.accepted[m.ID]; ok && acc.attempt >= a {
+		return 0, false
+	}
+	return a, true
+}
+
+// accepted returns the attempt a record says the server accepted, and
+// when that record was written, if it is the current attempt or later.
+func (r recoveryRule) accepted(m State) (dotAnswer, bool) {
+	if m.Status != Sending && m.Status != Queued {
+		return dotAnswer{}, false
+	}
+	acc, ok := r.dots.accepted[m.ID]
+	return acc, ok && acc.attempt >= currentAttempt(m)
+}
+
+// currentAttempt is the earliest attempt a recovered message can have
+// been in.
+func currentAttempt(m State) int {
 	if m.Status == Queued {
-		attempt++
+		return m.Attempts + 1
 	}
-	return r.dots.marks[dotMark{m.ID, attempt}]
+	return m.Attempts
 }
 
 // rebuildBatch turns a stored batch state into a batch in memory.
@@ -342,12 +385,22 @@ func rebuildBatch(bid string, bs *BatchState, rule recoveryRule, now time.Time) 
 	b = &batch{id: bid}
 	b.entries = make([]*Entry, 0, len(bs.Messages))
 	for i, m := range bs.Messages {
-		if m.Status == Sending || m.Status == Queued && rule.inDoubt(m) {
+		if acc, ok := rule.accepted(m); ok {
+			// the server accepted it; the outcome's write was lost
 			changed = true
 			m.Updated = now
-			doubt := rule.inDoubt(m)
-			if doubt && m.Status == Queued {
-				m.Attempts++ // the marked attempt, whose claim was not written
+			m.Attempts = acc.attempt
+			m.Status, m.SentAt, m.NextAt = Sent, acc.at, time.Time{}
+			m.LastCode, m.LastError, m.SMTPResponse = "", "", acceptedBeforeStop
+			if m.Webhook.URL != "" {
+				m.Webhook.Status, m.Webhook.NextAt = HookPending, now
+			}
+		} else if m.Status == Sending || m.Status == Queued && rule.inDoubt(m) {
+			changed = true
+			m.Updated = now
+			attempt, doubt := rule.doubtful(m)
+			if doubt {
+				m.Attempts = attempt // the marked attempt, whose claim may not be written
 			}
 			if !doubt || rule.retryUncertain {
 				m.Status, m.NextAt = Queued, now
@@ -355,7 +408,7 @@ func rebuildBatch(bid string, bs *BatchState, rule recoveryRule, now time.Time) 
 				m.Status, m.NextAt = Unknown, time.Time{}
 				m.LastCode, m.LastError = mailer.CodeUncertain, mailer.InterruptedError
 				if m.Webhook.URL != "" {
-					m.Webhook.Status, m.Webhook.NextAt = hookPending, now
+					m.Webhook.Status, m.Webhook.NextAt = HookPending, now
 				}
 				interrupted = append(interrupted, m)
 			}
@@ -378,7 +431,7 @@ func (e *Engine) registerLocked(b *batch, changed bool) int {
 			e.nonFinal++
 			b.open++
 			queued++
-		case en.st.Webhook.Status == hookPending:
+		case en.st.Webhook.Status == HookPending:
 			e.hooks.Push(en)
 			b.open++
 		}
@@ -397,7 +450,7 @@ func (e *Engine) registerLocked(b *batch, changed bool) int {
 // batches that were never acknowledged.
 func (e *Engine) janitorLoop() {
 	defer e.loops.Done()
-	for e.wait(e.tun.janitorEvery) {
+	for e.wait(e.tun.JanitorEvery) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		e.janitor(ctx)
 		cancel()
@@ -442,7 +495,9 @@ func (e *Engine) janitor(ctx context.Context) {
 			}
 		}
 	}
-	e.sweepIssued(ctx)
+	for _, task := range e.janitorTasks {
+		task(ctx)
+	}
 	e.forgetStoppedInstances(ctx, now)
 	// segments that no instance owns and that have no state were written
 	// by a request that never got its answer (crash mid-accept). Any
@@ -466,11 +521,11 @@ func (e *Engine) janitor(ctx context.Context) {
 			owned[bid] = true
 		}
 	}
-	if keys, err := e.st.list(ctx, strings.TrimSuffix(keySeg, "/")); err == nil {
+	if keys, err := e.st.list(ctx, strings.TrimSuffix(KeySeg, "/")); err == nil {
 		e.sweepReplayable(ctx, owned, keys)
 		for _, k := range keys {
 			bid := path.Base(k)
-			if owned[bid] || !expired(k, e.tun.orphanAge) || e.st.s.Exists(ctx, KeySt+bid) {
+			if owned[bid] || !expired(k, e.tun.OrphanAge) || e.st.s.Exists(ctx, KeySt+bid) {
 				continue
 			}
 			_ = e.st.s.Delete(ctx, k)
@@ -492,27 +547,27 @@ func (e *Engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 		if id == e.iid {
 			continue
 		}
-		var hb heartbeat
-		if err := e.st.getJSON(ctx, keyInst+id, &hb); err != nil || now.Sub(hb.Updated) <= e.tun.forgetAge {
+		var hb Heartbeat
+		if err := e.st.getJSON(ctx, KeyInst+id, &hb); err != nil || now.Sub(hb.Updated) <= e.tun.ForgetAge {
 			continue
 		}
 		if owned, err := e.st.ownedBatches(ctx, id); err != nil || len(owned) > 0 {
 			continue
 		}
-		if err := e.st.s.Delete(ctx, keyOwn+id); err != nil && !IsNotExist(err) {
+		if err := e.st.s.Delete(ctx, KeyOwn+id); err != nil && !IsNotExist(err) {
 			continue
 		}
 		if err := ratelimit.Forget(ctx, e.st.s, KeyRoot, id); err != nil {
 			continue
 		}
 		// its dot marks speak for batches it no longer owns
-		if keys, err := e.st.s.List(ctx, dotDir(id), false); err == nil || IsNotExist(err) {
+		if keys, err := e.st.s.List(ctx, DotDir(id), false); err == nil || IsNotExist(err) {
 			e.forgetDots(ctx, keys)
-			_ = e.st.s.Delete(ctx, dotDir(id))
+			_ = e.st.s.Delete(ctx, DotDir(id))
 		} else {
 			continue
 		}
-		if err := e.st.s.Delete(ctx, keyInst+id); err != nil && !IsNotExist(err) {
+		if err := e.st.s.Delete(ctx, KeyInst+id); err != nil && !IsNotExist(err) {
 			continue
 		}
 		e.mu.Lock()
@@ -520,4 +575,13 @@ func (e *Engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 		e.mu.Unlock()
 		e.log().Info("forgot an instance that stopped long ago", zap.String("instance", id), zap.Time("last_heartbeat", hb.Updated))
 	}
+}
+
+// OnJanitor adds a task the janitor runs on every round, after its own
+// sweeps, with the engine's storage reachable: the handler's sweep of
+// issued codes. Call it before Start.
+func (e *Engine) OnJanitor(task func(context.Context)) {
+	e.mu.Lock()
+	e.janitorTasks = append(e.janitorTasks, task)
+	e.mu.Unlock()
 }

@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -72,7 +72,7 @@ func (e *Engine) Requeue(ctx context.Context, id string, may func(State) bool) (
 	if err != nil {
 		return State{}, false, err
 	}
-	m, found := bs.message(id)
+	m, found := bs.Message(id)
 	if !found || !may(m) {
 		return State{}, false, nil
 	}
@@ -106,7 +106,7 @@ func (e *Engine) Requeue(ctx context.Context, id string, may func(State) bool) (
 	// ownership first, then the state: a crash in between leaves a
 	// finished batch that this instance recovers and retires again (the
 	// message stays failed); never a queued message nobody owns
-	if err := e.st.s.Store(ctx, ownKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
+	if err := e.st.s.Store(ctx, OwnKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
 		return m, true, err
 	}
 	for i := range bs.Messages {
@@ -117,7 +117,7 @@ func (e *Engine) Requeue(ctx context.Context, id string, may func(State) bool) (
 	}
 	bs.Done, bs.Owner, bs.Updated = false, e.iid, now
 	if err := e.st.putJSON(ctx, KeySt+bid, bs); err != nil {
-		_ = e.st.s.Delete(context.Background(), ownKey(e.iid, bid))
+		_ = e.st.s.Delete(context.Background(), OwnKey(e.iid, bid))
 		return m, true, err
 	}
 	b, _, _ := rebuildBatch(bid, bs, recoveryRule{}, now)
@@ -138,7 +138,7 @@ func (e *Engine) requeueLocked(en *Entry, may func(State) bool) (State, bool, er
 	if en.st.Status != Failed && en.st.Status != Unknown {
 		return en.st, true, ErrNotRetryable
 	}
-	if en.b.retired || e.batches[en.b.id] != en.b || en.st.Webhook.Status == hookPending {
+	if en.b.retired || e.batches[en.b.id] != en.b || en.st.Webhook.Status == HookPending {
 		// being retired, or its webhook is still due: a moment later the
 		// batch is in storage, final, and retried from there
 		return en.st, true, ErrRetryElsewhere

@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -23,7 +23,7 @@ import (
 //	authmail/own/<instance>/<batch>  marks a batch with work left for an instance
 //	authmail/inst/<instance>         an instance's heartbeat
 //	authmail/dot/<instance>/<process> an engine's dot marks: the attempts whose
-//	                                 final dot may be in flight (outbox_dots.go)
+//	                                 final dot may be in flight (dots.go)
 //	authmail/idem/<tenant>/<hash>    idempotency records, kept for idempotency_ttl
 //	authmail/codes/<tenant>/<slot>   an issued OTP code: its keyed hash, recipient,
 //	                                 purpose, expiry and wrong attempts; the slot is
@@ -41,11 +41,11 @@ import (
 // every instance finds a message's state from its id alone.
 const (
 	KeyRoot = "authmail" // the prefix of internal/ratelimit's keys
-	keySeg  = "authmail/seg/"
+	KeySeg  = "authmail/seg/"
 	KeySt   = "authmail/st/"
-	keyOwn  = "authmail/own/"
-	keyInst = "authmail/inst/"
-	keyDot  = "authmail/dot/"
+	KeyOwn  = "authmail/own/"
+	KeyInst = "authmail/inst/"
+	KeyDot  = "authmail/dot/"
 	KeyIdem = "authmail/idem/"
 
 	BatchIDLen = 26
@@ -53,8 +53,8 @@ const (
 	maxBatch   = 256 // messages per batch; the index needs 2 base32 chars (1024)
 )
 
-// ownKey is the key of the marker that says instance works on batch.
-func ownKey(instance, batch string) string { return keyOwn + instance + "/" + batch }
+// OwnKey is the key of the marker that says instance works on batch.
+func OwnKey(instance, batch string) string { return KeyOwn + instance + "/" + batch }
 
 // Message states.
 const (
@@ -71,7 +71,9 @@ const (
 // AllStates are the message states, in the order a message passes them.
 var AllStates = []string{Queued, Sending, Sent, Failed, Unknown, Expired}
 
-func finalState(s string) bool {
+// IsFinal reports whether a state is final (sent, failed, unknown,
+// expired).
+func IsFinal(s string) bool {
 	return s == Sent || s == Failed || s == Unknown || s == Expired
 }
 
@@ -95,20 +97,20 @@ func BatchOf(id string) string {
 	return id[:BatchIDLen]
 }
 
-// storedMessage is one accepted message as written to authmail/seg.
-type storedMessage struct {
+// StoredMessage is one accepted message as written to authmail/seg.
+type StoredMessage struct {
 	ID   string   `json:"id"`
 	From string   `json:"from"`
 	To   []string `json:"to"`
 	Data []byte   `json:"data"`
 }
 
-// segment is the content of authmail/seg/<batch>.
-type segment struct {
+// Segment is the content of authmail/seg/<batch>.
+type Segment struct {
 	Batch    string          `json:"batch"`
 	Owner    string          `json:"owner"`
 	Created  time.Time       `json:"created"`
-	Messages []storedMessage `json:"messages"`
+	Messages []StoredMessage `json:"messages"`
 	// States holds the initial state of every message, so that a batch
 	// without an st object is fully described.
 	States []State `json:"states"`
@@ -144,7 +146,7 @@ type State struct {
 	// queued then is not sent but made expired. Zero for other messages.
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
 	// Priority is "bulk" for /send mail that asked to step aside (the
-	// bulk lane, outbox_lanes.go); empty otherwise.
+	// bulk lane, lanes.go); empty otherwise.
 	Priority string `json:"priority,omitempty"`
 	// Webhook is set (URL not empty) when the caller asked for a webhook.
 	// It is a value, so that copies of a msgState are snapshots.
@@ -173,8 +175,8 @@ type BatchState struct {
 	Messages []State   `json:"messages"`
 }
 
-// message returns the state of the batch's message id.
-func (bs *BatchState) message(id string) (State, bool) {
+// Message returns the state of the batch's message id.
+func (bs *BatchState) Message(id string) (State, bool) {
 	for _, m := range bs.Messages {
 		if m.ID == id {
 			return m, true
@@ -189,26 +191,37 @@ type store struct {
 }
 
 func (st store) putJSON(ctx context.Context, key string, v any) error {
+	return PutJSON(ctx, st.s, key, v)
+}
+func (st store) getJSON(ctx context.Context, key string, v any) error {
+	return GetJSON(ctx, st.s, key, v)
+}
+
+// PutJSON stores v, JSON-encoded, under key.
+func PutJSON(ctx context.Context, s certmagic.Storage, key string, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	return st.s.Store(ctx, key, b)
+	return s.Store(ctx, key, b)
 }
 
-func (st store) getJSON(ctx context.Context, key string, v any) error {
-	b, err := st.s.Load(ctx, key)
+// GetJSON loads key and decodes it into v; a missing key is an error for
+// which IsNotExist is true.
+func GetJSON(ctx context.Context, s certmagic.Storage, key string, v any) error {
+	b, err := s.Load(ctx, key)
 	if err != nil {
 		return err
 	}
 	return json.Unmarshal(b, v)
 }
 
+// IsNotExist reports whether err means the key does not exist.
 func IsNotExist(err error) bool { return storagex.NotExist(err) }
 
-func (st store) loadSegment(ctx context.Context, batch string) (*segment, error) {
-	var seg segment
-	if err := st.getJSON(ctx, keySeg+batch, &seg); err != nil {
+func (st store) loadSegment(ctx context.Context, batch string) (*Segment, error) {
+	var seg Segment
+	if err := st.getJSON(ctx, KeySeg+batch, &seg); err != nil {
 		return nil, err
 	}
 	return &seg, nil
@@ -234,7 +247,7 @@ func (st store) loadState(ctx context.Context, batch string) (*BatchState, error
 
 // ownedBatches lists the batches an instance has work for.
 func (st store) ownedBatches(ctx context.Context, instance string) ([]string, error) {
-	keys, err := st.list(ctx, keyOwn+instance)
+	keys, err := st.list(ctx, KeyOwn+instance)
 	out := make([]string, 0, len(keys))
 	for _, k := range keys {
 		if b := path.Base(k); len(b) == BatchIDLen {
@@ -254,26 +267,26 @@ func (st store) list(ctx context.Context, dir string) ([]string, error) {
 // batch ids have 26 characters, so no real name consists of digits only.
 func StorageTempName(name string) bool { return storagex.TempName(name) }
 
-// heartbeat is the content of authmail/inst/<instance>.
-type heartbeat struct {
+// Heartbeat is the content of authmail/inst/<instance>.
+type Heartbeat struct {
 	Instance string    `json:"instance"`
 	Updated  time.Time `json:"updated"`
 	// AdoptedBy is set when another instance took over this one's work.
 	AdoptedBy string `json:"adopted_by,omitempty"`
 	// Process is the writing engine's nonce, and Proc where it runs: a
 	// second process with the same instance id tells them apart (see
-	// outbox_identity.go).
+	// identity.go).
 	Process string      `json:"process,omitempty"`
 	Proc    hostProcess `json:"proc,omitzero"`
 }
 
 func (st store) instances(ctx context.Context) ([]string, error) {
-	keys, err := st.list(ctx, strings.TrimSuffix(keyInst, "/"))
+	keys, err := st.list(ctx, strings.TrimSuffix(KeyInst, "/"))
 	if err != nil {
 		return nil, err
 	}
 	// instances that own work but never wrote a heartbeat count too
-	owners, err := st.list(ctx, strings.TrimSuffix(keyOwn, "/"))
+	owners, err := st.list(ctx, strings.TrimSuffix(KeyOwn, "/"))
 	if err != nil {
 		return nil, err
 	}

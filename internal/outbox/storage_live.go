@@ -1,4 +1,4 @@
-package authmail
+package outbox
 
 import (
 	"context"
@@ -11,7 +11,7 @@ import (
 // LiveStorage is the engine's storage: the storage value of the most
 // recently provisioned handler that still holds the engine.
 //
-// Why: an engine outlives reloads (one per storage in enginePool), but
+// Why: an engine outlives reloads (one per storage, held across reloads by the handler), but
 // the storage value it was created with belongs to the config that was
 // loaded first. Caddy cleans up an old config's modules after a reload,
 // and a storage module's Cleanup may close its connection (the Redis
@@ -49,17 +49,17 @@ func NewLiveStorage(s certmagic.Storage) *LiveStorage {
 	return &LiveStorage{cur: s, first: s, held: map[string]certmagic.Storage{}}
 }
 
-// attach makes s, the storage value of r's config, the one in use.
-func (l *LiveStorage) attach(r *Registration, s certmagic.Storage) {
+// Attach makes s, the storage value of r's config, the one in use.
+func (l *LiveStorage) Attach(r *Registration, s certmagic.Storage) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.uses = append(l.uses, liveUse{r: r, s: s})
 	l.cur = s
 }
 
-// detach drops r's storage value; the newest remaining one applies. With
+// Detach drops r's storage value; the newest remaining one applies. With
 // none left (the engine is being destroyed) the last one stays.
-func (l *LiveStorage) detach(r *Registration) {
+func (l *LiveStorage) Detach(r *Registration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.uses = slices.DeleteFunc(l.uses, func(u liveUse) bool { return u.r == r })
