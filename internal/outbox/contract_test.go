@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
 // The engine's contract, on FileStorage and on Redis, through a fake
@@ -17,7 +18,7 @@ import (
 // delivered by another, and what the janitor removes.
 
 func TestContractTransientFailuresAreRetried(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		tr := newFake()
 		tr.outcome = func(_ *mailer.Envelope, n int) error {
 			if n < 3 {
@@ -42,7 +43,7 @@ func TestContractTransientFailuresAreRetried(t *testing.T) {
 }
 
 func TestContractPermanentFailureIsFinal(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		tr := newFake()
 		tr.outcome = func(*mailer.Envelope, int) error {
 			return &mailer.Error{Code: mailer.CodeSMTPRejected, Phase: mailer.PhaseMail,
@@ -70,7 +71,7 @@ func TestContractPermanentFailureIsFinal(t *testing.T) {
 }
 
 func TestContractUncertainIsNotResent(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		for _, retry := range []bool{false, true} {
 			tr := newFake()
 			tr.outcome = func(env *mailer.Envelope, n int) error {
@@ -103,7 +104,7 @@ func TestContractUncertainIsNotResent(t *testing.T) {
 // TestContractAnyInstanceAnswers: a message accepted by one instance is
 // looked up by another on the same storage, as soon as it is stored.
 func TestContractAnyInstanceAnswers(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		a := newEngine(t, newStorage(), "inst-a", newFake(), nil)
 		b := newEngine(t, newStorage(), "inst-b", newFake(), nil)
 		a.Start()
@@ -124,7 +125,7 @@ func TestContractAnyInstanceAnswers(t *testing.T) {
 // once the lease runs out and delivers each message once, when its retry
 // is due.
 func TestContractStoppedInstanceIsAdopted(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		down := newFake()
 		down.outcome = func(*mailer.Envelope, int) error { return transient() }
 		cfg := testConfig()
@@ -158,7 +159,7 @@ func TestContractStoppedInstanceIsAdopted(t *testing.T) {
 // record is deleted once retention passed, a stale idempotency record
 // too, and the tasks added with OnJanitor run each round.
 func TestContractJanitorRetiresAndRunsItsTasks(t *testing.T) {
-	forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 		cfg := testConfig()
 		cfg.Retention, cfg.IdemTTL = time.Millisecond, time.Millisecond
 		s := newStorage()

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
 // The crash contract: a message may end unknown only if its final dot
@@ -154,7 +155,7 @@ func TestCrashAtEveryPointOfAnAttempt(t *testing.T) {
 	for _, how := range []string{"restart", "takeover"} {
 		for _, cp := range crashPoints {
 			t.Run(how+"/"+cp.name, func(t *testing.T) {
-				forEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+				redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
 					testCrashAt(t, newStorage, cp, how == "restart")
 				})
 			})

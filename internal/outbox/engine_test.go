@@ -11,10 +11,11 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
 func TestLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T) {
-	forEachStorage(t, testLingeringStateIsWrittenDespiteConstantUrgentWrites)
+	redistest.ForEachStorage(t, testLingeringStateIsWrittenDespiteConstantUrgentWrites)
 }
 
 func testLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T, newStorage func() certmagic.Storage) {
@@ -58,7 +59,7 @@ func testLingeringStateIsWrittenDespiteConstantUrgentWrites(t *testing.T, newSto
 // error once the engine has stopped, instead of waiting forever for an
 // appender that is gone; nothing stays reserved against max_queued.
 func TestAcceptRacingShutdownDoesNotHang(t *testing.T) {
-	forEachStorage(t, testAcceptRacingShutdownDoesNotHang)
+	redistest.ForEachStorage(t, testAcceptRacingShutdownDoesNotHang)
 }
 
 func testAcceptRacingShutdownDoesNotHang(t *testing.T, newStorage func() certmagic.Storage) {
@@ -122,7 +123,7 @@ func TestBackoffDoublesWithJitterUnderTheCap(t *testing.T) {
 // messages "sending" (unknown at the next start) or wait forever for a
 // state writer that had exited.
 func TestStopBetweenClaimAndClaimWrite(t *testing.T) {
-	forEachStorage(t, testStopBetweenClaimAndClaimWrite)
+	redistest.ForEachStorage(t, testStopBetweenClaimAndClaimWrite)
 }
 
 func testStopBetweenClaimAndClaimWrite(t *testing.T, newStorage func() certmagic.Storage) {

@@ -12,28 +12,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
-	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
 // The engine's own tests drive it through a fake transport, with no
 // handler: a message is what Accept takes, a delivery is a call of the
 // transport's Send, and storage is a real certmagic FileStorage or a
-// real redis-server through the Redis storage module (forEachStorage).
-
-// forEachStorage runs f once on a fresh FileStorage and once on a fresh
-// Redis storage; newStorage opens another client on the same storage
-// (as a second process would).
-func forEachStorage(t *testing.T, f func(t *testing.T, newStorage func() certmagic.Storage)) {
-	t.Run("file", func(t *testing.T) {
-		dir := t.TempDir()
-		f(t, func() certmagic.Storage { return &certmagic.FileStorage{Path: dir} })
-	})
-	t.Run("redis", func(t *testing.T) {
-		srv := redistest.Start(t)
-		prefix := redistest.Prefix(t)
-		f(t, func() certmagic.Storage { return srv.Storage(t, prefix) })
-	})
-}
+// real redis-server through the Redis storage module
+// (redistest.ForEachStorage).
 
 const testFrom = "no-reply@example.com"
 

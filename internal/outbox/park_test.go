@@ -10,14 +10,15 @@ import (
 	"github.com/caddyserver/certmagic"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
 func TestOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T) {
-	forEachStorage(t, testOutboxUnparksNoMoreThanWorkersCanTake)
+	redistest.ForEachStorage(t, testOutboxUnparksNoMoreThanWorkersCanTake)
 }
 
 func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
-	forEachStorage(t, testOutboxParkedBatchesSurviveARestart)
+	redistest.ForEachStorage(t, testOutboxParkedBatchesSurviveARestart)
 }
 
 // TestParkedBatchLosesItsFinalBodies: a batch whose messages reached
@@ -26,7 +27,7 @@ func TestOutboxParkedBatchesSurviveARestart(t *testing.T) {
 // and recipients are erased from it when the batch parks, and the
 // deferred message's stay, so its retry still sends it.
 func TestParkedBatchLosesItsFinalBodies(t *testing.T) {
-	forEachStorage(t, testParkedBatchLosesItsFinalBodies)
+	redistest.ForEachStorage(t, testParkedBatchLosesItsFinalBodies)
 }
 
 func testOutboxUnparksNoMoreThanWorkersCanTake(t *testing.T, newStorage func() certmagic.Storage) {

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-authmail/authmail/internal/redistest"
 	"github.com/caddyserver/certmagic"
 )
 
@@ -63,7 +64,7 @@ func maxPerFixedSecond(ts []time.Time) int {
 // the same bound, because its share lapses when the others stop
 // counting it.
 func TestClusterOvershoot(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		for _, n := range []int{2, 3} {
 			t.Run(fmt.Sprintf("%d_instances", n), func(t *testing.T) {
 				runCluster(t, open, n, false)

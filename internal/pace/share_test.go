@@ -13,21 +13,6 @@ import (
 	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
-// storages runs f on a file storage and on the Redis storage module;
-// open returns one more handle on the same storage, as another instance
-// would have.
-func storages(t *testing.T, f func(t *testing.T, open func() certmagic.Storage)) {
-	t.Run("file", func(t *testing.T) {
-		dir := t.TempDir()
-		f(t, func() certmagic.Storage { return &certmagic.FileStorage{Path: dir} })
-	})
-	t.Run("redis", func(t *testing.T) {
-		srv := redistest.Start(t)
-		prefix := redistest.Prefix(t)
-		f(t, func() certmagic.Storage { return srv.Storage(t, prefix) })
-	})
-}
-
 // member is one instance: its pacer, share and demand.
 type member struct {
 	p      *Pacer
@@ -72,7 +57,7 @@ func TestNewShareRefuses(t *testing.T) {
 }
 
 func TestShareContract(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		now := time.Now()
 		step := func() { now = now.Add(100 * time.Millisecond) }
 		opts := ShareOptions{Period: 100 * time.Millisecond}
@@ -177,7 +162,7 @@ func TestShareContract(t *testing.T) {
 // Three busy instances split equally; storage cost per round is
 // 1 List + (N-1) Loads + 1 Store.
 func TestShareEqualSplitAndCost(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		now := time.Now()
 		var ms []*member
 		var counters []*countingStorage
@@ -276,7 +261,7 @@ func TestShareStorageDown(t *testing.T) {
 
 // Run deletes the record when its context ends.
 func TestShareRunDeletesItsRecord(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		st := open()
 		m := newMember(t, st, "a", 10, ShareOptions{Period: 20 * time.Millisecond})
 		ctx, cancel := context.WithCancel(context.Background())

@@ -16,21 +16,6 @@ import (
 	"github.com/caddy-authmail/authmail/internal/redistest"
 )
 
-// storages runs f on a file storage and on the Redis storage module;
-// open returns one more handle on the same storage, as another instance
-// would have.
-func storages(t *testing.T, f func(t *testing.T, open func() certmagic.Storage)) {
-	t.Run("file", func(t *testing.T) {
-		dir := t.TempDir()
-		f(t, func() certmagic.Storage { return &certmagic.FileStorage{Path: dir} })
-	})
-	t.Run("redis", func(t *testing.T) {
-		srv := redistest.Start(t)
-		prefix := redistest.Prefix(t)
-		f(t, func() certmagic.Storage { return srv.Storage(t, prefix) })
-	})
-}
-
 // faulty is a storage whose writes, listings and reads can be made to
 // fail, as when the storage cannot be reached.
 type faulty struct {
@@ -82,7 +67,7 @@ func load(t *testing.T, st certmagic.Storage, key string) string {
 // TestStorageLayout pins the keys, the lock and the JSON that instances
 // of every version in a cluster share.
 func TestStorageLayout(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		ctx := context.Background()
 		st := open()
 		salt, err := LoadSalt(ctx, st, "authmail")
@@ -123,7 +108,7 @@ func TestStorageLayout(t *testing.T) {
 // "authmail_salt", so an instance of any version holding that lock
 // decides the salt, and no two instances create one each.
 func TestSaltLockIsShared(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		ctx := context.Background()
 		other := open()
 		if err := other.Lock(ctx, "authmail_salt"); err != nil {
@@ -185,7 +170,7 @@ func TestLoadSaltFails(t *testing.T) {
 // TestSyncSharesLimits: two instances on one storage count each other's
 // events from the round after they happened.
 func TestSyncSharesLimits(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		ctx := context.Background()
 		sa, sb := open(), open()
 		a, b := New(), New()
@@ -241,7 +226,7 @@ func TestSyncSharesLimits(t *testing.T) {
 // would count an instance twice), a state older than 7 days, one that
 // does not parse, and this instance's own state are not peers.
 func TestSyncIgnoresWhatIsNotAPeer(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		ctx := context.Background()
 		st := open()
 		now := t0
@@ -339,7 +324,7 @@ func TestSyncCapsUnboundedKeys(t *testing.T) {
 // others; one that cannot read keeps the last peers, whose events leave
 // their windows with time; the limiter keeps working throughout.
 func TestSyncWithStorageDown(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		sa := open()
 		sb := &faulty{Storage: open()}
 		a, b := New(), New()
@@ -387,7 +372,7 @@ func TestSyncWithStorageDown(t *testing.T) {
 }
 
 func TestForget(t *testing.T) {
-	storages(t, func(t *testing.T, open func() certmagic.Storage) {
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
 		ctx := context.Background()
 		st := open()
 		l := New()

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 	storageredis "github.com/pberkel/caddy-storage-redis"
 )
 
@@ -216,4 +217,20 @@ func (s *Server) Storage(t testing.TB, keyPrefix string) *storageredis.RedisStor
 // keyPrefix.
 func (s *Server) StorageJSON(keyPrefix string) string {
 	return fmt.Sprintf(`{"module":"redis","address":[%q],"key_prefix":%q}`, s.Addr, keyPrefix)
+}
+
+// ForEachStorage runs f as two subtests: on a fresh certmagic
+// FileStorage and on a fresh Redis storage (a server of its own, see
+// Start). open returns one more handle on the same storage, as another
+// process would have.
+func ForEachStorage(t *testing.T, f func(t *testing.T, open func() certmagic.Storage)) {
+	t.Run("file", func(t *testing.T) {
+		dir := t.TempDir()
+		f(t, func() certmagic.Storage { return &certmagic.FileStorage{Path: dir} })
+	})
+	t.Run("redis", func(t *testing.T) {
+		srv := Start(t)
+		prefix := Prefix(t)
+		f(t, func() certmagic.Storage { return srv.Storage(t, prefix) })
+	})
 }
