@@ -2,6 +2,8 @@ package outbox
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -185,6 +187,90 @@ func TestContractJanitorRetiresAndRunsItsTasks(t *testing.T) {
 		}
 		if tasks.Load() == 0 {
 			t.Fatal("the janitor's tasks never ran")
+		}
+	})
+}
+
+func TestContractGivesUpAfterMaxAge(t *testing.T) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+		tr := newFake()
+		tr.outcome = func(*mailer.Envelope, int) error { return transient() }
+		cfg := testConfig()
+		cfg.RetryBackoff, cfg.MaxBackoff, cfg.MaxAge = 20*time.Millisecond, 20*time.Millisecond, 300*time.Millisecond
+		s := newStorage()
+		e := newEngine(t, s, "inst", tr, cfg)
+		e.Start()
+		id := accept(t, e, "jane@example.org")[0]
+		st := waitStatus(t, e, id, Failed, 10*time.Second)
+		if st.Attempts < 2 || st.LastCode != mailer.CodeSMTPTransient || tr.deliveries(id) != 0 {
+			t.Fatalf("%+v, want failed with smtp_transient after several attempts", st)
+		}
+		waitStored(t, s, id, Failed)
+	})
+}
+
+// TestContractQueueFull: with max_queued messages not yet final, Accept
+// refuses more with ErrQueueFull and keeps nothing of the refused
+// request; once one is final there is room again.
+func TestContractQueueFull(t *testing.T) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+		release := make(chan struct{})
+		tr := newFake()
+		tr.hold = func(ctx context.Context, env *mailer.Envelope) {
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		cfg := testConfig()
+		cfg.MaxQueued = 3
+		e := newEngine(t, newStorage(), "inst", tr, cfg)
+		t.Cleanup(func() { close(release) })
+		e.Start()
+		for i := range 3 {
+			accept(t, e, fmt.Sprintf("u%d@example.org", i))
+		}
+		if _, err := e.Accept([]*NewMessage{message("late@example.org")}, "", false); !errors.Is(err, ErrQueueFull) {
+			t.Fatalf("a fourth message: %v, want ErrQueueFull", err)
+		}
+		if inv := e.Inventory(); inv.Reserved != 0 || inv.NonFinal != 3 || len(inv.Resident) != 3 {
+			t.Fatalf("after the refusal: %d reserved, %d not final, %d in memory; want 0, 3, 3", inv.Reserved, inv.NonFinal, len(inv.Resident))
+		}
+		if depth, _ := e.QueueStats(); depth != 3 {
+			t.Fatalf("queue depth %d, want 3", depth)
+		}
+		release <- struct{}{} // one delivery finishes
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if _, err := e.Accept([]*NewMessage{message("late@example.org")}, "", false); err == nil {
+				break
+			} else if !errors.Is(err, ErrQueueFull) || time.Now().After(deadline) {
+				t.Fatalf("after a delivery: %v", err)
+			}
+		}
+	})
+}
+
+// TestContractLiveInstanceIsLeftAlone: an instance that keeps its
+// heartbeat keeps its batches, however long their retry waits; another
+// instance on the storage never adopts them.
+func TestContractLiveInstanceIsLeftAlone(t *testing.T) {
+	redistest.ForEachStorage(t, func(t *testing.T, newStorage func() certmagic.Storage) {
+		down := newFake()
+		down.outcome = func(*mailer.Envelope, int) error { return transient() }
+		a := newEngine(t, newStorage(), "inst-a", down, hourBackoff())
+		a.Start()
+		id := accept(t, a, "jane@example.org")[0]
+		waitAttempted(t, a, id, 1)
+		up := newFake()
+		b := newEngine(t, newStorage(), "inst-b", up, nil)
+		b.Start()
+		time.Sleep(3 * time.Second) // three leases
+		bid := BatchOf(id)
+		if owned, _ := OwnedBatches(context.Background(), a.Storage(), "inst-a"); len(owned) != 1 || owned[0] != bid {
+			t.Fatalf("the live instance's batches: %v, want [%s]", owned, bid)
+		}
+		if b.Inventory().Batches[bid] || up.deliveries(id) != 0 {
+			t.Fatal("another instance adopted a live instance's batch")
 		}
 	})
 }

@@ -23,7 +23,9 @@ import (
 //	authmail/own/<instance>/<batch>  marks a batch with work left for an instance
 //	authmail/inst/<instance>         an instance's heartbeat
 //	authmail/dot/<instance>/<process> an engine's dot marks: the attempts whose
-//	                                 final dot may be in flight (dots.go)
+//	                                 final dot may be in flight, and the answers
+//	                                 to dots whose outcome is not yet in st/
+//	                                 (dots.go)
 //	authmail/idem/<tenant>/<hash>    idempotency records, kept for idempotency_ttl
 //	authmail/codes/<tenant>/<slot>   an issued OTP code: its keyed hash, recipient,
 //	                                 purpose, expiry and wrong attempts; the slot is
@@ -36,6 +38,8 @@ import (
 //	authmail/rl/<instance>           an instance's rate-limit events, and
 //	authmail/salt                    the cluster's hashing salt: package
 //	                                 internal/ratelimit owns both
+//	authmail/pace/...                each SMTP server's cluster-shared send
+//	                                 rate: package internal/pace owns it
 //
 // A message id is its batch id followed by two characters of index, so
 // every instance finds a message's state from its id alone.
