@@ -1263,7 +1263,7 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 	_ caddy.Destructor            = (*mailer.Sender)(nil)
-	_ caddy.Destructor            = (*outbox.Engine)(nil)
+	_ caddy.Destructor            = (*shared)(nil)
 )
 
 // provisionAddresses resolves the sender, the reply-to address, the app
