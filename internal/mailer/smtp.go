@@ -107,6 +107,11 @@ type Sender struct {
 	// ends it and deletes this instance's record
 	share     *pace.Share
 	stopShare context.CancelFunc
+	// shareSt and shareID are the storage and instance id the share runs
+	// on: a reload that moves the outbox to another storage moves the
+	// share with it
+	shareSt certmagic.Storage
+	shareID string
 
 	open  atomic.Int64 // currently open connections
 	dials atomic.Int64 // successful dials since creation
@@ -161,8 +166,9 @@ func (s *Sender) Destruct() error {
 // ShareRate makes a configured rate the cluster's: every instance that
 // sends through this server with the same storage takes its share of
 // the rate (internal/pace.Share: demand-weighted, rebalanced every
-// second, a throttle seen by one slows all). Without a rate, or once a
-// share runs, it does nothing. A storage that fails keeps the last share
+// second, a throttle seen by one slows all). Without a rate it does
+// nothing; a share that runs on the same storage as the same instance
+// stays, and one on another storage or instance id is replaced. A storage that fails keeps the last share
 // for a few seconds, then the least one: the cluster stays under the
 // provider's cap rather than over it.
 func (s *Sender) ShareRate(st certmagic.Storage, instance string, demand func() int, logger *zap.Logger) {
@@ -171,8 +177,17 @@ func (s *Sender) ShareRate(st certmagic.Storage, instance string, demand func() 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.share != nil || s.closed {
+	if s.closed || s.share != nil && s.shareSt == st && s.shareID == instance {
 		return
+	}
+	if s.share != nil {
+		// the sender outlived a reload that gave the outbox another
+		// storage (or identity): the old share's storage may be closed
+		// with its config, so share through the new one. Stopping the old
+		// share deletes its record, and the other instances there stop
+		// counting this one at once.
+		s.stopShare()
+		s.share, s.stopShare = nil, nil
 	}
 	sum := sha256.Sum256([]byte(s.cfg.Route()))
 	sh, err := pace.NewShare(st, hex.EncodeToString(sum[:8]), instance, s.pacer, demand, pace.ShareOptions{})
@@ -181,7 +196,7 @@ func (s *Sender) ShareRate(st certmagic.Storage, instance string, demand func() 
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s.share, s.stopShare = sh, cancel
+	s.share, s.stopShare, s.shareSt, s.shareID = sh, cancel, st, instance
 	go sh.Run(ctx)
 }
 
