@@ -395,10 +395,9 @@ func rebuildBatch(bid string, bs *BatchState, rule recoveryRule, now time.Time) 
 			if m.Webhook.URL != "" {
 				m.Webhook.Status, m.Webhook.NextAt = HookPending, now
 			}
-		} else if m.Status == Sending || m.Status == Queued && rule.inDoubt(m) {
+		} else if attempt, doubt := rule.doubtful(m); m.Status == Sending || m.Status == Queued && doubt {
 			changed = true
 			m.Updated = now
-			attempt, doubt := rule.doubtful(m)
 			if doubt {
 				m.Attempts = attempt // the marked attempt, whose claim may not be written
 			}

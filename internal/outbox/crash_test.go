@@ -296,19 +296,3 @@ func testCrashAt(t *testing.T, newStorage func() certmagic.Storage, cp crashPoin
 		}
 	}
 }
-
-// waitFinal waits up to d for the message to reach a final state.
-func waitFinal(t testing.TB, e *Engine, id string, d time.Duration) State {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		st, ok, err := e.Lookup(context.Background(), id)
-		if err == nil && ok && IsFinal(st.Status) {
-			return st
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s (found %v, %v) after %s, want a final state", id, st.Status, ok, err, d)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}

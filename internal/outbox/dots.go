@@ -45,12 +45,13 @@ import (
 // one whose reply no later write carried, is in doubt.
 //
 // After a crash or a takeover, a message is in doubt, and becomes
-// "unknown", only if a record marks its current attempt (the one a
-// "sending" state counts, or for a "queued" one the next: claims are not
-// written before their attempt) and no record holds the answer to it. One
-// whose current attempt a record says the server accepted is sent; every
-// other message is queued again and delivered once. A mark or answer of
-// an attempt whose outcome is stored is stale.
+// "unknown", only if a record marks its current attempt or a later one
+// (the current one is the one a "sending" state counts, or for a "queued"
+// one the next: claims are not written before their attempt; a later one
+// began before the outcome before it was written) and no record holds the
+// answer to that mark. One whose marked attempt a record says the server
+// accepted is sent; every other message is queued again and delivered
+// once. A mark or answer of an attempt whose outcome is stored is stale.
 // An instance without any record (a version without marks) leaves every
 // "sending" message unknown, as that version did.
 //

@@ -127,23 +127,6 @@ func accept(t testing.TB, e *Engine, to ...string) []string {
 	return ids
 }
 
-// waitStatus waits up to d for the message to reach status, as Lookup
-// tells.
-func waitStatus(t testing.TB, e *Engine, id, status string, d time.Duration) State {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		st, ok, err := e.Lookup(context.Background(), id)
-		if err == nil && ok && st.Status == status {
-			return st
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s (found %v, %v) after %s, want %s", id, st.Status, ok, err, d, status)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // storedState is a message's state as its batch's state record holds it.
 func storedState(t testing.TB, s certmagic.Storage, id string) (State, bool) {
 	t.Helper()
@@ -179,23 +162,6 @@ func hourBackoff() *Config {
 	return cfg
 }
 
-// waitAttempted waits until the message's stored outcome records n
-// attempts.
-func waitAttempted(t testing.TB, e *Engine, id string, n int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st, ok, _ := e.Lookup(context.Background(), id)
-		if ok && st.Attempts >= n && st.Status != Sending {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d attempts (%s), want %d", id, st.Attempts, st.Status, n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // residentIDs returns how many of ids are in memory, and the number of
 // parked batches.
 func residentIDs(e *Engine, ids []string) (int, int) {
@@ -207,4 +173,41 @@ func residentIDs(e *Engine, ids []string) (int, int) {
 		}
 	}
 	return n, len(inv.Parked)
+}
+
+// waitLookup waits up to d until Lookup finds the message in a state for
+// which want is true; what names that state when it never comes.
+func waitLookup(t testing.TB, e *Engine, id string, d time.Duration, what string, want func(State) bool) State {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		st, ok, err := e.Lookup(context.Background(), id)
+		if err == nil && ok && want(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s with %d attempts (found %v, %v) after %s, want %s", id, st.Status, st.Attempts, ok, err, d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitStatus waits up to d for the message to reach status.
+func waitStatus(t testing.TB, e *Engine, id, status string, d time.Duration) State {
+	t.Helper()
+	return waitLookup(t, e, id, d, status, func(st State) bool { return st.Status == status })
+}
+
+// waitFinal waits up to d for the message to reach a final state.
+func waitFinal(t testing.TB, e *Engine, id string, d time.Duration) State {
+	t.Helper()
+	return waitLookup(t, e, id, d, "a final state", func(st State) bool { return IsFinal(st.Status) })
+}
+
+// waitAttempted waits until the message's outcome records n attempts.
+func waitAttempted(t testing.TB, e *Engine, id string, n int) {
+	t.Helper()
+	waitLookup(t, e, id, 10*time.Second, fmt.Sprintf("%d attempts recorded", n), func(st State) bool {
+		return st.Attempts >= n && st.Status != Sending
+	})
 }

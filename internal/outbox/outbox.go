@@ -1066,9 +1066,9 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 	// until the outcome below is durable (dots.go)
 	switch {
 	case derr == nil:
-		e.answerDot(en.ID(), en.attemptNow(), true)
+		e.answerDot(en.st.ID, en.st.Attempts, true)
 	case !derr.Uncertain() && derr.Phase == mailer.PhaseEnd:
-		e.answerDot(en.ID(), en.attemptNow(), false)
+		e.answerDot(en.st.ID, en.st.Attempts, false)
 	}
 	e.mu.Lock()
 	en.claimed, en.attempting = false, false
@@ -1617,6 +1617,3 @@ func (en *Entry) Recipients() int { return en.st.Recipients }
 // FirstAttempt is closed once the outcome of the message's first attempt
 // is durable, or the message reached a final state some other way.
 func (en *Entry) FirstAttempt() <-chan struct{} { return en.first }
-
-// attemptNow is the number of the attempt in progress.
-func (en *Entry) attemptNow() int { return en.st.Attempts }
