@@ -319,12 +319,10 @@ type recoveryRule struct {
 	retryUncertain bool
 }
 
-// inDoubt reports whether the message's final dot may have reached the
-// server: its current attempt is marked, or the instance kept no marks.
-// The current attempt is the one a "sending" state counts; a message
-// stored "queued" (its claim was never written) was in its next one.
-// A mark of an earlier attempt is stale: that attempt's outcome is
-// recorded.
+// doubtful reports whether the message's final dot may have reached the
+// server, and in which attempt: a record marks that attempt and holds no
+// answer to it, or the instance kept no marks (then a "sending" message
+// is in doubt).
 //
 // The stored state can lag behind the attempt that was in progress: the
 // current attempt is at least the one a "sending" state counts, or for a
@@ -333,12 +331,6 @@ type recoveryRule struct {
 // attempt before it was durable (a throttled message is retried at once).
 // So a mark or answer of any attempt from the current one on counts; one
 // of an earlier attempt is stale (its outcome is stored).
-func (r recoveryRule) inDoubt(m State) bool {
-	_, doubt := r.doubtful(m)
-	return doubt
-}
-
-// doubtful returns the attempt in doubt, when there is one.
 func (r recoveryRule) doubtful(m State) (int, bool) {
 	if !r.dots.kept || r.dots.broken {
 		return m.Attempts, m.Status == Sending
