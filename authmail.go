@@ -201,6 +201,17 @@ type Handler struct {
 	// origin or an allow_origins origin. Default: off.
 	LinkPolicy string `json:"link_policy,omitempty"`
 
+	// AdminScope is what a key with `allow admin` may list (GET
+	// /messages, the preview page's outbox tab and dev mailbox), read
+	// (GET /messages/{id}) and retry besides its own messages: "site",
+	// the messages of every key configured in this authmail block, or
+	// "storage", the messages of every key of every site that shares the
+	// storage (Caddy's default storage is shared by all sites of a
+	// server). Keys are told apart by their secrets (tenants), not by
+	// their ids, so another block's key named like one of this block's is
+	// outside "site". Default: site.
+	AdminScope string `json:"admin_scope,omitempty"`
+
 	// AuthFailures throttles clients that fail to authenticate: after
 	// this many failures from one client IP within the window (as
 	// "<n>/<duration>", or "off"), the client gets 429 for the rest of
@@ -257,6 +268,7 @@ type Handler struct {
 	poolKeys   []string // smtpPool keys of the smtp_servers senders
 	failKey    string   // acquired failoverPool key
 	keys       []apiKey
+	siteTenant map[string]bool // the tenants of keys: what admin_scope site covers
 	tmpl       *templateSet
 	from       mailAddr
 	replyTo    []mailAddr
@@ -557,6 +569,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		ak.rate, _ = ratelimit.ParseSpec(firstNonEmpty(k.Rate, defaultKeyRate))
 		h.keys = append(h.keys, ak)
+	}
+	h.siteTenant = map[string]bool{}
+	for _, k := range h.keys {
+		h.siteTenant[k.tenant] = true
 	}
 	h.authFail, _ = ratelimit.ParseSpec(firstNonEmpty(h.AuthFailures, defaultAuthFailures))
 	h.rcptRates = map[string]ratelimit.Spec{}
@@ -1013,6 +1029,11 @@ func (h *Handler) checkConfig() error {
 	case "", "off", "enforce":
 	default:
 		return fmt.Errorf("link_policy must be enforce or off, not '%s'", h.LinkPolicy)
+	}
+	switch h.AdminScope {
+	case "", adminScopeSite, adminScopeStorage:
+	default:
+		return fmt.Errorf("admin_scope must be %s or %s, not '%s'", adminScopeSite, adminScopeStorage, h.AdminScope)
 	}
 	for ev := range h.SecurityAlerts {
 		if err := checkSecurityEvent(ev); err != nil {

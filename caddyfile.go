@@ -94,6 +94,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		webhook_allow_hosts <host>...
 //		allow_origin <origin>...
 //		link_policy enforce|off
+//		admin_scope site|storage
 //		auth_failures <n>/<duration>|off
 //		recipient_rate [<flow>] <n>/<duration>|off
 //		log_recipients on|off
@@ -418,6 +419,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("link_policy must be enforce or off, not '%s'", v)
 			}
 			h.LinkPolicy = v
+
+		case "admin_scope":
+			v, err := oneArg()
+			if err != nil {
+				return err
+			}
+			if v != adminScopeSite && v != adminScopeStorage {
+				return d.Errf("admin_scope must be %s or %s, not '%s'", adminScopeSite, adminScopeStorage, v)
+			}
+			h.AdminScope = v
 
 		case "auth_failures":
 			v, err := oneArg()

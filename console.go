@@ -1,7 +1,6 @@
 package authmail
 
 import (
-	"encoding/base64"
 	"errors"
 	"net/http"
 	"net/url"
@@ -19,9 +18,11 @@ import (
 // preview.go) the preview page. They are routed from the same table as
 // the others and documented in the OpenAPI document.
 //
-// Permissions: any key lists and retries its own messages (those created
-// with its secret, as GET /messages/{id}); a key with `allow admin` sees
-// and retries every key's, and the list names each message's key id.
+// Permissions (tenant.go): any key lists and retries its own messages
+// (those created with its secret, as GET /messages/{id}); a key with
+// `allow admin` also those of its site's keys (every key's on the
+// storage with admin_scope storage), and the list names each message's
+// key id.
 const (
 	kindMessages endpointKind = 101 + iota
 	kindRetry
@@ -72,7 +73,7 @@ const (
 	maxListLimit     = 200
 )
 
-func parseListQuery(q url.Values) (outbox.ListQuery, *apiError) {
+func parseListQuery(key *apiKey, q url.Values) (outbox.ListQuery, *apiError) {
 	lq := outbox.ListQuery{Limit: defaultListLimit}
 	for k := range q {
 		if !slices.Contains([]string{"status", "flow", "since", "limit", "cursor"}, k) {
@@ -109,11 +110,11 @@ func parseListQuery(q url.Values) (outbox.ListQuery, *apiError) {
 		lq.Limit = n
 	}
 	if v := q.Get("cursor"); v != "" {
-		b, err := base64.RawURLEncoding.DecodeString(v)
-		if err != nil || outbox.BatchOf(string(b)) == "" {
-			return lq, invalid("cursor", "is not a cursor from a /messages answer")
+		pos, err := openCursor(key, v)
+		if err != nil {
+			return lq, invalid("cursor", "is not a cursor from a /messages answer to this key")
 		}
-		lq.After = string(b)
+		lq.After = pos
 	}
 	return lq, nil
 }
@@ -140,11 +141,12 @@ type listResponse struct {
 }
 
 func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey) error {
-	lq, aerr := parseListQuery(r.URL.Query())
+	lq, aerr := parseListQuery(key, r.URL.Query())
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
-	lq.All, lq.KeyID, lq.Tenant = key.allow["admin"], key.id, key.tenant
+	lq.May = func(m outbox.State) bool { return h.sees(key, m) }
+	admin := key.allow["admin"]
 	states, next, err := h.engine.ListMessages(r.Context(), lq)
 	if err != nil {
 		h.logger.Error("listing messages failed", zap.Error(err))
@@ -160,13 +162,13 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 		if it.Rcpts == nil {
 			it.Rcpts = []string{}
 		}
-		if lq.All {
+		if admin {
 			it.KeyID = st.KeyID
 		}
 		out.Messages = append(out.Messages, it)
 	}
 	if next != "" {
-		c := base64.RawURLEncoding.EncodeToString([]byte(next))
+		c := sealCursor(key, next)
 		out.NextCursor = &c
 	}
 	rc.setStatus("ok", "")
@@ -181,7 +183,7 @@ type retryResponse struct {
 
 func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
 	prev, _, _ := h.engine.Lookup(r.Context(), id)
-	may := func(m outbox.State) bool { return key.allow["admin"] || m.OwnedBy(key.id, key.tenant) }
+	may := func(m outbox.State) bool { return h.sees(key, m) }
 	st, ok, err := h.engine.Requeue(r.Context(), id, may)
 	switch {
 	case !ok && err == nil:

@@ -1,7 +1,12 @@
 package authmail
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"net/url"
+	"strings"
+	"time"
 	"testing"
 
 	"github.com/caddy-authmail/authmail/internal/outbox"
@@ -21,12 +26,13 @@ func FuzzConsoleQueries(f *testing.F) {
 	} {
 		f.Add(s)
 	}
+	key := fuzzKey("fuzz-key-0123456789abcdef")
 	f.Fuzz(func(t *testing.T, s string) {
 		q, err := url.ParseQuery(s)
 		if err != nil {
 			return
 		}
-		if lq, aerr := parseListQuery(q); aerr != nil {
+		if lq, aerr := parseListQuery(key, q); aerr != nil {
 			if aerr.Status != 422 || aerr.Field == "" {
 				t.Fatalf("list %q: %+v", s, aerr)
 			}
@@ -39,6 +45,47 @@ func FuzzConsoleQueries(f *testing.F) {
 			}
 		} else if len(flows) == 0 {
 			t.Fatalf("preview %q: no flows", s)
+		}
+	})
+}
+
+func fuzzKey(secret string) *apiKey {
+	sum := sha256.Sum256([]byte(secret))
+	return &apiKey{id: "app", hash: sum, tenant: tenantOf(sum)}
+}
+
+// FuzzCursor: a sealed /messages cursor opens to its position for the
+// key it was made for only, shows none of the position's bytes, and any
+// change to it (a flipped bit, a cut, bytes appended) makes it refused.
+func FuzzCursor(f *testing.F) {
+	f.Add(uint16(3), byte(1), []byte{})
+	f.Add(uint16(0), byte(0x80), []byte("x"))
+	a, b := fuzzKey("key-a-0123456789abcdef"), fuzzKey("key-b-0123456789abcdef")
+	pos := outbox.MessageID(outbox.NewID(time.Unix(1767225600, 0)), 2)
+	if outbox.BatchOf(pos) == "" {
+		f.Fatalf("%s is not a message id", pos)
+	}
+	f.Fuzz(func(t *testing.T, at uint16, flip byte, tail []byte) {
+		c := sealCursor(a, pos)
+		if got, err := openCursor(a, c); err != nil || got != pos {
+			t.Fatalf("own cursor: %q %v", got, err)
+		}
+		if _, err := openCursor(b, c); err == nil {
+			t.Fatal("another key's cursor opened")
+		}
+		raw, _ := base64.RawURLEncoding.DecodeString(c)
+		if bytes.Contains(raw, []byte(pos[:8])) || strings.Contains(c, pos[:8]) {
+			t.Fatalf("the cursor shows the position: %s", c)
+		}
+		if flip != 0 {
+			raw[int(at)%len(raw)] ^= flip
+		}
+		raw = append(raw, tail...)
+		if flip == 0 && len(tail) == 0 {
+			return
+		}
+		if got, err := openCursor(a, base64.RawURLEncoding.EncodeToString(raw)); err == nil {
+			t.Fatalf("a changed cursor opened to %q", got)
 		}
 	})
 }

@@ -397,6 +397,9 @@ func (h *Handler) composeSend(req *sendRequest) ([]*outMessage, string, *apiErro
 	if m.listUnsub, m.listUnsubPost, err = checkUnsubscribe(req.ListUnsubscribe, req.ListUnsubscribePost); err != nil {
 		return nil, "", err
 	}
+	if err := h.checkLinkPolicyField("list_unsubscribe", unsubscribeLinks(m.listUnsub)); err != nil {
+		return nil, "", err
+	}
 	switch req.Priority {
 	case "", "normal":
 	case outbox.PriorityBulk:

@@ -520,25 +520,31 @@ func (h *Handler) checkLinkPolicy(htmlBody, textBody string) *apiError {
 	if h.LinkPolicy != "enforce" {
 		return nil
 	}
-	allowed := strings.Join(h.origins, ", ")
-	if allowed == "" {
-		allowed = "none configured"
-	}
 	links := htmlLinks(htmlBody)
 	if htmlBody != "" {
 		links = append(links, textLinks(htmlToText(htmlBody))...)
 	}
-	for _, l := range links {
-		if l == nestedTooDeep {
-			return linkNotAllowed("html_body", "html_body nests markup in comments, raw-text elements or srcdoc more than %d levels deep, too deep for link_policy to check", maxMarkupDepth)
-		}
-		if v := linkVerdict(l, h.origins); v != "" {
-			return linkNotAllowed("html_body", "html_body links to %s, which is not an allowed origin (allowed: %s)", v, allowed)
-		}
+	if slices.Contains(links, nestedTooDeep) {
+		return linkNotAllowed("html_body", "html_body nests markup in comments, raw-text elements or srcdoc more than %d levels deep, too deep for link_policy to check", maxMarkupDepth)
 	}
-	for _, l := range textLinks(textBody) {
+	if err := h.checkLinkPolicyField("html_body", links); err != nil {
+		return err
+	}
+	return h.checkLinkPolicyField("text_body", textLinks(textBody))
+}
+
+// checkLinkPolicyField enforces link_policy on the links of one field.
+func (h *Handler) checkLinkPolicyField(field string, links []string) *apiError {
+	if h.LinkPolicy != "enforce" {
+		return nil
+	}
+	allowed := strings.Join(h.origins, ", ")
+	if allowed == "" {
+		allowed = "none configured"
+	}
+	for _, l := range links {
 		if v := linkVerdict(l, h.origins); v != "" {
-			return linkNotAllowed("text_body", "text_body links to %s, which is not an allowed origin (allowed: %s)", v, allowed)
+			return linkNotAllowed(field, "%s links to %s, which is not an allowed origin (allowed: %s)", field, v, allowed)
 		}
 	}
 	return nil

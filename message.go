@@ -28,6 +28,38 @@ func newMessageID(domain string) string {
 // recipients appear only in the envelope. With a text and an HTML part
 // the body is multipart/alternative, text first.
 func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*mailer.Envelope, error) {
+	env, err := h.buildUnsigned(m, now)
+	if err != nil {
+		return nil, err
+	}
+	if h.dkim != nil {
+		// signed once, here: the outbox stores and every retry resends
+		// exactly these bytes. A signing failure fails the request before
+		// anything is stored.
+		sig, err := h.dkim.sign(env.Data)
+		if err != nil {
+			return nil, fmt.Errorf("dkim signing: %w", err)
+		}
+		env.Data = append([]byte(sig), env.Data...)
+	}
+	return env, nil
+}
+
+// buildUnsigned builds the message without a DKIM signature: what the
+// preview hands out. A signature made with the production key over text
+// a caller chose, for any recipient, is a signing oracle: the signed
+// message could be replayed through any SMTP server as this domain's
+// mail, outside every rate limit and log. Only mail that goes through
+// the outbox is signed.
+//
+// Every header value that a caller or a template can influence passes
+// headerValueProblem here, whatever path built the message, so that a
+// check missed at the request's edge cannot put a line break or an
+// encoded word that decodes to one into a header.
+func (h *Handler) buildUnsigned(m *outMessage, now time.Time) (*mailer.Envelope, error) {
+	if err := m.headerProblem(); err != nil {
+		return nil, err
+	}
 	env := &mailer.Envelope{
 		ID:        outbox.NewID(now),
 		MessageID: newMessageID(h.from.domain()),
@@ -70,18 +102,52 @@ func (h *Handler) buildEnvelope(m *outMessage, now time.Time) (*mailer.Envelope,
 		return nil, fmt.Errorf("rendering message: %w", err)
 	}
 	env.Data = buf.Bytes()
-	if h.dkim != nil {
-		// signed once, here: the outbox stores and every retry resends
-		// exactly these bytes. A signing failure fails the request before
-		// anything is stored.
-		sig, err := h.dkim.sign(env.Data)
-		if err != nil {
-			return nil, fmt.Errorf("dkim signing: %w", err)
-		}
-		env.Data = append([]byte(sig), env.Data...)
-	}
 	env.To = envelopeRecipients(m.to, m.cc, m.bcc)
 	return env, nil
+}
+
+// headerError is a header value that must not go into a message.
+type headerError struct{ field, problem string }
+
+func (e *headerError) Error() string { return e.field + " " + e.problem }
+
+// headerValueProblem reports why v cannot be a header value, or "": the
+// one check for every value a caller or template influences (line breaks
+// and control characters, raw or in an encoded word a mail client would
+// decode).
+func headerValueProblem(v string) string {
+	if p := headerProblem(v); p != "" {
+		return p
+	}
+	return encodedWordProblem(v)
+}
+
+// headerProblem checks every header value of m that a caller or a
+// template influences.
+func (m *outMessage) headerProblem() error {
+	check := func(field, v string) error {
+		if p := headerValueProblem(v); p != "" {
+			return &headerError{field, p}
+		}
+		return nil
+	}
+	if err := check("subject", m.subject); err != nil {
+		return err
+	}
+	for _, l := range []struct {
+		field string
+		as    []mailAddr
+	}{{"to", m.to}, {"cc", m.cc}, {"reply_to", m.replyTo}} {
+		for _, a := range l.as {
+			if err := check(l.field, a.Name); err != nil {
+				return err
+			}
+		}
+	}
+	if err := check("list_unsubscribe", m.listUnsub); err != nil {
+		return err
+	}
+	return check("list_unsubscribe_post", m.listUnsubPost)
 }
 
 func mailAddresses(as []mailAddr) []*mail.Address {

@@ -2,6 +2,7 @@ package authmail
 
 import (
 	"bytes"
+	"context"
 	"html/template"
 	"net/http"
 	"net/url"
@@ -45,6 +46,10 @@ func init() {
 	extraEndpoints = append(extraEndpoints, previewFileEndpoint)
 	pathTemplates[kindPreviewFile] = previewFileEndpoint.path
 }
+
+// previewHeader heads every previewed message: it says that the message
+// is a sample and why it carries no DKIM signature.
+const previewHeader = "X-Authmail-Preview: sample data, not sent; not DKIM-signed (mail that is sent is)\r\n"
 
 // previewCSP is the page's Content-Security-Policy.
 const previewCSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -127,7 +132,11 @@ func parsePreviewQuery(q url.Values) (previewSample, []string, *apiError) {
 	}{{"user_name", &s.UserName, maxUserNameRunes}, {"email", &s.Email, maxAddressBytes}, {"code", &s.Code, maxCodeRunes},
 		{"token", &s.Token, 256}, {"ip", &s.IP, 64}, {"user_agent", &s.UserAgent, maxUserAgentRunes}, {"location", &s.Location, maxLocationRunes}} {
 		if v, ok := q[f.name]; ok {
-			if err := checkText(f.name, v[0], f.max); err != nil {
+			check := checkText
+			if f.name == "user_name" {
+				check = checkHeaderText // as on the send endpoints: it goes into To
+			}
+			if err := check(f.name, v[0], f.max); err != nil {
 				return s, nil, err
 			}
 			*f.dst = v[0]
@@ -211,11 +220,13 @@ func (h *Handler) previewFlow(flow string, s previewSample) (previewEntry, []byt
 	}
 	pe.Subject, pe.Text, pe.HTML = out.subject, out.text, out.html
 	m := &outMessage{flow: flow, to: []mailAddr{to}, replyTo: h.replyTo, subject: out.subject, text: out.text, html: out.html}
-	env, berr := h.buildEnvelope(m, time.Now())
+	// never signed with the production DKIM key (buildUnsigned says why)
+	env, berr := h.buildUnsigned(m, time.Now())
 	if berr != nil {
 		pe.Error = "building the message: " + berr.Error()
 		return pe, nil
 	}
+	env.Data = append([]byte(previewHeader), env.Data...)
 	head, _, _ := bytes.Cut(env.Data, []byte("\r\n\r\n"))
 	pe.Headers = strings.ReplaceAll(string(head), "\r\n", "\n")
 	return pe, env.Data
@@ -249,7 +260,7 @@ table.outbox{border-collapse:collapse;background:#fff;width:100%}table.outbox td
 <details><summary>Headers</summary><pre data-headers>{{.Headers}}</pre></details>{{end}}
 </section>
 {{end}}
-<h2 id="outbox">Outbox <small>({{if .Admin}}every key's messages{{else}}this key's messages{{end}}, newest first)</small></h2>
+<h2 id="outbox">Outbox <small>({{if .Admin}}{{.AdminWhat}}{{else}}this key's messages{{end}}, newest first)</small></h2>
 {{if .OutboxError}}<div class="error">{{.OutboxError}}</div>{{else if .Outbox}}<table class="outbox"><tr><th>Created</th><th>Flow</th><th>Status</th><th>Attempts</th><th>Last error</th>{{if .Admin}}<th>Key</th>{{end}}<th></th></tr>
 {{range .Outbox}}<tr data-id="{{.ID}}" data-status="{{.Status}}"><td>{{.Created}}</td><td>{{.Flow}}</td><td>{{.Status}}</td><td>{{.Attempts}}</td><td>{{.LastError}}</td>{{if $.Admin}}<td>{{.KeyID}}</td>{{end}}
 <td>{{if .Retryable}}<form method="post" action="{{$.Prefix}}/messages/{{.ID}}/retry"><button type="submit" data-retry="{{.ID}}">Retry</button></form>{{end}}</td></tr>
@@ -305,12 +316,17 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 		Entries                            []previewEntry
 		Mailbox                            []previewEntry
 		Admin                              bool
+		AdminWhat                          string
 		Outbox                             []outboxRow
 		OutboxError                        string
-	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture, Admin: key.allow["admin"]}
-	view.Mailbox = captured(h.Capture, maxMailbox)
+	}{AppName: h.appName, Prefix: strings.TrimSuffix(h.prefix, "/"), CaptureDir: h.Capture, Admin: key.allow["admin"],
+		AdminWhat: "the messages of this site's keys"}
+	if h.AdminScope == adminScopeStorage {
+		view.AdminWhat = "every key's messages on the storage"
+	}
+	view.Mailbox = h.captured(r.Context(), key, maxMailbox)
 	// the outbox tab: the same list as GET /messages, first page
-	states, _, err := h.engine.ListMessages(r.Context(), outbox.ListQuery{Limit: maxMailbox, All: view.Admin, KeyID: key.id, Tenant: key.tenant})
+	states, _, err := h.engine.ListMessages(r.Context(), outbox.ListQuery{Limit: maxMailbox, May: func(m outbox.State) bool { return h.sees(key, m) }})
 	if err != nil {
 		view.OutboxError = "the outbox could not be read; retry later"
 	}
@@ -377,11 +393,22 @@ const maxMailbox = 20
 
 var linkInText = regexp.MustCompile(`https?://[^\s<>"]+`)
 
-// captured reads the newest captured messages of a capture directory
-// (names start with the capture time, so they sort by it). Each is shown
-// like a preview, with its links listed so that a developer can follow
-// them; a file that does not parse shows its error.
-func captured(dir string, n int) []previewEntry {
+// maxMailboxScan bounds the captured files read for one page: those of
+// other tenants are skipped, and a page shows fewer than maxMailbox
+// messages rather than read a whole directory.
+const maxMailboxScan = 500
+
+// captured reads the newest captured messages of the capture directory
+// that key may see (names start with the capture time, so they sort by
+// it, and end with the message's outbox id). The dev mailbox holds live
+// codes and links, so it is scoped like the outbox tab (sees): a file
+// whose message key may not see is not shown, and one whose message the
+// outbox does not know (POST /test sends around the outbox; a message
+// past retention) only to an admin key. Each is shown like a preview,
+// with its links listed so that a developer can follow them; a file that
+// does not parse shows its error.
+func (h *Handler) captured(ctx context.Context, key *apiKey, n int) []previewEntry {
+	dir := h.Capture
 	if dir == "" {
 		return nil
 	}
@@ -398,7 +425,13 @@ func captured(dir string, n int) []previewEntry {
 	slices.Sort(names)
 	slices.Reverse(names)
 	var out []previewEntry
-	for _, name := range names[:min(n, len(names))] {
+	for _, name := range names[:min(maxMailboxScan, len(names))] {
+		if len(out) == n {
+			break
+		}
+		if !h.mayReadCaptured(ctx, key, name) {
+			continue
+		}
 		pe := previewEntry{Flow: name}
 		raw, err := os.ReadFile(filepath.Join(dir, name))
 		if err == nil {
@@ -416,6 +449,21 @@ func captured(dir string, n int) []previewEntry {
 		out = append(out, pe)
 	}
 	return out
+}
+
+// mayReadCaptured reports whether key may see the captured file name
+// (<time>-<outbox id>.eml, mailer.Capture).
+func (h *Handler) mayReadCaptured(ctx context.Context, key *apiKey, name string) bool {
+	base := strings.TrimSuffix(name, ".eml")
+	id := base[strings.LastIndexByte(base, '-')+1:]
+	st, ok, err := h.engine.Lookup(ctx, id)
+	if err != nil {
+		return false
+	}
+	if !ok {
+		return key.allow["admin"]
+	}
+	return h.sees(key, st)
 }
 
 // previewOperation documents the preview endpoints.

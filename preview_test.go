@@ -141,7 +141,9 @@ func TestPreviewShowsTemplateErrors(t *testing.T) {
 // TestPreviewMailbox: in capture mode the page lists the captured
 // messages, newest first, each rendered like a preview with its links.
 func TestPreviewMailbox(t *testing.T) {
-	h := provisionedHandler(t, withPreviewKey(t), withoutLimits)
+	// the mail is app's: the preview key sees it as its site's admin
+	// (TestDevMailboxIsScoped has the other keys)
+	h := provisionedHandler(t, withPreviewKey(t), withoutLimits, func(h *Handler) { h.Keys[len(h.Keys)-1].Allow = []string{"preview", "admin"} })
 	rec, _ := call(t, h, "GET", "/authmail/preview", "", "Authorization: Bearer "+previewKey)
 	if !strings.Contains(rec.Body.String(), "data-mailbox-empty") {
 		t.Fatal("no empty mailbox note")

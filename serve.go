@@ -92,7 +92,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	switch ep.kind {
 	case kindStatus:
-		return h.serveStatus(w, r, rc, msgID)
+		return h.serveStatus(w, r, rc, key, msgID)
 	case kindAdminStatus:
 		return h.serveAdminStatus(w, rc)
 	case kindMessages, kindRetry, kindPreview, kindPreviewFile:
@@ -138,6 +138,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	envs := make([]*mailer.Envelope, len(msgs))
 	for i, m := range msgs {
 		env, err := h.buildEnvelope(m, now)
+		var he *headerError
+		if errors.As(err, &he) {
+			// a value the request's checks let through: still the caller's
+			return h.reject(w, rc, invalid(he.field, "%s", he.problem))
+		}
 		if err != nil {
 			h.logger.Error("rendering message failed", zap.String("flow", m.flow), zap.Error(err))
 			return h.reject(w, rc, &apiError{Status: http.StatusInternalServerError, Code: "internal_error",
@@ -252,7 +257,11 @@ func (h *Handler) submit(rc *requestCtx, msgs []*outMessage, envs []*mailer.Enve
 	entries, err := h.engine.Accept(news, batch, wait > 0)
 	if err != nil {
 		if errors.Is(err, outbox.ErrQueueFull) {
-			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", "the outbox holds the maximum number of unsent messages (delivery max_queued); retry later")
+			msg := "the outbox holds the maximum number of unsent messages (delivery max_queued, less auth_reserve for /send); retry later"
+			if errors.Is(err, outbox.ErrKeyQueueFull) {
+				msg = "the outbox holds the maximum number of unsent messages of this key (delivery max_queued_per_key); retry later"
+			}
+			resp := errorAnswer(http.StatusServiceUnavailable, "queue_full", msg)
 			resp.retryAfter = "30"
 			return resp
 		}
@@ -397,7 +406,7 @@ func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiRes
 // serveStatus answers GET /messages/{id}; a message created with another
 // key (another tenant, even under the same key id) is "not found", with
 // the same answer as an id that does not exist.
-func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, id string) error {
+func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
 	notFound := &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"}
 	st, ok, err := h.engine.Lookup(r.Context(), id)
 	if err != nil {
@@ -405,7 +414,7 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *reques
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
 			Message: "the message state could not be read; retry later"})
 	}
-	if !ok || !st.OwnedBy(rc.keyID, rc.tenant) {
+	if !ok || !h.sees(key, st) {
 		return h.reject(w, rc, notFound)
 	}
 	rc.id, rc.messageID = st.ID, st.MessageID

@@ -24,6 +24,12 @@ import (
 // the writer's work. The writer's OTP, past its expiry now, is made
 // expired instead of sent; its idempotency key still answers with the
 // message it made.
+//
+// The folder was written on a fixed date, so every age it relies on is
+// pinned here rather than left to the defaults, or the test would start
+// failing on some later day: max_age (its queued messages are not
+// failed for age) and idempotency_ttl (its idempotency record still
+// answers), both a century.
 func TestGoldenStorageIsDelivered(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.CopyFS(dir, os.DirFS("testdata/golden-storage")); err != nil {
@@ -32,7 +38,8 @@ func TestGoldenStorageIsDelivered(t *testing.T) {
 	srv := authServer(t, smtptest.StartTLS)
 	h := newInstance(t, dir).handler(withSMTP(t, srv), withoutLimits, func(h *Handler) {
 		h.Delivery = &Delivery{RetryBackoff: caddy.Duration(40 * time.Millisecond), MaxBackoff: caddy.Duration(160 * time.Millisecond),
-			MaxAge: caddy.Duration(100 * 365 * 24 * time.Hour), Lease: caddy.Duration(2 * time.Second)}
+			MaxAge: caddy.Duration(100 * 365 * 24 * time.Hour), IdempotencyTTL: caddy.Duration(100 * 365 * 24 * time.Hour),
+			Lease: caddy.Duration(2 * time.Second)}
 	})
 	h.shared.Start() // what the authmail app does when the config starts
 	want := map[string]string{

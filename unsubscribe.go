@@ -14,6 +14,20 @@ const (
 	oneClickValue       = "List-Unsubscribe=One-Click"
 )
 
+// unsubscribeLinks returns the https URIs of a checked List-Unsubscribe
+// value: mail clients show them as an Unsubscribe button, so link_policy
+// judges them like the links of the body.
+func unsubscribeLinks(list string) []string {
+	var out []string
+	for _, part := range strings.Split(list, ",") {
+		u := strings.Trim(strings.TrimSpace(part), "<>")
+		if strings.HasPrefix(u, "https:") {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
 // checkUnsubscribe validates /send's list_unsubscribe (RFC 2369: angle-
 // bracketed https or mailto URIs, comma separated) and
 // list_unsubscribe_post (RFC 8058: exactly "List-Unsubscribe=One-Click",
@@ -38,6 +52,12 @@ func checkUnsubscribe(list, post string) (string, string, *apiError) {
 			return "", "", invalid("list_unsubscribe", "must be one or two URIs in angle brackets, separated by a comma: <https://…>, <mailto:…>")
 		}
 		raw := p[1 : len(p)-1]
+		if strings.Contains(raw, "=?") {
+			// the start of an RFC 2047 encoded word: lenient mail clients
+			// decode one even inside a URI, and =?UTF-8?B?DQpCY2M6…?=
+			// becomes a line break and a Bcc: header
+			return "", "", invalid("list_unsubscribe", "URIs must not hold \"=?\", which starts an encoded word (percent-encode it as %%3D%%3F)")
+		}
 		for i := 0; i < len(raw); i++ {
 			if c := raw[i]; c <= ' ' || c >= 0x7f || c == '<' || c == '>' || c == '"' || c == ',' {
 				return "", "", invalid("list_unsubscribe", "URIs must be ASCII without spaces, quotes, commas or angle brackets (percent-encode them)")

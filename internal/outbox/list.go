@@ -14,13 +14,15 @@ type ListQuery struct {
 	Since        time.Time
 	Limit        int
 	After        string // list ids below this one (the cursor)
-	All          bool   // an admin key: every tenant's messages
-	KeyID        string
-	Tenant       string
+	// May reports whether the caller may see a message: the tenant
+	// boundary is the caller's, not the engine's. Required.
+	May func(State) bool
 }
 
 // ListMessages returns the messages the query may see, newest first,
-// and the id to continue below ("" at the end). Its cost is bounded: it
+// and the id to continue below ("" at the end). That id may be one the
+// caller may not see (the last batch the budget read): the caller must
+// not hand it out as it is. Its cost is bounded: it
 // lists the names of the state records (no content), sorts them (Caddy
 // storage lists in no order; batch ids are time-ordered), and reads at
 // most 2×limit batch states — the page and one more page of messages the
@@ -72,7 +74,7 @@ func (e *Engine) ListMessages(ctx context.Context, q ListQuery) ([]State, string
 			if q.After != "" && m.ID >= q.After {
 				continue
 			}
-			if !q.All && !m.OwnedBy(q.KeyID, q.Tenant) || q.Status != "" && m.Status != q.Status ||
+			if !q.May(m) || q.Status != "" && m.Status != q.Status ||
 				q.Flow != "" && m.Flow != q.Flow || !q.Since.IsZero() && m.Created.Before(q.Since) {
 				continue
 			}
