@@ -42,9 +42,11 @@ func chromiumPath(t *testing.T) string {
 // headless Chromium and checks the DOM: every flow is listed, the OTP
 // code is in the rendered HTML part, a <script> injected through
 // user_name is shown as text and never runs, and the page made no
-// request outside the Caddy it came from. It keeps a screenshot of the
-// page as a test artifact (AUTHMAIL_IT_ARTIFACTS=<dir>, else the test's
-// temporary directory; AUTHMAIL_UPDATE_SCREENSHOT=1 also rewrites
+// request outside the Caddy it came from. The screenshot comes from a
+// second load with sample data a reader would send (Jane Doe), not the
+// injection's: it is what docs/api.md shows. It is kept as a test
+// artifact (AUTHMAIL_IT_ARTIFACTS=<dir>, else the test's temporary
+// directory; AUTHMAIL_UPDATE_SCREENSHOT=1 also rewrites
 // docs/preview.png).
 func TestPreviewPageInChromium(t *testing.T) {
 	exe := chromiumPath(t)
@@ -55,10 +57,11 @@ func TestPreviewPageInChromium(t *testing.T) {
 			rate off
 		}
 		key dev {env.AUTHMAIL_IT_PREVIEW_KEY} {
-			allow preview
+			allow preview admin
 			rate off
 		}`})
-	// one captured message for the dev mailbox
+	// one captured message for the dev mailbox: app's, which dev sees as
+	// its site's admin (a preview-only key sees only its own mail)
 	if r := post(t, "/authmail/send/magic-link", `{"to":"jane@example.org","token":"browser-tok-1"}`); r.status != 200 {
 		t.Fatalf("%d %s", r.status, r.raw)
 	}
@@ -85,6 +88,10 @@ func TestPreviewPageInChromium(t *testing.T) {
 	}
 	injected := `<script>window.__pwned=1;document.title="pwned"</script>`
 	page := baseURL + "/authmail/preview?user_name=" + url.QueryEscape(injected) + "&code=482913"
+	// locale en: on a machine without CJK fonts (.ci/run installs none)
+	// the Korean flows would show as boxes
+	sample := baseURL + "/authmail/preview?" + url.Values{"user_name": {"Jane Doe"}, "email": {"jane@example.com"},
+		"code": {"482913"}, "locale": {"en"}}.Encode()
 	run := func(a chromedp.Action[chromedp.Void]) {
 		t.Helper()
 		if err := chromedp.Do(ctx, a); err != nil {
@@ -118,11 +125,6 @@ func TestPreviewPageInChromium(t *testing.T) {
 	links := strs(eval(`[...document.querySelectorAll("a[data-link]")].map(a => a.href)`))
 	title, _ := eval(`document.title`).(string)
 	bodyText, _ := eval(`document.body.innerText`).(string)
-	run(chromedp.Sleep(300 * time.Millisecond)) // let the srcdoc frames paint
-	shot, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
-	if err != nil {
-		t.Fatal(err)
-	}
 	// every flow, in each locale the templates have (en and ko built in)
 	var want []string
 	for _, f := range []string{"otp", "magic-link", "password-reset", "verify-email", "email-change", "email-change-notice", "security-alert"} {
@@ -142,6 +144,24 @@ func TestPreviewPageInChromium(t *testing.T) {
 	}
 	if !slices.Contains(links, "https://app.example.com/magic-link?token=browser-tok-1") {
 		t.Errorf("the dev mailbox lacks the captured magic link: %v", links)
+	}
+
+	// the picture: a page of its own with the sample data, so that
+	// nothing of the injection shows in it
+	run(chromedp.Navigate(sample))
+	run(chromedp.WaitVisible(`section[data-flow="security-alert"]`))
+	otpSrcdoc, _ = eval(`document.querySelector('section[data-flow="otp"] iframe').srcdoc`).(string)
+	bodyText, _ = eval(`document.body.innerText`).(string)
+	if !strings.Contains(otpSrcdoc, "Hi Jane Doe,") || !strings.Contains(otpSrcdoc, "482913") {
+		t.Errorf("the sample page's OTP HTML part lacks the name or the code: %.300s", otpSrcdoc)
+	}
+	if strings.Contains(bodyText, "pwned") {
+		t.Error("the sample page shows the injection")
+	}
+	run(chromedp.Sleep(300 * time.Millisecond)) // let the srcdoc frames paint
+	shot, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+	if err != nil {
+		t.Fatal(err)
 	}
 	mu.Lock()
 	defer mu.Unlock()

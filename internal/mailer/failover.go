@@ -51,9 +51,11 @@ type serverHealth struct {
 // Failover delivers through the first healthy server of a list
 // in priority order. A server that cannot take the message (connection,
 // TLS, authentication, timeout, a 4xx) passes it on to the next one at
-// once; a 5xx refusal of the message itself, and any outcome after the
-// message may have been accepted, end the attempt: a message is never
-// offered to a second server once a first one may have it.
+// once, and counts towards marking that server down; a 5xx refusal of
+// the message itself, and any outcome after the message may have been
+// accepted, end the attempt and count against no server: a message is
+// never offered to a second server once a first one may have it, and a
+// server is never marked down for a message it may have taken.
 type Failover struct {
 	senders []*Sender
 	// the tunables, read once at construction
@@ -160,10 +162,17 @@ func (f *Failover) Send(ctx context.Context, env *Envelope) (Result, error) {
 			// time left for the next one
 			return Result{}, err
 		}
-		if de == nil || committed || !passesOn(de) {
-			if de != nil && !de.Permanent() && de.Code != CodeOutboxUnavailable {
-				f.failed(i, de)
-			}
+		if committed {
+			// the dot may have reached the server: what follows it (a
+			// drop or a timeout that leaves the message unknown, a reply
+			// to the dot) tells about this message, not about whether the
+			// server takes mail, so it marks nothing down and adds nothing
+			// to the server's run of 4xx answers. Only failures before the
+			// dot count.
+			return Result{}, err
+		}
+		if de == nil || !passesOn(de) {
+			// the message is refused, or storage failed: not the server
 			return Result{}, err
 		}
 		f.failed(i, de)

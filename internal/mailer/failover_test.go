@@ -14,8 +14,15 @@ import (
 // transport over them, with probes every few milliseconds.
 func failoverPair(t *testing.T) (primary, secondary *smtptest.Server, f *Failover) {
 	t.Helper()
+	return failoverPairProbing(t, 40*time.Millisecond)
+}
+
+// failoverPairProbing is failoverPair with the first probe of a down
+// server after probe.
+func failoverPairProbing(t *testing.T, probe time.Duration) (primary, secondary *smtptest.Server, f *Failover) {
+	t.Helper()
 	oldBase, oldLimit := failoverProbeBase, failoverTransientLimit
-	failoverProbeBase = 40 * time.Millisecond
+	failoverProbeBase = probe
 	t.Cleanup(func() { failoverProbeBase, failoverTransientLimit = oldBase, oldLimit })
 	primary, secondary = authServer(t, smtptest.StartTLS), authServer(t, smtptest.StartTLS)
 	f = NewFailover([]*Sender{newTestSender(t, testSettings(primary)), newTestSender(t, testSettings(secondary))})
@@ -122,10 +129,6 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	primary.SetHooks(smtptest.Hooks{Rcpt: func(string) error {
 		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 	}})
-	// the drop marked the primary down; bring it back for this case
-	f.mu.Lock()
-	f.markUp(0)
-	f.mu.Unlock()
 	_, err = f.Send(context.Background(), testEnvelope("a@example.org"))
 	expectCode(t, err, CodeRecipientRefused, PhaseRcpt)
 	if len(secondary.Attempts()) != 0 {
@@ -133,6 +136,40 @@ func TestFailoverNeverResendsWhatMayHaveArrived(t *testing.T) {
 	}
 	if got := states(f); got != "up/ up/ " {
 		t.Fatalf("a refused message took the server down: %q", got)
+	}
+}
+
+// TestFailoverUncertainKeepsServerUp: a drop after the final dot leaves
+// the message unknown, which says nothing about the server: the primary
+// stays up and takes the next message, and the secondary sees neither.
+// Nor does a 4xx to the dot count towards the run of 4xx answers that
+// marks a server down. The probes wait a minute, so that a wrong mark
+// shows here instead of being probed away.
+func TestFailoverUncertainKeepsServerUp(t *testing.T) {
+	primary, secondary, f := failoverPairProbing(t, time.Minute)
+	primary.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error { return smtptest.ErrDrop }})
+	_, err := f.Send(context.Background(), testEnvelope("a@example.org"))
+	expectCode(t, err, CodeUncertain, PhaseEnd)
+	if got := states(f); got != "up/ up/ " {
+		t.Fatalf("an unknown outcome took the server down: %q", got)
+	}
+	primary.SetHooks(smtptest.Hooks{})
+	if _, err := f.Send(context.Background(), testEnvelope("a@example.org")); err != nil {
+		t.Fatal(err)
+	}
+	if len(primary.Messages()) != 1 || len(secondary.Attempts()) != 0 {
+		t.Fatalf("primary took %d, secondary saw %d", len(primary.Messages()), len(secondary.Attempts()))
+	}
+
+	primary.SetHooks(smtptest.Hooks{Data: func(*smtptest.Message) error {
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
+	}})
+	for i := 0; i < failoverTransientLimit; i++ {
+		_, err := f.Send(context.Background(), testEnvelope("a@example.org"))
+		expectCode(t, err, CodeSMTPTransient, PhaseEnd)
+	}
+	if got := states(f); got != "up/ up/ " || len(secondary.Attempts()) != 0 {
+		t.Fatalf("4xx answers to the dot: states %q, secondary saw %d", got, len(secondary.Attempts()))
 	}
 }
 

@@ -2,6 +2,8 @@ package mailer
 
 import (
 	"context"
+	"path"
+	"slices"
 	"testing"
 	"time"
 
@@ -10,6 +12,7 @@ import (
 
 	"github.com/caddy-authmail/authmail/internal/pace"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
+	"github.com/caddy-authmail/authmail/internal/storagex"
 )
 
 // TestShareRateFollowsTheOutboxStorage: a sender outlives reloads, and a
@@ -24,38 +27,71 @@ func TestShareRateFollowsTheOutboxStorage(t *testing.T) {
 	first := &certmagic.FileStorage{Path: t.TempDir()}
 	second := &certmagic.FileStorage{Path: t.TempDir()}
 	demand := func() int { return 1 }
-	records := func(st certmagic.Storage) []string {
-		keys, _ := st.List(context.Background(), pace.KeyPrefix, true)
-		var out []string
-		for _, k := range keys {
-			if info, err := st.Stat(context.Background(), k); err == nil && info.IsTerminal {
-				out = append(out, k)
+	// records lists the share records in st, sorted. FileStorage writes
+	// a key through a temporary file with a digits-only name in the
+	// key's directory, synced, then renamed over the key, and the share
+	// writes its record at once and again every second: a listing can
+	// show that file (alone, before the first rename), and the walk
+	// fails with "not exist" when the rename lands between reading the
+	// directory and looking at the file. So a temporary name is no
+	// record, and a failed listing is no answer (ok false): ask again.
+	records := func(st certmagic.Storage) (keys []string, ok bool) {
+		ctx := context.Background()
+		listed, err := st.List(ctx, pace.KeyPrefix, true)
+		if err != nil {
+			// a storage nothing was ever shared in has no records
+			return nil, storagex.NotExist(err) && !st.Exists(ctx, pace.KeyPrefix)
+		}
+		for _, k := range listed {
+			if storagex.TempName(path.Base(k)) {
+				continue
+			}
+			info, err := st.Stat(ctx, k)
+			if storagex.NotExist(err) {
+				continue // deleted since the listing
+			}
+			if err != nil {
+				return nil, false
+			}
+			if info.IsTerminal {
+				keys = append(keys, k)
 			}
 		}
-		return out
+		slices.Sort(keys)
+		return keys, true
 	}
-	waitRecords := func(st certmagic.Storage, n int, what string) []string {
+	// answer polls st for a listing, of n records unless n is negative
+	answer := func(st certmagic.Storage, n int, what string) []string {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
+		deadline := time.Now().Add(10 * time.Second)
 		for {
-			got := records(st)
-			if len(got) == n {
+			got, ok := records(st)
+			if ok && (n < 0 || len(got) == n) {
 				return got
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s: %d share records %v, want %d", what, len(got), got, n)
+				t.Fatalf("%s: share records %v (listing answered: %v), want %d", what, got, ok, n)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	s.ShareRate(first, "inst", demand, zap.NewNop())
-	before := waitRecords(first, 1, "the first storage")
+	before := answer(first, 1, "the first storage")
+	running := func() *pace.Share {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.share
+	}
+	share := running()
 	s.ShareRate(first, "inst", demand, zap.NewNop())
+	if running() != share {
+		t.Fatal("asking again on the same storage replaced the running share")
+	}
 	time.Sleep(100 * time.Millisecond)
-	if got := records(first); len(got) != 1 || got[0] != before[0] {
+	if got := answer(first, -1, "the first storage, asked again"); !slices.Equal(got, before) {
 		t.Fatalf("asking again on the same storage changed the share: %v, was %v", got, before)
 	}
 	s.ShareRate(second, "inst", demand, zap.NewNop())
-	waitRecords(second, 1, "the new storage")
-	waitRecords(first, 0, "the old storage after the move")
+	answer(second, 1, "the new storage")
+	answer(first, 0, "the old storage after the move")
 }
