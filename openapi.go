@@ -1,8 +1,11 @@
 package authmail
 
 import (
+	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,9 +19,11 @@ import (
 // endpoint table the router uses (endpoints, statusEndpoint and the
 // console's endpoints): every endpoint kind must have an operation here,
 // or openAPIDocument fails and so does TestOpenAPICoversEveryEndpoint, so
-// an endpoint cannot exist without its document. It holds no
-// configuration (only path_prefix, as the server URL), so it is the same
-// for every key and needs none.
+// an endpoint cannot exist without its document. Likewise the fields of
+// its request and answer bodies are those of the structs the handler
+// decodes and encodes (oaBody). It holds no configuration (only
+// path_prefix, as the server URL), so it is the same for every key and
+// needs none.
 
 // kindOpenAPI serves the document itself.
 const kindOpenAPI endpointKind = 100
@@ -111,6 +116,14 @@ func openAPIDocument(prefix string) (oaJ, error) {
 			return nil, fmt.Errorf("openapi: two endpoints for %s %s", e.method(), p)
 		}
 		item[m] = op
+		if e.method() == http.MethodGet {
+			// ServeHTTP answers HEAD wherever it answers GET
+			item["head"] = headOperation(op)
+		}
+	}
+	comps, err := components()
+	if err != nil {
+		return nil, err
 	}
 	server := strings.TrimSuffix(prefix, "/")
 	if server == "" {
@@ -130,7 +143,7 @@ func openAPIDocument(prefix string) (oaJ, error) {
 		"servers":    []any{oaJ{"url": server, "description": "path_prefix of this authmail handler"}},
 		"security":   []any{oaJ{"bearer": []any{}}},
 		"paths":      paths,
-		"components": components(),
+		"components": comps,
 	}, nil
 }
 
@@ -163,6 +176,68 @@ func oaObject(required []string, props oaJ) oaJ {
 	return o
 }
 
+// oaBody is the schema of a JSON body that the handler decodes into, or
+// encodes from, a Go struct. Its properties are that struct's JSON
+// fields, read as decodeJSON reads them (jsonFieldNames, embedded
+// structs included), so the document cannot refuse a field the server
+// accepts, nor offer one it refuses: a field without its schema in
+// props, a schema without its field, or a required name that is no
+// property fails the document, and with it TestOpenAPIDocumentValidates.
+type oaBody struct {
+	of       reflect.Type
+	required []string
+	props    oaJ // the schema of each field
+	// request bodies are closed: decodeJSON refuses unknown fields, and
+	// so does the document
+	request bool
+	// added are fields the handler appends to the encoded answer
+	// (withJSONField) rather than encodes from the struct
+	added []string
+	// without are fields of the struct that this answer never carries
+	// (errorResponse is both the plain error and the failed delivery)
+	without []string
+	desc    string
+}
+
+func (b oaBody) schema() (oaJ, error) {
+	want := jsonFieldNames(b.of)
+	for _, f := range b.without {
+		delete(want, f)
+	}
+	for _, f := range b.added {
+		want[f] = true
+	}
+	var errs []error
+	for _, f := range slices.Sorted(maps.Keys(want)) {
+		if _, ok := b.props[f]; !ok {
+			errs = append(errs, fmt.Errorf("openapi: %s has the field %q, which its schema does not document", b.of, f))
+		}
+	}
+	for _, f := range slices.Sorted(maps.Keys(b.props)) {
+		if !want[f] {
+			errs = append(errs, fmt.Errorf("openapi: the schema of %s documents %q, which is not one of its fields", b.of, f))
+		}
+	}
+	for _, f := range b.required {
+		if _, ok := b.props[f]; !ok {
+			errs = append(errs, fmt.Errorf("openapi: the schema of %s requires %q, which is not one of its properties", b.of, f))
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	o := oaJ{"type": "object", "properties": b.props}
+	if b.request {
+		o = oaObject(b.required, b.props)
+	} else if len(b.required) > 0 {
+		o["required"] = b.required
+	}
+	if b.desc != "" {
+		o["description"] = b.desc
+	}
+	return o, nil
+}
+
 // webhookProps are the delivery fields of every send.
 func oaWebhookProps(p oaJ) oaJ {
 	p["webhook_url"] = oaJ{"type": "string", "format": "uri", "maxLength": maxURLBytes,
@@ -172,53 +247,91 @@ func oaWebhookProps(p oaJ) oaJ {
 	return p
 }
 
-func components() oaJ {
-	errorCode := oaJ{"type": "string", "description": "machine-readable error code"}
+// oaLocaleProp adds the locale field of every templated flow
+// (localeField).
+func oaLocaleProp(p oaJ) oaJ {
+	p["locale"] = oaJ{"type": "string", "maxLength": maxLocaleLength,
+		"description": "BCP 47 language tag such as ko or de-AT; a locale without templates falls back (de-AT → de → the configured locale → en). Default: the configured locale"}
+	return p
+}
+
+// answerAdded are the fields the handler appends to an encoded send
+// answer with withJSONField: the locale of a templated flow's message
+// (withLocale) and an issued code's challenge (submitIssued).
+// TestOpenAPIAnswerAddedFields finds every withJSONField call of the
+// package and holds this list to them.
+var answerAdded = []string{"locale", "challenge_id", "expires_at"}
+
+func components() (oaJ, error) {
 	schemas := oaJ{
-		"Error": oaJ{"type": "object", "required": []string{"error_code", "message"}, "properties": oaJ{
-			"error_code": errorCode,
+		"Health":  oaJ{"type": "object", "required": []string{"status"}, "properties": oaJ{"status": oaJ{"const": "ok"}}},
+		"OpenAPI": oaJ{"type": "object", "required": []string{"openapi", "info", "paths"}, "description": "this document"},
+	}
+	var errs []error
+	body := func(name string, b oaBody) {
+		s, err := b.schema()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+		schemas[name] = s
+	}
+	// the answers, each from the struct the handler encodes it from
+	sendStates := []string{"sent", "captured", "queued"}
+	failedStates := []string{outbox.Failed, outbox.Unknown, outbox.Expired}
+	// a failed delivery is an errorResponse with the message's fields,
+	// a plain error the first three only
+	deliveryOnly := []string{"status", "id", "message_id", "notice"}
+	body("Error", oaBody{of: reflect.TypeFor[errorResponse](), without: deliveryOnly,
+		required: []string{"error_code", "message"}, props: oaJ{
+			"error_code": oaStr("machine-readable error code"),
 			"message":    oaStr("human-readable explanation; never holds a secret"),
 			"field":      oaStr("the request field at fault (422)"),
-		}},
-		"Accepted": oaJ{"type": "object", "required": []string{"sent", "status", "id", "message_id"}, "properties": oaJ{
-			"sent":         oaJ{"type": "boolean"},
-			"status":       oaJ{"type": "string", "enum": []string{"sent", "captured", "queued"}},
-			"id":           oaStr("authmail's opaque message id"),
-			"message_id":   oaStr("the Message-ID header of the message"),
-			"error_code":   oaStr("why a queued message is not sent yet (a delivery error code)"),
-			"challenge_id": oaStr("with an issued code: pass it to /verify/otp"),
-			"expires_at":   oaJ{"type": "string", "format": "date-time", "description": "with an issued code: its expiry"},
-			"notice":       oaRef("Notice"),
-		}},
-		"Failed": oaJ{"type": "object", "required": []string{"error_code", "message", "status", "id", "message_id"}, "properties": oaJ{
-			"error_code":   oaStr("a delivery error code: recipient_refused, smtp_rejected, smtp_disconnect_uncertain, …"),
-			"message":      oaJ{"type": "string"},
-			"status":       oaJ{"type": "string", "enum": []string{outbox.Failed, outbox.Unknown, outbox.Expired}},
-			"id":           oaJ{"type": "string"},
-			"message_id":   oaJ{"type": "string"},
-			"challenge_id": oaJ{"type": "string"},
-			"expires_at":   oaJ{"type": "string", "format": "date-time"},
-			"notice":       oaRef("Notice"),
-		}},
-		"Notice": oaJ{"type": "object", "description": "the email-change notice to the old address", "required": []string{"sent", "status", "id", "message_id"}, "properties": oaJ{
+		}})
+	answerProps := func(p oaJ) oaJ {
+		p["locale"] = oaStr("a templated flow's message (every send but /send): the locale it was rendered in, the requested one or its fallback")
+		p["challenge_id"] = oaStr("with an issued code: pass it to /verify/otp")
+		p["expires_at"] = oaJ{"type": "string", "format": "date-time", "description": "with an issued code: its expiry"}
+		p["notice"] = oaRef("Notice")
+		return p
+	}
+	body("Accepted", oaBody{of: reflect.TypeFor[sentResponse](), added: answerAdded,
+		required: []string{"sent", "status", "id", "message_id"}, props: answerProps(oaJ{
 			"sent":       oaJ{"type": "boolean"},
-			"status":     oaJ{"type": "string", "enum": []string{"sent", "captured", "queued", outbox.Failed, outbox.Unknown, outbox.Expired}},
+			"status":     oaJ{"type": "string", "enum": sendStates},
+			"id":         oaStr("authmail's opaque message id"),
+			"message_id": oaStr("the Message-ID header of the message"),
+			"error_code": oaStr("why a queued message is not sent yet (a delivery error code)"),
+		})})
+	body("Failed", oaBody{of: reflect.TypeFor[errorResponse](), added: answerAdded, without: []string{"field"},
+		required: []string{"error_code", "message", "status", "id", "message_id"}, props: answerProps(oaJ{
+			"error_code": oaStr("a delivery error code: recipient_refused, smtp_rejected, smtp_disconnect_uncertain, …"),
+			"message":    oaJ{"type": "string"},
+			"status":     oaJ{"type": "string", "enum": failedStates},
+			"id":         oaJ{"type": "string"},
+			"message_id": oaJ{"type": "string"},
+		})})
+	body("Notice", oaBody{of: reflect.TypeFor[noticeResponse](), desc: "the email-change notice to the old address",
+		required: []string{"sent", "status", "id", "message_id"}, props: oaJ{
+			"sent":       oaJ{"type": "boolean"},
+			"status":     oaJ{"type": "string", "enum": slices.Concat(sendStates, failedStates)},
 			"id":         oaJ{"type": "string"},
 			"message_id": oaJ{"type": "string"},
 			"error_code": oaJ{"type": "string"},
 			"message":    oaJ{"type": "string"},
-		}},
-		"DryRun": oaJ{"type": "object", "required": []string{"sent", "dry_run", "message"}, "properties": oaJ{
-			"sent":    oaJ{"const": false},
-			"dry_run": oaJ{"const": true},
-			"message": oaJ{"type": "string"},
-		}},
-		"Skipped": oaJ{"type": "object", "required": []string{"sent", "status", "reason"}, "properties": oaJ{
-			"sent":   oaJ{"const": false},
-			"status": oaJ{"const": "skipped"},
-			"reason": oaJ{"type": "string", "enum": []string{"event_disabled"}},
-		}},
-		"MessageStatus": oaJ{"type": "object", "required": []string{"id", "status", "attempts", "created_at", "updated_at", "next_attempt_at", "message_id", "last_error_code", "last_error", "smtp_response", "flow"}, "properties": oaJ{
+		}})
+	body("DryRun", oaBody{of: reflect.TypeFor[dryRunResponse](), required: []string{"sent", "dry_run", "message"}, props: oaJ{
+		"sent":    oaJ{"const": false},
+		"dry_run": oaJ{"const": true},
+		"message": oaJ{"type": "string"},
+	}})
+	body("Skipped", oaBody{of: reflect.TypeFor[skippedResponse](), required: []string{"sent", "status", "reason"}, props: oaJ{
+		"sent":   oaJ{"const": false},
+		"status": oaJ{"const": "skipped"},
+		"reason": oaJ{"type": "string", "enum": []string{"event_disabled"}},
+	}})
+	nullStr := oaJ{"type": []string{"string", "null"}}
+	statusProps := func() oaJ {
+		return oaJ{
 			"id":              oaJ{"type": "string"},
 			"status":          oaJ{"type": "string", "enum": outbox.AllStates},
 			"attempts":        oaJ{"type": "integer", "minimum": 0},
@@ -226,55 +339,95 @@ func components() oaJ {
 			"updated_at":      oaJ{"type": "string", "format": "date-time"},
 			"next_attempt_at": oaJ{"type": []string{"string", "null"}, "format": "date-time"},
 			"message_id":      oaJ{"type": "string"},
-			"last_error_code": oaJ{"type": []string{"string", "null"}},
-			"last_error":      oaJ{"type": []string{"string", "null"}},
-			"smtp_response":   oaJ{"type": []string{"string", "null"}},
+			"last_error_code": nullStr,
+			"last_error":      nullStr,
+			"smtp_response":   nullStr,
 			"flow":            oaJ{"type": "string"},
 			"sent_at":         oaJ{"type": "string", "format": "date-time"},
 			"expires_at":      oaJ{"type": "string", "format": "date-time", "description": "a message with a code or link: still queued then, it is not sent (expired)"},
 			"priority":        oaJ{"type": "string", "enum": []string{outbox.PriorityBulk}},
-			"webhook": oaJ{"type": "object", "required": []string{"status", "attempts"}, "properties": oaJ{
-				"status":   oaJ{"type": "string"},
-				"attempts": oaJ{"type": "integer", "minimum": 0},
-			}},
-		}},
-		"Verified": oaJ{"type": "object", "required": []string{"valid", "to"}, "properties": oaJ{
-			"valid":     oaJ{"const": true},
-			"to":        oaJ{"type": "string"},
-			"purpose":   oaJ{"type": "string"},
-			"flow":      oaJ{"type": "string"},
-			"old_email": oaJ{"type": "string"},
-			"new_email": oaJ{"type": "string"},
-		}},
-		"CodeInvalid": oaJ{"type": "object", "required": []string{"error_code", "message", "attempts_left"}, "properties": oaJ{
-			"error_code":    oaJ{"const": "code_invalid"},
-			"message":       oaJ{"type": "string"},
-			"attempts_left": oaJ{"type": "integer", "minimum": 0},
-		}},
-		"TestResult": oaJ{"type": "object", "required": []string{"sent", "status", "message_id", "duration_ms"}, "properties": oaJ{
-			"sent":          oaJ{"type": "boolean"},
-			"status":        oaJ{"type": "string"},
-			"message_id":    oaJ{"type": "string"},
-			"smtp_response": oaJ{"type": "string"},
-			"error_code":    oaJ{"type": "string"},
-			"message":       oaJ{"type": "string"},
-			"duration_ms":   oaJ{"type": "integer", "minimum": 0},
-		}},
-		"AdminStatus": oaJ{"type": "object", "description": "the effective configuration, secrets left out or masked, and the outbox's figures",
-			"required": []string{"delivery", "from", "app_name", "flows", "keys", "queue"}, "properties": oaJ{
-				"delivery": oaJ{"type": "object"},
-				"from":     oaJ{"type": "string"},
-				"app_name": oaJ{"type": "string"},
-				"flows":    oaJ{"type": "array", "items": oaJ{"type": "string"}},
-				"keys": oaJ{"type": "array", "items": oaJ{"type": "object", "required": []string{"id", "allow", "rate"}, "properties": oaJ{
-					"id": oaJ{"type": "string"}, "allow": oaJ{"type": "array", "items": oaJ{"type": "string"}}, "rate": oaJ{"type": "string"},
-				}}},
-				"queue": oaJ{"type": "object"},
-			}},
-		"Health":  oaJ{"type": "object", "required": []string{"status"}, "properties": oaJ{"status": oaJ{"const": "ok"}}},
-		"OpenAPI": oaJ{"type": "object", "required": []string{"openapi", "info", "paths"}, "description": "this document"},
+			"webhook":         oaRef("Webhook"),
+		}
 	}
-	schemas["SendRequest"] = oaObject([]string{"to", "subject"}, oaWebhookProps(oaJ{
+	body("Webhook", oaBody{of: reflect.TypeFor[webhookSummary](), desc: "the message's webhook",
+		required: []string{"status", "attempts"}, props: oaJ{
+			"status":   oaJ{"type": "string"},
+			"attempts": oaJ{"type": "integer", "minimum": 0},
+		}})
+	statusRequired := []string{"id", "status", "attempts", "created_at", "updated_at", "next_attempt_at", "message_id", "last_error_code", "last_error", "smtp_response", "flow"}
+	body("MessageStatus", oaBody{of: reflect.TypeFor[statusResponse](), required: statusRequired, props: statusProps()})
+	retried := statusProps()
+	retried["warning"] = oaStr("set when the message's outcome was unknown: the recipient may get it twice")
+	body("Retried", oaBody{of: reflect.TypeFor[retryResponse](), required: statusRequired, props: retried})
+	body("Verified", oaBody{of: reflect.TypeFor[verifiedResponse](), required: []string{"valid", "to"}, props: oaJ{
+		"valid":     oaJ{"const": true},
+		"to":        oaJ{"type": "string"},
+		"purpose":   oaJ{"type": "string"},
+		"flow":      oaJ{"type": "string"},
+		"old_email": oaJ{"type": "string"},
+		"new_email": oaJ{"type": "string"},
+	}})
+	body("CodeInvalid", oaBody{of: reflect.TypeFor[codeInvalidResponse](), required: []string{"error_code", "message", "attempts_left"}, props: oaJ{
+		"error_code":    oaJ{"const": "code_invalid"},
+		"message":       oaJ{"type": "string"},
+		"attempts_left": oaJ{"type": "integer", "minimum": 0},
+	}})
+	body("TestResult", oaBody{of: reflect.TypeFor[testResponse](), required: []string{"sent", "status", "message_id", "duration_ms"}, props: oaJ{
+		"sent":          oaJ{"type": "boolean"},
+		"status":        oaJ{"type": "string"},
+		"message_id":    oaJ{"type": "string"},
+		"smtp_response": oaJ{"type": "string"},
+		"error_code":    oaJ{"type": "string"},
+		"message":       oaJ{"type": "string"},
+		"duration_ms":   oaJ{"type": "integer", "minimum": 0},
+	}})
+	strList := oaJ{"type": "array", "items": oaJ{"type": "string"}}
+	body("AdminStatus", oaBody{of: reflect.TypeFor[adminStatus](), desc: "the effective configuration, secrets left out or masked, and the outbox's figures",
+		required: []string{"delivery", "from", "app_name", "flows", "keys", "queue"}, props: oaJ{
+			"delivery":        oaJ{"type": "object", "description": "the SMTP server (user name masked) or capture directory, open connections, sending rates"},
+			"from":            oaJ{"type": "string"},
+			"from_name":       oaJ{"type": "string"},
+			"reply_to":        oaJ{"type": "string"},
+			"app_name":        oaJ{"type": "string"},
+			"base_url":        oaJ{"type": "string"},
+			"allowed_origins": strList,
+			"link_policy":     oaJ{"type": "string"},
+			"links":           oaJ{"type": "object", "additionalProperties": oaJ{"type": "string"}, "description": "link templates by flow"},
+			"flows":           strList,
+			"security_alerts": oaJ{"type": "object", "additionalProperties": oaJ{"type": "boolean"}},
+			"keys":            oaJ{"type": "array", "items": oaRef("AdminKey")},
+			"limits":          oaJ{"type": "object", "description": "auth_failures and recipient_rate"},
+			"queue":           oaJ{"type": "object", "description": "the outbox's figures: depth, age of the oldest message, max_queued, in memory and parked"},
+			"settings":        oaJ{"type": "object"},
+			"webhooks":        oaJ{"type": "object"},
+			"templates":       oaJ{"type": "string"},
+			"privacy":         oaJ{"type": "object"},
+		}})
+	body("AdminKey", oaBody{of: reflect.TypeFor[adminKey](), desc: "a key: its id, permissions and rate, never its secret",
+		required: []string{"id", "allow", "rate"}, props: oaJ{"id": oaJ{"type": "string"}, "allow": strList, "rate": oaJ{"type": "string"}}})
+	body("MessageList", oaBody{of: reflect.TypeFor[listResponse](), required: []string{"messages", "next_cursor"}, props: oaJ{
+		"messages":    oaJ{"type": "array", "items": oaRef("MessageListItem")},
+		"next_cursor": oaJ{"type": []string{"string", "null"}, "description": "pass as cursor for the next page; null at the end"},
+	}})
+	body("MessageListItem", oaBody{of: reflect.TypeFor[listItem](), desc: "a message's state, never its body",
+		required: []string{"id", "status", "flow", "attempts", "created_at", "updated_at", "message_id", "recipients", "rcpts", "last_error_code", "last_error"},
+		props: oaJ{
+			"id":              oaJ{"type": "string"},
+			"status":          oaJ{"type": "string", "enum": outbox.AllStates},
+			"flow":            oaJ{"type": "string"},
+			"attempts":        oaJ{"type": "integer", "minimum": 0},
+			"created_at":      oaJ{"type": "string", "format": "date-time"},
+			"updated_at":      oaJ{"type": "string", "format": "date-time"},
+			"message_id":      oaJ{"type": "string"},
+			"recipients":      oaJ{"type": "integer", "minimum": 0},
+			"rcpts":           oaJ{"type": "array", "items": oaJ{"type": "string"}, "description": "recipients as logged: a salted hash and the domain, or the addresses with log_recipients"},
+			"last_error_code": nullStr,
+			"last_error":      nullStr,
+			"key_id":          oaStr("the key that created it; for keys with allow admin only"),
+		}})
+
+	// the request bodies, each from the struct its endpoint decodes into
+	body("SendRequest", oaBody{of: reflect.TypeFor[sendRequest](), request: true, required: []string{"to", "subject"}, props: oaWebhookProps(oaJ{
 		"to":                    oaAddresses("recipients (RFC 5322 addresses, at most 100 per field, 100 distinct recipients per message)"),
 		"cc":                    oaAddresses("copies"),
 		"bcc":                   oaAddresses("blind copies: only in the envelope"),
@@ -285,30 +438,30 @@ func components() oaJ {
 		"list_unsubscribe":      oaStr("the List-Unsubscribe header: <https://…> and/or <mailto:…> URIs"),
 		"list_unsubscribe_post": oaJ{"type": "string", "enum": []string{"List-Unsubscribe=One-Click"}, "description": "one-click unsubscribe (RFC 8058); needs an https URI in list_unsubscribe"},
 		"priority":              oaJ{"type": "string", "enum": []string{"normal", outbox.PriorityBulk}, "description": "bulk: queued behind all other mail, with at least delivery bulk_share of the sending; default normal, behind the auth flows"},
-	}))
+	})})
 	userName := oaJ{"type": "string", "maxLength": maxUserNameRunes, "description": "greeting and display name of the To header"}
-	schemas["OTPRequest"] = oaObject([]string{"to"}, oaWebhookProps(oaJ{
+	body("OTPRequest", oaBody{of: reflect.TypeFor[otpRequest](), request: true, required: []string{"to"}, props: oaLocaleProp(oaWebhookProps(oaJ{
 		"to":                 oaAddress("one address"),
 		"user_name":          userName,
 		"code":               oaJ{"type": "string", "minLength": 1, "maxLength": maxCodeRunes, "description": "1–64 printable characters, or \"auto\": authmail issues the code (needs `codes`). Required unless `codes issue`"},
 		"purpose":            oaJ{"type": "string", "pattern": "^[a-z0-9_-]{1,32}$", "description": "with an issued code; default login"},
 		"expires_in_minutes": oaExpiry("10"),
-	}))
+	}))})
 	linkProps := func() oaJ {
-		return oaWebhookProps(oaJ{
+		return oaLocaleProp(oaWebhookProps(oaJ{
 			"to":                 oaAddress("one address (email-change: the new one)"),
 			"user_name":          userName,
 			"expires_in_minutes": oaExpiry("15 (magic-link), 60 (password-reset), 1440 (verify-email, email-change)"),
 			"token":              oaJ{"type": "string", "maxLength": maxTokenBytes, "description": "the link is built from it; \"auto\": authmail issues one. Exactly one of token and link"},
 			"link":               oaJ{"type": "string", "format": "uri", "maxLength": maxURLBytes, "description": "the full link, on an allowed origin"},
 			"base_url":           oaJ{"type": "string", "format": "uri", "maxLength": maxURLBytes, "description": "with token: build <base_url>/<flow>?token=… under this URL"},
-		})
+		}))
 	}
-	schemas["LinkRequest"] = oaObject([]string{"to"}, linkProps())
+	body("LinkRequest", oaBody{of: reflect.TypeFor[linkRequest](), request: true, required: []string{"to"}, props: linkProps()})
 	ec := linkProps()
-	ec["old_email"] = oaAddress("also send the old address a notice (without the link)")
-	schemas["EmailChangeRequest"] = oaObject([]string{"to"}, ec)
-	schemas["SecurityAlertRequest"] = oaObject([]string{"to", "event"}, oaWebhookProps(oaJ{
+	ec["old_email"] = oaAddress("also send the old address a notice (without the link), in the same locale")
+	body("EmailChangeRequest", oaBody{of: reflect.TypeFor[emailChangeRequest](), request: true, required: []string{"to"}, props: ec})
+	body("SecurityAlertRequest", oaBody{of: reflect.TypeFor[securityAlertRequest](), request: true, required: []string{"to", "event"}, props: oaLocaleProp(oaWebhookProps(oaJ{
 		"to":          oaAddress("one address"),
 		"user_name":   userName,
 		"event":       oaJ{"type": "string", "enum": securityEventNames()},
@@ -316,42 +469,23 @@ func components() oaJ {
 		"user_agent":  oaJ{"type": "string", "maxLength": maxUserAgentRunes},
 		"location":    oaJ{"type": "string", "maxLength": maxLocationRunes},
 		"occurred_at": oaJ{"type": "string", "format": "date-time", "description": "RFC 3339, shown in UTC"},
-	}))
-	schemas["VerifyOTPRequest"] = oaObject([]string{"challenge_id", "code"}, oaJ{
+	}))})
+	body("VerifyOTPRequest", oaBody{of: reflect.TypeFor[verifyOTPRequest](), request: true, required: []string{"challenge_id", "code"}, props: oaJ{
 		"challenge_id": oaJ{"type": "string", "minLength": 43, "maxLength": 43, "description": "from the /send/otp answer"},
 		"code":         oaStr("what the user typed"),
 		"ip":           oaStr("the end user's IP address, so that failures count per user"),
-	})
-	schemas["VerifyTokenRequest"] = oaObject([]string{"token", "flow"}, oaJ{
+	}})
+	body("VerifyTokenRequest", oaBody{of: reflect.TypeFor[verifyTokenRequest](), request: true, required: []string{"token", "flow"}, props: oaJ{
 		"token": oaStr("the token from the link"),
 		"flow":  oaJ{"type": "string", "enum": linkFlows},
 		"ip":    oaStr("the end user's IP address"),
-	})
-	schemas["TestRequest"] = oaObject([]string{"to"}, oaJ{"to": oaAddresses("where to send the test message")})
-	nullStr := oaJ{"type": []string{"string", "null"}}
-	schemas["MessageList"] = oaJ{"type": "object", "required": []string{"messages", "next_cursor"}, "properties": oaJ{
-		"messages": oaJ{"type": "array", "items": oaJ{"type": "object",
-			"required": []string{"id", "status", "flow", "attempts", "created_at", "updated_at", "message_id", "recipients", "rcpts", "last_error_code", "last_error"},
-			"properties": oaJ{
-				"id":              oaJ{"type": "string"},
-				"status":          oaJ{"type": "string", "enum": outbox.AllStates},
-				"flow":            oaJ{"type": "string"},
-				"attempts":        oaJ{"type": "integer", "minimum": 0},
-				"created_at":      oaJ{"type": "string", "format": "date-time"},
-				"updated_at":      oaJ{"type": "string", "format": "date-time"},
-				"message_id":      oaJ{"type": "string"},
-				"recipients":      oaJ{"type": "integer", "minimum": 0},
-				"rcpts":           oaJ{"type": "array", "items": oaJ{"type": "string"}, "description": "recipients as logged: a salted hash and the domain, or the addresses with log_recipients"},
-				"last_error_code": nullStr,
-				"last_error":      nullStr,
-				"key_id":          oaStr("the key that created it; for keys with allow admin only"),
-			}}},
-		"next_cursor": oaJ{"type": []string{"string", "null"}, "description": "pass as cursor for the next page; null at the end"},
-	}}
-	retried := oaJ{"allOf": []any{oaRef("MessageStatus"), oaJ{"properties": oaJ{
-		"warning": oaStr("set when the message's outcome was unknown: the recipient may get it twice"),
-	}}}}
-	schemas["Retried"] = retried
+	}})
+	body("TestRequest", oaBody{of: reflect.TypeFor[testRequest](), request: true, required: []string{"to"}, props: oaJ{
+		"to": oaAddresses("where to send the test message"),
+	}})
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
 	return oaJ{
 		"securitySchemes": oaJ{"bearer": oaJ{"type": "http", "scheme": "bearer", "description": "an API key's secret"},
 			"basic": oaJ{"type": "http", "scheme": "basic", "description": "the preview endpoints only: an API key's secret as the password, any user name"}},
@@ -375,7 +509,7 @@ func components() oaJ {
 			"Allow":              oaJ{"description": "the methods of the path", "schema": oaJ{"type": "string"}},
 			"WWWAuthenticate":    oaJ{"description": "Bearer", "schema": oaJ{"type": "string"}},
 		},
-	}
+	}, nil
 }
 
 // errorCodes are the documented error codes of an endpoint by status.
@@ -541,6 +675,24 @@ func operationFor(e *endpoint) (oaJ, error) {
 	}
 	op["responses"] = resps
 	return op, nil
+}
+
+// headOperation is the HEAD twin of a GET operation: the same
+// parameters, statuses and headers, and no body.
+func headOperation(get oaJ) oaJ {
+	op := maps.Clone(get)
+	op["operationId"] = "head" + strings.TrimPrefix(get["operationId"].(string), "get")
+	if s, ok := get["summary"].(string); ok {
+		op["summary"] = s + " (HEAD: the headers only)"
+	}
+	resps := oaJ{}
+	for code, r := range get["responses"].(oaJ) {
+		r := maps.Clone(r.(oaJ))
+		delete(r, "content")
+		resps[code] = r
+	}
+	op["responses"] = resps
+	return op
 }
 
 func opID(e *endpoint) string {

@@ -58,8 +58,8 @@ func TestOpenAPIDocumentValidates(t *testing.T) {
 }
 
 // TestOpenAPICoversEveryEndpoint: every endpoint of the router's table
-// has its operation, with the method the router accepts, and every
-// operation is an endpoint of the table.
+// has its operation, with the method the router accepts (and HEAD
+// beside GET), and every operation is an endpoint of the table.
 func TestOpenAPICoversEveryEndpoint(t *testing.T) {
 	m, _ := validatedDocument(t, "/authmail")
 	paths := m["paths"].(map[string]any)
@@ -88,6 +88,18 @@ func TestOpenAPICoversEveryEndpoint(t *testing.T) {
 			}
 		}
 		n++
+		// the router answers HEAD wherever it answers GET
+		if e.method() == http.MethodGet {
+			head, ok := item["head"].(map[string]any)
+			if !ok {
+				t.Errorf("HEAD %s is routed but not documented", e.path)
+				continue
+			}
+			if len(head["responses"].(map[string]any)) != len(resps) {
+				t.Errorf("HEAD %s documents other statuses than GET", e.path)
+			}
+			n++
+		}
 	}
 	ops := 0
 	for _, item := range paths {

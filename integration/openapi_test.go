@@ -194,6 +194,7 @@ func TestOpenAPIConformance(t *testing.T) {
 	}
 	// /messages: 422 for a bad query parameter
 	check("GET /messages", conform(t, v, http.MethodGet, "/authmail/messages?status=lost", "", app...), http.StatusUnprocessableEntity)
+	check("HEAD /messages", conform(t, v, http.MethodHead, "/authmail/messages?status=lost", "", app...), http.StatusUnprocessableEntity)
 	var keys []string
 	for k := range ops {
 		keys = append(keys, k)
