@@ -112,6 +112,11 @@ type adminQueue struct {
 	Depth            int     `json:"depth"`
 	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
 	MaxQueued        int     `json:"max_queued"`
+	// AuthReserve is the part of MaxQueued that /send mail may not fill
+	// (kept for codes and links); MaxQueuedPerKey bounds one key's
+	// unfinished messages (0: no bound).
+	AuthReserve     int `json:"auth_reserve"`
+	MaxQueuedPerKey int `json:"max_queued_per_key"`
 	// InMemory is the number of unfinished messages held in memory; the
 	// rest of Depth is parked in storage until its next attempt nears.
 	InMemory      int `json:"in_memory"`
@@ -202,7 +207,7 @@ func (h *Handler) serveAdminStatus(w http.ResponseWriter, rc *requestCtx) error 
 	cfg := h.dcfg
 	inMemory, parked := h.engine.Residency()
 	st.Queue = adminQueue{Instance: h.engine.Instance(), Depth: depth, OldestAgeSeconds: age.Seconds(), MaxQueued: cfg.MaxQueued,
-		InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.LaneStats()}
+		AuthReserve: outbox.AuthReserveOf(cfg), MaxQueuedPerKey: cfg.MaxQueuedPerKey, InMemory: inMemory, ParkedBatches: parked, QueuedByPriority: h.engine.LaneStats()}
 	st.Settings = map[string]any{
 		"path_prefix": h.prefix, "max_body_size": h.MaxBodySize, "wait": cfg.Wait.String(),
 		"retry_backoff": cfg.RetryBackoff.String(), "max_backoff": cfg.MaxBackoff.String(), "max_age": cfg.MaxAge.String(),

@@ -328,6 +328,19 @@ type Delivery struct {
 	// get 503 queue_full. Default: 100000.
 	MaxQueued int `json:"max_queued,omitempty"`
 
+	// AuthReserve is the part of max_queued that only codes, links and
+	// alerts (the auth flows) may fill: /send mail, bulk or not, gets 503
+	// queue_full once max_queued minus auth_reserve messages are
+	// unfinished, so that a flood of /send mail cannot lock users out of
+	// their codes. Less than max_queued. Default: a tenth of max_queued.
+	AuthReserve int `json:"auth_reserve,omitempty"`
+
+	// MaxQueuedPerKey is the number of unfinished messages of one key
+	// (one secret) above which its sends get 503 queue_full, so that one
+	// key cannot fill the queue for the others. Default: 0, no limit per
+	// key.
+	MaxQueuedPerKey int `json:"max_queued_per_key,omitempty"`
+
 	// BulkShare is the least share of the sending, in percent, that mail
 	// of a lower lane gets while the lanes above it have mail waiting too:
 	// the auth flows (codes, links, alerts) leave first, then /send, then
@@ -744,9 +757,11 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*outbox.Config, error) {
 		Drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
 		MaxQueued:      d.MaxQueued,
 		BulkShare:      float64(d.BulkShare) / 100,
+		AuthReserve:    d.AuthReserve,
 		RetryUncertain: d.RetryUncertain,
 		WebhookAllow:   h.WebhookAllowHosts,
 	}
+	cfg.MaxQueuedPerKey = d.MaxQueuedPerKey
 	if h.relayCompat() {
 		// webhooks carry the relay's payload, which names a delivered
 		// message "delivered" ("captured" in capture mode)
@@ -1055,6 +1070,17 @@ func (h *Handler) checkConfig() error {
 		}
 		if d.MaxQueued < 0 {
 			return errors.New("delivery max_queued must not be negative")
+		}
+		if d.AuthReserve < 0 || d.MaxQueuedPerKey < 0 {
+			return errors.New("delivery auth_reserve and max_queued_per_key must not be negative")
+		}
+		maxQ := d.MaxQueued
+		if maxQ == 0 {
+			maxQ = defaultMaxQueued
+		}
+		if d.AuthReserve >= maxQ {
+			// /send mail could never be accepted
+			return fmt.Errorf("delivery auth_reserve (%d) must be less than max_queued (%d)", d.AuthReserve, maxQ)
 		}
 		if d.ReplayWindow > 0 && time.Duration(d.ReplayWindow) > durOr(d.Retention, defaultRetention) {
 			return errors.New("delivery replay_window must not be longer than retention: a body outliving its status record could not be retried")

@@ -83,6 +83,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			retention <duration>
 //			replay_window <duration>
 //			max_queued <n>
+//			auth_reserve <n>
+//			max_queued_per_key <n>
 //			bulk_share <percent>
 //			retry_uncertain on|off
 //			idempotency_ttl <duration>
@@ -670,6 +672,16 @@ func unmarshalDelivery(d *caddyfile.Dispenser) (*Delivery, error) {
 				return d.Errf("delivery max_queued must be a positive number, not '%s'", v)
 			}
 			dl.MaxQueued = n
+		case "auth_reserve", "max_queued_per_key":
+			n, perr := strconv.Atoi(v)
+			if perr != nil || n < 1 {
+				return d.Errf("delivery %s must be a positive number, not '%s'", sub, v)
+			}
+			if sub == "auth_reserve" {
+				dl.AuthReserve = n
+			} else {
+				dl.MaxQueuedPerKey = n
+			}
 		case "bulk_share":
 			n, perr := strconv.Atoi(strings.TrimSuffix(v, "%"))
 			if perr != nil || n < 1 || n > 50 {

@@ -92,6 +92,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 					retention 30d
 					replay_window 15m
 					max_queued 5000
+					auth_reserve 800
+					max_queued_per_key 1000
 					bulk_share 20%
 					retry_uncertain on
 					idempotency_ttl 12h
@@ -105,7 +107,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: Handler{From: "no-reply@example.com", Capture: "/tmp/mail", Keys: []Key{{ID: "app", Secret: hashedUnitKey}},
 				Delivery: &Delivery{Wait: caddy.Duration(5 * time.Second), RetryBackoff: caddy.Duration(time.Minute), MaxBackoff: caddy.Duration(time.Hour),
-					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), ReplayWindow: caddy.Duration(15 * time.Minute), MaxQueued: 5000, BulkShare: 20, RetryUncertain: true,
+					MaxAge: caddy.Duration(48 * time.Hour), Retention: caddy.Duration(30 * 24 * time.Hour), ReplayWindow: caddy.Duration(15 * time.Minute), MaxQueued: 5000, AuthReserve: 800, MaxQueuedPerKey: 1000, BulkShare: 20, RetryUncertain: true,
 					IdempotencyTTL: caddy.Duration(12 * time.Hour), Lease: caddy.Duration(45 * time.Second), DrainTimeout: caddy.Duration(20 * time.Second)},
 				StorageRaw:        json.RawMessage(`{"module":"file_system","root":"/var/lib/authmail"}`),
 				WebhookSecret:     "{env.HOOK_SECRET}",
@@ -239,6 +241,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		"retry above default max":         {"authmail {" + minimalBlock + "\n delivery {\n retry_backoff 1h\n }\n}", "max_backoff (30m0s) must not be shorter than retry_backoff (1h0m0s)"},
 		"bulk_share above half":           {"authmail {" + minimalBlock + "\n delivery {\n bulk_share 60%\n }\n}", "delivery bulk_share must be a percentage from 1% to 50%, not '60%'"},
 		"bulk_share not a number":         {"authmail {" + minimalBlock + "\n delivery {\n bulk_share some\n }\n}", "delivery bulk_share must be a percentage from 1% to 50%, not 'some'"},
+		"auth_reserve over max_queued":    {"authmail {" + minimalBlock + "\n delivery {\n max_queued 100\n auth_reserve 100\n }\n}", "delivery auth_reserve (100) must be less than max_queued (100)"},
+		"max_queued_per_key zero":         {"authmail {" + minimalBlock + "\n delivery {\n max_queued_per_key 0\n }\n}", "delivery max_queued_per_key must be a positive number, not '0'"},
 		"block after alert event":         {"authmail {" + minimalBlock + "\n security_alerts {\n new_login on {\n x\n }\n }\n}", "security alert new_login takes no block"},
 		"bad allow_local_recipients":      {"authmail {" + minimalBlock + "\n allow_local_recipients yes\n}", "allow_local_recipients must be on or off, not 'yes'"},
 		"comma-joined webhook hosts":      {"authmail {" + minimalBlock + "\n webhook_allow_hosts 127.0.0.1,localhost\n}", "webhook_allow_hosts '127.0.0.1,localhost': give one value per argument, separated by spaces, not commas: webhook_allow_hosts 127.0.0.1 localhost"},
@@ -351,6 +355,9 @@ func TestConfigErrorsHoldNoSecrets(t *testing.T) {
 	smtp := func(opt string) string {
 		return "\t\tkey app {env.K}\n\t\tsmtp mail.example.com {\n\t\t\tusername u\n\t\t\tpassword p\n" + opt + "\n\t\t}"
 	}
+	oauth := func(secrets string) string {
+		return "\t\tkey app {env.K}\n\t\tsmtp mail.example.com {\n\t\t\tusername u\n\t\t\tauth xoauth2\n\t\t\toauth2 {\n\t\t\t\ttoken_url https://login.example.com/token\n\t\t\t\tclient_id c\n\t\t\t\t" + secrets + "\n\t\t\t}\n\t\t}"
+	}
 	for name, tc := range map[string]struct{ src, want string }{
 		"password with a space": {site(strings.Replace(smtp(""), "password p", "password ZQfirst ZQsecond", 1)), "smtp password: wrong argument count, at Caddyfile:7"},
 		"username with a space": {site(strings.Replace(smtp(""), "username u", "username ZQfirst ZQsecond", 1)), "smtp username: wrong argument count, at Caddyfile:6"},
@@ -359,6 +366,12 @@ func TestConfigErrorsHoldNoSecrets(t *testing.T) {
 		"secret as the id":      {site("\t\tcapture /tmp/x\n\t\tkey ZQ+secret/0123456789= app"), "invalid key id"},
 		"key with a block arg":  {site("\t\tcapture /tmp/x\n\t\tkey app ZQfirst-0123456789 ZQsecond {\n\t\t\trate off\n\t\t}"), "key: wrong argument count, at Caddyfile:5"},
 		"webhook_secret":        {site("\t\tcapture /tmp/x\n\t\tkey app {env.K}\n\t\twebhook_secret ZQfirst ZQsecond"), "webhook_secret: wrong argument count, at Caddyfile:6"},
+		"oauth2 client_secret":  {site(oauth("client_secret ZQfirst ZQsecond\n\t\t\t\trefresh_token {env.RT}")), "smtp oauth2 client_secret: wrong argument count, at Caddyfile:11"},
+		"oauth2 refresh_token":  {site(oauth("refresh_token ZQfirst ZQsecond")), "smtp oauth2 refresh_token: wrong argument count, at Caddyfile:11"},
+		"access_token":          {site("\t\tkey app {env.K}\n\t\tsmtp mail.example.com {\n\t\t\tusername u\n\t\t\tauth xoauth2\n\t\t\taccess_token ZQfirst ZQsecond\n\t\t}"), "smtp access_token: wrong argument count, at Caddyfile:8"},
+		"codes secret":          {site("\t\tcapture /tmp/x\n\t\tkey app {env.K}\n\t\tcodes {\n\t\t\tsecret ZQfirst ZQsecond\n\t\t}"), "codes secret: wrong argument count, at Caddyfile:7"},
+		"dkim key":              {site("\t\tcapture /tmp/x\n\t\tkey app {env.K}\n\t\tdkim {\n\t\t\tdomain example.com\n\t\t\tselector s1\n\t\t\tkey ZQfirst ZQsecond\n\t\t}"), "dkim key: wrong argument count, at Caddyfile:9"},
+		"dkim key as a heredoc": {site("\t\tcapture /tmp/x\n\t\tkey app {env.K}\n\t\tdkim {\n\t\t\tdomain example.com\n\t\t\tselector s1\n\t\t\tkey <<PEM\n-----BEGIN PRIVATE KEY-----\nZQsecondline0123456789\n-----END PRIVATE KEY-----\nPEM\n\t\t}"), "dkim: key holds the key's text"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(tc.src), nil)
@@ -378,10 +391,33 @@ func TestConfigErrorsHoldNoSecrets(t *testing.T) {
 	}
 	// JSON configs: the checks at provision name fields, not values
 	for name, mod := range map[string]func(*Handler){
-		"secret as key id": func(h *Handler) { h.Keys = []Key{{ID: "ZQ secret 0123456789", Secret: "0123456789abcdef0123"}} },
-		"bad sha256 key":   func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "sha256:ZQnothex"}} },
-		"short key":        func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "ZQshort"}} },
-		"bad whsec_":       func(h *Handler) { h.WebhookSecret = "whsec_ZQ%%%" },
+		"secret as key id":     func(h *Handler) { h.Keys = []Key{{ID: "ZQ secret 0123456789", Secret: "0123456789abcdef0123"}} },
+		"bad sha256 key":       func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "sha256:ZQnothex"}} },
+		"short key":            func(h *Handler) { h.Keys = []Key{{ID: "app", Secret: "ZQshort"}} },
+		"bad whsec_":           func(h *Handler) { h.WebhookSecret = "whsec_ZQ%%%" },
+		"unset webhook_secret": func(h *Handler) { h.WebhookSecret = "ZQ{env.AUTHMAIL_UNSET_FOR_TEST}" },
+		"short codes secret":   func(h *Handler) { h.Codes = &Codes{Secret: "ZQshort"} },
+		"unset codes secret":   func(h *Handler) { h.Codes = &Codes{Secret: "ZQ-0123456789-{env.AUTHMAIL_UNSET_FOR_TEST}"} },
+		"unset oauth2 client_secret": func(h *Handler) {
+			h.Capture = ""
+			h.SMTP = &SMTP{Host: "mail.example.com", Username: "u", Auth: "xoauth2", OAuth2: &OAuth2{TokenURL: "https://login.example.com/token",
+				ClientID: "c", ClientSecret: "ZQ{env.AUTHMAIL_UNSET_FOR_TEST}", RefreshToken: "ZQrefresh-0123456789"}}
+		},
+		"unset oauth2 refresh_token": func(h *Handler) {
+			h.Capture = ""
+			h.SMTP = &SMTP{Host: "mail.example.com", Username: "u", Auth: "xoauth2", OAuth2: &OAuth2{TokenURL: "https://login.example.com/token",
+				ClientID: "c", ClientSecret: "ZQclient-0123456789", RefreshToken: "ZQ{env.AUTHMAIL_UNSET_FOR_TEST}"}}
+		},
+		"literal access_token": func(h *Handler) {
+			h.Capture = ""
+			h.SMTP = &SMTP{Host: "mail.example.com", Username: "u", Auth: "xoauth2", AccessToken: "ZQaccess-token-0123456789"}
+		},
+		"inline dkim key": func(h *Handler) {
+			h.DKIM = &DKIM{Domain: "example.com", Selector: "s1", Key: "-----BEGIN PRIVATE KEY-----\nZQsecondline0123456789\n-----END PRIVATE KEY-----\n"}
+		},
+		"base64 dkim key": func(h *Handler) {
+			h.DKIM = &DKIM{Domain: "example.com", Selector: "s1", Key: "ZQMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"}
+		},
 		"unset password": func(h *Handler) {
 			h.Capture = ""
 			h.SMTP = &SMTP{Host: "mail.example.com", Username: "u", Password: "ZQ{env.AUTHMAIL_UNSET_FOR_TEST}"}

@@ -6,8 +6,8 @@ import (
 	"encoding/base64"
 	"net/url"
 	"strings"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/caddy-authmail/authmail/internal/outbox"
 )

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -98,6 +99,11 @@ func (d *DKIM) check() error {
 	if d.Key == "" {
 		return errors.New("dkim: key is required")
 	}
+	if keyText(d.Key) {
+		// a PEM pasted into a heredoc or the JSON config: refused before
+		// anything tries it as a path, and never quoted
+		return errors.New("dkim: key holds the key's text; give the path of its PEM file or a {file.*} or {env.*} placeholder (the value is not shown)")
+	}
 	if len(d.Headers) > 0 {
 		from := false
 		for _, h := range d.Headers {
@@ -119,12 +125,61 @@ func (d *DKIM) check() error {
 }
 
 // dkimKeySource names where a key comes from in errors: the file path
-// or the placeholder, never the key's text.
+// or the placeholder, never the key's text. A value that does not look
+// like a path (a base64 blob without PEM lines) may be the key itself,
+// pasted where its path belongs: it is not shown either.
 func (d *DKIM) keySource() string {
 	if hasPlaceholder(d.Key) {
 		return strings.Join(placeholderPattern.FindAllString(d.Key, -1), ", ")
 	}
+	if !plausiblePath(d.Key) {
+		return "(the value is not shown: it does not look like a file path)"
+	}
 	return d.Key
+}
+
+// keyText reports whether a dkim key value holds key material: PEM
+// armour, or a line break, which no path has.
+func keyText(v string) bool {
+	return strings.Contains(v, "-----") || strings.Contains(v, "PRIVATE KEY") || strings.ContainsAny(v, "\r\n")
+}
+
+// plausiblePath reports whether v may be a file path rather than a key
+// pasted in its place: no key text, no control character, at most
+// PATH_MAX bytes, no name longer than NAME_MAX, and not, as a whole, 40
+// or more characters of the base64 alphabet mixing upper case, lower
+// case and digits: that is a DER key in base64, while a key file's path
+// has a dot, a dash or an underscore somewhere, or lacks capitals or
+// digits.
+func plausiblePath(v string) bool {
+	if len(v) > 4096 || keyText(v) || strings.IndexFunc(v, unicode.IsControl) >= 0 {
+		return false
+	}
+	for _, name := range strings.FieldsFunc(v, func(r rune) bool { return r == '/' || r == '\\' }) {
+		if len(name) > 255 {
+			return false
+		}
+	}
+	return len(v) < 40 || !base64Like(v)
+}
+
+// base64Like reports whether s is made of the standard base64 alphabet
+// only and mixes upper case, lower case and digits.
+func base64Like(s string) bool {
+	var upper, lower, digit bool
+	for _, c := range s {
+		switch {
+		case c >= 'A' && c <= 'Z':
+			upper = true
+		case c >= 'a' && c <= 'z':
+			lower = true
+		case c >= '0' && c <= '9':
+			digit = true
+		case c != '+' && c != '/' && c != '=':
+			return false
+		}
+	}
+	return upper && lower && digit
 }
 
 // resolve reads and checks the key. Errors name the file or placeholder
@@ -150,7 +205,7 @@ func (d *DKIM) resolve(repl *caddy.Replacer, logger *zap.Logger, fromDomain stri
 			if errors.As(err, &pe) {
 				err = pe.Err
 			}
-			return nil, fmt.Errorf("dkim: reading key %s: %v", d.Key, err)
+			return nil, fmt.Errorf("dkim: reading key %s: %v", d.keySource(), err)
 		}
 		pemText = b
 	}

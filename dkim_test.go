@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/caddyserver/certmagic"
@@ -233,5 +234,76 @@ func TestDKIMRecordCommand(t *testing.T) {
 	}
 	if strings.Contains(out.String(), strings.Split(text, "\n")[1]) {
 		t.Fatal("printed the private key")
+	}
+}
+
+// TestDKIMInlineKeyIsNeverShown: a key pasted where its path belongs —
+// a PEM in a Caddyfile heredoc or in the JSON config the admin API's
+// /load takes, valid or not, and a DER key in base64 without its PEM
+// lines — fails `caddy adapt`, `caddy validate` and the provisioning
+// with an error that names the dkim key setting and holds no line and
+// no 12 characters of the key.
+func TestDKIMInlineKeyIsNeverShown(t *testing.T) {
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	_, ek, _ := ed25519.GenerateKey(rand.Reader)
+	small, _ := rsa.GenerateKey(rand.Reader, 1024)
+	edDER, _ := x509.MarshalPKCS8PrivateKey(ek)
+	valid := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: edDER}))
+	weak := string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(small)}))
+	keys := map[string]string{
+		"valid ed25519 PEM":        valid,
+		"1024-bit RSA PEM":         weak,
+		"truncated PEM":            weak[:len(weak)/2],
+		"base64 without PEM lines": b64(x509.MarshalPKCS1PrivateKey(small)),
+	}
+	shows := func(t *testing.T, where string, err error, key string) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", where)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "dkim") || !strings.Contains(msg, "key") {
+			t.Errorf("%s: the error does not name the dkim key: %s", where, msg)
+		}
+		for _, line := range strings.Split(key, "\n") {
+			if len(line) >= 8 && strings.Contains(msg, line) {
+				t.Fatalf("%s: the error shows the key's line %q: %s", where, line, msg)
+			}
+		}
+		body := strings.Join(strings.Fields(strings.NewReplacer("-----BEGIN", " ", "-----END", " ").Replace(key)), "")
+		for i := 0; i+12 <= len(body); i++ {
+			if strings.Contains(msg, body[i:i+12]) {
+				t.Fatalf("%s: the error shows %q of the key: %s", where, body[i:i+12], msg)
+			}
+		}
+	}
+	for name, key := range keys {
+		t.Run(name, func(t *testing.T) {
+			value := key
+			if strings.Contains(key, "\n") {
+				value = "<<PEM\n" + strings.TrimSuffix(key, "\n") + "\nPEM"
+			}
+			src := ":8080 {\n\tauthmail {\n\t\tfrom no-reply@example.com\n\t\tkey app 0123456789abcdef0123\n\t\tcapture " + t.TempDir() +
+				"\n\t\tdkim {\n\t\t\tdomain example.com\n\t\t\tselector s1\n\t\t\tkey " + value + "\n\t\t}\n\t}\n}\n"
+			adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
+			if err == nil {
+				// caddy validate: adapted, then provisioned
+				var cfg caddy.Config
+				if err := json.Unmarshal(adapted, &cfg); err != nil {
+					t.Fatal(err)
+				}
+				shows(t, "caddy validate", caddy.Validate(&cfg), key)
+			} else {
+				shows(t, "caddy adapt", err, key)
+			}
+			// a JSON config, as /load and caddy validate provision it
+			_, err = provisionErr(t, &DKIM{Domain: "example.com", Selector: "s1", Key: key})
+			shows(t, "provision", err, key)
+		})
+	}
+	// a path is still named
+	missing := filepath.Join(t.TempDir(), "dkim-2026.pem")
+	if _, err := provisionErr(t, &DKIM{Domain: "example.com", Selector: "s1", Key: missing}); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Fatalf("%v does not name %s", err, missing)
 	}
 }

@@ -36,5 +36,10 @@
 // and its pacer (internal/pace) with its current rate.
 //
 // Errors never hold a secret: not the password, not a token, not the
-// message. Reply texts are cut and stripped of control characters.
+// message. What a server or token endpoint wrote (a reply's text, a
+// token endpoint's error, an error's text) leaves a Sender cleaned of
+// the sender's secrets in every encoding (internal/redact), then cut and
+// stripped of control characters; an Error's Code is one of the Code
+// constants, and a token endpoint's own error code shows only when it
+// is a plain one.
 package mailer

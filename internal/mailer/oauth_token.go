@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/wneessen/go-mail/smtp"
 	"golang.org/x/oauth2"
+
+	"github.com/caddy-authmail/authmail/internal/redact"
 )
 
 // SASL mechanisms that authenticate with an OAuth2 access token.
@@ -63,12 +66,21 @@ type tokenSource struct {
 	mu      sync.Mutex
 	tok     *oauth2.Token // the current token; nil before the first refresh
 	refresh string        // the current refresh token (rotated by the server)
+	// last is the access token last read from access_token's file, for
+	// redaction only
+	last string
+	// known is what secretsLocked returned when a secret last changed,
+	// for secrets: a Sender redacts every result with them, and must not
+	// wait for a refresh in flight (token holds mu through it)
+	known atomic.Pointer[[]string]
 
 	refreshes atomic.Int64 // successful refreshes, for tests and /status
 }
 
 func newTokenSource(cfg *OAuthSettings, timeout time.Duration) *tokenSource {
-	return &tokenSource{cfg: cfg, timeout: timeout, refresh: cfg.RefreshToken}
+	ts := &tokenSource{cfg: cfg, timeout: timeout, refresh: cfg.RefreshToken}
+	ts.publish()
+	return ts
 }
 
 // canRenew reports whether a rejected token can be replaced by a new
@@ -80,15 +92,23 @@ func (ts *tokenSource) canRenew() bool { return ts.cfg.TokenURL != "" }
 // connection has already replaced it, it is refreshed even if it has
 // not expired (revoked, or the clock of the issuer is ahead).
 //
-// Errors never hold a token or secret: the token endpoint's error code
-// and description, or the transport error, only.
+// Errors never hold a token or secret: the token endpoint's status,
+// error code and description, or the transport error, only, redacted
+// (tokenError).
 func (ts *tokenSource) token(ctx context.Context, rejected string) (string, error) {
 	if !ts.canRenew() {
 		v, err := ts.cfg.Expand(ts.cfg.AccessToken)
 		if err != nil {
 			return "", err
 		}
-		return strings.TrimSpace(v), nil
+		v = strings.TrimSpace(v)
+		ts.mu.Lock()
+		if v != ts.last {
+			ts.last = v
+			ts.publish()
+		}
+		ts.mu.Unlock()
+		return v, nil
 	}
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
@@ -116,6 +136,7 @@ func (ts *tokenSource) token(ctx context.Context, rejected string) (string, erro
 	if nt.RefreshToken != "" {
 		ts.refresh = nt.RefreshToken
 	}
+	ts.publish()
 	ts.refreshes.Add(1)
 	return nt.AccessToken, nil
 }
@@ -149,34 +170,58 @@ func (a scopeAdder) RoundTrip(r *http.Request) (*http.Response, error) {
 	return http.DefaultTransport.RoundTrip(r)
 }
 
-// tokenError describes a failed refresh without the response body (it
-// may echo what was sent) or any secret.
+// tokenError describes a failed refresh without the response body or
+// any secret. Some token endpoints echo the request form in their
+// error_description (URL-encoded, and some base64 or JSON-escape it), or
+// put a secret in the error code, so every field of the answer is
+// provider text: the description and a transport error are redacted of
+// the client secret and the refresh and access tokens in all their
+// encodings (internal/redact), the code is shown only when it is a plain
+// OAuth2 code, and the status only as its number and Go's text for it
+// (the reason phrase is the server's). ts.mu is held.
 func (ts *tokenSource) tokenError(err error) error {
+	r := redact.New(ts.secretsLocked()...)
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
 		msg := "fetching an OAuth2 access token: the token endpoint answered"
 		if re.Response != nil {
-			msg += " " + re.Response.Status
+			msg += " " + strings.TrimSpace(strconv.Itoa(re.Response.StatusCode)+" "+http.StatusText(re.Response.StatusCode))
 		}
 		if re.ErrorCode != "" {
-			msg += ": " + sanitizeLine(re.ErrorCode, 60)
+			msg += ": " + r.Code(re.ErrorCode, "unrecognized_error")
 		}
 		if re.ErrorDescription != "" {
-			msg += " (" + sanitizeLine(ts.scrub(re.ErrorDescription), 200) + ")"
+			msg += " (" + r.Line(re.ErrorDescription, 200) + ")"
 		}
 		return errors.New(msg)
 	}
-	return errors.New("fetching an OAuth2 access token: " + sanitizeLine(ts.scrub(err.Error()), 300))
+	return errors.New("fetching an OAuth2 access token: " + r.Line(err.Error(), 300))
 }
 
-// scrub removes the secrets from a text that might quote them.
-func (ts *tokenSource) scrub(s string) string {
-	for _, v := range []string{ts.cfg.ClientSecret, ts.cfg.RefreshToken, ts.refresh} {
-		if len(v) >= 4 {
-			s = strings.ReplaceAll(s, v, "[redacted]")
-		}
+// secrets returns the secrets of the token source: the configured
+// client secret and refresh token, the rotated refresh token, the
+// current access token, the last one read from a file.
+func (ts *tokenSource) secrets() []string {
+	if p := ts.known.Load(); p != nil {
+		return *p
 	}
-	return s
+	return nil
+}
+
+// publish makes the current secrets those secrets returns; ts.mu is
+// held.
+func (ts *tokenSource) publish() {
+	v := ts.secretsLocked()
+	ts.known.Store(&v)
+}
+
+// secretsLocked is secrets with ts.mu held.
+func (ts *tokenSource) secretsLocked() []string {
+	out := []string{ts.cfg.ClientSecret, ts.cfg.RefreshToken, ts.refresh, ts.last}
+	if ts.tok != nil {
+		out = append(out, ts.tok.AccessToken, ts.tok.RefreshToken)
+	}
+	return out
 }
 
 // tokenAuth returns the SASL client for the mechanism and token.

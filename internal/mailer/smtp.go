@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/caddy-authmail/authmail/internal/pace"
 	"github.com/caddy-authmail/authmail/internal/ratelimit"
+	"github.com/caddy-authmail/authmail/internal/redact"
 )
 
 // TLS modes for the SMTP connection.
@@ -115,6 +117,12 @@ type Sender struct {
 
 	open  atomic.Int64 // currently open connections
 	dials atomic.Int64 // successful dials since creation
+
+	// redactSet holds the secrets of redactOf, which results and
+	// failures are cleaned of (redacted); remade when a token changes
+	redactMu  sync.Mutex
+	redactSet *redact.Set
+	redactOf  []string
 }
 
 func NewSender(cfg SMTPSettings) *Sender {
@@ -330,7 +338,50 @@ func (s *Sender) Send(ctx context.Context, env *Envelope) (Result, error) {
 	sentAt := time.Now()
 	d, err := s.sendNow(ctx, env)
 	s.paced(sentAt, err)
+	return s.redacted(d, err)
+}
+
+// redacted removes the sender's secrets (password, client secret,
+// refresh and access tokens), in every encoding, from the texts of a
+// result or failure that the server or the token endpoint wrote: a
+// server may echo the base64 of an AUTH exchange, a token endpoint the
+// request form. Send is the one way out of a Sender, and what leaves it
+// becomes last_error and smtp_response (readable by any app key through
+// GET /messages), log fields, the test send's answer and, for the code,
+// webhooks; so this is where provider text is cleaned, once, before the
+// cut to its length.
+func (s *Sender) redacted(d Result, err error) (Result, error) {
+	de, _ := err.(*Error)
+	if d.raw == "" && de == nil {
+		return d, err
+	}
+	extra := ""
+	if de != nil {
+		extra = de.rejectedToken
+	}
+	r := s.redaction(extra)
+	if d.raw != "" {
+		d.Response, d.raw = r.Line(d.raw, 200), ""
+	}
+	if de != nil {
+		de.redact(r)
+	}
 	return d, err
+}
+
+// redaction returns the set of the sender's current secrets, and extra;
+// the set is kept until a token changes.
+func (s *Sender) redaction(extra string) *redact.Set {
+	secrets := []string{s.cfg.Password, extra}
+	if s.tokens != nil {
+		secrets = append(secrets, s.tokens.secrets()...)
+	}
+	s.redactMu.Lock()
+	defer s.redactMu.Unlock()
+	if s.redactSet == nil || !slices.Equal(secrets, s.redactOf) {
+		s.redactSet, s.redactOf = redact.New(secrets...), secrets
+	}
+	return s.redactSet
 }
 
 // paced tells the pacer how a send went: a success raises the current
@@ -649,7 +700,7 @@ func (c *smtpConn) transact(timeout time.Duration, env *Envelope) (d Result, der
 	if err != nil {
 		return fail(PhaseEnd, err)
 	}
-	return Result{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200)}, nil, true
+	return Result{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200), raw: msg}, nil, true
 }
 
 // endsSession reports whether a command's error leaves the session

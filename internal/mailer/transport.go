@@ -15,6 +15,8 @@ import (
 
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-authmail/authmail/internal/redact"
 )
 
 // Envelope is one fully rendered message, ready to hand to a transport.
@@ -60,6 +62,8 @@ type Result struct {
 	// Response is the server's reply to the end of DATA, e.g.
 	// "2.0.0 Ok: queued as 4Xyz". Empty for capture.
 	Response string
+	// raw is the whole reply, before the cut, for Sender.redacted
+	raw string
 }
 
 // Error codes for delivery outcomes, as returned in the API's error_code.
@@ -113,6 +117,10 @@ type Reply struct {
 	Code     int
 	Enhanced string
 	Text     string
+	// raw is the whole text, before the cut: Sender.redacted removes the
+	// sender's secrets from it before cutting, so that a cut never
+	// leaves half of one
+	raw string
 }
 
 func (r *Reply) String() string {
@@ -142,7 +150,9 @@ type Error struct {
 	// when Phase is rcpt.
 	Refused, Recipients int
 	// Err is the underlying error, if any. It never holds a secret:
-	// authentication data is never part of an error.
+	// authentication data is never part of an error, and a Sender's
+	// errors leave it with their text (and the reply's) cleaned of the
+	// sender's secrets, which a server may echo (Sender.redacted).
 	Err error
 	// rejectedToken is the OAuth2 access token the server refused (auth
 	// failures only); never shown
@@ -216,6 +226,47 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
+// codes is the fixed vocabulary of Error.Code.
+var codes = map[string]bool{
+	CodeSMTPConnection: true, CodeSMTPTimeout: true, CodeSMTPAuthFailed: true, CodeStartTLSUnsupported: true,
+	CodeRecipientRefused: true, CodeSMTPRejected: true, CodeSMTPTransient: true, CodeSMTPThrottled: true,
+	CodeUncertain: true, CodeCaptureFailed: true, CodeOutboxUnavailable: true, CodeExpired: true,
+}
+
+// redact removes r's secrets from every text of e that a server, the
+// token endpoint or the network wrote: the reply's text (whole, then
+// cut) and the underlying error's. The code is one of the fixed
+// vocabulary: it becomes last_error_code and a metric label as it is.
+func (e *Error) redact(r *redact.Set) {
+	if !codes[e.Code] {
+		e.Code = CodeSMTPConnection
+	}
+	if e.Reply != nil {
+		text := e.Reply.raw
+		if text == "" {
+			text = e.Reply.Text
+		}
+		e.Reply.Text, e.Reply.raw = r.Line(text, 200), ""
+		if !isEnhancedCode(e.Reply.Enhanced) {
+			e.Reply.Enhanced = ""
+		}
+	}
+	if e.Err != nil {
+		e.Err = &redactedError{msg: r.Line(e.Err.Error(), 300), err: e.Err}
+	}
+}
+
+// redactedError is an error whose text is cleaned of secrets. The
+// original stays reachable for errors.Is and errors.As (isTLSError, a
+// timeout), not for display: nothing prints an unwrapped cause.
+type redactedError struct {
+	msg string
+	err error
+}
+
+func (e *redactedError) Error() string { return e.msg }
+func (e *redactedError) Unwrap() error { return e.err }
+
 // Uncertain reports whether the server may have accepted the message.
 // Such a message must never be resent automatically.
 func (e *Error) Uncertain() bool { return e.Code == CodeUncertain }
@@ -288,7 +339,7 @@ func replyFrom(err error) *Reply {
 		r.Enhanced = text
 		text = ""
 	}
-	r.Text = sanitizeLine(text, 200)
+	r.Text, r.raw = sanitizeLine(text, 200), text
 	return r
 }
 

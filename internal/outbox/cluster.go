@@ -116,7 +116,7 @@ func (e *Engine) forgetLocked(b *batch) {
 			e.hooks.Remove(en)
 		}
 		if !IsFinal(en.st.Status) {
-			e.nonFinal--
+			e.unfinishedLocked(&en.st, -1)
 		}
 		delete(e.entries, en.st.ID)
 	}
@@ -419,7 +419,7 @@ func (e *Engine) registerLocked(b *batch, changed bool) int {
 		switch {
 		case en.st.Status == Queued:
 			e.ready.push(en)
-			e.nonFinal++
+			e.unfinishedLocked(&en.st, 1)
 			b.open++
 			queued++
 		case en.st.Webhook.Status == HookPending:

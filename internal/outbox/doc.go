@@ -64,6 +64,14 @@
 // instance id whose heartbeat another live process writes takes an
 // identity of its own (identity.go).
 //
+// Fair between keys. Workers take the due messages of the highest lane
+// first (codes and links, then /send, then bulk, each lower lane with
+// its bulk_share), and inside a lane the keys by turns, so that one
+// key's backlog delays another key's message by a message or two
+// besides the attempts in progress (lanes.go). max_queued keeps room
+// for codes and links, and max_queued_per_key bounds one key's part of
+// the queue (quota.go).
+//
 // The storage layout, every key under authmail/, is listed in
 // store.go; an outbox folder written by an earlier version must
 // stay readable (the handler's testdata/golden-storage and its test).

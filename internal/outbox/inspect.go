@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"maps"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -53,6 +54,9 @@ type Inventory struct {
 	// NonFinal counts the messages not in a final state; Reserved those
 	// being written by Accept.
 	NonFinal, Reserved int
+	// Unfinished counts both by tenant (a key's tenant, or "key <id>"
+	// for records from before tenants), for max_queued_per_key.
+	Unfinished map[string]int
 }
 
 // Inventory returns a snapshot of what the engine holds in memory.
@@ -60,7 +64,8 @@ func (e *Engine) Inventory() Inventory {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	inv := Inventory{Resident: make(map[string]bool, len(e.entries)), Batches: make(map[string]bool, len(e.batches)),
-		Parked: make(map[string]bool, len(e.parked)), NonFinal: e.nonFinal, Reserved: e.reserved}
+		Parked: make(map[string]bool, len(e.parked)), NonFinal: e.nonFinal, Reserved: e.reserved,
+		Unfinished: maps.Clone(e.unfinished)}
 	for id, en := range e.entries {
 		inv.Resident[id] = en.claimed
 	}

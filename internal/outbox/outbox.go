@@ -40,6 +40,14 @@ type Config struct {
 	WebhookSecret  string
 	WebhookAllow   []string
 	LogRecipients  bool
+
+	// AuthReserve is the part of MaxQueued that only the auth lane may
+	// use (quota.go); 0: a tenth of MaxQueued.
+	AuthReserve int
+	// MaxQueuedPerKey bounds the unfinished messages of one key; 0: no
+	// bound.
+	MaxQueuedPerKey int
+
 	// WebhookBody, when set, builds the JSON body of a final message's
 	// webhook in place of the engine's own (authmail-relay's payload in
 	// compat mode); nil means the engine's.
@@ -94,6 +102,7 @@ type Engine struct {
 	parkHeap    heapq.Heap[*parkedBatch, byWake] // parked batches by wake time
 	nonFinal    int                              // messages not in a final state
 	reserved    int                              // messages being written
+	unfinished  map[string]int                   // nonFinal and reserved by tenantKey (quota.go)
 	regs        []*Registration                  // provisioned handlers, oldest first
 	dirty       map[*batch][]func(error)
 	urgent      map[*batch]struct{} // dirty batches with a waiter
@@ -152,7 +161,7 @@ type Entry struct {
 	from    string   // envelope, kept with a cached body
 	to      []string // envelope
 	data    []byte   // cached body; nil means load from storage
-	heapIdx int      // index in its lane of engine.ready, -1 when not queued
+	heapIdx int      // index in its tenant's queue of engine.ready, -1 when not queued
 	lane    lane     // the lane it is queued in (lanes.go)
 	hookIdx int      // index in engine.hooks, -1 when none pending
 	claimed bool
@@ -166,6 +175,13 @@ type Entry struct {
 	// message reached a final state some other way).
 	first     chan struct{}
 	firstDone bool
+
+	// tq is its tenant's queue in its lane while it is queued there, and
+	// while counted: handed out by the ready queue and counted in flight
+	// for its tenant's turns until ready.settle (lanes.go)
+	tq      *tenantQueue
+	counted bool
+	turn    uint64 // the lane's turn it was handed out at
 }
 
 type batch struct {
@@ -220,6 +236,7 @@ func New(key string, s certmagic.Storage, iid string, obs Observer) *Engine {
 		stopCh:   make(chan struct{}),
 		doneCh:   make(chan struct{}),
 	}
+	e.unfinished = map[string]int{}
 	e.segCache.max = 8
 	e.dots.marks, e.dots.accepted, e.dots.refused = map[string]int{}, map[string]int{}, map[string]int{}
 	e.tun = currentTunables()
@@ -527,11 +544,11 @@ func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]
 		e.mu.Unlock()
 		return nil, ErrShuttingDown
 	}
-	if cfg.MaxQueued > 0 && e.nonFinal+e.reserved+len(msgs) > cfg.MaxQueued {
+	if err := e.admitLocked(cfg, msgs); err != nil {
 		e.mu.Unlock()
-		return nil, ErrQueueFull
+		return nil, err
 	}
-	e.reserved += len(msgs)
+	e.reserveLocked(msgs, 1)
 	e.mu.Unlock()
 	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1)}
 	// a shutdown can begin between the closing check and here; once the
@@ -607,7 +624,7 @@ func (e *Engine) appender() {
 func (e *Engine) failAccept(reqs []*acceptReq, err error) {
 	e.mu.Lock()
 	for _, r := range reqs {
-		e.reserved -= len(r.msgs)
+		e.reserveLocked(r.msgs, -1)
 	}
 	e.mu.Unlock()
 	for _, r := range reqs {
@@ -695,6 +712,7 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 		e.ready.push(en)
 	}
 	b.open = len(b.entries)
+	// from being written to unfinished: the tenants' counts stay
 	e.nonFinal += len(b.entries)
 	for _, r := range reqs {
 		e.reserved -= len(r.msgs)
@@ -811,8 +829,9 @@ func (e *Engine) holdClaims(group []*Entry) error {
 
 // beginAttempt marks a claimed message's attempt as started, unless the
 // engine stops (or lost its work to another instance), a stop already
-// gave the claim back, or a message of a higher lane is due: a worker
-// that claimed bulk mail ahead gives it back for a code that arrived
+// gave the claim back, or a message of a higher lane is due, or another
+// key's turn came (readyQueue.yields): a worker that claimed bulk mail,
+// or one key's codes, ahead gives them back for a code that arrived
 // meanwhile, so the code waits for at most the attempt in progress.
 func (e *Engine) beginAttempt(en *Entry, first bool) bool {
 	e.mu.Lock()
@@ -820,7 +839,7 @@ func (e *Engine) beginAttempt(en *Entry, first bool) bool {
 	if e.closing || e.adopted || !en.claimed {
 		return false
 	}
-	if !first && e.ready.waitingAbove(en.lane, time.Now()) {
+	if !first && e.ready.yields(en, time.Now()) {
 		return false
 	}
 	en.attempting = true
@@ -1017,6 +1036,7 @@ func (e *Engine) unclaimLocked(en *Entry, retry time.Time) {
 	en.claimed, en.attempting = false, false
 	en.st.NextAt = retry
 	e.ready.push(en)
+	e.ready.settle(en)
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
@@ -1125,7 +1145,7 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 	}
 	if final {
 		en.st.NextAt = time.Time{}
-		e.nonFinal--
+		e.unfinishedLocked(&en.st, -1)
 		if en.st.Webhook.URL != "" {
 			en.st.Webhook.Status = HookPending
 			en.st.Webhook.NextAt = now
@@ -1133,6 +1153,7 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 	} else {
 		e.ready.push(en)
 	}
+	e.ready.settle(en) // after the push: the tenant keeps its turn
 	st := en.st
 	e.markDirtyLocked(en.b, func(err error) {
 		// the outcome is durable (or could not be made so): tell the

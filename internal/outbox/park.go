@@ -45,6 +45,10 @@ type parkedBatch struct {
 	loading    bool      // being read back from storage
 	erasing    bool      // its final messages' bodies are being erased
 	heapIdx    int       // index in engine.parkHeap, -1 when not in it
+
+	// tenants counts the queued messages by tenantKey (they stay in
+	// unfinished, for max_queued_per_key)
+	tenants map[string]int
 }
 
 // parkableLocked reports whether b can leave memory: nothing in flight,
@@ -66,6 +70,10 @@ func (e *Engine) parkableLocked(b *batch, horizon time.Time) (*parkedBatch, bool
 			}
 			due = en.st.NextAt
 			pb.queued++
+			if pb.tenants == nil {
+				pb.tenants = map[string]int{}
+			}
+			pb.tenants[tenantKey(en.st.Tenant, en.st.KeyID)]++
 			if pb.oldest.IsZero() || en.st.Created.Before(pb.oldest) {
 				pb.oldest = en.st.Created
 			}
@@ -119,7 +127,7 @@ func (e *Engine) forgetParkedLocked(pb *parkedBatch) {
 		e.parkHeap.Remove(pb)
 	}
 	delete(e.parked, pb.id)
-	e.nonFinal -= pb.queued
+	e.parkedCountLocked(pb)
 }
 
 // parkLoop parks idle batches and loads parked ones back before they are
@@ -286,7 +294,7 @@ func (e *Engine) unpark(pb *parkedBatch) bool {
 		return false
 	}
 	delete(e.parked, pb.id)
-	e.nonFinal -= pb.queued
+	e.parkedCountLocked(pb) // registerLocked counts them again
 	cfg := e.Config()
 	b, interrupted, changed := rebuildBatch(pb.id, bs, recoveryRule{retryUncertain: cfg != nil && cfg.RetryUncertain}, time.Now())
 	if len(interrupted) > 0 {

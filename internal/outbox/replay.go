@@ -146,7 +146,7 @@ func (e *Engine) requeueLocked(en *Entry, may func(State) bool) (State, bool, er
 	now := time.Now()
 	en.st.Status, en.st.NextAt, en.st.Updated = Queued, now, now
 	e.ready.push(en)
-	e.nonFinal++
+	e.unfinishedLocked(&en.st, 1)
 	en.b.open++
 	e.markDirtyLocked(en.b, nil, true)
 	return en.st, true, nil

@@ -340,11 +340,7 @@ type hookSlot struct{ host, tenant string }
 // hookSlotOf names the host and tenant of a pending webhook; a message
 // from before tenants counts against its key id.
 func hookSlotOf(en *Entry) hookSlot {
-	tenant := en.st.Tenant
-	if tenant == "" {
-		tenant = "key " + en.st.KeyID
-	}
-	return hookSlot{host: hookHost(en.st.Webhook.URL), tenant: tenant}
+	return hookSlot{host: hookHost(en.st.Webhook.URL), tenant: tenantKey(en.st.Tenant, en.st.KeyID)}
 }
 
 // webhookWorker dispatches due webhooks, each posted by a goroutine of its
@@ -505,6 +501,13 @@ func (e *Engine) deliverHook(client *http.Client, cfg *Config, en *Entry) {
 	if secret == "" {
 		secret = cfg.WebhookSecret
 	}
+	// The body is built from the state alone, and carries no provider
+	// text: error_code is one of mailer's fixed codes, and last_error and
+	// smtp_response, which quote the server or the token endpoint, are
+	// not in it. They are cleaned of secrets where they enter anyway, as
+	// a mailer.Sender hands a result or failure back (its redacted
+	// method, with internal/redact), so a payload that adds them stays
+	// clean.
 	var p any
 	if cfg.WebhookBody != nil {
 		p = cfg.WebhookBody(st)
