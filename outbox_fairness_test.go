@@ -32,13 +32,19 @@ const asB = "Authorization: Bearer " + unitKeyB
 // One key's flood does not hold back another key's code at a paced
 // server. Key a queues 2,000 codes and 2,000 bulk messages; the server
 // takes 50 a second, so a's backlog would take 80 s to leave. Key b
-// then sends one code: it reaches the server after at most the two
-// attempts in progress when it was accepted (one per worker) and the
-// one another worker began while b's was on its way, counted in the
-// server's own order. One connection, so that the server's order is the
-// order in which the outbox began the attempts: over several, messages
-// that wait for the pacer's next slot race for it, fair only on
-// average.
+// then sends one code: it reaches the server after at most
+//   - the attempts in progress or begun when it was accepted, one per
+//     worker (two, with one connection; a worker's first claim of a group
+//     is not given back),
+//   - one of a's codes whose turn came as b's was being queued (a worker
+//     that claimed just before b's code was in the queue),
+//   - one of a's bulk messages: the bulk lane's bulk_share of the claims,
+//
+// so five, counted in the server's own order, however many a queued
+// (without turns it was all of them). One connection, so that the
+// server's order is the order in which the outbox began the attempts:
+// over several, messages that wait for the pacer's next slot race for
+// it, fair only on average.
 func TestOneKeysCodesDoNotStarveAnothersAtAPacedServer(t *testing.T) {
 	const flood = 2000
 	srv := authServer(t, smtptest.StartTLS)
@@ -94,8 +100,8 @@ func TestOneKeysCodesDoNotStarveAnothersAtAPacedServer(t *testing.T) {
 	if backlog := 2*flood - before; backlog < flood {
 		t.Fatalf("only %d of a's messages were queued when b's code came: the test built no backlog", backlog)
 	}
-	if ahead > 3 {
-		t.Fatalf("%d of a's messages reached the server between b's acceptance and b's code, want at most 3", ahead)
+	if ahead > 5 {
+		t.Fatalf("%d of a's messages reached the server between b's acceptance and b's code, want at most 5", ahead)
 	}
 }
 
