@@ -608,10 +608,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	var err error
-	if h.tmpl, err = loadTemplates(h.Templates); err != nil {
-		return err
-	}
-	if err := h.provisionLocale(); err != nil {
+	if err := h.provisionMessages(repl); err != nil {
 		return err
 	}
 
@@ -660,9 +657,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if h.codes, err = h.Codes.resolve(repl, h.logger); err != nil {
-		return err
-	}
-	if h.dkim, err = h.DKIM.resolve(repl, h.logger, h.from.domain()); err != nil {
 		return err
 	}
 	storage := h.storageOverride
@@ -1312,6 +1306,22 @@ var (
 	_ caddy.Destructor            = (*mailer.Sender)(nil)
 	_ caddy.Destructor            = (*shared)(nil)
 )
+
+// provisionMessages loads what builds a message besides its addresses:
+// the templates, the default locale and the DKIM key. Provision and
+// `caddy authmail test` share it, so that the command's message is built
+// and signed as the running handler builds and signs every message.
+func (h *Handler) provisionMessages(repl *caddy.Replacer) error {
+	var err error
+	if h.tmpl, err = loadTemplates(h.Templates); err != nil {
+		return err
+	}
+	if err := h.provisionLocale(); err != nil {
+		return err
+	}
+	h.dkim, err = h.DKIM.resolve(repl, h.logger, h.from.domain())
+	return err
+}
 
 // provisionAddresses resolves the sender, the reply-to address, the app
 // name and the base URL, which checkConfig has validated: Provision and

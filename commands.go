@@ -35,13 +35,23 @@ Commands of the authmail handler (http.handlers.authmail):
 
   caddy authmail test --config <file> [--adapter <name>] --to <address>
       Sends a test message with the SMTP settings (or capture directory)
-      of the config's authmail handler, without starting a server or
-      touching the outbox, and prints what the SMTP server answered.
-      Exits 0 when the message was accepted, 1 with the error code.
+      of the config's authmail handler, built and DKIM-signed as the API
+      builds and signs its mail, without starting a server or touching
+      the outbox, and prints what the SMTP server answered. Exits 0 when
+      the message was accepted, 1 with the error code.
 
   caddy authmail hash-key
       Reads an API key secret on stdin and prints its sha256: form, to
       write in the config instead of the secret.
+
+Two more commands of the module have names of their own (Caddy cannot
+add a subcommand to a command registered elsewhere):
+
+  caddy authmail-preview --config <file> --flow <flow> [--locale <locale>] [--out <dir>]
+      Writes a flow rendered with sample data as .eml, .html and .txt.
+
+  caddy authmail-dkim-record --config <file> [--adapter <name>]
+      Prints the DNS TXT record to publish for the configured DKIM key.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			test := &cobra.Command{
@@ -51,6 +61,9 @@ Commands of the authmail handler (http.handlers.authmail):
 Loads the config, finds its authmail handler and sends a short test
 message to --to with that handler's SMTP settings (or writes it into its
 capture directory), without starting a server or touching the outbox.
+The message is the one POST /test sends, with the headers every message
+of the handler has and, with dkim configured, its DKIM signature; the
+output says whether it was signed, and with which selector.
 {env.*} and {file.*} placeholders are read from this command's
 environment, as the running Caddy would read them from its own.
 
@@ -236,6 +249,7 @@ func cmdAuthmailTest(fl caddycmd.Flags) (int, error) {
 	}
 	fmt.Printf("handler:       %s\n", f)
 	fmt.Printf("transport:     %s\n", res.transport)
+	fmt.Printf("dkim:          %s\n", res.dkim)
 	fmt.Printf("message_id:    %s\n", res.MessageID)
 	fmt.Printf("status:        %s\n", res.Status)
 	if res.SMTPResponse != "" {
@@ -254,20 +268,33 @@ func cmdAuthmailTest(fl caddycmd.Flags) (int, error) {
 type cliTestResult struct {
 	testResponse
 	transport string
+	dkim      string // whether and how the message was signed
 }
 
 // sendTestMessage sends the /test message to one address with the
-// handler's configuration, as checked by Provision, but without
-// provisioning: no server, no storage, no outbox, no engine. The SMTP
-// sender is its own (not the pooled one a running Caddy uses) and closed
-// afterwards. An error is a configuration or address problem; a delivery
-// failure is in the result.
+// handler's configuration, as checked by Provision, but without a
+// server, storage, outbox or engine. The message is POST /test's, built
+// by the same code from the same provisioned settings (addresses,
+// templates and locale, the DKIM key), so it carries what every message
+// of the running handler carries, its DKIM signature included: a check
+// that left the signature out would pass a key the receivers reject. The
+// SMTP senders are its own (not the pooled ones a running Caddy uses)
+// and closed afterwards. An error is a configuration or address
+// problem; a delivery failure is in the result.
 func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResult, error) {
 	if err := h.checkConfig(); err != nil {
 		return cliTestResult{}, err
 	}
 	h.logger = zap.NewNop()
 	h.provisionAddresses()
+	repl := caddy.NewReplacer()
+	if err := h.provisionMessages(repl); err != nil {
+		return cliTestResult{}, err
+	}
+	res := cliTestResult{dkim: "not signed: dkim is not configured"}
+	if k := h.dkim; k != nil {
+		res.dkim = fmt.Sprintf("signed with selector %s for %s (%s; receivers look up %s)", k.selector, k.domain, k.algorithm(), k.recordName())
+	}
 	to, p := parseAddress(addr)
 	if p != "" {
 		return cliTestResult{}, fmt.Errorf("--to '%s' %s", addr, p)
@@ -275,16 +302,34 @@ func (h *Handler) sendTestMessage(ctx context.Context, addr string) (cliTestResu
 	if aerr := h.checkRecipients("to", []mailAddr{to}); aerr != nil {
 		return cliTestResult{}, fmt.Errorf("--to: %s", aerr.Message)
 	}
-	var res cliTestResult
-	if h.Capture != "" {
+	switch {
+	case h.Capture != "":
 		dir := h.Capture
 		if abs, err := filepath.Abs(dir); err == nil {
 			dir = abs
 		}
 		h.transport = &mailer.Capture{Dir: h.Capture}
 		res.transport = "capture " + dir
-	} else {
-		settings, err := h.SMTP.resolve(caddy.NewReplacer(), h.logger)
+	case len(h.SMTPServers) > 0:
+		// a failover list, tried in order as the running handler tries it
+		var senders []*mailer.Sender
+		var names []string
+		for i := range h.SMTPServers {
+			settings, err := h.SMTPServers[i].resolve(repl, h.logger)
+			if err != nil {
+				return cliTestResult{}, fmt.Errorf("smtp_servers[%d]: %w", i, err)
+			}
+			s := mailer.NewSender(settings)
+			defer s.Destruct()
+			senders = append(senders, s)
+			names = append(names, fmt.Sprintf("%s:%d (%s)", settings.Host, settings.Port, settings.TLSMode))
+		}
+		f := mailer.NewFailover(senders)
+		defer f.Destruct()
+		h.transport = f
+		res.transport = "smtp failover " + strings.Join(names, ", ")
+	default:
+		settings, err := h.SMTP.resolve(repl, h.logger)
 		if err != nil {
 			return cliTestResult{}, err
 		}

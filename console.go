@@ -73,6 +73,11 @@ const (
 	maxListLimit     = 200
 )
 
+// statesList names the states a status filter takes, "queued, … or
+// expired", from the engine's own list, so that a state added there is
+// never missing from the error.
+var statesList = strings.Join(outbox.AllStates[:len(outbox.AllStates)-1], ", ") + " or " + outbox.AllStates[len(outbox.AllStates)-1]
+
 func parseListQuery(key *apiKey, q url.Values) (outbox.ListQuery, *apiError) {
 	lq := outbox.ListQuery{Limit: defaultListLimit}
 	for k := range q {
@@ -85,7 +90,7 @@ func parseListQuery(key *apiKey, q url.Values) (outbox.ListQuery, *apiError) {
 	}
 	if v := q.Get("status"); v != "" {
 		if !slices.Contains(outbox.AllStates, v) {
-			return lq, invalid("status", "must be queued, sending, sent, failed or unknown")
+			return lq, invalid("status", "must be %s", statesList)
 		}
 		lq.Status = v
 	}

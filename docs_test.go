@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
@@ -21,6 +22,7 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
+	"github.com/caddy-authmail/authmail/internal/outbox"
 )
 
 // The documentation is README.md (what authmail is, the quick start, a
@@ -483,4 +485,295 @@ func docSection(t *testing.T, name, start, end string) string {
 	}
 	section, _, _ = strings.Cut(section, end)
 	return section
+}
+
+// jsonSamples returns the JSON objects a Markdown page writes in code:
+// each code span and each line of a fenced block (lines joined while an
+// object is open) is scanned for balanced {…}; what parses is a sample.
+// A sample abridged with a bare … does not parse and is left out.
+func jsonSamples(page string) []map[string]any {
+	var texts []string
+	inFence := false
+	var block strings.Builder
+	for line := range strings.SplitSeq(page, "\n") {
+		if strings.HasPrefix(line, "```") {
+			if inFence {
+				texts = append(texts, block.String())
+				block.Reset()
+			}
+			inFence = !inFence
+			continue
+		}
+		if inFence {
+			block.WriteString(line + "\n")
+			continue
+		}
+		for i, span := range strings.Split(line, "`") {
+			if i%2 == 1 {
+				texts = append(texts, span)
+			}
+		}
+	}
+	var out []map[string]any
+	for _, text := range texts {
+		for _, obj := range jsonObjects(text) {
+			var m map[string]any
+			if json.Unmarshal([]byte(obj), &m) == nil {
+				out = append(out, m)
+			}
+		}
+	}
+	return out
+}
+
+// jsonObjects returns the outermost balanced {…} of text, braces inside
+// JSON strings ignored.
+func jsonObjects(text string) []string {
+	var out []string
+	depth, start, inStr, esc := 0, 0, false, false
+	for i := 0; i < len(text); i++ {
+		c := text[i]
+		switch {
+		case inStr && esc:
+			esc = false
+		case inStr && c == '\\':
+			esc = true
+		case inStr && c == '"':
+			inStr = false
+		case inStr:
+		case c == '"' && depth > 0:
+			inStr = true
+		case c == '{':
+			if depth == 0 {
+				start = i
+			}
+			depth++
+		case c == '}' && depth > 0:
+			depth--
+			if depth == 0 {
+				out = append(out, text[start:i+1])
+			}
+		}
+	}
+	return out
+}
+
+// schemaFits reports whether a sample object has only fields of the
+// schema, nested objects and lists of objects included, and a status
+// among the schema's states where the schema lists them.
+func schemaFits(schemas oaJ, sample map[string]any, s oaJ) bool {
+	s = resolveSchema(schemas, s)
+	props, _ := s["properties"].(oaJ)
+	if props == nil {
+		return false
+	}
+	for k, v := range sample {
+		p, ok := props[k].(oaJ)
+		if !ok {
+			return false
+		}
+		p = resolveSchema(schemas, p)
+		if enum, ok := p["enum"].([]string); ok && k == "status" && !slices.Contains(enum, v.(string)) {
+			return false
+		}
+		switch x := v.(type) {
+		case map[string]any:
+			if p["properties"] != nil && !schemaFits(schemas, x, p) {
+				return false
+			}
+		case []any:
+			items, _ := p["items"].(oaJ)
+			for _, e := range x {
+				if o, ok := e.(map[string]any); ok && items != nil && !schemaFits(schemas, o, items) {
+					return false
+				}
+			}
+		}
+	}
+	return true
+}
+
+func resolveSchema(schemas oaJ, s oaJ) oaJ {
+	if ref, ok := s["$ref"].(string); ok {
+		r, _ := schemas[strings.TrimPrefix(ref, "#/components/schemas/")].(oaJ)
+		return r
+	}
+	return s
+}
+
+// TestDocsSampleFieldsExist: every JSON object the README, docs/api.md
+// and docs/issued-codes.md show — requests and answers — fits one schema
+// of the OpenAPI document, whose fields come from the structs the
+// handler decodes and encodes: no field the API does not have, and a
+// status the answer can carry.
+func TestDocsSampleFieldsExist(t *testing.T) {
+	doc, err := openAPIDocument(defaultPathPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	schemas := doc["components"].(oaJ)["schemas"].(oaJ)
+	n := 0
+	for _, page := range []string{"README.md", "docs/api.md", "docs/issued-codes.md"} {
+		for _, sample := range jsonSamples(docPage(t, page)) {
+			n++
+			fits := false
+			for _, name := range slices.Sorted(maps.Keys(schemas)) {
+				if schemaFits(schemas, sample, schemas[name].(oaJ)) {
+					fits = true
+					break
+				}
+			}
+			if !fits {
+				t.Errorf("%s: %s fits no request or answer of the OpenAPI document", page, marshalJSON(sample))
+			}
+		}
+	}
+	if n < 30 {
+		t.Fatalf("found only %d JSON samples", n)
+	}
+}
+
+// curlSendRE finds a documented send: the endpoint and the -d body of a
+// curl command line (continuation lines joined).
+var curlSendRE = regexp.MustCompile(`^curl .*?(/send(?:/[a-z-]+)?)\b.*?-d '([^']*)'|^curl .*?-d '([^']*)'.*?(/send(?:/[a-z-]+)?)\b`)
+
+// TestDocsSampleAnswersAreReal: each answer shown as `# {…}` right under
+// a curl command of a send, in the README and docs/issued-codes.md, has
+// exactly the fields the handler answers to that request (a templated
+// flow's answer carries its locale, an issued code's its challenge), the
+// same sent, status and locale, and an id of the form ids have now (they
+// start with the time, so an id of another era shows a sample written by
+// hand).
+func TestDocsSampleAnswersAreReal(t *testing.T) {
+	h := provisionedHandler(t, withCodes(t), withoutLimits)
+	n := 0
+	for _, page := range []string{"README.md", "docs/issued-codes.md"} {
+		var lines []string
+		inFence, cont := false, ""
+		for line := range strings.SplitSeq(docPage(t, page), "\n") {
+			if strings.HasPrefix(line, "```") {
+				inFence = !inFence
+				continue
+			}
+			if !inFence {
+				continue
+			}
+			if s, ok := strings.CutSuffix(line, `\`); ok {
+				cont += s
+				continue
+			}
+			lines = append(lines, cont+line)
+			cont = ""
+		}
+		for i := 0; i+1 < len(lines); i++ {
+			m := curlSendRE.FindStringSubmatch(strings.Join(strings.Fields(lines[i]), " "))
+			answer, ok := strings.CutPrefix(lines[i+1], "# ")
+			if m == nil || !ok || !strings.HasPrefix(answer, "{") {
+				continue
+			}
+			path, body := m[1]+m[4], m[2]+m[3]
+			objs := jsonObjects(answer)
+			var doc map[string]any
+			if len(objs) == 0 || json.Unmarshal([]byte(objs[0]), &doc) != nil {
+				t.Errorf("%s: the answer to %s is not JSON: %s", page, path, answer)
+				continue
+			}
+			n++
+			rec, real := call(t, h, "POST", defaultPathPrefix+path, body)
+			if rec.Code/100 != 2 {
+				t.Errorf("%s: the documented request to %s fails: %d %s", page, path, rec.Code, rec.Body)
+				continue
+			}
+			if got, want := slices.Sorted(maps.Keys(doc)), slices.Sorted(maps.Keys(real)); !slices.Equal(got, want) {
+				t.Errorf("%s: the answer to %s shows the fields %v; the handler answers %v (%s)", page, path, got, want, rec.Body)
+			}
+			if doc["sent"] != real["sent"] || doc["locale"] != real["locale"] {
+				t.Errorf("%s: the answer to %s shows sent %v, locale %v; the handler answers %v, %v", page, path, doc["sent"], doc["locale"], real["sent"], real["locale"])
+			}
+			// the example runs in capture mode; a page about production
+			// shows what an SMTP server's acceptance answers
+			if st := doc["status"]; st != real["status"] && !(st == outbox.Sent && real["status"] == "captured") {
+				t.Errorf("%s: the answer to %s shows status %v; the handler answers %v", page, path, st, real["status"])
+			}
+			if id, _ := doc["id"].(string); id != "…" {
+				prefix, _, _ := strings.Cut(id, "…")
+				if at, ok := idTime(prefix); !ok || at.Before(time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)) || at.After(time.Now().AddDate(1, 0, 0)) {
+					t.Errorf("%s: the answer to %s shows the id %q, which no message has now (real: %s…)", page, path, id, real["id"].(string)[:5])
+				}
+			}
+		}
+	}
+	if n < 2 {
+		t.Fatalf("found only %d documented answers", n)
+	}
+}
+
+// idTime returns the earliest creation time a message id starting with
+// prefix can have: ids begin with 48 bits of Unix milliseconds.
+func idTime(prefix string) (time.Time, bool) {
+	if prefix == "" || len(prefix) > 10 {
+		return time.Time{}, false
+	}
+	b, err := outbox.IDEncoding.DecodeString((prefix + "0000000000")[:10])
+	if err != nil || len(b) < 6 {
+		return time.Time{}, false
+	}
+	var ms int64
+	for _, c := range b[:6] {
+		ms = ms<<8 | int64(c)
+	}
+	return time.UnixMilli(ms), true
+}
+
+// TestDocsStateLists: where docs/api.md lists the states a message can
+// be in, it names every state of the engine and no other, and the
+// messages metric lists the final ones.
+func TestDocsStateLists(t *testing.T) {
+	stateWords := func(s string) []string {
+		var out []string
+		for i, span := range strings.Split(s, "`") {
+			if i%2 == 1 && regexp.MustCompile(`^[a-z_]+$`).MatchString(span) {
+				out = append(out, span)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	all := slices.Sorted(slices.Values(outbox.AllStates))
+	n := 0
+	for line := range strings.SplitSeq(docPage(t, "docs/api.md"), "\n") {
+		var list string
+		if rest, ok := strings.CutPrefix(line, "`status` is "); ok {
+			list, _, _ = strings.Cut(rest, " (")
+			list, _, _ = strings.Cut(list, ". ")
+		} else if rest, ok := strings.CutPrefix(line, "| `status` | "); ok {
+			list, _, _ = strings.Cut(rest, " |")
+		} else {
+			continue
+		}
+		n++
+		if got := stateWords(list); !slices.Equal(got, all) {
+			t.Errorf("docs/api.md lists the states %v, the engine has %v:\n%s", got, all, line)
+		}
+	}
+	if n < 2 {
+		t.Fatalf("found %d state lists in docs/api.md", n)
+	}
+	var final []string
+	for _, s := range outbox.AllStates {
+		if outbox.IsFinal(s) {
+			final = append(final, s)
+		}
+	}
+	slices.Sort(final)
+	for line := range strings.SplitSeq(docPage(t, "docs/operations.md"), "\n") {
+		if strings.HasPrefix(line, "| `caddy_authmail_messages_total` |") {
+			_, outcomes, _ := strings.Cut(line, "final state:")
+			if got := stateWords(outcomes); !slices.Equal(got, final) {
+				t.Errorf("docs/operations.md lists the outcomes %v, the final states are %v", got, final)
+			}
+			return
+		}
+	}
+	t.Error("docs/operations.md has no row for caddy_authmail_messages_total")
 }

@@ -33,8 +33,7 @@ func chromiumPath(t *testing.T) string {
 	if os.Getenv("AUTHMAIL_REQUIRE_CHROMIUM") == "1" {
 		t.Fatal("chromium is not installed, and AUTHMAIL_REQUIRE_CHROMIUM=1 requires it (apt-get install chromium)")
 	}
-	t.Log("SKIPPING the browser test: chromium is not installed (apt-get install chromium); set AUTHMAIL_REQUIRE_CHROMIUM=1 to fail instead")
-	t.Skip("chromium not installed")
+	t.Skip("SKIPPING the browser test: chromium is not installed (apt-get install chromium); set AUTHMAIL_REQUIRE_CHROMIUM=1 to fail instead")
 	return ""
 }
 

@@ -2,6 +2,8 @@ package integration
 
 import (
 	"bytes"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -11,6 +13,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddy-authmail/authmail/internal/smtptest"
 )
@@ -104,6 +107,7 @@ http://dev.example.com {
 		}
 		want := regexp.MustCompile(`^handler:       path_prefix /authmail on mail\.example\.com
 transport:     smtp 127\.0\.0\.1:\d+ \(starttls\)
+dkim:          not signed: dkim is not configured
 message_id:    <[^>]+@example\.com>
 status:        sent
 smtp_response: 2\.0\.0 OK: queued
@@ -146,6 +150,86 @@ $`)
 	if n := len(smtpSrv.Messages()); n != 0 {
 		t.Errorf("%d messages left", n)
 	}
+}
+
+// TestAuthmailTestCommandSendsWhatTheAPISends: with dkim configured,
+// `caddy authmail test` sends the message POST /test sends, signed: the
+// received message's signature verifies (go-msgauth, and dkimpy where
+// installed), the output names the selector and domain, and its header
+// fields and the fields the signature covers are those of the message
+// the running handler sends for POST /test with the same config.
+func TestAuthmailTestCommandSendsWhatTheAPISends(t *testing.T) {
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, record := dkimKeyFile(t, rk)
+	c := config{Keys: `key app {env.AUTHMAIL_IT_KEY} {
+			allow test
+			rate off
+		}`, Extra: `dkim {
+			domain example.com
+			selector s1
+			key ` + path + `
+		}`, StorageDir: storageFor(t)}
+	file := filepath.Join(t.TempDir(), "Caddyfile")
+	if err := os.WriteFile(file, []byte(c.render()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	smtpSrv.SetHooks(smtptest.Hooks{})
+	smtpSrv.Reset()
+	code, out, errOut := runCmd(t, "", nil, "authmail", "test", "--config", file, "--adapter", "caddyfile", "--to", "jane@example.org")
+	msgs := smtpSrv.Messages()
+	if code != 0 || len(msgs) != 1 {
+		t.Fatalf("exit %d, %d messages\nstdout %s\nstderr %s", code, len(msgs), out, errOut)
+	}
+	if !strings.Contains(out, "\ndkim:          signed with selector s1 for example.com (rsa-sha256; receivers look up s1._domainkey.example.com)\n") {
+		t.Errorf("the output does not say how the message was signed:\n%s", out)
+	}
+	fromCmd := msgs[0].Data
+	vs, err := verifyDKIM(fromCmd, record)
+	if err != nil || len(vs) != 1 || vs[0].Err != nil || vs[0].Domain != "example.com" {
+		t.Fatalf("the command's message does not verify: %v %+v\n%s", err, vs, fromCmd)
+	}
+	if verified, ok := verifyDKIMpy(t, fromCmd, record); ok && !verified {
+		t.Errorf("dkimpy does not verify the command's message")
+	}
+
+	load(t, c)
+	r := post(t, "/authmail/test", `{"to":"jane@example.org"}`)
+	api := smtpSrv.WaitMessages(1, 10*time.Second)
+	if r.status != 200 || len(api) != 1 {
+		t.Fatalf("POST /test: %d %s, %d messages", r.status, r.raw, len(api))
+	}
+	apiVs, err := verifyDKIM(api[0].Data, record)
+	if err != nil || len(apiVs) != 1 || apiVs[0].Err != nil {
+		t.Fatalf("POST /test's message does not verify: %v %+v", err, apiVs)
+	}
+	if got, want := strings.Join(vs[0].HeaderKeys, ":"), strings.Join(apiVs[0].HeaderKeys, ":"); got != want {
+		t.Errorf("the command's signature covers %s\nPOST /test's covers %s", got, want)
+	}
+	if got, want := headerNames(fromCmd), headerNames(api[0].Data); got != want {
+		t.Errorf("the command's message has the header fields %s\nPOST /test's has %s", got, want)
+	}
+	for _, h := range []string{"From", "To", "Reply-To", "Subject", "Mime-Version"} {
+		if got, want := headerOf(t, fromCmd, h), headerOf(t, api[0].Data, h); got != want {
+			t.Errorf("%s: the command's %q, POST /test's %q", h, got, want)
+		}
+	}
+}
+
+// headerNames lists a message's header field names in order.
+func headerNames(raw []byte) string {
+	head, _, _ := bytes.Cut(raw, []byte("\r\n\r\n"))
+	var names []string
+	for _, line := range strings.Split(string(head), "\r\n") {
+		if line == "" || line[0] == ' ' || line[0] == '\t' {
+			continue
+		}
+		name, _, _ := strings.Cut(line, ":")
+		names = append(names, name)
+	}
+	return strings.Join(names, ", ")
 }
 
 // TestAuthmailHashKeyCommand: `caddy authmail hash-key` prints the

@@ -30,19 +30,24 @@ import (
 // verifies, and Postfix's log must show TLS, the SASL user and one
 // delivery per message.
 //
-// It needs root (Postfix's master), postfix, dovecot and mailpit (PATH,
-// or AUTHMAIL_MAILPIT). Without them it skips, loudly, unless
-// AUTHMAIL_REQUIRE_CONFORMANCE=1 (CI), which turns the skip into a failure.
+// Each server is a subtest that runs when its server is there: the
+// Postfix one needs root (Postfix's master), postfix and dovecot, the
+// Mailpit one mailpit (PATH, or AUTHMAIL_MAILPIT). A subtest whose server
+// is missing skips, loudly, naming what to install, and the other still
+// runs; AUTHMAIL_REQUIRE_CONFORMANCE=1 (CI) turns every such skip into a
+// failure.
 
-func requireTool(t *testing.T, what string, ok bool) {
+// requireTool skips the part of the conformance test that needs what,
+// unless ok, naming what to install.
+func requireTool(t *testing.T, part, what string, ok bool) {
 	t.Helper()
 	if ok {
 		return
 	}
 	if os.Getenv("AUTHMAIL_REQUIRE_CONFORMANCE") == "1" {
-		t.Fatalf("conformance: %s is missing and AUTHMAIL_REQUIRE_CONFORMANCE=1", what)
+		t.Fatalf("conformance with %s: %s is missing and AUTHMAIL_REQUIRE_CONFORMANCE=1", part, what)
 	}
-	t.Skipf("SKIPPING the conformance test with real Postfix, Dovecot and Mailpit: %s is missing (AUTHMAIL_REQUIRE_CONFORMANCE=1 makes this a failure)", what)
+	t.Skipf("SKIPPING the conformance test with %s: %s is missing (AUTHMAIL_REQUIRE_CONFORMANCE=1 makes this a failure)", part, what)
 }
 
 func lookTool(name string, env string) string {
@@ -146,16 +151,6 @@ func checkArrived(t *testing.T, where string, raws [][]byte, record string) {
 }
 
 func TestConformancePostfixAndMailpit(t *testing.T) {
-	postfix, dovecot := lookTool("postfix", ""), lookTool("dovecot", "")
-	mailpit := lookTool("mailpit", "AUTHMAIL_MAILPIT")
-	requireTool(t, "postfix", postfix != "")
-	requireTool(t, "dovecot (Debian dovecot-core)", dovecot != "")
-	requireTool(t, "mailpit (go install github.com/axllent/mailpit@v1.33.1)", mailpit != "")
-	requireTool(t, "root (Postfix's master runs as root)", os.Geteuid() == 0)
-	_, errPF := user.Lookup("postfix")
-	_, errDC := user.Lookup("dovecot")
-	requireTool(t, "the postfix and dovecot users", errPF == nil && errDC == nil)
-
 	// short paths: unix socket names are limited to 108 bytes
 	dir, err := os.MkdirTemp("", "amcf-")
 	if err != nil {
@@ -176,6 +171,45 @@ func TestConformancePostfixAndMailpit(t *testing.T) {
 	const pw = "cf-Submission-pw-42"
 	t.Setenv("AUTHMAIL_IT_CF_PASSWORD", secret(pw))
 
+	conf := func(port int) config {
+		return config{
+			Delivery: fmt.Sprintf(`smtp 127.0.0.1:%d {
+			username mailer
+			password {env.AUTHMAIL_IT_CF_PASSWORD}
+			ca %s
+			helo it.example
+			timeout 5s
+		}`, port, crt),
+			Extra: `dkim {
+			domain example.com
+			selector s1
+			key ` + dkimPath + `
+		}`,
+		}
+	}
+
+	t.Run("postfix", func(t *testing.T) {
+		const part = "real Postfix and Dovecot"
+		postfix, dovecot := lookTool("postfix", ""), lookTool("dovecot", "")
+		requireTool(t, part, "postfix (apt-get install postfix)", postfix != "")
+		requireTool(t, part, "dovecot (apt-get install dovecot-core)", dovecot != "")
+		requireTool(t, part, "root (Postfix's master runs as root)", os.Geteuid() == 0)
+		_, errPF := user.Lookup("postfix")
+		_, errDC := user.Lookup("dovecot")
+		requireTool(t, part, "the postfix and dovecot users (apt-get install postfix dovecot-core creates them)", errPF == nil && errDC == nil)
+		testConformancePostfix(t, dir, postfix, dovecot, crt, key, pw, conf, record)
+	})
+
+	t.Run("mailpit", func(t *testing.T) {
+		mailpit := lookTool("mailpit", "AUTHMAIL_MAILPIT")
+		requireTool(t, "Mailpit", "mailpit (./scripts/test.sh offers to build it; or go install github.com/axllent/mailpit@v1.33.1 and set AUTHMAIL_MAILPIT=<its path>)", mailpit != "")
+		testConformanceMailpit(t, dir, mailpit, crt, key, conf, record)
+	})
+}
+
+// testConformancePostfix starts Dovecot and Postfix, sends every flow
+// through Postfix and checks what arrived and Postfix's log.
+func testConformancePostfix(t *testing.T, dir, postfix, dovecot, crt, key, pw string, conf func(int) config, record string) {
 	// Dovecot: SASL only, no mail protocols
 	dc := filepath.Join(dir, "dc")
 	for _, d := range []string{"run", "state"} {
@@ -284,6 +318,58 @@ postlog unix-dgram n - n - 1 postlogd
 	t.Cleanup(func() { _ = exec.Command(postfix, "-c", filepath.Join(pf, "etc"), "stop").Run() })
 	waitPort(t, pfPort, "postfix")
 
+	load(t, conf(pfPort))
+	sendAllFlows(t)
+	msgs := sink.WaitMessages(conformanceMessages, 20*time.Second)
+	var raws [][]byte
+	for _, m := range msgs {
+		raws = append(raws, m.Data)
+		if !bytes.HasPrefix(m.Data, []byte("Received: ")) {
+			t.Fatalf("Postfix added no Received:\n%s", m.Data)
+		}
+	}
+	checkArrived(t, "postfix", raws, record)
+	// Postfix's own account of the sessions
+	var logText string
+	for i := 0; i < 100; i++ {
+		b, _ := os.ReadFile(maillog)
+		logText = string(b)
+		if strings.Count(logText, "status=sent") >= conformanceMessages+1 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// one relay delivery per message (the /send message has two
+	// recipients, so two status=sent lines with one queue id)
+	sent := map[string]bool{}
+	for _, m := range regexp.MustCompile(`postfix/smtp\[\d+\]: (\w+): to=<[^>]+>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent`).FindAllStringSubmatch(logText, -1) {
+		sent[m[1]] = true
+	}
+	if len(sent) != conformanceMessages || strings.Count(logText, "status=sent") != conformanceMessages+1 {
+		t.Fatalf("postfix log: %d messages delivered (%d status=sent), want %d (%d)\n%s", len(sent), strings.Count(logText, "status=sent"), conformanceMessages, conformanceMessages+1, logText)
+	}
+	if n := len(regexp.MustCompile(`smtpd\[\d+\]: \w+: client=localhost\[127\.0\.0\.1\], sasl_method=PLAIN, sasl_username=mailer`).FindAllString(logText, -1)); n != conformanceMessages {
+		t.Fatalf("postfix log: %d authenticated submissions, want %d\n%s", n, conformanceMessages, logText)
+	}
+	if !regexp.MustCompile(`TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.3`).MatchString(logText) {
+		t.Fatalf("postfix log shows no TLS 1.3 session:\n%s", logText)
+	}
+	// from authmail's first session on (the port probe before it
+	// connected and hung up)
+	_, sessions, _ := strings.Cut(logText, "TLS connection established")
+	for _, bad := range []string{"improper command pipelining", "warning: non-SMTP command", "lost connection after", "warning:"} {
+		if strings.Contains(sessions, bad) {
+			t.Fatalf("postfix log: %q\n%s", bad, logText)
+		}
+	}
+	if strings.Contains(logText, pw) {
+		t.Fatal("postfix log holds the password")
+	}
+}
+
+// testConformanceMailpit starts Mailpit, sends every flow through it and
+// checks what its API holds.
+func testConformanceMailpit(t *testing.T, dir, mailpit, crt, key string, conf func(int) config, record string) {
 	// Mailpit: STARTTLS and AUTH, REST API
 	mpSMTP, mpHTTP := freePort(t), freePort(t)
 	mp := exec.Command(mailpit, "--smtp", fmt.Sprintf("127.0.0.1:%d", mpSMTP), "--listen", fmt.Sprintf("127.0.0.1:%d", mpHTTP),
@@ -298,105 +384,36 @@ postlog unix-dgram n - n - 1 postlogd
 	waitPort(t, mpSMTP, "mailpit smtp")
 	waitPort(t, mpHTTP, "mailpit http")
 
-	conf := func(port int) config {
-		return config{
-			Delivery: fmt.Sprintf(`smtp 127.0.0.1:%d {
-			username mailer
-			password {env.AUTHMAIL_IT_CF_PASSWORD}
-			ca %s
-			helo it.example
-			timeout 5s
-		}`, port, crt),
-			Extra: `dkim {
-			domain example.com
-			selector s1
-			key ` + dkimPath + `
-		}`,
-		}
+	load(t, conf(mpSMTP))
+	sendAllFlows(t)
+	api := fmt.Sprintf("http://127.0.0.1:%d/api/v1", mpHTTP)
+	var list struct {
+		Total    int `json:"total"`
+		Messages []struct {
+			ID string `json:"ID"`
+		} `json:"messages"`
 	}
-
-	t.Run("postfix", func(t *testing.T) {
-		load(t, conf(pfPort))
-		sendAllFlows(t)
-		msgs := sink.WaitMessages(conformanceMessages, 20*time.Second)
-		var raws [][]byte
-		for _, m := range msgs {
-			raws = append(raws, m.Data)
-			if !bytes.HasPrefix(m.Data, []byte("Received: ")) {
-				t.Fatalf("Postfix added no Received:\n%s", m.Data)
-			}
+	for i := 0; i < 100; i++ {
+		res, err := http.Get(api + "/messages")
+		if err != nil {
+			t.Fatal(err)
 		}
-		checkArrived(t, "postfix", raws, record)
-		// Postfix's own account of the sessions
-		var logText string
-		for i := 0; i < 100; i++ {
-			b, _ := os.ReadFile(maillog)
-			logText = string(b)
-			if strings.Count(logText, "status=sent") >= conformanceMessages+1 {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
+		_ = json.NewDecoder(res.Body).Decode(&list)
+		res.Body.Close()
+		if list.Total >= conformanceMessages {
+			break
 		}
-		// one relay delivery per message (the /send message has two
-		// recipients, so two status=sent lines with one queue id)
-		sent := map[string]bool{}
-		for _, m := range regexp.MustCompile(`postfix/smtp\[\d+\]: (\w+): to=<[^>]+>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent`).FindAllStringSubmatch(logText, -1) {
-			sent[m[1]] = true
+		time.Sleep(50 * time.Millisecond)
+	}
+	var raws [][]byte
+	for _, m := range list.Messages {
+		res, err := http.Get(api + "/message/" + m.ID + "/raw")
+		if err != nil {
+			t.Fatal(err)
 		}
-		if len(sent) != conformanceMessages || strings.Count(logText, "status=sent") != conformanceMessages+1 {
-			t.Fatalf("postfix log: %d messages delivered (%d status=sent), want %d (%d)\n%s", len(sent), strings.Count(logText, "status=sent"), conformanceMessages, conformanceMessages+1, logText)
-		}
-		if n := len(regexp.MustCompile(`smtpd\[\d+\]: \w+: client=localhost\[127\.0\.0\.1\], sasl_method=PLAIN, sasl_username=mailer`).FindAllString(logText, -1)); n != conformanceMessages {
-			t.Fatalf("postfix log: %d authenticated submissions, want %d\n%s", n, conformanceMessages, logText)
-		}
-		if !regexp.MustCompile(`TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.3`).MatchString(logText) {
-			t.Fatalf("postfix log shows no TLS 1.3 session:\n%s", logText)
-		}
-		// from authmail's first session on (the port probe before it
-		// connected and hung up)
-		_, sessions, _ := strings.Cut(logText, "TLS connection established")
-		for _, bad := range []string{"improper command pipelining", "warning: non-SMTP command", "lost connection after", "warning:"} {
-			if strings.Contains(sessions, bad) {
-				t.Fatalf("postfix log: %q\n%s", bad, logText)
-			}
-		}
-		if strings.Contains(logText, pw) {
-			t.Fatal("postfix log holds the password")
-		}
-	})
-
-	t.Run("mailpit", func(t *testing.T) {
-		load(t, conf(mpSMTP))
-		sendAllFlows(t)
-		api := fmt.Sprintf("http://127.0.0.1:%d/api/v1", mpHTTP)
-		var list struct {
-			Total    int `json:"total"`
-			Messages []struct {
-				ID string `json:"ID"`
-			} `json:"messages"`
-		}
-		for i := 0; i < 100; i++ {
-			res, err := http.Get(api + "/messages")
-			if err != nil {
-				t.Fatal(err)
-			}
-			_ = json.NewDecoder(res.Body).Decode(&list)
-			res.Body.Close()
-			if list.Total >= conformanceMessages {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		var raws [][]byte
-		for _, m := range list.Messages {
-			res, err := http.Get(api + "/message/" + m.ID + "/raw")
-			if err != nil {
-				t.Fatal(err)
-			}
-			raw, _ := io.ReadAll(res.Body)
-			res.Body.Close()
-			raws = append(raws, raw)
-		}
-		checkArrived(t, "mailpit", raws, record)
-	})
+		raw, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		raws = append(raws, raw)
+	}
+	checkArrived(t, "mailpit", raws, record)
 }

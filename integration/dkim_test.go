@@ -76,9 +76,9 @@ func verifyDKIMpy(t *testing.T, raw []byte, record string) (verified, ok bool) {
 	const py = "/usr/bin/python3"
 	if err := exec.Command(py, "-c", "import dkim, nacl").Run(); err != nil {
 		if os.Getenv("AUTHMAIL_REQUIRE_CONFORMANCE") == "1" {
-			t.Fatalf("dkimpy is missing (apt-get install python3-dkim): %v", err)
+			t.Fatalf("dkimpy is missing (apt-get install python3-dkim python3-nacl): %v", err)
 		}
-		t.Log("SKIPPING the dkimpy check: install the Debian package python3-dkim")
+		t.Log("SKIPPING the dkimpy check: install the Debian packages python3-dkim and python3-nacl (its Ed25519 keys)")
 		return false, false
 	}
 	cmd := exec.Command(py, "-c", dkimpyScript, record)

@@ -1,31 +1,48 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for FUZZTIME (default 10s). With --keep, copies
-# the inputs the fuzzer found interesting into testdata/fuzz/<Target>/, so
-# the committed corpus grows and every run (and CI) starts from it:
+# Runs every fuzz target for FUZZTIME (default 10s), each one even when an
+# earlier one failed, and exits 1 if any failed. With --keep, copies the
+# inputs the fuzzer found interesting into testdata/fuzz/<Target>/, so the
+# committed corpus grows and every run (and CI) starts from it:
 #
 #   FUZZTIME=2m ./scripts/fuzz.sh --keep && git add testdata/fuzz
+#
+# With --json each run's report is `go test -json` (scripts/test.sh reads
+# it to count and summarize).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fuzztime=${FUZZTIME:-10s}
 keep=false
-[ "${1:-}" = "--keep" ] && keep=true
+json=()
+for arg in "$@"; do
+	case "$arg" in
+	--keep) keep=true ;;
+	--json) json=(-json) ;;
+	*) echo "usage: $0 [--keep] [--json]" >&2; exit 2 ;;
+	esac
+done
 pkg=$(go list .)
 cache="$(go env GOCACHE)/fuzz/${pkg}"
+failed=()
 for target in $(go test -list '^Fuzz' . | grep '^Fuzz'); do
 	echo "== fuzz $target ($fuzztime)"
-	if ! out=$(go test -run='^$' -fuzz="^${target}\$" -fuzztime="$fuzztime" . 2>&1); then
+	if ! out=$(go test ${json[@]+"${json[@]}"} -run='^$' -fuzz="^${target}\$" -fuzztime="$fuzztime" . 2>&1); then
 		# the whole report, and the failing input the fuzzer wrote (it
 		# lives only in this checkout: CI's log is the only copy)
 		echo "$out" | grep -v '^fuzz: elapsed'
 		for f in $(git ls-files --others --exclude-standard "testdata/fuzz/$target"); do
 			echo "-- $f"; cat "$f"
 		done
-		exit 1
+		failed+=("$target")
+		continue
 	fi
-	echo "$out" | tail -n 2
+	if [ ${#json[@]} -gt 0 ]; then echo "$out"; else echo "$out" | tail -n 2; fi
 	if $keep && [ -d "$cache/$target" ]; then
 		mkdir -p "testdata/fuzz/$target"
 		cp -n "$cache/$target"/* "testdata/fuzz/$target/" 2>/dev/null || true
 		echo "   corpus: $(ls "testdata/fuzz/$target" | wc -l) inputs in testdata/fuzz/$target"
 	fi
 done
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "== fuzzing failed: ${failed[*]}"
+	exit 1
+fi
