@@ -13,9 +13,12 @@ import (
 )
 
 // TestReadmeQuickStart does what the README tells a newcomer: build Caddy
-// with authmail from cmd/caddy, run it on examples/Caddyfile as is, send
-// every kind of mail with scripts/try-it.sh, and find the .eml files. It
-// first checks that these are the commands of the README's quick start.
+// with authmail from cmd/caddy, run it on examples/Caddyfile as is, walk
+// through it with scripts/try-it.sh from the same directory (every kind
+// of mail, a code issued and verified, the console endpoints, the preview
+// page it points to), and find the .eml files and the outbox in that
+// directory. It first checks that these are the commands of the README's
+// quick start.
 func TestReadmeQuickStart(t *testing.T) {
 	repo, _ := filepath.Abs("..")
 	readme, err := os.ReadFile(filepath.Join(repo, "README.md"))
@@ -103,23 +106,67 @@ func TestReadmeQuickStart(t *testing.T) {
 	}
 
 	script := exec.Command(filepath.Join(repo, "scripts", "try-it.sh"))
+	script.Dir = work // as the README runs it: where the gateway runs
 	script.Env = append(os.Environ(), "AUTHMAIL_URL="+origin+"/authmail")
 	out, err := script.CombinedOutput()
 	if err != nil {
 		t.Fatalf("try-it.sh: %v\n%s", err, out)
 	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) != 8 || !strings.Contains(lines[0], `{"status":"ok"}`) {
-		t.Fatalf("try-it.sh output:\n%s", out)
+	// each step's line starts with its label; want holds what it shows
+	sends := []string{"/send/otp", "/send/magic-link", "/send/password-reset", "/send/verify-email", "/send/email-change",
+		"/send/security-alert", "/send"}
+	steps := [][2]string{{"/health", `{"status":"ok"}`}}
+	for _, s := range sends {
+		steps = append(steps, [2]string{s, `"status":"captured"`})
 	}
-	for _, l := range lines[1:] {
-		if !strings.Contains(l, `"status":"captured"`) {
-			t.Errorf("not captured: %s", l)
+	steps = append(steps, [][2]string{
+		{"/send/otp code:auto", `"challenge_id":"`},
+		{"the code in the mail", ".eml)"},
+		{"/verify/otp", `{"valid":true,"to":"jane@example.com","purpose":"login"}`},
+		{"/messages/{id}", `"status":"sent"`},
+		{"/status", `"mode":"capture"`},
+		{"/messages?limit=3", `"key_id":"auth"`},
+		{"/test", `"status":"captured"`},
+		{"  " + origin + "/authmail/preview", ""},
+	}...)
+	lines := strings.Split(string(out), "\n")
+	i := 0
+	for _, step := range steps {
+		for i < len(lines) && !strings.HasPrefix(lines[i], step[0]+" ") && lines[i] != step[0] {
+			i++
+		}
+		if i == len(lines) {
+			t.Fatalf("try-it.sh printed no %q line (in this order):\n%s", step[0], out)
+		}
+		if !strings.Contains(lines[i], step[1]) {
+			t.Errorf("try-it.sh's %q line lacks %s: %s", step[0], step[1], lines[i])
+		}
+		i++
+	}
+	// the preview page it points to opens with the console key as the
+	// Basic-auth password, and not with the app's key
+	for secret, want := range map[string]int{"dev-console-key-change-me-01": 200, "dev-app-key-change-me-0123": 403} {
+		req, _ := http.NewRequest("GET", origin+"/authmail/preview", nil)
+		req.SetBasicAuth("me", secret)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != want {
+			t.Errorf("the preview page with %s: %d, want %d", secret, res.StatusCode, want)
 		}
 	}
+	// the outbox is in the working directory, not in the user's data
+	// directory
+	if _, err := os.Stat(filepath.Join(work, "authmail-data", "authmail", "st")); err != nil {
+		t.Errorf("no outbox in ./authmail-data: %v", err)
+	}
 	files, _ := filepath.Glob(filepath.Join(work, "captured-mail", "*.eml"))
-	if len(files) != 8 { // email-change also notifies the old address
-		t.Fatalf("%d .eml files, want 8:\n%s", len(files), out)
+	// email-change also notifies the old address; then the issued code
+	// and /test
+	if len(files) != 10 {
+		t.Fatalf("%d .eml files, want 10:\n%s", len(files), out)
 	}
 	var all strings.Builder
 	for _, f := range files {

@@ -15,9 +15,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -37,6 +39,9 @@ type Server struct {
 	dir  string
 	cmd  *exec.Cmd
 	done chan struct{}
+	// loadRDB starts the server with the append-only file off, so that
+	// it loads dump.rdb (StartFromRDB)
+	loadRDB bool
 }
 
 // Binary returns the path of redis-server, or "" when it is not installed.
@@ -92,8 +97,12 @@ func (s *Server) Start() {
 	// the port was free when Start picked it; another process can take it
 	// in between, and a restart can find it in TIME_WAIT: retry a little
 	for attempt := 0; attempt < 5; attempt++ {
+		aof := "yes"
+		if s.loadRDB {
+			aof = "no"
+		}
 		cmd := exec.Command(Binary(), "--bind", "127.0.0.1", "--port", port,
-			"--save", "", "--appendonly", "yes", "--appendfsync", "always",
+			"--save", "", "--appendonly", aof, "--appendfsync", "always",
 			"--dir", s.dir, "--daemonize", "no", "--protected-mode", "yes")
 		out, err := cmd.StdoutPipe()
 		if err != nil {
@@ -125,6 +134,95 @@ func (s *Server) Start() {
 		time.Sleep(100 * time.Millisecond)
 	}
 	s.t.Fatalf("redistest: redis-server on %s did not start: %v", s.Addr, lastErr)
+}
+
+// StartFromRDB starts a redis-server for t on a copy of an RDB snapshot
+// (what redis-cli --rdb writes, or the dump.rdb of a BGSAVE), restored
+// the way docs/production.md tells operators to: loaded with the
+// append-only file off (with it on, Redis starts from its append-only
+// file and ignores dump.rdb), then switched to appendonly yes, which
+// writes the append-only file from the loaded data. Stop and Start then
+// read that file, as for the servers of Start.
+func StartFromRDB(t testing.TB, rdb string) *Server {
+	t.Helper()
+	Require(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	s := &Server{t: t, Addr: addr, dir: t.TempDir(), loadRDB: true}
+	data, err := os.ReadFile(rdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(s.dir, "dump.rdb"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	s.loadRDB = false
+	t.Cleanup(func() { s.stop(os.Kill) })
+	if r, err := do(s.Addr, "CONFIG", "SET", "appendonly", "yes"); err != nil || r != "OK" {
+		t.Fatalf("redistest: CONFIG SET appendonly yes: %q %v", r, err)
+	}
+	// the append-only file is written by a background rewrite; until it
+	// is done, a restart would start empty
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, err := do(s.Addr, "INFO", "persistence")
+		if err == nil && strings.Contains(info, "aof_enabled:1\r\n") && strings.Contains(info, "aof_rewrite_in_progress:0\r\n") &&
+			strings.Contains(info, "aof_rewrite_scheduled:0\r\n") && strings.Contains(info, "aof_last_bgrewrite_status:ok\r\n") {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redistest: the append-only file of the restored snapshot was not written: %v\n%s", err, info)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// do sends one command to the server at addr and returns its reply: a
+// status or bulk string, or an error for an error reply. Enough for
+// tests that drive a server as an operator's redis-cli would.
+func do(addr string, args ...string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	var req strings.Builder
+	fmt.Fprintf(&req, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&req, "$%d\r\n%s\r\n", len(a), a)
+	}
+	if _, err := c.Write([]byte(req.String())); err != nil {
+		return "", err
+	}
+	r := bufio.NewReader(c)
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	line = strings.TrimRight(line, "\r\n")
+	switch {
+	case strings.HasPrefix(line, "+"), strings.HasPrefix(line, ":"):
+		return line[1:], nil
+	case strings.HasPrefix(line, "-"):
+		return "", fmt.Errorf("redis: %s", line[1:])
+	case strings.HasPrefix(line, "$"):
+		n, err := strconv.Atoi(line[1:])
+		if err != nil || n < 0 {
+			return "", err
+		}
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return "", err
+		}
+		return string(buf[:n]), nil
+	}
+	return "", fmt.Errorf("redistest: unexpected reply %q", line)
 }
 
 // waitPing waits until the server answers PING with PONG.
