@@ -392,15 +392,42 @@ func (e *Engine) adoptLocked(ctx context.Context, id string, hb []byte, batches 
 	e.mu.Unlock()
 }
 
+// fencedWriteTimeout bounds a fenced write of a record that is written
+// again and again (a batch's state, a dot record): the storage refuses
+// it once this passed.
+const fencedWriteTimeout = 5 * time.Second
+
 // fencedApply makes a group of fenced writes (fence.go) with this
-// instance's ownership as their deadline: none is made when it is not
-// valid now.
+// instance's ownership as their deadline, at most fencedWriteTimeout
+// away: none is made when it is not valid now.
+//
+// Writes of one record never land out of order: a write whose outcome is
+// unknown (an error other than a refusal) returns only once its deadline
+// and the margin passed, when the storage refuses it if it still
+// arrives, so the retry that follows is the last word. A batch's state
+// never moves backwards that way (a final state is not overwritten by an
+// older snapshot), nor does a dot record lose a mark.
 func (e *Engine) fencedApply(ctx context.Context, conds []fenceCond, ops []fenceOp) error {
 	_, until, err := e.gate.check()
 	if err != nil {
 		return err
 	}
-	return fencerFor(e.st.s).apply(ctx, conds, wallDeadline(e.clk, until), ops)
+	dl := wallDeadline(e.clk, until)
+	if d := time.Now().Round(0).Add(fencedWriteTimeout); d.Before(dl) {
+		dl = d
+	}
+	wctx, cancel := context.WithDeadline(ctx, dl)
+	defer cancel()
+	err = fencerFor(e.st.s).apply(wctx, conds, dl, ops)
+	if err != nil && !errors.Is(err, errFenced) {
+		t := time.NewTimer(time.Until(dl) + leaseMargin(e.leaseDuration()))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	return err
 }
 
 // ownEpoch is the epoch this instance's writes are made under now.
