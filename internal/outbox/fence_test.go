@@ -289,3 +289,59 @@ func TestAdoptedInstanceSendsNothingAfterItHeals(t *testing.T) {
 		}
 	})
 }
+
+// stallingStorage never answers a write of an accepted batch until the
+// caller gives up (a storage that stalls or crawls).
+type stallingStorage struct {
+	certmagic.Storage
+	stall atomic.Bool
+}
+
+func (s *stallingStorage) Store(ctx context.Context, key string, value []byte) error {
+	if s.stall.Load() && (strings.HasPrefix(key, KeySeg) || strings.HasPrefix(key, KeyOwn)) {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return s.Storage.Store(ctx, key, value)
+}
+
+// An accept answers by its deadline whatever the storage does: with the
+// messages durable, or with an error (the handler's 503), and a request
+// answered with an error leaves nothing to deliver.
+func TestAcceptAnswersByItsDeadline(t *testing.T) {
+	prev := acceptTimeout
+	acceptTimeout = 500 * time.Millisecond
+	t.Cleanup(func() { acceptTimeout = prev })
+	redistest.ForEachStorage(t, func(t *testing.T, open func() certmagic.Storage) {
+		ss := &stallingStorage{Storage: open()}
+		tr := newFake()
+		e := newEngine(t, ss, "inst-a", tr, nil)
+		e.Start()
+		ss.stall.Store(true)
+		var wg sync.WaitGroup
+		for i := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				start := time.Now()
+				_, err := e.Accept([]*NewMessage{message("a@example.org")}, "", false)
+				if took := time.Since(start); took > 5*time.Second {
+					t.Errorf("accept %d answered after %s", i, took)
+				}
+				if err == nil {
+					t.Errorf("accept %d succeeded on a storage that never answered", i)
+				}
+			}()
+		}
+		wg.Wait()
+		ss.stall.Store(false)
+		accept(t, e, "b@example.org") // and the engine works on once it answers
+		time.Sleep(200 * time.Millisecond)
+		tr.mu.Lock()
+		n := len(tr.attempts)
+		tr.mu.Unlock()
+		if n != 1 {
+			t.Fatalf("%d messages attempted, want only the one accepted", n)
+		}
+	})
+}

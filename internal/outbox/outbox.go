@@ -557,7 +557,10 @@ func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]
 	// a shutdown can begin between the closing check and here; once the
 	// appender has exited (doneCh) it has answered every request it took,
 	// and one it never took is failed here instead of waiting forever
-	timeout := time.NewTimer(time.Until(req.deadline) + time.Second)
+	// the appender writes a request by its deadline or not at all (the
+	// write is refused past it); this timer answers even when the storage
+	// ignores the deadline
+	timeout := time.NewTimer(time.Until(req.deadline) + 250*time.Millisecond)
 	defer timeout.Stop()
 	select {
 	case e.acceptCh <- req:
@@ -571,12 +574,10 @@ func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]
 		return req.entries, err
 	case <-e.doneCh:
 	case <-timeout.C:
-		// the appender writes it by its deadline or not at all, and
-		// answers it then: this wait is only a backstop
 		select {
 		case err := <-req.done:
 			return req.entries, err
-		case <-time.After(5 * time.Second):
+		default:
 			return nil, errAcceptTimeout
 		}
 	}
@@ -1027,6 +1028,9 @@ func (e *Engine) deliver(en *Entry) {
 	// instance owns its work now, and the attempt's waits end the moment
 	// that stops being true (lctx); the final dot is checked again below.
 	lctx, _, lerr := e.gate.check()
+	if lerr == nil {
+		lerr = e.stillHeld(en, lctx)
+	}
 	if lerr != nil {
 		e.unclaim(en, time.Now())
 		return
@@ -1046,8 +1050,10 @@ func (e *Engine) deliver(en *Entry) {
 		env.Urgent = en.lane == laneAuth
 		env.BeforeDot = func() error {
 			// the mark is durable, and this instance still owns the
-			// message, or the dot does not go
-			if _, _, err := e.gate.check(); err != nil {
+			// message, under the same holding as when the attempt began
+			// (not one re-established since, which may have dropped its
+			// batch), or the dot does not go
+			if err := e.stillHeld(en, lctx); err != nil {
 				return err
 			}
 			ctx, cancel := context.WithTimeout(lctx, 30*time.Second)
@@ -1055,8 +1061,7 @@ func (e *Engine) deliver(en *Entry) {
 			if err := e.markDot(ctx, en.st.ID, attempt); err != nil {
 				return err
 			}
-			_, _, err := e.gate.check()
-			return err
+			return e.stillHeld(en, lctx)
 		}
 	}
 	var d mailer.Result
@@ -1078,6 +1083,26 @@ func (e *Engine) deliver(en *Entry) {
 		e.obs.Attempt(derr, took)
 	}
 	e.recordOutcome(en, d, derr, took)
+}
+
+// stillHeld reports whether this instance still owns its work under the
+// holding lctx belongs to (lease.go), and the entry's batch was not
+// dropped as adopted.
+func (e *Engine) stillHeld(en *Entry, lctx context.Context) error {
+	c, _, err := e.gate.check()
+	if err != nil {
+		return err
+	}
+	if c != lctx {
+		return errLeaseLapsed // lapsed and re-established since the attempt began
+	}
+	e.mu.Lock()
+	lost := en.b.lost
+	e.mu.Unlock()
+	if lost {
+		return errBatchAdopted
+	}
+	return nil
 }
 
 // unclaim undoes a claim in memory without sending; the message is due
