@@ -6,11 +6,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"path"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
@@ -397,12 +401,28 @@ func (e *Engine) adoptLocked(ctx context.Context, id string, hb []byte, batches 
 // it once this passed.
 const fencedWriteTimeout = 5 * time.Second
 
+// outcomeUnknown reports whether a failed write may still have been, or
+// still be, applied: a timeout, a cancelled wait, a broken connection. A
+// refusal, an answer of the storage and any other error mean it was not.
+// (A storage module that wraps its errors as text hides a timeout; on
+// such storages a write can still land late, see fence.go.)
+func outcomeUnknown(err error) bool {
+	var rerr redis.Error
+	if errors.Is(err, errFenced) || errors.As(err, &rerr) {
+		return false
+	}
+	var nerr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.As(err, &nerr)
+}
+
 // fencedApply makes a group of fenced writes (fence.go) with this
 // instance's ownership as their deadline, at most fencedWriteTimeout
 // away: none is made when it is not valid now.
 //
 // Writes of one record never land out of order: a write whose outcome is
-// unknown (an error other than a refusal) returns only once its deadline
+// unknown (outcomeUnknown) returns only once its deadline
 // and the margin passed, when the storage refuses it if it still
 // arrives, so the retry that follows is the last word. A batch's state
 // never moves backwards that way (a final state is not overwritten by an
@@ -419,7 +439,7 @@ func (e *Engine) fencedApply(ctx context.Context, conds []fenceCond, ops []fence
 	wctx, cancel := context.WithDeadline(ctx, dl)
 	defer cancel()
 	err = fencerFor(e.st.s).apply(wctx, conds, dl, ops)
-	if err != nil && !errors.Is(err, errFenced) {
+	if err != nil && outcomeUnknown(err) {
 		t := time.NewTimer(time.Until(dl) + leaseMargin(e.leaseDuration()))
 		select {
 		case <-t.C:
