@@ -384,8 +384,11 @@ func testLapsedLeaseStopsWorkUntilItIsReestablished(t *testing.T) {
 	}
 	waitState(t, h, id, status(outbox.Sent))
 	time.Sleep(200 * time.Millisecond)
-	if n := len(srv.Attempts()); n != 1 {
-		t.Fatalf("%d SMTP transactions, want exactly one", n)
+	// one message; on a loaded machine a one-second lease can lapse again
+	// during the attempt, whose transaction then ends before its dot and
+	// is made again: more transactions, never a second message
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages delivered, want exactly one", n)
 	}
 }
 
