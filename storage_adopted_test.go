@@ -13,9 +13,10 @@ import (
 
 // TestStaleStateIsNotWrittenOverAnAdoptersOutcome: while the storage
 // failed every write for longer than the lease (a Redis outage), another
-// instance adopted a batch, delivered its message and recorded "sent".
-// When the storage answers again, the first instance's retried write of
-// its old state ("queued") must not overwrite that: the message would show
+// instance adopted a batch — raising the owner's fencing epoch first, as
+// every adopter does — delivered its message and recorded "sent". When
+// the storage answers again, the first instance's retried write of its
+// old state ("queued") must not overwrite that: the message would show
 // as queued forever, and a restart of the adopter could send it again.
 func TestStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	forEachStorage(t, testStaleStateIsNotWrittenOverAnAdoptersOutcome)
@@ -58,6 +59,9 @@ func testStaleStateIsNotWrittenOverAnAdoptersOutcome(t *testing.T) {
 	adopter := "0b6f9a3e-5a8e-4c55-9d1b-6a1f2c3d4e5f"
 	bs, err := inner.loadState(ctx, bid)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.RaiseEpoch(ctx, e.Instance()); err != nil {
 		t.Fatal(err)
 	}
 	bs.Owner, bs.Done, bs.Updated = adopter, true, time.Now()

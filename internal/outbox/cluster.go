@@ -1,12 +1,20 @@
 package outbox
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"path"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/caddy-authmail/authmail/internal/mailer"
@@ -37,10 +45,131 @@ func (e *Engine) writeHeartbeat(ctx context.Context) error {
 	return e.st.putJSON(ctx, KeyInst+e.iid, Heartbeat{Instance: e.iid, Updated: time.Now(), Process: e.nonce, Proc: e.proc})
 }
 
-// heartbeatLoop tells the cluster this instance is alive. It also
-// notices when another instance adopted our work because our heartbeat
-// lapsed (a pause longer than the lease): the batch's marker then is no
-// longer ours, and we drop the batch.
+// leaseValid is how long after a renewal was sent the instance's
+// ownership stays valid: the lease less the margin (lease.go).
+func (e *Engine) leaseValid() time.Duration {
+	l := e.leaseDuration()
+	return l - leaseMargin(l)
+}
+
+// renew writes the heartbeat and, once the storage acknowledged it,
+// extends the instance's ownership from the moment the write was sent.
+// A lapsed ownership is not extended: it is re-established (reestablish).
+func (e *Engine) renew(ctx context.Context) error {
+	sent := e.clk.Now()
+	if err := e.writeHeartbeat(ctx); err != nil {
+		return err
+	}
+	if e.gate.renew(sent, e.leaseValid()) {
+		return nil
+	}
+	return e.reestablish(ctx)
+}
+
+// reestablish makes this instance the owner of its work again, after a
+// lapse or at start, under the adoption lock of its own instance id (an
+// adopter holds it for its whole takeover):
+//
+//  1. it raises its fencing epoch, so that every write it made before,
+//     still in flight somewhere, is refused from now on (fence.go);
+//  2. it writes its heartbeat; an adopter's raise of the epoch requires
+//     the heartbeat it watched to be unchanged (bump), so from the moment
+//     this heartbeat landed no adopter can start;
+//  3. it reads its epoch back: if an adopter raised it in between, it
+//     starts over;
+//  4. it lists its ownership markers and forgets, without writing
+//     anything, every batch in memory whose marker is gone (adopted): a
+//     write or an attempt of such a batch still in flight is ignored when
+//     it ends;
+//  5. its ownership is valid again from the moment step 2's write was
+//     sent.
+//
+// recover, at start, then loads its batches from storage (takeOver).
+func (e *Engine) reestablish(ctx context.Context) error {
+	lock := "authmail_adopt_" + e.iid
+	lctx, cancel := context.WithTimeout(ctx, e.leaseDuration())
+	err := e.st.s.Lock(lctx, lock)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("taking this instance's adoption lock: %w", err)
+	}
+	defer func() { _ = e.st.s.Unlock(context.Background(), lock) }()
+	f := fencerFor(e.st.s)
+	for range 3 {
+		ep, err := f.bump(ctx, e.iid, nil)
+		if err != nil {
+			return err
+		}
+		sent := e.clk.Now()
+		if err := e.writeHeartbeat(ctx); err != nil {
+			return err
+		}
+		now, err := f.epoch(ctx, e.iid)
+		if err != nil {
+			return err
+		}
+		if now != ep {
+			continue // an adopter raised it meanwhile
+		}
+		owned, err := e.st.ownedBatches(ctx, e.iid)
+		if err != nil {
+			return err
+		}
+		lost := e.dropAdopted(owned, ep)
+		if len(lost) > 0 {
+			e.log().Error("another instance adopted this instance's unfinished messages while its lease lapsed; dropped them here without writing (raise delivery lease if this instance or its storage stalls for long)",
+				zap.Int("batches", len(lost)), zap.Strings("sample", lost[:min(3, len(lost))]))
+		}
+		e.gate.establish(sent, e.leaseValid())
+		return nil
+	}
+	return errors.New("another instance kept adopting this instance's work while it re-established its ownership")
+}
+
+// dropAdopted forgets, without writing, every batch in memory whose
+// ownership marker is not among owned, and makes ep the epoch of this
+// instance's writes; it returns the batches dropped. Batches with an
+// attempt or a write in flight are dropped too: the attempt finds its
+// batch lost when it ends and records nothing, and the write was made
+// under the old epoch, so the storage refuses it (or applied it before
+// the epoch was raised, while it was still this instance's).
+func (e *Engine) dropAdopted(owned []string, ep uint64) []string {
+	mine := make(map[string]bool, len(owned))
+	for _, b := range owned {
+		mine[b] = true
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var lost []string
+	for id, b := range e.batches {
+		if mine[id] {
+			continue
+		}
+		if b.retired {
+			continue // its marker went with its retirement
+		}
+		b.lost = true
+		e.forgetLocked(b)
+		delete(e.dirty, b)
+		delete(e.urgent, b)
+		lost = append(lost, id)
+	}
+	for id, pb := range e.parked {
+		if mine[id] || pb.loading || pb.erasing {
+			continue
+		}
+		e.forgetParkedLocked(pb)
+		lost = append(lost, id)
+	}
+	e.epoch = ep
+	return lost
+}
+
+// heartbeatLoop renews the instance's ownership of its work every
+// lease/4 (renew), re-establishing it after a lapse. It also notices
+// when another instance adopted our work while our ownership stayed
+// valid (it cannot, unless clocks broke the assumptions): the batch's
+// marker then is no longer ours, and we drop the batch.
 func (e *Engine) heartbeatLoop() {
 	defer e.loops.Done()
 	for {
@@ -48,9 +177,22 @@ func (e *Engine) heartbeatLoop() {
 		if !e.wait(every) {
 			return
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), every*2)
-		if err := e.writeHeartbeat(ctx); err != nil {
-			e.log().Warn("writing the outbox heartbeat failed", zap.Error(err))
+		ctx, cancel := context.WithTimeout(context.Background(), max(every, e.leaseDuration()/2))
+		if err := e.renew(ctx); err != nil {
+			e.log().Warn("renewing the outbox lease failed", zap.Error(err), zap.Bool("owning", e.gate.valid()))
+			cancel()
+			continue
+		}
+		e.mu.Lock()
+		recovered := e.recovered
+		e.mu.Unlock()
+		if !recovered {
+			// the start's recovery failed (the storage was down): retry it
+			if n, err := e.recoverOwn(ctx); err != nil {
+				e.log().Warn("recovering the outbox failed; retrying", zap.Error(err))
+			} else if n > 0 {
+				e.log().Info("recovered queued messages from storage", zap.Int("messages", n), zap.String("instance", e.iid))
+			}
 		}
 		listed := time.Now()
 		if owned, err := e.st.ownedBatches(ctx, e.iid); err == nil {
@@ -123,19 +265,31 @@ func (e *Engine) forgetLocked(b *batch) {
 	delete(e.batches, b.id)
 }
 
-// recoverOwn loads this instance's unfinished work from storage after a
-// start (a restart after a crash, or the first config of the process).
+// recoverOwn re-establishes this instance's ownership (reestablish) and
+// loads its unfinished work from storage, after a start (a restart after
+// a crash, or the first config of the process), or after a start whose
+// recovery failed (the storage was down).
 func (e *Engine) recoverOwn(ctx context.Context) (int, error) {
+	if err := e.reestablish(ctx); err != nil {
+		return 0, err
+	}
 	lock := "authmail_adopt_" + e.iid
 	if err := e.st.s.Lock(ctx, lock); err != nil {
 		return 0, err
 	}
 	defer func() { _ = e.st.s.Unlock(context.Background(), lock) }()
-	return e.takeOver(ctx, e.iid)
+	n, err := e.takeOver(ctx, e.iid, 0)
+	if err == nil {
+		e.mu.Lock()
+		e.recovered = true
+		e.mu.Unlock()
+	}
+	return n, err
 }
 
-// adoptionLoop takes over the work of instances whose heartbeat is older
-// than the lease, one at a time, under a storage lock.
+// adoptionLoop takes over the work of instances whose heartbeat stayed
+// unchanged for longer than the lease plus the margin, one at a time,
+// under a storage lock.
 func (e *Engine) adoptionLoop() {
 	defer e.loops.Done()
 	for e.wait(max(e.leaseDuration()/3, 300*time.Millisecond)) {
@@ -145,27 +299,38 @@ func (e *Engine) adoptionLoop() {
 	}
 }
 
-func (e *Engine) stale(ctx context.Context, instance string) bool {
-	var hb Heartbeat
-	err := e.st.getJSON(ctx, KeyInst+instance, &hb)
-	if err != nil {
-		return IsNotExist(err)
-	}
-	return hb.AdoptedBy != "" || time.Since(hb.Updated) > e.leaseDuration()
+// suspect is an instance's heartbeat as this engine last read it, and
+// when (by this engine's monotonic clock) it first read that value.
+type suspect struct {
+	seen  []byte
+	since time.Time
 }
 
-// staleTwice reports whether an instance looked stale in the previous
-// scan too, so that one slow storage write does not trigger an adoption.
-func (e *Engine) staleTwice(ctx context.Context, instance string) bool {
-	isStale := e.stale(ctx, instance)
+// watch reads an instance's heartbeat and reports whether this engine
+// has seen it unchanged for at least lease + margin, by its own monotonic
+// clock since it first read that value: the adoption rule. The instance's
+// last renewal that this engine can have missed was sent before that
+// first read, so the instance's own ownership ended (lease − margin after
+// it sent it) at least 2 × margin before this returns true. A heartbeat
+// that cannot be read teaches nothing: the watch goes on.
+func (e *Engine) watch(ctx context.Context, instance string) ([]byte, bool) {
+	hb, err := e.st.s.Load(ctx, KeyInst+instance)
+	if err != nil && !IsNotExist(err) {
+		return nil, false
+	}
+	now := e.clk.Now()
+	l := e.leaseDuration()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.suspects == nil {
-		e.suspects = map[string]bool{}
+		e.suspects = map[string]*suspect{}
 	}
-	was := e.suspects[instance]
-	e.suspects[instance] = isStale
-	return isStale && was
+	s := e.suspects[instance]
+	if s == nil || !bytes.Equal(s.seen, hb) {
+		e.suspects[instance] = &suspect{seen: hb, since: now}
+		return hb, false
+	}
+	return hb, now.Sub(s.since) >= l+leaseMargin(l)
 }
 
 func (e *Engine) adoptStale(ctx context.Context) {
@@ -175,31 +340,121 @@ func (e *Engine) adoptStale(ctx context.Context) {
 		return
 	}
 	for _, id := range ids {
-		if id == e.iid || !e.staleTwice(ctx, id) {
+		if id == e.iid {
+			continue
+		}
+		hb, stale := e.watch(ctx, id)
+		if !stale {
 			continue
 		}
 		owned, err := e.st.ownedBatches(ctx, id)
 		if err != nil || len(owned) == 0 {
 			continue
 		}
+		if !e.gate.valid() {
+			return // this instance is cut off itself: it adopts nothing
+		}
 		lock := "authmail_adopt_" + id
-		if err := e.st.s.Lock(ctx, lock); err != nil {
+		lctx, lcancel := context.WithTimeout(ctx, e.leaseDuration())
+		err = e.st.s.Lock(lctx, lock)
+		lcancel()
+		if err != nil {
 			continue
 		}
-		// check again under the lock: the instance may be back, or another
-		// instance may have adopted its work meanwhile
-		if e.stale(ctx, id) {
-			n, err := e.takeOver(ctx, id)
-			if err != nil {
-				e.log().Error("adopting the messages of a stale instance failed", zap.String("instance", id), zap.Error(err))
-			} else {
-				e.log().Warn("adopted the unfinished messages of an instance whose heartbeat lapsed",
-					zap.String("instance", id), zap.Int("batches", len(owned)), zap.Int("queued_messages", n))
-				_ = e.st.putJSON(ctx, KeyInst+id, Heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid})
-			}
-		}
+		e.adoptLocked(ctx, id, hb, len(owned))
 		_ = e.st.s.Unlock(context.Background(), lock)
 	}
+}
+
+// adoptLocked takes over an instance's work under its adoption lock,
+// if its heartbeat is still the one watched: the instance's epoch is
+// raised, on the condition that its heartbeat is unchanged, before any
+// of its work is read.
+func (e *Engine) adoptLocked(ctx context.Context, id string, hb []byte, batches int) {
+	// check again under the lock: the instance may be back, or another
+	// instance may have adopted its work meanwhile
+	hb2, stale := e.watch(ctx, id)
+	if !stale || !bytes.Equal(hb, hb2) {
+		return
+	}
+	ep, err := fencerFor(e.st.s).bump(ctx, id, hb2)
+	if err != nil {
+		return // the heartbeat changed under us, or no answer
+	}
+	n, err := e.takeOver(ctx, id, ep)
+	if err != nil {
+		e.log().Error("adopting the messages of a stale instance failed", zap.String("instance", id), zap.Error(err))
+		return
+	}
+	e.log().Warn("adopted the unfinished messages of an instance whose heartbeat lapsed",
+		zap.String("instance", id), zap.Int("batches", batches), zap.Int("queued_messages", n))
+	if b, err := json.Marshal(Heartbeat{Instance: id, Updated: time.Now().Add(-e.leaseDuration() * 2), AdoptedBy: e.iid}); err == nil {
+		_ = e.fencedApply(ctx, []fenceCond{{id, ep}}, []fenceOp{{key: KeyInst + id, value: b}})
+	}
+	e.mu.Lock()
+	delete(e.suspects, id)
+	e.mu.Unlock()
+}
+
+// fencedWriteTimeout bounds a fenced write of a record that is written
+// again and again (a batch's state, a dot record): the storage refuses
+// it once this passed.
+const fencedWriteTimeout = 5 * time.Second
+
+// outcomeUnknown reports whether a failed write may still have been, or
+// still be, applied: a timeout, a cancelled wait, a broken connection. A
+// refusal, an answer of the storage and any other error mean it was not.
+// (A storage module that wraps its errors as text hides a timeout; on
+// such storages a write can still land late, see fence.go.)
+func outcomeUnknown(err error) bool {
+	var rerr redis.Error
+	if errors.Is(err, errFenced) || errors.As(err, &rerr) {
+		return false
+	}
+	var nerr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.As(err, &nerr)
+}
+
+// fencedApply makes a group of fenced writes (fence.go) with this
+// instance's ownership as their deadline, at most fencedWriteTimeout
+// away: none is made when it is not valid now.
+//
+// Writes of one record never land out of order: a write whose outcome is
+// unknown (outcomeUnknown) returns only once its deadline
+// and the margin passed, when the storage refuses it if it still
+// arrives, so the retry that follows is the last word. A batch's state
+// never moves backwards that way (a final state is not overwritten by an
+// older snapshot), nor does a dot record lose a mark.
+func (e *Engine) fencedApply(ctx context.Context, conds []fenceCond, ops []fenceOp) error {
+	_, until, err := e.gate.check()
+	if err != nil {
+		return err
+	}
+	dl := wallDeadline(e.clk, until)
+	if d := time.Now().Round(0).Add(fencedWriteTimeout); d.Before(dl) {
+		dl = d
+	}
+	wctx, cancel := context.WithDeadline(ctx, dl)
+	defer cancel()
+	err = fencerFor(e.st.s).apply(wctx, conds, dl, ops)
+	if err != nil && outcomeUnknown(err) {
+		t := time.NewTimer(time.Until(dl) + leaseMargin(e.leaseDuration()))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	return err
+}
+
+// ownEpoch is the epoch this instance's writes are made under now.
+func (e *Engine) ownEpoch() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.epoch
 }
 
 // takeOver loads an instance's unfinished batches into this engine. For
@@ -213,7 +468,16 @@ func (e *Engine) adoptStale(ctx context.Context) {
 // and before this instance marks any dot of its own: the marks read here
 // are the only record of what was in doubt, and the record is replaced
 // once this instance starts delivering.
-func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
+//
+// ep is the instance's epoch this engine raised for the takeover (0 for
+// its own work): every write of the takeover requires it, and this
+// engine's own, so that an instance that re-established its ownership
+// meanwhile, or an adopter that stalled past its lease, writes nothing.
+func (e *Engine) takeOver(ctx context.Context, instance string, ep uint64) (int, error) {
+	conds := []fenceCond{{e.iid, e.ownEpoch()}}
+	if instance != e.iid {
+		conds = append(conds, fenceCond{instance, ep})
+	}
 	bids, err := e.st.ownedBatches(ctx, instance)
 	if err != nil {
 		return 0, err
@@ -257,7 +521,7 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 		bs, err := e.st.loadState(ctx, bid)
 		if IsNotExist(err) {
 			// neither state nor segment: a stale marker
-			_ = e.st.s.Delete(ctx, OwnKey(instance, bid))
+			_ = e.fencedApply(ctx, conds, []fenceOp{{key: OwnKey(instance, bid), del: true}})
 			continue
 		}
 		if err != nil {
@@ -267,25 +531,28 @@ func (e *Engine) takeOver(ctx context.Context, instance string) (int, error) {
 		b, interrupted, changed := rebuildBatch(bid, bs, recoveryRule{dots: dots, retryUncertain: retryUncertain}, now)
 		if changed || instance != e.iid {
 			// the recovered states are durable before anything else
-			// happens to the batch (see above)
+			// happens to the batch (see above); for another instance's
+			// batch, in one fenced step with the move of its marker: our
+			// marker is written before the old one goes, so that a crash
+			// in between (on a storage without atomic groups) leaves the
+			// batch owned by someone
 			bs.Owner, bs.Updated = e.iid, now
 			for i := range bs.Messages {
 				bs.Messages[i] = b.entries[i].st
 			}
-			if err := e.st.putJSON(ctx, KeySt+bid, bs); err != nil {
+			val, err := json.Marshal(bs)
+			if err != nil {
+				return total, err
+			}
+			ops := []fenceOp{{key: KeySt + bid, value: val}}
+			if instance != e.iid {
+				ops = append(ops, fenceOp{key: OwnKey(e.iid, bid), value: []byte(now.UTC().Format(time.RFC3339Nano))},
+					fenceOp{key: OwnKey(instance, bid), del: true})
+			}
+			if err := e.fencedApply(ctx, conds, ops); err != nil {
 				return total, err
 			}
 			changed = false
-		}
-		if instance != e.iid {
-			// write our ownership before the old marker goes, so that a
-			// crash in between leaves the batch owned by someone
-			if err := e.st.s.Store(ctx, OwnKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano))); err != nil {
-				return total, err
-			}
-			if err := e.st.s.Delete(ctx, OwnKey(instance, bid)); err != nil && !IsNotExist(err) {
-				return total, err
-			}
 		}
 		e.mu.Lock()
 		b.registered = time.Now()
@@ -546,6 +813,9 @@ func (e *Engine) forgetStoppedInstances(ctx context.Context, now time.Time) {
 			continue
 		}
 		if err := e.st.s.Delete(ctx, KeyOwn+id); err != nil && !IsNotExist(err) {
+			continue
+		}
+		if err := fencerFor(e.st.s).forget(ctx, id); err != nil {
 			continue
 		}
 		if err := ratelimit.Forget(ctx, e.st.s, KeyRoot, id); err != nil {

@@ -36,11 +36,21 @@ type mortalStorage struct {
 	// dot record can keep the server's answer
 	holdOutcomes bool
 	died         chan struct{}
+	// held are the locks taken through it: they expire when the process
+	// dies (the storage module's refresh of them dies with it)
+	mu   sync.Mutex
+	held map[string]bool
 }
 
 func (m *mortalStorage) kill() {
 	m.dead.Store(true)
 	close(m.died)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for name := range m.held {
+		_ = m.Storage.Unlock(context.Background(), name)
+	}
+	m.held = nil
 }
 
 func (m *mortalStorage) Store(ctx context.Context, key string, value []byte) error {
@@ -89,13 +99,29 @@ func (m *mortalStorage) Lock(ctx context.Context, name string) error {
 	if m.dead.Load() {
 		return errKilled
 	}
-	return m.Storage.Lock(ctx, name)
+	if err := m.Storage.Lock(ctx, name); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.held == nil {
+		if m.dead.Load() {
+			_ = m.Storage.Unlock(context.Background(), name)
+			return errKilled
+		}
+		m.held = map[string]bool{}
+	}
+	m.held[name] = true
+	return nil
 }
 
 func (m *mortalStorage) Unlock(ctx context.Context, name string) error {
 	if m.dead.Load() {
 		return errKilled
 	}
+	m.mu.Lock()
+	delete(m.held, name)
+	m.mu.Unlock()
 	return m.Storage.Unlock(ctx, name)
 }
 

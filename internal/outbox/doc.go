@@ -13,7 +13,8 @@
 // (crash_test.go, contract_test.go), and end to end by the handler's
 // tests and ./integration.
 //
-// Durable on a 2xx. Accept returns once the batch's segment
+// Durable on a 2xx. Accept answers within acceptTimeout (10 s). It
+// returns once the batch's segment
 // (authmail/seg/<batch>: every message's envelope, body and initial
 // state) and then its ownership marker (authmail/own/<instance>/<batch>)
 // are stored. A segment without a marker was never acknowledged to its
@@ -54,15 +55,40 @@
 //     closes inside DATA, which the server discards) and the message is
 //     retried.
 //
-// Ownership in a cluster (cluster.go). Every instance heartbeats
-// authmail/inst/<instance>. An instance whose heartbeat is older than
-// the lease in two scans in a row is adopted by one live instance, under
-// a storage lock: its markers move to the adopter, and its messages are
-// rebuilt by the rules above, from its dot records. An instance that
-// finds its markers gone (it paused past the lease) drops those batches.
-// Two live processes never run as one instance: a process that reads an
-// instance id whose heartbeat another live process writes takes an
-// identity of its own (identity.go).
+// Ownership in a cluster (cluster.go, lease.go, fence.go). Every
+// instance heartbeats authmail/inst/<instance> every lease/4.
+//
+// The fencing invariant: an instance accepts mail, starts an SMTP
+// transaction and sends a final dot only while its ownership is valid,
+// that is before sent + lease − margin (margin = lease/5) by its
+// monotonic clock, where sent is when it sent its last heartbeat write
+// that the storage acknowledged. The check runs at each of those points,
+// the last one right before the dot, after the dot's mark is durable; a
+// timer ends the ownership at that instant whether the storage errs,
+// stalls or stays silent, and cancels every attempt's waits. After a
+// lapse, the instance re-establishes its ownership before it does any
+// work: under its adoption lock it raises its fencing epoch, writes its
+// heartbeat, checks that no adopter raised the epoch meanwhile, and drops
+// from memory, without writing, every batch whose marker is gone.
+//
+// An instance whose heartbeat another instance has read unchanged for
+// lease + margin, by that reader's monotonic clock since its first read
+// of that value, is adopted by it under the adoption lock: it raises the
+// stale instance's epoch (only if the heartbeat is still the one it
+// watched), then moves each marker to itself together with the batch's
+// state, rebuilt by the rules above from the stale instance's dot
+// records. The stale instance stopped working 2 × margin before.
+//
+// Writes that matter after a takeover (a batch's state, the takeover's
+// state-and-marker moves, accepted batches, dot records) carry the
+// epochs they were made under and a deadline, and are refused by the
+// storage when an epoch moved on or the deadline passed: atomically on
+// Redis (one Lua script), under the storage's lock elsewhere (fence.go
+// says what that leaves open). A write whose outcome is unknown returns
+// only once the storage would refuse it, so a record never moves
+// backwards. Two live processes never run as one instance: a process that
+// reads an instance id whose heartbeat another live process writes takes
+// an identity of its own (identity.go).
 //
 // Fair between keys. Workers take the due messages of the highest lane
 // first (codes and links, then /send, then bulk, each lower lane with

@@ -265,9 +265,12 @@ func (e *Engine) writeDotRecord(w int, rec DotRecord) error {
 		l.size += int64(len(line))
 		return nil
 	}
+	// fenced, like a state write: a mark that lands after an adopter read
+	// this instance's records, or past this instance's ownership, is
+	// refused (and its dot not sent)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return e.st.s.Store(ctx, key, line)
+	return e.fencedApply(ctx, []fenceCond{{e.iid, e.ownEpoch()}}, []fenceOp{{key: key, value: line}})
 }
 
 // stop closes the records' files once no write is in progress.

@@ -128,3 +128,11 @@ func (e *Engine) OwnDots() (DotRecord, error) {
 	}
 	return out, nil
 }
+
+// RaiseEpoch raises an instance's fencing epoch, as an adopter does
+// before it touches that instance's work (fence.go), for a test that
+// stands in for an adopter: the instance's writes made under the old
+// epoch are refused from then on.
+func (e *Engine) RaiseEpoch(ctx context.Context, instance string) (uint64, error) {
+	return fencerFor(e.st.s).bump(ctx, instance, nil)
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -110,9 +111,17 @@ type Engine struct {
 	closing     bool
 	workers     int // running delivery workers
 	wantWorkers int
-	adopted     bool            // another instance took over our work
-	identified  bool            // iid is final (claimIdentity ran)
-	suspects    map[string]bool // instances that looked stale in the last scan
+	adopted     bool                // another instance took over our work
+	identified  bool                // iid is final (claimIdentity ran)
+	suspects    map[string]*suspect // instances' heartbeats as last read (watch)
+	recovered   bool                // recoverOwn completed since the start
+
+	// clk is the engine's clock; gate says whether, and until when, this
+	// instance owns its work (lease.go); epoch is the fencing epoch its
+	// writes are made under (fence.go), set by reestablish
+	clk   clock
+	gate  *leaseGate
+	epoch uint64
 
 	wakeCh   chan struct{} // closed and replaced to wake every waiter
 	flushCh  chan struct{} // wakes the state writer
@@ -191,9 +200,9 @@ type batch struct {
 	writing    int // state writes in flight (a failed one until it is redone)
 	retired    bool
 	registered time.Time // when this engine took the batch on
-	// rewrite is set while the batch's last state write failed: the next
-	// one first checks that the batch is still this instance's
-	rewrite bool
+	// lost is set when another instance adopted the batch while this
+	// one's lease lapsed: nothing of it is written or attempted any more
+	lost bool
 }
 
 // SenderProfile names what a message is sent as and through: the From
@@ -240,6 +249,8 @@ func New(key string, s certmagic.Storage, iid string, obs Observer) *Engine {
 	e.segCache.max = 8
 	e.dots.marks, e.dots.accepted, e.dots.refused = map[string]int{}, map[string]int{}, map[string]int{}
 	e.tun = currentTunables()
+	e.clk = realClock{}
+	e.gate = newLeaseGate(e.clk)
 	e.logger.Store(zap.NewNop())
 	e.obs = obs
 	if obs == nil {
@@ -528,6 +539,9 @@ type acceptReq struct {
 	waiting bool
 	entries []*Entry
 	done    chan error
+	// deadline is when the caller stops waiting (acceptTimeout); a
+	// request still queued then is not written
+	deadline time.Time
 }
 
 // Accept writes msgs durably and queues them for immediate delivery. It
@@ -550,18 +564,39 @@ func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]
 	}
 	e.reserveLocked(msgs, 1)
 	e.mu.Unlock()
-	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1)}
+	req := &acceptReq{msgs: msgs, batch: fixedBatch, waiting: waiting, done: make(chan error, 1), deadline: time.Now().Add(acceptTimeout)}
+	if !e.gate.valid() {
+		// cut off from the storage (or not yet re-established after
+		// that): nothing is written that this instance could not deliver
+		e.failAccept([]*acceptReq{req}, fmt.Errorf("writing to storage: %w", errLeaseLapsed))
+		return nil, <-req.done
+	}
 	// a shutdown can begin between the closing check and here; once the
 	// appender has exited (doneCh) it has answered every request it took,
 	// and one it never took is failed here instead of waiting forever
+	// the appender writes a request by its deadline or not at all (the
+	// write is refused past it); this timer answers even when the storage
+	// ignores the deadline
+	timeout := time.NewTimer(time.Until(req.deadline) + 250*time.Millisecond)
+	defer timeout.Stop()
 	select {
 	case e.acceptCh <- req:
 	case <-e.doneCh:
+	case <-timeout.C:
+		e.failAccept([]*acceptReq{req}, errAcceptTimeout)
+		return nil, <-req.done
 	}
 	select {
 	case err := <-req.done:
 		return req.entries, err
 	case <-e.doneCh:
+	case <-timeout.C:
+		select {
+		case err := <-req.done:
+			return req.entries, err
+		default:
+			return nil, errAcceptTimeout
+		}
 	}
 	select {
 	case err := <-req.done: // written or failed just before the end
@@ -573,6 +608,8 @@ func (e *Engine) Accept(msgs []*NewMessage, fixedBatch string, waiting bool) ([]
 }
 
 var ErrShuttingDown = errors.New("the outbox is shutting down")
+
+var errAcceptTimeout = errors.New("the storage did not acknowledge the messages in time; nothing was accepted")
 
 // appender writes accepted messages in batches: whatever arrived while
 // the previous batch was being written goes into the next one, so the
@@ -676,25 +713,29 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 			r.entries = append(r.entries, en)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	// the segment and the ownership marker are written side by side: the
-	// storage overlaps the two syncs, and the request is answered only
-	// when both are durable (a marker without a segment is ignored)
-	ownErr := make(chan error, 1)
-	go func() {
-		ownErr <- e.st.s.Store(ctx, OwnKey(e.iid, bid), []byte(now.UTC().Format(time.RFC3339Nano)))
-	}()
-	err := e.st.putJSON(ctx, KeySeg+bid, seg)
-	if oerr := <-ownErr; err == nil {
-		err = oerr
+	// the segment and the ownership marker are written together, fenced
+	// (one round trip on Redis), while this instance owns its work, and
+	// by the deadline of the earliest request (acceptTimeout): a write
+	// that reaches Redis later is refused, so that a request answered 503
+	// leaves nothing behind. The request is answered only when both are
+	// durable (a marker without a segment is ignored)
+	deadline := reqs[0].deadline
+	for _, r := range reqs[1:] {
+		if r.deadline.Before(deadline) {
+			deadline = r.deadline
+		}
 	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	err := e.writeSegment(ctx, seg, now, deadline)
 	if err != nil {
 		// the request is told that nothing was accepted: take back
 		// whatever half of the pair was written (the segment holds codes
 		// and links; the janitor would otherwise keep it for an hour)
-		_ = e.st.s.Delete(ctx, OwnKey(e.iid, bid))
-		_ = e.st.s.Delete(ctx, KeySeg+bid)
+		dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = e.st.s.Delete(dctx, OwnKey(e.iid, bid))
+		_ = e.st.s.Delete(dctx, KeySeg+bid)
+		dcancel()
 		e.log().Error("writing accepted messages to storage failed", zap.Error(err), zap.Int("messages", len(b.entries)))
 		for _, en := range b.entries {
 			if en.data != nil {
@@ -726,6 +767,34 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 		r.done <- nil
 	}
 }
+
+// writeSegment stores an accepted batch's segment and ownership marker
+// in one fenced group, made under this instance's current epoch and
+// ownership, and refused past deadline (less the lease margin, for the
+// clocks).
+func (e *Engine) writeSegment(ctx context.Context, seg *Segment, now, deadline time.Time) error {
+	_, until, err := e.gate.check()
+	if err != nil {
+		return err
+	}
+	val, err := json.Marshal(seg)
+	if err != nil {
+		return err
+	}
+	dl := wallDeadline(e.clk, until)
+	if d := deadline.Round(0).Add(-leaseMargin(e.leaseDuration())); d.Before(dl) {
+		dl = d
+	}
+	return fencerFor(e.st.s).apply(ctx, []fenceCond{{e.iid, e.ownEpoch()}}, dl, []fenceOp{
+		{key: KeySeg + seg.Batch, value: val},
+		{key: OwnKey(e.iid, seg.Batch), value: []byte(now.UTC().Format(time.RFC3339Nano))},
+	})
+}
+
+// acceptTimeout bounds an Accept: it answers within this long, with the
+// messages durable or with an error (the handler's 503
+// outbox_unavailable), however the storage misbehaves.
+var acceptTimeout = 10 * time.Second
 
 // closedChan is the first channel of entries nobody waits for.
 var closedChan = func() chan struct{} {
@@ -761,6 +830,12 @@ const stateLinger = 50 * time.Millisecond
 // again; claimed messages not yet attempted are given back first.
 func (e *Engine) worker() {
 	for {
+		// no claim while this instance does not own its work
+		for !e.gate.valid() {
+			if !e.wait(50 * time.Millisecond) {
+				return
+			}
+		}
 		group := e.claimGroup()
 		if group == nil {
 			return
@@ -836,7 +911,7 @@ func (e *Engine) holdClaims(group []*Entry) error {
 func (e *Engine) beginAttempt(en *Entry, first bool) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.closing || e.adopted || !en.claimed {
+	if e.closing || e.adopted || !en.claimed || en.b.lost {
 		return false
 	}
 	if !first && e.ready.yields(en, time.Now()) {
@@ -968,18 +1043,15 @@ func (e *Engine) nextReady() []*Entry {
 // deliver attempts one claimed message and records the outcome.
 func (e *Engine) deliver(en *Entry) {
 	defer e.attempts.Done()
-	// Fencing, as far as storage allows: if another instance adopted the
-	// batch (this one paused past its lease), do not send; the next
-	// heartbeat, which lists the markers, drops the batch. A storage
-	// module may also answer "no" because it failed, so the message is
-	// queued again a lease later: by then the heartbeat has dropped an
-	// adopted batch, and one that is still ours is attempted again.
-	octx, ocancel := context.WithTimeout(context.Background(), 30*time.Second)
-	owned := e.st.s.Exists(octx, OwnKey(e.iid, en.b.id))
-	ocancel()
-	if !owned {
-		e.log().Warn("not sending: this message's batch is no longer marked as this instance's (another instance took it over, or the storage failed)", zap.String("id", en.st.ID))
-		e.unclaim(en, time.Now().Add(e.leaseDuration()))
+	// Self-fencing (lease.go): no SMTP transaction starts unless this
+	// instance owns its work now, and the attempt's waits end the moment
+	// that stops being true (lctx); the final dot is checked again below.
+	lctx, _, lerr := e.gate.check()
+	if lerr == nil {
+		lerr = e.stillHeld(en, lctx)
+	}
+	if lerr != nil {
+		e.unclaim(en, time.Now())
 		return
 	}
 	e.mu.Lock()
@@ -996,9 +1068,19 @@ func (e *Engine) deliver(en *Entry) {
 	if env != nil {
 		env.Urgent = en.lane == laneAuth
 		env.BeforeDot = func() error {
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			// the mark is durable, and this instance still owns the
+			// message, under the same holding as when the attempt began
+			// (not one re-established since, which may have dropped its
+			// batch), or the dot does not go
+			if err := e.stillHeld(en, lctx); err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(lctx, 30*time.Second)
 			defer cancel()
-			return e.markDot(ctx, en.st.ID, attempt)
+			if err := e.markDot(ctx, en.st.ID, attempt); err != nil {
+				return err
+			}
+			return e.stillHeld(en, lctx)
 		}
 	}
 	var d mailer.Result
@@ -1009,7 +1091,7 @@ func (e *Engine) deliver(en *Entry) {
 	} else if t := e.transportFor(en.st.Profile); t == nil {
 		derr = &mailer.Error{Code: mailer.CodeSMTPConnection, Phase: mailer.PhaseConnect, Err: errors.New("no authmail handler is configured to send this message")}
 	} else {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		ctx, cancel := context.WithTimeout(lctx, 10*time.Minute)
 		start := time.Now()
 		d, err = t.Send(ctx, env)
 		cancel()
@@ -1020,6 +1102,26 @@ func (e *Engine) deliver(en *Entry) {
 		e.obs.Attempt(derr, took)
 	}
 	e.recordOutcome(en, d, derr, took)
+}
+
+// stillHeld reports whether this instance still owns its work under the
+// holding lctx belongs to (lease.go), and the entry's batch was not
+// dropped as adopted.
+func (e *Engine) stillHeld(en *Entry, lctx context.Context) error {
+	c, _, err := e.gate.check()
+	if err != nil {
+		return err
+	}
+	if c != lctx {
+		return errLeaseLapsed // lapsed and re-established since the attempt began
+	}
+	e.mu.Lock()
+	lost := en.b.lost
+	e.mu.Unlock()
+	if lost {
+		return errBatchAdopted
+	}
+	return nil
 }
 
 // unclaim undoes a claim in memory without sending; the message is due
@@ -1035,8 +1137,10 @@ func (e *Engine) unclaimLocked(en *Entry, retry time.Time) {
 	en.st.Attempts--
 	en.claimed, en.attempting = false, false
 	en.st.NextAt = retry
-	e.ready.push(en)
-	e.ready.settle(en)
+	if !en.b.lost {
+		e.ready.push(en)
+	}
+	e.ready.settle(en) // after the push: the tenant keeps its turn
 }
 
 // envelopeOf returns the message's envelope, from memory or storage.
@@ -1092,6 +1196,15 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 	}
 	e.mu.Lock()
 	en.claimed, en.attempting = false, false
+	if en.b.lost {
+		// another instance adopted the batch while this attempt ran
+		// (this one's lease lapsed): its outcome is that instance's to
+		// decide, from the dot marks it read
+		e.ready.settle(en)
+		e.mu.Unlock()
+		e.dropDot(en.st.ID, en.st.Attempts)
+		return
+	}
 	en.st.Updated = now
 	if en.data != nil {
 		e.bodyBytes.Add(-int64(len(en.data)))
@@ -1169,7 +1282,7 @@ func (e *Engine) recordOutcome(en *Entry, d mailer.Result, derr *mailer.Error, t
 			en.firstDone = true
 			close(en.first)
 		}
-		if final {
+		if final && !en.b.lost {
 			if en.st.Webhook.Status == HookPending && en.hookIdx < 0 {
 				e.hooks.Push(en)
 			} else {
@@ -1356,10 +1469,9 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 		return false
 	}
 	type job struct {
-		b       *batch
-		bs      BatchState
-		cbs     []func(error)
-		recheck bool
+		b   *batch
+		bs  BatchState
+		cbs []func(error)
 	}
 	set := e.dirty
 	if urgentOnly {
@@ -1370,7 +1482,17 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 	}
 	jobs := make([]job, 0, len(set))
 	now := time.Now()
+	// every write carries the epoch its snapshot was taken under: a
+	// snapshot of a batch that reestablish drops after this is refused
+	ep := e.epoch
+	var lost [][]func(error)
 	for b, cbs := range set {
+		if b.lost {
+			delete(e.dirty, b)
+			delete(e.urgent, b)
+			lost = append(lost, cbs)
+			continue
+		}
 		bs := BatchState{Batch: b.id, Owner: e.iid, Updated: now, Messages: make([]State, len(b.entries))}
 		settled := true
 		for i, en := range b.entries {
@@ -1384,7 +1506,7 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 		}
 		bs.Done = b.retired
 		b.writing++
-		jobs = append(jobs, job{b, bs, cbs, b.rewrite})
+		jobs = append(jobs, job{b, bs, cbs})
 	}
 	for _, j := range jobs {
 		delete(e.dirty, j.b)
@@ -1394,6 +1516,11 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 		e.dirtySince = time.Time{}
 	}
 	e.mu.Unlock()
+	for _, cbs := range lost {
+		for _, cb := range cbs {
+			cb(errBatchAdopted)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	sem := make(chan struct{}, maxParallelWrites)
@@ -1403,32 +1530,22 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			if j.recheck && e.lostToAdoption(ctx, j.b.id) {
-				// Why: a storage outage longer than the lease (every write
-				// failing meanwhile) lets another instance adopt the batch;
-				// it may already have delivered the messages and written
-				// their outcome, which this stale state would overwrite
-				// (a sent message shown as queued forever). The next
-				// heartbeat drops the batch here.
-				e.log().Warn("not writing a batch's state: another instance took the batch over while its writes failed", zap.String("batch", j.b.id))
-				e.mu.Lock()
-				j.b.writing--
-				e.mu.Unlock()
-				for _, cb := range j.cbs {
-					cb(errBatchAdopted)
-				}
-				return
+			// fenced (fence.go): refused once another instance adopted the
+			// batch, or this one re-established its ownership since the
+			// snapshot; a state that is not this instance's to write any
+			// more never overwrites the adopter's decision
+			var err error
+			if val, merr := json.Marshal(j.bs); merr != nil {
+				err = merr
+			} else {
+				err = e.fencedApply(ctx, []fenceCond{{e.iid, ep}}, []fenceOp{{key: KeySt + j.b.id, value: val}})
 			}
-			err := e.st.putJSON(ctx, KeySt+j.b.id, j.bs)
-			e.mu.Lock()
-			j.b.rewrite = err != nil
-			e.mu.Unlock()
 			if err != nil {
 				e.log().Error("writing message state to storage failed; retrying", zap.String("batch", j.b.id), zap.Error(err))
 				time.AfterFunc(time.Second, func() {
 					e.mu.Lock()
 					j.b.writing--
-					if e.batches[j.b.id] == j.b {
+					if e.batches[j.b.id] == j.b && !j.b.lost {
 						e.markDirtyLocked(j.b, nil, false)
 					}
 					e.mu.Unlock()
@@ -1453,14 +1570,6 @@ func (e *Engine) flushOnce(urgentOnly bool) bool {
 // errBatchAdopted fails the waiters of a state write that was not made
 // because another instance adopted the batch.
 var errBatchAdopted = errors.New("another instance took the batch over")
-
-// lostToAdoption reports whether this instance's ownership marker of a
-// batch is gone (another instance moved it to itself). A storage error is
-// not an answer: the write is tried, and fails or succeeds on its own.
-func (e *Engine) lostToAdoption(ctx context.Context, bid string) bool {
-	_, err := e.st.s.Stat(ctx, OwnKey(e.iid, bid))
-	return IsNotExist(err)
-}
 
 // retire deletes a finished batch's bodies and ownership marker and
 // forgets it; its st object stays for the retention period.

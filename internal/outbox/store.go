@@ -26,6 +26,10 @@ import (
 //	                                 final dot may be in flight, and the answers
 //	                                 to dots whose outcome is not yet in st/
 //	                                 (dots.go)
+//	authmail/fence/<instance>        an instance's fencing epoch (fence.go), on
+//	                                 storages other than Redis; on Redis a raw
+//	                                 integer key <key_prefix>/authmail/epoch/<instance>
+//	                                 outside the module's directory index
 //	authmail/idem/<tenant>/<hash>    idempotency records, kept for idempotency_ttl
 //	authmail/codes/<tenant>/<slot>   an issued OTP code: its keyed hash, recipient,
 //	                                 purpose, expiry and wrong attempts; the slot is
