@@ -184,10 +184,13 @@ func envelopeRecipients(lists ...[]mailAddr) []string {
 const maxFoldedWord = 76
 
 // foldableSubject returns the subject as go-mail can fold it within the
-// line limits: unchanged when it is not ASCII (go-mail encodes it as
-// encoded words of at most 75 characters) or when every word is short
-// and single spaces separate them; otherwise as Q-encoded words of at
-// most 75 characters that decode to exactly the subject.
+// line limits: unchanged when it is ASCII, every word is short and
+// single spaces separate them; otherwise as Q-encoded words that decode
+// to exactly the subject, split only between characters, the first short
+// enough to stay on the "Subject: " line. go-mail's own encoding of a
+// non-ASCII subject put the first encoded word on a folded line of its
+// own ("Subject:" CRLF SP "=?UTF-8?q?…"): valid, but some parsers read
+// the fold as a leading space of the subject.
 func foldableSubject(subject string) string {
 	plain := !strings.Contains(subject, "  ") && !strings.HasPrefix(subject, " ") && !strings.HasSuffix(subject, " ")
 	for _, w := range strings.Split(subject, " ") {
@@ -196,9 +199,7 @@ func foldableSubject(subject string) string {
 		}
 	}
 	for i := 0; i < len(subject); i++ {
-		if c := subject[i]; c >= utf8.RuneSelf {
-			return subject
-		} else if c < ' ' || c == 0x7f {
+		if c := subject[i]; c >= utf8.RuneSelf || c < ' ' || c == 0x7f {
 			plain = false
 		}
 	}
@@ -206,23 +207,35 @@ func foldableSubject(subject string) string {
 		return subject
 	}
 	const prefix, suffix = "=?UTF-8?q?", "?="
+	// go-mail (msgWriter.writeHeader) starts a new line before a word
+	// unless the word leaves more than one character of its budget:
+	// MaxHeaderLength less CRLF, "Subject: " on the first line, a space
+	// on the others. Words within that stay where they are: the first on
+	// the "Subject: " line.
+	first := gomail.MaxHeaderLength - 2 - len("Subject: ") - 2
+	limit := first
 	var words []string
 	var b strings.Builder
-	for i := 0; i < len(subject); i++ {
-		var enc string
-		switch c := subject[i]; {
-		case c == ' ':
-			enc = "_"
-		case c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!*+-/", c) >= 0:
-			enc = string(c)
-		default:
-			enc = fmt.Sprintf("=%02X", c)
+	for i := 0; i < len(subject); {
+		_, size := utf8.DecodeRuneInString(subject[i:])
+		var enc strings.Builder
+		for _, c := range []byte(subject[i : i+size]) {
+			switch {
+			case c == ' ':
+				enc.WriteByte('_')
+			case c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!*+-/", c) >= 0:
+				enc.WriteByte(c)
+			default:
+				fmt.Fprintf(&enc, "=%02X", c)
+			}
 		}
-		if len(prefix)+b.Len()+len(enc)+len(suffix) > 75 {
+		i += size
+		if b.Len() > 0 && len(prefix)+b.Len()+enc.Len()+len(suffix) > limit {
 			words = append(words, prefix+b.String()+suffix)
 			b.Reset()
+			limit = gomail.MaxHeaderLength - 3 - 2
 		}
-		b.WriteString(enc)
+		b.WriteString(enc.String())
 	}
 	words = append(words, prefix+b.String()+suffix)
 	// white space between adjacent encoded words is not part of the text

@@ -2,6 +2,8 @@ package authmail
 
 import (
 	"bytes"
+	"mime"
+	"net/mail"
 	"regexp"
 	"strings"
 	"testing"
@@ -161,5 +163,33 @@ func checkHeaderLines(t testing.TB, data []byte, limit int) {
 		if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') && len(bytes.TrimLeft(line, " \t")) == 0 {
 			t.Fatalf("header line %d is white space only", i)
 		}
+	}
+}
+
+// TestSubjectStartsOnItsLine: a non-ASCII subject (the built-in Korean
+// templates', a Cyrillic one, a long one) starts on the "Subject:" line,
+// with no fold before its first encoded word — some parsers read such a
+// fold as a leading space — and decodes to exactly the subject.
+func TestSubjectStartsOnItsLine(t *testing.T) {
+	h := provisionedHandler(t)
+	for _, subject := range []string{"[Example App] 인증 코드 안내", "Короткая тема", strings.Repeat("인증 코드 ", 12) + "끝",
+		"Ünïcödé", "a\tb ünd  two  spaces", strings.Repeat("ü", 300)} {
+		env, err := h.buildEnvelope(&outMessage{to: []mailAddr{{Addr: "a@example.org"}}, subject: subject, text: "x"}, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		head := string(env.Data[:bytes.Index(env.Data, []byte("\r\n\r\n"))])
+		i := strings.Index(head, "\r\nSubject:") + 2
+		if !strings.HasPrefix(head[i:], "Subject: =?UTF-8?q?") {
+			t.Errorf("%q: the subject does not start on its line: %q", subject, head[i:min(len(head), i+40)])
+		}
+		msg, err := mail.ReadMessage(bytes.NewReader(env.Data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := new(mime.WordDecoder).DecodeHeader(msg.Header.Get("Subject")); err != nil || got != subject {
+			t.Errorf("%q decodes to %q (%v)", subject, got, err)
+		}
+		checkHeaderLines(t, env.Data, 78)
 	}
 }
