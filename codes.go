@@ -262,7 +262,9 @@ var issuedLocks keyedMutex
 // record, so that load-check-write or -delete is atomic across the
 // engines and instances sharing the storage; the mutex spares requests
 // of this process the storage lock's poll. The returned context is not
-// cancelled by the client, so a sequence once started completes.
+// cancelled by the client, so a sequence once started completes, but it
+// keeps ctx's deadline (the request's storageTimeout): a stalled storage
+// ends the sequence as a storage failure.
 func (e *shared) lockIssued(ctx context.Context, key string) (context.Context, func(), error) {
 	unlock := issuedLocks.lock(e.key + "\x00" + key)
 	sum := sha256.Sum256([]byte(key))
@@ -273,8 +275,15 @@ func (e *shared) lockIssued(ctx context.Context, key string) (context.Context, f
 		unlock()
 		return nil, nil, err
 	}
-	return context.WithoutCancel(ctx), func() {
-		_ = e.st.s.Unlock(context.Background(), name)
+	seq, seqCancel := context.WithoutCancel(ctx), context.CancelFunc(func() {})
+	if d, ok := ctx.Deadline(); ok {
+		seq, seqCancel = context.WithDeadline(seq, d)
+	}
+	return seq, func() {
+		seqCancel()
+		uctx, cancel := withStorageDeadline(context.Background())
+		_ = e.st.s.Unlock(uctx, name)
+		cancel()
 		unlock()
 	}, nil
 }
@@ -293,7 +302,11 @@ func (h *Handler) storeIssued(ctx context.Context, tenant string, v *issuedValue
 		if err := e.st.putJSON(ctx, key, rec); err != nil {
 			return "", nil, err
 		}
-		return "", func() { _ = e.st.s.Delete(context.Background(), key) }, nil
+		return "", func() {
+			dctx, cancel := withStorageDeadline(context.Background())
+			defer cancel()
+			_ = e.st.s.Delete(dctx, key)
+		}, nil
 	}
 	slot := is.slot(tenant, v.purpose, v.to)
 	nonceB := make([]byte, 16)
@@ -312,7 +325,10 @@ func (h *Handler) storeIssued(ctx context.Context, tenant string, v *issuedValue
 		return "", nil, err
 	}
 	withdraw := func() {
-		lctx, unlock, err := e.lockIssued(context.Background(), key)
+		// its own deadline: the request's may be spent by the accept
+		wctx, cancel := withStorageDeadline(context.Background())
+		defer cancel()
+		lctx, unlock, err := e.lockIssued(wctx, key)
 		if err != nil {
 			return
 		}
@@ -338,12 +354,12 @@ func issuedOf(msgs []*outMessage) *issuedValue {
 // the messages. A code's answer carries its challenge_id and expiry.
 // When the message is not accepted (queue full, storage down) the
 // record is withdrawn; a code it replaced stays replaced.
-func (h *Handler) submitIssued(rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
+func (h *Handler) submitIssued(ctx context.Context, rc *requestCtx, key *apiKey, msgs []*outMessage, envs []*mailer.Envelope, batch string, pref preference) apiResponse {
 	v := issuedOf(msgs)
 	if v == nil {
 		return withLocale(h.submit(rc, msgs, envs, batch, pref), msgs)
 	}
-	challenge, withdraw, err := h.storeIssued(context.Background(), key.tenant, v)
+	challenge, withdraw, err := h.storeIssued(ctx, key.tenant, v)
 	if err != nil {
 		h.logger.Error("storing an issued code or token failed", zap.String("flow", msgs[0].flow), zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the code or token could not be written to storage; nothing was sent, retry later")

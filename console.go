@@ -1,6 +1,7 @@
 package authmail
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"net/url"
@@ -152,7 +153,15 @@ func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requ
 	}
 	lq.May = func(m outbox.State) bool { return h.sees(key, m) }
 	admin := key.allow["admin"]
-	states, next, err := h.engine.ListMessages(r.Context(), lq)
+	type page struct {
+		states []outbox.State
+		next   string
+	}
+	pg, err := bounded(r.Context(), func(ctx context.Context) (page, error) {
+		states, next, err := h.engine.ListMessages(ctx, lq)
+		return page{states, next}, err
+	}, nil)
+	states, next := pg.states, pg.next
 	if err != nil {
 		h.logger.Error("listing messages failed", zap.Error(err))
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
@@ -187,9 +196,20 @@ type retryResponse struct {
 }
 
 func (h *Handler) serveRetry(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
-	prev, _, _ := h.engine.Lookup(r.Context(), id)
+	prev, _, _ := h.lookup(r.Context(), id)
 	may := func(m outbox.State) bool { return h.sees(key, m) }
-	st, ok, err := h.engine.Requeue(r.Context(), id, may)
+	// a requeue that outlasts the deadline is answered 503 and may still
+	// take effect: the message is then queued once more, as asked, and a
+	// second retry is refused (409 not_retryable) while it is queued
+	type requeued struct {
+		st outbox.State
+		ok bool
+	}
+	rq, err := bounded(r.Context(), func(ctx context.Context) (requeued, error) {
+		st, ok, err := h.engine.Requeue(ctx, id, may)
+		return requeued{st, ok}, err
+	}, nil)
+	st, ok := rq.st, rq.ok
 	switch {
 	case !ok && err == nil:
 		return h.reject(w, rc, &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"})

@@ -58,25 +58,30 @@ type keyedMutex struct {
 }
 
 type keyedLock struct {
-	mu   sync.Mutex
+	mu   chan struct{} // holds a token while locked
 	refs int
 }
 
 func (k *keyedMutex) lock(key string) func() {
+	unlock, _ := k.lockCtx(context.Background(), key)
+	return unlock
+}
+
+// lockCtx is lock that gives up when ctx is done: a request waits for
+// another with the same key within its storage deadline only.
+func (k *keyedMutex) lockCtx(ctx context.Context, key string) (func(), error) {
 	k.mu.Lock()
 	if k.locks == nil {
 		k.locks = map[string]*keyedLock{}
 	}
 	l := k.locks[key]
 	if l == nil {
-		l = &keyedLock{}
+		l = &keyedLock{mu: make(chan struct{}, 1)}
 		k.locks[key] = l
 	}
 	l.refs++
 	k.mu.Unlock()
-	l.mu.Lock()
-	return func() {
-		l.mu.Unlock()
+	deref := func() {
 		k.mu.Lock()
 		l.refs--
 		if l.refs == 0 {
@@ -84,6 +89,16 @@ func (k *keyedMutex) lock(key string) func() {
 		}
 		k.mu.Unlock()
 	}
+	select {
+	case l.mu <- struct{}{}:
+	case <-ctx.Done():
+		deref()
+		return nil, ctx.Err()
+	}
+	return func() {
+		<-l.mu
+		deref()
+	}, nil
 }
 
 var idemLocks keyedMutex
@@ -116,25 +131,69 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 	reqHash := hex.EncodeToString(reqSum[:])
 	key := outbox.KeyIdem + tenant + "/" + hash
 
-	unlock := idemLocks.lock(key)
-	defer unlock()
+	unlock, err := idemLocks.lockCtx(ctx, key)
+	if err != nil {
+		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "another request with this Idempotency-Key is still in progress; retry later")
+	}
+	held := true
+	defer func() {
+		if held {
+			unlock()
+		}
+	}()
 	st := h.shared.st
 	if resp, ok := h.replayDone(ctx, key, reqHash); ok {
 		return resp
 	}
 	lockName := "authmail_idem_" + tenant + "_" + hash
-	// a concurrent duplicate waits for the first request, which may wait
-	// up to the longest Prefer: wait for its first attempt
+	// a concurrent duplicate on another instance waits for the first
+	// request, within this request's storage deadline (storageTimeout):
+	// past it, it is answered 503 and its retry replays the first's answer
 	lctx, cancel := context.WithTimeout(ctx, maxPreferWait+30*time.Second)
 	defer cancel()
 	if err := st.s.Lock(lctx, lockName); err != nil {
 		h.logger.Error("locking an idempotency record failed", zap.Error(err))
 		return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be locked; retry later")
 	}
-	defer func() { _ = st.s.Unlock(context.Background(), lockName) }()
+	// A write of the record (the pending record, or its delete) that
+	// outlasts the deadline is answered 503 but may still land. Were the
+	// locks released meanwhile, a retry could write its own record, have
+	// its message accepted and its answer stored, and the late write
+	// would then overwrite (or delete) that answer: the next retry would
+	// send a second message. So the locks, the storage's and this
+	// process's, are kept until every such write has returned: a retry
+	// waits for it (and is answered 503 until then). What remains is a
+	// write the storage applies after its call returned an error, or
+	// after the lock expired (Redis's after 5 s without renewal), the
+	// same limit as the fenced writes' (docs/cluster.md).
+	var inflight sync.WaitGroup
+	stalled := false
+	write := func(ctx context.Context, fn func(ctx context.Context) error) error {
+		inflight.Add(1)
+		_, err := bounded(ctx, func(ctx context.Context) (struct{}, error) { return struct{}{}, fn(ctx) },
+			func(struct{}, error) { inflight.Done() })
+		if err != nil && ctx.Err() != nil {
+			stalled = true
+		}
+		return err
+	}
+	defer func() {
+		held = false
+		release := func() {
+			uctx, cancel := withStorageDeadline(context.Background())
+			_ = st.s.Unlock(uctx, lockName)
+			cancel()
+			unlock()
+		}
+		if stalled {
+			go func() { inflight.Wait(); release() }()
+			return
+		}
+		release()
+	}()
 
 	var rec idemRecord
-	err := st.getJSON(lctx, key, &rec)
+	err = st.getJSON(lctx, key, &rec)
 	found := err == nil && time.Since(rec.Created) < h.engine.Config().IdemTTL
 	if err != nil && !outbox.IsNotExist(err) {
 		h.logger.Error("reading an idempotency record failed", zap.Error(err))
@@ -150,7 +209,7 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 		// pending: an earlier attempt stopped between reserving the id and
 		// storing its answer. If the message was accepted, answer for it;
 		// otherwise accept it now under the reserved id.
-		state, ok, lerr := h.engine.Lookup(lctx, rec.ID)
+		state, ok, lerr := h.lookup(lctx, rec.ID)
 		if lerr != nil {
 			// not knowing whether the message exists, accepting it again
 			// could send it twice
@@ -165,7 +224,8 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 		}
 	} else {
 		rec = idemRecord{RequestHash: reqHash, ID: outbox.MessageID(outbox.NewID(time.Now()), 0), State: "pending", Created: time.Now()}
-		if err := st.putJSON(lctx, key, rec); err != nil {
+		// the raw storage: write bounds the call and tracks it
+		if err := write(lctx, func(ctx context.Context) error { return outbox.PutJSON(ctx, h.shared.live, key, rec) }); err != nil {
 			h.logger.Error("writing an idempotency record failed", zap.Error(err))
 			return errorAnswer(http.StatusServiceUnavailable, "outbox_unavailable", "the idempotency record could not be written; retry later")
 		}
@@ -175,16 +235,21 @@ func (h *Handler) idempotent(ctx context.Context, tenant, idemKey, endpointPath 
 		h.storeIdem(key, rec, resp)
 	} else if !found {
 		// nothing was created: the key stays unused
-		_ = st.s.Delete(context.Background(), key)
+		dctx, dcancel := withStorageDeadline(context.Background())
+		_ = write(dctx, func(ctx context.Context) error { return h.shared.live.Delete(ctx, key) })
+		dcancel()
 	}
 	return resp
 }
 
-// storeIdem records the answer. It has its own deadline: the request's
-// may be spent by a long first attempt, and the answer must still land.
+// storeIdem records the answer. It has its own deadline (storageTimeout):
+// the request's may be spent by a long first attempt, and the answer
+// must still land. Past it the request is answered anyway (the message
+// is accepted); a write that lands later carries the same answer a
+// retry would store, so it is safe whenever it lands.
 func (h *Handler) storeIdem(key string, rec idemRecord, resp apiResponse) {
 	rec.State, rec.Status, rec.Body, rec.Location = "done", resp.status, resp.body, resp.location
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := withStorageDeadline(context.Background())
 	defer cancel()
 	if err := h.shared.st.putJSON(ctx, key, rec); err != nil {
 		// the message is accepted; a retry finds the pending record and

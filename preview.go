@@ -326,7 +326,10 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	}
 	view.Mailbox = h.captured(r.Context(), key, maxMailbox)
 	// the outbox tab: the same list as GET /messages, first page
-	states, _, err := h.engine.ListMessages(r.Context(), outbox.ListQuery{Limit: maxMailbox, May: func(m outbox.State) bool { return h.sees(key, m) }})
+	states, err := bounded(r.Context(), func(ctx context.Context) ([]outbox.State, error) {
+		states, _, err := h.engine.ListMessages(ctx, outbox.ListQuery{Limit: maxMailbox, May: func(m outbox.State) bool { return h.sees(key, m) }})
+		return states, err
+	}, nil)
 	if err != nil {
 		view.OutboxError = "the outbox could not be read; retry later"
 	}
@@ -456,7 +459,7 @@ func (h *Handler) captured(ctx context.Context, key *apiKey, n int) []previewEnt
 func (h *Handler) mayReadCaptured(ctx context.Context, key *apiKey, name string) bool {
 	base := strings.TrimSuffix(name, ".eml")
 	id := base[strings.LastIndexByte(base, '-')+1:]
-	st, ok, err := h.engine.Lookup(ctx, id)
+	st, ok, err := h.lookup(ctx, id)
 	if err != nil {
 		return false
 	}

@@ -2,6 +2,7 @@ package authmail
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -90,6 +91,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ok, wait := lim.Take("k:"+key.tenant, key.rate, now); !ok {
 		return h.rateLimited(w, rc, "rate_limited", "this API key sent too many requests; retry later", wait)
 	}
+	// one deadline for all of the request's storage work (storageTimeout);
+	// the test send's SMTP transaction is not storage work and keeps the
+	// client's context
+	clientReq := r
+	ctx, cancel := withStorageDeadline(r.Context())
+	defer cancel()
+	r = r.WithContext(ctx)
 	switch ep.kind {
 	case kindStatus:
 		return h.serveStatus(w, r, rc, key, msgID)
@@ -118,7 +126,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, rc, aerr)
 	}
 	if ep.kind == kindTest {
-		return h.serveTest(w, r, rc, body, dryRun)
+		return h.serveTest(w, clientReq, rc, body, dryRun)
 	}
 	if ep.kind == kindVerifyOTP || ep.kind == kindVerifyToken {
 		return h.serveVerify(w, r, rc, ep, key, body, dryRun)
@@ -179,7 +187,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 				return resp
 			}
 		}
-		return h.submitIssued(rc, key, msgs, envs, batch, pref)
+		return h.submitIssued(r.Context(), rc, key, msgs, envs, batch, pref)
 	}
 	var resp apiResponse
 	if hasIdem {
@@ -408,7 +416,7 @@ func (h *Handler) writeAnswer(w http.ResponseWriter, rc *requestCtx, resp apiRes
 // the same answer as an id that does not exist.
 func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey, id string) error {
 	notFound := &apiError{Status: http.StatusNotFound, Code: "not_found", Message: "no message with this id for this key"}
-	st, ok, err := h.engine.Lookup(r.Context(), id)
+	st, ok, err := h.lookup(r.Context(), id)
 	if err != nil {
 		h.logger.Error("reading message state failed", zap.Error(err))
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",
@@ -420,6 +428,20 @@ func (h *Handler) serveStatus(w http.ResponseWriter, r *http.Request, rc *reques
 	rc.id, rc.messageID = st.ID, st.MessageID
 	rc.setStatus(st.Status, "")
 	return writeJSON(w, http.StatusOK, statusOf(st))
+}
+
+// lookup is engine.Lookup bounded by ctx (see bounded): the engine's
+// storage may ignore the deadline.
+func (h *Handler) lookup(ctx context.Context, id string) (outbox.State, bool, error) {
+	type found struct {
+		st outbox.State
+		ok bool
+	}
+	f, err := bounded(ctx, func(ctx context.Context) (found, error) {
+		st, ok, err := h.engine.Lookup(ctx, id)
+		return found{st, ok}, err
+	}, nil)
+	return f.st, f.ok, err
 }
 
 // statusResponse is the answer of GET /messages/{id}.

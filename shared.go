@@ -38,6 +38,8 @@ const keyAuthFailure = "a:"
 type shared struct {
 	engine *outbox.Engine
 	live   *outbox.LiveStorage // the engine's storage: this config's value
+	// st is live for the handler: each call returns by its context's
+	// deadline, even when the storage ignores it (boundedStorage)
 	st     store
 	limits *ratelimit.Limiter
 	key    string // its sharedPool key, which also names its issued-record locks
@@ -56,7 +58,7 @@ func newShared(key string, s certmagic.Storage, iid string) *shared {
 	live := outbox.NewLiveStorage(s)
 	sh := &shared{
 		engine: outbox.New(key, live, iid, metricsObserver{}),
-		live:   live, st: store{s: live}, limits: ratelimit.New(), key: key, every: limitSyncInterval,
+		live:   live, st: store{s: boundedStorage{live}}, limits: ratelimit.New(), key: key, every: limitSyncInterval,
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	sh.engine.OnJanitor(sh.sweepIssued)

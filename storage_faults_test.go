@@ -28,6 +28,26 @@ type faultyStorage struct {
 	loadFailures []time.Time // when Loads failed
 	// storeIf, when set, fails the Stores it returns true for
 	storeIf func(key string, value []byte) bool
+	// stall, when set, makes Load, Store, List, Exists and Lock of keys
+	// and names with this prefix block, ignoring their context, like a
+	// blackholed connection, until released is closed
+	stall    string
+	released chan struct{}
+}
+
+// stalls blocks while a stall covers key.
+func (f *faultyStorage) stalls(key string) {
+	f.mu.Lock()
+	on, released := f.stall != "" && strings.HasPrefix(key, f.stall), f.released
+	f.mu.Unlock()
+	if on {
+		<-released
+	}
+}
+
+func (f *faultyStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	f.stalls(path)
+	return f.Storage.List(ctx, path, recursive)
 }
 
 var errInjected = errors.New("injected storage fault")
@@ -45,6 +65,7 @@ func (f *faultyStorage) fails(prefix *string, key string) bool {
 }
 
 func (f *faultyStorage) Store(ctx context.Context, key string, value []byte) error {
+	f.stalls(key)
 	if f.fails(&f.store, key) {
 		return errInjected
 	}
@@ -58,6 +79,7 @@ func (f *faultyStorage) Store(ctx context.Context, key string, value []byte) err
 }
 
 func (f *faultyStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	f.stalls(key)
 	if f.fails(&f.load, key) {
 		f.mu.Lock()
 		f.loadFailures = append(f.loadFailures, time.Now())
@@ -68,6 +90,7 @@ func (f *faultyStorage) Load(ctx context.Context, key string) ([]byte, error) {
 }
 
 func (f *faultyStorage) Exists(ctx context.Context, key string) bool {
+	f.stalls(key)
 	if f.fails(&f.exists, key) {
 		return false // what some storage modules answer when they fail
 	}
@@ -75,6 +98,7 @@ func (f *faultyStorage) Exists(ctx context.Context, key string) bool {
 }
 
 func (f *faultyStorage) Lock(ctx context.Context, name string) error {
+	f.stalls(name)
 	if f.fails(&f.lockOn, name) {
 		return errInjected
 	}
@@ -86,7 +110,8 @@ func (f *faultyStorage) Lock(ctx context.Context, name string) error {
 func faultyHandler(t *testing.T, srv *smtptest.Server, mods ...func(*Handler)) (*Handler, *faultyStorage) {
 	t.Helper()
 	in := newInstance(t, "")
-	fs := &faultyStorage{Storage: openStorage(t, in.storageDir)}
+	fs := &faultyStorage{Storage: openStorage(t, in.storageDir), released: make(chan struct{})}
+	t.Cleanup(func() { fs.set(func(f *faultyStorage) { f.stall = "" }); close(fs.released) })
 	h := in.handler(append([]func(*Handler){withSMTP(t, srv), func(h *Handler) { h.storageOverride = fs }}, mods...)...)
 	return h, fs
 }
@@ -588,5 +613,54 @@ func testSaltIsReadOnceStorageAnswers(t *testing.T) {
 	}
 	if a.shared.limits.Hash("x") != b.shared.limits.Hash("x") {
 		t.Error("the salt was read but the instances still hash differently")
+	}
+}
+
+// TestRequestsAnswerWithinDeadlineWhileStorageStalls: with a storage
+// that accepts calls and never answers them (ignoring their context),
+// every request that needs the storage answers by storageTimeout with a
+// 503, and no idempotent send goes out.
+func TestRequestsAnswerWithinDeadlineWhileStorageStalls(t *testing.T) {
+	prev := storageTimeout
+	storageTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { storageTimeout = prev })
+	srv := authServer(t, smtptest.StartTLS)
+	h, fs := faultyHandler(t, srv, withCodes(t), withoutLimits)
+	challenge, _ := issueCode(t, h, srv, `{"to":"jane@example.org","code":"auto"}`)
+	fs.set(func(f *faultyStorage) { f.stall = "authmail" }) // keys and lock names
+	missing := outbox.MessageID(outbox.NewID(time.Now().Add(-time.Hour)), 0)
+	for _, c := range []struct{ name, method, path, body, header string }{
+		{"idempotent send", "POST", "/authmail/send/otp", otp("ann@example.org"), "Idempotency-Key: stall-1"},
+		{"issued code", "POST", "/authmail/send/otp", `{"to":"ann@example.org","code":"auto"}`, ""},
+		{"verify", "POST", "/authmail/verify/otp", `{"challenge_id":"` + challenge + `","code":"000000"}`, ""},
+		{"status", "GET", "/authmail/messages/" + missing, "", ""},
+		{"list", "GET", "/authmail/messages", "", ""},
+		{"retry", "POST", "/authmail/messages/" + missing + "/retry", "", ""},
+	} {
+		type answer struct {
+			code int
+			out  map[string]any
+		}
+		done := make(chan answer, 1)
+		go func() {
+			var hdr []string
+			if c.header != "" {
+				hdr = []string{c.header}
+			}
+			rec, out := serveRequest(t, h, apiRequest(c.method, c.path, strings.NewReader(c.body), hdr...))
+			done <- answer{rec.Code, out}
+		}()
+		select {
+		case a := <-done:
+			if a.code != 503 || a.out["error_code"] != "outbox_unavailable" {
+				t.Errorf("%s: %d %v", c.name, a.code, a.out)
+			}
+		case <-time.After(3 * storageTimeout):
+			t.Fatalf("%s: no answer within 3 × the storage deadline", c.name)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(srv.Attempts()); n != 0 {
+		t.Errorf("%d messages sent while the storage stalled", n)
 	}
 }
