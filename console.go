@@ -146,22 +146,29 @@ type listResponse struct {
 	NextCursor *string    `json:"next_cursor"`
 }
 
+// listMessages is the engine's ListMessages of the messages key may see
+// (sees), answered by ctx's deadline (bounded): GET /messages and the
+// preview page's outbox tab.
+func (h *Handler) listMessages(ctx context.Context, key *apiKey, q outbox.ListQuery) ([]outbox.State, string, error) {
+	q.May = func(m outbox.State) bool { return h.sees(key, m) }
+	type page struct {
+		states []outbox.State
+		next   string
+	}
+	pg, err := bounded(ctx, func(ctx context.Context) (page, error) {
+		states, next, err := h.engine.ListMessages(ctx, q)
+		return page{states, next}, err
+	}, nil)
+	return pg.states, pg.next, err
+}
+
 func (h *Handler) serveMessages(w http.ResponseWriter, r *http.Request, rc *requestCtx, key *apiKey) error {
 	lq, aerr := parseListQuery(key, r.URL.Query())
 	if aerr != nil {
 		return h.reject(w, rc, aerr)
 	}
-	lq.May = func(m outbox.State) bool { return h.sees(key, m) }
 	admin := key.allow["admin"]
-	type page struct {
-		states []outbox.State
-		next   string
-	}
-	pg, err := bounded(r.Context(), func(ctx context.Context) (page, error) {
-		states, next, err := h.engine.ListMessages(ctx, lq)
-		return page{states, next}, err
-	}, nil)
-	states, next := pg.states, pg.next
+	states, next, err := h.listMessages(r.Context(), key, lq)
 	if err != nil {
 		h.logger.Error("listing messages failed", zap.Error(err))
 		return h.reject(w, rc, &apiError{Status: http.StatusServiceUnavailable, Code: "outbox_unavailable",

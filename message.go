@@ -212,8 +212,7 @@ func foldableSubject(subject string) string {
 	// MaxHeaderLength less CRLF, "Subject: " on the first line, a space
 	// on the others. Words within that stay where they are: the first on
 	// the "Subject: " line.
-	first := gomail.MaxHeaderLength - 2 - len("Subject: ") - 2
-	limit := first
+	limit := gomail.MaxHeaderLength - 2 - len("Subject: ") - 2
 	var words []string
 	var b strings.Builder
 	for i := 0; i < len(subject); {

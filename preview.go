@@ -326,10 +326,7 @@ func (h *Handler) servePreview(w http.ResponseWriter, r *http.Request, rc *reque
 	}
 	view.Mailbox = h.captured(r.Context(), key, maxMailbox)
 	// the outbox tab: the same list as GET /messages, first page
-	states, err := bounded(r.Context(), func(ctx context.Context) ([]outbox.State, error) {
-		states, _, err := h.engine.ListMessages(ctx, outbox.ListQuery{Limit: maxMailbox, May: func(m outbox.State) bool { return h.sees(key, m) }})
-		return states, err
-	}, nil)
+	states, _, err := h.listMessages(r.Context(), key, outbox.ListQuery{Limit: maxMailbox})
 	if err != nil {
 		view.OutboxError = "the outbox could not be read; retry later"
 	}

@@ -46,16 +46,6 @@ func (h *Handler) sees(key *apiKey, m outbox.State) bool {
 	return m.Tenant != "" && h.siteTenant[m.Tenant]
 }
 
-// keyByTenant returns the provisioned key of a tenant.
-func (h *Handler) keyByTenant(tenant string) *apiKey {
-	for i := range h.keys {
-		if h.keys[i].tenant == tenant {
-			return &h.keys[i]
-		}
-	}
-	return nil
-}
-
 // The /messages cursor is sealed for the key that listed: AES-256-GCM
 // under a key derived from the API key's secret hash, over the position
 // to continue below. The position can be a message id the key may not
