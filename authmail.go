@@ -740,22 +740,22 @@ func (h *Handler) deliveryConfig(repl *caddy.Replacer) (*outbox.Config, error) {
 		d = &Delivery{}
 	}
 	cfg := &outbox.Config{
-		Wait:           durOr(d.Wait, defaultWait),
-		RetryBackoff:   durOr(d.RetryBackoff, defaultRetryBackoff),
-		MaxBackoff:     durOr(d.MaxBackoff, defaultMaxBackoff),
-		MaxAge:         durOr(d.MaxAge, defaultMaxAge),
-		Retention:      durOr(d.Retention, defaultRetention),
-		ReplayWindow:   time.Duration(d.ReplayWindow),
-		IdemTTL:        durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
-		Lease:          durOr(d.Lease, defaultLease),
-		Drain:          durOr(d.DrainTimeout, defaultDrainTimeout),
-		MaxQueued:      d.MaxQueued,
-		BulkShare:      float64(d.BulkShare) / 100,
-		AuthReserve:    d.AuthReserve,
-		RetryUncertain: d.RetryUncertain,
-		WebhookAllow:   h.WebhookAllowHosts,
+		Wait:            durOr(d.Wait, defaultWait),
+		RetryBackoff:    durOr(d.RetryBackoff, defaultRetryBackoff),
+		MaxBackoff:      durOr(d.MaxBackoff, defaultMaxBackoff),
+		MaxAge:          durOr(d.MaxAge, defaultMaxAge),
+		Retention:       durOr(d.Retention, defaultRetention),
+		ReplayWindow:    time.Duration(d.ReplayWindow),
+		IdemTTL:         durOr(d.IdempotencyTTL, defaultIdempotencyTTL),
+		Lease:           durOr(d.Lease, defaultLease),
+		Drain:           durOr(d.DrainTimeout, defaultDrainTimeout),
+		MaxQueued:       d.MaxQueued,
+		BulkShare:       float64(d.BulkShare) / 100,
+		AuthReserve:     d.AuthReserve,
+		MaxQueuedPerKey: d.MaxQueuedPerKey,
+		RetryUncertain:  d.RetryUncertain,
+		WebhookAllow:    h.WebhookAllowHosts,
 	}
-	cfg.MaxQueuedPerKey = d.MaxQueuedPerKey
 	if h.relayCompat() {
 		// webhooks carry the relay's payload, which names a delivered
 		// message "delivered" ("captured" in capture mode)

@@ -81,9 +81,6 @@ type fencer interface {
 	apply(ctx context.Context, conds []fenceCond, deadline time.Time, ops []fenceOp) error
 	// forget deletes an instance's epoch (the instance is forgotten).
 	forget(ctx context.Context, instance string) error
-	// atomic reports whether the check and the writes are one atomic
-	// step of the storage (the full guarantee).
-	atomic() bool
 }
 
 // KeyFence is the folder of the instances' epochs on storages other than
@@ -121,8 +118,6 @@ func (f redisFencer) key(k string) string { return path.Join(f.rs.KeyPrefix, k) 
 // authmail/fence/, so that it never meets a module value of the lock
 // path's.
 func (f redisFencer) fenceKey(instance string) string { return f.key(KeyEpoch + instance) }
-
-func (f redisFencer) atomic() bool { return true }
 
 // bumpScript raises an epoch (KEYS[1]), if ARGV[1] is "1" only while
 // the heartbeat (KEYS[2], a value of the module) holds ARGV[2].
@@ -268,8 +263,6 @@ func (f redisFencer) apply(ctx context.Context, conds []fenceCond, deadline time
 type lockFencer struct {
 	s certmagic.Storage
 }
-
-func (f lockFencer) atomic() bool { return false }
 
 // fenceLocks shares a storage lock among a process's own fenced writes
 // of one instance: the first takes the storage's lock, the others join it

@@ -66,7 +66,6 @@ type leaseGate struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	stop   func() bool // the lapse timer
-	lapses int
 }
 
 func newLeaseGate(clk clock) *leaseGate {
@@ -134,20 +133,11 @@ func (g *leaseGate) lapseLocked() {
 		return
 	}
 	g.held = false
-	g.lapses++
 	g.cancel(errLeaseLapsed)
 	if g.stop != nil {
 		g.stop()
 		g.stop = nil
 	}
-}
-
-// lapse ends the holding at once (the engine stops, or found its work
-// adopted).
-func (g *leaseGate) lapse() {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.lapseLocked()
 }
 
 // check reports whether the instance owns its work at this moment, and
