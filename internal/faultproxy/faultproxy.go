@@ -72,13 +72,6 @@ func (p *Proxy) Set(m Mode, delay func() time.Duration) {
 	}
 }
 
-// Mode returns the current mode.
-func (p *Proxy) Mode() Mode {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.mode
-}
-
 // Close stops the proxy and closes its connections.
 func (p *Proxy) Close() error {
 	p.mu.Lock()

@@ -700,7 +700,8 @@ func (c *smtpConn) transact(timeout time.Duration, env *Envelope) (d Result, der
 	if err != nil {
 		return fail(PhaseEnd, err)
 	}
-	return Result{Response: sanitizeLine(strings.ReplaceAll(msg, "\n", " "), 200), raw: msg}, nil, true
+	// Sender.redacted makes Response of raw, cleaned of the sender's secrets
+	return Result{raw: msg}, nil, true
 }
 
 // endsSession reports whether a command's error leaves the session

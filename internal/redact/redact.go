@@ -457,7 +457,6 @@ func asciiLower(s string) string {
 type view struct {
 	b      []byte
 	lo, hi []int32
-	base64 bool
 }
 
 // span maps [a, z) of the view to the original.
@@ -714,11 +713,7 @@ var base64Value = func() (t [256]int8) {
 // group of two or three characters gives one or two bytes. The four
 // alignments cover base64 text that starts anywhere in a run.
 func decodeBase64(p *view, a int) *view {
-	if p.base64 {
-		return nil
-	}
 	w := newBuilder(p)
-	w.v.base64 = true
 	b := p.b
 	for i := 0; i < len(b); {
 		if base64Value[b[i]] < 0 {

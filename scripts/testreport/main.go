@@ -126,7 +126,7 @@ func readStream(r io.Reader) *stream {
 type stage struct {
 	name, result string
 	seconds      float64
-	out, json    string
+	out          string
 	stream       *stream
 }
 
@@ -144,7 +144,6 @@ func readStages(path string) ([]*stage, error) {
 		st := &stage{name: f[0], result: f[1], out: f[3]}
 		st.seconds, _ = strconv.ParseFloat(f[2], 64)
 		if len(f) > 4 && f[4] != "" {
-			st.json = f[4]
 			if fh, err := os.Open(f[4]); err == nil {
 				st.stream = readStream(fh)
 				fh.Close()

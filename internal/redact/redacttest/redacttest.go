@@ -93,12 +93,15 @@ func Encodings(s string) []string {
 // a form with c: %XX (a literal % is %25), =XX (a literal = is =3D),
 // \uXXXX after an even number of backslashes (a literal backslash is
 // \\).
-func percent(v string, c func(string) string) string {
-	return regexp.MustCompile(`%[0-9A-Fa-f]{2}`).ReplaceAllStringFunc(v, func(e string) string { return e[:1] + c(e[1:]) })
-}
+func percent(v string, c func(string) string) string { return hexEscapes(percentEscape, v, c) }
 
-func qpEsc(v string, c func(string) string) string {
-	return regexp.MustCompile(`=[0-9A-Fa-f]{2}`).ReplaceAllStringFunc(v, func(e string) string { return e[:1] + c(e[1:]) })
+func qpEsc(v string, c func(string) string) string { return hexEscapes(qpEscape, v, c) }
+
+var percentEscape, qpEscape = regexp.MustCompile(`%[0-9A-Fa-f]{2}`), regexp.MustCompile(`=[0-9A-Fa-f]{2}`)
+
+// hexEscapes rewrites the two hex digits of each escape re finds with c.
+func hexEscapes(re *regexp.Regexp, v string, c func(string) string) string {
+	return re.ReplaceAllStringFunc(v, func(e string) string { return e[:1] + c(e[1:]) })
 }
 
 func jsonEsc(v string, c func(string) string) string {
