@@ -550,17 +550,35 @@ func hexByte(b []byte, i int) (byte, bool) {
 }
 
 // decodePercent decodes %XX in either case, and + as a space when plus.
-func decodePercent(plus bool) decoder {
+func decodePercent(plus bool) decoder { return decodeEscapes('%', plus, false) }
+
+// decodeQP decodes quoted-printable: =XX in either case, soft line
+// breaks.
+var decodeQP = decodeEscapes('=', false, true)
+
+// decodeEscapes decodes esc followed by two hex digits (either case);
+// with plus, + as a space; with soft, esc before a line break (CR LF or
+// LF) as nothing, quoted-printable's soft line break.
+func decodeEscapes(esc byte, plus, soft bool) decoder {
 	return func(p *view) *view {
-		if bytes.IndexByte(p.b, '%') < 0 && (!plus || bytes.IndexByte(p.b, '+') < 0) {
+		if bytes.IndexByte(p.b, esc) < 0 && (!plus || bytes.IndexByte(p.b, '+') < 0) {
 			return nil
 		}
 		w, changed := newBuilder(p), false
 		for i := 0; i < len(p.b); {
-			if p.b[i] == '%' {
+			if p.b[i] == esc {
 				if c, ok := hexByte(p.b, i+1); ok {
 					w.emit(c, i, i+3)
 					i += 3
+					changed = true
+					continue
+				}
+				if rest := p.b[i+1:]; soft && bytes.HasPrefix(rest, []byte("\r\n")) {
+					i += 3
+					changed = true
+					continue
+				} else if soft && bytes.HasPrefix(rest, []byte("\n")) {
+					i += 2
 					changed = true
 					continue
 				}
@@ -579,42 +597,6 @@ func decodePercent(plus bool) decoder {
 		}
 		return &w.v
 	}
-}
-
-// decodeQP decodes quoted-printable: =XX in either case, soft line
-// breaks.
-func decodeQP(p *view) *view {
-	if bytes.IndexByte(p.b, '=') < 0 {
-		return nil
-	}
-	w, changed := newBuilder(p), false
-	for i := 0; i < len(p.b); {
-		if p.b[i] == '=' {
-			if c, ok := hexByte(p.b, i+1); ok {
-				w.emit(c, i, i+3)
-				i += 3
-				changed = true
-				continue
-			}
-			rest := p.b[i+1:]
-			if bytes.HasPrefix(rest, []byte("\r\n")) {
-				i += 3
-				changed = true
-				continue
-			}
-			if bytes.HasPrefix(rest, []byte("\n")) {
-				i += 2
-				changed = true
-				continue
-			}
-		}
-		w.emit(p.b[i], i, i+1)
-		i++
-	}
-	if !changed {
-		return nil
-	}
-	return &w.v
 }
 
 // hex4 decodes the four hex digits at b[i:].
