@@ -134,33 +134,17 @@ func (e *Engine) reestablish(ctx context.Context) error {
 // under the old epoch, so the storage refuses it (or applied it before
 // the epoch was raised, while it was still this instance's).
 func (e *Engine) dropAdopted(owned []string, ep uint64) []string {
-	mine := make(map[string]bool, len(owned))
-	for _, b := range owned {
-		mine[b] = true
-	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	var lost []string
-	for id, b := range e.batches {
-		if mine[id] {
-			continue
-		}
-		if b.retired {
-			continue // its marker went with its retirement
-		}
-		b.lost = true
-		e.forgetLocked(b)
-		delete(e.dirty, b)
-		delete(e.urgent, b)
-		lost = append(lost, id)
-	}
-	for id, pb := range e.parked {
-		if mine[id] || pb.loading || pb.erasing {
-			continue
-		}
-		e.forgetParkedLocked(pb)
-		lost = append(lost, id)
-	}
+	lost := e.dropUnownedLocked(owned,
+		func(b *batch) bool { return b.retired }, // its marker went with its retirement
+		func(*parkedBatch) bool { return false },
+		func(b *batch) {
+			b.lost = true
+			e.forgetLocked(b)
+			delete(e.dirty, b)
+			delete(e.urgent, b)
+		})
 	e.epoch = ep
 	return lost
 }
@@ -209,22 +193,35 @@ func (e *Engine) heartbeatLoop() {
 // except batches taken on after the markers were listed and batches with
 // an attempt in flight. It returns the number dropped.
 func (e *Engine) dropLost(owned []string, listed time.Time) []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.dropUnownedLocked(owned,
+		func(b *batch) bool {
+			return b.open == 0 || b.retired || !b.registered.Before(listed) || e.busyLocked(b)
+		},
+		func(pb *parkedBatch) bool { return !pb.registered.Before(listed) },
+		e.forgetLocked)
+}
+
+// dropUnownedLocked forgets the batches, in memory and parked, whose
+// ownership marker is not among owned, except those keep (keepParked)
+// spares and parked batches being loaded or erased; drop forgets a
+// batch in memory. It returns the ids dropped.
+func (e *Engine) dropUnownedLocked(owned []string, keep func(*batch) bool, keepParked func(*parkedBatch) bool, drop func(*batch)) []string {
 	mine := make(map[string]bool, len(owned))
 	for _, b := range owned {
 		mine[b] = true
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	var lost []string
 	for id, b := range e.batches {
-		if mine[id] || b.open == 0 || b.retired || !b.registered.Before(listed) || e.busyLocked(b) {
+		if mine[id] || keep(b) {
 			continue
 		}
-		e.forgetLocked(b)
+		drop(b)
 		lost = append(lost, id)
 	}
 	for id, pb := range e.parked {
-		if mine[id] || pb.loading || pb.erasing || !pb.registered.Before(listed) {
+		if mine[id] || pb.loading || pb.erasing || keepParked(pb) {
 			continue
 		}
 		e.forgetParkedLocked(pb)
