@@ -425,13 +425,9 @@ func outcomeUnknown(err error) bool {
 // never moves backwards that way (a final state is not overwritten by an
 // older snapshot), nor does a dot record lose a mark.
 func (e *Engine) fencedApply(ctx context.Context, conds []fenceCond, ops []fenceOp) error {
-	_, until, err := e.gate.check()
+	dl, err := e.fenceDeadline(time.Now().Round(0).Add(fencedWriteTimeout))
 	if err != nil {
 		return err
-	}
-	dl := wallDeadline(e.clk, until)
-	if d := time.Now().Round(0).Add(fencedWriteTimeout); d.Before(dl) {
-		dl = d
 	}
 	wctx, cancel := context.WithDeadline(ctx, dl)
 	defer cancel()
@@ -445,6 +441,21 @@ func (e *Engine) fencedApply(ctx context.Context, conds []fenceCond, ops []fence
 		t.Stop()
 	}
 	return err
+}
+
+// fenceDeadline is the deadline of a fenced write made now: the end of
+// this instance's ownership (by the wall clock), or limit if that comes
+// first. It fails when the ownership has lapsed.
+func (e *Engine) fenceDeadline(limit time.Time) (time.Time, error) {
+	_, until, err := e.gate.check()
+	if err != nil {
+		return time.Time{}, err
+	}
+	dl := wallDeadline(e.clk, until)
+	if limit.Before(dl) {
+		dl = limit
+	}
+	return dl, nil
 }
 
 // ownEpoch is the epoch this instance's writes are made under now.

@@ -773,17 +773,13 @@ func (e *Engine) writeBatch(reqs []*acceptReq) {
 // ownership, and refused past deadline (less the lease margin, for the
 // clocks).
 func (e *Engine) writeSegment(ctx context.Context, seg *Segment, now, deadline time.Time) error {
-	_, until, err := e.gate.check()
+	dl, err := e.fenceDeadline(deadline.Round(0).Add(-leaseMargin(e.leaseDuration())))
 	if err != nil {
 		return err
 	}
 	val, err := json.Marshal(seg)
 	if err != nil {
 		return err
-	}
-	dl := wallDeadline(e.clk, until)
-	if d := deadline.Round(0).Add(-leaseMargin(e.leaseDuration())); d.Before(dl) {
-		dl = d
 	}
 	return fencerFor(e.st.s).apply(ctx, []fenceCond{{e.iid, e.ownEpoch()}}, dl, []fenceOp{
 		{key: KeySeg + seg.Batch, value: val},
