@@ -72,6 +72,16 @@ func Require(t testing.TB) string {
 // Start starts a redis-server for t and stops it when t ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	s := newServer(t)
+	s.Start()
+	t.Cleanup(func() { s.stop(os.Kill) })
+	return s
+}
+
+// newServer is a server for t, not started: a free port on loopback and
+// a data directory of its own.
+func newServer(t testing.TB) *Server {
+	t.Helper()
 	Require(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -79,10 +89,7 @@ func Start(t testing.TB) *Server {
 	}
 	addr := l.Addr().String()
 	_ = l.Close()
-	s := &Server{t: t, Addr: addr, dir: t.TempDir()}
-	s.Start()
-	t.Cleanup(func() { s.stop(os.Kill) })
-	return s
+	return &Server{t: t, Addr: addr, dir: t.TempDir()}
 }
 
 // Start (re)starts a stopped server on the same port and data directory:
@@ -145,14 +152,8 @@ func (s *Server) Start() {
 // read that file, as for the servers of Start.
 func StartFromRDB(t testing.TB, rdb string) *Server {
 	t.Helper()
-	Require(t)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	_ = l.Close()
-	s := &Server{t: t, Addr: addr, dir: t.TempDir(), loadRDB: true}
+	s := newServer(t)
+	s.loadRDB = true
 	data, err := os.ReadFile(rdb)
 	if err != nil {
 		t.Fatal(err)
