@@ -42,6 +42,30 @@ func listIDs(t *testing.T, h *Handler, query string, headers ...string) ([]strin
 	return ids, next, out
 }
 
+// pageAll lists the calling key's messages limit per page, following
+// next_cursor to the end, and fails after more than maxPages pages. It
+// returns the ids and the cursors it followed.
+func pageAll(t *testing.T, h *Handler, limit, maxPages int, headers ...string) (ids, cursors []string) {
+	t.Helper()
+	cursor := ""
+	for pages := 0; ; pages++ {
+		q := fmt.Sprintf("?limit=%d", limit)
+		if cursor != "" {
+			q += "&cursor=" + cursor
+		}
+		page, next, _ := listIDs(t, h, q, headers...)
+		ids = append(ids, page...)
+		if next == "" {
+			return ids, cursors
+		}
+		if pages > maxPages {
+			t.Fatal("the cursor does not advance")
+		}
+		cursors = append(cursors, next)
+		cursor = next
+	}
+}
+
 // TestMessagesListPaginatesNewestFirst: a key lists its own messages,
 // newest first, paginated by an opaque cursor, filtered by status and
 // flow, and never another key's; an admin key sees every key's with the
@@ -75,23 +99,7 @@ func TestMessagesListPaginatesNewestFirst(t *testing.T) {
 		waitState(t, h, id, func(s outbox.State) bool { return outbox.IsFinal(s.Status) })
 	}
 	// newest first, two per page
-	var got []string
-	cursor := ""
-	for pages := 0; ; pages++ {
-		q := "?limit=2"
-		if cursor != "" {
-			q += "&cursor=" + cursor
-		}
-		page, next, _ := listIDs(t, h, q)
-		got = append(got, page...)
-		if next == "" {
-			break
-		}
-		if pages > 5 {
-			t.Fatal("the cursor does not advance")
-		}
-		cursor = next
-	}
+	got, _ := pageAll(t, h, 2, 5)
 	want := []string{ids[5], ids[4], ids[3], ids[2], ids[1], ids[0]}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("pages %v\nwant %v", got, want)

@@ -161,24 +161,7 @@ func TestMessagesCursorIsSealed(t *testing.T) {
 		}
 		// limit=1: the budget of two batch reads is spent on site B's
 		// newest batches, and the page ends there
-		var got, cursors []string
-		cursor := ""
-		for pages := 0; ; pages++ {
-			q := "?limit=1"
-			if cursor != "" {
-				q += "&cursor=" + cursor
-			}
-			page, next, _ := listIDs(t, a, q)
-			got = append(got, page...)
-			if next == "" {
-				break
-			}
-			if pages > 10 {
-				t.Fatal("the cursor does not advance")
-			}
-			cursors = append(cursors, next)
-			cursor = next
-		}
+		got, cursors := pageAll(t, a, 1, 10)
 		if fmt.Sprint(got) != fmt.Sprint([]string{mine}) {
 			t.Fatalf("site A's app pages through %v, want [%s]", got, mine)
 		}
