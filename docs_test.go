@@ -196,46 +196,57 @@ func TestReadmeLinksEveryDocsPage(t *testing.T) {
 	}
 }
 
-// TestDocsCaddyfileSubdirectives: every subdirective and keyword the
-// Caddyfile parser matches (each string a function that reads a
-// caddyfile.Dispenser switches on, compares with or looks up in a map
-// literal) is written as code in docs/configuration.md.
-func TestDocsCaddyfileSubdirectives(t *testing.T) {
+// sourceFiles parses the package's Go files, tests left out.
+func sourceFiles(t *testing.T) (*token.FileSet, []*ast.File) {
+	t.Helper()
 	fset := token.NewFileSet()
 	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	words := map[string]bool{}
+	var files []*ast.File
 	for _, pkg := range pkgs {
 		for _, f := range pkg.Files {
-			for _, decl := range f.Decls {
-				fn, ok := decl.(*ast.FuncDecl)
-				if !ok || fn.Body == nil || !readsDispenser(fn) {
-					continue
-				}
-				ast.Inspect(fn.Body, func(n ast.Node) bool {
-					var lits []ast.Expr
-					switch n := n.(type) {
-					case *ast.CaseClause: // case "smtp":
-						lits = n.List
-					case *ast.BinaryExpr: // if sub == "scopes"
-						if n.Op == token.EQL || n.Op == token.NEQ {
-							lits = []ast.Expr{n.X, n.Y}
-						}
-					case *ast.KeyValueExpr: // map[string]func() error{"oauth2": …}
-						lits = []ast.Expr{n.Key}
-					}
-					for _, e := range lits {
-						if lit, ok := e.(*ast.BasicLit); ok && lit.Kind == token.STRING {
-							if s, err := strconv.Unquote(lit.Value); err == nil && s != "" {
-								words[s] = true
-							}
-						}
-					}
-					return true
-				})
+			files = append(files, f)
+		}
+	}
+	return fset, files
+}
+
+// TestDocsCaddyfileSubdirectives: every subdirective and keyword the
+// Caddyfile parser matches (each string a function that reads a
+// caddyfile.Dispenser switches on, compares with or looks up in a map
+// literal) is written as code in docs/configuration.md.
+func TestDocsCaddyfileSubdirectives(t *testing.T) {
+	words := map[string]bool{}
+	_, files := sourceFiles(t)
+	for _, f := range files {
+		for _, decl := range f.Decls {
+			fn, ok := decl.(*ast.FuncDecl)
+			if !ok || fn.Body == nil || !readsDispenser(fn) {
+				continue
 			}
+			ast.Inspect(fn.Body, func(n ast.Node) bool {
+				var lits []ast.Expr
+				switch n := n.(type) {
+				case *ast.CaseClause: // case "smtp":
+					lits = n.List
+				case *ast.BinaryExpr: // if sub == "scopes"
+					if n.Op == token.EQL || n.Op == token.NEQ {
+						lits = []ast.Expr{n.X, n.Y}
+					}
+				case *ast.KeyValueExpr: // map[string]func() error{"oauth2": …}
+					lits = []ast.Expr{n.Key}
+				}
+				for _, e := range lits {
+					if lit, ok := e.(*ast.BasicLit); ok && lit.Kind == token.STRING {
+						if s, err := strconv.Unquote(lit.Value); err == nil && s != "" {
+							words[s] = true
+						}
+					}
+				}
+				return true
+			})
 		}
 	}
 	for _, w := range []string{"path_prefix", "smtp", "username", "delivery", "lease", "dkim", "oauth2", "scopes", "headers", "codes", "issue", "alphabet"} {

@@ -5,13 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"go/ast"
-	"go/parser"
-	"go/token"
 	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"reflect"
 	"regexp"
 	"slices"
@@ -82,32 +79,26 @@ func TestOpenAPIBodiesFollowTheStructs(t *testing.T) {
 // and so in the Accepted and Failed schemas, and answerAdded names no
 // field that nothing appends.
 func TestOpenAPIAnswerAddedFields(t *testing.T) {
-	fset := token.NewFileSet()
-	pkgs, err := parser.ParseDir(fset, ".", func(fi os.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	found := map[string]bool{}
-	for _, pkg := range pkgs {
-		for _, f := range pkg.Files {
-			ast.Inspect(f, func(n ast.Node) bool {
-				call, ok := n.(*ast.CallExpr)
-				if !ok || len(call.Args) < 2 {
-					return true
-				}
-				if id, ok := call.Fun.(*ast.Ident); !ok || id.Name != "withJSONField" {
-					return true
-				}
-				lit, ok := call.Args[1].(*ast.BasicLit)
-				name, uerr := strconv.Unquote(lit.Value)
-				if !ok || uerr != nil {
-					t.Errorf("%s: withJSONField with a field name that is not a string literal", fset.Position(call.Pos()))
-					return true
-				}
-				found[name] = true
+	fset, files := sourceFiles(t)
+	for _, f := range files {
+		ast.Inspect(f, func(n ast.Node) bool {
+			call, ok := n.(*ast.CallExpr)
+			if !ok || len(call.Args) < 2 {
 				return true
-			})
-		}
+			}
+			if id, ok := call.Fun.(*ast.Ident); !ok || id.Name != "withJSONField" {
+				return true
+			}
+			lit, ok := call.Args[1].(*ast.BasicLit)
+			name, uerr := strconv.Unquote(lit.Value)
+			if !ok || uerr != nil {
+				t.Errorf("%s: withJSONField with a field name that is not a string literal", fset.Position(call.Pos()))
+				return true
+			}
+			found[name] = true
+			return true
+		})
 	}
 	if got, want := slices.Sorted(maps.Keys(found)), slices.Sorted(slices.Values(answerAdded)); !slices.Equal(got, want) {
 		t.Fatalf("withJSONField appends %v; answerAdded lists %v", got, want)
