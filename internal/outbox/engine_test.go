@@ -3,6 +3,10 @@ package outbox
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -131,9 +135,17 @@ func testStopBetweenClaimAndClaimWrite(t *testing.T, newStorage func() certmagic
 	var mails atomic.Int32
 	tr := newFake()
 	tr.hold = func(context.Context, *mailer.Envelope) { mails.Add(1); <-hang }
-	defer close(hang)
 	s := newStorage()
 	e := newEngine(t, s, "inst", tr, nil)
+	// the held workers are not waited for by the stop: once released,
+	// they record their attempts after the test's own end; on file
+	// storage the temporary directory is removed only once that is done
+	t.Cleanup(func() {
+		close(hang)
+		if fs, ok := s.(*certmagic.FileStorage); ok {
+			waitQuiet(t, fs.Path)
+		}
+	})
 	e.Start()
 	// both workers hang in MAIL
 	accept(t, e, "blocker1@example.org")
@@ -173,5 +185,34 @@ func expectShuttingDown(t *testing.T, what string, f func() error) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatalf("%s never returned", what)
+	}
+}
+
+// waitQuiet waits, up to 10 s, until nothing below dir has changed for
+// half a second: writes still in flight after a test's end would make
+// the removal of its temporary directory fail.
+func waitQuiet(t *testing.T, dir string) {
+	t.Helper()
+	stamp := func() string {
+		var b strings.Builder
+		_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err == nil {
+				if fi, err := d.Info(); err == nil {
+					fmt.Fprintf(&b, "%s %d %d\n", p, fi.Size(), fi.ModTime().UnixNano())
+				}
+			}
+			return nil
+		})
+		return b.String()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	last := stamp()
+	for time.Now().Before(deadline) {
+		time.Sleep(500 * time.Millisecond)
+		now := stamp()
+		if now == last {
+			return
+		}
+		last = now
 	}
 }
